@@ -1,0 +1,106 @@
+"""Configuration models of the builtin capabilities, checked when a manifest loads."""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Literal
+
+import jmespath
+from jmespath.exceptions import JMESPathError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class BuiltinConfig(BaseModel):
+    """Base of builtin configs: unknown keys are errors; camelCase keys on the wire."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class EchoConfig(BuiltinConfig):
+    """``echo`` returns its input unchanged; it takes no configuration."""
+
+
+class TransformConfig(BuiltinConfig):
+    """``transform`` evaluates a JMESPath expression over the input; the result is the output."""
+
+    expression: str = Field(min_length=1, description="JMESPath expression yielding an object")
+
+    @field_validator("expression")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        try:
+            jmespath.compile(value)
+        except JMESPathError as exc:
+            raise ValueError(f"invalid JMESPath expression: {exc}") from None
+        return value
+
+
+class FieldTemplate(string.Template):
+    """``${name}`` or ``${user.name}``: a string template whose names may walk into objects."""
+
+    idpattern = r"[_a-zA-Z][_a-zA-Z0-9]*(?:\.[_a-zA-Z0-9]+)*"
+    flags = re.ASCII
+
+
+def _check_template(value: str) -> str:
+    template = FieldTemplate(value)
+    if not template.is_valid():
+        raise ValueError(f"invalid template {value!r}: use $name or ${{name}}; write $$ for '$'")
+    return value
+
+
+class TemplateConfig(BuiltinConfig):
+    """``template`` renders a string template over the input into one output field."""
+
+    template: str
+    output: str = Field(default="text", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                        description="Output field that receives the rendered string")
+
+    _valid = field_validator("template")(classmethod(lambda cls, v: _check_template(v)))
+
+
+HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+
+
+class HttpConfig(BuiltinConfig):
+    """``http`` makes one request; the URL may template input fields; hosts are allow-listed."""
+
+    url: str = Field(description="URL, may contain ${field} placeholders")
+    method: HttpMethod = "GET"
+    allowed_hosts: list[str] = Field(alias="allowedHosts", min_length=1,
+                                     description="Hosts (host or host:port) the call may reach")
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=600, alias="timeoutSeconds")
+    send_input: bool = Field(default=False, alias="sendInput",
+                             description="Send the input as the JSON request body")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        _check_template(value)
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _literal_host_allowed(self) -> HttpConfig:
+        authority = self.url.split("://", 1)[1].split("/", 1)[0]
+        if "$" not in authority and not host_allowed(authority, self.allowed_hosts):
+            raise ValueError(f"url host {authority!r} is not in allowedHosts")
+        return self
+
+
+def host_allowed(authority: str, allowed: list[str]) -> bool:
+    """Whether ``host`` or ``host:port`` is allowed by a list of ``host`` / ``host:port``."""
+    host = authority.rsplit("@", 1)[-1].lower()
+    bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return any(entry.lower() in (host, bare) for entry in allowed)
+
+
+BUILTIN_CONFIGS: dict[str, type[BuiltinConfig]] = {
+    "echo": EchoConfig,
+    "transform": TransformConfig,
+    "template": TemplateConfig,
+    "http": HttpConfig,
+}

@@ -1,0 +1,41 @@
+"""The per-call context a handler receives, and the handler signature itself."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+ProgressSink = Callable[[str, float], None]
+
+
+def _ignore_progress(message: str, fraction: float) -> None:
+    """Progress sink for unary calls: nobody is listening."""
+
+
+@dataclass
+class CallContext:
+    """What a handler knows about the call: who, which trace, until when, what it may do."""
+
+    capability: str
+    trace_id: str
+    caller: str | None = None
+    deadline: float | None = None  # event-loop time (``loop.time()``), set by the engine
+    effects: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+    progress_sink: ProgressSink = _ignore_progress
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the deadline, or ``None`` when the call has none."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+    def progress(self, message: str, fraction: float = -1.0) -> None:
+        """Report progress; streaming callers see it as an event, unary callers do not."""
+        self.progress_sink(message, fraction)
+
+
+Handler = Callable[[dict[str, Any], CallContext], Awaitable[dict[str, Any]]]
+"""An implementation as the engine runs it: validated input in, output object out."""

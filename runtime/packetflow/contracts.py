@@ -1,0 +1,82 @@
+"""Contracts: a capability's ``requires``/``provides`` compiled into fast JSON-Schema checks."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from packetflow.errors import FieldViolation
+from packetflow.spec import Contract
+
+
+def contract_schema(contract: Contract | None) -> dict[str, Any]:
+    """The JSON Schema of an object with the contract's fields; ``None`` means any object."""
+    if contract is None:
+        return {"type": "object"}
+    return {
+        "type": "object",
+        "properties": {name: field.json_schema() for name, field in contract.items()},
+        "required": [name for name, field in contract.items() if field.required],
+        "additionalProperties": False,
+    }
+
+
+@dataclass(frozen=True)
+class CompiledContract:
+    """A contract ready to check values: its schema, validator and defaults to fill in."""
+
+    schema: dict[str, Any]
+    validator: Draft202012Validator
+    defaults: dict[str, Any]
+
+    @classmethod
+    def compile(cls, contract: Contract | None) -> CompiledContract:
+        """Compile once per capability; checking a value then costs one validator pass."""
+        schema = contract_schema(contract)
+        defaults = {
+            name: field.default
+            for name, field in (contract or {}).items()
+            if "default" in field.model_fields_set
+        }
+        return cls(schema, Draft202012Validator(schema), defaults)
+
+    def check(self, value: Any, root: str) -> tuple[dict[str, Any], list[FieldViolation]]:
+        """Validate ``value``; return it with defaults filled in, and every violation.
+
+        ``root`` prefixes field paths (``input`` or ``output``) so errors say which side broke.
+        """
+        if not isinstance(value, dict):
+            return {}, [FieldViolation(root, f"must be a JSON object, got {_json_type(value)}")]
+        if self.defaults:
+            missing = {k: copy.deepcopy(v) for k, v in self.defaults.items() if k not in value}
+            if missing:
+                value = {**value, **missing}
+        violations = [
+            _violation(error, root) for error in self.validator.iter_errors(value)
+        ]
+        return value, sorted(violations, key=lambda v: v.field)
+
+
+def _violation(error: Any, root: str) -> FieldViolation:
+    path = [root, *(str(p) for p in error.absolute_path)]
+    if error.validator == "required":
+        # jsonschema reports a missing field on its parent; name the field itself.
+        missing = error.message.split("'")[1] if "'" in error.message else ""
+        return FieldViolation(".".join([*path, missing]) if missing else ".".join(path),
+                              "required field is missing")
+    if error.validator == "additionalProperties" and error.validator_value is False:
+        known = set(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - known)
+        return FieldViolation(".".join([*path, extra[0]]) if len(extra) == 1 else ".".join(path),
+                              f"unknown field{'s' if len(extra) > 1 else ''} "
+                              f"{', '.join(map(repr, extra))}")
+    return FieldViolation(".".join(path), error.message)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

@@ -1,0 +1,74 @@
+"""Domain errors of the capability runtime, independent of any transport.
+
+Each transport (gRPC now, MCP later) maps these to its own status codes in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One field that broke a contract: ``field`` is a dotted path such as ``input.a``."""
+
+    field: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.description}"
+
+
+class PacketFlowError(Exception):
+    """Base of every error the runtime reports to a caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(PacketFlowError):
+    """The call's input broke the capability's ``requires`` contract or was not JSON."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        super().__init__("; ".join(str(v) for v in violations))
+        self.violations = violations
+
+
+class CapabilityNotFound(PacketFlowError):
+    """No capability of that name is served here."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"capability {name!r} is not served here")
+        self.name = name
+
+
+class Overloaded(PacketFlowError):
+    """The capability is already running its ``concurrency`` calls."""
+
+
+class PayloadTooLarge(PacketFlowError):
+    """The encoded input is larger than the runtime's payload limit."""
+
+
+class DeadlineExceeded(PacketFlowError):
+    """The call's deadline (caller's or ``timeoutSeconds``) passed; the handler was cancelled."""
+
+
+class ContractViolation(PacketFlowError):
+    """The handler returned output that breaks the capability's ``provides`` contract."""
+
+    def __init__(self, capability: str, violations: list[FieldViolation]) -> None:
+        super().__init__(
+            f"capability {capability!r} broke its provides contract: "
+            + "; ".join(str(v) for v in violations)
+        )
+        self.violations = violations
+
+
+class HandlerFailed(PacketFlowError):
+    """The handler raised; details stay in the server log, never in the reply."""
+
+
+class Unavailable(PacketFlowError):
+    """The capability cannot run here (e.g. an ``image`` capability in local mode)."""
