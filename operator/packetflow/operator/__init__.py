@@ -1,0 +1,1 @@
+"""The PacketFlow Kubernetes operator: kopf handlers, pure renderers, controllers."""
