@@ -9,6 +9,10 @@ from typing import Any
 
 ProgressSink = Callable[[str, float], None]
 
+# gRPC metadata keys that carry the context across processes.
+TRACE_ID_KEY = "packetflow-trace-id"
+CALLER_KEY = "packetflow-caller"
+
 
 def _ignore_progress(message: str, fraction: float) -> None:
     """Progress sink for unary calls: nobody is listening."""

@@ -5,6 +5,7 @@ Each transport (gRPC now, MCP later) maps these to its own status codes in one p
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 
@@ -71,4 +72,44 @@ class HandlerFailed(PacketFlowError):
 
 
 class Unavailable(PacketFlowError):
-    """The capability cannot run here (e.g. an ``image`` capability in local mode)."""
+    """Something the capability depends on cannot be reached; retrying later may work."""
+
+
+class NotServable(PacketFlowError):
+    """The capability cannot run in this runtime (e.g. an ``image`` capability in local mode)."""
+
+
+class Code(enum.StrEnum):
+    """Canonical status codes (gRPC's names), used by every transport and by metrics."""
+
+    OK = "OK"
+    CANCELLED = "CANCELLED"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    NOT_FOUND = "NOT_FOUND"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+# The one place where domain errors meet status codes; transports translate Code further.
+_CODES: dict[type[PacketFlowError], Code] = {
+    InvalidInput: Code.INVALID_ARGUMENT,
+    CapabilityNotFound: Code.NOT_FOUND,
+    Overloaded: Code.RESOURCE_EXHAUSTED,
+    PayloadTooLarge: Code.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: Code.DEADLINE_EXCEEDED,
+    ContractViolation: Code.INTERNAL,
+    HandlerFailed: Code.INTERNAL,
+    Unavailable: Code.UNAVAILABLE,
+    NotServable: Code.FAILED_PRECONDITION,
+}
+
+
+def code_of(error: PacketFlowError) -> Code:
+    """The status code a domain error is reported with."""
+    for kind in type(error).__mro__:
+        if kind in _CODES:
+            return _CODES[kind]
+    return Code.INTERNAL

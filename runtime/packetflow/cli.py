@@ -1,0 +1,209 @@
+"""The ``packetflow`` command: serve manifests, call capabilities, validate files."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from packetflow import __version__
+from packetflow.client import CallError, ProgressEvent, RuntimeClient
+from packetflow.engine import Engine
+from packetflow.logs import configure_logging
+from packetflow.manifests import load_paths
+from packetflow.serve import report, serve
+from packetflow.server import RuntimeServer
+from packetflow.settings import RuntimeSettings
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _print_json(value: Any) -> None:
+    option = orjson.OPT_INDENT_2 if sys.stdout.isatty() else 0
+    sys.stdout.write(orjson.dumps(value, option=option).decode() + "\n")
+
+
+def _address_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=os.environ.get("PACKETFLOW_ADDRESS", DEFAULT_ADDRESS),
+                        help="runtime gRPC address (default: $PACKETFLOW_ADDRESS or %(default)s)")
+
+
+def _serve_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="gRPC listen address (default 127.0.0.1:50051)")
+    parser.add_argument("--metrics-address",
+                        help="Prometheus listen address (default 127.0.0.1:9464; '' for none)")
+    parser.add_argument("--max-payload-bytes", type=int, help="largest accepted input")
+
+
+def _settings(args: argparse.Namespace) -> RuntimeSettings:
+    overrides = {key: value for key in ("address", "metrics_address", "max_payload_bytes")
+                 if (value := getattr(args, key, None)) is not None}
+    return RuntimeSettings(**overrides)
+
+
+def _announce(server: RuntimeServer, metrics_port: int | None) -> None:
+    names = ", ".join(sorted(server.engine.served)) or "nothing"
+    metrics = f", metrics on :{metrics_port}/metrics" if metrics_port else ""
+    print(f"packetflow: serving {names} on port {server.port}{metrics}", file=sys.stderr,
+          flush=True)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Serve every manifest under DIR in one process, reloading on change."""
+    settings = _settings(args)
+    configure_logging(settings.log_level, "text")
+    # Python implementations are imported from the current directory and the manifest dirs.
+    for path in [Path.cwd(), *args.paths]:
+        sys.path.insert(0, str(path if path.is_dir() else path.parent))
+    return asyncio.run(serve(args.paths, settings, watch=not args.no_reload, strict=False,
+                             on_ready=_announce))
+
+
+def cmd_runtime(args: argparse.Namespace) -> int:
+    """Serve a spec bundle as a pod does: strict, JSON logs, drain on SIGTERM."""
+    settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_format)
+    return asyncio.run(serve([args.bundle], settings, watch=False, strict=True,
+                             on_ready=_announce))
+
+
+def _client_call(args: argparse.Namespace,
+                 action: Callable[[RuntimeClient], Any]) -> int:
+    async def run() -> int:
+        async with RuntimeClient(args.address) as client:
+            try:
+                await action(client)
+            except CallError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                for violation in exc.violations:
+                    print(f"  {violation}", file=sys.stderr)
+                if exc.trace_id:
+                    print(f"  trace id: {exc.trace_id}", file=sys.stderr)
+                return 1
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    """Call a capability and print its output as JSON."""
+    try:
+        value = orjson.loads(args.data)
+    except orjson.JSONDecodeError as exc:
+        print(f"error: --data is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+
+    def progress(event: ProgressEvent) -> None:
+        share = f" ({event.fraction:.0%})" if event.fraction >= 0 else ""
+        print(f"progress: {event.message}{share}", file=sys.stderr)
+
+    async def action(client: RuntimeClient) -> None:
+        if args.stream:
+            result = await client.invoke_stream(args.name, value, timeout=args.timeout,
+                                                on_progress=progress)
+        else:
+            result = await client.invoke(args.name, value, timeout=args.timeout)
+        _print_json(result)
+
+    return _client_call(args, action)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """List the capabilities a runtime serves."""
+    async def action(client: RuntimeClient) -> None:
+        for cap in await client.list():
+            print(f"{cap.name}\t{cap.implementation}\t{cap.intent}")
+
+    return _client_call(args, action)
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """Print one capability's contract as JSON."""
+    async def action(client: RuntimeClient) -> None:
+        _print_json(await client.describe(args.name))
+
+    return _client_call(args, action)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check manifests (and that python implementations import); every error, then exit 1."""
+    for path in {p if p.is_dir() else p.parent for p in args.paths} | {Path.cwd()}:
+        sys.path.insert(0, str(path))
+    missing = [p for p in args.paths if not p.exists()]
+    loaded = load_paths([p for p in args.paths if p.exists()])
+    errors = [*loaded.errors, *Engine(loaded.capabilities).load_errors]
+    for path in missing:
+        print(f"error: {path}: no such file or directory", file=sys.stderr)
+    report(errors)
+    if errors or missing:
+        return 1
+    print(f"ok: {len(loaded.capabilities)} capabilities valid")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, including subcommands contributed through entry points."""
+    parser = argparse.ArgumentParser(prog="packetflow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"packetflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser("dev", help="serve every manifest in DIR locally")
+    dev.add_argument("paths", nargs="+", type=Path, metavar="DIR")
+    dev.add_argument("--no-reload", action="store_true", help="do not reload on file changes")
+    _serve_flags(dev)
+    dev.set_defaults(func=cmd_dev)
+
+    runtime = sub.add_parser("runtime", help="serve a spec bundle (as a pod does)")
+    runtime.add_argument("--bundle", type=Path, required=True, help="manifest file or directory")
+    _serve_flags(runtime)
+    runtime.set_defaults(func=cmd_runtime)
+
+    call = sub.add_parser("call", help="call a capability")
+    call.add_argument("name")
+    call.add_argument("--data", default="{}", help="input as JSON (default {})")
+    call.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    call.add_argument("--stream", action="store_true", help="show progress events")
+    _address_flag(call)
+    call.set_defaults(func=cmd_call)
+
+    listing = sub.add_parser("list", help="list served capabilities")
+    _address_flag(listing)
+    listing.set_defaults(func=cmd_list)
+
+    describe = sub.add_parser("describe", help="show a capability's contract")
+    describe.add_argument("name")
+    _address_flag(describe)
+    describe.set_defaults(func=cmd_describe)
+
+    validate = sub.add_parser("validate", help="check manifest files")
+    validate.add_argument("paths", nargs="+", type=Path, metavar="FILE")
+    validate.set_defaults(func=cmd_validate)
+
+    for plugin in entry_points(group="packetflow.commands"):
+        try:
+            register = plugin.load()
+        except ImportError:  # a partial install (e.g. no operator deps) keeps the rest usable
+            continue
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``packetflow`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        code = 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

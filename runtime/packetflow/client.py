@@ -1,0 +1,142 @@
+"""An async client for the runtime: used by the CLI, by tests and by remote composition steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import orjson
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from packetflow.errors import FieldViolation
+from packetflow.context import CALLER_KEY, TRACE_ID_KEY
+from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
+
+
+@dataclass
+class CallError(Exception):
+    """A call that ended with a non-OK status, with its field violations when there were any."""
+
+    code: grpc.StatusCode
+    message: str
+    violations: list[FieldViolation] = field(default_factory=list)
+    trace_id: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> CallError:
+        """Unpack a gRPC error, including ``google.rpc.BadRequest`` details."""
+        trailing = error.trailing_metadata() or ()
+        trace_id = next((str(v) for k, v in trailing if k == TRACE_ID_KEY), None)
+        violations: list[FieldViolation] = []
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        for detail in status.details if status is not None else ():
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations.extend(FieldViolation(v.field, v.description)
+                                  for v in bad.field_violations)
+        return cls(error.code(), error.details() or "", violations, trace_id)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """A progress event of a streaming call."""
+
+    message: str
+    fraction: float
+
+
+class RuntimeClient:
+    """One channel to one runtime address; reuse it for many calls."""
+
+    def __init__(self, address: str, *, caller: str | None = None,
+                 options: list[tuple[str, Any]] | None = None) -> None:
+        self.address = address
+        self.caller = caller
+        self.channel = grpc.aio.insecure_channel(address, options=options or [])
+        self.stub = runtime_pb2_grpc.CapabilityRuntimeStub(self.channel)
+
+    async def __aenter__(self) -> RuntimeClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self.channel.close()
+
+    def _metadata(self, trace_id: str | None) -> tuple[tuple[str, str], ...]:
+        pairs = []
+        if trace_id:
+            pairs.append((TRACE_ID_KEY, trace_id))
+        if self.caller:
+            pairs.append((CALLER_KEY, self.caller))
+        return tuple(pairs)
+
+    async def invoke_raw(self, name: str, payload: bytes, *, timeout: float | None = None,
+                         trace_id: str | None = None) -> runtime_pb2.InvokeResponse:
+        """Invoke with a JSON payload as bytes; returns the protobuf response."""
+        request = runtime_pb2.InvokeRequest(capability=name, input_json=payload)
+        try:
+            return await self.stub.Invoke(request, timeout=timeout,
+                                          metadata=self._metadata(trace_id))
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+
+    async def invoke(self, name: str, value: Any, *, timeout: float | None = None,
+                     trace_id: str | None = None) -> dict[str, Any]:
+        """Invoke ``name`` with ``value`` (JSON-able); returns the output object."""
+        response = await self.invoke_raw(name, orjson.dumps(value), timeout=timeout,
+                                         trace_id=trace_id)
+        result: dict[str, Any] = orjson.loads(response.output_json)
+        return result
+
+    async def invoke_stream(
+        self, name: str, value: Any, *, timeout: float | None = None,
+        on_progress: Callable[[ProgressEvent], None] | None = None,
+    ) -> dict[str, Any]:
+        """Invoke with progress events delivered to ``on_progress``; returns the output."""
+        request = runtime_pb2.InvokeRequest(capability=name, input_json=orjson.dumps(value))
+        try:
+            async for event in self.stub.InvokeStream(request, timeout=timeout,
+                                                      metadata=self._metadata(None)):
+                if event.HasField("progress"):
+                    if on_progress is not None:
+                        on_progress(ProgressEvent(event.progress.message,
+                                                  event.progress.fraction))
+                else:
+                    result: dict[str, Any] = orjson.loads(event.result.output_json)
+                    return result
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+        raise CallError(grpc.StatusCode.INTERNAL, "stream ended without a result")
+
+    async def list(self) -> list[runtime_pb2.CapabilitySummary]:
+        """The capabilities the runtime serves."""
+        try:
+            response = await self.stub.ListCapabilities(runtime_pb2.ListCapabilitiesRequest())
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+        return list(response.capabilities)
+
+    async def describe(self, name: str) -> dict[str, Any]:
+        """One capability's contract, intent and effects as plain data."""
+        try:
+            d = await self.stub.DescribeCapability(runtime_pb2.DescribeCapabilityRequest(name=name))
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+        return {
+            "name": d.name, "intent": d.intent, "implementation": d.implementation,
+            "requires": orjson.loads(d.requires_schema_json),
+            "provides": orjson.loads(d.provides_schema_json),
+            "effects": list(d.effects), "timeoutSeconds": d.timeout_seconds,
+            "concurrency": d.concurrency,
+        }
+

@@ -1,0 +1,224 @@
+"""The transport-neutral core: resolve, check input, run with a deadline, check output, count.
+
+gRPC (and later MCP) servicers only translate their wire format to and from ``Engine`` calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from packetflow.context import CallContext, Handler
+from packetflow.contracts import CompiledContract
+from packetflow.errors import (
+    CapabilityNotFound,
+    Code,
+    ContractViolation,
+    DeadlineExceeded,
+    FieldViolation,
+    HandlerFailed,
+    InvalidInput,
+    Overloaded,
+    PacketFlowError,
+    PayloadTooLarge,
+    code_of,
+)
+from packetflow.implementations import ImplementationError, build_handler
+from packetflow.manifests import ManifestError
+from packetflow.metrics import RuntimeMetrics
+from packetflow.spec import Capability
+
+log = logging.getLogger("packetflow.engine")
+
+DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class ServedCapability:
+    """A capability ready to serve: contracts compiled, handler built, counters bound."""
+
+    capability: Capability
+    requires: CompiledContract
+    provides: CompiledContract
+    handler: Handler
+    metrics: RuntimeMetrics
+    in_flight: int = 0
+    _calls_by_code: dict[Code, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        name = self.capability.name
+        # Bind label children once: a labels() lookup per call is measurable on the hot path.
+        self.duration = self.metrics.duration.labels(name)
+        self.in_flight_gauge = self.metrics.in_flight.labels(name)
+        self.violations = self.metrics.contract_violations.labels(name)
+        self.count(Code.OK, 0)  # so the series exists before the first call
+
+    @property
+    def name(self) -> str:
+        """The capability's name."""
+        return self.capability.name
+
+    def count(self, code: Code, amount: float = 1) -> None:
+        """Count one call that ended with ``code``."""
+        child = self._calls_by_code.get(code)
+        if child is None:
+            child = self._calls_by_code[code] = self.metrics.calls.labels(self.name, code.value)
+        child.inc(amount)
+
+
+def serve_capabilities(
+    capabilities: Iterable[Capability], metrics: RuntimeMetrics
+) -> tuple[dict[str, ServedCapability], list[ManifestError]]:
+    """Build the registry; capabilities whose implementation cannot load become errors."""
+    served: dict[str, ServedCapability] = {}
+    errors: list[ManifestError] = []
+    for cap in capabilities:
+        try:
+            handler = build_handler(cap)
+        except ImplementationError as exc:
+            errors.append(ManifestError(f"capability {cap.name}", exc.path, exc.message))
+            continue
+        served[cap.name] = ServedCapability(
+            cap,
+            CompiledContract.compile(cap.spec.requires),
+            CompiledContract.compile(cap.spec.provides),
+            handler,
+            metrics,
+        )
+    return served, errors
+
+
+class Engine:
+    """Runs calls against a registry of served capabilities."""
+
+    def __init__(
+        self,
+        capabilities: Iterable[Capability] = (),
+        *,
+        metrics: RuntimeMetrics | None = None,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self.metrics = metrics or RuntimeMetrics()
+        self.max_payload_bytes = max_payload_bytes
+        self.served: dict[str, ServedCapability] = {}
+        self.load_errors = self.replace(capabilities)
+
+    def replace(self, capabilities: Iterable[Capability]) -> list[ManifestError]:
+        """Swap in a new set of capabilities (reload); calls in flight finish on the old ones."""
+        served, errors = serve_capabilities(capabilities, self.metrics)
+        for name, entry in served.items():
+            old = self.served.get(name)
+            if old is not None:
+                entry.in_flight = old.in_flight
+        self.served = served
+        return errors
+
+    def get(self, name: str) -> ServedCapability:
+        """The served capability called ``name``, or CapabilityNotFound."""
+        entry = self.served.get(name)
+        if entry is None:
+            raise CapabilityNotFound(name)
+        return entry
+
+    def decode_input(self, payload: bytes) -> Any:
+        """Parse a JSON payload, enforcing the size limit."""
+        if len(payload) > self.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"input is {len(payload)} bytes; the limit is {self.max_payload_bytes}")
+        try:
+            return orjson.loads(payload) if payload else {}
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput([FieldViolation("input", f"not valid JSON: {exc}")]) from None
+
+    async def invoke_json(self, name: str, payload: bytes, ctx: CallContext) -> bytes:
+        """``invoke`` with JSON bytes in and out, as the wire carries them."""
+        entry = self.get(name)
+        try:
+            value = self.decode_input(payload)
+        except PacketFlowError as exc:
+            entry.count(code_of(exc))
+            raise
+        return await self._run(entry, value, ctx, encode=True)  # type: ignore[no-any-return]
+
+    async def invoke(self, name: str, value: Any, ctx: CallContext) -> dict[str, Any]:
+        """Run one call: check input, run the handler within the deadline, check output."""
+        return await self._run(self.get(name), value, ctx, encode=False)  # type: ignore[no-any-return]
+
+    async def _run(self, entry: ServedCapability, value: Any, ctx: CallContext,
+                   *, encode: bool) -> dict[str, Any] | bytes:
+        spec = entry.capability.spec
+        if entry.in_flight >= spec.concurrency:
+            entry.count(Code.RESOURCE_EXHAUSTED)
+            raise Overloaded(f"capability {entry.name!r} is at its concurrency limit "
+                             f"({spec.concurrency} calls in flight)")
+        entry.in_flight += 1
+        entry.in_flight_gauge.inc()
+        started = time.perf_counter()
+        code = Code.INTERNAL
+        try:
+            result = await self._checked_call(entry, value, ctx)
+            if encode:
+                result = self._encode_output(entry, result)
+            code = Code.OK
+            return result
+        except PacketFlowError as exc:
+            code = code_of(exc)
+            raise
+        except asyncio.CancelledError:
+            code = Code.CANCELLED
+            raise
+        finally:
+            entry.in_flight -= 1
+            entry.in_flight_gauge.dec()
+            entry.count(code)
+            entry.duration.observe(time.perf_counter() - started)
+
+    async def _checked_call(self, entry: ServedCapability, value: Any,
+                            ctx: CallContext) -> dict[str, Any]:
+        value, violations = entry.requires.check(value, "input")
+        if violations:
+            raise InvalidInput(violations)
+        spec = entry.capability.spec
+        loop = asyncio.get_running_loop()
+        limit = loop.time() + spec.timeout_seconds
+        ctx.deadline = limit if ctx.deadline is None else min(ctx.deadline, limit)
+        ctx.effects = tuple(spec.effects)
+        timeout = asyncio.timeout_at(ctx.deadline)
+        try:
+            async with timeout:
+                output = await entry.handler(value, ctx)
+        except PacketFlowError:
+            raise
+        except TimeoutError:
+            if timeout.expired():
+                raise DeadlineExceeded(
+                    f"capability {entry.name!r} did not finish before the deadline") from None
+            raise self._handler_failed(entry, ctx) from None
+        except Exception:
+            raise self._handler_failed(entry, ctx) from None
+        output, violations = entry.provides.check(output, "output")
+        if violations:
+            entry.violations.inc()
+            raise ContractViolation(entry.name, violations)
+        return output
+
+    def _encode_output(self, entry: ServedCapability, output: dict[str, Any]) -> bytes:
+        try:
+            return orjson.dumps(output)
+        except TypeError as exc:
+            entry.violations.inc()
+            raise ContractViolation(
+                entry.name, [FieldViolation("output", f"not JSON-serializable: {exc}")]) from None
+
+    @staticmethod
+    def _handler_failed(entry: ServedCapability, ctx: CallContext) -> HandlerFailed:
+        # The traceback goes to the server log only; the caller gets the trace id to quote.
+        log.exception("handler of %s raised (trace_id=%s)", entry.name, ctx.trace_id)
+        return HandlerFailed(f"capability {entry.name!r} failed; see the runtime log for "
+                             f"trace id {ctx.trace_id}")

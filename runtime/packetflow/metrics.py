@@ -1,0 +1,34 @@
+"""Prometheus metrics of the runtime, on a registry of its own so several runtimes can coexist."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latency buckets from 0.5 ms: most capability calls are in-process and fast.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class RuntimeMetrics:
+    """The runtime's metric families."""
+
+    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+
+    def __post_init__(self) -> None:
+        self.calls = Counter(
+            "packetflow_capability_calls", "Capability calls by outcome code.",
+            ["capability", "code"], registry=self.registry)
+        self.duration = Histogram(
+            "packetflow_capability_call_duration_seconds",
+            "Time from input received to reply, per capability.",
+            ["capability"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge(
+            "packetflow_capability_in_flight", "Calls currently running, per capability.",
+            ["capability"], registry=self.registry)
+        self.contract_violations = Counter(
+            "packetflow_contract_violations",
+            "Outputs that broke the capability's provides contract.",
+            ["capability"], registry=self.registry)

@@ -1,0 +1,100 @@
+"""Run a runtime process: load manifests, serve gRPC and metrics, reload, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import start_http_server
+
+from packetflow.engine import Engine
+from packetflow.manifests import ManifestError, load_paths, manifest_files
+from packetflow.metrics import RuntimeMetrics
+from packetflow.server import RuntimeServer
+from packetflow.settings import RuntimeSettings
+
+log = logging.getLogger("packetflow.serve")
+
+RELOAD_POLL_SECONDS = 1.0
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def start_metrics_server(metrics: RuntimeMetrics, address: str) -> tuple[WSGIServer, int]:
+    """Serve ``/metrics`` on its own port, off the event loop (prometheus-client's thread)."""
+    host, port = split_address(address)
+    server, _thread = start_http_server(port, host, registry=metrics.registry)
+    return server, server.server_port
+
+
+def report(errors: Sequence[ManifestError]) -> None:
+    """Print manifest errors for a person: one per line, with file, line and path."""
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+
+
+def _snapshot(paths: Sequence[Path]) -> dict[Path, float]:
+    return {p: p.stat().st_mtime for p in manifest_files(paths) if p.exists()}
+
+
+async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool,
+                strict: bool, on_ready: Callable[[RuntimeServer, int | None], None]) -> int:
+    """Serve the manifests under ``paths`` until SIGINT/SIGTERM; returns an exit code.
+
+    ``strict`` refuses to start on any manifest error (pods); otherwise errors are reported and
+    the valid manifests still serve (``packetflow dev``). ``watch`` reloads on file changes.
+    """
+    loaded = load_paths(paths)
+    engine = Engine(loaded.capabilities, max_payload_bytes=settings.max_payload_bytes)
+    errors = [*loaded.errors, *engine.load_errors]
+    report(errors)
+    if strict and errors:
+        return 1
+    server = await RuntimeServer.start(engine, settings.address)
+    metrics_server, metrics_port = (
+        start_metrics_server(engine.metrics, settings.metrics_address)
+        if settings.metrics_address else (None, None))
+    on_ready(server, metrics_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    reloader = asyncio.create_task(_reload_on_change(paths, engine)) if watch else None
+    try:
+        await stop.wait()
+        log.info("draining", extra={"drain_seconds": settings.drain_seconds,
+                                    "grace_seconds": settings.grace_seconds})
+        await server.stop(grace=settings.grace_seconds, drain=settings.drain_seconds)
+    finally:
+        if reloader is not None:
+            reloader.cancel()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+    return 0
+
+
+async def _reload_on_change(paths: Sequence[Path], engine: Engine) -> None:
+    """Poll manifest files' mtimes; on a change, reload and swap the registry."""
+    seen = _snapshot(paths)
+    while True:
+        await asyncio.sleep(RELOAD_POLL_SECONDS)
+        now = await asyncio.to_thread(_snapshot, paths)
+        if now == seen:
+            continue
+        seen = now
+        loaded = await asyncio.to_thread(load_paths, paths)
+        errors = [*loaded.errors, *engine.replace(loaded.capabilities)]
+        report(errors)
+        log.info("reloaded", extra={"capabilities": len(engine.served), "errors": len(errors)})

@@ -1,0 +1,182 @@
+"""The gRPC face of the runtime: servicers translate protobuf to and from the engine.
+
+Domain errors become gRPC statuses in ``abort_for`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import orjson
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from packetflow.context import CALLER_KEY, TRACE_ID_KEY, CallContext
+from packetflow.contracts import contract_schema
+from packetflow.engine import Engine
+from packetflow.errors import ContractViolation, InvalidInput, PacketFlowError, code_of
+from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
+
+log = logging.getLogger("packetflow.server")
+
+SERVICE_NAME = runtime_pb2.DESCRIPTOR.services_by_name["CapabilityRuntime"].full_name
+# Room for the protobuf envelope around the JSON payload.
+ENVELOPE_BYTES = 64 * 1024
+
+
+def call_context(capability: str, context: grpc.aio.ServicerContext) -> CallContext:  # type: ignore[type-arg]
+    """Caller identity, trace id and deadline of an incoming call."""
+    trace_id = caller = None
+    for key, value in context.invocation_metadata() or ():
+        if key == TRACE_ID_KEY:
+            trace_id = str(value)
+        elif key == CALLER_KEY:
+            caller = str(value)
+        elif key == "traceparent" and trace_id is None:
+            parts = str(value).split("-")  # W3C: version-traceid-spanid-flags
+            trace_id = parts[1] if len(parts) == 4 else None
+    remaining = context.time_remaining()
+    deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+    return CallContext(capability=capability, trace_id=trace_id or uuid.uuid4().hex,
+                       caller=caller, deadline=deadline)
+
+
+async def abort_for(context: grpc.aio.ServicerContext, error: PacketFlowError,  # type: ignore[type-arg]
+                    trace_id: str) -> None:
+    """End the call with the status for ``error``; field violations go in BadRequest details."""
+    code = code_of(error)
+    status = status_pb2.Status(code=getattr(code_pb2, code.value), message=error.message)
+    if isinstance(error, InvalidInput | ContractViolation):
+        details = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in error.violations
+        ])
+        packed = any_pb2.Any()
+        packed.Pack(details)
+        status.details.append(packed)
+    rich = rpc_status.to_status(status)
+    await context.abort(rich.code, rich.details,
+                        trailing_metadata=(*rich.trailing_metadata, (TRACE_ID_KEY, trace_id)))
+
+
+class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
+    """Translates ``packetflow.v1.CapabilityRuntime`` calls to the engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def Invoke(self, request: runtime_pb2.InvokeRequest,  # noqa: N802 - gRPC names
+                     context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:  # type: ignore[type-arg]
+        ctx = call_context(request.capability, context)
+        try:
+            output = await self.engine.invoke_json(request.capability, request.input_json, ctx)
+        except PacketFlowError as exc:
+            await abort_for(context, exc, ctx.trace_id)
+            raise  # unreachable: abort raises
+        return runtime_pb2.InvokeResponse(output_json=output, trace_id=ctx.trace_id)
+
+    async def InvokeStream(self, request: runtime_pb2.InvokeRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext  # type: ignore[type-arg]
+                           ) -> AsyncIterator[runtime_pb2.InvokeEvent]:
+        ctx = call_context(request.capability, context)
+        events: asyncio.Queue[runtime_pb2.Progress | None] = asyncio.Queue()
+        ctx.progress_sink = lambda message, fraction: events.put_nowait(
+            runtime_pb2.Progress(message=message, fraction=fraction))
+        call = asyncio.ensure_future(
+            self.engine.invoke_json(request.capability, request.input_json, ctx))
+        call.add_done_callback(lambda _: events.put_nowait(None))
+        try:
+            while (progress := await events.get()) is not None:
+                yield runtime_pb2.InvokeEvent(progress=progress)
+            output = call.result()
+        except PacketFlowError as exc:
+            await abort_for(context, exc, ctx.trace_id)
+            raise
+        finally:
+            call.cancel()  # the caller went away: stop the handler too
+        yield runtime_pb2.InvokeEvent(
+            result=runtime_pb2.InvokeResponse(output_json=output, trace_id=ctx.trace_id))
+
+    async def ListCapabilities(self, request: runtime_pb2.ListCapabilitiesRequest,  # noqa: N802
+                               context: grpc.aio.ServicerContext  # type: ignore[type-arg]
+                               ) -> runtime_pb2.ListCapabilitiesResponse:
+        return runtime_pb2.ListCapabilitiesResponse(capabilities=[
+            runtime_pb2.CapabilitySummary(name=entry.name, intent=entry.capability.spec.intent,
+                                          implementation=entry.capability.spec.implementation.kind)
+            for entry in sorted(self.engine.served.values(), key=lambda e: e.name)
+        ])
+
+    async def DescribeCapability(self, request: runtime_pb2.DescribeCapabilityRequest,  # noqa: N802
+                                 context: grpc.aio.ServicerContext  # type: ignore[type-arg]
+                                 ) -> runtime_pb2.CapabilityDescription:
+        try:
+            spec = self.engine.get(request.name).capability.spec
+        except PacketFlowError as exc:
+            await abort_for(context, exc, "")
+            raise
+        return runtime_pb2.CapabilityDescription(
+            name=request.name, intent=spec.intent, implementation=spec.implementation.kind,
+            requires_schema_json=orjson.dumps(contract_schema(spec.requires)),
+            provides_schema_json=orjson.dumps(contract_schema(spec.provides)),
+            effects=spec.effects, timeout_seconds=spec.timeout_seconds,
+            concurrency=spec.concurrency)
+
+
+@dataclass
+class RuntimeServer:
+    """A started gRPC runtime: the capability service plus health and reflection."""
+
+    engine: Engine
+    server: grpc.aio.Server
+    health: HealthServicer
+    port: int
+
+    @classmethod
+    async def start(cls, engine: Engine, address: str = "127.0.0.1:0") -> RuntimeServer:
+        """Bind ``address`` (port 0 picks a free one) and start serving."""
+        limit = engine.max_payload_bytes + ENVELOPE_BYTES
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ])
+        runtime_pb2_grpc.add_CapabilityRuntimeServicer_to_server(
+            CapabilityRuntimeServicer(engine), server)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection((
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ), server)
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        for service in ("", SERVICE_NAME):
+            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("runtime listening", extra={"address": address, "port": port,
+                                              "capabilities": len(engine.served)})
+        return cls(engine, server, health, port)
+
+    async def stop(self, grace: float = 30.0, drain: float = 0.0) -> None:
+        """Drain: report NOT_SERVING, keep serving ``drain`` seconds, then let calls finish."""
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if drain:
+            # Load balancers need time to see NOT_SERVING before new calls are refused.
+            await asyncio.sleep(drain)
+        await self.server.stop(grace)
+
+    async def wait(self) -> None:
+        """Until the server has stopped."""
+        await self.server.wait_for_termination()

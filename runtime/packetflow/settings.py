@@ -1,0 +1,27 @@
+"""Runtime configuration: pydantic-settings from ``PACKETFLOW_*`` environment, flags on top."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from packetflow.engine import DEFAULT_MAX_PAYLOAD_BYTES
+
+
+class RuntimeSettings(BaseSettings):
+    """How a runtime process listens, limits and shuts down."""
+
+    model_config = SettingsConfigDict(env_prefix="PACKETFLOW_", frozen=True)
+
+    address: str = Field(default="127.0.0.1:50051", description="gRPC listen address")
+    metrics_address: str | None = Field(
+        default="127.0.0.1:9464", description="Prometheus /metrics listen address; empty: off")
+    max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1024)
+    drain_seconds: float = Field(
+        default=0.0, ge=0,
+        description="After SIGTERM, report NOT_SERVING this long before refusing new calls "
+                    "(lets load balancers notice); pods use a few seconds")
+    grace_seconds: float = Field(default=30.0, ge=0,
+                                 description="How long in-flight calls may finish on shutdown")
+    log_level: str = "INFO"
+    log_format: str = Field(default="json", pattern="^(json|text)$")
