@@ -107,9 +107,10 @@ def cmd_call(args: argparse.Namespace) -> int:
     async def action(client: RuntimeClient) -> None:
         if args.stream:
             result = await client.invoke_stream(args.name, value, timeout=args.timeout,
-                                                on_progress=progress)
+                                                on_progress=progress, wait_for_ready=args.wait)
         else:
-            result = await client.invoke(args.name, value, timeout=args.timeout)
+            result = await client.invoke(args.name, value, timeout=args.timeout,
+                                         wait_for_ready=args.wait)
         _print_json(result)
 
     return _client_call(args, action)
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--data", default="{}", help="input as JSON (default {})")
     call.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     call.add_argument("--stream", action="store_true", help="show progress events")
+    call.add_argument("--wait", action="store_true",
+                      help="wait (within --timeout) for a runtime that is still starting")
     _address_flag(call)
     call.set_defaults(func=cmd_call)
 

@@ -11,8 +11,8 @@ import orjson
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from packetflow.errors import FieldViolation
 from packetflow.context import CALLER_KEY, TRACE_ID_KEY
+from packetflow.errors import FieldViolation
 from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 
 
@@ -34,7 +34,7 @@ class CallError(Exception):
         trailing = error.trailing_metadata() or ()
         trace_id = next((str(v) for k, v in trailing if k == TRACE_ID_KEY), None)
         violations: list[FieldViolation] = []
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        status = rpc_status.from_call(error)
         for detail in status.details if status is not None else ():
             if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
@@ -81,31 +81,39 @@ class RuntimeClient:
         return tuple(pairs)
 
     async def invoke_raw(self, name: str, payload: bytes, *, timeout: float | None = None,
-                         trace_id: str | None = None) -> runtime_pb2.InvokeResponse:
-        """Invoke with a JSON payload as bytes; returns the protobuf response."""
+                         trace_id: str | None = None,
+                         wait_for_ready: bool = False) -> runtime_pb2.InvokeResponse:
+        """Invoke with a JSON payload as bytes; returns the protobuf response.
+
+        ``wait_for_ready`` waits (within ``timeout``) for a runtime that is still starting
+        instead of failing fast with UNAVAILABLE.
+        """
         request = runtime_pb2.InvokeRequest(capability=name, input_json=payload)
         try:
-            return await self.stub.Invoke(request, timeout=timeout,
-                                          metadata=self._metadata(trace_id))
+            response: runtime_pb2.InvokeResponse = await self.stub.Invoke(
+                request, timeout=timeout, wait_for_ready=wait_for_ready,
+                metadata=self._metadata(trace_id))
+            return response
         except grpc.aio.AioRpcError as exc:
             raise CallError.from_rpc_error(exc) from None
 
     async def invoke(self, name: str, value: Any, *, timeout: float | None = None,
-                     trace_id: str | None = None) -> dict[str, Any]:
+                     trace_id: str | None = None, wait_for_ready: bool = False) -> dict[str, Any]:
         """Invoke ``name`` with ``value`` (JSON-able); returns the output object."""
         response = await self.invoke_raw(name, orjson.dumps(value), timeout=timeout,
-                                         trace_id=trace_id)
+                                         trace_id=trace_id, wait_for_ready=wait_for_ready)
         result: dict[str, Any] = orjson.loads(response.output_json)
         return result
 
     async def invoke_stream(
         self, name: str, value: Any, *, timeout: float | None = None,
-        on_progress: Callable[[ProgressEvent], None] | None = None,
+        on_progress: Callable[[ProgressEvent], None] | None = None, wait_for_ready: bool = False,
     ) -> dict[str, Any]:
         """Invoke with progress events delivered to ``on_progress``; returns the output."""
         request = runtime_pb2.InvokeRequest(capability=name, input_json=orjson.dumps(value))
         try:
             async for event in self.stub.InvokeStream(request, timeout=timeout,
+                                                      wait_for_ready=wait_for_ready,
                                                       metadata=self._metadata(None)):
                 if event.HasField("progress"):
                     if on_progress is not None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -37,6 +37,8 @@ from packetflow.spec import Capability
 log = logging.getLogger("packetflow.engine")
 
 DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -144,14 +146,15 @@ class Engine:
         except PacketFlowError as exc:
             entry.count(code_of(exc))
             raise
-        return await self._run(entry, value, ctx, encode=True)  # type: ignore[no-any-return]
+        return await self._run(entry, value, ctx, lambda output: self._encode(entry, output))
 
     async def invoke(self, name: str, value: Any, ctx: CallContext) -> dict[str, Any]:
         """Run one call: check input, run the handler within the deadline, check output."""
-        return await self._run(self.get(name), value, ctx, encode=False)  # type: ignore[no-any-return]
+        return await self._run(self.get(name), value, ctx, lambda output: output)
 
     async def _run(self, entry: ServedCapability, value: Any, ctx: CallContext,
-                   *, encode: bool) -> dict[str, Any] | bytes:
+                   finish: Callable[[dict[str, Any]], T]) -> T:
+        """Admission, metrics and the checked call; ``finish`` shapes the output (e.g. encodes)."""
         spec = entry.capability.spec
         if entry.in_flight >= spec.concurrency:
             entry.count(Code.RESOURCE_EXHAUSTED)
@@ -162,9 +165,7 @@ class Engine:
         started = time.perf_counter()
         code = Code.INTERNAL
         try:
-            result = await self._checked_call(entry, value, ctx)
-            if encode:
-                result = self._encode_output(entry, result)
+            result = finish(await self._checked_call(entry, value, ctx))
             code = Code.OK
             return result
         except PacketFlowError as exc:
@@ -208,7 +209,7 @@ class Engine:
             raise ContractViolation(entry.name, violations)
         return output
 
-    def _encode_output(self, entry: ServedCapability, output: dict[str, Any]) -> bytes:
+    def _encode(self, entry: ServedCapability, output: dict[str, Any]) -> bytes:
         try:
             return orjson.dumps(output)
         except TypeError as exc:

@@ -109,8 +109,8 @@ def _argument_adapter(function: Callable[..., Any]) -> Callable[[dict[str, Any],
     return with_keywords
 
 
-def _as_output(result: Any) -> Any:
+def _as_output(result: Any) -> dict[str, Any]:
     """Pydantic models become plain JSON data; everything else goes to the contract check."""
     if isinstance(result, BaseModel):
         return result.model_dump(mode="json")
-    return result
+    return result  # type: ignore[no-any-return] # not necessarily a dict: the contract checks

@@ -45,10 +45,7 @@ def error_path(data: Any, loc: tuple[int | str, ...]) -> tuple[list[str | int], 
     path: list[str | int] = []
     current = data
     for position, part in enumerate(loc):
-        if isinstance(current, dict) and part in current:
-            current = current[part]
-            path.append(part)
-        elif isinstance(current, list) and isinstance(part, int) and part < len(current):
+        if _has_child(current, part):
             current = current[part]
             path.append(part)
         elif position == len(loc) - 1 or not isinstance(current, dict | list):
@@ -58,6 +55,12 @@ def error_path(data: Any, loc: tuple[int | str, ...]) -> tuple[list[str | int], 
                 return path, False
             return path, True
     return path, True
+
+
+def _has_child(container: Any, part: int | str) -> bool:
+    if isinstance(container, dict):
+        return part in container
+    return isinstance(container, list) and isinstance(part, int) and part < len(container)
 
 
 def _is_union_tag(part: int | str) -> bool:
@@ -181,9 +184,9 @@ def _line(node: yaml.Node | None, path: list[str | int]) -> int | None:
                 if getattr(key, "value", None) == part:
                     child = value
                     break
-        elif isinstance(current, yaml.SequenceNode) and isinstance(part, int):
-            if part < len(current.value):
-                child = current.value[part]
+        elif (isinstance(current, yaml.SequenceNode) and isinstance(part, int)
+              and part < len(current.value)):
+            child = current.value[part]
         if child is None:
             break
         current = child

@@ -33,7 +33,7 @@ SERVICE_NAME = runtime_pb2.DESCRIPTOR.services_by_name["CapabilityRuntime"].full
 ENVELOPE_BYTES = 64 * 1024
 
 
-def call_context(capability: str, context: grpc.aio.ServicerContext) -> CallContext:  # type: ignore[type-arg]
+def call_context(capability: str, context: grpc.aio.ServicerContext) -> CallContext:
     """Caller identity, trace id and deadline of an incoming call."""
     trace_id = caller = None
     for key, value in context.invocation_metadata() or ():
@@ -50,7 +50,7 @@ def call_context(capability: str, context: grpc.aio.ServicerContext) -> CallCont
                        caller=caller, deadline=deadline)
 
 
-async def abort_for(context: grpc.aio.ServicerContext, error: PacketFlowError,  # type: ignore[type-arg]
+async def abort_for(context: grpc.aio.ServicerContext, error: PacketFlowError,
                     trace_id: str) -> None:
     """End the call with the status for ``error``; field violations go in BadRequest details."""
     code = code_of(error)
@@ -74,8 +74,8 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    async def Invoke(self, request: runtime_pb2.InvokeRequest,  # noqa: N802 - gRPC names
-                     context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:  # type: ignore[type-arg]
+    async def Invoke(self, request: runtime_pb2.InvokeRequest,
+                     context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:
         ctx = call_context(request.capability, context)
         try:
             output = await self.engine.invoke_json(request.capability, request.input_json, ctx)
@@ -84,8 +84,8 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
             raise  # unreachable: abort raises
         return runtime_pb2.InvokeResponse(output_json=output, trace_id=ctx.trace_id)
 
-    async def InvokeStream(self, request: runtime_pb2.InvokeRequest,  # noqa: N802
-                           context: grpc.aio.ServicerContext  # type: ignore[type-arg]
+    async def InvokeStream(self, request: runtime_pb2.InvokeRequest,
+                           context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[runtime_pb2.InvokeEvent]:
         ctx = call_context(request.capability, context)
         events: asyncio.Queue[runtime_pb2.Progress | None] = asyncio.Queue()
@@ -106,8 +106,8 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
         yield runtime_pb2.InvokeEvent(
             result=runtime_pb2.InvokeResponse(output_json=output, trace_id=ctx.trace_id))
 
-    async def ListCapabilities(self, request: runtime_pb2.ListCapabilitiesRequest,  # noqa: N802
-                               context: grpc.aio.ServicerContext  # type: ignore[type-arg]
+    async def ListCapabilities(self, request: runtime_pb2.ListCapabilitiesRequest,
+                               context: grpc.aio.ServicerContext
                                ) -> runtime_pb2.ListCapabilitiesResponse:
         return runtime_pb2.ListCapabilitiesResponse(capabilities=[
             runtime_pb2.CapabilitySummary(name=entry.name, intent=entry.capability.spec.intent,
@@ -115,8 +115,8 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
             for entry in sorted(self.engine.served.values(), key=lambda e: e.name)
         ])
 
-    async def DescribeCapability(self, request: runtime_pb2.DescribeCapabilityRequest,  # noqa: N802
-                                 context: grpc.aio.ServicerContext  # type: ignore[type-arg]
+    async def DescribeCapability(self, request: runtime_pb2.DescribeCapabilityRequest,
+                                 context: grpc.aio.ServicerContext
                                  ) -> runtime_pb2.CapabilityDescription:
         try:
             spec = self.engine.get(request.name).capability.spec

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import string
 from typing import Literal
+from urllib.parse import urlsplit
 
 import jmespath
 from jmespath.exceptions import JMESPathError
@@ -85,16 +86,37 @@ class HttpConfig(BuiltinConfig):
 
     @model_validator(mode="after")
     def _literal_host_allowed(self) -> HttpConfig:
-        authority = self.url.split("://", 1)[1].split("/", 1)[0]
-        if "$" not in authority and not host_allowed(authority, self.allowed_hosts):
-            raise ValueError(f"url host {authority!r} is not in allowedHosts")
+        # urlsplit, not split("/"): the authority also ends at "?" or "#", so that
+        # "http://evil.com?@allowed.com/" is seen as evil.com. The http builtin checks the
+        # rendered URL again before every request; this check only fails bad manifests early.
+        parts = urlsplit(self.url)
+        if "$" not in parts.netloc:
+            authority = effective_authority(parts.scheme, parts.hostname or "", parts.port)
+            if not host_allowed(authority, self.allowed_hosts):
+                raise ValueError(f"url host {authority!r} is not in allowedHosts")
         return self
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def effective_authority(scheme: str, host: str, port: int | None) -> str:
+    """``host:port`` a URL connects to: default port filled in, IPv6 literals bracketed."""
+    host = host.lower().strip("[]")
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port if port is not None else _DEFAULT_PORTS.get(scheme.lower(), 0)}"
+
+
 def host_allowed(authority: str, allowed: list[str]) -> bool:
-    """Whether ``host`` or ``host:port`` is allowed by a list of ``host`` / ``host:port``."""
+    """Whether ``host`` or ``host:port`` is allowed by a list of ``host`` / ``host:port``.
+
+    An entry without a port allows every port of that host; ``[::1]`` style IPv6 works.
+    """
     host = authority.rsplit("@", 1)[-1].lower()
-    bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    bare, sep, port = host.rpartition(":")
+    if not (sep and port.isdigit() and (bare.endswith("]") or ":" not in bare)):
+        bare = host  # no port: a bare host, or an unbracketed IPv6 literal
     return any(entry.lower() in (host, bare) for entry in allowed)
 
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install everything the tests need (Debian packages, a virtualenv, helm), then run
+# lint, type checks and the whole test suite. `.ci/run` runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+if ! command -v promtool >/dev/null; then
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus
+fi
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+
+.venv/bin/ruff check .
+.venv/bin/mypy
+.venv/bin/pytest -p no:cacheprovider "$@"

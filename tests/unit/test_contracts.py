@@ -1,0 +1,42 @@
+"""Contracts compiled to JSON Schema: defaults, violations with field paths, strictness."""
+
+from __future__ import annotations
+
+from packetflow.contracts import CompiledContract
+from packetflow.spec import FieldSchema
+
+
+def compile_fields(**fields: dict[str, object]) -> CompiledContract:
+    return CompiledContract.compile({n: FieldSchema.model_validate(f) for n, f in fields.items()})
+
+
+def test_defaults_are_filled_and_not_shared() -> None:
+    contract = compile_fields(a={"type": "integer"}, tags={"type": "array", "default": []})
+    first, errors = contract.check({"a": 1}, "input")
+    assert errors == [] and first == {"a": 1, "tags": []}
+    first["tags"].append("x")
+    second, _ = contract.check({"a": 2}, "input")
+    assert second["tags"] == []
+
+
+def test_violations_name_nested_fields() -> None:
+    contract = compile_fields(user={"type": "object", "properties": {
+        "age": {"type": "integer", "minimum": 0}}})
+    _, errors = contract.check({"user": {"age": -1}}, "input")
+    assert [(e.field, e.description) for e in errors] == [
+        ("input.user.age", "-1 is less than the minimum of 0")]
+
+
+def test_missing_and_unknown_fields() -> None:
+    contract = compile_fields(a={}, b={"optional": True})
+    _, errors = contract.check({"x": 1, "y": 2}, "output")
+    assert sorted(e.field for e in errors) == ["output", "output.a"]
+    assert "unknown fields 'x', 'y'" in {e.field: e.description for e in errors}["output"]
+
+
+def test_absent_contract_accepts_any_object_only() -> None:
+    contract = CompiledContract.compile(None)
+    assert contract.check({"anything": [1]}, "input") == ({"anything": [1]}, [])
+    _, errors = contract.check("text", "output")
+    assert [(e.field, e.description) for e in errors] == [
+        ("output", "must be a JSON object, got string")]
