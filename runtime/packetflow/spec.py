@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from packetflow.builtins.configs import BUILTIN_CONFIGS
+from packetflow.builtin_configs import BUILTIN_CONFIGS
 
 API_VERSION = "packetflow.io/v1alpha1"
 GROUP = "packetflow.io"

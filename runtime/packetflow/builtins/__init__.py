@@ -1,26 +1,22 @@
 """Capabilities that ship with PacketFlow: ``echo``, ``transform``, ``template``, ``http``.
 
 A manifest alone is then a useful capability. Configs were checked when the manifest loaded
-(``configs.py``); here each one is parsed and compiled once into a handler.
+(``packetflow.builtin_configs``); here each one is parsed and compiled once into a handler.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jmespath
 from jmespath.exceptions import JMESPathError
 
-from packetflow.builtins.configs import HttpConfig, TemplateConfig, TransformConfig
+from packetflow.builtin_configs import HttpConfig, TemplateConfig, TransformConfig
 from packetflow.builtins.http import HttpHandler
 from packetflow.builtins.templating import Filler
 from packetflow.context import CallContext, Handler
 from packetflow.errors import FieldViolation, InvalidInput
-
-if TYPE_CHECKING:
-    # Only for the annotation: packetflow.spec imports packetflow.builtins.configs, which
-    # runs this package first, so a runtime import here would be circular.
-    from packetflow.spec import BuiltinImplementation
+from packetflow.spec import BuiltinImplementation
 
 __all__ = ["HttpHandler", "builtin_handler"]
 

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import httpx
 
-from packetflow.builtins.configs import HttpConfig, effective_authority, host_allowed
+from packetflow.builtin_configs import HttpConfig, effective_authority, host_allowed
 from packetflow.builtins.templating import Filler
 from packetflow.context import CallContext
 from packetflow.errors import DeadlineExceeded, FieldViolation, InvalidInput, Unavailable

@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from packetflow.builtins.configs import FieldTemplate
+from packetflow.builtin_configs import FieldTemplate
 from packetflow.errors import FieldViolation, InvalidInput
 
 _MISSING = object()
