@@ -39,6 +39,8 @@ log = logging.getLogger("packetflow.engine")
 DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 
 T = TypeVar("T")
+# Strong references to fire-and-forget close tasks, so they are not garbage-collected mid-way.
+_background: set[asyncio.Task[None]] = set()
 
 
 @dataclass
@@ -51,6 +53,7 @@ class ServedCapability:
     handler: Handler
     metrics: RuntimeMetrics
     in_flight: int = 0
+    retired: bool = False
     _calls_by_code: dict[Code, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -65,6 +68,19 @@ class ServedCapability:
     def name(self) -> str:
         """The capability's name."""
         return self.capability.name
+
+    async def close(self) -> None:
+        """Release what the handler holds (connection pools), if it holds anything."""
+        aclose = getattr(self.handler, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def close_if_idle(self) -> None:
+        """Close a retired entry's handler once no call is running on it."""
+        if self.retired and self.in_flight == 0:
+            task = asyncio.get_running_loop().create_task(self.close())
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
     def count(self, code: Code, amount: float = 1) -> None:
         """Count one call that ended with ``code``."""
@@ -112,14 +128,29 @@ class Engine:
         self.load_errors = self.replace(capabilities)
 
     def replace(self, capabilities: Iterable[Capability]) -> list[ManifestError]:
-        """Swap in a new set of capabilities (reload); calls in flight finish on the old ones."""
-        served, errors = serve_capabilities(capabilities, self.metrics)
-        for name, entry in served.items():
-            old = self.served.get(name)
-            if old is not None:
-                entry.in_flight = old.in_flight
-        self.served = served
+        """Swap in a new set of capabilities (reload); calls in flight finish on the old ones.
+
+        Unchanged capabilities keep their entry (and handler, e.g. an HTTP connection pool);
+        the handlers of changed or removed ones are closed once their last call ends.
+        """
+        capabilities = list(capabilities)
+        unchanged = [c for c in capabilities if (old := self.served.get(c.name)) is not None
+                     and old.capability == c]
+        changed = [c for c in capabilities if c not in unchanged]
+        served, errors = serve_capabilities(changed, self.metrics)
+        served.update({c.name: self.served[c.name] for c in unchanged})
+        for name, old in self.served.items():
+            if served.get(name) is not old:
+                old.retired = True
+                old.close_if_idle()
+        self.served = dict(sorted(served.items()))
         return errors
+
+    async def aclose(self) -> None:
+        """Close every handler that holds resources (on shutdown)."""
+        for entry in self.served.values():
+            entry.retired = True
+            await entry.close()
 
     def get(self, name: str) -> ServedCapability:
         """The served capability called ``name``, or CapabilityNotFound."""
@@ -179,6 +210,8 @@ class Engine:
             entry.in_flight_gauge.dec()
             entry.count(code)
             entry.duration.observe(time.perf_counter() - started)
+            if entry.retired:
+                entry.close_if_idle()
 
     async def _checked_call(self, entry: ServedCapability, value: Any,
                             ctx: CallContext) -> dict[str, Any]:

@@ -82,6 +82,7 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
             reloader.cancel()
         if metrics_server is not None:
             metrics_server.shutdown()
+        await engine.aclose()
     return 0
 
 
