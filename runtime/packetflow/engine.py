@@ -14,6 +14,10 @@ from typing import Any, TypeVar
 
 import orjson
 
+from packetflow.composition.check import check_compositions
+from packetflow.composition.executor import Invoke, Remote
+from packetflow.composition.metrics import StepMetrics
+from packetflow.composition.remote import RemoteCaller
 from packetflow.context import CallContext, Handler
 from packetflow.contracts import CompiledContract
 from packetflow.errors import (
@@ -91,14 +95,15 @@ class ServedCapability:
 
 
 def serve_capabilities(
-    capabilities: Iterable[Capability], metrics: RuntimeMetrics
+    capabilities: Iterable[Capability], metrics: RuntimeMetrics, invoke: Invoke | None = None,
+    remote: Remote | None = None, step_metrics: StepMetrics | None = None,
 ) -> tuple[dict[str, ServedCapability], list[ManifestError]]:
     """Build the registry; capabilities whose implementation cannot load become errors."""
     served: dict[str, ServedCapability] = {}
     errors: list[ManifestError] = []
     for cap in capabilities:
         try:
-            handler = build_handler(cap)
+            handler = build_handler(cap, invoke, remote, step_metrics)
         except ImplementationError as exc:
             errors.append(ManifestError(f"capability {cap.name}", exc.path, exc.message))
             continue
@@ -124,6 +129,8 @@ class Engine:
     ) -> None:
         self.metrics = metrics or RuntimeMetrics()
         self.max_payload_bytes = max_payload_bytes
+        self.remote = RemoteCaller()
+        self.step_metrics = StepMetrics(self.metrics.registry)
         self.served: dict[str, ServedCapability] = {}
         self.load_errors = self.replace(capabilities)
 
@@ -134,10 +141,18 @@ class Engine:
         the handlers of changed or removed ones are closed once their last call ends.
         """
         capabilities = list(capabilities)
+        errors = [
+            ManifestError(f"capability {name}", error.path, error.message)
+            for name, found in check_compositions(capabilities).items() for error in found
+        ]
+        rejected = {error.source.removeprefix("capability ") for error in errors}
+        capabilities = [c for c in capabilities if c.name not in rejected]
         unchanged = [c for c in capabilities if (old := self.served.get(c.name)) is not None
                      and old.capability == c]
         changed = [c for c in capabilities if c not in unchanged]
-        served, errors = serve_capabilities(changed, self.metrics)
+        served, build_errors = serve_capabilities(changed, self.metrics, self.invoke, self.remote,
+                                                  self.step_metrics)
+        errors += build_errors
         served.update({c.name: self.served[c.name] for c in unchanged})
         for name, old in self.served.items():
             if served.get(name) is not old:
@@ -151,6 +166,7 @@ class Engine:
         for entry in self.served.values():
             entry.retired = True
             await entry.close()
+        await self.remote.close()
 
     def get(self, name: str) -> ServedCapability:
         """The served capability called ``name``, or CapabilityNotFound."""

@@ -12,6 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from packetflow.builtins import builtin_handler
+from packetflow.composition.executor import Invoke, Remote, composition_handler
+from packetflow.composition.metrics import StepMetrics
 from packetflow.context import CallContext, Handler
 from packetflow.errors import FieldViolation, InvalidInput, NotServable
 from packetflow.spec import Capability, PythonImplementation
@@ -26,8 +28,12 @@ class ImplementationError(Exception):
         self.message = message
 
 
-def build_handler(capability: Capability) -> Handler:
-    """The handler for a capability, or ImplementationError naming the field that is wrong."""
+def build_handler(capability: Capability, invoke: Invoke | None = None,
+                  remote: Remote | None = None, step_metrics: StepMetrics | None = None) -> Handler:
+    """The handler for a capability, or ImplementationError naming the field that is wrong.
+
+    Compositions call other capabilities through ``invoke`` (local) and ``remote``.
+    """
     impl = capability.spec.implementation
     if impl.python is not None:
         return python_handler(impl.python)
@@ -36,8 +42,11 @@ def build_handler(capability: Capability) -> Handler:
     if impl.image is not None:
         return _refuse(f"capability {capability.name!r} runs as image {impl.image.image!r}; "
                        "image capabilities run in their own pods under the operator, not locally")
-    return _refuse(f"capability {capability.name!r} is a composition, which this runtime "
-                   "does not run yet")
+    if impl.composition is not None and invoke is not None:
+        return composition_handler(impl.composition, invoke, remote, name=capability.name,
+                                   metrics=step_metrics)
+    return _refuse(f"capability {capability.name!r} is a composition, which needs an engine "
+                   "to run its steps")
 
 
 def _refuse(message: str) -> Handler:

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from packetflow.builtin_configs import BUILTIN_CONFIGS
+from packetflow.composition.model import CompositionSpec
 
 API_VERSION = "packetflow.io/v1alpha1"
 GROUP = "packetflow.io"
@@ -32,8 +33,8 @@ JsonType = Literal["string", "integer", "number", "boolean", "object", "array", 
 # DNS-1123 label: what Kubernetes accepts as a Service name, so one name works everywhere.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _NAME_RE = re.compile(NAME_PATTERN)
-_IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 class SpecModel(BaseModel):
@@ -91,7 +92,7 @@ def _short_form_contract(value: Any) -> Any:
 
 def _check_field_names(contract: Contract | None) -> Contract | None:
     for name in contract or {}:
-        if not _IDENTIFIER_RE.match(name):
+        if not IDENTIFIER_RE.match(name):
             raise ValueError(f"field name {name!r} must be an identifier (letters, digits, _)")
     return contract
 
@@ -105,14 +106,14 @@ class PythonImplementation(SpecModel):
     @field_validator("module")
     @classmethod
     def _module(cls, value: str) -> str:
-        if not _MODULE_RE.match(value):
+        if not MODULE_RE.match(value):
             raise ValueError(f"{value!r} is not a dotted module path")
         return value
 
     @field_validator("function")
     @classmethod
     def _function(cls, value: str) -> str:
-        if not _IDENTIFIER_RE.match(value):
+        if not IDENTIFIER_RE.match(value):
             raise ValueError(f"{value!r} is not a Python identifier")
         return value
 
@@ -146,12 +147,6 @@ class ImageImplementation(SpecModel):
     port: int = Field(default=50051, ge=1, le=65535)
 
 
-class CompositionImplementation(SpecModel):
-    """Reserved for compositions (pipeline, parallel, ...); the runtime does not run it yet."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-
 IMPLEMENTATION_KINDS = ("python", "builtin", "composition", "image")
 
 
@@ -160,7 +155,7 @@ class Implementation(SpecModel):
 
     python: PythonImplementation | None = None
     builtin: BuiltinImplementation | None = None
-    composition: CompositionImplementation | None = None
+    composition: CompositionSpec | None = None
     image: ImageImplementation | None = None
 
     @model_validator(mode="after")

