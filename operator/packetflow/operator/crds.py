@@ -15,10 +15,10 @@ import yaml
 from pydantic import BaseModel
 
 from packetflow.spec import (
-    IDENTIFIER_RE,
-    MODULE_RE,
     GROUP,
+    IDENTIFIER_RE,
     IMPLEMENTATION_KINDS,
+    MODULE_RE,
     NAME_PATTERN,
     VERSION,
     CapabilitySpec,
