@@ -86,6 +86,9 @@ def _client_call(args: argparse.Namespace,
                     print(f"  {violation}", file=sys.stderr)
                 if exc.trace_id:
                     print(f"  trace id: {exc.trace_id}", file=sys.stderr)
+                if exc.execution_trace is not None:
+                    print(orjson.dumps(exc.execution_trace, option=orjson.OPT_INDENT_2).decode(),
+                          file=sys.stderr)
                 return 1
         return 0
 
@@ -105,6 +108,13 @@ def cmd_call(args: argparse.Namespace) -> int:
         print(f"progress: {event.message}{share}", file=sys.stderr)
 
     async def action(client: RuntimeClient) -> None:
+        if args.trace:
+            result, trace = await client.invoke_traced(args.name, value, timeout=args.timeout,
+                                                       wait_for_ready=args.wait)
+            _print_json(result)
+            if trace is not None:
+                print(orjson.dumps(trace, option=orjson.OPT_INDENT_2).decode(), file=sys.stderr)
+            return
         if args.stream:
             result = await client.invoke_stream(args.name, value, timeout=args.timeout,
                                                 on_progress=progress, wait_for_ready=args.wait)
@@ -171,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--data", default="{}", help="input as JSON (default {})")
     call.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     call.add_argument("--stream", action="store_true", help="show progress events")
+    call.add_argument("--trace", action="store_true",
+                      help="print a composition's execution trace (JSON) on stderr")
     call.add_argument("--wait", action="store_true",
                       help="wait (within --timeout) for a runtime that is still starting")
     _address_flag(call)

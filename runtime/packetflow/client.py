@@ -11,9 +11,12 @@ import orjson
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from packetflow.context import CALLER_KEY, TRACE_ID_KEY
+from packetflow.context import CALLER_KEY, EXECUTION_TRACE_KEY, TRACE_ID_KEY, WANT_TRACE_KEY
 from packetflow.errors import FieldViolation
 from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
+
+# Execution traces of large compositions ride in trailing metadata; gRPC's default is 8 KiB.
+MAX_METADATA_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -24,6 +27,7 @@ class CallError(Exception):
     message: str
     violations: list[FieldViolation] = field(default_factory=list)
     trace_id: str | None = None
+    execution_trace: dict[str, Any] | None = None
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -41,7 +45,13 @@ class CallError(Exception):
                 detail.Unpack(bad)
                 violations.extend(FieldViolation(v.field, v.description)
                                   for v in bad.field_violations)
-        return cls(error.code(), error.details() or "", violations, trace_id)
+        return cls(error.code(), error.details() or "", violations, trace_id,
+                   _execution_trace(trailing))
+
+
+def _execution_trace(trailing: Any) -> dict[str, Any] | None:
+    raw = next((v for k, v in trailing or () if k == EXECUTION_TRACE_KEY), None)
+    return None if raw is None else orjson.loads(raw)
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,8 @@ class RuntimeClient:
                  options: list[tuple[str, Any]] | None = None) -> None:
         self.address = address
         self.caller = caller
-        self.channel = grpc.aio.insecure_channel(address, options=options or [])
+        self.channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.max_metadata_size", MAX_METADATA_BYTES), *(options or [])])
         self.stub = runtime_pb2_grpc.CapabilityRuntimeStub(self.channel)
 
     async def __aenter__(self) -> RuntimeClient:
@@ -72,8 +83,9 @@ class RuntimeClient:
         """Close the channel."""
         await self.channel.close()
 
-    def _metadata(self, trace_id: str | None) -> tuple[tuple[str, str], ...]:
-        pairs = []
+    def _metadata(self, trace_id: str | None,
+                  want_trace: bool = False) -> tuple[tuple[str, str], ...]:
+        pairs = [(WANT_TRACE_KEY, "1")] if want_trace else []
         if trace_id:
             pairs.append((TRACE_ID_KEY, trace_id))
         if self.caller:
@@ -104,6 +116,23 @@ class RuntimeClient:
                                          trace_id=trace_id, wait_for_ready=wait_for_ready)
         result: dict[str, Any] = orjson.loads(response.output_json)
         return result
+
+    async def invoke_traced(self, name: str, value: Any, *, timeout: float | None = None,
+                            wait_for_ready: bool = False
+                            ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Invoke and also return the execution trace (compositions; ``None`` otherwise).
+
+        On failure the trace is on the raised CallError as ``execution_trace``.
+        """
+        request = runtime_pb2.InvokeRequest(capability=name, input_json=orjson.dumps(value))
+        call = self.stub.Invoke(request, timeout=timeout, wait_for_ready=wait_for_ready,
+                                metadata=self._metadata(None, want_trace=True))
+        try:
+            response = await call
+            trailing = await call.trailing_metadata()
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+        return orjson.loads(response.output_json), _execution_trace(trailing)
 
     async def invoke_stream(
         self, name: str, value: Any, *, timeout: float | None = None,

@@ -12,6 +12,10 @@ ProgressSink = Callable[[str, float], None]
 # gRPC metadata keys that carry the context across processes.
 TRACE_ID_KEY = "packetflow-trace-id"
 CALLER_KEY = "packetflow-caller"
+# A caller sets WANT_TRACE_KEY to "1" to get a composition's execution trace (JSON) back in
+# the trailing metadata EXECUTION_TRACE_KEY (binary, so no ASCII limit applies).
+WANT_TRACE_KEY = "packetflow-want-trace"
+EXECUTION_TRACE_KEY = "packetflow-execution-trace-bin"
 
 
 def _ignore_progress(message: str, fraction: float) -> None:

@@ -20,7 +20,14 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from packetflow.context import CALLER_KEY, TRACE_ID_KEY, CallContext
+from packetflow.composition.executor import TRACE_METADATA_KEY
+from packetflow.context import (
+    CALLER_KEY,
+    EXECUTION_TRACE_KEY,
+    TRACE_ID_KEY,
+    WANT_TRACE_KEY,
+    CallContext,
+)
 from packetflow.contracts import contract_schema
 from packetflow.engine import Engine
 from packetflow.errors import ContractViolation, InvalidInput, PacketFlowError, code_of
@@ -36,8 +43,11 @@ ENVELOPE_BYTES = 64 * 1024
 def call_context(capability: str, context: grpc.aio.ServicerContext) -> CallContext:
     """Caller identity, trace id and deadline of an incoming call."""
     trace_id = caller = None
+    wanted: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
-        if key == TRACE_ID_KEY:
+        if key == WANT_TRACE_KEY:
+            wanted[WANT_TRACE_KEY] = str(value)
+        elif key == TRACE_ID_KEY:
             trace_id = str(value)
         elif key == CALLER_KEY:
             caller = str(value)
@@ -47,11 +57,19 @@ def call_context(capability: str, context: grpc.aio.ServicerContext) -> CallCont
     remaining = context.time_remaining()
     deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
     return CallContext(capability=capability, trace_id=trace_id or uuid.uuid4().hex,
-                       caller=caller, deadline=deadline)
+                       caller=caller, deadline=deadline, metadata=wanted)
+
+
+def trace_metadata(ctx: CallContext) -> tuple[tuple[str, bytes], ...]:
+    """The execution trace as trailing metadata, when the caller asked and there is one."""
+    trace = ctx.metadata.get(TRACE_METADATA_KEY)
+    if ctx.metadata.get(WANT_TRACE_KEY) != "1" or trace is None:
+        return ()
+    return ((EXECUTION_TRACE_KEY, trace.encode()),)
 
 
 async def abort_for(context: grpc.aio.ServicerContext, error: PacketFlowError,
-                    trace_id: str) -> None:
+                    trace_id: str, extra: tuple[tuple[str, bytes], ...] = ()) -> None:
     """End the call with the status for ``error``; field violations go in BadRequest details."""
     code = code_of(error)
     status = status_pb2.Status(code=getattr(code_pb2, code.value), message=error.message)
@@ -65,7 +83,8 @@ async def abort_for(context: grpc.aio.ServicerContext, error: PacketFlowError,
         status.details.append(packed)
     rich = rpc_status.to_status(status)
     await context.abort(rich.code, rich.details,
-                        trailing_metadata=(*rich.trailing_metadata, (TRACE_ID_KEY, trace_id)))
+                        trailing_metadata=(*rich.trailing_metadata, (TRACE_ID_KEY, trace_id),
+                                           *extra))
 
 
 class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
@@ -80,8 +99,10 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
         try:
             output = await self.engine.invoke_json(request.capability, request.input_json, ctx)
         except PacketFlowError as exc:
-            await abort_for(context, exc, ctx.trace_id)
+            await abort_for(context, exc, ctx.trace_id, trace_metadata(ctx))
             raise  # unreachable: abort raises
+        if trace := trace_metadata(ctx):
+            context.set_trailing_metadata(trace)
         return runtime_pb2.InvokeResponse(output_json=output, trace_id=ctx.trace_id)
 
     async def InvokeStream(self, request: runtime_pb2.InvokeRequest,

@@ -172,3 +172,19 @@ def test_validate_checks_python_imports(tmp_path: Path) -> None:
     result = packetflow("validate", str(manifest))
     assert result.returncode == 1
     assert "spec.implementation.python.module: cannot import 'no_such_module_x'" in result.stderr
+
+
+def test_composition_examples_run_and_show_their_trace(dev: DevServer) -> None:
+    result = packetflow("call", "greet-and-analyse", "--trace", "--data", '{"name": "Ada"}',
+                        "--address", dev.address)
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout) == {"greeting": "Hello, Ada!", "words": 2}
+    trace = orjson.loads(result.stderr)
+    assert trace["composition"] == "greet-and-analyse" and trace["outcome"] == "OK"
+    assert [(s["name"], s["outcome"], s["inputFields"]) for s in trace["steps"]] == [
+        ("greet", "OK", ["user"]), ("text_stats", "OK", ["text"])]
+    summed = packetflow("call", "sum-pairs", "--address", dev.address, "--data",
+                        '{"pairs": [{"a": 1, "b": 2}, {"a": 3}, {"a": 10, "b": -4}]}')
+    assert orjson.loads(summed.stdout) == {"sum": 12}
+    short = packetflow("call", "triage-text", "--data", '{"text": "hi"}', "--address", dev.address)
+    assert orjson.loads(short.stdout) == {"message": "hi"}
