@@ -64,7 +64,8 @@ class ServedCapability:
         name = self.capability.name
         # Bind label children once: a labels() lookup per call is measurable on the hot path.
         self.duration = self.metrics.duration.labels(name)
-        self.in_flight_gauge = self.metrics.in_flight.labels(name)
+        # Read at scrape time: the engine counts in_flight anyway, no per-call gauge update.
+        self.metrics.in_flight.labels(name).set_function(lambda: self.in_flight)
         self.violations = self.metrics.contract_violations.labels(name)
         self.count(Code.OK, 0)  # so the series exists before the first call
 
@@ -208,7 +209,6 @@ class Engine:
             raise Overloaded(f"capability {entry.name!r} is at its concurrency limit "
                              f"({spec.concurrency} calls in flight)")
         entry.in_flight += 1
-        entry.in_flight_gauge.inc()
         started = time.perf_counter()
         code = Code.INTERNAL
         try:
@@ -223,7 +223,6 @@ class Engine:
             raise
         finally:
             entry.in_flight -= 1
-            entry.in_flight_gauge.dec()
             entry.count(code)
             entry.duration.observe(time.perf_counter() - started)
             if entry.retired:

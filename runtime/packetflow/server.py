@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -56,7 +56,7 @@ def call_context(capability: str, context: grpc.aio.ServicerContext) -> CallCont
             trace_id = parts[1] if len(parts) == 4 else None
     remaining = context.time_remaining()
     deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-    return CallContext(capability=capability, trace_id=trace_id or uuid.uuid4().hex,
+    return CallContext(capability=capability, trace_id=trace_id or os.urandom(16).hex(),
                        caller=caller, deadline=deadline, metadata=wanted)
 
 

@@ -40,3 +40,17 @@ def test_absent_contract_accepts_any_object_only() -> None:
     _, errors = contract.check("text", "output")
     assert [(e.field, e.description) for e in errors] == [
         ("output", "must be a JSON object, got string")]
+
+
+def test_plain_contracts_take_the_fast_path_with_the_same_verdicts() -> None:
+    contract = compile_fields(n={"type": "integer"}, x={"type": "number"}, any={},
+                              flag={"type": "boolean", "optional": True})
+    assert contract.fast is not None
+    assert contract.check({"n": 1, "x": 2.5, "any": [1]}, "input")[1] == []
+    # bool is an int in Python but not a JSON integer; 1.0 is a JSON integer.
+    assert [e.field for e in contract.check({"n": True, "x": 1, "any": 0}, "input")[1]] == [
+        "input.n"]
+    assert contract.check({"n": 1.0, "x": 1, "any": None}, "input")[1] == []
+    assert [e.field for e in contract.check({"n": 1, "x": "1", "any": 0}, "input")[1]] == [
+        "input.x"]
+    assert compile_fields(s={"type": "string", "minLength": 2}).fast is None

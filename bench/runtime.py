@@ -1,0 +1,306 @@
+"""Runtime overhead: ``Invoke`` of ``echo`` through PacketFlow vs a bare ``grpc.aio`` echo.
+
+Both servers speak the same ``packetflow.v1.CapabilityRuntime`` wire messages and get the same
+1 KiB JSON payload; the bare one just hands ``input_json`` back, so the ratio of throughputs is
+what PacketFlow's per-call work (resolve, decode, validate, run, validate, encode, metrics)
+costs. Method:
+
+- Each server runs in its own subprocess so it does not share a core (or a GIL) with the
+  client; both stay up for the whole bench, and an idle gRPC server costs next to nothing.
+- The client (this process) uses one ``grpc.aio`` channel per server, warms up first, and
+  makes the same number of calls to each.
+- Runs alternate (bare, runtime, bare, runtime, ...); each ratio is the median of the ratios
+  of adjacent pairs, so slow drift of a shared machine cancels instead of favouring one side.
+- Call counts are calibrated from the warm-up so each run lasts about ``RUN_SECONDS`` and the
+  whole bench stays well under a minute on a 2-core machine.
+
+``python -m bench.runtime --serve bare|runtime [--profile FILE]`` is the server subprocess:
+it prints its port, serves until its stdin closes and, with ``--profile``, writes cProfile
+stats of the whole serving time to FILE (how the runtime's per-call costs were found).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import orjson
+
+from bench.common import median, percentile, rounded
+from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
+
+# {"message": "xxx..."}: exactly 1024 bytes of JSON (14 bytes of framing + 1010 characters).
+PAYLOAD = orjson.dumps({"message": "x" * 1010})
+CONCURRENCY = 64
+PAIRS = 15  # alternating bare/runtime pairs per mode; the ratios are their median
+RUN_SECONDS = 0.6  # target length of one runtime run: short runs, many pairs, so a burst
+# of load from other processes spoils a few pairs (which the median drops), not the result
+MIN_CALLS, MAX_CALLS = 640, 20_000
+WARMUP_SEQUENTIAL = 200
+WARMUP_CONCURRENT_ROUNDS = 10  # CONCURRENCY calls each
+BUDGET_SECONDS = 50.0  # stop adding pairs (keeping at least one) past this
+START_TIMEOUT = 30.0
+
+ECHO_MANIFEST = """\
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: echo}
+spec:
+  intent: "Return the message it is given"
+  requires:
+    message: {type: string}
+  provides:
+    message: {type: string}
+  implementation:
+    builtin: {name: echo}
+  concurrency: 1024
+"""
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the server subprocess --------------------------------------------------------------
+
+class BareEcho(runtime_pb2_grpc.CapabilityRuntimeServicer):
+    """The baseline: the same wire messages, no PacketFlow logic at all.
+
+    Only ``Invoke`` is measured; the other methods exist because the stubs declare them
+    abstract, and refuse as an unimplemented gRPC method would.
+    """
+
+    async def Invoke(self, request: runtime_pb2.InvokeRequest,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> runtime_pb2.InvokeResponse:
+        return runtime_pb2.InvokeResponse(output_json=request.input_json)
+
+    async def InvokeStream(self, request: runtime_pb2.InvokeRequest,
+                           context: grpc.aio.ServicerContext[Any, Any]
+                           ) -> AsyncIterator[runtime_pb2.InvokeEvent]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the baseline")
+        yield runtime_pb2.InvokeEvent()  # unreachable; makes this an async generator
+
+    async def ListCapabilities(self, request: runtime_pb2.ListCapabilitiesRequest,
+                               context: grpc.aio.ServicerContext[Any, Any]
+                               ) -> runtime_pb2.ListCapabilitiesResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the baseline")
+        raise AssertionError("unreachable: abort raises")
+
+    async def DescribeCapability(self, request: runtime_pb2.DescribeCapabilityRequest,
+                                 context: grpc.aio.ServicerContext[Any, Any]
+                                 ) -> runtime_pb2.CapabilityDescription:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the baseline")
+        raise AssertionError("unreachable: abort raises")
+
+
+async def _start_bare() -> tuple[int, Any]:
+    server = grpc.aio.server()
+    runtime_pb2_grpc.add_CapabilityRuntimeServicer_to_server(BareEcho(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return port, server.stop
+
+
+async def _start_runtime() -> tuple[int, Any]:
+    # Imported here so the bare server's process never loads PacketFlow.
+    from packetflow.engine import Engine
+    from packetflow.manifests import load_text
+    from packetflow.server import RuntimeServer
+
+    loaded = load_text(ECHO_MANIFEST, "bench/runtime.py")
+    if loaded.errors:
+        raise SystemExit("; ".join(map(str, loaded.errors)))
+    engine = Engine(loaded.capabilities)
+    if engine.load_errors:
+        raise SystemExit("; ".join(map(str, engine.load_errors)))
+    server = await RuntimeServer.start(engine, "127.0.0.1:0")
+    return server.port, server.server.stop
+
+
+async def serve(kind: str) -> None:
+    """Serve ``kind`` on a free port, print the port, stop when stdin closes."""
+    port, stop = await (_start_bare() if kind == "bare" else _start_runtime())
+    print(port, flush=True)
+    # The parent closes our stdin to stop us; EOF also comes if the parent dies, so no server
+    # outlives the bench.
+    await asyncio.to_thread(sys.stdin.read)
+    await stop(0)
+
+
+def serve_main(argv: Sequence[str]) -> None:
+    """Entry point of the server subprocess."""
+    parser = argparse.ArgumentParser(prog="python -m bench.runtime")
+    parser.add_argument("--serve", choices=("bare", "runtime"), required=True)
+    parser.add_argument("--profile", metavar="FILE", help="write cProfile stats to FILE")
+    args = parser.parse_args(argv)
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(asyncio.run, serve(args.serve))
+        profiler.dump_stats(args.profile)
+    else:
+        asyncio.run(serve(args.serve))
+
+
+# --- the client ---------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """One server under test, as the client sees it."""
+
+    kind: str
+    stub: runtime_pb2_grpc.CapabilityRuntimeStub
+    request: runtime_pb2.InvokeRequest
+
+
+@dataclass
+class Run:
+    """One timed run: throughput and per-call latencies."""
+
+    calls_per_s: float
+    latencies_s: list[float]
+
+
+@contextlib.asynccontextmanager
+async def server_process(kind: str, *extra: str) -> AsyncIterator[int]:
+    """Start the ``kind`` server subprocess; yield its port; stop it on exit."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.runtime", "--serve", kind, *extra,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=ROOT)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
+        if not line.strip().isdigit():
+            raise RuntimeError(f"{kind} server did not start (exit code {await proc.wait()})")
+        yield int(line)
+    finally:
+        proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _call(target: Target) -> float:
+    started = time.perf_counter()
+    await target.stub.Invoke(target.request)
+    return time.perf_counter() - started
+
+
+async def run_sequential(target: Target, calls: int) -> Run:
+    """``calls`` calls, each waiting for the previous one."""
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for _ in range(calls):
+        latencies.append(await _call(target))
+    return Run(calls / (time.perf_counter() - started), latencies)
+
+
+async def run_concurrent(target: Target, calls: int, concurrency: int = CONCURRENCY) -> Run:
+    """``calls`` calls from ``concurrency`` workers, each calling back to back."""
+    async def worker(count: int) -> list[float]:
+        return [await _call(target) for _ in range(count)]
+
+    per_worker = calls // concurrency
+    started = time.perf_counter()
+    results = await asyncio.gather(*(worker(per_worker) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies = [latency for result in results for latency in result]
+    return Run(len(latencies) / elapsed, latencies)
+
+
+async def check_echo(target: Target) -> None:
+    """Both servers must actually echo, or the comparison means nothing."""
+    response = await target.stub.Invoke(target.request)
+    if orjson.loads(response.output_json) != orjson.loads(PAYLOAD):
+        raise RuntimeError(f"{target.kind} server did not echo the payload")
+
+
+def _calls_for(rate: float, multiple: int) -> int:
+    """Calls that take about RUN_SECONDS at ``rate``, bounded, rounded to ``multiple``."""
+    calls = min(MAX_CALLS, max(MIN_CALLS, int(rate * RUN_SECONDS)))
+    return max(multiple, calls // multiple * multiple)
+
+
+def _summary(prefix: str, runs: list[Run]) -> dict[str, float]:
+    # Medians over the repeats of each run's own figures: one slow run cannot move them.
+    return {
+        f"{prefix}_calls_per_s": rounded(median([r.calls_per_s for r in runs]), 1),
+        f"{prefix}_p50_ms": rounded(median([percentile(r.latencies_s, 0.50) for r in runs]) * 1e3),
+        f"{prefix}_p99_ms": rounded(median([percentile(r.latencies_s, 0.99) for r in runs]) * 1e3),
+    }
+
+
+async def measure() -> dict[str, Any]:
+    """Run the whole comparison and return its figures."""
+    bench_started = time.perf_counter()
+    async with (server_process("bare") as bare_port, server_process("runtime") as rt_port,
+                grpc.aio.insecure_channel(f"127.0.0.1:{bare_port}") as bare_channel,
+                grpc.aio.insecure_channel(f"127.0.0.1:{rt_port}") as rt_channel):
+        request = runtime_pb2.InvokeRequest(capability="echo", input_json=PAYLOAD)
+        targets = [Target("bare", runtime_pb2_grpc.CapabilityRuntimeStub(bare_channel), request),
+                   Target("runtime", runtime_pb2_grpc.CapabilityRuntimeStub(rt_channel), request)]
+
+        # Warm up connections, caches and the servers' code paths; the runtime's (slower)
+        # warm-up rates size the runs, and both servers then get the same counts.
+        warm: dict[str, tuple[Run, Run]] = {}
+        for target in targets:
+            await check_echo(target)
+            warm[target.kind] = (
+                await run_sequential(target, WARMUP_SEQUENTIAL),
+                await run_concurrent(target, WARMUP_CONCURRENT_ROUNDS * CONCURRENCY))
+        sequential_calls = _calls_for(min(w[0].calls_per_s for w in warm.values()), 1)
+        concurrent_calls = _calls_for(min(w[1].calls_per_s for w in warm.values()), CONCURRENCY)
+
+        runs: dict[tuple[str, str], list[Run]] = {}
+        ratios: dict[str, list[float]] = {"sequential": [], "concurrent": []}
+        for pair in range(PAIRS):
+            if pair and time.perf_counter() - bench_started > BUDGET_SECONDS:
+                break
+            for mode in ("sequential", "concurrent"):
+                pair_runs: dict[str, Run] = {}
+                for target in targets:  # bare, then runtime
+                    run = (await run_sequential(target, sequential_calls) if mode == "sequential"
+                           else await run_concurrent(target, concurrent_calls))
+                    pair_runs[target.kind] = run
+                    runs.setdefault((target.kind, mode), []).append(run)
+                ratios[mode].append(
+                    pair_runs["runtime"].calls_per_s / pair_runs["bare"].calls_per_s)
+
+    figures: dict[str, Any] = {
+        "sequential_ratio": rounded(median(ratios["sequential"])),
+        "concurrent_ratio": rounded(median(ratios["concurrent"])),
+    }
+    for mode in ("sequential", "concurrent"):
+        for kind in ("bare", "runtime"):
+            figures.update(_summary(f"{kind}_{mode}", runs[(kind, mode)]))
+    figures.update({
+        "payload_bytes": len(PAYLOAD),
+        "concurrency": CONCURRENCY,
+        "sequential_calls": sequential_calls,
+        "concurrent_calls": concurrent_calls,
+        "pairs": len(ratios["sequential"]),
+        "sequential_ratios": [rounded(r) for r in ratios["sequential"]],
+        "concurrent_ratios": [rounded(r) for r in ratios["concurrent"]],
+        "seconds": rounded(time.perf_counter() - bench_started, 1),
+    })
+    return figures
+
+
+def run() -> dict[str, Any]:
+    """The bench's figures: ratios (runtime / bare throughput), latencies, context."""
+    return asyncio.run(measure())
+
+
+if __name__ == "__main__":
+    serve_main(sys.argv[1:])
