@@ -1,0 +1,48 @@
+"""Every Kubernetes API call the operator makes, declared once: the chart's RBAC is this list.
+
+The Helm chart's test asserts its (Cluster)Role rules equal :data:`PERMISSIONS` exactly, so a
+new API call means a new line here and nowhere else. Who makes each call:
+
+* kopf watches Capabilities (list, watch), stores its progress in their annotations (patch)
+  and posts Kubernetes Events for warnings (create events).
+* the operator writes Capability status through the status subresource, re-reads a
+  Capability before recreating a deleted child (get), and creates, patches, reads and watches
+  the children (configmaps, services, deployments).
+
+Not needed, on purpose: namespaces and CRDs (kopf's scanning is disabled), kopf peering
+objects (the operator runs standalone, one replica), delete (children go by ownerReferences,
+so no finalizers either), update/PUT (merge patches only). API discovery (``/api``, ``/apis``)
+is allowed to every authenticated user by Kubernetes' built-in ``system:discovery`` role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from packetflow.spec import GROUP
+
+
+@dataclass(frozen=True)
+class Permission:
+    """One RBAC rule: an API group, a resource (``plural`` or ``plural/subresource``), verbs."""
+
+    api_group: str
+    resource: str
+    verbs: tuple[str, ...]
+
+
+PERMISSIONS: Final[tuple[Permission, ...]] = (
+    Permission(GROUP, "capabilities", ("get", "list", "watch", "patch")),
+    Permission(GROUP, "capabilities/status", ("patch",)),
+    Permission("", "configmaps", ("get", "list", "watch", "create", "patch")),
+    Permission("", "services", ("get", "list", "watch", "create", "patch")),
+    Permission("apps", "deployments", ("get", "list", "watch", "create", "patch")),
+    Permission("", "events", ("create",)),
+)
+
+
+def rbac_rules() -> list[dict[str, list[str]]]:
+    """:data:`PERMISSIONS` as Role/ClusterRole ``rules`` (one rule per resource)."""
+    return [{"apiGroups": [p.api_group], "resources": [p.resource], "verbs": list(p.verbs)}
+            for p in PERMISSIONS]

@@ -1,0 +1,270 @@
+"""The reconcile loop's I/O: apply rendered children, write status. kopf wiring is elsewhere.
+
+One :class:`Reconciler` per operator keeps, per Capability, what it last applied and wrote,
+and a lock: the Capability's handler and the events of its children both write its status,
+and serialising them per Capability means the last write is always made from the freshest
+Deployment the operator has seen (no stale "not ready" overwriting a "ready").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from packetflow.manifests import ManifestError, parse_manifest
+from packetflow.operator import render, status
+from packetflow.operator.client import (
+    ApiError,
+    ConflictError,
+    KubeClient,
+    NotFoundError,
+)
+from packetflow.operator.drift import drift_patch
+from packetflow.operator.metrics import OperatorMetrics
+from packetflow.operator.settings import OperatorSettings
+from packetflow.spec import API_VERSION, Capability
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+class ChildConflictError(Exception):
+    """A child's name is taken by an object this Capability does not control."""
+
+
+@dataclass
+class CapabilityState:
+    """What the operator knows about one Capability between events."""
+
+    uid: str
+    owner_reference: dict[str, Any]
+    generation: int | None = None
+    capability: Capability | None = None  # None while the spec is invalid
+    status: dict[str, Any] | None = None  # the last status written (or read at start)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """How a reconcile ended: the spec errors (if any) and the children written."""
+
+    errors: list[ManifestError]
+    writes: int = 0
+
+
+def _plain(value: Any) -> Any:
+    """kopf's body views -> plain dicts and lists (the models and renderers want plain data)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def describe_errors(errors: list[ManifestError]) -> str:
+    """Spec errors as one message, each naming its field: ``spec.requires.a.type: ...``."""
+    return "; ".join(f"{e.path}: {e.message}" if e.path else e.message for e in errors)
+
+
+def controller_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ownerReference marked ``controller: true``, if any."""
+    for ref in obj.get("metadata", {}).get("ownerReferences", []) or []:
+        if ref.get("controller"):
+            return dict(ref)
+    return None
+
+
+class Reconciler:
+    """Applies a Capability's rendered children and keeps its status in step with them."""
+
+    def __init__(self, client: KubeClient, settings: OperatorSettings,
+                 metrics: OperatorMetrics) -> None:
+        self.client = client
+        self.settings = settings
+        self.metrics = metrics
+        self.states: dict[Key, CapabilityState] = {}
+        # uids of deleted Capabilities: a handler still running for one must not bring its
+        # children back (they would be orphans pointing at a uid that no longer exists).
+        self.gone: set[str] = set()
+
+    def _state(self, body: Mapping[str, Any]) -> CapabilityState:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        state = self.states.get(key)
+        if state is None or state.uid != meta["uid"]:
+            state = CapabilityState(
+                uid=meta["uid"],
+                owner_reference=dict(kopf.build_owner_reference(body)),  # type: ignore[arg-type]
+                status=dict(body.get("status") or {}) or None)
+            self.states[key] = state
+        return state
+
+    def forget(self, namespace: str, name: str, uid: str | None) -> None:
+        """Drop the state of a deleted Capability."""
+        state = self.states.get((namespace, name))
+        if state is not None and (uid is None or state.uid == uid):
+            del self.states[(namespace, name)]
+            self.gone.add(state.uid)
+        if uid is not None:
+            self.gone.add(uid)
+
+    async def reconcile(self, raw_body: Mapping[str, Any]) -> ReconcileReport:
+        """Validate the spec, apply every child, write status. Raises on API failures."""
+        body = _plain(raw_body)
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        state = self._state(body)
+        generation = body["metadata"].get("generation")
+        async with state.lock:
+            state.generation = generation
+            parsed = parse_manifest(body, source=f"{namespace}/{name}")
+            if isinstance(parsed, list):
+                # Invalid: leave the children (and the last good pods) exactly as they are.
+                state.capability = None
+                await self._write_status(state, namespace, name, status.failure_status(
+                    "InvalidSpec", describe_errors(parsed), previous=self._previous(state),
+                    generation=generation, now=status.now_rfc3339()))
+                return ReconcileReport(errors=parsed)
+            state.capability = parsed
+            writes = 0
+            live: dict[str, Any] = {}
+            try:
+                for child in render.desired_children(parsed, namespace, self.settings):
+                    live, wrote = await self._apply_child(child, state)
+                    writes += wrote
+            except (ChildConflictError, ApiError) as exc:
+                if isinstance(exc, ChildConflictError) or not exc.retriable:
+                    reason = "ChildConflict" if isinstance(exc, ChildConflictError) else \
+                        "ApplyFailed"
+                    await self._write_status(state, namespace, name, status.failure_status(
+                        reason, str(exc), previous=self._previous(state),
+                        generation=generation, now=status.now_rfc3339()))
+                raise
+            await self._write_workload_status(state, namespace, name, live)
+            return ReconcileReport(errors=[], writes=writes)
+
+    async def child_changed(self, event_type: str | None, raw_child: Mapping[str, Any]) -> bool:
+        """React to an event of a child: recreate it, undo an edit, report readiness.
+
+        Returns whether the child was written. Children of unknown or invalid Capabilities are
+        left alone (the Capability's own handler covers them once it runs).
+        """
+        child = _plain(raw_child)
+        owner = controller_of(child)
+        if owner is None or owner.get("kind") != "Capability" \
+                or owner.get("apiVersion") != API_VERSION:
+            return False
+        namespace = child["metadata"].get("namespace")
+        state = self.states.get((namespace, owner.get("name", "")))
+        if state is None or state.uid != owner.get("uid") or state.capability is None:
+            return False
+        async with state.lock:
+            capability = state.capability
+            if capability is None:
+                return False
+            desired = next((c for c in render.desired_children(capability, namespace,
+                                                                  self.settings)
+                            if c["kind"] == child.get("kind")
+                            and c["metadata"]["name"] == child["metadata"].get("name")), None)
+            if desired is None:
+                return False
+            wrote = False
+            live = child
+            if event_type == "DELETED":
+                # Re-read the owner: when it is being deleted, the child went with it on purpose.
+                try:
+                    owner_body = await self.client.get(API_VERSION, "Capability", namespace,
+                                                       capability.name)
+                except NotFoundError:
+                    self.forget(namespace, capability.name, state.uid)
+                    return False
+                meta = owner_body.get("metadata", {})
+                if meta.get("uid") != state.uid or meta.get("deletionTimestamp"):
+                    return False
+                live, wrote = await self._apply_child(desired, state)
+            elif drift_patch(desired, child) is not None:
+                # Only patch: if the child is gone, its DELETED event (with the owner check)
+                # decides whether it comes back, not this possibly stale event.
+                try:
+                    live, wrote = await self._apply_child(desired, state, create=False)
+                except NotFoundError:
+                    return False
+            if desired["kind"] == "Deployment":
+                await self._write_workload_status(state, namespace, capability.name, live)
+            return wrote
+
+    def _previous(self, state: CapabilityState) -> list[Mapping[str, Any]] | None:
+        conditions = (state.status or {}).get("conditions")
+        return conditions if isinstance(conditions, list) else None
+
+    async def _apply_child(self, desired: dict[str, Any], state: CapabilityState, *,
+                           create: bool = True) -> tuple[dict[str, Any], bool]:
+        """Create the child or patch it back to ``desired``; never create it twice."""
+        desired = {**desired, "metadata": {**desired["metadata"],
+                                           "ownerReferences": [state.owner_reference]}}
+        api_version, kind = desired["apiVersion"], desired["kind"]
+        meta = desired["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        try:
+            live = await self.client.get(api_version, kind, namespace, name)
+        except NotFoundError:
+            if not create or state.uid in self.gone:
+                raise
+            try:
+                created = await self.client.create(desired)
+            except ConflictError:
+                # Created meanwhile (another event, or the previous operator instance's write
+                # landing late): read it and carry on as an update.
+                live = await self.client.get(api_version, kind, namespace, name)
+            else:
+                self.metrics.child_writes.labels(kind, "create").inc()
+                return created, True
+        refs = list(live.get("metadata", {}).get("ownerReferences", []) or [])
+        controller = controller_of(live)
+        patch = drift_patch({k: v for k, v in desired.items()
+                             if k != "metadata"} | {"metadata": {
+                                 k: v for k, v in meta.items() if k != "ownerReferences"}}, live)
+        if controller is None:
+            # An orphan (e.g. left by a deletion with propagationPolicy=Orphan) is adopted only
+            # when it is ours by its labels; anything else with this name belongs to someone.
+            labels = live.get("metadata", {}).get("labels", {}) or {}
+            if labels.get(render.LABEL_MANAGED_BY) != render.MANAGED_BY \
+                    or labels.get(render.LABEL_CAPABILITY) != state.owner_reference["name"]:
+                raise ChildConflictError(
+                    f"{kind} {name} exists and is not managed by this Capability")
+            patch = patch or {}
+            patch.setdefault("metadata", {})["ownerReferences"] = [*refs, state.owner_reference]
+        elif controller.get("uid") != state.uid:
+            raise ChildConflictError(
+                f"{kind} {name} is controlled by {controller.get('kind')} "
+                f"{controller.get('name')} (uid {controller.get('uid')}), not this Capability")
+        if patch is None:
+            return live, False
+        patched = await self.client.merge_patch(api_version, kind, namespace, name, patch)
+        self.metrics.child_writes.labels(kind, "patch").inc()
+        return patched, True
+
+    async def _write_workload_status(self, state: CapabilityState, namespace: str, name: str,
+                                     deployment: Mapping[str, Any]) -> None:
+        workload = status.assess_deployment(deployment)
+        new = status.workload_status(
+            workload, endpoint=render.endpoint(name, namespace, self.settings),
+            selector=render.label_selector(name), previous=self._previous(state),
+            generation=state.generation, now=status.now_rfc3339())
+        await self._write_status(state, namespace, name, new)
+
+    async def _write_status(self, state: CapabilityState, namespace: str, name: str,
+                            new: dict[str, Any]) -> None:
+        if state.generation is not None:
+            new = {**new, "observedGeneration": state.generation}
+        merged = {**(state.status or {}), **new}
+        if state.status is not None and status.same_status(merged, state.status):
+            return  # nothing new to say: no write, no event, no watch traffic
+        await self.client.merge_patch(API_VERSION, "Capability", namespace, name,
+                                      {"status": new}, subresource="status")
+        state.status = merged

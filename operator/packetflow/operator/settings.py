@@ -1,0 +1,36 @@
+"""Operator configuration: pydantic-settings from ``PACKETFLOW_*`` environment, flags on top."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_IMAGE = "ghcr.io/packetflow/packetflow:0.1.0"
+
+
+class OperatorSettings(BaseSettings):
+    """What the operator renders (image, ports, pod security) and how it runs."""
+
+    model_config = SettingsConfigDict(env_prefix="PACKETFLOW_", frozen=True, extra="ignore")
+
+    image: str = Field(default=DEFAULT_IMAGE, min_length=1,
+                       description="Image of the runtime pods (the packetflow image)")
+    image_pull_policy: str = Field(default="IfNotPresent",
+                                   pattern="^(Always|IfNotPresent|Never)$")
+    grpc_port: int = Field(default=50051, ge=1, le=65535, description="Runtime gRPC port")
+    metrics_port: int = Field(default=9464, ge=1, le=65535, description="Runtime metrics port")
+    run_as_user: int = Field(
+        default=10001, ge=1,
+        description="UID of runtime pods; numeric so the kubelet can verify runAsNonRoot")
+    cluster_domain_suffix: str = Field(
+        default="svc", description="Suffix of in-cluster endpoints: <name>.<namespace>.<suffix>")
+    retry_delay_seconds: float = Field(
+        default=5.0, gt=0, description="Delay before a failed reconcile is retried")
+    liveness_address: str | None = Field(
+        default="0.0.0.0:8080",
+        description="host:port of kopf's liveness endpoint (/healthz); empty: off")
+    operator_metrics_address: str | None = Field(
+        default="0.0.0.0:9465",
+        description="host:port of the operator's Prometheus /metrics; empty: off")
+    log_format: str = Field(default="json", pattern="^(json|plain|full)$")
+    verbose: bool = False
