@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 ProgressSink = Callable[[str, float], None]
 
@@ -47,3 +47,22 @@ class CallContext:
 
 Handler = Callable[[dict[str, Any], CallContext], Awaitable[dict[str, Any]]]
 """An implementation as the engine runs it: validated input in, output object out."""
+
+H = TypeVar("H", bound=Handler)
+
+_INLINE_ATTRIBUTE = "packetflow_never_suspends"
+
+
+def never_suspends(handler: H) -> H:
+    """Mark a handler whose coroutine never awaits anything.
+
+    Such a handler finishes in the step that starts it, so a deadline could never interrupt
+    it: the engine skips arming a timeout for it (several microseconds a call).
+    """
+    setattr(handler, _INLINE_ATTRIBUTE, True)
+    return handler
+
+
+def suspends(handler: Handler) -> bool:
+    """Whether ``handler`` may await, and so needs a deadline armed around it."""
+    return not getattr(handler, _INLINE_ATTRIBUTE, False)

@@ -6,6 +6,7 @@ gRPC (and later MCP) servicers only translate their wire format to and from ``En
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +19,7 @@ from packetflow.composition.check import check_compositions
 from packetflow.composition.executor import Invoke, Remote
 from packetflow.composition.metrics import StepMetrics
 from packetflow.composition.remote import RemoteCaller
-from packetflow.context import CallContext, Handler
+from packetflow.context import CallContext, Handler, suspends
 from packetflow.contracts import CompiledContract
 from packetflow.errors import (
     CapabilityNotFound,
@@ -45,6 +46,17 @@ DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 T = TypeVar("T")
 # Strong references to fire-and-forget close tasks, so they are not garbage-collected mid-way.
 _background: set[asyncio.Task[None]] = set()
+
+
+class _Unarmed(contextlib.nullcontext[None]):
+    """Stands in for ``asyncio.Timeout`` around a handler that never suspends."""
+
+    @staticmethod
+    def expired() -> bool:
+        return False
+
+
+_NO_TIMEOUT = _Unarmed()
 
 
 @dataclass
@@ -238,10 +250,11 @@ class Engine:
         limit = loop.time() + spec.timeout_seconds
         ctx.deadline = limit if ctx.deadline is None else min(ctx.deadline, limit)
         ctx.effects = tuple(spec.effects)
-        timeout = asyncio.timeout_at(ctx.deadline)
+        handler = entry.handler
+        timeout = asyncio.timeout_at(ctx.deadline) if suspends(handler) else _NO_TIMEOUT
         try:
             async with timeout:
-                output = await entry.handler(value, ctx)
+                output = await handler(value, ctx)
         except PacketFlowError:
             raise
         except TimeoutError:

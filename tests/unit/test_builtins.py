@@ -16,7 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from packetflow.builtins import HttpHandler, builtin_handler
-from packetflow.context import CallContext, Handler
+from packetflow.context import CallContext, Handler, suspends
 from packetflow.errors import DeadlineExceeded, FieldViolation, InvalidInput, Unavailable
 from packetflow.spec import BuiltinImplementation
 
@@ -27,6 +27,16 @@ def make(name: str, **config: Any) -> Handler:
 
 def ctx(deadline: float | None = None) -> CallContext:
     return CallContext(capability="t", trace_id="x", deadline=deadline)
+
+
+async def test_only_the_http_builtin_needs_a_deadline_armed() -> None:
+    # The engine skips the timeout for handlers that never await; a wrong mark would let an
+    # http call outlive its deadline.
+    pure = [make("echo"), make("transform", expression="a"), make("template", template="x")]
+    assert not any(suspends(handler) for handler in pure)
+    http = make("http", url="http://127.0.0.1:1/x", allowedHosts=["127.0.0.1"])
+    assert suspends(http)
+    await http.aclose()  # type: ignore[attr-defined]
 
 
 # --- echo -------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from jmespath.exceptions import JMESPathError
 from packetflow.builtin_configs import HttpConfig, TemplateConfig, TransformConfig
 from packetflow.builtins.http import HttpHandler
 from packetflow.builtins.templating import Filler
-from packetflow.context import CallContext, Handler
+from packetflow.context import CallContext, Handler, never_suspends
 from packetflow.errors import FieldViolation, InvalidInput
 from packetflow.spec import BuiltinImplementation
 
@@ -38,6 +38,7 @@ def builtin_handler(impl: BuiltinImplementation) -> Handler:
     return HttpHandler(HttpConfig.model_validate(impl.config))
 
 
+@never_suspends
 async def _echo(value: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
     # A copy, so a later step changing the output cannot change the caller's input.
     return dict(value)
@@ -46,6 +47,7 @@ async def _echo(value: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
 def _transform(config: TransformConfig) -> Handler:
     expression = jmespath.compile(config.expression)
 
+    @never_suspends
     async def transform(value: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         try:
             result: Any = expression.search(value, options=_JMESPATH_OPTIONS)
@@ -61,6 +63,7 @@ def _transform(config: TransformConfig) -> Handler:
 def _template(config: TemplateConfig) -> Handler:
     filler = Filler(config.template)
 
+    @never_suspends
     async def template(value: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         return {config.output: filler.fill(value)}
 
