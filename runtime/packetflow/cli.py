@@ -40,10 +40,15 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-address",
                         help="Prometheus listen address (default 127.0.0.1:9464; '' for none)")
     parser.add_argument("--max-payload-bytes", type=int, help="largest accepted input")
+    parser.add_argument("--state-dir", type=Path,
+                        help="durable local state: trigger keys, actors (default .packetflow)")
+    parser.add_argument("--mcp-address",
+                        help="serve MCP (streamable HTTP, path /mcp) here; default: off")
 
 
 def _settings(args: argparse.Namespace) -> RuntimeSettings:
-    overrides = {key: value for key in ("address", "metrics_address", "max_payload_bytes")
+    overrides = {key: value for key in ("address", "metrics_address", "max_payload_bytes",
+                                        "state_dir", "mcp_address")
                  if (value := getattr(args, key, None)) is not None}
     return RuntimeSettings(**overrides)
 

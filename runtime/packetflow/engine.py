@@ -19,6 +19,7 @@ from packetflow.composition.check import check_compositions
 from packetflow.composition.executor import Invoke, Remote
 from packetflow.composition.metrics import StepMetrics
 from packetflow.composition.remote import RemoteCaller
+from packetflow.composition.triggers import IdempotencyStore, TriggerRunner
 from packetflow.context import CallContext, Handler, suspends
 from packetflow.contracts import CompiledContract
 from packetflow.errors import (
@@ -139,12 +140,15 @@ class Engine:
         *,
         metrics: RuntimeMetrics | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        idempotency: IdempotencyStore | None = None,
     ) -> None:
         self.metrics = metrics or RuntimeMetrics()
         self.max_payload_bytes = max_payload_bytes
         self.remote = RemoteCaller()
         self.step_metrics = StepMetrics(self.metrics.registry)
         self.served: dict[str, ServedCapability] = {}
+        # Event-driven compositions; schedules fire once ``start_triggers`` is called.
+        self.triggers = TriggerRunner(self.invoke, {}, idempotency)
         self.load_errors = self.replace(capabilities)
 
     def replace(self, capabilities: Iterable[Capability]) -> list[ManifestError]:
@@ -172,10 +176,20 @@ class Engine:
                 old.retired = True
                 old.close_if_idle()
         self.served = dict(sorted(served.items()))
+        self.triggers.update({
+            name: list(entry.capability.spec.implementation.composition.triggers)
+            for name, entry in self.served.items()
+            if entry.capability.spec.implementation.composition is not None
+            and entry.capability.spec.implementation.composition.triggers})
         return errors
+
+    def start_triggers(self) -> None:
+        """Start firing scheduled compositions (completion triggers need no start)."""
+        self.triggers.start()
 
     async def aclose(self) -> None:
         """Close every handler that holds resources (on shutdown)."""
+        await self.triggers.close()
         for entry in self.served.values():
             entry.retired = True
             await entry.close()
@@ -223,8 +237,10 @@ class Engine:
         entry.in_flight += 1
         started = time.perf_counter()
         code = Code.INTERNAL
+        output: dict[str, Any] | None = None
         try:
-            result = finish(await self._checked_call(entry, value, ctx))
+            output = await self._checked_call(entry, value, ctx)
+            result = finish(output)
             code = Code.OK
             return result
         except PacketFlowError as exc:
@@ -239,6 +255,9 @@ class Engine:
             entry.duration.observe(time.perf_counter() - started)
             if entry.retired:
                 entry.close_if_idle()
+            if entry.name in self.triggers.watched:
+                self.triggers.completed(entry.name, value, code, output if code == Code.OK
+                                        else None, ctx.trace_id)
 
     async def _checked_call(self, entry: ServedCapability, value: Any,
                             ctx: CallContext) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from packetflow.spec import API_VERSION, MANIFEST_KINDS, Capability
+from packetflow.spec import API_VERSION, MANIFEST_KINDS, Actor, Capability, Manifest
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 
@@ -34,7 +34,20 @@ class LoadResult:
     """The manifests that loaded and the errors of those that did not."""
 
     capabilities: list[Capability] = field(default_factory=list)
+    actors: list[Actor] = field(default_factory=list)
     errors: list[ManifestError] = field(default_factory=list)
+
+    def add(self, manifest: Manifest) -> None:
+        """File a parsed manifest under its kind."""
+        if isinstance(manifest, Actor):
+            self.actors.append(manifest)
+        else:
+            self.capabilities.append(manifest)
+
+    @property
+    def manifests(self) -> list[Manifest]:
+        """Every manifest that loaded, capabilities first."""
+        return [*self.capabilities, *self.actors]
 
 
 def error_path(data: Any, loc: tuple[int | str, ...]) -> tuple[list[str | int], bool]:
@@ -91,7 +104,7 @@ def validation_errors(data: Any, exc: ValidationError) -> list[tuple[list[str | 
 
 def parse_manifest(
     data: Any, source: str = "<input>", node: yaml.Node | None = None
-) -> Capability | list[ManifestError]:
+) -> Manifest | list[ManifestError]:
     """Validate one manifest document; return the model or its errors."""
     if not isinstance(data, dict):
         return [ManifestError(source, "", "a manifest is a mapping", _line(node, []))]
@@ -128,7 +141,7 @@ def load_text(text: str, source: str = "<input>") -> LoadResult:
             if isinstance(parsed, list):
                 result.errors.extend(parsed)
             else:
-                result.capabilities.append(parsed)
+                result.add(parsed)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -161,14 +174,15 @@ def load_paths(paths: Iterable[Path]) -> LoadResult:
             continue
         loaded = load_text(text, str(file))
         result.errors.extend(loaded.errors)
-        for cap in loaded.capabilities:
-            if cap.name in first_seen:
+        for manifest in loaded.manifests:
+            # One namespace for capabilities and actor types: both are callable by name.
+            if manifest.name in first_seen:
                 result.errors.append(ManifestError(
-                    str(file), "metadata.name",
-                    f"capability {cap.name!r} is already declared in {first_seen[cap.name]}"))
+                    str(file), "metadata.name", f"{manifest.kind} {manifest.name!r}: the name "
+                    f"is already declared in {first_seen[manifest.name]}"))
             else:
-                first_seen[cap.name] = str(file)
-                result.capabilities.append(cap)
+                first_seen[manifest.name] = str(file)
+                result.add(manifest)
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,6 +13,11 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
 
+from packetflow.composition.triggers import (
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+    SqliteIdempotencyStore,
+)
 from packetflow.engine import Engine
 from packetflow.manifests import ManifestError, load_paths, manifest_files
 from packetflow.metrics import RuntimeMetrics
@@ -44,6 +50,18 @@ def report(errors: Sequence[ManifestError]) -> None:
         print(f"error: {error}", file=sys.stderr)
 
 
+def idempotency_store(state_dir: Path) -> IdempotencyStore:
+    """The durable store of trigger event keys under ``state_dir``; in memory if it is not
+    writable (a duplicate arriving after a restart could then run again)."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        return SqliteIdempotencyStore(state_dir / "triggers.db")
+    except (OSError, sqlite3.Error) as exc:
+        log.warning("state dir %s is not usable (%s): trigger keys kept in memory only",
+                    state_dir, exc)
+        return MemoryIdempotencyStore()
+
+
 def _snapshot(paths: Sequence[Path]) -> dict[Path, float]:
     return {p: p.stat().st_mtime for p in manifest_files(paths) if p.exists()}
 
@@ -56,7 +74,8 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
     the valid manifests still serve (``packetflow dev``). ``watch`` reloads on file changes.
     """
     loaded = load_paths(paths)
-    engine = Engine(loaded.capabilities, max_payload_bytes=settings.max_payload_bytes)
+    engine = Engine(loaded.capabilities, max_payload_bytes=settings.max_payload_bytes,
+                    idempotency=idempotency_store(settings.state_dir))
     errors = [*loaded.errors, *engine.load_errors]
     report(errors)
     if strict and errors:
@@ -65,6 +84,7 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
     metrics_server, metrics_port = (
         start_metrics_server(engine.metrics, settings.metrics_address)
         if settings.metrics_address else (None, None))
+    engine.start_triggers()
     on_ready(server, metrics_port)
 
     stop = asyncio.Event()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -23,5 +25,10 @@ class RuntimeSettings(BaseSettings):
                     "(lets load balancers notice); pods use a few seconds")
     grace_seconds: float = Field(default=30.0, ge=0,
                                  description="How long in-flight calls may finish on shutdown")
+    mcp_address: str | None = Field(
+        default=None, description="MCP streamable HTTP listen address (path /mcp); unset: off")
+    state_dir: Path = Field(
+        default=Path(".packetflow"),
+        description="Where durable local state lives (SQLite: trigger idempotency keys, actors)")
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|text)$")

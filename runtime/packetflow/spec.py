@@ -7,6 +7,7 @@ validation error names the path of the offending field (``spec.requires.a.type``
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from jsonschema import Draft202012Validator
@@ -97,18 +98,19 @@ def _check_field_names(contract: Contract | None) -> Contract | None:
     return contract
 
 
+def _check_module(value: str) -> str:
+    if not MODULE_RE.match(value):
+        raise ValueError(f"{value!r} is not a dotted module path")
+    return value
+
+
 class PythonImplementation(SpecModel):
     """A Python function importable in the runtime: ``module:function``, sync or async."""
 
     module: str = Field(description="Dotted module path, e.g. examples.text")
     function: str = Field(description="Function name in the module")
 
-    @field_validator("module")
-    @classmethod
-    def _module(cls, value: str) -> str:
-        if not MODULE_RE.match(value):
-            raise ValueError(f"{value!r} is not a dotted module path")
-        return value
+    _module = field_validator("module")(classmethod(lambda cls, v: _check_module(v)))
 
     @field_validator("function")
     @classmethod
@@ -147,16 +149,73 @@ class ImageImplementation(SpecModel):
     port: int = Field(default=50051, ge=1, le=65535)
 
 
-IMPLEMENTATION_KINDS = ("python", "builtin", "composition", "image")
+class SecretKeyRef(SpecModel):
+    """A key of a Kubernetes Secret in the manifest's namespace."""
+
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+
+
+class ValueSource(SpecModel):
+    """Where a secret value comes from: an environment variable of the runtime, or a Secret.
+
+    The operator turns a ``secretKeyRef`` into an environment variable of the pod; locally
+    (``packetflow dev``) only ``env`` can be resolved.
+    """
+
+    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    secret_key_ref: SecretKeyRef | None = Field(default=None, alias="secretKeyRef")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ValueSource:
+        if (self.env is None) == (self.secret_key_ref is None):
+            raise ValueError("exactly one of env, secretKeyRef is required")
+        return self
+
+    @property
+    def env_name(self) -> str:
+        """The runtime's environment variable holding the value; for a ``secretKeyRef`` the
+        operator fills a variable of this derived name from the Secret."""
+        if self.env is not None:
+            return self.env
+        assert self.secret_key_ref is not None
+        ref = f"{self.secret_key_ref.name}_{self.secret_key_ref.key}"
+        return "PACKETFLOW_SECRET_" + re.sub(r"[^A-Za-z0-9]", "_", ref).upper()
+
+    def resolve(self, environ: Mapping[str, str]) -> str:
+        """The value, or ``KeyError`` naming the variable that is not set."""
+        try:
+            return environ[self.env_name]
+        except KeyError:
+            raise KeyError(f"environment variable {self.env_name} is not set") from None
+
+
+class McpImplementation(SpecModel):
+    """A tool of a remote MCP server (streamable HTTP) served as a capability.
+
+    Its contract comes from the tool's ``inputSchema``/``outputSchema`` unless the manifest
+    declares ``requires``/``provides``.
+    """
+
+    url: str = Field(pattern=r"^https?://", description="The server's streamable HTTP endpoint")
+    tool: str = Field(min_length=1, description="The tool's name on that server")
+    headers_from: dict[str, ValueSource] = Field(
+        default_factory=dict, alias="headersFrom",
+        description="HTTP headers sent to the server (e.g. Authorization), from env or Secrets",
+    )
+
+
+IMPLEMENTATION_KINDS = ("python", "builtin", "composition", "image", "mcp")
 
 
 class Implementation(SpecModel):
-    """How a capability runs: exactly one of python, builtin, composition or image."""
+    """How a capability runs: exactly one of python, builtin, composition, image or mcp."""
 
     python: PythonImplementation | None = None
     builtin: BuiltinImplementation | None = None
     composition: CompositionSpec | None = None
     image: ImageImplementation | None = None
+    mcp: McpImplementation | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Implementation:
@@ -186,6 +245,29 @@ class ResourceRequirements(SpecModel):
 
 Effect = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]*$")]
 
+# What MCP (2025-11-25) allows in a tool name.
+MCP_TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+
+
+class McpExposure(SpecModel):
+    """How a capability or actor type appears to MCP clients."""
+
+    expose: bool = Field(default=True, description="Offer it as an MCP tool")
+    name: str | None = Field(default=None, pattern=MCP_TOOL_NAME_PATTERN,
+                             description="Tool name; default: derived from metadata.name")
+
+
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
+Duration = Annotated[str, Field(pattern=DURATION_PATTERN)]
+_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_seconds(text: str) -> float:
+    """``"1h30m"`` -> 5400.0; the text already matched ``DURATION_PATTERN``."""
+    return sum(float(number) * _UNIT_SECONDS[unit]
+               for number, unit in _DURATION_PART_RE.findall(text))
+
 
 class CapabilitySpec(SpecModel):
     """What a capability is for, what it needs and returns, and how it runs."""
@@ -208,6 +290,8 @@ class CapabilitySpec(SpecModel):
     resources: ResourceRequirements | None = Field(
         default=None, description="Container resource requests and limits of the runtime pods"
     )
+    mcp: McpExposure = Field(default_factory=McpExposure,
+                             description="How the capability appears as an MCP tool")
 
     _short_requires = field_validator("requires", mode="before")(
         classmethod(lambda cls, v: _short_form_contract(v))
@@ -257,4 +341,176 @@ class Capability(SpecModel):
         return self.metadata.name
 
 
-MANIFEST_KINDS: dict[str, type[Capability]] = {"Capability": Capability}
+# --------------------------------------------------------------------------------- actors
+
+
+class ActorPythonImplementation(SpecModel):
+    """Actor handlers in a Python module: a ``class`` with the handler methods, or (without
+    ``class``) module-level functions ``on_start``, ``on_message``, ``on_idle`` and schedules.
+    """
+
+    module: str = Field(description="Dotted module path, e.g. examples.research")
+    class_: str | None = Field(default=None, alias="class",
+                               description="Class whose instances handle one actor each")
+
+    _module = field_validator("module")(classmethod(lambda cls, v: _check_module(v)))
+
+    @field_validator("class_")
+    @classmethod
+    def _class(cls, value: str | None) -> str | None:
+        if value is not None and not IDENTIFIER_RE.match(value):
+            raise ValueError(f"{value!r} is not a Python identifier")
+        return value
+
+
+class ActorImplementation(SpecModel):
+    """How an actor type runs (Python only for now)."""
+
+    python: ActorPythonImplementation
+
+
+class SqliteStore(SpecModel):
+    """SQLite in WAL mode: the embedded default, local to one process (or one pod's volume)."""
+
+    path: str | None = Field(default=None,
+                             description="Database file; default: <state dir>/<actor type>.db")
+
+
+class PostgresStore(SpecModel):
+    """A PostgreSQL database shared by every replica: needed for ``replicas > 1``."""
+
+    dsn: str | None = Field(default=None, description="libpq connection string (no secrets)")
+    dsn_from: ValueSource | None = Field(default=None, alias="dsnFrom")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PostgresStore:
+        if (self.dsn is None) == (self.dsn_from is None):
+            raise ValueError("exactly one of dsn, dsnFrom is required")
+        return self
+
+
+class ActorStore(SpecModel):
+    """Where an actor type keeps state, memory and reminders: exactly one of sqlite, postgresql."""
+
+    sqlite: SqliteStore | None = None
+    postgresql: PostgresStore | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ActorStore:
+        if (self.sqlite is None) == (self.postgresql is None):
+            raise ValueError("exactly one of sqlite, postgresql is required")
+        return self
+
+
+class ActorMemory(SpecModel):
+    """The conversation memory: an append-only log per actor, with retention."""
+
+    retention: Duration = Field(default="30d", description="Entries older than this are swept")
+    max_messages: int = Field(default=10_000, ge=1, alias="maxMessages",
+                              description="Per actor; the oldest beyond it are compacted away")
+    semantic_search: bool = Field(
+        default=False, alias="semanticSearch",
+        description="Embedding search when the embeddings extra is installed; BM25 otherwise")
+
+
+class ActorSchedule(SpecModel):
+    """A durable schedule per actor: the handler method ``name`` runs ``every`` period."""
+
+    name: str = Field(description="Handler name (a method of the class, or a module function)")
+    every: Duration
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not IDENTIFIER_RE.match(value):
+            raise ValueError(f"{value!r} is not a Python identifier")
+        return value
+
+
+class McpToolRef(SpecModel):
+    """A tool an actor may call with ``ctx.tools.call(name, args)``: a local capability, or a
+    tool of a remote MCP server."""
+
+    name: str = Field(pattern=MCP_TOOL_NAME_PATTERN, description="The name the actor calls")
+    capability: str | None = Field(default=None, description="A capability in the runtime")
+    url: str | None = Field(default=None, pattern=r"^https?://",
+                            description="A remote MCP server's streamable HTTP endpoint")
+    tool: str | None = Field(default=None, description="The remote tool; default: name")
+    headers_from: dict[str, ValueSource] = Field(default_factory=dict, alias="headersFrom")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> McpToolRef:
+        if (self.capability is None) == (self.url is None):
+            raise ValueError("exactly one of capability, url is required")
+        if self.capability is not None and (self.tool is not None or self.headers_from):
+            raise ValueError("tool and headersFrom belong to a remote (url) tool")
+        return self
+
+
+class ActorSpec(SpecModel):
+    """An actor type: its message contract, initial state, handlers, store and lifecycle."""
+
+    intent: str = Field(min_length=1, description="What the actor is for, in a sentence")
+    requires: Contract | None = Field(default=None, description="The message contract")
+    provides: Contract | None = Field(default=None, description="The reply contract")
+    initial_state: dict[str, Any] = Field(default_factory=dict, alias="initialState")
+    implementation: ActorImplementation
+    store: ActorStore = Field(default_factory=lambda: ActorStore(sqlite=SqliteStore()))
+    memory: ActorMemory = Field(default_factory=ActorMemory)
+    idle_timeout: Duration = Field(default="5m", alias="idleTimeout",
+                                   description="Deactivate after this long without messages")
+    max_active: int = Field(default=10_000, ge=1, alias="maxActive",
+                            description="Active actors per process; least recently used "
+                                        "are passivated first")
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600, alias="timeoutSeconds",
+                                   description="Deadline of one turn")
+    schedules: list[ActorSchedule] = Field(default_factory=list)
+    mcp_tools: list[McpToolRef] = Field(default_factory=list, alias="mcpTools")
+    mcp: McpExposure = Field(default_factory=McpExposure)
+    effects: list[Effect] = Field(default_factory=list, description="Declared side effects")
+    replicas: int = Field(default=1, ge=1, description="Runtime pods (a StatefulSet)")
+    resources: ResourceRequirements | None = None
+
+    _short_requires = field_validator("requires", mode="before")(
+        classmethod(lambda cls, v: _short_form_contract(v))
+    )
+    _short_provides = field_validator("provides", mode="before")(
+        classmethod(lambda cls, v: _short_form_contract(v))
+    )
+    _names = field_validator("requires", "provides")(
+        classmethod(lambda cls, v: _check_field_names(v))
+    )
+
+    @model_validator(mode="after")
+    def _shared_store_for_replicas(self) -> ActorSpec:
+        if self.replicas > 1 and self.store.sqlite is not None:
+            raise ValueError("replicas > 1 needs a shared store: set store.postgresql "
+                             "(SQLite lives on one pod's volume)")
+        names = [schedule.name for schedule in self.schedules]
+        if len(set(names)) != len(names):
+            raise ValueError("schedules: each name may appear once")
+        tools = [tool.name for tool in self.mcp_tools]
+        if len(set(tools)) != len(tools):
+            raise ValueError("mcpTools: each name may appear once")
+        return self
+
+
+class Actor(SpecModel):
+    """The Actor manifest (``kind: Actor``)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    api_version: Literal["packetflow.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["Actor"]
+    metadata: ObjectMeta
+    spec: ActorSpec
+
+    @property
+    def name(self) -> str:
+        """The actor type's name (``metadata.name``)."""
+        return self.metadata.name
+
+
+Manifest = Capability | Actor
+MANIFEST_KINDS: dict[str, type[Capability] | type[Actor]] = {
+    "Capability": Capability, "Actor": Actor}

@@ -7,6 +7,7 @@ import textwrap
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from packetflow.composition.cron import Cron
 from packetflow.composition.executor import composition_handler, trace_of
 from packetflow.composition.metrics import StepMetrics
 from packetflow.composition.model import CompositionSpec, parse_composition
-from packetflow.composition.triggers import TriggerRunner
+from packetflow.composition.triggers import SqliteIdempotencyStore, TriggerRunner
 from packetflow.context import CallContext, Handler
 from packetflow.engine import Engine
 from packetflow.errors import (
@@ -761,20 +762,48 @@ async def test_failed_delivery_is_redelivered_at_least_once() -> None:
 
 async def test_completion_trigger_runs_with_the_event_as_input() -> None:
     probe = Probe()
-    engine, runner = triggered("[{completed: {capability: add, outcome: any}}]",
-                               {"probe": probe})
-    output = await engine.invoke("add", {"a": 3}, context("add"))
-    # What the engine hook will do after every call (see the wiring notes).
-    runner.completed("add", {"a": 3}, Code.OK, output, "trace-9")
-    runner.completed("add", {"a": 3}, Code.OK, output, "trace-9")  # redelivered event
-    runner.completed("greet", {}, Code.OK, {}, "trace-10")  # not subscribed
-    await eventually(lambda: len(probe.calls) == 1 and not runner.tasks,
+    engine, _ = triggered("[{completed: {capability: add, outcome: any}}]", {"probe": probe})
+    output = await engine.invoke("add", {"a": 3}, context("add"))  # the engine fires the event
+    await eventually(lambda: len(probe.calls) == 1 and not engine.triggers.tasks,
                      what="the triggered run")
-    assert probe.calls[0] == {"type": "completed", "id": "completed:add:trace-9",
-                              "capability": "add", "outcome": "success", "code": "OK",
-                              "input": {"a": 3}, "output": {"sum": 3},
-                              "traceId": "trace-9"}
-    await runner.close()
+    engine.triggers.completed("add", {"a": 3}, Code.OK, output, "trace-1")  # redelivered
+    engine.triggers.completed("greet", {}, Code.OK, {}, "trace-10")  # not subscribed
+    await eventually(lambda: not engine.triggers.tasks, what="the duplicate to be dropped")
+    assert probe.calls == [{"type": "completed", "id": "completed:add:trace-1",
+                            "capability": "add", "outcome": "success", "code": "OK",
+                            "input": {"a": 3}, "output": {"sum": 3}, "traceId": "trace-1"}]
+    await engine.aclose()
+
+
+async def test_failed_call_fires_failure_triggers_only() -> None:
+    probe = Probe()
+    engine, _ = triggered("[{completed: {capability: add, outcome: failure}}]",
+                          {"probe": probe})
+    await engine.invoke("add", {"a": 1}, context("add"))
+    with pytest.raises(InvalidInput):
+        await engine.invoke("add", {"a": "one"}, context("add"))
+    await eventually(lambda: len(probe.calls) == 1 and not engine.triggers.tasks,
+                     what="the failure-triggered run")
+    assert probe.calls[0]["outcome"] == "failure"
+    assert probe.calls[0]["code"] == "INVALID_ARGUMENT" and probe.calls[0]["output"] is None
+    await engine.aclose()
+
+
+def test_sqlite_keys_survive_a_restart_and_stale_claims_expire(tmp_path: Path) -> None:
+    clock = [1000.0]
+    store = SqliteIdempotencyStore(tmp_path / "t.db", lease_seconds=10, clock=lambda: clock[0])
+    assert store.claim("done") and store.claim("crashed")
+    store.complete("done")
+    assert not store.claim("crashed")  # another delivery holds a live lease
+    store.close()
+    reopened = SqliteIdempotencyStore(tmp_path / "t.db", lease_seconds=10,
+                                      clock=lambda: clock[0])
+    assert not reopened.claim("done")
+    clock[0] += 11  # the process that claimed "crashed" died: its lease runs out
+    assert reopened.claim("crashed")
+    reopened.release("crashed")
+    assert reopened.claim("crashed") and not reopened.claim("done")
+    reopened.close()
 
 
 async def test_scheduled_trigger_fires() -> None:

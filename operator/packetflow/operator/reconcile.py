@@ -123,6 +123,8 @@ class Reconciler:
         async with state.lock:
             state.generation = generation
             parsed = parse_manifest(body, source=f"{namespace}/{name}")
+            if not isinstance(parsed, list | Capability):
+                parsed = [ManifestError(f"{namespace}/{name}", "kind", "expected a Capability")]
             if isinstance(parsed, list):
                 # Invalid: leave the children (and the last good pods) exactly as they are.
                 state.capability = None

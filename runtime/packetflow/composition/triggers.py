@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import jmespath
@@ -71,6 +74,53 @@ class MemoryIdempotencyStore:
         self.running.discard(key)
 
 
+class SqliteIdempotencyStore:
+    """Durable store: keys survive a restart, so a redelivered event still runs once.
+
+    A claim is a lease: when the process dies mid-run its key is not lost, a delivery after
+    ``lease_seconds`` takes it over (at-least-once). Done keys are kept ``keep_seconds``.
+    """
+
+    def __init__(self, path: Path | str, *, lease_seconds: float = 300.0,
+                 keep_seconds: float = 7 * 86400.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.lease_seconds = lease_seconds
+        self.keep_seconds = keep_seconds
+        self.clock = clock
+        # Claims come from the event loop thread only; autocommit, one statement per change.
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS trigger_events (key TEXT PRIMARY KEY, "
+                        "done INTEGER NOT NULL, until REAL NOT NULL)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS trigger_events_until "
+                        "ON trigger_events (done, until)")
+
+    def claim(self, key: str) -> bool:
+        """Reserve ``key`` unless it is done or another delivery's lease on it is live."""
+        now = self.clock()
+        self.db.execute("DELETE FROM trigger_events WHERE done = 1 AND until < ?", (now,))
+        taken = self.db.execute(
+            "INSERT INTO trigger_events (key, done, until) VALUES (?, 0, ?) "
+            "ON CONFLICT (key) DO UPDATE SET until = excluded.until "
+            "WHERE trigger_events.done = 0 AND trigger_events.until < ?",
+            (key, now + self.lease_seconds, now))
+        return taken.rowcount == 1
+
+    def complete(self, key: str) -> None:
+        """Mark ``key`` done; duplicates within ``keep_seconds`` are dropped."""
+        self.db.execute("UPDATE trigger_events SET done = 1, until = ? WHERE key = ?",
+                        (self.clock() + self.keep_seconds, key))
+
+    def release(self, key: str) -> None:
+        """Drop the claim on ``key`` so a redelivery may run it."""
+        self.db.execute("DELETE FROM trigger_events WHERE key = ? AND done = 0", (key,))
+
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()
+
+
 # ----------------------------------------------------------------------------- runner
 
 @dataclass(frozen=True)
@@ -90,13 +140,30 @@ class TriggerRunner:
                  now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.invoke = invoke
         self.store: IdempotencyStore = store or MemoryIdempotencyStore()
-        self.subscriptions = [Subscription(target, trigger)
-                              for target, triggers in subscriptions.items()
-                              for trigger in triggers]
+        self.subscriptions: list[Subscription] = []
+        self.watched: frozenset[str] = frozenset()
         self.max_deliveries = max_deliveries
         self.redelivery_seconds = redelivery_seconds
         self.now = now
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.schedules: asyncio.Task[None] | None = None
+        self.update(subscriptions)
+
+    def update(self, subscriptions: Mapping[str, list[Trigger]]) -> None:
+        """Swap the subscriptions (reload); running schedules restart on the new set."""
+        self.subscriptions = [Subscription(target, trigger)
+                              for target, triggers in subscriptions.items()
+                              for trigger in triggers]
+        # The capabilities whose completion someone waits for: the engine's cheap check.
+        self.watched = frozenset(sub.trigger.completed.capability for sub in self.subscriptions
+                                 if sub.trigger.completed is not None)
+        if self.schedules is not None:
+            self.schedules.cancel()
+            self.start()
+
+    def start(self) -> None:
+        """Start firing scheduled triggers in the background."""
+        self.schedules = asyncio.get_running_loop().create_task(self.run_schedules())
 
     async def deliver(self, target: str, event: dict[str, Any],
                       trigger: Trigger | None = None) -> bool:
@@ -172,7 +239,10 @@ class TriggerRunner:
             log.warning("triggered run failed: %s", task.exception())
 
     async def close(self) -> None:
-        """Cancel deliveries in flight."""
+        """Stop the schedules and cancel deliveries in flight (their keys are released)."""
+        if self.schedules is not None:
+            self.tasks.add(self.schedules)
+            self.schedules = None
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
