@@ -5,9 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-if ! command -v promtool >/dev/null; then
+# Real Prometheus (promtool, server) and a real PostgreSQL server for the tests' fixtures.
+missing=()
+command -v promtool >/dev/null || missing+=(prometheus)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 python3 -m venv .venv
