@@ -13,4 +13,5 @@ BENCHES: dict[str, str] = {
     "runtime": "bench.runtime",
     "payload": "bench.payload",
     "operator": "bench.operator",
+    "compositions": "bench.compositions",
 }

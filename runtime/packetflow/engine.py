@@ -141,10 +141,11 @@ class Engine:
         metrics: RuntimeMetrics | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         idempotency: IdempotencyStore | None = None,
+        remote: RemoteCaller | None = None,
     ) -> None:
         self.metrics = metrics or RuntimeMetrics()
         self.max_payload_bytes = max_payload_bytes
-        self.remote = RemoteCaller()
+        self.remote = remote or RemoteCaller()
         self.step_metrics = StepMetrics(self.metrics.registry)
         self.served: dict[str, ServedCapability] = {}
         # Event-driven compositions; schedules fire once ``start_triggers`` is called.

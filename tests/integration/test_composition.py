@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from packetflow.client import CallError, RuntimeClient
-from packetflow.composition.check import check_compositions, composition_of
-from packetflow.composition.executor import composition_handler, trace_of
+from packetflow.composition.executor import trace_of
 from packetflow.composition.remote import RemoteCaller
+from packetflow.composition.resolve import ServiceResolver
 from packetflow.context import CallContext
 from packetflow.engine import Engine
 from packetflow.errors import Unavailable
@@ -21,6 +21,7 @@ from packetflow.manifests import load_text
 from packetflow.server import RuntimeServer
 from tests.conftest import eventually
 from tests.support import handlers
+from tests.support.dns import dns_server
 
 
 def front_manifests(remote: str, dead: str) -> str:
@@ -112,21 +113,15 @@ class Front:
 async def front(runtime: RuntimeServer) -> AsyncIterator[Front]:
     loaded = load_text(front_manifests(f"127.0.0.1:{runtime.port}", f"127.0.0.1:{free_port()}"))
     assert not loaded.errors, loaded.errors
-    assert check_compositions(loaded.capabilities) == {}
-    engine = Engine(loaded.capabilities)
     remote = RemoteCaller()
-    for cap in loaded.capabilities:
-        spec = composition_of(cap)
-        assert spec is not None
-        # What implementations.build_handler will do once compositions are wired in.
-        engine.served[cap.name].handler = composition_handler(
-            spec, engine.invoke, remote, name=cap.name)
+    engine = Engine(loaded.capabilities, remote=remote)
+    assert engine.load_errors == []
     server = await RuntimeServer.start(engine, "127.0.0.1:0")
     try:
         yield Front(engine, server, remote)
     finally:
         await server.stop(grace=0)
-        await remote.close()
+        await engine.aclose()
 
 
 @pytest.fixture
@@ -211,3 +206,38 @@ async def test_remote_invalid_argument_keeps_code_and_names_the_step(
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert [v.field for v in caught.value.violations] == ["steps.adding.input.a"]
     assert "step 'adding'" in caught.value.message
+
+
+async def test_step_addressed_by_service_name_reaches_the_srv_port(
+        runtime: RuntimeServer) -> None:
+    # Kubernetes DNS publishes _grpc._tcp.<service> for the Service's port named grpc.
+    records = {"_grpc._tcp.adder.team.svc.cluster.local": ("localhost", runtime.port)}
+    with dns_server(records) as (dns, dns_port):
+        resolver = ServiceResolver("default", "cluster.local",
+                                   nameservers=[("127.0.0.1", dns_port)])
+        loaded = load_text("""
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: via-service}
+spec:
+  intent: Add on the runtime behind the adder Service of namespace team
+  implementation:
+    composition:
+      steps: [{call: {capability: add, address: adder.team, input: {a: input.a, b: "`2`"}}}]
+""")
+        engine = Engine(loaded.capabilities, remote=RemoteCaller(resolver=resolver))
+        try:
+            for a in (1, 5):
+                ctx = CallContext(capability="via-service", trace_id=uuid.uuid4().hex)
+                assert await engine.invoke("via-service", {"a": a}, ctx) == {"sum": a + 2}
+        finally:
+            await engine.aclose()
+    assert dns.queries == ["_grpc._tcp.adder.team.svc.cluster.local."]  # cached after one
+
+
+async def test_service_without_srv_record_gets_the_default_runtime_port() -> None:
+    with dns_server({}) as (_, dns_port):
+        resolver = ServiceResolver("shop", "cluster.local", nameservers=[("127.0.0.1", dns_port)])
+        assert await resolver.resolve("cart") == "cart.shop.svc.cluster.local:50051"
+        assert await resolver.resolve("cart.other") == "cart.other.svc.cluster.local:50051"
+        assert await resolver.resolve("10.0.0.7:9000") == "10.0.0.7:9000"

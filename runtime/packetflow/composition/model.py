@@ -101,12 +101,19 @@ class Retry(CompositionModel):
                           description="Fraction of each delay that is randomised away")
 
 
+# host:port, or a Kubernetes Service (name, name.namespace or its DNS name) whose gRPC port
+# is looked up (see composition.resolve).
+ADDRESS_PATTERN = r"^[^\s:]+(:[0-9]{1,5})?$"
+
+
 class Call(CompositionModel):
-    """Call one capability, in this runtime or at a remote ``address`` (``host:port``)."""
+    """Call one capability, in this runtime or at a remote ``address`` (``host:port`` or a
+    Kubernetes Service name)."""
 
     capability: str = Field(min_length=1)
-    address: str | None = Field(default=None, pattern=r"^[^\s:]+:[0-9]{1,5}$",
-                                description="host:port of a remote runtime; unset: local")
+    address: str | None = Field(
+        default=None, pattern=ADDRESS_PATTERN,
+        description="host:port or Service name of a remote runtime; unset: local")
     input: dict[str, Expression] | None = Field(
         default=None, description="Input field -> expression over the scope; unset: last output")
 
@@ -176,7 +183,7 @@ class ReduceCall(CompositionModel):
     """Reduce with a capability, which receives ``{items: [map outputs]}``."""
 
     capability: str = Field(min_length=1)
-    address: str | None = Field(default=None, pattern=r"^[^\s:]+:[0-9]{1,5}$")
+    address: str | None = Field(default=None, pattern=ADDRESS_PATTERN)
 
 
 Reducer = Annotated[

@@ -8,6 +8,7 @@ import grpc
 import orjson
 
 from packetflow.client import CallError, RuntimeClient
+from packetflow.composition.resolve import ServiceResolver
 from packetflow.context import CALLER_KEY, TRACE_ID_KEY, CallContext
 from packetflow.errors import (
     CapabilityNotFound,
@@ -24,13 +25,16 @@ from packetflow.v1 import runtime_pb2
 
 
 class RemoteCaller:
-    """Call capabilities at ``host:port`` addresses, reusing one channel per address.
+    """Call capabilities at ``host:port`` addresses or Kubernetes Services, reusing one
+    channel per target.
 
     Deadline, trace id and caller identity of the child context travel with each call.
     """
 
-    def __init__(self, options: list[tuple[str, Any]] | None = None) -> None:
+    def __init__(self, options: list[tuple[str, Any]] | None = None,
+                 resolver: ServiceResolver | None = None) -> None:
         self.options = options
+        self.resolver = resolver or ServiceResolver()
         self.clients: dict[str, RuntimeClient] = {}
 
     def client(self, address: str) -> RuntimeClient:
@@ -47,10 +51,11 @@ class RemoteCaller:
         if ctx.caller:
             metadata.append((CALLER_KEY, ctx.caller))
         request = runtime_pb2.InvokeRequest(capability=name, input_json=orjson.dumps(value))
+        target = await self.resolver.resolve(address)
         try:
             # Per-call metadata: RuntimeClient.invoke fixes the caller per client, and one
             # cached channel serves calls on behalf of many callers.
-            response = await self.client(address).stub.Invoke(
+            response = await self.client(target).stub.Invoke(
                 request, timeout=ctx.time_remaining(), metadata=tuple(metadata))
         except grpc.aio.AioRpcError as exc:
             raise domain_error(CallError.from_rpc_error(exc), name, address) from None
