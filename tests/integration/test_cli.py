@@ -38,10 +38,12 @@ class DevServer:
         self.address = f"127.0.0.1:{free_port()}"
         self.metrics = f"127.0.0.1:{free_port()}"
         self.log = log
+        self.state_dir = log.parent / "state"
         with log.open("w") as sink:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "packetflow.cli", "dev", str(directory), "--address",
-                 self.address, "--metrics-address", self.metrics],
+                 self.address, "--metrics-address", self.metrics,
+                 "--state-dir", str(self.state_dir)],
                 cwd=ROOT, stderr=sink, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while "packetflow: serving" not in self.stderr():
@@ -188,3 +190,57 @@ def test_composition_examples_run_and_show_their_trace(dev: DevServer) -> None:
     assert orjson.loads(summed.stdout) == {"sum": 12}
     short = packetflow("call", "triage-text", "--data", '{"text": "hi"}', "--address", dev.address)
     assert orjson.loads(short.stdout) == {"message": "hi"}
+
+
+TRIGGERED = """
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: note}
+spec:
+  intent: Accept any event
+  implementation: {builtin: {name: echo}}
+---
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: tick}
+spec:
+  intent: Every second, pass the schedule event on
+  implementation:
+    composition:
+      steps: [{call: {capability: note}}]
+      triggers: [{schedule: "* * * * * *"}]
+---
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: after-tick}
+spec:
+  intent: Run whenever tick succeeded
+  implementation:
+    composition:
+      steps: [{call: {capability: note, input: {tick: traceId}}}]
+      triggers: [{completed: {capability: tick}}]
+"""
+
+
+def calls_ok(dev: DevServer, capability: str) -> float:
+    """``packetflow_capability_calls_total{capability, code="OK"}`` as scraped now."""
+    with urllib.request.urlopen(f"http://{dev.metrics}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    pattern = rf'packetflow_capability_calls_total{{capability="{capability}",code="OK"}} (\S+)'
+    found = re.search(pattern, text)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_dev_fires_scheduled_and_completion_triggers(tmp_path: Path) -> None:
+    directory = tmp_path / "manifests"
+    directory.mkdir()
+    (directory / "triggers.yaml").write_text(TRIGGERED)
+    server = DevServer(directory, tmp_path / "dev.log")
+    try:
+        deadline = time.monotonic() + 15
+        while calls_ok(server, "tick") < 2 or calls_ok(server, "after-tick") < 2:
+            assert time.monotonic() < deadline, server.stderr()
+            time.sleep(0.1)  # polling another process's metrics, with a deadline
+        assert (server.state_dir / "triggers.db").is_file()  # keys are kept durably
+    finally:
+        assert server.stop() == 0
