@@ -246,3 +246,41 @@ def test_invalid_capability_is_rejected_by_the_api_server(installed: Cluster) ->
                             check=False)
     assert result.returncode != 0
     assert "exactly one of" in result.stderr
+
+
+def test_actor_lifecycle(installed: Cluster) -> None:
+    """An Actor (SQLite, one replica) becomes a StatefulSet with a volume, turns Ready and
+    reports its members; replicas > 1 with SQLite is refused by the API server (CRD rule)."""
+    name = "e2e-memo"
+    manifest = {"apiVersion": "packetflow.io/v1alpha1", "kind": "Actor",
+                "metadata": {"name": name, "namespace": APP_NAMESPACE},
+                "spec": {"intent": "Remember what was said",
+                         "implementation": {"python": {"module": "examples.research",
+                                                       "class": "ResearchAssistant"}},
+                         "store": {"sqlite": {}}, "replicas": 1}}
+    applied = subprocess.run(["kubectl", "apply", "-f", "-"], input=json.dumps(manifest),
+                             capture_output=True, text=True, env=installed.env, timeout=60,
+                             check=False)
+    assert applied.returncode == 0, applied.stderr
+    sts = wait_for(f"statefulset/{name}", lambda: installed.get("statefulset", name),
+                   timeout=120)
+    assert sts["spec"]["serviceName"] == f"{name}-headless"
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "state"
+    headless = installed.get("service", f"{name}-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    # The image must carry examples.research for the pod to become ready; the operator's part
+    # (children, status) is checked either way.
+    actor = wait_for("the Actor's status", lambda: installed.get("act", name).get("status"),
+                     timeout=120)
+    assert actor["members"] == [f"{name}-0"]
+
+    manifest["spec"]["replicas"] = 2
+    refused = subprocess.run(["kubectl", "apply", "-f", "-"], input=json.dumps(manifest),
+                             capture_output=True, text=True, env=installed.env, timeout=60,
+                             check=False)
+    assert refused.returncode != 0 and "shared store" in refused.stderr
+
+    installed.kubectl("-n", APP_NAMESPACE, "delete", f"act/{name}", "--wait=true",
+                      "--timeout=120s", timeout=150)
+    wait_for(f"statefulset/{name} to be deleted",
+             lambda: not installed.exists("statefulset", name), timeout=120)

@@ -36,8 +36,9 @@ async def wait_for(check: Callable[[], Any | Awaitable[Any]], timeout: float = 1
 class OperatorRunner:
     """Starts and stops the real operator (kopf.operator) in its own thread and loop."""
 
-    def __init__(self, namespaces: list[str]) -> None:
+    def __init__(self, namespaces: list[str], **settings: Any) -> None:
         self.namespaces = namespaces
+        self.settings = settings  # OperatorSettings overrides
         self.thread: OperatorThread | None = None
 
     @property
@@ -47,8 +48,9 @@ class OperatorRunner:
 
     async def start(self) -> OperatorContext:
         """Start an operator and wait until kopf reports it ready."""
-        settings = OperatorSettings(liveness_address=None, operator_metrics_address=None,
-                                    retry_delay_seconds=0.2)
+        settings = OperatorSettings(**{"liveness_address": None,
+                                       "operator_metrics_address": None,
+                                       "retry_delay_seconds": 0.2, **self.settings})
         ctx = OperatorContext.create(settings, OperatorMetrics(registry=CollectorRegistry()))
         self.thread = OperatorThread(ctx, namespaces=self.namespaces)
         await asyncio.to_thread(self.thread.start)

@@ -39,6 +39,7 @@ import yaml
 from kmock._internal import dicts, enums, rendering
 
 CAPABILITIES = "packetflow.io/v1alpha1/capabilities"
+ACTORS = "packetflow.io/v1alpha1/actors"
 _NAMESPACES_PATH = "/api/v1/namespaces"
 
 
@@ -215,12 +216,18 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
 
 def declare_resources(emulator: ClusterEmulator) -> None:
-    """Built-in resources (kmock's bundle) plus the Capability CRD with its subresources."""
+    """Built-in resources (kmock's bundle) plus the Capability and Actor CRDs with their
+    subresources."""
     # Same as kmock's load_bundled(), which trips a DeprecationWarning (read_binary) on 3.11.
     bundle = importlib.resources.files("kmock._internal").joinpath("resources.json.gz")
     emulator.resources.load_data(gzip.decompress(bundle.read_bytes()))
     emulator.resources[CAPABILITIES] = kmock.ResourceInfo(
         kind="Capability", singular="capability", namespaced=True, shortnames={"cap"},
+        categories={"packetflow"},
+        verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
+        subresources={"status", "scale"})
+    emulator.resources[ACTORS] = kmock.ResourceInfo(
+        kind="Actor", singular="actor", namespaced=True, shortnames={"act"},
         categories={"packetflow"},
         verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
         subresources={"status", "scale"})

@@ -206,7 +206,8 @@ async def test_deleting_capability_collects_children_for_good(
     # No finalizer: the Capability goes at once, its children by ownerReferences (GC).
     assert cluster.live(CAPABILITIES, NS, "brief") is None
     reconciler = operator_runner.ctx.reconciler
-    await wait_for(lambda: (NS, "brief") not in reconciler.states, what="the operator to forget")
+    await wait_for(lambda: ("Capability", NS, "brief") not in reconciler.states,
+                   what="the operator to forget")
     assert not cluster.names(DEPLOYMENTS, NS) and not cluster.names(SERVICES, NS)
     assert not cluster.names(CONFIGMAPS, NS)
 

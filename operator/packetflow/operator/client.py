@@ -20,7 +20,9 @@ PLURALS: Final[dict[tuple[str, str], str]] = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
     ("apps/v1", "Deployment"): "deployments",
+    ("apps/v1", "StatefulSet"): "statefulsets",
     (API_VERSION, "Capability"): "capabilities",
+    (API_VERSION, "Actor"): "actors",
 }
 
 

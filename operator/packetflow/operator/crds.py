@@ -21,6 +21,7 @@ from packetflow.spec import (
     MODULE_RE,
     NAME_PATTERN,
     VERSION,
+    ActorSpec,
     CapabilitySpec,
 )
 
@@ -68,11 +69,63 @@ _CAPABILITY_REPLACE: Final[dict[Path, Schema]] = {
     },
 }
 
+
+
+def _one_of(*fields: str) -> dict[str, Any]:
+    """``x-kubernetes-validations`` saying exactly one of two fields is set (the models' rule)."""
+    first, second = fields
+    return {"x-kubernetes-validations": [{
+        "rule": f"has(self.{first}) != has(self.{second})",
+        "message": f"exactly one of {first}, {second} is required"}]}
+
+
+# Bounds the models do not have: CEL rules inside unbounded lists and maps make the API server's
+# cost estimate explode, and no real manifest comes close to these.
+_MAX_HEADERS: Final = {"maxProperties": 32}
+
 # Spec paths whose schema gains keywords the model enforces in validators, not in its schema.
 _CAPABILITY_EXTEND: Final[dict[Path, Schema]] = {
     ("implementation",): {"x-kubernetes-validations": [_IMPLEMENTATION_ONE_OF]},
     ("implementation", "python", "module"): {"pattern": MODULE_RE.pattern},
     ("implementation", "python", "function"): {"pattern": IDENTIFIER_RE.pattern},
+    ("implementation", "mcp", "headersFrom"): _MAX_HEADERS,
+    ("implementation", "mcp", "headersFrom", "*"): _one_of("env", "secretKeyRef"),
+}
+
+_ACTOR_REPLACE: Final[dict[Path, Schema]] = {
+    ("requires",): _CONTRACT_SCHEMA,
+    ("provides",): _CONTRACT_SCHEMA,
+}
+
+# Actor names carry suffixes: pods `<name>-<ordinal>`, the StatefulSet's revision label
+# `<name>-<10-char hash>` (a 63-character label value) and the Service `<name>-headless`.
+ACTOR_NAME_MAX_LENGTH: Final = 52
+
+_ACTOR_REPLICAS_RULE: Final = {
+    "rule": "!has(self.replicas) || self.replicas <= 1 "
+            "|| (has(self.store) && has(self.store.postgresql))",
+    "message": "replicas > 1 needs a shared store: set store.postgresql "
+               "(SQLite lives on one pod's volume)",
+    "fieldPath": ".replicas",
+    "reason": "FieldValueInvalid",
+}
+
+_ACTOR_EXTEND: Final[dict[Path, Schema]] = {
+    (): {"x-kubernetes-validations": [_ACTOR_REPLICAS_RULE]},
+    ("implementation", "python", "module"): {"pattern": MODULE_RE.pattern},
+    ("implementation", "python", "class"): {"pattern": IDENTIFIER_RE.pattern},
+    ("store",): _one_of("sqlite", "postgresql"),
+    ("store", "postgresql"): _one_of("dsn", "dsnFrom"),
+    ("store", "postgresql", "dsnFrom"): _one_of("env", "secretKeyRef"),
+    # Names are unique (the models say so); a map-list lets the API server check it too.
+    ("schedules",): {"maxItems": 100, "x-kubernetes-list-type": "map",
+                     "x-kubernetes-list-map-keys": ["name"]},
+    ("schedules", "[]", "name"): {"pattern": IDENTIFIER_RE.pattern},
+    ("mcpTools",): {"maxItems": 100, "x-kubernetes-list-type": "map",
+                    "x-kubernetes-list-map-keys": ["name"]},
+    ("mcpTools", "[]"): _one_of("capability", "url"),
+    ("mcpTools", "[]", "headersFrom"): _MAX_HEADERS,
+    ("mcpTools", "[]", "headersFrom", "*"): _one_of("env", "secretKeyRef"),
 }
 
 
@@ -98,22 +151,49 @@ def _convert(
     replace: Mapping[Path, Schema],
     extend: Mapping[Path, Schema],
 ) -> Schema:
+    """One JSON-Schema node (a field's, which may ``$ref`` its model) -> a structural node."""
     description = _description(node)
     if path in replace:
-        out = dict(replace[path])
-        text = f"{_sentence(description)} {out.pop('description', '')}".strip()
-        return {"description": text, **out} if text else out
+        replacement = dict(replace[path])
+        text = f"{_sentence(description)} {replacement.pop('description', '')}".strip()
+        return {"description": text, **replacement} if text else replacement
     target = _resolve(node, defs, path)
-    out = _convert_resolved(target, defs, path, replace, extend)
     # The referring field's description is more specific than the model's docstring.
-    text = description or out.pop("description", "")
+    text = description or _description(target)
     default = node.get("default", target.get("default"))
     if default is not None and default != [] and default != {}:
         # Defaults stay the models' business (no server-side defaulting); documented only.
         text = f"{_sentence(text)} Default: {default!r}.".strip()
-    out.pop("description", None)
-    if text:
-        out = {"description": text, **out}
+    out: Schema = {"description": text} if text else {}
+    out.update((k, target[k]) for k in _SCALAR_KEYWORDS if k in target and k != "description")
+    if "const" in target:
+        out["enum"] = [target["const"]]
+    for bound in ("minimum", "maximum"):
+        # JSON Schema 2020-12 writes an exclusive bound itself; OpenAPI v3.0 a flag beside it.
+        exclusive = f"exclusive{bound.capitalize()}"
+        if exclusive in target:
+            out.update({bound: target[exclusive], exclusive: True})
+    kind = target.get("type")
+    if kind == "object":
+        properties = target.get("properties", {})
+        if properties:
+            out["properties"] = {
+                name: _convert(prop, defs, (*path, name), replace, extend)
+                for name, prop in properties.items()
+            }
+        if target.get("required"):
+            out["required"] = list(target["required"])
+        extra = target.get("additionalProperties")
+        if isinstance(extra, dict):
+            out["additionalProperties"] = _convert(extra, defs, (*path, "*"), replace, extend)
+        elif extra is True or not properties:
+            # Free-form user data (builtin config, initial state): keep it verbatim.
+            out[_PRESERVE] = True
+    elif kind == "array":
+        out["items"] = _convert(target.get("items", {}), defs, (*path, "[]"), replace, extend)
+    elif kind is None:
+        raise ValueError(f"{'.'.join(path) or '<root>'}: untyped schema is not structural; "
+                         "give this path a replacement schema")
     out.update(extend.get(path, {}))
     return out
 
@@ -134,48 +214,6 @@ def _resolve(node: Schema, defs: Mapping[str, Schema], path: Path) -> Schema:
         merged = {k: v for k, v in node.items() if k != "anyOf"}
         return {**merged, **_resolve(branches[0], defs, path)}
     return node
-
-
-def _convert_resolved(
-    node: Schema,
-    defs: Mapping[str, Schema],
-    path: Path,
-    replace: Mapping[Path, Schema],
-    extend: Mapping[Path, Schema],
-) -> Schema:
-    out: Schema = {k: node[k] for k in _SCALAR_KEYWORDS if k in node}
-    description = _description(node)
-    if description:
-        out["description"] = description
-    if "const" in node:
-        out["enum"] = [node["const"]]
-    if "exclusiveMinimum" in node:
-        # JSON Schema 2020-12 writes the bound itself; OpenAPI v3.0 a flag beside `minimum`.
-        out.update(minimum=node["exclusiveMinimum"], exclusiveMinimum=True)
-    if "exclusiveMaximum" in node:
-        out.update(maximum=node["exclusiveMaximum"], exclusiveMaximum=True)
-    kind = node.get("type")
-    if kind == "object":
-        properties = node.get("properties", {})
-        if properties:
-            out["properties"] = {
-                name: _convert(prop, defs, (*path, name), replace, extend)
-                for name, prop in properties.items()
-            }
-        if node.get("required"):
-            out["required"] = list(node["required"])
-        extra = node.get("additionalProperties")
-        if isinstance(extra, dict):
-            out["additionalProperties"] = _convert(extra, defs, (*path, "*"), replace, extend)
-        elif extra is True or not properties:
-            # Free-form user data (builtin config, reserved composition): keep it verbatim.
-            out[_PRESERVE] = True
-    elif kind == "array":
-        out["items"] = _convert(node.get("items", {}), defs, (*path, "[]"), replace, extend)
-    elif kind is None:
-        raise ValueError(f"{'.'.join(path) or '<root>'}: untyped schema is not structural; "
-                         "give this path a replacement schema")
-    return out
 
 
 def _description(node: Schema) -> str:
@@ -234,17 +272,46 @@ def workload_status_schema() -> Schema:
     }
 
 
+def actor_status_schema() -> Schema:
+    """Status of an Actor: the workload's, plus the StatefulSet members and active actors."""
+    schema = workload_status_schema()
+    schema["properties"].update({
+        "members": {
+            "type": "array", "items": {"type": "string"},
+            "description": "Pod names the StatefulSet runs (<name>-0 .. <name>-N-1): the "
+                           "members actor ids are placed on.",
+        },
+        "activeActors": {
+            "type": "integer", "format": "int64", "minimum": 0,
+            "description": "Actors active in memory across members, when reported; reserved: "
+                           "the operator does not collect it yet.",
+        },
+    })
+    return schema
+
+
 def capability_spec_schema() -> Schema:
     """Structural schema of ``Capability.spec``, derived from :class:`CapabilitySpec`."""
     return structural_schema(CapabilitySpec, _CAPABILITY_REPLACE, _CAPABILITY_EXTEND)
 
 
-def render_capability_crd() -> dict[str, Any]:
-    """The CustomResourceDefinition of ``Capability`` (group packetflow.io, v1alpha1)."""
-    spec_schema = capability_spec_schema()
+def actor_spec_schema() -> Schema:
+    """Structural schema of ``Actor.spec``, derived from :class:`ActorSpec`."""
+    return structural_schema(ActorSpec, _ACTOR_REPLACE, _ACTOR_EXTEND)
+
+
+_READY_COLUMN: Final = {"name": "Ready", "type": "string",
+                        "jsonPath": '.status.conditions[?(@.type=="Ready")].status'}
+_AGE_COLUMN: Final = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+
+
+def _render_crd(*, kind: str, plural: str, short_names: list[str], description: str,
+                name_max_length: int, spec_schema: Schema, status_schema: Schema,
+                columns: list[dict[str, Any]]) -> dict[str, Any]:
+    """A namespaced CRD of group packetflow.io with status and scale subresources."""
     root = {
         "type": "object",
-        "description": "A declared capability: what it is for, its contract, how it runs.",
+        "description": description,
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string"},
@@ -252,30 +319,31 @@ def render_capability_crd() -> dict[str, Any]:
             "metadata": {
                 "type": "object",
                 "properties": {
-                    # The name becomes a Service name and the capability's address.
-                    "name": {"type": "string", "maxLength": 63, "pattern": NAME_PATTERN},
+                    # The name becomes a Service name and the resource's address.
+                    "name": {"type": "string", "maxLength": name_max_length,
+                             "pattern": NAME_PATTERN},
                 },
             },
             "spec": spec_schema,
-            "status": workload_status_schema(),
+            "status": status_schema,
         },
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"capabilities.{GROUP}",
+            "name": f"{plural}.{GROUP}",
             "labels": {"app.kubernetes.io/part-of": "packetflow"},
         },
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": "Capability",
-                "listKind": "CapabilityList",
-                "plural": "capabilities",
-                "singular": "capability",
-                "shortNames": ["cap"],
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": short_names,
                 "categories": ["packetflow"],
             },
             "versions": [
@@ -293,24 +361,50 @@ def render_capability_crd() -> dict[str, Any]:
                             "labelSelectorPath": ".status.selector",
                         },
                     },
-                    "additionalPrinterColumns": [
-                        {"name": "Ready", "type": "string",
-                         "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
-                        {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
-                        {"name": "Intent", "type": "string", "jsonPath": ".spec.intent"},
-                        {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint",
-                         "priority": 1},
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
+                    "additionalPrinterColumns": [_READY_COLUMN, *columns, _AGE_COLUMN],
                 }
             ],
         },
     }
 
 
+def render_capability_crd() -> dict[str, Any]:
+    """The CustomResourceDefinition of ``Capability`` (group packetflow.io, v1alpha1)."""
+    return _render_crd(
+        kind="Capability", plural="capabilities", short_names=["cap"],
+        description="A declared capability: what it is for, its contract, how it runs.",
+        name_max_length=63, spec_schema=capability_spec_schema(),
+        status_schema=workload_status_schema(),
+        columns=[
+            {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
+            {"name": "Intent", "type": "string", "jsonPath": ".spec.intent"},
+            {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint",
+             "priority": 1},
+        ])
+
+
+def render_actor_crd() -> dict[str, Any]:
+    """The CustomResourceDefinition of ``Actor`` (group packetflow.io, v1alpha1)."""
+    return _render_crd(
+        kind="Actor", plural="actors", short_names=["act"],
+        description="A stateful actor type: its message contract, handlers, store and "
+                    "lifecycle; run as a StatefulSet.",
+        name_max_length=ACTOR_NAME_MAX_LENGTH, spec_schema=actor_spec_schema(),
+        status_schema=actor_status_schema(),
+        columns=[
+            {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
+            {"name": "Ready-Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
+            {"name": "Intent", "type": "string", "jsonPath": ".spec.intent"},
+            {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint",
+             "priority": 1},
+            {"name": "Active", "type": "integer", "jsonPath": ".status.activeActors",
+             "priority": 1},
+        ])
+
+
 def render_crds() -> list[dict[str, Any]]:
     """Every CRD PacketFlow installs."""
-    return [render_capability_crd()]
+    return [render_capability_crd(), render_actor_crd()]
 
 
 def crd_files() -> dict[str, str]:

@@ -82,3 +82,29 @@ def drift_patch(desired: Mapping[str, Any], actual: Mapping[str, Any]) -> dict[s
         if not is_subset(value, actual.get(key)):
             patch[key] = value
     return patch or None
+
+
+# Workload spec fields the API server refuses to change after creation.
+IMMUTABLE_SPEC_FIELDS: dict[str, tuple[str, ...]] = {
+    "StatefulSet": ("selector", "serviceName", "volumeClaimTemplates", "podManagementPolicy"),
+}
+
+
+def narrow_spec_patch(kind: str, desired: Mapping[str, Any], actual: Mapping[str, Any],
+                      patch: dict[str, Any] | None) -> tuple[dict[str, Any] | None, list[str]]:
+    """For kinds with immutable spec fields: the patch with only the drifted ``spec`` keys,
+    and the immutable ones among them (``spec.volumeClaimTemplates``...).
+
+    Sending an unchanged immutable field back is not harmless: the API server compares it
+    with its defaulted copy, and a list the patch replaces differs by the defaults (422).
+    """
+    immutable = IMMUTABLE_SPEC_FIELDS.get(kind)
+    if patch is None or immutable is None or "spec" not in patch:
+        return patch, []
+    live_spec = actual.get("spec") or {}
+    spec = {key: value for key, value in (desired.get("spec") or {}).items()
+            if not is_subset(value, live_spec.get(key))}
+    changed = [f"spec.{key}" for key in spec if key in immutable]
+    narrowed = {**patch, "spec": spec} if spec else {k: v for k, v in patch.items()
+                                                     if k != "spec"}
+    return narrowed or None, changed

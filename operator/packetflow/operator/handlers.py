@@ -23,8 +23,10 @@ from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import GROUP, VERSION
 
 CAPABILITIES: Final = (GROUP, VERSION, "capabilities")
+ACTORS: Final = (GROUP, VERSION, "actors")
+OWNER_RESOURCES: Final = (CAPABILITIES, ACTORS)
 CHILD_RESOURCES: Final = (("", "v1", "configmaps"), ("", "v1", "services"),
-                          ("apps", "v1", "deployments"))
+                          ("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"))
 # kopf keeps its bookkeeping in annotations under our own prefix, not kopf.zalando.org.
 ANNOTATION_PREFIX: Final = "packetflow.io"
 
@@ -85,16 +87,17 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await _ctx(memo).client.aclose()
 
 
-async def reconcile_capability(body: kopf.Body, reason: str, memo: kopf.Memo,
-                               logger: kopf.Logger, **_: Any) -> None:
-    """Create, update or resume: render the children, apply the difference, write status."""
+async def reconcile_resource(body: kopf.Body, reason: str, memo: kopf.Memo,
+                             logger: kopf.Logger, **_: Any) -> None:
+    """Create, update or resume a Capability or Actor: render the children, apply the
+    difference, write status."""
     ctx = _ctx(memo)
     with ctx.metrics.timed(str(reason)) as outcome:
         try:
             report = await ctx.reconciler.reconcile(body)
         except ChildConflictError as exc:
             outcome.result = "conflict"
-            kopf.warn(body, reason="ChildConflict", message=str(exc))
+            kopf.warn(body, reason=exc.reason, message=str(exc))
             raise kopf.TemporaryError(str(exc), delay=ctx.settings.retry_delay_seconds * 6) \
                 from exc
         except ApiError as exc:
@@ -109,16 +112,29 @@ async def reconcile_capability(body: kopf.Body, reason: str, memo: kopf.Memo,
             logger.warning("invalid spec, children left as they are: %s", message)
 
 
-def capability_event(event: kopf.RawEvent, namespace: str | None, name: str | None,
-                     uid: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """Forget a deleted Capability (its children go with it: ownerReferences)."""
-    if event["type"] == "DELETED" and namespace and name:
-        _ctx(memo).reconciler.forget(namespace, name, uid)
+reconcile_capability = reconcile_resource  # the name before Actors existed
+
+
+async def resource_event(event: kopf.RawEvent, body: kopf.Body, namespace: str | None,
+                         name: str | None, uid: str | None, memo: kopf.Memo,
+                         logger: kopf.Logger, **_: Any) -> None:
+    """Forget a deleted Capability or Actor (its children go with it: ownerReferences)."""
+    if event["type"] != "DELETED" or not namespace or not name:
+        return
+    ctx = _ctx(memo)
+    kind = str(body.get("kind") or "Capability")
+    ctx.reconciler.forget(namespace, name, uid, kind)
+    if kind == "Capability":
+        try:
+            await ctx.reconciler.refresh_mcp_bundle(namespace)
+        except ApiError as exc:
+            # Not retried here: the next Capability event in the namespace rewrites it.
+            logger.warning("could not update the MCP aggregate bundle: %s", exc)
 
 
 async def child_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
                       logger: kopf.Logger, **_: Any) -> None:
-    """A child changed: recreate it when deleted, undo edits, carry Deployment readiness up."""
+    """A child changed: recreate it when deleted, undo edits, carry workload readiness up."""
     ctx = _ctx(memo)
     trigger = "child-deleted" if event["type"] == "DELETED" else "child-changed"
     with ctx.metrics.timed(trigger) as outcome:
@@ -133,15 +149,16 @@ async def child_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
 
 
 def build_registry() -> kopf.OperatorRegistry:
-    """A registry with every PacketFlow handler (login, Capability, children)."""
+    """A registry with every PacketFlow handler (login, Capability, Actor, children)."""
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login)
     kopf.on.cleanup(registry=registry)(cleanup)
-    for register in (kopf.on.create, kopf.on.update, kopf.on.resume):
-        register(*CAPABILITIES, registry=registry, id="reconcile")(reconcile_capability)
-    kopf.on.event(*CAPABILITIES, registry=registry, id="forget")(capability_event)
+    for resource in OWNER_RESOURCES:
+        for register in (kopf.on.create, kopf.on.update, kopf.on.resume):
+            register(*resource, registry=registry, id="reconcile")(reconcile_resource)
+        kopf.on.event(*resource, registry=registry, id="forget")(resource_event)
     # kopf filters by label on its side; in a real cluster the watch still carries every
-    # object of the kind, which is why only three kinds are watched.
+    # object of the kind, which is why only the four child kinds are watched.
     for group, version, plural in CHILD_RESOURCES:
         kopf.on.event(group, version, plural, registry=registry, id=f"child-{plural}",
                       labels={render.LABEL_MANAGED_BY: render.MANAGED_BY})(child_event)

@@ -3,11 +3,14 @@
 The Helm chart's test asserts its (Cluster)Role rules equal :data:`PERMISSIONS` exactly, so a
 new API call means a new line here and nowhere else. Who makes each call:
 
-* kopf watches Capabilities (list, watch), stores its progress in their annotations (patch)
-  and posts Kubernetes Events for warnings (create events).
-* the operator writes Capability status through the status subresource, re-reads a
-  Capability before recreating a deleted child (get), and creates, patches, reads and watches
-  the children (configmaps, services, deployments).
+* kopf watches Capabilities and Actors (list, watch), stores its progress in their
+  annotations (patch) and posts Kubernetes Events for warnings (create events).
+* the operator writes their status through the status subresource, re-reads the owner
+  before recreating a deleted child (get), and creates, patches, reads and watches the
+  children (configmaps, services, deployments for Capabilities, statefulsets for Actors; the
+  ConfigMap ``packetflow-mcp-bundle`` when the MCP aggregate is on). A StatefulSet's
+  volumeClaimTemplates make the StatefulSet controller create PVCs: the operator never
+  touches persistentvolumeclaims itself.
 
 Not needed, on purpose: namespaces and CRDs (kopf's scanning is disabled), kopf peering
 objects (the operator runs standalone, one replica), delete (children go by ownerReferences,
@@ -35,9 +38,12 @@ class Permission:
 PERMISSIONS: Final[tuple[Permission, ...]] = (
     Permission(GROUP, "capabilities", ("get", "list", "watch", "patch")),
     Permission(GROUP, "capabilities/status", ("patch",)),
+    Permission(GROUP, "actors", ("get", "list", "watch", "patch")),
+    Permission(GROUP, "actors/status", ("patch",)),
     Permission("", "configmaps", ("get", "list", "watch", "create", "patch")),
     Permission("", "services", ("get", "list", "watch", "create", "patch")),
     Permission("apps", "deployments", ("get", "list", "watch", "create", "patch")),
+    Permission("apps", "statefulsets", ("get", "list", "watch", "create", "patch")),
     Permission("", "events", ("create",)),
 )
 

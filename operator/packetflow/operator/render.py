@@ -1,8 +1,12 @@
-"""Pure renderers: a validated Capability -> the Kubernetes objects that run it.
+"""Pure renderers: a validated Capability or Actor -> the Kubernetes objects that run it.
 
 Nothing here does I/O; every function returns plain dicts, so the rendered state can be
 tested (and validated against real Kubernetes schemas) without a cluster. The handlers add
 ownerReferences and apply the difference.
+
+A Capability runs as a ConfigMap (its spec bundle), a Deployment and a Service. An Actor runs
+as a ConfigMap, a StatefulSet (stable member names for placement), a headless Service (the
+members' DNS names) and a Service for clients; with SQLite each pod gets a volume (a PVC).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import orjson
 import yaml
 
 from packetflow.operator.settings import OperatorSettings
-from packetflow.spec import API_VERSION, Capability
+from packetflow.spec import API_VERSION, Actor, Capability, ValueSource
 
 Manifest = dict[str, Any]
+Resource = Capability | Actor
 
 LABEL_NAME: Final = "app.kubernetes.io/name"
 LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
@@ -24,6 +29,9 @@ LABEL_COMPONENT: Final = "app.kubernetes.io/component"
 LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 LABEL_CAPABILITY: Final = "packetflow.io/capability"
+LABEL_ACTOR: Final = "packetflow.io/actor"
+# The label naming a child's owner, per owner kind (orphans are adopted only by their owner).
+OWNER_LABELS: Final = {"Capability": LABEL_CAPABILITY, "Actor": LABEL_ACTOR}
 MANAGED_BY: Final = "packetflow-operator"
 SPEC_HASH_ANNOTATION: Final = "packetflow.io/spec-hash"
 
@@ -31,25 +39,31 @@ BUNDLE_DIR: Final = "/etc/packetflow"
 BUNDLE_KEY: Final = "bundle.yaml"
 BUNDLE_PATH: Final = f"{BUNDLE_DIR}/{BUNDLE_KEY}"
 CONTAINER_NAME: Final = "runtime"
+STATE_VOLUME: Final = "state"
+MCP_PORT_NAME: Final = "mcp"
+# The namespace-wide bundle of every Capability, served as MCP tools by the chart's aggregate.
+MCP_BUNDLE_CONFIGMAP: Final = "packetflow-mcp-bundle"
 
 # Implementations the packetflow runtime serves itself; `image` brings its own server.
-_RUNTIME_SERVED: Final = ("python", "builtin", "composition")
+_RUNTIME_SERVED: Final = ("python", "builtin", "composition", "mcp")
+# Pod components: a Capability's Deployment and an Actor's StatefulSet never select each other.
+_COMPONENTS: Final = {"Capability": "runtime", "Actor": "actor"}
 
 
-def selector_labels(name: str) -> dict[str, str]:
-    """Labels that pick a capability's runtime pods; immutable once a Deployment exists."""
-    return {LABEL_NAME: "packetflow", LABEL_INSTANCE: name, LABEL_COMPONENT: "runtime"}
+def selector_labels(name: str, kind: str = "Capability") -> dict[str, str]:
+    """Labels that pick a resource's runtime pods; immutable once the workload exists."""
+    return {LABEL_NAME: "packetflow", LABEL_INSTANCE: name, LABEL_COMPONENT: _COMPONENTS[kind]}
 
 
-def child_labels(name: str) -> dict[str, str]:
+def child_labels(name: str, kind: str = "Capability") -> dict[str, str]:
     """Labels on every child: the selector plus ownership labels the operator watches by."""
-    return {**selector_labels(name), LABEL_PART_OF: "packetflow", LABEL_MANAGED_BY: MANAGED_BY,
-            LABEL_CAPABILITY: name}
+    return {**selector_labels(name, kind), LABEL_PART_OF: "packetflow",
+            LABEL_MANAGED_BY: MANAGED_BY, OWNER_LABELS[kind]: name}
 
 
-def label_selector(name: str) -> str:
+def label_selector(name: str, kind: str = "Capability") -> str:
     """The runtime pods' selector as a string (``status.selector``, for the scale subresource)."""
-    return ",".join(f"{key}={value}" for key, value in selector_labels(name).items())
+    return ",".join(f"{key}={value}" for key, value in selector_labels(name, kind).items())
 
 
 def configmap_name(name: str) -> str:
@@ -62,43 +76,94 @@ def endpoint(name: str, namespace: str, settings: OperatorSettings) -> str:
     return f"{name}.{namespace}.{settings.cluster_domain_suffix}:{settings.grpc_port}"
 
 
-def _bundle_manifest(capability: Capability) -> Manifest:
+def headless_service_name(name: str) -> str:
+    """Name of an Actor's headless Service: its members' DNS names live under it."""
+    return f"{name}-headless"
+
+
+def member_names(name: str, replicas: int) -> list[str]:
+    """Pod names of an Actor's StatefulSet: ``<name>-0`` .. ``<name>-<replicas-1>``."""
+    return [f"{name}-{ordinal}" for ordinal in range(replicas)]
+
+
+def _bundle_manifest(resource: Resource) -> Manifest:
     return {
         "apiVersion": API_VERSION,
-        "kind": "Capability",
+        "kind": resource.kind,
         # Only the name: server-side metadata (uid, annotations, managedFields) is not the spec.
-        "metadata": {"name": capability.name},
-        "spec": capability.spec.model_dump(mode="json", by_alias=True, exclude_unset=True),
+        "metadata": {"name": resource.name},
+        "spec": resource.spec.model_dump(mode="json", by_alias=True, exclude_unset=True),
     }
 
 
-def render_bundle(capability: Capability) -> str:
-    """The multi-document YAML the runtime loads: exactly this capability's manifest."""
-    return yaml.safe_dump(_bundle_manifest(capability), sort_keys=False, allow_unicode=True)
+def render_bundle(resource: Resource) -> str:
+    """The YAML the runtime loads (``--bundle``): exactly this Capability's or Actor's manifest."""
+    return yaml.safe_dump(_bundle_manifest(resource), sort_keys=False, allow_unicode=True)
 
 
-def _metadata(name: str, namespace: str) -> Manifest:
-    return {"name": name, "namespace": namespace, "labels": child_labels(name)}
+def _metadata(name: str, namespace: str, kind: str = "Capability") -> Manifest:
+    return {"name": name, "namespace": namespace, "labels": child_labels(name, kind)}
 
 
-def render_configmap(capability: Capability, namespace: str,
+def render_configmap(resource: Resource, namespace: str,
                      settings: OperatorSettings) -> Manifest:
     """The ConfigMap with the spec bundle, mounted read-only into the runtime pods."""
-    metadata = _metadata(capability.name, namespace)
-    metadata["name"] = configmap_name(capability.name)
+    metadata = _metadata(resource.name, namespace, resource.kind)
+    metadata["name"] = configmap_name(resource.name)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata,
-            "data": {BUNDLE_KEY: render_bundle(capability)}}
+            "data": {BUNDLE_KEY: render_bundle(resource)}}
 
 
-def _runtime_served(capability: Capability) -> bool:
-    return capability.spec.implementation.kind in _RUNTIME_SERVED
+def _runtime_served(resource: Resource) -> bool:
+    return isinstance(resource, Actor) or resource.spec.implementation.kind in _RUNTIME_SERVED
 
 
-def _container(capability: Capability, settings: OperatorSettings) -> Manifest:
-    image_impl = capability.spec.implementation.image
+def secret_sources(resource: Resource) -> list[ValueSource]:
+    """Every value the manifest takes from a Secret (``secretKeyRef``), in manifest order."""
+    sources: list[ValueSource] = []
+    if isinstance(resource, Capability):
+        mcp = resource.spec.implementation.mcp
+        if mcp is not None:
+            sources.extend(mcp.headers_from.values())
+    else:
+        postgresql = resource.spec.store.postgresql
+        if postgresql is not None and postgresql.dsn_from is not None:
+            sources.append(postgresql.dsn_from)
+        for tool in resource.spec.mcp_tools:
+            sources.extend(tool.headers_from.values())
+    return [source for source in sources if source.secret_key_ref is not None]
+
+
+def secret_env(resource: Resource) -> list[Manifest]:
+    """Environment variables filled from Secrets, named as the runtime looks them up
+    (:attr:`ValueSource.env_name`); one per distinct variable, sorted for a stable hash."""
+    env: dict[str, Manifest] = {}
+    for source in secret_sources(resource):
+        ref = source.secret_key_ref
+        assert ref is not None
+        env.setdefault(source.env_name, {
+            "name": source.env_name,
+            "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return [env[name] for name in sorted(env)]
+
+
+def _runtime_args(settings: OperatorSettings) -> list[str]:
+    args = ["runtime", "--bundle", BUNDLE_PATH,
+            "--address", f"0.0.0.0:{settings.grpc_port}",
+            "--metrics-address", f"0.0.0.0:{settings.metrics_port}"]
+    if settings.mcp_enabled:
+        args += ["--mcp-address", f"0.0.0.0:{settings.mcp_port}"]
+    return args
+
+
+def _container(resource: Resource, settings: OperatorSettings,
+               env: list[Manifest] | None = None) -> Manifest:
+    image_impl = resource.spec.implementation.image if isinstance(resource, Capability) \
+        else None
     grpc_port = image_impl.port if image_impl is not None else settings.grpc_port
     ports: list[Manifest] = [{"name": "grpc", "containerPort": grpc_port, "protocol": "TCP"}]
     container: Manifest = {"name": CONTAINER_NAME}
+    mounts: list[Manifest] = []
     if image_impl is not None:
         # A foreign image serves packetflow.v1 itself; the bundle is mounted for it to read.
         container.update(image=image_impl.image, imagePullPolicy=settings.image_pull_policy,
@@ -106,11 +171,17 @@ def _container(capability: Capability, settings: OperatorSettings) -> Manifest:
     else:
         ports.append({"name": "metrics", "containerPort": settings.metrics_port,
                       "protocol": "TCP"})
+        if settings.mcp_enabled:
+            ports.append({"name": MCP_PORT_NAME, "containerPort": settings.mcp_port,
+                          "protocol": "TCP"})
         container.update(
             image=settings.image, imagePullPolicy=settings.image_pull_policy,
-            args=["runtime", "--bundle", BUNDLE_PATH,
-                  "--address", f"0.0.0.0:{settings.grpc_port}",
-                  "--metrics-address", f"0.0.0.0:{settings.metrics_port}"])
+            args=_runtime_args(settings),
+            # The root filesystem is read-only: durable local state (trigger idempotency keys,
+            # SQLite actor stores) goes to a mounted volume.
+            env=[*(env or []), {"name": "PACKETFLOW_STATE_DIR", "value": settings.state_dir},
+                 *secret_env(resource)])
+        mounts.append({"name": STATE_VOLUME, "mountPath": settings.state_dir})
     container["ports"] = ports
     # The runtime serves grpc.health.v1, so the kubelet's native gRPC probe needs no exec.
     container["readinessProbe"] = {"grpc": {"port": grpc_port}, "periodSeconds": 5,
@@ -118,7 +189,7 @@ def _container(capability: Capability, settings: OperatorSettings) -> Manifest:
     container["livenessProbe"] = {"grpc": {"port": grpc_port}, "initialDelaySeconds": 10,
                                   "periodSeconds": 10, "timeoutSeconds": 2,
                                   "failureThreshold": 3}
-    resources = capability.spec.resources
+    resources = resource.spec.resources
     if resources is not None and (resources.requests or resources.limits):
         container["resources"] = {key: dict(value) for key, value in
                                   (("requests", resources.requests), ("limits", resources.limits))
@@ -133,14 +204,24 @@ def _container(capability: Capability, settings: OperatorSettings) -> Manifest:
         {"name": "bundle", "mountPath": BUNDLE_DIR, "readOnly": True},
         # The root filesystem is read-only; Python and gRPC still want a scratch directory.
         {"name": "tmp", "mountPath": "/tmp"},
+        *mounts,
     ]
     return container
 
 
-def _pod_template(capability: Capability, settings: OperatorSettings) -> Manifest:
-    name = capability.name
+def _pod_template(resource: Resource, settings: OperatorSettings,
+                  env: list[Manifest] | None = None,
+                  state_volume: Manifest | None = None) -> Manifest:
+    """The runtime pod; ``state_volume`` is None when the state dir is a claim template."""
+    name = resource.name
+    volumes: list[Manifest] = [
+        {"name": "bundle", "configMap": {"name": configmap_name(name)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if state_volume is not None and _runtime_served(resource):
+        volumes.append({"name": STATE_VOLUME, **state_volume})
     return {
-        "metadata": {"labels": child_labels(name), "annotations": {}},
+        "metadata": {"labels": child_labels(name, resource.kind), "annotations": {}},
         "spec": {
             # Runtime pods never call the Kubernetes API: no token in them.
             "automountServiceAccountToken": False,
@@ -152,11 +233,8 @@ def _pod_template(capability: Capability, settings: OperatorSettings) -> Manifes
                 "fsGroup": settings.run_as_user,
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
-            "containers": [_container(capability, settings)],
-            "volumes": [
-                {"name": "bundle", "configMap": {"name": configmap_name(name)}},
-                {"name": "tmp", "emptyDir": {}},
-            ],
+            "containers": [_container(resource, settings, env)],
+            "volumes": volumes,
         },
     }
 
@@ -170,7 +248,8 @@ def render_deployment(capability: Capability, namespace: str,
                       settings: OperatorSettings) -> Manifest:
     """The Deployment running ``packetflow runtime``; replicas only when the spec sets them."""
     name = capability.name
-    template = _pod_template(capability, settings)
+    # Capability pods keep only trigger idempotency keys: pod-local scratch is enough.
+    template = _pod_template(capability, settings, state_volume={"emptyDir": {}})
     # The bundle is a file in a ConfigMap: changing it does not restart pods by itself, so its
     # hash (with the template's) goes on the template and every spec change rolls the pods.
     # Except replicas: scaling (kubectl scale, an HPA on the scale subresource) is no rollout.
@@ -190,27 +269,138 @@ def render_deployment(capability: Capability, namespace: str,
             "metadata": _metadata(name, namespace), "spec": spec}
 
 
-def render_service(capability: Capability, namespace: str,
-                   settings: OperatorSettings) -> Manifest:
-    """The ClusterIP Service: named ports ``grpc`` (and ``metrics`` for runtime pods)."""
+def _service_ports(resource: Resource, settings: OperatorSettings) -> list[Manifest]:
     ports: list[Manifest] = [{"name": "grpc", "port": settings.grpc_port,
                               "targetPort": "grpc", "protocol": "TCP"}]
-    if _runtime_served(capability):
+    if _runtime_served(resource):
         ports.append({"name": "metrics", "port": settings.metrics_port,
                       "targetPort": "metrics", "protocol": "TCP"})
+        if settings.mcp_enabled:
+            ports.append({"name": MCP_PORT_NAME, "port": settings.mcp_port,
+                          "targetPort": MCP_PORT_NAME, "protocol": "TCP"})
+    return ports
+
+
+def render_service(resource: Resource, namespace: str,
+                   settings: OperatorSettings) -> Manifest:
+    """The ClusterIP Service for clients: named ports ``grpc`` (and ``metrics``, plus ``mcp``
+    when enabled, for runtime pods)."""
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _metadata(capability.name, namespace),
-        "spec": {"type": "ClusterIP", "selector": selector_labels(capability.name),
-                 "ports": ports},
+        "metadata": _metadata(resource.name, namespace, resource.kind),
+        "spec": {"type": "ClusterIP", "selector": selector_labels(resource.name, resource.kind),
+                 "ports": _service_ports(resource, settings)},
     }
 
 
-def desired_children(capability: Capability, namespace: str,
-                     settings: OperatorSettings) -> list[Manifest]:
-    """Every child object of a capability, in the order they are applied (bundle first)."""
-    return [
-        render_configmap(capability, namespace, settings),
-        render_service(capability, namespace, settings),
-        render_deployment(capability, namespace, settings),
+def render_headless_service(actor: Actor, namespace: str,
+                            settings: OperatorSettings) -> Manifest:
+    """The headless Service of an Actor's StatefulSet: one DNS name per member pod.
+
+    Not-ready members are published too: placement and forwarding between members must work
+    while a member starts (its readiness may wait on the others).
+    """
+    metadata = _metadata(actor.name, namespace, "Actor")
+    metadata["name"] = headless_service_name(actor.name)
+    return {
+        "apiVersion": "v1", "kind": "Service", "metadata": metadata,
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                 "selector": selector_labels(actor.name, "Actor"),
+                 "ports": _service_ports(actor, settings)},
+    }
+
+
+def _volume_claim_template(settings: OperatorSettings) -> Manifest:
+    spec: Manifest = {"accessModes": ["ReadWriteOnce"],
+                      "resources": {"requests": {"storage": settings.actor_storage_size}}}
+    if settings.actor_storage_class is not None:
+        spec["storageClassName"] = settings.actor_storage_class
+    return {"metadata": {"name": STATE_VOLUME}, "spec": spec}
+
+
+def render_statefulset(actor: Actor, namespace: str, settings: OperatorSettings) -> Manifest:
+    """The StatefulSet running an Actor's members: stable names, one volume each for SQLite."""
+    name = actor.name
+    headless = headless_service_name(name)
+    env: list[Manifest] = [
+        # Placement hashes actor ids over members by these names, and members forward
+        # messages to each other at these addresses.
+        {"name": "PACKETFLOW_MEMBER_ID",
+         "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
+        {"name": "PACKETFLOW_ADVERTISE_ADDRESS",
+         "value": f"$(PACKETFLOW_MEMBER_ID).{headless}.{namespace}."
+                  f"{settings.cluster_domain_suffix}:{settings.grpc_port}"},
     ]
+    sqlite = actor.spec.store.sqlite is not None
+    # SQLite lives on the pod's own volume; PostgreSQL needs only scratch (read-only root).
+    template = _pod_template(actor, settings, env,
+                             state_volume=None if sqlite else {"emptyDir": {}})
+    bundle = _bundle_manifest(actor)
+    bundle["spec"].pop("replicas", None)
+    template["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = spec_hash(bundle, template)
+    spec: Manifest = {
+        "replicas": actor.spec.replicas,
+        "serviceName": headless,
+        "selector": {"matchLabels": selector_labels(name, "Actor")},
+        # Members place actors by hashing over the live members: no reason to start them one
+        # by one, and a stuck member-0 must not block the others.
+        "podManagementPolicy": "Parallel",
+        "updateStrategy": {"type": "RollingUpdate"},
+        "revisionHistoryLimit": 3,
+        "template": template,
+    }
+    if sqlite:
+        spec["volumeClaimTemplates"] = [_volume_claim_template(settings)]
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": _metadata(name, namespace, "Actor"), "spec": spec}
+
+
+def desired_children(resource: Resource, namespace: str,
+                     settings: OperatorSettings) -> list[Manifest]:
+    """Every child object of a Capability or Actor, in the order they are applied (bundle
+    first, the workload last so its pods find everything they mount)."""
+    if isinstance(resource, Actor):
+        return [
+            render_configmap(resource, namespace, settings),
+            render_headless_service(resource, namespace, settings),
+            render_service(resource, namespace, settings),
+            render_statefulset(resource, namespace, settings),
+        ]
+    return [
+        render_configmap(resource, namespace, settings),
+        render_service(resource, namespace, settings),
+        render_deployment(resource, namespace, settings),
+    ]
+
+
+WORKLOAD_KINDS: Final = {"Capability": "Deployment", "Actor": "StatefulSet"}
+
+
+def _mcp_proxy(capability: Capability, namespace: str, settings: OperatorSettings) -> Manifest:
+    """A Capability that forwards every call to ``capability``'s Service: same name, intent,
+    contract and MCP exposure, so the aggregate lists the same tool and the work runs in the
+    capability's own pods (with its limits and metrics)."""
+    spec = capability.spec.model_dump(mode="json", by_alias=True, exclude_unset=True,
+                                      include={"intent", "requires", "provides", "effects",
+                                               "timeout_seconds", "mcp"})
+    spec["implementation"] = {"composition": {"steps": [{"call": {
+        "capability": capability.name, "address": endpoint(capability.name, namespace,
+                                                           settings)}}]}}
+    return {"apiVersion": API_VERSION, "kind": "Capability",
+            "metadata": {"name": capability.name}, "spec": spec}
+
+
+def render_mcp_bundle(capabilities: list[Capability], namespace: str,
+                      settings: OperatorSettings) -> Manifest:
+    """The namespace's ConfigMap ``packetflow-mcp-bundle``: a forwarding manifest per
+    Capability (sorted by name) that the chart's aggregate MCP Deployment serves."""
+    exposed = sorted((c for c in capabilities if c.spec.mcp.expose), key=lambda c: c.name)
+    documents = [_mcp_proxy(c, namespace, settings) for c in exposed]
+    text = yaml.safe_dump_all(documents, sort_keys=False, allow_unicode=True) if documents \
+        else ""
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": MCP_BUNDLE_CONFIGMAP, "namespace": namespace,
+                         "labels": {LABEL_NAME: "packetflow", LABEL_COMPONENT: "mcp-aggregate",
+                                    LABEL_PART_OF: "packetflow",
+                                    LABEL_MANAGED_BY: MANAGED_BY}},
+            "data": {BUNDLE_KEY: text}}

@@ -22,6 +22,24 @@ class OperatorSettings(BaseSettings):
     run_as_user: int = Field(
         default=10001, ge=1,
         description="UID of runtime pods; numeric so the kubelet can verify runAsNonRoot")
+    state_dir: str = Field(
+        default="/var/lib/packetflow", pattern="^/",
+        description="Where runtime pods keep durable local state (PACKETFLOW_STATE_DIR): "
+                    "trigger idempotency keys, SQLite actor stores")
+    actor_storage_size: str = Field(
+        default="1Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+        description="Size of the volume each SQLite Actor pod gets (a PVC per pod)")
+    actor_storage_class: str | None = Field(
+        default=None, description="StorageClass of those volumes; unset: the cluster default")
+    mcp_enabled: bool = Field(
+        default=False, description="Runtime pods also serve MCP (streamable HTTP at /mcp) on "
+                                   "mcp_port, and their Services get a port named mcp")
+    mcp_port: int = Field(default=8765, ge=1, le=65535, description="Runtime MCP port")
+    mcp_aggregate_namespace: str | None = Field(
+        default=None, pattern="^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Keep the ConfigMap packetflow-mcp-bundle in this namespace: every "
+                    "Capability there, served as MCP tools by one aggregate Deployment (the "
+                    "chart's mcp.aggregate); unset: no aggregate")
     cluster_domain_suffix: str = Field(
         default="svc", description="Suffix of in-cluster endpoints: <name>.<namespace>.<suffix>")
     retry_delay_seconds: float = Field(

@@ -1,4 +1,6 @@
-"""Pure status logic: a Deployment's state (or a spec error) -> a Capability's ``status``.
+"""Pure status logic: a workload's state (or a spec error) -> a Capability's or Actor's ``status``.
+
+A Capability's workload is a Deployment, an Actor's a StatefulSet.
 
 Conditions follow the Kubernetes convention (``metav1.Condition``): ``type``, ``status``
 ("True"/"False"/"Unknown"), CamelCase ``reason``, ``message``, ``lastTransitionTime`` (kept
@@ -82,6 +84,37 @@ def assess_deployment(deployment: Mapping[str, Any]) -> Workload:
     return Workload(replicas=replicas, ready_replicas=ready, ready=ready_cond, degraded=degraded)
 
 
+def assess_statefulset(statefulset: Mapping[str, Any]) -> Workload:
+    """Readiness of an Actor from its StatefulSet, by the rules of ``kubectl rollout status``.
+
+    Ready: the controller saw the current generation, every replica is ready and no rolling
+    update is in progress (update revision == current revision).
+    """
+    name = statefulset.get("metadata", {}).get("name", "?")
+    spec = statefulset.get("spec", {}) or {}
+    status = statefulset.get("status", {}) or {}
+    desired = spec.get("replicas", 1)
+    desired = desired if isinstance(desired, int) else 1
+    replicas = _int(status.get("replicas"))
+    ready = _int(status.get("readyReplicas"))
+    generation = statefulset.get("metadata", {}).get("generation")
+    observed = status.get("observedGeneration")
+    current, update = status.get("currentRevision"), status.get("updateRevision")
+    # StatefulSets report no failure conditions; pods that cannot start show as not ready.
+    degraded = Condition(DEGRADED, False, "AsExpected", "")
+    if isinstance(generation, int) and (not isinstance(observed, int) or observed < generation):
+        ready_cond = Condition(READY, False, "Progressing", f"StatefulSet {name} has not "
+                               f"observed generation {generation} yet")
+    elif ready < desired:
+        ready_cond = Condition(READY, False, "Progressing", f"{ready}/{desired} members ready")
+    elif update and current and update != current:
+        ready_cond = Condition(READY, False, "Progressing",
+                               f"{ready}/{desired} members ready, rolling update in progress")
+    else:
+        ready_cond = Condition(READY, True, "ReplicasReady", f"{ready}/{desired} members ready")
+    return Workload(replicas=replicas, ready_replicas=ready, ready=ready_cond, degraded=degraded)
+
+
 def stamp_conditions(
     conditions: Sequence[Condition],
     previous: Sequence[Mapping[str, Any]] | None,
@@ -111,9 +144,10 @@ def workload_status(
     previous: Sequence[Mapping[str, Any]] | None,
     generation: int | None,
     now: str,
+    members: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The Capability status for a valid spec whose children are applied."""
-    return {
+    """The status for a valid spec whose children are applied; ``members`` for Actors."""
+    out: dict[str, Any] = {
         "conditions": stamp_conditions([workload.ready, workload.degraded], previous,
                                        generation, now),
         "replicas": workload.replicas,
@@ -121,6 +155,9 @@ def workload_status(
         "endpoint": endpoint,
         "selector": selector,
     }
+    if members is not None:
+        out["members"] = list(members)
+    return out
 
 
 def failure_status(
