@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -481,11 +482,18 @@ class ActorSpec(SpecModel):
         classmethod(lambda cls, v: _check_field_names(v))
     )
 
-    @model_validator(mode="after")
-    def _shared_store_for_replicas(self) -> ActorSpec:
-        if self.replicas > 1 and self.store.sqlite is not None:
+    @field_validator("replicas")
+    @classmethod
+    def _shared_store_for_replicas(cls, value: int, info: ValidationInfo) -> int:
+        # A field validator (``store`` is validated first), so the error names spec.replicas.
+        store = info.data.get("store")
+        if value > 1 and store is not None and store.sqlite is not None:
             raise ValueError("replicas > 1 needs a shared store: set store.postgresql "
                              "(SQLite lives on one pod's volume)")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ActorSpec:
         names = [schedule.name for schedule in self.schedules]
         if len(set(names)) != len(names):
             raise ValueError("schedules: each name may appear once")

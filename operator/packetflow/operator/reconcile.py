@@ -89,15 +89,10 @@ def describe_errors(errors: list[ManifestError]) -> str:
 
 
 def validate_resource(body: Mapping[str, Any], source: str) -> Resource | list[ManifestError]:
-    """The spec models' verdict on a Capability or Actor body, plus the operator's own limits.
-
-    Every error names its field: the models' cross-field rule "replicas > 1 needs a shared
-    store" is reported at ``spec.replicas``, where a person has to look.
-    """
+    """The spec models' verdict on a Capability or Actor body, plus the operator's own limits."""
     parsed = parse_manifest(body, source=source)
     if isinstance(parsed, list):
-        return [ManifestError(e.source, "spec.replicas", e.message, e.line)
-                if e.path == "spec" and "replicas" in e.message else e for e in parsed]
+        return parsed
     if parsed.kind != body.get("kind"):  # pragma: no cover - parse_manifest goes by kind
         return [ManifestError(source, "kind", f"expected {body.get('kind')}")]
     if isinstance(parsed, Actor) and len(parsed.name) > ACTOR_NAME_MAX_LENGTH:
