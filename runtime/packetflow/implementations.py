@@ -39,6 +39,8 @@ def build_handler(capability: Capability, invoke: Invoke | None = None,
         return python_handler(impl.python)
     if impl.builtin is not None:
         return builtin_handler(impl.builtin)
+    if impl.mcp is not None:
+        return mcp_handler(capability)
     if impl.image is not None:
         return _refuse(f"capability {capability.name!r} runs as image {impl.image.image!r}; "
                        "image capabilities run in their own pods under the operator, not locally")
@@ -47,6 +49,26 @@ def build_handler(capability: Capability, invoke: Invoke | None = None,
                                    metrics=step_metrics)
     return _refuse(f"capability {capability.name!r} is a composition, which needs an engine "
                    "to run its steps")
+
+
+def mcp_handler(capability: Capability) -> Handler:
+    """A remote MCP server's tool; headers are resolved now, so a missing secret is a load
+    error naming the header, not a failure of the first call."""
+    # Imported here: the MCP client stack loads only for manifests that use it.
+    from packetflow.mcp.remote import RemoteMcpTool, resolve_headers
+
+    impl = capability.spec.implementation.mcp
+    assert impl is not None
+    headers: dict[str, str] = {}
+    for name, source in impl.headers_from.items():
+        try:
+            headers.update(resolve_headers({name: source}))
+        except KeyError as exc:
+            raise ImplementationError(f"spec.implementation.mcp.headersFrom.{name}",
+                                      str(exc.args[0])) from None
+    return RemoteMcpTool(impl.url, impl.tool, headers,
+                         check_input=capability.spec.requires is None,
+                         check_output=capability.spec.provides is None)
 
 
 def _refuse(message: str) -> Handler:

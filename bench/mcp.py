@@ -1,0 +1,222 @@
+"""MCP overhead: ``tools/call`` of ``echo`` through PacketFlow vs a bare SDK ``MCPServer``.
+
+Both servers speak streamable HTTP on 127.0.0.1 in stateless mode with SSE responses, the
+same configuration, and get the same 1 KiB message; the bare one is the SDK's ``MCPServer``
+with an ``echo`` tool returning a structured ``{message}``, PacketFlow serves the builtin
+``echo`` capability with the same contract. Method (as in ``bench.runtime``):
+
+- each server runs in its own subprocess; the client (official SDK ``Client``) is this one;
+- warm-up first, then alternating runs (bare, runtime, ...) of sequential and concurrent
+  calls; each ratio is the median of adjacent pairs' ratios, so drift of a shared machine
+  cancels; ``mcp_ratio`` is the concurrent one (throughput under load);
+- latencies are per call as the client sees them.
+
+``python -m bench.mcp --serve bare|runtime`` is the server subprocess: it prints its port and
+serves until stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from bench.common import median, percentile, rounded
+
+MESSAGE = "x" * 1010
+CONCURRENCY = 16
+PAIRS = 5
+RUN_SECONDS = 1.0
+MIN_CALLS, MAX_CALLS = 64, 5000
+WARMUP_CALLS = 100
+BUDGET_SECONDS = 60.0
+START_TIMEOUT = 30.0
+ROOT = Path(__file__).resolve().parent.parent
+
+ECHO_MANIFEST = """\
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: echo}
+spec:
+  intent: "Return the message it is given"
+  requires:
+    message: {type: string}
+  provides:
+    message: {type: string}
+  implementation:
+    builtin: {name: echo}
+  concurrency: 1024
+"""
+
+
+# --- the server subprocesses -----------------------------------------------------------
+
+class Echoed(BaseModel):
+    """What the bare server's ``echo`` returns (module level: the SDK resolves annotations)."""
+
+    message: str
+
+
+async def _serve_bare(sock: socket.socket) -> None:
+    import uvicorn
+    from mcp.server.mcpserver import MCPServer
+
+    server = MCPServer("bare-echo")
+
+    @server.tool(description="Return the message it is given")
+    def echo(message: str) -> Echoed:
+        return Echoed(message=message)
+
+    app = server.streamable_http_app(stateless_http=True, host="127.0.0.1")
+    config = uvicorn.Config(app, lifespan="on", ws="none", log_level="warning",
+                            access_log=False)
+    web = uvicorn.Server(config)
+    task = asyncio.create_task(web.serve(sockets=[sock]))
+    print(sock.getsockname()[1], flush=True)
+    await asyncio.to_thread(sys.stdin.read)
+    web.should_exit = True
+    await task
+
+
+async def _serve_runtime(sock: socket.socket) -> None:
+    from packetflow.engine import Engine
+    from packetflow.manifests import load_text
+    from packetflow.mcp.http import McpHttpServer
+    from packetflow.mcp.server import McpService
+
+    loaded = load_text(ECHO_MANIFEST, "bench/mcp.py")
+    engine = Engine(loaded.capabilities)
+    port = sock.getsockname()[1]
+    sock.close()  # McpHttpServer binds the address itself
+    server = await McpHttpServer.start(McpService.for_engine(engine), f"127.0.0.1:{port}")
+    print(server.port, flush=True)
+    await asyncio.to_thread(sys.stdin.read)
+    await server.stop()
+
+
+def serve_main(argv: Sequence[str]) -> None:
+    """Entry point of the server subprocess."""
+    parser = argparse.ArgumentParser(prog="python -m bench.mcp")
+    parser.add_argument("--serve", choices=("bare", "runtime"), required=True)
+    args = parser.parse_args(argv)
+    sock = socket.create_server(("127.0.0.1", 0), backlog=2048)
+    asyncio.run(_serve_bare(sock) if args.serve == "bare" else _serve_runtime(sock))
+
+
+# --- the client ---------------------------------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def server_process(kind: str) -> AsyncIterator[int]:
+    """Start the ``kind`` server subprocess; yield its port; stop it on exit."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.mcp", "--serve", kind,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=ROOT)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
+        if not line.strip().isdigit():
+            raise RuntimeError(f"{kind} server did not start (exit code {await proc.wait()})")
+        yield int(line)
+    finally:
+        proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _call(client: Any) -> float:
+    started = time.perf_counter()
+    result = await client.call_tool("echo", {"message": MESSAGE})
+    if result.is_error or result.structured_content != {"message": MESSAGE}:
+        raise RuntimeError(f"echo did not echo: {result}")
+    return time.perf_counter() - started
+
+
+async def run_calls(client: Any, calls: int, concurrency: int) -> tuple[float, list[float]]:
+    """``calls`` calls from ``concurrency`` workers; (calls per second, latencies)."""
+    async def worker(count: int) -> list[float]:
+        return [await _call(client) for _ in range(count)]
+
+    per_worker = max(1, calls // concurrency)
+    started = time.perf_counter()
+    results = await asyncio.gather(*(worker(per_worker) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies = [latency for result in results for latency in result]
+    return len(latencies) / elapsed, latencies
+
+
+def _calls_for(rate: float, multiple: int) -> int:
+    calls = min(MAX_CALLS, max(MIN_CALLS, int(rate * RUN_SECONDS)))
+    return max(multiple, calls // multiple * multiple)
+
+
+async def measure() -> dict[str, Any]:
+    """Run the comparison and return its figures."""
+    from mcp.client import Client
+
+    bench_started = time.perf_counter()
+    async with (server_process("bare") as bare_port, server_process("runtime") as rt_port,
+                Client(f"http://127.0.0.1:{bare_port}/mcp") as bare,
+                Client(f"http://127.0.0.1:{rt_port}/mcp") as runtime):
+        clients = {"bare": bare, "runtime": runtime}
+        for client in clients.values():
+            await client.list_tools()  # the client validates results against outputSchema
+        modes = {"sequential": 1, "concurrent": CONCURRENCY}
+        # Warm up each server in each mode; the slower side's rates size the runs, and both
+        # servers then get the same call counts.
+        counts = {}
+        for mode, concurrency in modes.items():
+            rates = [(await run_calls(client, WARMUP_CALLS, concurrency))[0]
+                     for client in clients.values()]
+            counts[mode] = _calls_for(min(rates), concurrency)
+        ratios: dict[str, list[float]] = {mode: [] for mode in modes}
+        runs: dict[tuple[str, str], list[tuple[float, list[float]]]] = {}
+        for pair in range(PAIRS):
+            if pair and time.perf_counter() - bench_started > BUDGET_SECONDS:
+                break
+            for mode, concurrency in modes.items():
+                pair_runs = {}
+                for kind, client in clients.items():
+                    pair_runs[kind] = await run_calls(client, counts[mode], concurrency)
+                    runs.setdefault((kind, mode), []).append(pair_runs[kind])
+                ratios[mode].append(pair_runs["runtime"][0] / pair_runs["bare"][0])
+
+    figures: dict[str, Any] = {
+        "mcp_ratio": rounded(median(ratios["concurrent"])),
+        "mcp_sequential_ratio": rounded(median(ratios["sequential"])),
+    }
+    for (kind, mode), found in sorted(runs.items()):
+        prefix = f"{kind}_{mode}"
+        figures[f"{prefix}_calls_per_s"] = rounded(median([r[0] for r in found]), 1)
+        figures[f"{prefix}_p50_ms"] = rounded(median([percentile(r[1], 0.5) for r in found]) * 1e3)
+        figures[f"{prefix}_p99_ms"] = rounded(median([percentile(r[1], 0.99) for r in found]) * 1e3)
+    figures.update({
+        "message_bytes": len(MESSAGE), "concurrency": CONCURRENCY, "calls": counts,
+        "pairs": len(ratios["concurrent"]),
+        "concurrent_ratios": [rounded(r) for r in ratios["concurrent"]],
+        "sequential_ratios": [rounded(r) for r in ratios["sequential"]],
+        "seconds": rounded(time.perf_counter() - bench_started, 1),
+    })
+    return figures
+
+
+def run() -> dict[str, Any]:
+    """The bench's figures: ``mcp_ratio`` (runtime / bare throughput), latencies, context."""
+    return asyncio.run(measure())
+
+
+if __name__ == "__main__":
+    serve_main(sys.argv[1:])

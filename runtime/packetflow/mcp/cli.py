@@ -1,0 +1,58 @@
+"""``packetflow mcp --stdio DIR``: serve manifests as an MCP server over stdin/stdout.
+
+For local clients (desktop assistants) that start a server as a subprocess. stdout carries
+only MCP messages; logs and manifest errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from mcp.server.stdio import stdio_server
+
+from packetflow.engine import Engine
+from packetflow.logs import configure_logging
+from packetflow.manifests import load_paths
+from packetflow.mcp.server import McpService
+from packetflow.serve import report
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add the ``mcp`` subcommand (entry point group ``packetflow.commands``)."""
+    parser = sub.add_parser("mcp", help="serve manifests as an MCP server over stdio")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="DIR")
+    parser.add_argument("--stdio", action="store_true", required=True,
+                        help="speak MCP on stdin/stdout (logs go to stderr)")
+    parser.add_argument("--log-level", default="WARNING", help="stderr log level")
+    parser.set_defaults(func=cmd_mcp)
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """Serve every manifest under the paths over stdio until stdin closes."""
+    configure_logging(args.log_level, "text")
+    # Python implementations import from the current directory and the manifest dirs,
+    # as with `packetflow dev`.
+    for path in [Path.cwd(), *args.paths]:
+        sys.path.insert(0, str(path if path.is_dir() else path.parent))
+    return asyncio.run(serve_stdio(args.paths))
+
+
+async def serve_stdio(paths: list[Path]) -> int:
+    """Load the manifests and answer MCP on stdin/stdout; manifest errors go to stderr."""
+    loaded = load_paths(paths)
+    engine = Engine(loaded.capabilities)
+    report([*loaded.errors, *engine.load_errors])
+    service = McpService.for_engine(engine)
+    print(f"packetflow: MCP over stdio serving {', '.join(engine.served) or 'nothing'}",
+          file=sys.stderr, flush=True)
+    try:
+        async with stdio_server() as (read_stream, write_stream):
+            await service.server.run(read_stream, write_stream,
+                                     service.server.create_initialization_options())
+    finally:
+        await engine.aclose()
+    return 0

@@ -1,0 +1,173 @@
+"""MCP over streamable HTTP at ``/mcp``: stateless, Host/Origin checks on loopback, bearer token.
+
+Stateless mode gives every POST a fresh transport and keeps no session, so any replica behind
+a Kubernetes Service can answer any request: no sticky sessions needed. uvicorn runs inside the
+caller's event loop (the runtime's), driven through its public ``startup``/``main_loop``/
+``shutdown`` rather than ``serve``, which would take over SIGTERM from the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import math
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from packetflow.engine import Engine
+from packetflow.mcp.server import McpService
+from packetflow.settings import RuntimeSettings
+
+log = logging.getLogger("packetflow.mcp.http")
+
+MCP_PATH = "/mcp"
+LOOPBACK_NAMES = ("localhost",)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts local connections (where DNS rebinding is the threat)."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def transport_security(host: str) -> TransportSecuritySettings | None:
+    """The SDK's DNS-rebinding protection for a loopback listener; ``None`` (off) otherwise.
+
+    On a pod address clients arrive through Service names nobody can list in advance, and
+    the bearer token is the protection there.
+    """
+    if not is_loopback(host):
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    hosts = ["127.0.0.1", "localhost", "[::1]"]
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        hosts.append(host)
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[f"{h}:*" for h in hosts],
+        allowed_origins=[f"http://{h}:*" for h in hosts])
+
+
+class BearerTokenGate:
+    """ASGI middleware: HTTP requests without ``Authorization: Bearer <token>`` get 401.
+
+    It wraps the whole MCP app, so a refused request reaches no MCP code at all.
+    """
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self._authorized(scope):
+            await self._refuse(send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                # Constant-time: the token must not leak through response timing.
+                return hmac.compare_digest(value, self.expected)
+        return False
+
+    @staticmethod
+    async def _refuse(send: Send) -> None:
+        body = b'{"error":"unauthorized","error_description":"a valid bearer token is required"}'
+        await send({"type": "http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b'Bearer realm="packetflow", error="invalid_token"')]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def build_app(service: McpService, host: str, token: str | None) -> ASGIApp:
+    """The ASGI app: the SDK's streamable HTTP endpoint, behind the token gate if any."""
+    app: ASGIApp = service.server.streamable_http_app(
+        streamable_http_path=MCP_PATH, stateless_http=True, host=host,
+        transport_security=transport_security(host))
+    return BearerTokenGate(app, token) if token else app
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048)
+
+
+@dataclass
+class McpHttpServer:
+    """A running streamable HTTP endpoint (uvicorn in the current event loop)."""
+
+    server: uvicorn.Server
+    sock: socket.socket
+    loop_task: asyncio.Task[Any]
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        """Where clients connect."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{MCP_PATH}"
+
+    @classmethod
+    async def start(cls, service: McpService, address: str = "127.0.0.1:0",
+                    token: str | None = None, grace: float = 5.0) -> McpHttpServer:
+        """Listen on ``address`` (port 0 picks a free one) and serve until ``stop``."""
+        host, port = split_address(address)
+        config = uvicorn.Config(build_app(service, host, token), lifespan="on", ws="none",
+                                log_config=None, access_log=False,
+                                timeout_graceful_shutdown=max(math.ceil(grace), 1))
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        sock = _listen(host, port)
+        try:
+            await server.startup(sockets=[sock])
+        except BaseException:
+            sock.close()
+            raise
+        if server.should_exit:  # the app's lifespan (the SDK session manager) failed
+            sock.close()
+            raise OSError(f"MCP server on {address} failed to start")
+        actual = sock.getsockname()[1]
+        log.info("mcp listening", extra={"address": address, "port": actual,
+                                          "auth": token is not None})
+        task = asyncio.get_running_loop().create_task(server.main_loop())
+        return cls(server, sock, task, host, actual)
+
+    async def stop(self) -> None:
+        """Stop accepting, let calls in flight finish (up to the grace period), close."""
+        self.server.should_exit = True
+        await self.loop_task
+        await self.server.shutdown(sockets=[self.sock])
+
+
+async def start_mcp(engine: Engine, settings: RuntimeSettings) -> McpHttpServer:
+    """Serve the engine's capabilities at ``settings.mcp_address`` and announce the URL."""
+    assert settings.mcp_address is not None
+    server = await McpHttpServer.start(McpService.for_engine(engine), settings.mcp_address,
+                                       token=settings.mcp_token, grace=settings.grace_seconds)
+    auth = " (bearer token required)" if settings.mcp_token else ""
+    print(f"packetflow: MCP on {server.url} port {server.port}{auth}", file=sys.stderr,
+          flush=True)
+    return server

@@ -1,0 +1,336 @@
+"""A remote MCP server's tool as a capability handler (implementation ``mcp: {url, tool}``).
+
+The contract comes from the remote tool's ``inputSchema``/``outputSchema`` unless the manifest
+declares ``requires``/``provides`` (the engine checks those). The schemas are fetched on first
+use and fetched again when the server says its tool list changed
+(``notifications/tools/list_changed``) or when an input no longer fits the cached schema.
+
+Failures become domain errors with the right codes: server down or connection lost ->
+UNAVAILABLE, too slow -> DEADLINE_EXCEEDED (the engine's deadline is armed around every
+call, so nothing waits past it), malformed reply or a failing remote tool -> INTERNAL,
+no such tool there -> FAILED_PRECONDITION.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import mcp_types as types
+import orjson
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from mcp.client import Client
+from mcp.client.session import IncomingMessage
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED, INVALID_PARAMS, METHOD_NOT_FOUND, REQUEST_TIMEOUT
+from pydantic import ValidationError
+
+from packetflow.context import CallContext
+from packetflow.contracts import CompiledContract
+from packetflow.errors import (
+    ContractViolation,
+    DeadlineExceeded,
+    FieldViolation,
+    HandlerFailed,
+    InvalidInput,
+    NotServable,
+    PacketFlowError,
+    Unavailable,
+)
+from packetflow.spec import ValueSource
+
+log = logging.getLogger("packetflow.mcp.remote")
+
+CONNECT_TIMEOUT = 10.0
+# The longest remote reply text quoted in an error message.
+QUOTE_CHARS = 500
+# Servers hold SSE response streams open for long calls; the call's deadline bounds them.
+HTTP_TIMEOUT = httpx2.Timeout(CONNECT_TIMEOUT, read=3600.0)
+
+
+def resolve_headers(headers_from: Mapping[str, ValueSource],
+                    environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Header name -> value from the environment; ``KeyError`` names a missing variable."""
+    env = os.environ if environ is None else environ
+    return {name: source.resolve(env) for name, source in headers_from.items()}
+
+
+def _quote(text: str) -> str:
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
+
+
+class McpConnection:
+    """One MCP client session to a remote server, opened on demand and reopened after a loss.
+
+    The SDK's ``Client`` must be entered and left in the same task, so a background task owns
+    it for its whole life; calls from any task share it (requests are multiplexed).
+    """
+
+    def __init__(self, url: str, headers: Mapping[str, str] | None = None) -> None:
+        self.url = url
+        self.headers = dict(headers or {})
+        self.tools_changed = asyncio.Event()  # set by the server's list_changed notification
+        self._client: Client | None = None
+        self._owner: asyncio.Task[None] | None = None
+        self._closing: asyncio.Event | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def client(self) -> Client:
+        """The live client, connecting first if there is none (``Unavailable`` if it fails)."""
+        client = self._live()
+        if client is not None:
+            return client
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            return self._live() or await self._connect()
+
+    def _live(self) -> Client | None:
+        owner, closing = self._owner, self._closing
+        if owner is None or owner.done() or closing is None or closing.is_set():
+            return None
+        return self._client
+
+    async def _connect(self) -> Client:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[Client] = loop.create_future()
+        self._closing = closing = asyncio.Event()
+        self._owner = loop.create_task(self._own(ready, closing))
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                self._client = await asyncio.shield(ready)
+        except TimeoutError:
+            closing.set()
+            raise Unavailable(f"MCP server {self.url} did not answer within "
+                              f"{CONNECT_TIMEOUT:g}s") from None
+        except PacketFlowError:
+            raise
+        except Exception as exc:
+            raise Unavailable(f"MCP server {self.url} is unreachable: {_reason(exc)}") from None
+        return self._client
+
+    async def _own(self, ready: asyncio.Future[Client], closing: asyncio.Event) -> None:
+        try:
+            async with (httpx2.AsyncClient(headers=self.headers, timeout=HTTP_TIMEOUT) as http,
+                        Client(streamable_http_client(self.url, http_client=http),
+                               message_handler=self._on_message, cache=None) as client):
+                if not ready.done():
+                    ready.set_result(client)
+                await closing.wait()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the SDK reports transport failures as exception groups
+            if not ready.done():
+                ready.set_exception(_unwrap(exc))
+            else:
+                log.warning("connection to MCP server lost", extra={
+                    "url": self.url, "reason": _reason(exc)})
+        finally:
+            if not ready.done():
+                ready.set_exception(Unavailable(f"MCP server {self.url} closed the connection"))
+            self._client = None if self._closing is closing else self._client
+
+    async def _on_message(self, message: IncomingMessage) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            self.tools_changed.set()
+
+    def reset(self) -> None:
+        """Drop the session (after a failure); the next call reconnects."""
+        if self._closing is not None:
+            self._closing.set()
+        self._client = None
+
+    async def aclose(self) -> None:
+        """Close the session and wait for its task to end."""
+        self.reset()
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            try:
+                async with asyncio.timeout(5.0):
+                    await owner
+            except TimeoutError:
+                owner.cancel()
+            except Exception:  # the session already failed and was logged
+                log.debug("closing a failed MCP connection", exc_info=True)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The first leaf of nested exception groups (what actually went wrong)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _reason(exc: BaseException) -> str:
+    leaf = _unwrap(exc)
+    return f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
+
+
+@dataclass(frozen=True)
+class ToolSchemas:
+    """A remote tool's contract as last listed."""
+
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any] | None
+    requires: CompiledContract
+    provides: CompiledContract | None
+
+
+def compile_schema(schema: dict[str, Any]) -> CompiledContract:
+    """A JSON Schema from a remote server as a contract the runtime can check values with."""
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise HandlerFailed(f"the remote tool's schema is not valid JSON Schema: "
+                            f"{exc.message}") from None
+    return CompiledContract(schema, Draft202012Validator(schema), {})
+
+
+class RemoteMcpTool:
+    """The handler: validates against the remote contract, calls the tool, maps failures."""
+
+    def __init__(self, url: str, tool: str, headers: Mapping[str, str] | None = None, *,
+                 check_input: bool = True, check_output: bool = True,
+                 connection: McpConnection | None = None) -> None:
+        self.url = url
+        self.tool = tool
+        self.check_input = check_input  # False when the manifest declares `requires`
+        self.check_output = check_output  # False when the manifest declares `provides`
+        self.connection = connection or McpConnection(url, headers)
+        self.schemas: ToolSchemas | None = None
+
+    def known_schemas(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The remote input/output schemas, once fetched (for tools/list and Describe)."""
+        if self.schemas is None:
+            return None, None
+        return self.schemas.input_schema, self.schemas.output_schema
+
+    async def refresh(self) -> ToolSchemas:
+        """List the server's tools again and keep this tool's schemas."""
+        client = await self.connection.client()
+        self.connection.tools_changed.clear()
+        try:
+            listing = await client.list_tools()
+        except Exception as exc:
+            self.connection.reset()
+            raise _call_error(exc, self.url, self.tool) from None
+        found = next((t for t in listing.tools if t.name == self.tool), None)
+        if found is None:
+            raise NotServable(f"MCP server {self.url} has no tool {self.tool!r}")
+        output = found.output_schema
+        self.schemas = ToolSchemas(found.input_schema, output, compile_schema(found.input_schema),
+                                   compile_schema(output) if output is not None else None)
+        return self.schemas
+
+    async def current_schemas(self) -> ToolSchemas:
+        """The cached schemas, fetched again if unknown or the server announced a change."""
+        if self.schemas is None or self.connection.tools_changed.is_set():
+            return await self.refresh()
+        return self.schemas
+
+    async def __call__(self, value: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        schemas = await self.current_schemas()
+        if self.check_input:
+            value, schemas = await self._checked_input(value, schemas)
+        result = await self._call(value, ctx)
+        output = tool_output(result, self.url, self.tool)
+        if self.check_output and schemas.provides is not None:
+            output, violations = schemas.provides.check(output, "output")
+            if violations:
+                raise ContractViolation(self.tool, violations)
+        return output
+
+    async def _checked_input(self, value: dict[str, Any],
+                             schemas: ToolSchemas) -> tuple[dict[str, Any], ToolSchemas]:
+        checked, violations = schemas.requires.check(value, "input")
+        if violations:
+            # The schema may be stale (the server changed the tool): check against a fresh one
+            # before refusing.
+            schemas = await self.refresh()
+            checked, violations = schemas.requires.check(value, "input")
+            if violations:
+                raise InvalidInput(violations)
+        return checked, schemas
+
+    async def _call(self, value: dict[str, Any], ctx: CallContext) -> types.CallToolResult:
+        client = await self.connection.client()
+
+        async def relay(progress: float, total: float | None, message: str | None) -> None:
+            ctx.progress(message or "", progress / total if total else -1.0)
+
+        try:
+            return await client.call_tool(self.tool, value,
+                                          read_timeout_seconds=ctx.time_remaining(),
+                                          progress_callback=relay)
+        except MCPError as exc:
+            if exc.code == INVALID_PARAMS:
+                self.schemas = None  # our idea of the arguments was wrong: list again next time
+            if exc.code == CONNECTION_CLOSED:
+                self.connection.reset()
+            raise _call_error(exc, self.url, self.tool) from None
+        except (PacketFlowError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise _call_error(exc, self.url, self.tool) from None
+
+    async def aclose(self) -> None:
+        """Close the connection (the engine calls this when the capability is retired)."""
+        await self.connection.aclose()
+
+
+def _call_error(exc: BaseException, url: str, tool: str) -> PacketFlowError:
+    """The domain error for a failed remote call."""
+    leaf = _unwrap(exc)
+    if isinstance(leaf, PacketFlowError):
+        return leaf
+    if isinstance(leaf, MCPError):
+        if leaf.code == CONNECTION_CLOSED:
+            return Unavailable(f"MCP server {url} closed the connection during the call")
+        if leaf.code == REQUEST_TIMEOUT:
+            return DeadlineExceeded(f"MCP server {url} did not answer before the deadline")
+        if leaf.code == INVALID_PARAMS:
+            return InvalidInput([FieldViolation("input", f"refused by {url}: {leaf.message}")])
+        if leaf.code == METHOD_NOT_FOUND:
+            return NotServable(f"MCP server {url} does not serve tools: {leaf.message}")
+        return HandlerFailed(f"MCP server {url} failed tool {tool!r}: {_quote(leaf.message)}")
+    if isinstance(leaf, TimeoutError):
+        return DeadlineExceeded(f"MCP server {url} did not answer before the deadline")
+    if isinstance(leaf, ValidationError | RuntimeError | ValueError):
+        # The SDK's checks of the reply: not MCP, or structured content breaking the schema.
+        return HandlerFailed(f"MCP server {url} sent a malformed reply to {tool!r}: "
+                             f"{_quote(str(leaf).splitlines()[0] if str(leaf) else '')}")
+    if isinstance(leaf, httpx2.HTTPStatusError):
+        status = leaf.response.status_code
+        if status in (401, 403):
+            return Unavailable(f"MCP server {url} refused the credentials (HTTP {status})")
+        return Unavailable(f"MCP server {url} answered HTTP {status}")
+    if isinstance(leaf, httpx2.HTTPError | OSError):
+        return Unavailable(f"MCP server {url} is unreachable: {_reason(leaf)}")
+    return HandlerFailed(f"calling {tool!r} on MCP server {url} failed: {_reason(leaf)}")
+
+
+def tool_output(result: types.CallToolResult, url: str, tool: str) -> dict[str, Any]:
+    """The capability output of a tool result: its structured content, else its text as a
+    JSON object, else ``{"text": ...}``; a tool error (``isError``) raises."""
+    text = "\n".join(block.text for block in result.content
+                     if isinstance(block, types.TextContent))
+    if result.is_error:
+        raise HandlerFailed(f"remote tool {tool!r} at {url} failed: {_quote(text)}")
+    if result.structured_content is not None:
+        if not isinstance(result.structured_content, dict):
+            raise HandlerFailed(f"MCP server {url} sent structured content that is not an "
+                                f"object for {tool!r}")
+        return result.structured_content
+    with contextlib.suppress(orjson.JSONDecodeError):
+        parsed = orjson.loads(text)
+        if isinstance(parsed, dict):
+            return parsed
+    return {"text": text}

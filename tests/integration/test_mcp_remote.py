@@ -1,0 +1,226 @@
+"""Consuming MCP: a real SDK ``MCPServer`` in a subprocess, its tools run as capabilities."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from packetflow.context import CallContext
+from packetflow.engine import Engine
+from packetflow.errors import PacketFlowError, code_of
+from packetflow.manifests import load_text
+from packetflow.mcp.server import McpService
+from packetflow.mcp.toolbox import McpToolbox, ToolNotDeclared
+from packetflow.spec import McpToolRef, ValueSource
+from tests.conftest import eventually
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.asynccontextmanager
+async def remote_server(token: str | None = None) -> AsyncIterator[tuple[str, Any]]:
+    """``tests.support.mcp_remote_server`` in a subprocess; yields (url, process)."""
+    extra = ["--token", token] if token else []
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.support.mcp_remote_server", *extra,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, cwd=ROOT)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            port = int(await proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}/mcp", proc
+    finally:
+        if proc.returncode is None:
+            proc.stdin.close()
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def remote_engine(url: str, tools: dict[str, str], extra: str = "") -> Engine:
+    """An engine with one capability per remote tool (capability name -> tool)."""
+    text = "\n---\n".join(f"""
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {{name: {name}}}
+spec:
+  intent: The remote {tool} tool
+  timeoutSeconds: 3
+  implementation: {{mcp: {{url: "{url}", tool: {tool}{extra}}}}}
+""" for name, tool in tools.items())
+    loaded = load_text(text)
+    assert not loaded.errors, loaded.errors
+    engine = Engine(loaded.capabilities)
+    assert not engine.load_errors, engine.load_errors
+    return engine
+
+
+async def invoke(engine: Engine, name: str, value: dict[str, Any]) -> dict[str, Any]:
+    """One call, as gRPC would make it."""
+    return await engine.invoke(name, value, CallContext(name, os.urandom(8).hex()))
+
+
+async def failure(engine: Engine, name: str, value: dict[str, Any]) -> PacketFlowError:
+    """The domain error a call ends with."""
+    with pytest.raises(PacketFlowError) as caught:
+        await invoke(engine, name, value)
+    return caught.value
+
+
+@pytest.fixture
+async def remote() -> AsyncIterator[str]:
+    """A running remote MCP server's URL."""
+    async with remote_server() as (url, _proc):
+        yield url
+
+
+async def test_remote_tool_is_a_capability_with_its_contract(remote: str) -> None:
+    engine = remote_engine(remote, {"r-echo": "echo", "r-fails": "fails", "r-nope": "nope"})
+    try:
+        assert await invoke(engine, "r-echo", {"message": "hi"}) == {"message": "hi"}
+        bad = await failure(engine, "r-echo", {"message": 7})
+        assert code_of(bad).value == "INVALID_ARGUMENT" and "input.message" in bad.message
+        failed = await failure(engine, "r-fails", {})
+        assert code_of(failed).value == "INTERNAL" and "broke on purpose" in failed.message
+        missing = await failure(engine, "r-nope", {})
+        assert code_of(missing).value == "FAILED_PRECONDITION" and "'nope'" in missing.message
+
+        # Served back out over MCP, the proxied tool carries the remote schema once known.
+        tools = {t.name: t for t in McpService.for_engine(engine).list_tools()}
+        assert tools["r-echo"].input_schema["required"] == ["message"]
+        assert tools["r-echo"].output_schema is not None
+        assert tools["r-echo"].output_schema["properties"]["message"]["type"] == "string"
+    finally:
+        await engine.aclose()
+
+
+async def test_schema_refreshes_when_the_remote_tool_changes(remote: str) -> None:
+    engine = remote_engine(remote, {"greet": "greet", "reshape": "reshape"})
+    try:
+        assert await invoke(engine, "greet", {"name": "ada"}) == {"greeting": "hello ada"}
+        await invoke(engine, "reshape", {})
+        # The cached schema wants `name`; the server now wants first and last. The mismatch
+        # triggers a re-list instead of a wrong refusal.
+        assert await invoke(engine, "greet", {"first": "ada", "last": "lovelace"}) == {
+            "greeting": "hello ada lovelace"}
+        stale = await failure(engine, "greet", {"name": "ada"})
+        assert code_of(stale).value == "INVALID_ARGUMENT"
+    finally:
+        await engine.aclose()
+
+
+async def test_slow_remote_ends_at_the_deadline(remote: str) -> None:
+    engine = remote_engine(remote, {"slow": "slow"})
+    try:
+        started = time.monotonic()
+        slow = await failure(engine, "slow", {"seconds": 30})
+        assert code_of(slow).value == "DEADLINE_EXCEEDED"
+        assert time.monotonic() - started < 10
+        assert await invoke(engine, "slow", {"seconds": 0}) == {"message": "slept 0.0"}
+    finally:
+        await engine.aclose()
+
+
+async def test_server_going_away_mid_call_and_down() -> None:
+    async with remote_server() as (url, proc):
+        engine = remote_engine(url, {"slow": "slow", "echo": "echo"})
+        try:
+            assert await invoke(engine, "echo", {"message": "up"}) == {"message": "up"}
+            call = asyncio.create_task(invoke(engine, "slow", {"seconds": 20}))
+            await asyncio.sleep(0)  # let the call go out before the server dies
+            await _until_in_flight(engine, "slow")
+            proc.kill()
+            await proc.wait()
+            started = time.monotonic()
+            with pytest.raises(PacketFlowError) as caught:
+                await call
+            assert code_of(caught.value).value == "UNAVAILABLE"
+            assert time.monotonic() - started < 5
+            # Down: every later call fails fast and clearly, none hangs.
+            for _ in range(2):
+                down = await failure(engine, "echo", {"message": "anyone?"})
+                assert code_of(down).value == "UNAVAILABLE" and url in down.message
+        finally:
+            await engine.aclose()
+
+
+async def _until_in_flight(engine: Engine, name: str) -> None:
+    await eventually(lambda: engine.get(name).in_flight == 1, what="the call in flight")
+
+
+async def test_unreachable_server_at_start() -> None:
+    engine = remote_engine("http://127.0.0.1:9/mcp", {"echo": "echo"})
+    try:
+        down = await failure(engine, "echo", {"message": "x"})
+        assert code_of(down).value == "UNAVAILABLE"
+    finally:
+        await engine.aclose()
+
+
+async def test_headers_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with remote_server(token="sesame") as (url, _proc):
+        monkeypatch.setenv("REMOTE_TOKEN", "Bearer sesame")
+        headers = ", headersFrom: {Authorization: {env: REMOTE_TOKEN}}"
+        engine = remote_engine(url, {"echo": "echo"}, headers)
+        try:
+            assert await invoke(engine, "echo", {"message": "ok"}) == {"message": "ok"}
+        finally:
+            await engine.aclose()
+        monkeypatch.setenv("REMOTE_TOKEN", "Bearer wrong")
+        refused = remote_engine(url, {"echo": "echo"}, headers)
+        try:
+            assert code_of(await failure(refused, "echo", {"message": "x"})).value == \
+                "UNAVAILABLE"
+        finally:
+            await refused.aclose()
+        monkeypatch.delenv("REMOTE_TOKEN")
+        loaded = load_text(f"""
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {{name: echo}}
+spec:
+  intent: needs a secret
+  implementation: {{mcp: {{url: "{url}", tool: echo{headers}}}}}
+""")
+        errors = Engine(loaded.capabilities).load_errors
+        assert [e.path for e in errors] == ["spec.implementation.mcp.headersFrom.Authorization"]
+
+
+async def test_toolbox_calls_local_and_remote_tools(remote: str) -> None:
+    local = load_text("""
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: add}
+spec:
+  intent: Add
+  requires: {a: {type: integer}, b: {type: integer}}
+  implementation: {builtin: {name: transform, config: {expression: "{sum: sum([a, b])}"}}}
+""")
+    engine = Engine(local.capabilities)
+    toolbox = McpToolbox([McpToolRef(name="plus", capability="add"),
+                          McpToolRef(name="echo", url=remote),
+                          McpToolRef(name="shout", url=remote, tool="echo",
+                                     headers_from={"X-Unused": ValueSource(env="HOME")})],
+                         engine.invoke)
+    try:
+        assert toolbox.names() == ["echo", "plus", "shout"]
+        assert await toolbox.call("plus", {"a": 1, "b": 2}) == {"sum": 3}
+        assert await toolbox.call("echo", {"message": "hi"}) == {"message": "hi"}
+        assert await toolbox.call("shout", {"message": "HI"}) == {"message": "HI"}
+        with pytest.raises(ToolNotDeclared):
+            await toolbox.call("rm", {})
+    finally:
+        await toolbox.aclose()
+        await engine.aclose()
