@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -66,7 +65,7 @@ class Echoed(BaseModel):
     message: str
 
 
-async def _serve_bare(sock: socket.socket) -> None:
+async def _serve_bare() -> None:
     import uvicorn
     from mcp.server.mcpserver import MCPServer
 
@@ -77,17 +76,22 @@ async def _serve_bare(sock: socket.socket) -> None:
         return Echoed(message=message)
 
     app = server.streamable_http_app(stateless_http=True, host="127.0.0.1")
-    config = uvicorn.Config(app, lifespan="on", ws="none", log_level="warning",
-                            access_log=False)
+    # uvicorn binds the port itself, as `uvicorn.run` would: the SDK's documented setup.
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", ws="none",
+                            log_level="warning", access_log=False)
     web = uvicorn.Server(config)
-    task = asyncio.create_task(web.serve(sockets=[sock]))
-    print(sock.getsockname()[1], flush=True)
+    task = asyncio.create_task(web.serve())
+    while not web.started:
+        if task.done():
+            raise SystemExit("bare server did not start")
+        await asyncio.sleep(0.01)
+    print(web.servers[0].sockets[0].getsockname()[1], flush=True)
     await asyncio.to_thread(sys.stdin.read)
     web.should_exit = True
     await task
 
 
-async def _serve_runtime(sock: socket.socket) -> None:
+async def _serve_runtime() -> None:
     from packetflow.engine import Engine
     from packetflow.manifests import load_text
     from packetflow.mcp.http import McpHttpServer
@@ -95,9 +99,7 @@ async def _serve_runtime(sock: socket.socket) -> None:
 
     loaded = load_text(ECHO_MANIFEST, "bench/mcp.py")
     engine = Engine(loaded.capabilities)
-    port = sock.getsockname()[1]
-    sock.close()  # McpHttpServer binds the address itself
-    server = await McpHttpServer.start(McpService.for_engine(engine), f"127.0.0.1:{port}")
+    server = await McpHttpServer.start(McpService.for_engine(engine), "127.0.0.1:0")
     print(server.port, flush=True)
     await asyncio.to_thread(sys.stdin.read)
     await server.stop()
@@ -108,8 +110,7 @@ def serve_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.mcp")
     parser.add_argument("--serve", choices=("bare", "runtime"), required=True)
     args = parser.parse_args(argv)
-    sock = socket.create_server(("127.0.0.1", 0), backlog=2048)
-    asyncio.run(_serve_bare(sock) if args.serve == "bare" else _serve_runtime(sock))
+    asyncio.run(_serve_bare() if args.serve == "bare" else _serve_runtime())
 
 
 # --- the client ---------------------------------------------------------------------------
