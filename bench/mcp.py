@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
-from bench.common import median, percentile, rounded
+from bench.common import median, percentile, rounded, server_process
 
 MESSAGE = "x" * 1010
 CONCURRENCY = 16
@@ -38,8 +35,6 @@ RUN_SECONDS = 1.0
 MIN_CALLS, MAX_CALLS = 64, 5000
 WARMUP_CALLS = 100
 BUDGET_SECONDS = 60.0
-START_TIMEOUT = 30.0
-ROOT = Path(__file__).resolve().parent.parent
 
 ECHO_MANIFEST = """\
 apiVersion: packetflow.io/v1alpha1
@@ -115,29 +110,6 @@ def serve_main(argv: Sequence[str]) -> None:
 
 # --- the client ---------------------------------------------------------------------------
 
-@contextlib.asynccontextmanager
-async def server_process(kind: str) -> AsyncIterator[int]:
-    """Start the ``kind`` server subprocess; yield its port; stop it on exit."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.mcp", "--serve", kind,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=ROOT)
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
-        if not line.strip().isdigit():
-            raise RuntimeError(f"{kind} server did not start (exit code {await proc.wait()})")
-        yield int(line)
-    finally:
-        proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-
 async def _call(client: Any) -> float:
     started = time.perf_counter()
     result = await client.call_tool("echo", {"message": MESSAGE})
@@ -169,7 +141,8 @@ async def measure() -> dict[str, Any]:
     from mcp.client import Client
 
     bench_started = time.perf_counter()
-    async with (server_process("bare") as bare_port, server_process("runtime") as rt_port,
+    async with (server_process("bench.mcp", "bare") as bare_port,
+                server_process("bench.mcp", "runtime") as rt_port,
                 Client(f"http://127.0.0.1:{bare_port}/mcp") as bare,
                 Client(f"http://127.0.0.1:{rt_port}/mcp") as runtime):
         clients = {"bare": bare, "runtime": runtime}

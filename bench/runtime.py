@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import cProfile
-import os
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 import orjson
 
-from bench.common import median, percentile, rounded
+from bench.common import median, percentile, rounded, server_process
 from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 
 # {"message": "xxx..."}: exactly 1024 bytes of JSON (14 bytes of framing + 1010 characters).
@@ -49,7 +46,6 @@ MIN_CALLS, MAX_CALLS = 640, 20_000
 WARMUP_SEQUENTIAL = 200
 WARMUP_CONCURRENT_ROUNDS = 10  # CONCURRENCY calls each
 BUDGET_SECONDS = 50.0  # stop adding pairs (keeping at least one) past this
-START_TIMEOUT = 30.0
 
 ECHO_MANIFEST = """\
 apiVersion: packetflow.io/v1alpha1
@@ -66,7 +62,6 @@ spec:
   concurrency: 1024
 """
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # --- the server subprocess --------------------------------------------------------------
@@ -168,29 +163,6 @@ class Run:
     latencies_s: list[float]
 
 
-@contextlib.asynccontextmanager
-async def server_process(kind: str, *extra: str) -> AsyncIterator[int]:
-    """Start the ``kind`` server subprocess; yield its port; stop it on exit."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.runtime", "--serve", kind, *extra,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=ROOT)
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
-        if not line.strip().isdigit():
-            raise RuntimeError(f"{kind} server did not start (exit code {await proc.wait()})")
-        yield int(line)
-    finally:
-        proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-
 async def _call(target: Target) -> float:
     started = time.perf_counter()
     await target.stub.Invoke(target.request)
@@ -244,7 +216,8 @@ def _summary(prefix: str, runs: list[Run]) -> dict[str, float]:
 async def measure() -> dict[str, Any]:
     """Run the whole comparison and return its figures."""
     bench_started = time.perf_counter()
-    async with (server_process("bare") as bare_port, server_process("runtime") as rt_port,
+    async with (server_process("bench.runtime", "bare") as bare_port,
+                server_process("bench.runtime", "runtime") as rt_port,
                 grpc.aio.insecure_channel(f"127.0.0.1:{bare_port}") as bare_channel,
                 grpc.aio.insecure_channel(f"127.0.0.1:{rt_port}") as rt_channel):
         request = runtime_pb2.InvokeRequest(capability="echo", input_json=PAYLOAD)
