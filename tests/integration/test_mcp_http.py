@@ -26,32 +26,13 @@ from packetflow.mcp.http import McpHttpServer
 from packetflow.mcp.server import McpService
 from tests.conftest import eventually
 from tests.support import handlers
-from tests.support.manifests import sample_capabilities
+from tests.support.manifests import BUILTIN_MANIFESTS, sample_capabilities
 
 TOKEN = "test-token-123"
 ACCEPT = "application/json, text/event-stream"
 LIST_TOOLS = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
 CALL_HOLD = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
              "params": {"name": "hold", "arguments": {"gate": "never"}}}
-BUILTIN_MANIFESTS = """
-apiVersion: packetflow.io/v1alpha1
-kind: Capability
-metadata: {name: add}
-spec:
-  intent: Add two integers
-  requires: {a: {type: integer}, b: {type: integer, default: 0}}
-  provides: {sum: {type: integer}}
-  implementation: {builtin: {name: transform, config: {expression: "{sum: sum([a, b])}"}}}
----
-apiVersion: packetflow.io/v1alpha1
-kind: Capability
-metadata: {name: echo}
-spec:
-  intent: Echo
-  requires: {message: {type: string}}
-  provides: {message: {type: string}}
-  implementation: {builtin: {name: echo}}
-"""
 
 
 def subprocess_env() -> dict[str, str]:

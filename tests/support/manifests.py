@@ -5,7 +5,8 @@ from __future__ import annotations
 from packetflow.manifests import load_text
 from packetflow.spec import Capability
 
-TEST_MANIFESTS = """
+# Builtins only: servable by any process, without tests/ importable.
+BUILTIN_MANIFESTS = """
 apiVersion: packetflow.io/v1alpha1
 kind: Capability
 metadata: {name: add}
@@ -23,7 +24,9 @@ spec:
   requires: {message: {type: string}}
   provides: {message: {type: string}}
   implementation: {builtin: {name: echo}}
----
+"""
+
+TEST_MANIFESTS = BUILTIN_MANIFESTS + """---
 apiVersion: packetflow.io/v1alpha1
 kind: Capability
 metadata: {name: hold}
