@@ -13,5 +13,7 @@ BENCHES: dict[str, str] = {
     "runtime": "bench.runtime",
     "payload": "bench.payload",
     "operator": "bench.operator",
+    "actors": "bench.actors",
     "compositions": "bench.compositions",
+    "mcp": "bench.mcp",
 }

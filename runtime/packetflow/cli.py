@@ -11,6 +11,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+import grpc
 import orjson
 
 from packetflow import __version__
@@ -54,7 +55,8 @@ def _settings(args: argparse.Namespace) -> RuntimeSettings:
 
 
 def _announce(server: RuntimeServer, metrics_port: int | None) -> None:
-    names = ", ".join(sorted(server.engine.served)) or "nothing"
+    actor_types = server.actors.types if server.actors is not None else {}
+    names = ", ".join(sorted([*server.engine.served, *actor_types])) or "nothing"
     metrics = f", metrics on :{metrics_port}/metrics" if metrics_port else ""
     print(f"packetflow: serving {names} on port {server.port}{metrics}", file=sys.stderr,
           flush=True)
@@ -148,6 +150,77 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return _client_call(args, action)
 
 
+def cmd_send(args: argparse.Namespace) -> int:
+    """Send a message to an actor and print its reply as JSON."""
+    try:
+        value = orjson.loads(args.data)
+    except orjson.JSONDecodeError as exc:
+        print(f"error: --data is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+
+    async def action(client: RuntimeClient) -> None:
+        _print_json(await client.send(args.type, args.id, value, message_id=args.message_id,
+                                      timeout=args.timeout, wait_for_ready=args.wait))
+
+    return _client_call(args, action)
+
+
+def cmd_actors_list(args: argparse.Namespace) -> int:
+    """List the actors of a type: id, version, whether active."""
+    async def action(client: RuntimeClient) -> None:
+        for actor in await client.list_actors(args.type):
+            print(f"{actor['id']}\t{actor['version']}\t{'active' if actor['active'] else ''}")
+
+    return _client_call(args, action)
+
+
+def cmd_actors_get(args: argparse.Namespace) -> int:
+    """Print an actor's state, memory summary and reminders as JSON."""
+    async def action(client: RuntimeClient) -> None:
+        described = await client.get_actor(args.type, args.id)
+        _print_json({key: described[key] for key in ("state", "memory", "reminders")})
+
+    return _client_call(args, action)
+
+
+def cmd_actors_delete(args: argparse.Namespace) -> int:
+    """Delete an actor (state, memory, reminders)."""
+    async def action(client: RuntimeClient) -> None:
+        if not await client.delete_actor(args.type, args.id):
+            raise CallError(grpc.StatusCode.NOT_FOUND,
+                            f"actor {args.type}/{args.id} does not exist")
+        print(f"deleted {args.type}/{args.id}")
+
+    return _client_call(args, action)
+
+
+def _actor_commands(sub: Any) -> None:
+    send = sub.add_parser("send", help="send a message to an actor")
+    send.add_argument("type", help="actor type")
+    send.add_argument("id", help="actor id")
+    send.add_argument("--data", default="{}", help="message as JSON (default {})")
+    send.add_argument("--message-id", help="idempotency key: a retry is applied at most once")
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    send.add_argument("--wait", action="store_true",
+                      help="wait (within --timeout) for a runtime that is still starting")
+    _address_flag(send)
+    send.set_defaults(func=cmd_send)
+
+    actors = sub.add_parser("actors", help="list, inspect and delete actors")
+    actor_sub = actors.add_subparsers(dest="actors_command", required=True, metavar="ACTION")
+    listing = actor_sub.add_parser("list", help="the actors of a type")
+    listing.add_argument("type")
+    _address_flag(listing)
+    listing.set_defaults(func=cmd_actors_list)
+    for name, func, text in (("get", cmd_actors_get, "an actor's state, memory, reminders"),
+                             ("delete", cmd_actors_delete, "delete an actor")):
+        command = actor_sub.add_parser(name, help=text)
+        command.add_argument("type")
+        command.add_argument("id")
+        _address_flag(command)
+        command.set_defaults(func=func)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check manifests (and that python implementations import); every error, then exit 1."""
     for path in {p if p.is_dir() else p.parent for p in args.paths} | {Path.cwd()}:
@@ -201,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("name")
     _address_flag(describe)
     describe.set_defaults(func=cmd_describe)
+
+    _actor_commands(sub)
 
     validate = sub.add_parser("validate", help="check manifest files")
     validate.add_argument("paths", nargs="+", type=Path, metavar="FILE")

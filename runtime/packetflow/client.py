@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import builtins
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ from grpc_status import rpc_status
 
 from packetflow.context import CALLER_KEY, EXECUTION_TRACE_KEY, TRACE_ID_KEY, WANT_TRACE_KEY
 from packetflow.errors import FieldViolation
-from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
+from packetflow.v1 import actors_pb2, actors_pb2_grpc, runtime_pb2, runtime_pb2_grpc
 
 # Execution traces of large compositions ride in trailing metadata; gRPC's default is 8 KiB.
 MAX_METADATA_BYTES = 4 * 1024 * 1024
@@ -62,6 +63,14 @@ class ProgressEvent:
     fraction: float
 
 
+@dataclass(frozen=True)
+class ActorEvent:
+    """An event of a conversation: a ``reply`` to a message, or a ``followup``."""
+
+    kind: str
+    message: dict[str, Any]
+
+
 class RuntimeClient:
     """One channel to one runtime address; reuse it for many calls."""
 
@@ -72,6 +81,7 @@ class RuntimeClient:
         self.channel = grpc.aio.insecure_channel(
             address, options=[("grpc.max_metadata_size", MAX_METADATA_BYTES), *(options or [])])
         self.stub = runtime_pb2_grpc.CapabilityRuntimeStub(self.channel)
+        self.actors = actors_pb2_grpc.ActorRuntimeStub(self.channel)
 
     async def __aenter__(self) -> RuntimeClient:
         return self
@@ -177,3 +187,72 @@ class RuntimeClient:
             "concurrency": d.concurrency,
         }
 
+    # ------------------------------------------------------------------------ actors
+
+    async def send(self, actor_type: str, actor_id: str, message: Any, *,
+                   message_id: str | None = None, timeout: float | None = None,
+                   wait_for_ready: bool = False) -> dict[str, Any]:
+        """Send a message to an actor; returns its reply (sent after the state committed).
+
+        With ``message_id``, a retry of an unacknowledged message is applied at most once.
+        """
+        request = actors_pb2.SendRequest(type=actor_type, id=actor_id,
+                                         message_json=orjson.dumps(message),
+                                         message_id=message_id or "")
+        try:
+            response = await self.actors.Send(request, timeout=timeout,
+                                              wait_for_ready=wait_for_ready,
+                                              metadata=self._metadata(None))
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+        reply: dict[str, Any] = orjson.loads(response.reply_json)
+        return reply
+
+    async def converse(self, actor_type: str, actor_id: str,
+                       messages: AsyncIterator[Any]) -> AsyncIterator[ActorEvent]:
+        """A multi-turn session: yields each reply in order and any follow-up the actor sends
+        on its own (``on_idle``) while the stream is open."""
+        async def requests() -> AsyncIterator[actors_pb2.ConverseRequest]:
+            async for message in messages:
+                yield actors_pb2.ConverseRequest(type=actor_type, id=actor_id,
+                                                 message_json=orjson.dumps(message))
+
+        try:
+            async for event in self.actors.Converse(requests(), metadata=self._metadata(None)):
+                if event.HasField("reply"):
+                    yield ActorEvent("reply", orjson.loads(event.reply.reply_json))
+                else:
+                    yield ActorEvent("followup", orjson.loads(event.followup_json))
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+
+    async def list_actors(self, actor_type: str, *, limit: int = 0,
+                          after: str = "") -> builtins.list[dict[str, Any]]:
+        """The actors of a type with committed state: id, version, updatedAt, active."""
+        try:
+            response = await self.actors.ListActors(actors_pb2.ListActorsRequest(
+                type=actor_type, limit=limit, after=after))
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+        return [{"id": a.id, "version": a.version, "updatedAt": a.updated_at,
+                 "active": a.active} for a in response.actors]
+
+    async def get_actor(self, actor_type: str, actor_id: str) -> dict[str, Any]:
+        """An actor's committed state, memory summary and reminders."""
+        try:
+            d = await self.actors.GetActor(actors_pb2.GetActorRequest(type=actor_type,
+                                                                      id=actor_id))
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+        return {"state": orjson.loads(d.state_json), "memory": orjson.loads(d.memory_json),
+                "reminders": orjson.loads(d.reminders_json), "version": d.version,
+                "active": d.active}
+
+    async def delete_actor(self, actor_type: str, actor_id: str) -> bool:
+        """Delete an actor; False when it did not exist."""
+        try:
+            response = await self.actors.DeleteActor(actors_pb2.DeleteActorRequest(
+                type=actor_type, id=actor_id))
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+        return bool(response.deleted)

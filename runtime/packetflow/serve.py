@@ -13,6 +13,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
 
+from packetflow.actors.runtime import ActorSystem
 from packetflow.composition.triggers import (
     IdempotencyStore,
     MemoryIdempotencyStore,
@@ -62,6 +63,12 @@ def idempotency_store(state_dir: Path) -> IdempotencyStore:
         return MemoryIdempotencyStore()
 
 
+def actor_system(engine: Engine, settings: RuntimeSettings) -> ActorSystem:
+    """The actor runtime: state under ``settings.state_dir``, so a restarted dev finds it."""
+    return ActorSystem(engine, state_dir=settings.state_dir, member_id=settings.member_id,
+                       address=settings.advertise_address or settings.address)
+
+
 def _snapshot(paths: Sequence[Path]) -> dict[Path, float]:
     return {p: p.stat().st_mtime for p in manifest_files(paths) if p.exists()}
 
@@ -76,11 +83,17 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
     loaded = load_paths(paths)
     engine = Engine(loaded.capabilities, max_payload_bytes=settings.max_payload_bytes,
                     idempotency=idempotency_store(settings.state_dir))
-    errors = [*loaded.errors, *engine.load_errors]
+    actors = actor_system(engine, settings)
+    errors = [*loaded.errors, *engine.load_errors, *await actors.replace(loaded.actors)]
     report(errors)
     if strict and errors:
+        await actors.aclose()
         return 1
-    server = await RuntimeServer.start(engine, settings.address)
+    server = await RuntimeServer.start(engine, settings.address, actors)
+    mcp_server = None
+    if settings.mcp_address:
+        from packetflow.mcp.http import start_mcp  # MCP's web stack loads only when it is on
+        mcp_server = await start_mcp(engine, settings)
     metrics_server, metrics_port = (
         start_metrics_server(engine.metrics, settings.metrics_address)
         if settings.metrics_address else (None, None))
@@ -91,7 +104,8 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    reloader = asyncio.create_task(_reload_on_change(paths, engine)) if watch else None
+    reloader = (asyncio.create_task(_reload_on_change(paths, engine, actors)) if watch
+                else None)
     try:
         await stop.wait()
         log.info("draining", extra={"drain_seconds": settings.drain_seconds,
@@ -102,11 +116,15 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
             reloader.cancel()
         if metrics_server is not None:
             metrics_server.shutdown()
+        if mcp_server is not None:
+            await mcp_server.stop()
+        await actors.aclose()
         await engine.aclose()
     return 0
 
 
-async def _reload_on_change(paths: Sequence[Path], engine: Engine) -> None:
+async def _reload_on_change(paths: Sequence[Path], engine: Engine,
+                            actors: ActorSystem | None = None) -> None:
     """Poll manifest files' mtimes; on a change, reload and swap the registry."""
     seen = _snapshot(paths)
     while True:
@@ -117,5 +135,7 @@ async def _reload_on_change(paths: Sequence[Path], engine: Engine) -> None:
         seen = now
         loaded = await asyncio.to_thread(load_paths, paths)
         errors = [*loaded.errors, *engine.replace(loaded.capabilities)]
+        if actors is not None:  # changed actor types restart; their state stays in the store
+            errors += await actors.replace(loaded.actors)
         report(errors)
         log.info("reloaded", extra={"capabilities": len(engine.served), "errors": len(errors)})

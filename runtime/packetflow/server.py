@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import orjson
@@ -31,11 +32,15 @@ from packetflow.context import (
 from packetflow.contracts import contract_schema
 from packetflow.engine import Engine
 from packetflow.errors import ContractViolation, InvalidInput, PacketFlowError, code_of
-from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
+from packetflow.v1 import actors_pb2, runtime_pb2, runtime_pb2_grpc
+
+if TYPE_CHECKING:
+    from packetflow.actors.runtime import ActorSystem
 
 log = logging.getLogger("packetflow.server")
 
 SERVICE_NAME = runtime_pb2.DESCRIPTOR.services_by_name["CapabilityRuntime"].full_name
+ACTOR_SERVICE_NAME = actors_pb2.DESCRIPTOR.services_by_name["ActorRuntime"].full_name
 # Room for the protobuf envelope around the JSON payload.
 ENVELOPE_BYTES = 64 * 1024
 
@@ -154,16 +159,19 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
 
 @dataclass
 class RuntimeServer:
-    """A started gRPC runtime: the capability service plus health and reflection."""
+    """A started gRPC runtime: the capability and actor services plus health and reflection."""
 
     engine: Engine
     server: grpc.aio.Server
     health: HealthServicer
     port: int
+    actors: ActorSystem | None = None
 
     @classmethod
-    async def start(cls, engine: Engine, address: str = "127.0.0.1:0") -> RuntimeServer:
-        """Bind ``address`` (port 0 picks a free one) and start serving."""
+    async def start(cls, engine: Engine, address: str = "127.0.0.1:0",
+                    actors: ActorSystem | None = None) -> RuntimeServer:
+        """Bind ``address`` (port 0 picks a free one) and start serving; with ``actors``, the
+        ``ActorRuntime`` service too."""
         limit = engine.max_payload_bytes + ENVELOPE_BYTES
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit),
@@ -172,10 +180,20 @@ class RuntimeServer:
         ])
         runtime_pb2_grpc.add_CapabilityRuntimeServicer_to_server(
             CapabilityRuntimeServicer(engine), server)
+        services = [SERVICE_NAME]
+        if actors is not None:
+            # Imported here: the actor servicer itself builds on this module.
+            from packetflow.actors.service import ActorRuntimeServicer, attach
+            from packetflow.v1 import actors_pb2_grpc
+
+            actors_pb2_grpc.add_ActorRuntimeServicer_to_server(
+                ActorRuntimeServicer(actors, engine), server)
+            attach(actors)
+            services.append(ACTOR_SERVICE_NAME)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection((
-            SERVICE_NAME,
+            *services,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ), server)
@@ -183,15 +201,16 @@ class RuntimeServer:
         if port == 0:
             raise OSError(f"cannot listen on {address}")
         await server.start()
-        for service in ("", SERVICE_NAME):
+        for service in ("", *services):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("runtime listening", extra={"address": address, "port": port,
                                               "capabilities": len(engine.served)})
-        return cls(engine, server, health, port)
+        return cls(engine, server, health, port, actors)
 
     async def stop(self, grace: float = 30.0, drain: float = 0.0) -> None:
         """Drain: report NOT_SERVING, keep serving ``drain`` seconds, then let calls finish."""
-        for service in ("", SERVICE_NAME):
+        services = ("", SERVICE_NAME, *((ACTOR_SERVICE_NAME,) if self.actors else ()))
+        for service in services:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if drain:
             # Load balancers need time to see NOT_SERVING before new calls are refused.

@@ -27,8 +27,17 @@ class RuntimeSettings(BaseSettings):
                                  description="How long in-flight calls may finish on shutdown")
     mcp_address: str | None = Field(
         default=None, description="MCP streamable HTTP listen address (path /mcp); unset: off")
+    mcp_token: str | None = Field(
+        default=None, repr=False,
+        description="Bearer token MCP clients must send (from a Secret); unset: no auth")
     state_dir: Path = Field(
         default=Path(".packetflow"),
         description="Where durable local state lives (SQLite: trigger idempotency keys, actors)")
+    member_id: str | None = Field(
+        default=None, description="This runtime's id among actor placement members (a pod's "
+                                  "name); unset: host name and process id")
+    advertise_address: str | None = Field(
+        default=None, description="gRPC address other members reach this runtime at, for "
+                                  "forwarding actor messages; unset: the listen address")
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|text)$")

@@ -1,0 +1,176 @@
+"""What an actor's handler receives: memory, timers, reminders and calls to capabilities."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from packetflow.actors.store import MemoryEntry, Reminder
+from packetflow.spec import DURATION_PATTERN, duration_seconds
+
+if TYPE_CHECKING:
+    from packetflow.actors.runtime import ActiveActor, ActorType
+
+T = TypeVar("T")
+_DURATION = re.compile(DURATION_PATTERN)
+
+# How many of the newest entries a search ranks: bounds a turn's cost on a long log.
+SEARCH_WINDOW = 2000
+
+
+def seconds_of(value: float | str, what: str) -> float:
+    """Seconds from a number or a duration string (``"90s"``, ``"1h"``); names the argument."""
+    if isinstance(value, str):
+        if not _DURATION.match(value):
+            raise ValueError(f"{what}: {value!r} is not a duration like 30s, 5m, 1h")
+        seconds = duration_seconds(value)
+    else:
+        seconds = float(value)
+    if seconds <= 0:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return seconds
+
+
+@dataclass
+class TurnEffects:
+    """What a turn will commit besides the state: memory appends and reminder changes."""
+
+    appends: list[MemoryEntry] = field(default_factory=list)
+    set_reminders: dict[str, Reminder] = field(default_factory=dict)
+    delete_reminders: set[str] = field(default_factory=set)
+
+
+class Memory:
+    """``ctx.memory``: the actor's append-only log. Appends commit with the turn's state."""
+
+    def __init__(self, actor_type: ActorType, actor: ActiveActor, effects: TurnEffects) -> None:
+        self._type = actor_type
+        self._actor = actor
+        self._effects = effects
+
+    def append(self, text: str, role: str = "note", data: Any = None) -> MemoryEntry:
+        """Add an entry (visible to ``recent``/``search`` at once, durable when the turn
+        commits)."""
+        if not isinstance(text, str):
+            raise TypeError(f"memory.append: text must be a string, got {type(text).__name__}")
+        seq = self._actor.memory_seq + len(self._effects.appends) + 1
+        entry = MemoryEntry(seq, self._type.clock(), role, text, data)
+        self._effects.appends.append(entry)
+        return entry
+
+    async def recent(self, limit: int = 10) -> list[MemoryEntry]:
+        """The newest ``limit`` entries, oldest first."""
+        stored = await self._type.store.memory_recent(self._actor.actor_id, limit)
+        return [*stored, *self._effects.appends][-limit:] if limit > 0 else []
+
+    async def search(self, query: str, limit: int = 5) -> list[MemoryEntry]:
+        """The entries most relevant to ``query``, best first (embeddings or BM25)."""
+        window = min(self._type.spec.memory.max_messages, SEARCH_WINDOW)
+        entries = [*await self._type.store.memory_recent(self._actor.actor_id, window),
+                   *self._effects.appends]
+        ranker = self._type.ranker
+        order = await asyncio.to_thread(ranker.rank, query, [e.text for e in entries], limit) \
+            if len(entries) > 200 else ranker.rank(query, [e.text for e in entries], limit)
+        return [entries[i] for i in order]
+
+
+class Reminders:
+    """``ctx.reminders``: durable; they survive restarts and reactivate the actor."""
+
+    def __init__(self, actor_type: ActorType, actor: ActiveActor, effects: TurnEffects) -> None:
+        self._type = actor_type
+        self._actor = actor
+        self._effects = effects
+
+    def set(self, name: str, after: float | str, every: float | str | None = None,
+            data: Any = None) -> Reminder:
+        """Fire handler ``name`` (or ``on_reminder``) ``after`` from now, then ``every``."""
+        if not name:
+            raise ValueError("reminders.set: name must not be empty")
+        period = None if every is None else seconds_of(every, "reminders.set: every")
+        reminder = Reminder(name, self._type.clock() + seconds_of(after, "reminders.set: after"),
+                            period, data)
+        self._effects.set_reminders[name] = reminder
+        self._effects.delete_reminders.discard(name)
+        return reminder
+
+    def cancel(self, name: str) -> None:
+        """Remove the reminder ``name`` when the turn commits (schedules stay)."""
+        self._effects.set_reminders.pop(name, None)
+        self._effects.delete_reminders.add(name)
+
+    async def list(self) -> list[Reminder]:
+        """The actor's committed reminders and schedules."""
+        return await self._type.store.reminders(self._actor.actor_id)
+
+
+class Timers:
+    """``ctx.timers``: in memory only; they stop when the actor deactivates."""
+
+    def __init__(self, actor_type: ActorType, actor: ActiveActor) -> None:
+        self._type = actor_type
+        self._actor = actor
+
+    def after(self, name: str, delay: float | str, data: Any = None) -> None:
+        """Run handler ``name`` (or ``on_timer``) once after ``delay``."""
+        self._type.start_timer(self._actor, name, seconds_of(delay, "timers.after: delay"),
+                               None, data)
+
+    def every(self, name: str, period: float | str, data: Any = None) -> None:
+        """Run handler ``name`` (or ``on_timer``) every ``period`` while the actor is active."""
+        seconds = seconds_of(period, "timers.every: period")
+        self._type.start_timer(self._actor, name, seconds, seconds, data)
+
+    def cancel(self, name: str) -> None:
+        """Stop timer ``name``."""
+        self._type.cancel_timer(self._actor, name)
+
+    @property
+    def names(self) -> list[str]:
+        """The running timers."""
+        return sorted(self._actor.timers)
+
+
+class ActorContext:
+    """A turn's context: who the actor is, what woke it, and what it may use."""
+
+    def __init__(self, actor_type: ActorType, actor: ActiveActor, *, trace_id: str,
+                 caller: str | None, deadline: float | None,
+                 trigger: dict[str, Any] | None = None) -> None:
+        self.actor_type = actor_type.name
+        self.actor_id = actor.actor_id
+        self.trace_id = trace_id
+        self.caller = caller
+        self.deadline = deadline
+        self.trigger = trigger
+        self.is_new = actor.version == 0
+        self.effects = TurnEffects()
+        self.memory = Memory(actor_type, actor, self.effects)
+        self.reminders = Reminders(actor_type, actor, self.effects)
+        self.timers = Timers(actor_type, actor)
+        self._type = actor_type
+        self._loop = asyncio.get_running_loop()
+
+    def now(self) -> float:
+        """The runtime's clock (wall time, injectable in tests)."""
+        return self._type.clock()
+
+    async def call(self, capability: str, value: dict[str, Any]) -> dict[str, Any]:
+        """Call a capability of this runtime through the engine (same contracts, metrics)."""
+        return await self._type.call_capability(capability, value, self)
+
+    def wait(self, awaitable: Awaitable[T]) -> T:
+        """From a sync handler (on a worker thread): run an async ``ctx`` method and wait."""
+        async def run() -> T:
+            return await awaitable
+
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(run(),
+                                                                               self._loop)
+        return future.result()
+
+
+TimerCallback = Callable[[], None]

@@ -1,0 +1,115 @@
+"""PostgreSQL backend: psycopg 3 async connections, one transaction per operation.
+
+A small fixed set of connections is shared through a queue (no pool dependency); every
+operation runs in its own transaction, so fencing and reminders are exact across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg
+
+from packetflow.actors.errors import StoreUnavailable
+from packetflow.actors.store import ActorStore, Op, Result, schema_statements
+
+T = TypeVar("T")
+_PLACEHOLDER = re.compile(r"\?")
+_sql_cache: dict[str, str] = {}
+
+
+def postgres_sql(sql: str) -> str:
+    """``?`` placeholders -> psycopg's ``%s`` (the shared SQL never contains a literal ``?``)."""
+    converted = _sql_cache.get(sql)
+    if converted is None:
+        converted = _sql_cache[sql] = _PLACEHOLDER.sub("%s", sql.replace("%", "%%"))
+    return converted
+
+
+async def drive_async(conn: psycopg.AsyncConnection[Any], op: Op[T]) -> T:
+    """Run a sans-I/O operation on an async psycopg connection."""
+    try:
+        sql, params = next(op)
+        while True:
+            cursor = await conn.execute(postgres_sql(sql), params)
+            rows = await cursor.fetchall() if cursor.description is not None else []
+            sql, params = op.send(Result(cursor.rowcount, list(rows)))
+    except StopIteration as stop:
+        value: T = stop.value
+        return value
+
+
+@dataclass
+class PostgresActorStore(ActorStore):
+    """An actor type's store in a PostgreSQL database (shared by every replica)."""
+
+    dsn: str = ""
+    connections: int = 4
+    _idle: asyncio.Queue[psycopg.AsyncConnection[Any]] | None = field(
+        default=None, init=False, repr=False)
+    _all: list[psycopg.AsyncConnection[Any]] = field(default_factory=list, init=False,
+                                                     repr=False)
+
+    @property
+    def shared(self) -> bool:
+        """PostgreSQL is reachable from every replica."""
+        return True
+
+    async def open(self) -> None:
+        """Connect and create the tables (idempotent; a lock serialises concurrent starts)."""
+        try:
+            self._idle = asyncio.Queue()
+            for _ in range(self.connections):
+                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                self._all.append(conn)
+                self._idle.put_nowait(conn)
+            conn = self._all[0]
+            async with conn.transaction():
+                # Two runtimes starting together must not race on CREATE TABLE IF NOT EXISTS.
+                await conn.execute("SELECT pg_advisory_xact_lock(7410501)")
+                for statement in schema_statements("BYTEA", "DOUBLE PRECISION"):
+                    await conn.execute(statement)
+        except psycopg.OperationalError as exc:
+            await self.close()
+            raise StoreUnavailable(f"actor store of {self.actor_type}: cannot connect to "
+                                   f"PostgreSQL: {exc}".strip()) from None
+
+    async def close(self) -> None:
+        """Close every connection."""
+        for conn in self._all:
+            await conn.close()
+        self._all.clear()
+        self._idle = None
+
+    async def run(self, name: str, op: Op[T]) -> T:
+        """Run ``op`` in one transaction on a free connection."""
+        if self._idle is None:
+            raise RuntimeError(f"store of {self.actor_type} is not open")
+        conn = await self._idle.get()
+        started = time.perf_counter()
+        try:
+            async with conn.transaction():
+                return await drive_async(conn, op)
+        except psycopg.OperationalError as exc:
+            conn = await self._replace_if_broken(conn)
+            raise StoreUnavailable(f"actor store of {self.actor_type}: {exc}".strip()) from None
+        finally:
+            if self.observe is not None:
+                self.observe(name, time.perf_counter() - started)
+            self._idle.put_nowait(conn)
+
+    async def _replace_if_broken(self, conn: psycopg.AsyncConnection[Any]
+                                 ) -> psycopg.AsyncConnection[Any]:
+        """A connection the server dropped is replaced (when it can be) for the next caller."""
+        if not conn.broken:
+            return conn
+        try:
+            fresh = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        except psycopg.OperationalError:
+            return conn
+        self._all[self._all.index(conn)] = fresh
+        return fresh

@@ -1,0 +1,824 @@
+"""The transport-neutral actor runtime: activation, turns, durability, timers, placement.
+
+One ``ActorType`` per Actor manifest holds that type's store and its active actors; the
+``ActorSystem`` holds the types of a runtime process. Servicers only translate to these calls.
+
+Invariants:
+- one turn at a time per actor (an ``asyncio.Lock`` per active actor, FIFO);
+- a turn's reply is returned only after its state, memory and reminder changes committed;
+- every write is fenced by the epoch taken at activation, so a stale owner cannot write;
+- read-only views (get, list) read the store and never wait for a turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+from prometheus_client import CollectorRegistry
+
+from packetflow.actors.context import ActorContext, TurnEffects
+from packetflow.actors.errors import ActorNotFound, ActorTypeNotFound, FencedOut
+from packetflow.actors.handlers import HandlerLoadError, HandlerSource, call_handler, load_handlers
+from packetflow.actors.metrics import ActorMetrics
+from packetflow.actors.postgres_store import PostgresActorStore
+from packetflow.actors.search import Ranker, ranker_for
+from packetflow.actors.sqlite_store import SqliteActorStore
+from packetflow.actors.store import ActorRecord, ActorStore, Commit
+from packetflow.actors.timing import next_due, rendezvous_owner
+from packetflow.context import CallContext
+from packetflow.contracts import CompiledContract
+from packetflow.errors import (
+    Code,
+    ContractViolation,
+    DeadlineExceeded,
+    FieldViolation,
+    HandlerFailed,
+    InvalidInput,
+    PacketFlowError,
+    Unavailable,
+    code_of,
+)
+from packetflow.manifests import ManifestError
+from packetflow.spec import Actor, duration_seconds
+
+if TYPE_CHECKING:
+    from packetflow.engine import Engine
+
+log = logging.getLogger("packetflow.actors")
+
+ACTOR_ID_RE = re.compile(r"^[^\x00-\x1f]{1,256}$")
+# Applied message ids are kept this long, so a client retrying an unacknowledged message
+# gets the first reply instead of a second application.
+PROCESSED_TTL_SECONDS = 24 * 3600.0
+Clock = Callable[[], float]
+
+
+def check_actor_id(actor_id: str) -> str:
+    """Actor ids are 1-256 printable characters."""
+    if not isinstance(actor_id, str) or not ACTOR_ID_RE.match(actor_id):
+        raise InvalidInput([FieldViolation("id", "must be 1-256 printable characters")])
+    return actor_id
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """A committed turn's reply and the state version it produced."""
+
+    reply: dict[str, Any]
+    version: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What a turn handles: a message, a timer/reminder/schedule by name, or going idle."""
+
+    kind: str  # message | trigger | idle | advance
+    message: dict[str, Any] | None = None
+    message_id: str | None = None
+    name: str = ""
+    data: Any = None
+    trigger: str = ""  # timer | reminder | schedule
+    fired: tuple[str, float, float | None] | None = None
+    trace_id: str = ""
+    caller: str | None = None
+    deadline: float | None = None  # event-loop time
+
+
+@dataclass(eq=False)
+class ActiveActor:
+    """An actor in memory: its lease epoch, committed state and lock."""
+
+    actor_id: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    activated: bool = False
+    retired: bool = False
+    epoch: int = 0
+    state_json: bytes = b"{}"
+    version: int = 0
+    memory_seq: int = 0
+    handler: Any = None
+    start_effects: TurnEffects | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    pending: int = 0
+    idle_notified: bool = False
+    timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+
+
+class Forwarder(Protocol):
+    """Sends a message to the member that owns the actor (gRPC, set by the server)."""
+
+    def __call__(self, address: str, actor_type: str, actor_id: str, message: dict[str, Any],
+                 message_id: str | None, trace_id: str, timeout: float | None
+                 ) -> Awaitable[SendResult]: ...
+
+
+def _handler_failed(type_name: str, actor_id: str, trace_id: str) -> HandlerFailed:
+    log.exception("actor %s/%s handler raised (trace_id=%s)", type_name, actor_id, trace_id)
+    return HandlerFailed(f"actor {type_name}/{actor_id} failed; see the runtime log for trace "
+                         f"id {trace_id}")
+
+
+class ActorType:
+    """One actor type: its store, handlers, active actors and background loops."""
+
+    def __init__(self, actor: Actor, store: ActorStore, handlers: HandlerSource,
+                 system: ActorSystem) -> None:
+        self.actor = actor
+        self.spec = actor.spec
+        self.name = actor.name
+        self.store = store
+        self.handlers = handlers
+        self.system = system
+        self.clock = system.clock
+        self.metrics = system.metrics
+        self.requires = CompiledContract.compile(self.spec.requires)
+        self.provides = CompiledContract.compile(self.spec.provides)
+        self.initial_state = orjson.dumps(self.spec.initial_state)
+        self.idle_seconds = duration_seconds(self.spec.idle_timeout)
+        self.retention_seconds = duration_seconds(self.spec.memory.retention)
+        self.schedules = [(s.name, duration_seconds(s.every)) for s in self.spec.schedules]
+        self.ranker: Ranker = ranker_for(self.spec.memory.semantic_search)
+        self.active: OrderedDict[str, ActiveActor] = OrderedDict()
+        self.streams: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self.placement: Placement | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._turn_metrics: dict[Code, Any] = {}
+        self._stopping = False
+        store.observe = self._observe_store
+
+    def _observe_store(self, operation: str, seconds: float) -> None:
+        self.metrics.store.labels(self.name, operation).observe(seconds)
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Open the store and start reminders, the idle reaper, the sweep and placement."""
+        await self.store.open()
+        self.metrics.active.labels(self.name).set_function(lambda: len(self.active))
+        if self.spec.replicas > 1 and self.store.shared:
+            self.placement = Placement(self, self.system.member_id, self.system.address,
+                                       self.system.heartbeat_interval)
+            await self.placement.start()
+        self._tasks = [asyncio.create_task(loop()) for loop in (
+            self._reminder_loop, self._idle_loop, self._sweep_loop)]
+
+    async def stop(self) -> None:
+        """Stop the loops, let running turns finish (briefly), deactivate all, close."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._stopping = True
+        for actor in list(self.active.values()):
+            # Let the running turn finish (briefly); queued ones then find the type stopped.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0), actor.lock:
+                    self._retire(actor)
+        for task in list(self._background):
+            task.cancel()
+        for actor in list(self.active.values()):
+            self._retire(actor)
+        if self.placement is not None:
+            await self.placement.stop()
+        with contextlib.suppress(KeyError):
+            self.metrics.active.remove(self.name)
+        await self.store.close()
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --------------------------------------------------------------------------- sends
+
+    async def send(self, actor_id: str, message: Any, *, message_id: str | None = None,
+                   trace_id: str | None = None, caller: str | None = None,
+                   deadline: float | None = None, forwarded: bool = False) -> SendResult:
+        """Deliver one message; returns the reply once the new state is committed."""
+        check_actor_id(actor_id)
+        checked, violations = self.requires.check(message, "message")
+        if violations:
+            raise InvalidInput(violations)
+        trace_id = trace_id or os.urandom(16).hex()
+        if self.placement is not None and not forwarded:
+            address = self.placement.forward_address(actor_id)
+            if address is not None:
+                try:
+                    return await self._forward(address, actor_id, checked, message_id,
+                                               trace_id, deadline)
+                except Unavailable:
+                    # The owner may have left: re-read the members once before giving up.
+                    await self.placement.refresh()
+                    self.rebalance()
+                    retry = self.placement.forward_address(actor_id)
+                    if retry == address:
+                        raise
+                    if retry is not None:
+                        return await self._forward(retry, actor_id, checked, message_id,
+                                                   trace_id, deadline)
+        return await self._turn(actor_id, Turn("message", checked, message_id or None,
+                                               trace_id=trace_id, caller=caller,
+                                               deadline=deadline), touch=True)
+
+    async def _forward(self, address: str, actor_id: str, message: dict[str, Any],
+                       message_id: str | None, trace_id: str,
+                       deadline: float | None) -> SendResult:
+        loop = asyncio.get_running_loop()
+        timeout = None if deadline is None else max(0.0, deadline - loop.time())
+        return await self.system.forward(address, self.name, actor_id, message,
+                                         message_id or None, trace_id, timeout)
+
+    def _entry(self, actor_id: str, touch: bool) -> ActiveActor:
+        if self._stopping:
+            raise Unavailable(f"actor type {self.name} is stopping")
+        actor = self.active.get(actor_id)
+        if actor is None:
+            actor = self.active[actor_id] = ActiveActor(actor_id)
+            self._enforce_bound()
+        elif touch:
+            self.active.move_to_end(actor_id)
+        return actor
+
+    async def _turn(self, actor_id: str, turn: Turn, touch: bool = False) -> SendResult:
+        while True:
+            actor = self._entry(actor_id, touch)
+            actor.pending += 1
+            try:
+                async with actor.lock:
+                    if actor.retired:
+                        continue  # passivated while we waited: go again on a fresh entry
+                    return await self._measured(actor, turn)
+            finally:
+                actor.pending -= 1
+                if touch:
+                    actor.last_used = time.monotonic()
+                    actor.idle_notified = False
+                if len(self.active) > self.spec.max_active:
+                    self._enforce_bound()  # entries created while all were busy
+
+    async def _measured(self, actor: ActiveActor, turn: Turn) -> SendResult:
+        started = time.perf_counter()
+        code = Code.INTERNAL
+        try:
+            result = await self._locked_turn(actor, turn)
+            code = Code.OK
+            return result
+        except PacketFlowError as exc:
+            code = code_of(exc)
+            raise
+        except asyncio.CancelledError:
+            code = Code.CANCELLED
+            raise
+        finally:
+            child = self._turn_metrics.get(code)
+            if child is None:
+                child = self._turn_metrics[code] = self.metrics.turns.labels(self.name,
+                                                                             code.value)
+            child.observe(time.perf_counter() - started)
+
+    async def _activate(self, actor: ActiveActor, trace_id: str) -> None:
+        try:
+            activation = await self.store.activate(actor.actor_id, self.system.member_id,
+                                                   self.clock(), self.schedules)
+        except BaseException:
+            self._retire(actor)
+            raise
+        actor.epoch = activation.epoch
+        actor.version = activation.version
+        actor.memory_seq = activation.memory_seq
+        actor.state_json = (self.initial_state if activation.state is None
+                            else orjson.dumps(activation.state))
+        actor.handler = self.handlers.make()
+        actor.activated = True
+        self.metrics.activations.labels(self.name).inc()
+        on_start = getattr(actor.handler, "on_start", None)
+        if callable(on_start):
+            ctx = ActorContext(self, actor, trace_id=trace_id, caller=None, deadline=None,
+                               trigger={"kind": "start"})
+            try:
+                started = await call_handler(on_start, ctx)
+            except Exception:
+                self._retire(actor)
+                raise _handler_failed(self.name, actor.actor_id, trace_id) from None
+            if isinstance(started, dict) and actor.version == 0:
+                actor.state_json = orjson.dumps(started)
+            actor.start_effects = ctx.effects
+
+    async def _locked_turn(self, actor: ActiveActor, turn: Turn) -> SendResult:
+        if not actor.activated:
+            await self._activate(actor, turn.trace_id)
+        if turn.message_id is not None:
+            stored = await self.store.processed_reply(actor.actor_id, turn.message_id)
+            if stored is not None:
+                return SendResult(orjson.loads(stored), actor.version, duplicate=True)
+        ctx = ActorContext(self, actor, trace_id=turn.trace_id or os.urandom(8).hex(),
+                           caller=turn.caller, deadline=None,
+                           trigger=None if turn.kind == "message" else {
+                               "kind": turn.trigger or turn.kind, "name": turn.name,
+                               "data": turn.data})
+        if actor.start_effects is not None:
+            ctx.effects = actor.start_effects
+            ctx.memory._effects = ctx.reminders._effects = ctx.effects
+        state = orjson.loads(actor.state_json)
+        reply, new_state, followup = await self._run_handler(actor, turn, ctx, state)
+        return await self._commit(actor, turn, ctx, reply, new_state, followup)
+
+    async def _run_handler(self, actor: ActiveActor, turn: Turn, ctx: ActorContext,
+                           state: dict[str, Any]
+                           ) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
+        if turn.kind == "advance":
+            return {}, state, None
+        loop = asyncio.get_running_loop()
+        limit = loop.time() + self.spec.timeout_seconds
+        ctx.deadline = limit if turn.deadline is None else min(turn.deadline, limit)
+        timeout = asyncio.timeout_at(ctx.deadline)
+        try:
+            async with timeout:
+                return await self._dispatch(actor, turn, ctx, state)
+        except PacketFlowError:
+            raise
+        except TimeoutError:
+            if timeout.expired():
+                raise DeadlineExceeded(f"actor {self.name}/{actor.actor_id}: the turn did not "
+                                       "finish before its deadline") from None
+            raise _handler_failed(self.name, actor.actor_id, ctx.trace_id) from None
+        except Exception:
+            raise _handler_failed(self.name, actor.actor_id, ctx.trace_id) from None
+
+    async def _dispatch(self, actor: ActiveActor, turn: Turn, ctx: ActorContext,
+                        state: dict[str, Any]
+                        ) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
+        handler = actor.handler
+        if turn.kind == "message":
+            outcome = await call_handler(handler.on_message, turn.message, state, ctx)
+            if not (isinstance(outcome, tuple) and len(outcome) == 2):
+                raise ContractViolation(self.name, [FieldViolation(
+                    "on_message", "must return (reply, new_state)")])
+            reply, new_state = outcome
+            reply, violations = self.provides.check(reply, "reply")
+            if violations:
+                raise ContractViolation(self.name, violations)
+            return reply, new_state, None
+        if turn.kind == "idle":
+            followup = await call_handler(handler.on_idle, state, ctx)
+            if isinstance(followup, str):
+                followup = {"text": followup}
+            if followup is not None and not isinstance(followup, dict):
+                raise ContractViolation(self.name, [FieldViolation(
+                    "on_idle", "must return a message object, a string or None")])
+            if followup is not None:
+                text = followup.get("text")
+                ctx.memory.append(text if isinstance(text, str) else orjson.dumps(
+                    followup).decode(), role="assistant", data=followup)
+            return {}, state, followup
+        fallback = "on_timer" if turn.trigger == "timer" else "on_reminder"
+        function = getattr(handler, turn.name, None)
+        if not callable(function):
+            function = getattr(handler, fallback, None)
+        if not callable(function):
+            log.warning("actor %s/%s: no handler for %s %r", self.name, actor.actor_id,
+                        turn.trigger, turn.name)
+            return {}, state, None
+        new_state = await call_handler(function, state, ctx)
+        return {}, state if new_state is None else new_state, None
+
+    async def _commit(self, actor: ActiveActor, turn: Turn, ctx: ActorContext,
+                      reply: dict[str, Any], new_state: Any,
+                      followup: dict[str, Any] | None) -> SendResult:
+        if not isinstance(new_state, dict):
+            raise ContractViolation(self.name, [FieldViolation(
+                "state", f"must be an object, got {type(new_state).__name__}")])
+        try:
+            state_json = orjson.dumps(new_state)
+            reply_json = orjson.dumps(reply) if turn.message_id is not None else None
+        except TypeError as exc:
+            raise ContractViolation(self.name, [FieldViolation(
+                "state", f"not JSON-serializable: {exc}")]) from None
+        effects = ctx.effects
+        commit = Commit(
+            actor.actor_id, actor.epoch, state_json, self.clock(),
+            actor.memory_seq + len(effects.appends), effects.appends,
+            self.spec.memory.max_messages, list(effects.set_reminders.values()),
+            sorted(effects.delete_reminders), turn.fired, turn.message_id, reply_json)
+        write = asyncio.ensure_future(self._write(actor, commit, followup))
+        try:
+            version = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The write is already on its way: let it land so memory matches the store.
+            with contextlib.suppress(Exception):
+                await write
+            raise
+        return SendResult(reply, version)
+
+    async def _write(self, actor: ActiveActor, commit: Commit,
+                     followup: dict[str, Any] | None) -> int:
+        try:
+            version = await self.store.commit(commit)
+        except FencedOut:
+            log.warning("actor %s/%s fenced out (epoch %d): deactivated here", self.name,
+                        actor.actor_id, actor.epoch)
+            self._retire(actor)
+            raise
+        actor.state_json = commit.state
+        actor.version = version
+        actor.memory_seq = commit.memory_seq
+        actor.start_effects = None
+        if followup is not None:
+            for queue in self.streams.get(actor.actor_id, ()):
+                queue.put_nowait(followup)
+        return version
+
+    # ----------------------------------------------------------------- passivation
+
+    def _retire(self, actor: ActiveActor) -> None:
+        """Deactivate: drop from memory and stop timers (state stays in the store)."""
+        actor.retired = True
+        if self.active.get(actor.actor_id) is actor:
+            del self.active[actor.actor_id]
+        for handle in actor.timers.values():
+            handle.cancel()
+        actor.timers.clear()
+
+    def _passivatable(self, actor: ActiveActor) -> bool:
+        return not (actor.pending or actor.lock.locked() or self.streams.get(actor.actor_id))
+
+    def _enforce_bound(self) -> None:
+        """Passivate least recently used actors beyond ``maxActive`` (busy ones are kept)."""
+        excess = len(self.active) - self.spec.max_active
+        if excess <= 0:
+            return
+        victims: list[ActiveActor] = []
+        for actor in self.active.values():
+            if len(victims) >= excess:
+                break
+            if self._passivatable(actor) and actor.activated:
+                victims.append(actor)
+        for actor in victims:
+            self._retire(actor)
+
+    def reap_idle(self, now: float | None = None) -> int:
+        """Run ``on_idle`` for, or deactivate, actors idle past ``idleTimeout``; returns how
+        many were deactivated."""
+        now = time.monotonic() if now is None else now
+        expired = []
+        for actor in self.active.values():
+            if actor.last_used + self.idle_seconds > now:
+                break
+            expired.append(actor)
+        retired = 0
+        for actor in expired:
+            if not self._passivatable(actor) and not self.streams.get(actor.actor_id):
+                continue
+            if (actor.activated and not actor.idle_notified
+                    and callable(getattr(actor.handler, "on_idle", None))):
+                actor.idle_notified = True
+                self._spawn(self._idle_turn(actor.actor_id))
+                continue
+            if self._passivatable(actor):
+                self._retire(actor)
+                retired += 1
+        return retired
+
+    async def _idle_turn(self, actor_id: str) -> None:
+        try:
+            await self._turn(actor_id, Turn("idle", trace_id=os.urandom(8).hex()))
+        except PacketFlowError as exc:
+            log.warning("actor %s/%s on_idle failed: %s", self.name, actor_id, exc)
+
+    async def _idle_loop(self) -> None:
+        interval = min(max(self.idle_seconds / 4, 0.02), 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            self.reap_idle()
+
+    # ------------------------------------------------------------------ timers
+
+    def start_timer(self, actor: ActiveActor, name: str, delay: float, period: float | None,
+                    data: Any) -> None:
+        """Arm an in-memory timer of an active actor."""
+        self.cancel_timer(actor, name)
+        loop = asyncio.get_running_loop()
+        actor.timers[name] = loop.call_later(delay, self._timer_fired, actor, name, period,
+                                             data)
+
+    def cancel_timer(self, actor: ActiveActor, name: str) -> None:
+        """Disarm a timer."""
+        handle = actor.timers.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _timer_fired(self, actor: ActiveActor, name: str, period: float | None,
+                     data: Any) -> None:
+        actor.timers.pop(name, None)
+        if actor.retired:
+            return
+        if period is not None:
+            self.start_timer(actor, name, period, period, data)
+        self._spawn(self._trigger_turn(actor.actor_id, Turn(
+            "trigger", name=name, data=data, trigger="timer", trace_id=os.urandom(8).hex())))
+
+    async def _trigger_turn(self, actor_id: str, turn: Turn) -> None:
+        try:
+            await self._turn(actor_id, turn)
+        except PacketFlowError as exc:
+            log.warning("actor %s/%s %s %r failed: %s", self.name, actor_id, turn.trigger,
+                        turn.name, exc)
+
+    # --------------------------------------------------------------- reminders
+
+    async def fire_due_reminders(self) -> int:
+        """Fire every reminder due now (that this member owns); returns how many fired."""
+        now = self.clock()
+        due = await self.store.due(now)
+        mine = [d for d in due if self.placement is None or self.placement.owns(d.actor_id)]
+        results = await asyncio.gather(*(self._fire(d.actor_id, d.reminder, now) for d in mine))
+        return sum(results)
+
+    async def _fire(self, actor_id: str, reminder: Any, now: float) -> int:
+        following = (None if reminder.period is None
+                     else next_due(reminder.due_at, reminder.period, now))
+        fired = (reminder.name, reminder.due_at, following)
+        turn = Turn("trigger", name=reminder.name, data=reminder.data, trigger=reminder.kind,
+                    fired=fired, trace_id=os.urandom(8).hex())
+        try:
+            await self._turn(actor_id, turn)
+        except FencedOut:
+            return 0  # another member owns the actor now; it fires the reminder
+        except PacketFlowError as exc:
+            log.warning("actor %s/%s reminder %r failed: %s; moving it on", self.name,
+                        actor_id, reminder.name, exc)
+            try:
+                await self._turn(actor_id, Turn("advance", fired=fired))
+            except PacketFlowError:
+                return 0
+        self.metrics.reminders_fired.labels(self.name).inc()
+        return 1
+
+    async def _reminder_loop(self) -> None:
+        poll = self.system.reminder_poll
+        while True:
+            try:
+                await self.fire_due_reminders()
+                upcoming = await self.store.next_due()
+            except PacketFlowError as exc:
+                log.warning("actor type %s: reminders: %s", self.name, exc)
+                upcoming = None
+            wait = poll if upcoming is None else min(poll, max(upcoming - self.clock(), 0.01))
+            await asyncio.sleep(wait)
+
+    # ----------------------------------------------------------------- memory sweep
+
+    async def sweep(self) -> int:
+        """Delete memory older than ``memory.retention``; returns the entries deleted."""
+        now = self.clock()
+        return await self.store.sweep(now - self.retention_seconds, now - PROCESSED_TTL_SECONDS)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.system.sweep_interval)
+            try:
+                deleted = await self.sweep()
+            except PacketFlowError as exc:
+                log.warning("actor type %s: memory sweep: %s", self.name, exc)
+                continue
+            if deleted:
+                log.info("memory sweep", extra={"actor_type": self.name, "deleted": deleted})
+
+    # ------------------------------------------------------------- read-only views
+
+    async def describe(self, actor_id: str, recent: int = 10) -> dict[str, Any]:
+        """State, memory summary and reminders, as committed (never waits for a turn)."""
+        check_actor_id(actor_id)
+        record = await self.store.get(actor_id)
+        if record is None:
+            raise ActorNotFound(self.name, actor_id)
+        entries = await self.store.memory_recent(actor_id, recent)
+        reminders = await self.store.reminders(actor_id)
+        return {
+            "state": record.state,
+            "memory": {"count": record.memory_count,
+                       "recent": [entry.to_json() for entry in entries]},
+            "reminders": [reminder.to_json() for reminder in reminders],
+            "version": record.version,
+            "epoch": record.epoch,
+            "active": actor_id in self.active,
+        }
+
+    async def list_actors(self, limit: int = 1000, after: str = "") -> list[ActorRecord]:
+        """Stored actors by id, ``limit`` at a time after ``after``."""
+        return await self.store.list_actors(limit, after)
+
+    async def delete(self, actor_id: str) -> bool:
+        """Deactivate (after its current turn) and delete an actor's state, memory, reminders."""
+        check_actor_id(actor_id)
+        actor = self.active.get(actor_id)
+        if actor is not None:
+            async with actor.lock:
+                self._retire(actor)
+        return await self.store.delete(actor_id)
+
+    # ------------------------------------------------------------ conversations
+
+    def subscribe(self, actor_id: str) -> asyncio.Queue[dict[str, Any]]:
+        """A queue of follow-up messages (from ``on_idle``) for an open conversation."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.streams.setdefault(actor_id, set()).add(queue)
+        return queue
+
+    def unsubscribe(self, actor_id: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        """Close a conversation's follow-up queue."""
+        queues = self.streams.get(actor_id)
+        if queues is not None:
+            queues.discard(queue)
+            if not queues:
+                del self.streams[actor_id]
+
+    # ---------------------------------------------------------------- placement
+
+    def rebalance(self) -> int:
+        """Deactivate idle actors this member no longer owns (membership changed)."""
+        if self.placement is None:
+            return 0
+        moved = [a for a in self.active.values()
+                 if not self.placement.owns(a.actor_id) and self._passivatable(a)]
+        for actor in moved:
+            self._retire(actor)
+        return len(moved)
+
+    async def call_capability(self, name: str, value: dict[str, Any],
+                              ctx: ActorContext) -> dict[str, Any]:
+        """``ctx.call``: a capability through the engine, within the turn's deadline."""
+        engine = self.system.engine
+        if engine is None:
+            raise PacketFlowError("no capabilities are served in this runtime")
+        call = CallContext(capability=name, trace_id=ctx.trace_id,
+                           caller=f"actor:{self.name}/{ctx.actor_id}", deadline=ctx.deadline)
+        return await engine.invoke(name, value, call)
+
+
+class Placement:
+    """Live members of a type in the shared store, and who owns which actor."""
+
+    def __init__(self, actor_type: ActorType, member_id: str, address: str,
+                 interval: float) -> None:
+        self.type = actor_type
+        self.member_id = member_id
+        self.address = address
+        self.interval = interval
+        self.members: dict[str, str] = {member_id: address}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Join: heartbeat once, read the members, keep heart-beating."""
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Leave the group, so the others take our actors at once."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(PacketFlowError):
+            await self.type.store.leave(self.member_id)
+
+    async def refresh(self) -> bool:
+        """Heartbeat and re-read the live members; True when they changed."""
+        now = time.time()
+        await self.type.store.heartbeat(self.member_id, self.address, now)
+        members = await self.type.store.members(now - 3 * self.interval)
+        members.setdefault(self.member_id, self.address)
+        changed = members != self.members
+        self.members = members
+        return changed
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                if await self.refresh():
+                    log.info("members changed", extra={"actor_type": self.type.name,
+                                                       "members": sorted(self.members)})
+                # Every beat, not only on a change: an actor busy at the change moves later.
+                self.type.rebalance()
+            except PacketFlowError as exc:
+                log.warning("placement heartbeat failed: %s", exc)
+
+    def owner(self, actor_id: str) -> str:
+        """The member that owns ``actor_id``."""
+        return rendezvous_owner(actor_id, self.members) or self.member_id
+
+    def owns(self, actor_id: str) -> bool:
+        """Whether this member owns ``actor_id``."""
+        return self.owner(actor_id) == self.member_id
+
+    def forward_address(self, actor_id: str) -> str | None:
+        """The owner's address when it is another member, else None."""
+        owner = self.owner(actor_id)
+        return None if owner == self.member_id else self.members[owner]
+
+
+def build_store(actor: Actor, state_dir: Path, environ: Mapping[str, str]) -> ActorStore:
+    """The store a manifest declares; errors name the manifest field."""
+    store = actor.spec.store
+    if store.postgresql is not None:
+        dsn = store.postgresql.dsn
+        if store.postgresql.dsn_from is not None:
+            try:
+                dsn = store.postgresql.dsn_from.resolve(environ)
+            except KeyError as exc:
+                raise HandlerLoadError("spec.store.postgresql.dsnFrom", str(exc.args[0])) from None
+        return PostgresActorStore(actor.name, dsn=dsn or "")
+    assert store.sqlite is not None
+    path = Path(store.sqlite.path) if store.sqlite.path else state_dir / f"{actor.name}.db"
+    return SqliteActorStore(actor.name, path=path)
+
+
+class ActorSystem:
+    """Every actor type of a runtime process."""
+
+    def __init__(self, engine: Engine | None = None, *, state_dir: Path = Path(".packetflow"),
+                 metrics: ActorMetrics | None = None, clock: Clock = time.time,
+                 member_id: str | None = None, address: str = "127.0.0.1:0",
+                 environ: Mapping[str, str] | None = None, reminder_poll: float = 1.0,
+                 sweep_interval: float = 60.0, heartbeat_interval: float = 1.0) -> None:
+        self.engine = engine
+        self.state_dir = state_dir
+        if metrics is None:
+            # On the engine's registry, so /metrics shows actors beside capabilities.
+            metrics = ActorMetrics(engine.metrics.registry if engine is not None
+                                   else CollectorRegistry(auto_describe=True))
+        self.metrics = metrics
+        self.clock = clock
+        self.member_id = member_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.address = address
+        self.environ = os.environ if environ is None else environ
+        self.reminder_poll = reminder_poll
+        self.sweep_interval = sweep_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.types: dict[str, ActorType] = {}
+        self.forwarder: Forwarder | None = None
+
+    def get(self, name: str) -> ActorType:
+        """The served actor type ``name``, or ActorTypeNotFound."""
+        actor_type = self.types.get(name)
+        if actor_type is None:
+            raise ActorTypeNotFound(name)
+        return actor_type
+
+    async def replace(self, actors: Iterable[Actor]) -> list[ManifestError]:
+        """Serve this set of actor types: unchanged ones keep running, changed ones restart
+        (their active actors deactivate; state stays), removed ones stop."""
+        wanted = {actor.name: actor for actor in actors}
+        errors: list[ManifestError] = []
+        for name, old in list(self.types.items()):
+            if wanted.get(name) != old.actor:
+                del self.types[name]
+                await old.stop()
+        for name, actor in wanted.items():
+            if name in self.types:
+                continue
+            try:
+                handlers = load_handlers(actor.spec)
+                store = build_store(actor, self.state_dir, self.environ)
+                actor_type = ActorType(actor, store, handlers, self)
+                await actor_type.start()
+            except HandlerLoadError as exc:
+                errors.append(ManifestError(f"actor {name}", exc.path, exc.message))
+                continue
+            except (PacketFlowError, OSError) as exc:
+                errors.append(ManifestError(f"actor {name}", "spec.store", str(exc)))
+                continue
+            self.types[name] = actor_type
+        self.types = dict(sorted(self.types.items()))
+        return errors
+
+    async def forward(self, address: str, actor_type: str, actor_id: str,
+                      message: dict[str, Any], message_id: str | None, trace_id: str,
+                      timeout: float | None) -> SendResult:
+        """Send to the owning member (through the transport's forwarder)."""
+        if self.forwarder is None:
+            raise PacketFlowError("forwarding is not configured in this runtime")
+        return await self.forwarder(address, actor_type, actor_id, message, message_id,
+                                    trace_id, timeout)
+
+    async def aclose(self) -> None:
+        """Stop every type (on shutdown)."""
+        for actor_type in list(self.types.values()):
+            await actor_type.stop()
+        self.types = {}

@@ -1,0 +1,214 @@
+"""The gRPC face of actors: ``packetflow.v1.ActorRuntime`` translated to the ``ActorSystem``.
+
+Domain errors become statuses through ``server.abort_for`` (one error -> code map).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import orjson
+
+from packetflow.actors.errors import ActorTypeNotFound
+from packetflow.actors.runtime import ActorSystem, SendResult
+from packetflow.engine import Engine
+from packetflow.errors import (
+    DeadlineExceeded,
+    FieldViolation,
+    HandlerFailed,
+    InvalidInput,
+    Overloaded,
+    PacketFlowError,
+    Unavailable,
+)
+from packetflow.server import abort_for, call_context
+from packetflow.v1 import actors_pb2, actors_pb2_grpc
+
+SERVICE_NAME = actors_pb2.DESCRIPTOR.services_by_name["ActorRuntime"].full_name
+DEFAULT_LIST_LIMIT = 1000
+
+
+def _response(result: SendResult, trace_id: str) -> actors_pb2.SendResponse:
+    return actors_pb2.SendResponse(reply_json=orjson.dumps(result.reply), trace_id=trace_id,
+                                   version=result.version, duplicate=result.duplicate)
+
+
+class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
+    """Translates ``ActorRuntime`` calls to the actor system."""
+
+    def __init__(self, system: ActorSystem, engine: Engine) -> None:
+        self.system = system
+        self.engine = engine
+
+    def _decode(self, payload: bytes) -> Any:
+        return self.engine.decode_input(payload)  # size limit and JSON errors, as for Invoke
+
+    async def Send(self, request: actors_pb2.SendRequest,
+                   context: grpc.aio.ServicerContext) -> actors_pb2.SendResponse:
+        ctx = call_context(request.type, context)
+        try:
+            result = await self.system.get(request.type).send(
+                request.id, self._decode(request.message_json), message_id=request.message_id,
+                trace_id=ctx.trace_id, caller=ctx.caller, deadline=ctx.deadline,
+                forwarded=request.forwarded)
+        except PacketFlowError as exc:
+            await abort_for(context, exc, ctx.trace_id)
+            raise
+        return _response(result, ctx.trace_id)
+
+    async def Converse(self, request_iterator: AsyncIterator[actors_pb2.ConverseRequest],
+                       context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[actors_pb2.ConverseEvent]:
+        events: asyncio.Queue[actors_pb2.ConverseEvent | PacketFlowError | None] = \
+            asyncio.Queue()
+        subscription: tuple[Any, str, asyncio.Queue[dict[str, Any]]] | None = None
+        pump: asyncio.Task[None] | None = None
+
+        async def read() -> None:
+            nonlocal subscription, pump
+            actor_type = actor_id = ""
+            try:
+                async for request in request_iterator:
+                    actor_type = actor_type or request.type
+                    actor_id = actor_id or request.id
+                    if not actor_type or not actor_id:
+                        raise InvalidInput([FieldViolation(
+                            "type" if not actor_type else "id",
+                            "the first message of a conversation names the actor")])
+                    kind = self.system.get(actor_type)
+                    if subscription is None:
+                        followups = kind.subscribe(actor_id)
+                        subscription = (kind, actor_id, followups)
+                        pump = asyncio.create_task(forward_followups(followups))
+                    ctx = call_context(actor_type, context)
+                    result = await kind.send(actor_id, self._decode(request.message_json),
+                                             message_id=request.message_id,
+                                             trace_id=ctx.trace_id, caller=ctx.caller)
+                    events.put_nowait(actors_pb2.ConverseEvent(
+                        reply=_response(result, ctx.trace_id)))
+            except PacketFlowError as exc:
+                events.put_nowait(exc)
+                return
+            events.put_nowait(None)
+
+        async def forward_followups(queue: asyncio.Queue[dict[str, Any]]) -> None:
+            while True:
+                followup = await queue.get()
+                events.put_nowait(actors_pb2.ConverseEvent(followup_json=orjson.dumps(followup)))
+
+        reader = asyncio.create_task(read())
+        try:
+            while (event := await events.get()) is not None:
+                if isinstance(event, PacketFlowError):
+                    await abort_for(context, event, "")
+                    return
+                yield event
+        finally:
+            reader.cancel()
+            if pump is not None:
+                pump.cancel()
+            if subscription is not None:
+                kind, actor_id, queue = subscription
+                kind.unsubscribe(actor_id, queue)
+
+    async def ListActors(self, request: actors_pb2.ListActorsRequest,
+                         context: grpc.aio.ServicerContext) -> actors_pb2.ListActorsResponse:
+        try:
+            kind = self.system.get(request.type)
+            records = await kind.list_actors(request.limit or DEFAULT_LIST_LIMIT, request.after)
+        except PacketFlowError as exc:
+            await abort_for(context, exc, "")
+            raise
+        return actors_pb2.ListActorsResponse(actors=[
+            actors_pb2.ActorSummary(id=r.actor_id, version=r.version, updated_at=r.updated_at,
+                                    active=r.actor_id in kind.active) for r in records])
+
+    async def GetActor(self, request: actors_pb2.GetActorRequest,
+                       context: grpc.aio.ServicerContext) -> actors_pb2.ActorDescription:
+        try:
+            described = await self.system.get(request.type).describe(request.id)
+        except PacketFlowError as exc:
+            await abort_for(context, exc, "")
+            raise
+        return actors_pb2.ActorDescription(
+            type=request.type, id=request.id, state_json=orjson.dumps(described["state"]),
+            memory_json=orjson.dumps(described["memory"]),
+            reminders_json=orjson.dumps(described["reminders"]),
+            version=described["version"], epoch=described["epoch"], active=described["active"])
+
+    async def DeleteActor(self, request: actors_pb2.DeleteActorRequest,
+                          context: grpc.aio.ServicerContext) -> actors_pb2.DeleteActorResponse:
+        try:
+            deleted = await self.system.get(request.type).delete(request.id)
+        except PacketFlowError as exc:
+            await abort_for(context, exc, "")
+            raise
+        return actors_pb2.DeleteActorResponse(deleted=deleted)
+
+
+class GrpcForwarder:
+    """Forwards a message to the member that owns the actor, one channel per member."""
+
+    def __init__(self) -> None:
+        self.channels: dict[str, grpc.aio.Channel] = {}
+
+    async def __call__(self, address: str, actor_type: str, actor_id: str,
+                       message: dict[str, Any], message_id: str | None, trace_id: str,
+                       timeout: float | None) -> SendResult:
+        """Send with ``forwarded`` set, so the owner never forwards it again."""
+        channel = self.channels.get(address)
+        if channel is None:
+            channel = self.channels[address] = grpc.aio.insecure_channel(address)
+        stub = actors_pb2_grpc.ActorRuntimeStub(channel)
+        request = actors_pb2.SendRequest(type=actor_type, id=actor_id,
+                                         message_json=orjson.dumps(message),
+                                         message_id=message_id or "", forwarded=True)
+        try:
+            response = await stub.Send(request, timeout=timeout,
+                                       metadata=(("packetflow-trace-id", trace_id),))
+        except grpc.aio.AioRpcError as exc:
+            raise forwarded_error(exc) from None
+        return SendResult(orjson.loads(response.reply_json), response.version,
+                          response.duplicate)
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for channel in self.channels.values():
+            await channel.close()
+        self.channels.clear()
+
+
+class _NotFoundAtOwner(ActorTypeNotFound):
+    """NOT_FOUND as the owning member reported it."""
+
+    def __init__(self, message: str) -> None:
+        PacketFlowError.__init__(self, message)
+        self.name = ""
+
+
+def forwarded_error(error: grpc.aio.AioRpcError) -> PacketFlowError:
+    """The owner's status as a domain error, so the caller sees the same code."""
+    message = f"owner replied: {error.details() or ''}"
+    code = error.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInput([FieldViolation("message", message)])
+    if code == grpc.StatusCode.NOT_FOUND:
+        return _NotFoundAtOwner(message)
+    kinds: dict[grpc.StatusCode, type[PacketFlowError]] = {
+        grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+        grpc.StatusCode.INTERNAL: HandlerFailed,
+    }
+    return kinds.get(code, Unavailable)(message)
+
+
+def attach(system: ActorSystem) -> GrpcForwarder:
+    """Give the system a gRPC forwarder (placement); close it on shutdown."""
+    forwarder = GrpcForwarder()
+    system.forwarder = forwarder
+    return forwarder
+
+
