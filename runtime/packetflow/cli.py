@@ -16,6 +16,7 @@ import orjson
 
 from packetflow import __version__
 from packetflow.client import CallError, ProgressEvent, RuntimeClient
+from packetflow.actors.handlers import handler_errors
 from packetflow.engine import Engine
 from packetflow.logs import configure_logging
 from packetflow.manifests import load_paths
@@ -77,7 +78,7 @@ def cmd_runtime(args: argparse.Namespace) -> int:
     """Serve a spec bundle as a pod does: strict, JSON logs, drain on SIGTERM."""
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
-    return asyncio.run(serve([args.bundle], settings, watch=False, strict=True,
+    return asyncio.run(serve([args.bundle], settings, watch=args.reload, strict=True,
                              on_ready=_announce))
 
 
@@ -227,13 +228,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
         sys.path.insert(0, str(path))
     missing = [p for p in args.paths if not p.exists()]
     loaded = load_paths([p for p in args.paths if p.exists()])
-    errors = [*loaded.errors, *Engine(loaded.capabilities).load_errors]
+    errors = [*loaded.errors, *Engine(loaded.capabilities).load_errors,
+              *handler_errors(loaded.actors)]
     for path in missing:
         print(f"error: {path}: no such file or directory", file=sys.stderr)
     report(errors)
     if errors or missing:
         return 1
-    print(f"ok: {len(loaded.capabilities)} capabilities valid")
+    print(f"ok: {len(loaded.capabilities)} capabilities and {len(loaded.actors)} actor types "
+          "valid")
     return 0
 
 
@@ -251,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     runtime = sub.add_parser("runtime", help="serve a spec bundle (as a pod does)")
     runtime.add_argument("--bundle", type=Path, required=True, help="manifest file or directory")
+    runtime.add_argument("--reload", action="store_true",
+                         help="reload when the bundle changes (e.g. a mounted ConfigMap)")
     _serve_flags(runtime)
     runtime.set_defaults(func=cmd_runtime)
 

@@ -34,14 +34,17 @@ def packetflow(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[s
 class DevServer:
     """A `packetflow dev` subprocess, the addresses it serves and its stderr (in a file)."""
 
-    def __init__(self, directory: Path, log: Path) -> None:
+    def __init__(self, directory: Path, log: Path, *, as_pod: bool = False) -> None:
         self.address = f"127.0.0.1:{free_port()}"
         self.metrics = f"127.0.0.1:{free_port()}"
         self.log = log
         self.state_dir = log.parent / "state"
+        # as_pod: `packetflow runtime --reload`, as the chart's MCP aggregate pod runs it.
+        serving = (["runtime", "--bundle", str(directory), "--reload"] if as_pod
+                   else ["dev", str(directory)])
         with log.open("w") as sink:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "packetflow.cli", "dev", str(directory), "--address",
+                [sys.executable, "-m", "packetflow.cli", *serving, "--address",
                  self.address, "--metrics-address", self.metrics,
                  "--state-dir", str(self.state_dir)],
                 cwd=ROOT, stderr=sink, stdout=subprocess.DEVNULL)
@@ -143,6 +146,21 @@ def test_dev_reloads_changed_manifests(dev: DevServer, tmp_path: Path) -> None:
     assert orjson.loads(result.stdout) == {"loud": "hey"}
 
 
+def test_runtime_with_reload_starts_empty_and_serves_what_arrives(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    server = DevServer(bundle, tmp_path / "runtime.log", as_pod=True)
+    try:
+        assert "serving nothing" in server.stderr()
+        shutil.copy(EXAMPLES / "echo.yaml", bundle / "echo.yaml")
+        deadline = time.monotonic() + 20
+        while "echo" not in packetflow("list", "--address", server.address).stdout:
+            assert time.monotonic() < deadline, server.stderr()
+            time.sleep(0.1)  # polling another process, with a deadline
+    finally:
+        assert server.stop() == 0
+
+
 def test_sigterm_stops_cleanly(dev: DevServer) -> None:
     assert dev.stop() == 0
 
@@ -162,7 +180,7 @@ def test_validate_reports_every_error_with_file_and_path(tmp_path: Path) -> None
     assert any("missing.yaml: no such file" in line for line in lines)
     good = packetflow("validate", str(EXAMPLES))
     assert good.returncode == 0, good.stderr
-    assert re.match(r"ok: \d+ capabilities valid", good.stdout)
+    assert re.match(r"ok: \d+ capabilities and 2 actor types valid", good.stdout)
 
 
 def test_validate_checks_python_imports(tmp_path: Path) -> None:
@@ -174,6 +192,18 @@ def test_validate_checks_python_imports(tmp_path: Path) -> None:
     result = packetflow("validate", str(manifest))
     assert result.returncode == 1
     assert "spec.implementation.python.module: cannot import 'no_such_module_x'" in result.stderr
+
+
+def test_validate_checks_actor_handlers(tmp_path: Path) -> None:
+    (tmp_path / "agent.py").write_text("def on_message(message, state, ctx):\n"
+                                       "    return {}, state\n")
+    (tmp_path / "agent.yaml").write_text(
+        "apiVersion: packetflow.io/v1alpha1\nkind: Actor\nmetadata: {name: agent}\n"
+        "spec:\n  intent: x\n  implementation: {python: {module: agent}}\n"
+        "  schedules: [{name: tidy, every: 1h}]\n")
+    result = packetflow("validate", str(tmp_path))
+    assert result.returncode == 1
+    assert "actor agent: spec.schedules[0].name: no handler named 'tidy'" in result.stderr
 
 
 def test_composition_examples_run_and_show_their_trace(dev: DevServer) -> None:

@@ -363,7 +363,7 @@ def test_mcp_aggregate_endpoint(helm: ModuleType) -> None:
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     args = container["args"]
-    assert args[:2] == ["dev", "/etc/packetflow-mcp"]
+    assert args[:4] == ["runtime", "--bundle", "/etc/packetflow-mcp", "--reload"]
     assert args[args.index("--mcp-address") + 1] == "0.0.0.0:8800"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["bundle"]["configMap"] == {"name": "packetflow-mcp-bundle", "optional": True}

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from packetflow.spec import ActorSpec
+from packetflow.manifests import ManifestError
+from packetflow.spec import Actor, ActorSpec
 
 HANDLER_NAMES = ("on_start", "on_message", "on_idle")
 
@@ -61,6 +62,17 @@ def load_handlers(spec: ActorSpec) -> HandlerSource:
         return HandlerSource(lambda: module, impl.module)
     cls = target
     return HandlerSource(cls, f"{impl.module}.{impl.class_}")
+
+
+def handler_errors(actors: Iterable[Actor]) -> list[ManifestError]:
+    """Load errors of the actor types' handlers (``packetflow validate``), field named."""
+    errors: list[ManifestError] = []
+    for actor in actors:
+        try:
+            load_handlers(actor.spec)
+        except HandlerLoadError as exc:
+            errors.append(ManifestError(f"actor {actor.name}", exc.path, exc.message))
+    return errors
 
 
 async def call_handler(function: Callable[..., Any], *args: Any) -> Any:
