@@ -15,8 +15,8 @@ import grpc
 import orjson
 
 from packetflow import __version__
-from packetflow.client import CallError, ProgressEvent, RuntimeClient
 from packetflow.actors.handlers import handler_errors
+from packetflow.client import CallError, ProgressEvent, RuntimeClient
 from packetflow.engine import Engine
 from packetflow.logs import configure_logging
 from packetflow.manifests import load_paths
