@@ -270,16 +270,26 @@ def duration_seconds(text: str) -> float:
                for number, unit in _DURATION_PART_RE.findall(text))
 
 
-class CapabilitySpec(SpecModel):
+class ContractedSpec(SpecModel):
+    """What callers see of a capability or an actor type: its intent and its contract."""
+
+    intent: str = Field(min_length=1, description="What it is for, in a sentence")
+    requires: Contract | None = Field(
+        default=None, description="Input fields (an actor's message); unset: any object")
+    provides: Contract | None = Field(
+        default=None, description="Output fields (an actor's reply); unset: unchecked")
+
+    _short_form = field_validator("requires", "provides", mode="before")(
+        classmethod(lambda cls, v: _short_form_contract(v))
+    )
+    _names = field_validator("requires", "provides")(
+        classmethod(lambda cls, v: _check_field_names(v))
+    )
+
+
+class CapabilitySpec(ContractedSpec):
     """What a capability is for, what it needs and returns, and how it runs."""
 
-    intent: str = Field(min_length=1, description="What the capability is for, in a sentence")
-    requires: Contract | None = Field(
-        default=None, description="Input fields (name -> JSON-Schema property); unset: any object"
-    )
-    provides: Contract | None = Field(
-        default=None, description="Output fields (name -> JSON-Schema property); unset: unchecked"
-    )
     implementation: Implementation
     effects: list[Effect] = Field(default_factory=list, description="Declared side effects")
     timeout_seconds: float = Field(default=30.0, gt=0, le=3600, alias="timeoutSeconds")
@@ -293,16 +303,6 @@ class CapabilitySpec(SpecModel):
     )
     mcp: McpExposure = Field(default_factory=McpExposure,
                              description="How the capability appears as an MCP tool")
-
-    _short_requires = field_validator("requires", mode="before")(
-        classmethod(lambda cls, v: _short_form_contract(v))
-    )
-    _short_provides = field_validator("provides", mode="before")(
-        classmethod(lambda cls, v: _short_form_contract(v))
-    )
-    _names = field_validator("requires", "provides")(
-        classmethod(lambda cls, v: _check_field_names(v))
-    )
 
 
 class ObjectMeta(BaseModel):
@@ -326,20 +326,26 @@ class ObjectMeta(BaseModel):
         return value
 
 
-class Capability(SpecModel):
-    """The Capability manifest (``kind: Capability``)."""
+class ManifestModel(SpecModel):
+    """A whole manifest: ``apiVersion``, ``kind``, ``metadata`` and a ``spec``."""
 
+    # Kubernetes adds status, managedFields...; they are not ours to refuse.
     model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
     api_version: Literal["packetflow.io/v1alpha1"] = Field(alias="apiVersion")
-    kind: Literal["Capability"]
     metadata: ObjectMeta
-    spec: CapabilitySpec
 
     @property
     def name(self) -> str:
-        """The capability's name (``metadata.name``)."""
+        """The manifest's name (``metadata.name``): how callers address it."""
         return self.metadata.name
+
+
+class Capability(ManifestModel):
+    """The Capability manifest (``kind: Capability``)."""
+
+    kind: Literal["Capability"]
+    spec: CapabilitySpec
 
 
 # --------------------------------------------------------------------------------- actors
@@ -448,12 +454,9 @@ class McpToolRef(SpecModel):
         return self
 
 
-class ActorSpec(SpecModel):
+class ActorSpec(ContractedSpec):
     """An actor type: its message contract, initial state, handlers, store and lifecycle."""
 
-    intent: str = Field(min_length=1, description="What the actor is for, in a sentence")
-    requires: Contract | None = Field(default=None, description="The message contract")
-    provides: Contract | None = Field(default=None, description="The reply contract")
     initial_state: dict[str, Any] = Field(default_factory=dict, alias="initialState")
     implementation: ActorImplementation
     store: ActorStore = Field(default_factory=lambda: ActorStore(sqlite=SqliteStore()))
@@ -471,16 +474,6 @@ class ActorSpec(SpecModel):
     effects: list[Effect] = Field(default_factory=list, description="Declared side effects")
     replicas: int = Field(default=1, ge=1, description="Runtime pods (a StatefulSet)")
     resources: ResourceRequirements | None = None
-
-    _short_requires = field_validator("requires", mode="before")(
-        classmethod(lambda cls, v: _short_form_contract(v))
-    )
-    _short_provides = field_validator("provides", mode="before")(
-        classmethod(lambda cls, v: _short_form_contract(v))
-    )
-    _names = field_validator("requires", "provides")(
-        classmethod(lambda cls, v: _check_field_names(v))
-    )
 
     @field_validator("replicas")
     @classmethod
@@ -503,20 +496,11 @@ class ActorSpec(SpecModel):
         return self
 
 
-class Actor(SpecModel):
+class Actor(ManifestModel):
     """The Actor manifest (``kind: Actor``)."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
-
-    api_version: Literal["packetflow.io/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["Actor"]
-    metadata: ObjectMeta
     spec: ActorSpec
-
-    @property
-    def name(self) -> str:
-        """The actor type's name (``metadata.name``)."""
-        return self.metadata.name
 
 
 Manifest = Capability | Actor
