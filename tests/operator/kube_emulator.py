@@ -52,6 +52,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self.log: list[rendering.Request] = []  # every request, for assertions
         self._versions = itertools.count(1)
         self._namespace_uids: dict[str, str] = {}
+        self._faults: list[list[Any]] = []  # [method, path, status, times left]
 
     # --- namespaces: kmock's URL parser cannot route /api/v1/namespaces[/NAME] ---------------
 
@@ -157,6 +158,12 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         self.log.append(request)
         try:
+            for fault in self._faults:
+                method, path, status, left = fault
+                if left > 0 and request.method == method and request.url.path == path:
+                    fault[3] -= 1
+                    return await self._render_error(
+                        kmock.KubernetesError(status, "InternalError", "injected fault"))
             return await self._handle_stamped(request)
         finally:
             # kmock matches each request against every request it has ever seen (quadratic: a
@@ -201,6 +208,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             await self._collect_garbage(uid)
 
     # --- helpers for tests --------------------------------------------------------------------
+
+    def fail_next(self, method: kmock.method, path: str, status: int = 500,
+                  times: int = 1) -> None:
+        """Answer the next ``times`` requests of ``method`` on ``path`` with ``status``."""
+        self._faults.append([method, path, status, times])
 
     def live(self, resource: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The current object, or None when absent or deleted."""

@@ -196,6 +196,24 @@ async def test_deleted_or_edited_child_is_restored(
                    ["spec"]["containers"][0]["image"] != "evil:latest", what="the edit undone")
 
 
+async def test_resync_heals_what_a_failed_child_event_left(
+        cluster: ClusterEmulator, kube: httpx.AsyncClient) -> None:
+    runner = OperatorRunner([NS], resync_seconds=1.0)
+    await runner.start()
+    try:
+        await create(kube, capability("healed", replicas=1))
+        await children(cluster, "healed")
+        # The Deployment's DELETED event finds the API failing: that handler only logs.
+        cluster.fail_next(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS])
+        response = await kube.delete(f"{CHILD_PATHS[DEPLOYMENTS]}/healed")
+        assert response.status_code < 300
+        await wait_for(lambda: cluster.live(DEPLOYMENTS, NS, "healed"),
+                       what="the resync to recreate the Deployment")
+        assert creations(cluster, DEPLOYMENTS, "healed") == 3  # created, refused, recreated
+    finally:
+        await runner.stop()
+
+
 async def test_deleting_capability_collects_children_for_good(
         cluster: ClusterEmulator, kube: httpx.AsyncClient,
         operator_runner: OperatorRunner) -> None:

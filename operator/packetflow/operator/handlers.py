@@ -115,6 +115,12 @@ async def reconcile_resource(body: kopf.Body, reason: str, memo: kopf.Memo,
 reconcile_capability = reconcile_resource  # the name before Actors existed
 
 
+async def resync_resource(**kwargs: Any) -> None:
+    """Timer: reconcile a resource that has seen no event for a while (idempotent, so cheap
+    when nothing drifted); errors are retried like any reconcile."""
+    await reconcile_resource(reason="resync", **kwargs)
+
+
 async def resource_event(event: kopf.RawEvent, body: kopf.Body, namespace: str | None,
                          name: str | None, uid: str | None, memo: kopf.Memo,
                          logger: kopf.Logger, **_: Any) -> None:
@@ -148,7 +154,7 @@ async def child_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
         outcome.result = "written" if wrote else "ok"
 
 
-def build_registry() -> kopf.OperatorRegistry:
+def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     """A registry with every PacketFlow handler (login, Capability, Actor, children)."""
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login)
@@ -157,6 +163,11 @@ def build_registry() -> kopf.OperatorRegistry:
         for register in (kopf.on.create, kopf.on.update, kopf.on.resume):
             register(*resource, registry=registry, id="reconcile")(reconcile_resource)
         kopf.on.event(*resource, registry=registry, id="forget")(resource_event)
+        if settings.resync_seconds > 0:
+            # `idle`: only objects quiet that long; busy ones are being reconciled anyway.
+            kopf.timer(*resource, registry=registry, id="resync",
+                       interval=settings.resync_seconds,
+                       idle=settings.resync_seconds)(resync_resource)
     # kopf filters by label on its side; in a real cluster the watch still carries every
     # object of the kind, which is why only the four child kinds are watched.
     for group, version, plural in CHILD_RESOURCES:
@@ -176,7 +187,7 @@ async def run_operator(
 ) -> None:
     """Run the kopf operator with PacketFlow's handlers until ``stop_flag`` is set."""
     await kopf.operator(
-        registry=build_registry(),
+        registry=build_registry(ctx.settings),
         settings=kopf_settings(ctx.settings),
         memo=kopf.Memo(ctx=ctx),
         namespaces=list(namespaces),
@@ -210,7 +221,8 @@ class OperatorThread:
     def _main(self) -> None:
         try:
             asyncio.run(kopf.operator(
-                registry=build_registry(), settings=kopf_settings(self.ctx.settings),
+                registry=build_registry(self.ctx.settings),
+                settings=kopf_settings(self.ctx.settings),
                 memo=kopf.Memo(ctx=self.ctx), namespaces=self.namespaces,
                 clusterwide=self.clusterwide, standalone=True,
                 stop_flag=self._stop, ready_flag=self._ready))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 Key = tuple[str, str, str]  # (kind, namespace, name)
 Resource = Capability | Actor
 OWNER_KINDS = ("Capability", "Actor")
+GONE_REMEMBERED = 10_000  # uids of deleted owners kept (see Reconciler.gone)
 
 
 class ChildConflictError(Exception):
@@ -120,7 +122,8 @@ class Reconciler:
         self.states: dict[Key, ResourceState] = {}
         # uids of deleted resources: a handler still running for one must not bring its
         # children back (they would be orphans pointing at a uid that no longer exists).
-        self.gone: set[str] = set()
+        # Only handlers in flight at the deletion care, so the newest few thousand suffice.
+        self.gone: OrderedDict[str, None] = OrderedDict()
         # The MCP aggregate bundle is rewritten by one writer at a time; changes arriving
         # meanwhile mark it dirty and the writer goes round again (bursts coalesce).
         self._mcp_lock = asyncio.Lock()
@@ -145,9 +148,14 @@ class Reconciler:
         state = self.states.get(key)
         if state is not None and (uid is None or state.uid == uid):
             del self.states[key]
-            self.gone.add(state.uid)
+            self._remember_gone(state.uid)
         if uid is not None:
-            self.gone.add(uid)
+            self._remember_gone(uid)
+
+    def _remember_gone(self, uid: str) -> None:
+        self.gone[uid] = None
+        while len(self.gone) > GONE_REMEMBERED:
+            self.gone.popitem(last=False)
 
     async def reconcile(self, raw_body: Mapping[str, Any]) -> ReconcileReport:
         """Validate the spec, apply every child, write status. Raises on API failures."""

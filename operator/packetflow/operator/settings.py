@@ -44,6 +44,10 @@ class OperatorSettings(BaseSettings):
         default="svc", description="Suffix of in-cluster endpoints: <name>.<namespace>.<suffix>")
     retry_delay_seconds: float = Field(
         default=5.0, gt=0, description="Delay before a failed reconcile is retried")
+    resync_seconds: float = Field(
+        default=300.0, ge=0,
+        description="Reconcile every resource this often even without events, healing what "
+                    "a missed watch event or a failed child-event handler left; 0: off")
     liveness_address: str | None = Field(
         default="0.0.0.0:8080",
         description="host:port of kopf's liveness endpoint (/healthz); empty: off")
