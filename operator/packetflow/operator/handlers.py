@@ -16,17 +16,18 @@ from typing import Any, Final
 import kopf
 
 from packetflow.operator import render
-from packetflow.operator.client import ApiError, KubeClient
+from packetflow.operator.client import ApiError, KubeClient, NotFoundError
 from packetflow.operator.metrics import OperatorMetrics
 from packetflow.operator.reconcile import ChildConflictError, Reconciler, describe_errors
 from packetflow.operator.settings import OperatorSettings
-from packetflow.spec import GROUP, VERSION
+from packetflow.spec import API_VERSION, GROUP, VERSION
 
 CAPABILITIES: Final = (GROUP, VERSION, "capabilities")
 ACTORS: Final = (GROUP, VERSION, "actors")
 OWNER_RESOURCES: Final = (CAPABILITIES, ACTORS)
 CHILD_RESOURCES: Final = (("", "v1", "configmaps"), ("", "v1", "services"),
                           ("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"))
+log = logging.getLogger("packetflow.operator")
 # kopf keeps its bookkeeping in annotations under our own prefix, not kopf.zalando.org.
 ANNOTATION_PREFIX: Final = "packetflow.io"
 
@@ -39,6 +40,7 @@ class OperatorContext:
     metrics: OperatorMetrics
     client: KubeClient
     reconciler: Reconciler
+    resync_task: asyncio.Task[None] | None = None
 
     @classmethod
     def create(cls, settings: OperatorSettings,
@@ -83,8 +85,12 @@ def kopf_settings(ours: OperatorSettings) -> kopf.OperatorSettings:
 
 
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    """Close the children's HTTP client."""
-    await _ctx(memo).client.aclose()
+    """Stop the resync, close the children's HTTP client."""
+    ctx = _ctx(memo)
+    if ctx.resync_task is not None:
+        ctx.resync_task.cancel()
+        await asyncio.gather(ctx.resync_task, return_exceptions=True)
+    await ctx.client.aclose()
 
 
 async def reconcile_resource(body: kopf.Body, reason: str, memo: kopf.Memo,
@@ -115,10 +121,35 @@ async def reconcile_resource(body: kopf.Body, reason: str, memo: kopf.Memo,
 reconcile_capability = reconcile_resource  # the name before Actors existed
 
 
-async def resync_resource(**kwargs: Any) -> None:
-    """Timer: reconcile a resource that has seen no event for a while (idempotent, so cheap
-    when nothing drifted); errors are retried like any reconcile."""
-    await reconcile_resource(reason="resync", **kwargs)
+async def startup(memo: kopf.Memo, **_: Any) -> None:
+    """Start the periodic resync of every known resource (when enabled)."""
+    ctx = _ctx(memo)
+    if ctx.settings.resync_seconds > 0:
+        ctx.resync_task = asyncio.get_running_loop().create_task(resync_forever(ctx))
+
+
+async def resync_forever(ctx: OperatorContext) -> None:
+    """Reconcile every known resource each ``resync_seconds``, events or not.
+
+    This heals what a missed watch event or a failed child-event handler left. It is the
+    operator's own loop, not a kopf timer: kopf timers put a finalizer on every resource,
+    and then no Capability could be deleted while the operator is down.
+    """
+    while True:
+        await asyncio.sleep(ctx.settings.resync_seconds)
+        for kind, namespace, name in list(ctx.reconciler.states):
+            with ctx.metrics.timed("resync") as outcome:
+                try:
+                    body = await ctx.client.get(API_VERSION, kind, namespace, name)
+                    report = await ctx.reconciler.reconcile(body)
+                except NotFoundError:
+                    outcome.result = "gone"  # its DELETED event forgets it
+                    continue
+                except (ApiError, ChildConflictError) as exc:
+                    outcome.result = "error"  # tried again on the next round
+                    log.warning("resync of %s %s/%s failed: %s", kind, namespace, name, exc)
+                    continue
+                outcome.result = "invalid" if report.errors else "ok"
 
 
 async def resource_event(event: kopf.RawEvent, body: kopf.Body, namespace: str | None,
@@ -154,20 +185,16 @@ async def child_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
         outcome.result = "written" if wrote else "ok"
 
 
-def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
+def build_registry() -> kopf.OperatorRegistry:
     """A registry with every PacketFlow handler (login, Capability, Actor, children)."""
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login)
+    kopf.on.startup(registry=registry)(startup)
     kopf.on.cleanup(registry=registry)(cleanup)
     for resource in OWNER_RESOURCES:
         for register in (kopf.on.create, kopf.on.update, kopf.on.resume):
             register(*resource, registry=registry, id="reconcile")(reconcile_resource)
         kopf.on.event(*resource, registry=registry, id="forget")(resource_event)
-        if settings.resync_seconds > 0:
-            # `idle`: only objects quiet that long; busy ones are being reconciled anyway.
-            kopf.timer(*resource, registry=registry, id="resync",
-                       interval=settings.resync_seconds,
-                       idle=settings.resync_seconds)(resync_resource)
     # kopf filters by label on its side; in a real cluster the watch still carries every
     # object of the kind, which is why only the four child kinds are watched.
     for group, version, plural in CHILD_RESOURCES:
@@ -187,7 +214,7 @@ async def run_operator(
 ) -> None:
     """Run the kopf operator with PacketFlow's handlers until ``stop_flag`` is set."""
     await kopf.operator(
-        registry=build_registry(ctx.settings),
+        registry=build_registry(),
         settings=kopf_settings(ctx.settings),
         memo=kopf.Memo(ctx=ctx),
         namespaces=list(namespaces),
@@ -221,7 +248,7 @@ class OperatorThread:
     def _main(self) -> None:
         try:
             asyncio.run(kopf.operator(
-                registry=build_registry(self.ctx.settings),
+                registry=build_registry(),
                 settings=kopf_settings(self.ctx.settings),
                 memo=kopf.Memo(ctx=self.ctx), namespaces=self.namespaces,
                 clusterwide=self.clusterwide, standalone=True,
