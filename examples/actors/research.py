@@ -2,6 +2,8 @@
 
 Each query picks a focus term, recalls related earlier queries from memory (BM25, or
 embeddings when installed) and keeps a small knowledge map of how often each term came up.
+The query's frequent words come from the ``text-stats`` capability, declared in the manifest's
+``mcpTools`` as ``analyze`` and called with ``ctx.tools.call``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from packetflow.actors import ActorContext
+from packetflow.errors import CapabilityNotFound
 
 STOPWORDS = frozenset({
     "a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "how", "i", "in", "is", "it",
@@ -17,6 +20,7 @@ STOPWORDS = frozenset({
     "about", "does", "do", "can", "my", "me", "we", "you"
 })
 HISTORY_KEPT = 50
+KEYWORDS_ASKED = 5
 
 
 def terms(text: str) -> list[str]:
@@ -25,10 +29,20 @@ def terms(text: str) -> list[str]:
     return [w for w in words if w and w not in STOPWORDS]
 
 
-def pick_focus(query: str, knowledge: dict[str, int]) -> str:
-    """The query's most telling term: one seen before wins, then the longest."""
-    candidates = terms(query) or ["general"]
-    return max(candidates, key=lambda t: (knowledge.get(t, 0), len(t), t))
+async def keywords(query: str, ctx: ActorContext) -> list[str]:
+    """The query's most frequent content words, from the ``analyze`` tool (text-stats)."""
+    try:
+        stats = await ctx.tools.call("analyze", {"text": query, "top": KEYWORDS_ASKED})
+    except CapabilityNotFound:
+        # text-stats is not served beside this actor (e.g. the actor runs in its own pods):
+        # the same idea, locally.
+        return terms(query)
+    return [word for word in stats["top_words"] if word not in STOPWORDS]
+
+
+def pick_focus(candidates: list[str], knowledge: dict[str, int]) -> str:
+    """The most telling candidate term: one seen before wins, then the longest."""
+    return max(candidates or ["general"], key=lambda t: (knowledge.get(t, 0), len(t), t))
 
 
 class ResearchAssistant:
@@ -41,7 +55,7 @@ class ResearchAssistant:
         related = [entry.text for entry in await ctx.memory.search(query, limit=3)
                    if entry.role == "user"]
         knowledge = Counter(state.get("knowledge") or {})
-        focus = pick_focus(query, dict(knowledge))
+        focus = pick_focus(await keywords(query, ctx), dict(knowledge))
         knowledge.update(terms(query))
         ctx.memory.append(query, role="user", data={"focus": focus})
         history = [*state["research_history"], {"query": query, "focus": focus}]

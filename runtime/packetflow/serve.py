@@ -93,7 +93,7 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
     mcp_server = None
     if settings.mcp_address:
         from packetflow.mcp.http import start_mcp  # MCP's web stack loads only when it is on
-        mcp_server = await start_mcp(engine, settings)
+        mcp_server = await start_mcp(engine, settings, actors)
     metrics_server, metrics_port = (
         start_metrics_server(engine.metrics, settings.metrics_address)
         if settings.metrics_address else (None, None))

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from packetflow.actors import ActorContext
+from packetflow.errors import PacketFlowError, code_of
 
 # Tests open gates from their own event loop; ``Slow`` waits on them.
 GATES: dict[str, asyncio.Event] = {}
@@ -58,3 +59,19 @@ def on_message(message: dict[str, Any], state: dict[str, Any],
     """Module-level (sync) handler: counts messages."""
     count = state.get("count", 0) + 1
     return {"count": count}, {**state, "count": count}
+
+
+class ToolUser:
+    """Calls ``ctx.tools``: ``{"tool": name, "args": {...}}`` replies with the tool's output;
+    with ``"catch": true`` a failure is the reply (its code and message) instead of failing."""
+
+    async def on_message(self, message: dict[str, Any], state: dict[str, Any],
+                         ctx: ActorContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        try:
+            output = await ctx.tools.call(message["tool"], message.get("args", {}))
+        except PacketFlowError as exc:
+            if not message.get("catch"):
+                raise
+            return {"error": code_of(exc).value, "message": exc.message}, state
+        calls = state.get("calls", 0) + 1
+        return {"output": output, "tools": ctx.tools.names()}, {**state, "calls": calls}

@@ -1,4 +1,5 @@
-"""What an actor's handler receives: memory, timers, reminders and calls to capabilities."""
+"""What an actor's handler receives: memory, timers, reminders, tools and calls to
+capabilities."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from packetflow.actors.store import MemoryEntry, Reminder
+from packetflow.context import CallContext
+from packetflow.mcp.toolbox import ToolNotDeclared
 from packetflow.spec import DURATION_PATTERN, duration_seconds
 
 if TYPE_CHECKING:
@@ -135,6 +138,34 @@ class Timers:
         return sorted(self._actor.timers)
 
 
+class Tools:
+    """``ctx.tools``: the tools the actor type declares in ``mcpTools`` (local capabilities or
+    remote MCP tools), called with the turn's trace, caller and deadline."""
+
+    def __init__(self, actor_type: ActorType, ctx: ActorContext) -> None:
+        self._type = actor_type
+        self._ctx = ctx
+
+    def names(self) -> list[str]:
+        """The tool names the actor may call."""
+        toolbox = self._type.toolbox
+        return toolbox.names() if toolbox is not None else []
+
+    async def call(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Call tool ``name`` with ``args`` and return its output object. An undeclared name
+        raises ``ToolNotDeclared`` (NOT_FOUND) naming it; nothing runs past the turn's
+        deadline."""
+        toolbox = self._type.toolbox
+        if toolbox is None:
+            raise ToolNotDeclared(name, [])
+        ctx = self._ctx
+        # Read at call time: the turn's deadline is set after the context is built.
+        call = CallContext(capability=name, trace_id=ctx.trace_id,
+                           caller=f"actor:{ctx.actor_type}/{ctx.actor_id}",
+                           deadline=ctx.deadline)
+        return await toolbox.call(name, args, call)
+
+
 class ActorContext:
     """A turn's context: who the actor is, what woke it, and what it may use."""
 
@@ -152,6 +183,7 @@ class ActorContext:
         self.memory = Memory(actor_type, actor, self.effects)
         self.reminders = Reminders(actor_type, actor, self.effects)
         self.timers = Timers(actor_type, actor)
+        self.tools = Tools(actor_type, self)
         self._type = actor_type
         self._loop = asyncio.get_running_loop()
 

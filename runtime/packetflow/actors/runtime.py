@@ -51,6 +51,7 @@ from packetflow.errors import (
     code_of,
 )
 from packetflow.manifests import ManifestError
+from packetflow.mcp.toolbox import McpToolbox, ToolboxError
 from packetflow.spec import Actor, duration_seconds
 
 if TYPE_CHECKING:
@@ -151,6 +152,7 @@ class ActorType:
         self.retention_seconds = duration_seconds(self.spec.memory.retention)
         self.schedules = [(s.name, duration_seconds(s.every)) for s in self.spec.schedules]
         self.ranker: Ranker = ranker_for(self.spec.memory.semantic_search)
+        self.toolbox = build_toolbox(actor, system)
         self.active: OrderedDict[str, ActiveActor] = OrderedDict()
         self.streams: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
         self.placement: Placement | None = None
@@ -197,6 +199,8 @@ class ActorType:
             await self.placement.stop()
         with contextlib.suppress(KeyError):
             self.metrics.active.remove(self.name)
+        if self.toolbox is not None:
+            await self.toolbox.aclose()
         await self.store.close()
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
@@ -663,12 +667,9 @@ class ActorType:
     async def call_capability(self, name: str, value: dict[str, Any],
                               ctx: ActorContext) -> dict[str, Any]:
         """``ctx.call``: a capability through the engine, within the turn's deadline."""
-        engine = self.system.engine
-        if engine is None:
-            raise PacketFlowError("no capabilities are served in this runtime")
         call = CallContext(capability=name, trace_id=ctx.trace_id,
                            caller=f"actor:{self.name}/{ctx.actor_id}", deadline=ctx.deadline)
-        return await engine.invoke(name, value, call)
+        return await self.system.invoke(name, value, call)
 
 
 class Placement:
@@ -749,6 +750,16 @@ def build_store(actor: Actor, state_dir: Path, environ: Mapping[str, str]) -> Ac
     return SqliteActorStore(actor.name, path=path)
 
 
+def build_toolbox(actor: Actor, system: ActorSystem) -> McpToolbox | None:
+    """``ctx.tools`` of a type: its ``mcpTools``; errors name the manifest field."""
+    if not actor.spec.mcp_tools:
+        return None
+    try:
+        return McpToolbox(actor.spec.mcp_tools, system.invoke, system.environ)
+    except ToolboxError as exc:
+        raise HandlerLoadError(exc.path, exc.message) from None
+
+
 class ActorSystem:
     """Every actor type of a runtime process."""
 
@@ -807,6 +818,13 @@ class ActorSystem:
             self.types[name] = actor_type
         self.types = dict(sorted(self.types.items()))
         return errors
+
+    async def invoke(self, name: str, value: dict[str, Any],
+                     ctx: CallContext) -> dict[str, Any]:
+        """Run a capability of this runtime through the engine (same contracts, metrics)."""
+        if self.engine is None:
+            raise PacketFlowError("no capabilities are served in this runtime")
+        return await self.engine.invoke(name, value, ctx)
 
     async def forward(self, address: str, actor_type: str, actor_id: str,
                       message: dict[str, Any], message_id: str | None, trace_id: str,

@@ -1,7 +1,8 @@
 """``packetflow mcp --stdio DIR``: serve manifests as an MCP server over stdin/stdout.
 
 For local clients (desktop assistants) that start a server as a subprocess. stdout carries
-only MCP messages; logs and manifest errors go to stderr.
+only MCP messages; logs and manifest errors go to stderr. Actor types are served too, their
+state under ``--state-dir`` (as with ``packetflow dev``), so a restarted server finds it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from packetflow.engine import Engine
 from packetflow.logs import configure_logging
 from packetflow.manifests import load_paths
 from packetflow.mcp.server import McpService
-from packetflow.serve import report
+from packetflow.serve import actor_system, report
+from packetflow.settings import RuntimeSettings
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -27,6 +29,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument("paths", nargs="+", type=Path, metavar="DIR")
     parser.add_argument("--stdio", action="store_true", required=True,
                         help="speak MCP on stdin/stdout (logs go to stderr)")
+    parser.add_argument("--state-dir", type=Path,
+                        help="durable local state: actors, trigger keys (default .packetflow)")
     parser.add_argument("--log-level", default="WARNING", help="stderr log level")
     parser.set_defaults(func=cmd_mcp)
 
@@ -38,21 +42,26 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     # as with `packetflow dev`.
     for path in [Path.cwd(), *args.paths]:
         sys.path.insert(0, str(path if path.is_dir() else path.parent))
-    return asyncio.run(serve_stdio(args.paths))
+    # PACKETFLOW_STATE_DIR applies as for the other serving commands; the flag wins.
+    settings = RuntimeSettings(**({"state_dir": args.state_dir} if args.state_dir else {}))
+    return asyncio.run(serve_stdio(args.paths, settings))
 
 
-async def serve_stdio(paths: list[Path]) -> int:
+async def serve_stdio(paths: list[Path], settings: RuntimeSettings | None = None) -> int:
     """Load the manifests and answer MCP on stdin/stdout; manifest errors go to stderr."""
+    settings = settings or RuntimeSettings()
     loaded = load_paths(paths)
     engine = Engine(loaded.capabilities)
-    report([*loaded.errors, *engine.load_errors])
-    service = McpService.for_engine(engine)
-    print(f"packetflow: MCP over stdio serving {', '.join(engine.served) or 'nothing'}",
-          file=sys.stderr, flush=True)
+    actors = actor_system(engine, settings)
+    report([*loaded.errors, *engine.load_errors, *await actors.replace(loaded.actors)])
+    service = McpService.for_runtime(engine, actors)
+    names = ", ".join(sorted([*engine.served, *actors.types])) or "nothing"
+    print(f"packetflow: MCP over stdio serving {names}", file=sys.stderr, flush=True)
     try:
         async with stdio_server() as (read_stream, write_stream):
             await service.server.run(read_stream, write_stream,
                                      service.server.create_initialization_options())
     finally:
+        await actors.aclose()
         await engine.aclose()
     return 0

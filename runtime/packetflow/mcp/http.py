@@ -22,6 +22,7 @@ import uvicorn
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from packetflow.actors.runtime import ActorSystem
 from packetflow.engine import Engine
 from packetflow.mcp.server import McpService
 from packetflow.settings import RuntimeSettings
@@ -176,11 +177,14 @@ class McpHttpServer:
         await self.server.shutdown(sockets=[self.sock])
 
 
-async def start_mcp(engine: Engine, settings: RuntimeSettings) -> McpHttpServer:
-    """Serve the engine's capabilities at ``settings.mcp_address`` and announce the URL."""
+async def start_mcp(engine: Engine, settings: RuntimeSettings,
+                    actors: ActorSystem | None = None) -> McpHttpServer:
+    """Serve the runtime's capabilities and actor types at ``settings.mcp_address`` and
+    announce the URL."""
     assert settings.mcp_address is not None
-    server = await McpHttpServer.start(McpService.for_engine(engine), settings.mcp_address,
-                                       token=settings.mcp_token, grace=settings.grace_seconds)
+    server = await McpHttpServer.start(McpService.for_runtime(engine, actors),
+                                       settings.mcp_address, token=settings.mcp_token,
+                                       grace=settings.grace_seconds)
     auth = " (bearer token required)" if settings.mcp_token else ""
     print(f"packetflow: MCP on {server.url} port {server.port}{auth}", file=sys.stderr,
           flush=True)

@@ -25,9 +25,11 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
 from packetflow import __version__
+from packetflow.actors.runtime import ActorSystem
 from packetflow.context import CallContext
 from packetflow.engine import Engine
 from packetflow.errors import ContractViolation, InvalidInput, PacketFlowError, code_of
+from packetflow.mcp.actors import ActorSource
 from packetflow.mcp.tools import CapabilitySource, ToolEntry, ToolSource, unique_names
 
 log = logging.getLogger("packetflow.mcp")
@@ -128,8 +130,9 @@ class McpService:
         self._catalog = _Catalog((), {})
         self.server: Server[Any] = Server(
             name, version=__version__,
-            instructions="Capabilities served by PacketFlow; read capability://registry for "
-                         "the catalog.",
+            instructions="Capabilities and actors served by PacketFlow; read "
+                         "capability://registry for the catalog and actor://{type}/{id} for "
+                         "an actor's state.",
             on_list_tools=self._list_tools, on_call_tool=self._call_tool,
             on_list_resources=self._list_resources,
             on_list_resource_templates=self._list_templates,
@@ -137,8 +140,18 @@ class McpService:
 
     @classmethod
     def for_engine(cls, engine: Engine, name: str = "packetflow") -> McpService:
-        """Serve the engine's capabilities (the actor runtime adds its source later)."""
+        """Serve the engine's capabilities."""
         return cls([CapabilitySource(engine)], name)
+
+    @classmethod
+    def for_runtime(cls, engine: Engine, actors: ActorSystem | None,
+                    name: str = "packetflow") -> McpService:
+        """Serve a runtime: its capabilities and, when there is an actor system, its actor
+        types (tool names are unique across both)."""
+        service = cls.for_engine(engine, name)
+        if actors is not None:
+            service.add_source(ActorSource(actors))
+        return service
 
     def add_source(self, source: ToolSource) -> None:
         """Offer another source's tools and resources (e.g. actor types)."""
@@ -211,7 +224,7 @@ class McpService:
         uri = str(params.uri)
         for source in self.sources:
             with contextlib.suppress(LookupError):
-                text = source.read(uri)
+                text = await source.read(uri)
                 if text is not None:
                     return types.ReadResourceResult(contents=[types.TextResourceContents(
                         uri=uri, mime_type="application/json", text=text)])

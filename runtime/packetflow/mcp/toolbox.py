@@ -2,7 +2,8 @@
 
 A tool is a local capability (run through the engine, with its contracts, limits and metrics)
 or a tool of a remote MCP server (``url`` + ``tool``, one connection per server and headers).
-The actor runtime builds one ``McpToolbox`` per actor type and hands it to handlers.
+The actor runtime builds one ``McpToolbox`` per actor type; each turn's ``ctx.tools``
+(``packetflow.actors.context.Tools``) calls it with the turn's trace, caller and deadline.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from packetflow.composition.executor import Invoke
 from packetflow.context import CallContext
 from packetflow.errors import CapabilityNotFound, DeadlineExceeded, PacketFlowError
-from packetflow.mcp.remote import McpConnection, RemoteMcpTool, resolve_headers
 from packetflow.spec import McpToolRef
+
+if TYPE_CHECKING:
+    from packetflow.composition.executor import Invoke
+    from packetflow.mcp.remote import McpConnection, RemoteMcpTool
 
 
 class ToolNotDeclared(CapabilityNotFound):
@@ -28,8 +31,21 @@ class ToolNotDeclared(CapabilityNotFound):
         self.name = name
 
 
+class ToolboxError(Exception):
+    """An ``mcpTools`` entry cannot be set up; ``path`` names the manifest field."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
 class McpToolbox:
-    """The declared tools of one actor type, callable by name."""
+    """The declared tools of one actor type, callable by name.
+
+    Headers are resolved now, so a missing secret is a load error (``ToolboxError`` naming
+    the header), not a failure of the first call.
+    """
 
     def __init__(self, refs: Sequence[McpToolRef], invoke: Invoke,
                  environ: Mapping[str, str] | None = None) -> None:
@@ -38,15 +54,30 @@ class McpToolbox:
         self.invoke = invoke
         self._connections: dict[tuple[str, tuple[tuple[str, str], ...]], McpConnection] = {}
         self._remote: dict[str, RemoteMcpTool] = {}
-        for ref in refs:
-            if ref.url is not None:
-                headers = resolve_headers(ref.headers_from, env)
-                key = (ref.url, tuple(sorted(headers.items())))
-                connection = self._connections.get(key)
-                if connection is None:
-                    connection = self._connections[key] = McpConnection(ref.url, headers)
-                self._remote[ref.name] = RemoteMcpTool(ref.url, ref.tool or ref.name,
-                                                       connection=connection)
+        if any(ref.url is not None for ref in refs):
+            self._add_remote(refs, env)
+
+    def _add_remote(self, refs: Sequence[McpToolRef], env: Mapping[str, str]) -> None:
+        # The MCP client stack loads only for actor types that call remote servers.
+        from packetflow.mcp.remote import McpConnection, RemoteMcpTool, resolve_headers
+
+        for index, ref in enumerate(refs):
+            if ref.url is None:
+                continue
+            headers: dict[str, str] = {}
+            for header, source in ref.headers_from.items():
+                try:
+                    headers.update(resolve_headers({header: source}, env))
+                except KeyError as exc:
+                    raise ToolboxError(f"spec.mcpTools[{index}].headersFrom.{header}",
+                                       str(exc.args[0])) from None
+            # One session per server and credentials, shared by the tools that use it.
+            key = (ref.url, tuple(sorted(headers.items())))
+            connection = self._connections.get(key)
+            if connection is None:
+                connection = self._connections[key] = McpConnection(ref.url, headers)
+            self._remote[ref.name] = RemoteMcpTool(ref.url, ref.tool or ref.name,
+                                                   connection=connection)
 
     def names(self) -> list[str]:
         """The tool names an actor may call."""
@@ -82,3 +113,4 @@ class McpToolbox:
         """Close the connections to remote servers."""
         for connection in self._connections.values():
             await connection.aclose()
+

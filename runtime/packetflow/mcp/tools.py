@@ -1,10 +1,10 @@
 """What the MCP server offers: tools and resources, contributed by pluggable *tool sources*.
 
 A ``ToolSource`` turns one kind of runtime object into MCP tools and resources. Capabilities
-are one source (``CapabilitySource``); actor types are meant to be another: an ``ActorSource``
-implementing the same protocol would offer one tool per actor type (input: ``actor_id`` plus
-the message contract, see ``actor_tool_schema``) and ``actor://{type}/{id}`` resources, and is
-registered with ``McpService.add_source``. Nothing else in the MCP server needs to change.
+are one source (``CapabilitySource``, here); actor types are another (``ActorSource`` in
+``packetflow.mcp.actors``: one tool per actor type taking ``actor_id`` plus the message
+contract, and ``actor://{type}/{id}`` resources). Sources are registered with
+``McpService.add_source``; the server treats them all alike.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class NamedTool:
 
 
 class ToolSource(Protocol):
-    """Contributes tools and resources to the MCP server (capabilities, later actor types)."""
+    """Contributes tools and resources to the MCP server (capabilities, actor types)."""
 
     def version(self) -> object:
         """Anything that changes when the set of tools changes (cheap; checked per call)."""
@@ -96,8 +96,9 @@ class ToolSource(Protocol):
         """Resource templates to list."""
         ...
 
-    def read(self, uri: str) -> str | None:
-        """The JSON text of ``uri``, or ``None`` when the URI is not this source's."""
+    async def read(self, uri: str) -> str | None:
+        """The JSON text of ``uri``, or ``None`` when the URI is not this source's (or names
+        nothing that exists)."""
         ...
 
 
@@ -126,8 +127,7 @@ def unique_names(wanted: list[NamedTool]) -> dict[str, NamedTool]:
 def actor_tool_schema(message_contract: Contract | None) -> dict[str, Any]:
     """The input schema of an actor type's tool: ``actor_id`` plus the message contract.
 
-    For the actor source (the extension point above); the message fields sit beside
-    ``actor_id`` so a client fills one flat object.
+    The message fields sit beside ``actor_id`` so a client fills one flat object.
     """
     schema = contract_schema(message_contract)
     properties = {"actor_id": {"type": "string", "minLength": 1,
@@ -245,7 +245,7 @@ class CapabilitySource:
         yield TemplateEntry(CAPABILITY_URI_TEMPLATE, "capability",
                             "One capability: contract, intent and live call statistics")
 
-    def read(self, uri: str) -> str | None:
+    async def read(self, uri: str) -> str | None:
         """The catalog or one capability as JSON text; ``None`` for other URIs."""
         if uri == REGISTRY_URI:
             return self._dump({"capabilities": [self._summary(e)
