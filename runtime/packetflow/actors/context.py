@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from packetflow.actors.search import rank as search_rank
 from packetflow.actors.store import MemoryEntry, Reminder
 from packetflow.context import CallContext
 from packetflow.mcp.toolbox import ToolNotDeclared
@@ -75,9 +76,7 @@ class Memory:
         window = min(self._type.spec.memory.max_messages, SEARCH_WINDOW)
         entries = [*await self._type.store.memory_recent(self._actor.actor_id, window),
                    *self._effects.appends]
-        ranker = self._type.ranker
-        order = await asyncio.to_thread(ranker.rank, query, [e.text for e in entries], limit) \
-            if len(entries) > 200 else ranker.rank(query, [e.text for e in entries], limit)
+        order = await search_rank(self._type.ranker, query, [e.text for e in entries], limit)
         return [entries[i] for i in order]
 
 
