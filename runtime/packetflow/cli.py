@@ -19,10 +19,11 @@ from packetflow.actors.handlers import handler_errors
 from packetflow.client import CallError, ProgressEvent, RuntimeClient
 from packetflow.engine import Engine
 from packetflow.logs import configure_logging
-from packetflow.manifests import load_paths
+from packetflow.manifests import ManifestError, load_paths
 from packetflow.serve import report, serve
 from packetflow.server import RuntimeServer
 from packetflow.settings import RuntimeSettings
+from packetflow.spec import Capability
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -222,13 +223,22 @@ def _actor_commands(sub: Any) -> None:
         command.set_defaults(func=func)
 
 
+async def _engine_errors(capabilities: list[Capability]) -> list[ManifestError]:
+    """What building the capabilities finds: implementations, compositions, remote tools."""
+    engine = Engine(capabilities)
+    try:
+        return [*engine.load_errors, *await engine.verify_remotes()]
+    finally:
+        await engine.aclose()
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check manifests (and that python implementations import); every error, then exit 1."""
     for path in {p if p.is_dir() else p.parent for p in args.paths} | {Path.cwd()}:
         sys.path.insert(0, str(path))
     missing = [p for p in args.paths if not p.exists()]
     loaded = load_paths([p for p in args.paths if p.exists()])
-    errors = [*loaded.errors, *Engine(loaded.capabilities).load_errors,
+    errors = [*loaded.errors, *asyncio.run(_engine_errors(loaded.capabilities)),
               *handler_errors(loaded.actors)]
     for path in missing:
         print(f"error: {path}: no such file or directory", file=sys.stderr)

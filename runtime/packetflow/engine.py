@@ -148,6 +148,7 @@ class Engine:
         self.remote = remote or RemoteCaller()
         self.step_metrics = StepMetrics(self.metrics.registry)
         self.served: dict[str, ServedCapability] = {}
+        self._verified: set[str] = set()  # capabilities whose remote checks passed
         # Event-driven compositions; schedules fire once ``start_triggers`` is called.
         self.triggers = TriggerRunner(self.invoke, {}, idempotency)
         self.load_errors = self.replace(capabilities)
@@ -168,6 +169,7 @@ class Engine:
         unchanged = [c for c in capabilities if (old := self.served.get(c.name)) is not None
                      and old.capability == c]
         changed = [c for c in capabilities if c not in unchanged]
+        self._verified &= {c.name for c in unchanged}
         served, build_errors = serve_capabilities(changed, self.metrics, self.invoke, self.remote,
                                                   self.step_metrics)
         errors += build_errors
@@ -182,6 +184,24 @@ class Engine:
             for name, entry in self.served.items()
             if entry.capability.spec.implementation.composition is not None
             and entry.capability.spec.implementation.composition.triggers})
+        return errors
+
+    async def verify_remotes(self, timeout: float = 5.0) -> list[ManifestError]:
+        """Check what only a remote can tell (an MCP tool exists, and its schemas), for every
+        handler that can (``verify``) and has not yet; errors name the manifest field."""
+        checks = {name: verify for name, entry in self.served.items()
+                  if (verify := getattr(entry.handler, "verify", None)) is not None
+                  and name not in self._verified}
+        results = await asyncio.gather(*(verify(timeout) for verify in checks.values()),
+                                       return_exceptions=True)
+        errors: list[ManifestError] = []
+        for name, result in zip(checks, results, strict=True):
+            if isinstance(result, ImplementationError):
+                errors.append(ManifestError(f"capability {name}", result.path, result.message))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                self._verified.add(name)
         return errors
 
     def start_triggers(self) -> None:

@@ -84,7 +84,8 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
     engine = Engine(loaded.capabilities, max_payload_bytes=settings.max_payload_bytes,
                     idempotency=idempotency_store(settings.state_dir))
     actors = actor_system(engine, settings)
-    errors = [*loaded.errors, *engine.load_errors, *await actors.replace(loaded.actors)]
+    errors = [*loaded.errors, *engine.load_errors, *await engine.verify_remotes(),
+              *await actors.replace(loaded.actors)]
     report(errors)
     if strict and errors:
         await actors.aclose()
@@ -134,7 +135,8 @@ async def _reload_on_change(paths: Sequence[Path], engine: Engine,
             continue
         seen = now
         loaded = await asyncio.to_thread(load_paths, paths)
-        errors = [*loaded.errors, *engine.replace(loaded.capabilities)]
+        errors = [*loaded.errors, *engine.replace(loaded.capabilities),
+                  *await engine.verify_remotes()]
         if actors is not None:  # changed actor types restart; their state stays in the store
             errors += await actors.replace(loaded.actors)
         report(errors)

@@ -163,8 +163,25 @@ async def _until_in_flight(engine: Engine, name: str) -> None:
 async def test_unreachable_server_at_start() -> None:
     engine = remote_engine("http://127.0.0.1:9/mcp", {"echo": "echo"})
     try:
+        # At load a server that is not up yet is no error (it may start after us)...
+        assert await engine.verify_remotes(timeout=3) == []
+        # ...its calls are UNAVAILABLE until it is.
         down = await failure(engine, "echo", {"message": "x"})
         assert code_of(down).value == "UNAVAILABLE"
+    finally:
+        await engine.aclose()
+
+
+async def test_missing_remote_tool_is_a_load_error_naming_the_field(remote: str) -> None:
+    engine = remote_engine(remote, {"r-echo": "echo", "r-nope": "nope"})
+    try:
+        errors = await engine.verify_remotes()
+        assert [(e.source, e.path) for e in errors] == [
+            ("capability r-nope", "spec.implementation.mcp.tool")]
+        assert "has no tool 'nope'" in errors[0].message
+        # The tool that exists had its contract fetched at load: it shows before any call.
+        tools = {t.name: t for t in McpService.for_engine(engine).list_tools()}
+        assert tools["r-echo"].input_schema["required"] == ["message"]
     finally:
         await engine.aclose()
 

@@ -45,6 +45,7 @@ from packetflow.errors import (
     PacketFlowError,
     Unavailable,
 )
+from packetflow.implementations import ImplementationError
 from packetflow.spec import ValueSource
 
 log = logging.getLogger("packetflow.mcp.remote")
@@ -229,6 +230,21 @@ class RemoteMcpTool:
         self.schemas = ToolSchemas(found.input_schema, output, compile_schema(found.input_schema),
                                    compile_schema(output) if output is not None else None)
         return self.schemas
+
+    async def verify(self, timeout: float) -> None:
+        """Load-time check: the tool exists on the server (its schemas are kept).
+
+        A server that is not reachable yet is only logged: it may start after us, and the
+        first call fetches the schemas. A reachable server without the tool is an
+        ImplementationError naming ``spec.implementation.mcp.tool``.
+        """
+        try:
+            await asyncio.wait_for(self.refresh(), timeout)
+        except NotServable as exc:
+            raise ImplementationError("spec.implementation.mcp.tool", exc.message) from None
+        except (PacketFlowError, TimeoutError) as exc:
+            log.warning("MCP server %s not reachable at load (%s); its tool %r is checked "
+                        "on the first call", self.url, exc, self.tool)
 
     async def current_schemas(self) -> ToolSchemas:
         """The cached schemas, fetched again if unknown or the server announced a change."""
