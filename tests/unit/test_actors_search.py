@@ -19,7 +19,10 @@ from typing import Any
 import pytest
 
 from packetflow.actors import search
+from packetflow.actors.runtime import ActorSystem
 from packetflow.actors.search import Bm25Ranker, EmbeddingRanker, rank, ranker_for
+from packetflow.spec import Actor
+from tests.conftest import eventually
 
 MISSING = search.extra_missing()
 needs_extra = pytest.mark.skipif(
@@ -205,3 +208,23 @@ def test_search_window_bounds_the_work_of_a_first_search() -> None:
     from packetflow.actors.context import SEARCH_WINDOW
 
     assert search.CACHE_ENTRIES >= 5 * SEARCH_WINDOW
+
+
+@needs_extra
+async def test_an_actor_type_with_semantic_search_loads_the_model_when_it_starts(
+        tmp_path: Path) -> None:
+    actor = Actor.model_validate({
+        "apiVersion": "packetflow.io/v1alpha1", "kind": "Actor", "metadata": {"name": "notes"},
+        "spec": {"intent": "Keep notes", "memory": {"semanticSearch": True},
+                 "implementation": {"python": {"module": "tests.support.actor_handlers",
+                                               "class": "Ledger"}}}})
+    system = ActorSystem(state_dir=tmp_path)
+    try:
+        assert await system.replace([actor]) == []
+        ranker = system.get("notes").ranker
+        assert isinstance(ranker, EmbeddingRanker)
+        # Warmed in the background: no search has run, yet the model arrives.
+        await eventually(lambda: ranker.loaded, timeout=60, what="the model to load")
+        assert ranker.encoded == 0
+    finally:
+        await system.aclose()

@@ -177,6 +177,9 @@ class ActorType:
             await self.placement.start()
         self._tasks = [asyncio.create_task(loop()) for loop in (
             self._reminder_loop, self._idle_loop, self._sweep_loop)]
+        warm = getattr(self.ranker, "warm", None)  # the embedding model: seconds to load
+        if warm is not None:
+            self._spawn(asyncio.to_thread(warm))
 
     async def stop(self) -> None:
         """Stop the loops, let running turns finish (briefly), deactivate all, close."""

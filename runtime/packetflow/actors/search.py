@@ -118,6 +118,12 @@ class EmbeddingRanker:
         self._bm25 = Bm25Ranker()
         self.encoded = 0  # entries encoded so far (cache misses), for tests and diagnostics
 
+    def warm(self) -> None:
+        """Load the model now (blocking: call it in a worker thread), so the first search
+        does not spend its turn's deadline on importing torch."""
+        with self._lock:
+            self._ensure_model()
+
     @property
     def loaded(self) -> bool:
         """Whether the model has been loaded in this process."""
