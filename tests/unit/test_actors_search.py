@@ -211,8 +211,7 @@ def test_search_window_bounds_the_work_of_a_first_search() -> None:
 
 
 @needs_extra
-async def test_an_actor_type_with_semantic_search_loads_the_model_when_it_starts(
-        tmp_path: Path) -> None:
+async def test_the_model_loads_when_the_first_actor_activates(tmp_path: Path) -> None:
     actor = Actor.model_validate({
         "apiVersion": "packetflow.io/v1alpha1", "kind": "Actor", "metadata": {"name": "notes"},
         "spec": {"intent": "Keep notes", "memory": {"semanticSearch": True},
@@ -221,9 +220,11 @@ async def test_an_actor_type_with_semantic_search_loads_the_model_when_it_starts
     system = ActorSystem(state_dir=tmp_path)
     try:
         assert await system.replace([actor]) == []
-        ranker = system.get("notes").ranker
-        assert isinstance(ranker, EmbeddingRanker)
-        # Warmed in the background: no search has run, yet the model arrives.
+        kind = system.get("notes")
+        ranker = kind.ranker
+        assert isinstance(ranker, EmbeddingRanker) and not ranker.loaded
+        await kind.send("a", {"n": 1})  # no search in this turn...
+        # ...yet the model arrives, loaded in the background for the searches to come.
         await eventually(lambda: ranker.loaded, timeout=60, what="the model to load")
         assert ranker.encoded == 0
     finally:

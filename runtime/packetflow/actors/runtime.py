@@ -158,6 +158,7 @@ class ActorType:
         self.placement: Placement | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
+        self._warming = False  # the ranker's model load has been started
         self._turn_metrics: dict[Code, Any] = {}
         self._stopping = False
         store.observe = self._observe_store
@@ -177,9 +178,6 @@ class ActorType:
             await self.placement.start()
         self._tasks = [asyncio.create_task(loop()) for loop in (
             self._reminder_loop, self._idle_loop, self._sweep_loop)]
-        warm = getattr(self.ranker, "warm", None)  # the embedding model: seconds to load
-        if warm is not None:
-            self._spawn(asyncio.to_thread(warm))
 
     async def stop(self) -> None:
         """Stop the loops, let running turns finish (briefly), deactivate all, close."""
@@ -299,6 +297,13 @@ class ActorType:
             child.observe(time.perf_counter() - started)
 
     async def _activate(self, actor: ActiveActor, trace_id: str) -> None:
+        warm = getattr(self.ranker, "warm", None)
+        if warm is not None and not self._warming:
+            # The embedding model takes seconds to load: start as the first actor activates
+            # (not at type start: a process may never search), off the loop, so its search
+            # does not spend the turn's deadline on importing torch.
+            self._warming = True
+            self._spawn(asyncio.to_thread(warm))
         try:
             activation = await self.store.activate(actor.actor_id, self.system.member_id,
                                                    self.clock(), self.schedules)
