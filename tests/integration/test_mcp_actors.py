@@ -33,7 +33,7 @@ from packetflow.errors import PacketFlowError, code_of
 from packetflow.manifests import load_text
 from packetflow.mcp.actors import actor_uri
 from packetflow.mcp.server import ERROR_META_KEY, RESOURCE_NOT_FOUND, McpService
-from packetflow.mcp.tools import actor_tool_schema
+from packetflow.mcp.tools import MESSAGE_ID_META, actor_tool_schema
 from tests.conftest import eventually
 from tests.integration.test_mcp_remote import remote_server
 from tests.support import actor_handlers
@@ -144,6 +144,18 @@ async def test_calls_reach_the_same_actor_and_state_persists(mcp: Client,
     described = await system.get("ledger").describe("a")
     assert described["state"] == {"applied": [1, 2]} and described["version"] == 2
     assert turns(system, "ledger", "OK") == 2  # the turn metrics of gRPC Send
+
+
+async def test_a_retried_call_with_a_message_id_applies_once(mcp: Client,
+                                                              system: ActorSystem) -> None:
+    retry = {MESSAGE_ID_META: "order-7"}
+    async with mcp as client:
+        first = await client.call_tool("ledger", {"actor_id": "m", "n": 7}, meta=retry)
+        again = await client.call_tool("ledger", {"actor_id": "m", "n": 7}, meta=retry)
+        fresh = await client.call_tool("ledger", {"actor_id": "m", "n": 8})
+    assert first.structured_content == again.structured_content == {"n": 7, "count": 1}
+    assert fresh.structured_content == {"n": 8, "count": 2}
+    assert (await system.get("ledger").describe("m"))["state"] == {"applied": [7, 8]}
 
 
 async def test_bad_arguments_are_tool_errors_naming_the_field(mcp: Client,

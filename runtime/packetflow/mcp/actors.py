@@ -21,6 +21,7 @@ from packetflow.context import CallContext
 from packetflow.contracts import contract_schema
 from packetflow.errors import CapabilityNotFound, FieldViolation, InvalidInput
 from packetflow.mcp.tools import (
+    MESSAGE_ID_META,
     NamedTool,
     ResourceEntry,
     TemplateEntry,
@@ -96,8 +97,8 @@ class ActorSource:
             actor_id, message = split_arguments(arguments)
             # Looked up per call: a reload may have restarted the type since the tool list.
             result = await system.get(type_name).send(
-                actor_id, message, trace_id=ctx.trace_id, caller=ctx.caller,
-                deadline=ctx.deadline)
+                actor_id, message, message_id=ctx.metadata.get(MESSAGE_ID_META),
+                trace_id=ctx.trace_id, caller=ctx.caller, deadline=ctx.deadline)
             return result.reply
 
         return run

@@ -30,7 +30,13 @@ from packetflow.context import CallContext
 from packetflow.engine import Engine
 from packetflow.errors import ContractViolation, InvalidInput, PacketFlowError, code_of
 from packetflow.mcp.actors import ActorSource
-from packetflow.mcp.tools import CapabilitySource, ToolEntry, ToolSource, unique_names
+from packetflow.mcp.tools import (
+    MESSAGE_ID_META,
+    CapabilitySource,
+    ToolEntry,
+    ToolSource,
+    unique_names,
+)
 
 log = logging.getLogger("packetflow.mcp")
 
@@ -188,6 +194,9 @@ class McpService:
             raise MCPError(INVALID_PARAMS, f"Unknown tool: {params.name}")
         call = CallContext(capability=tool.target, trace_id=os.urandom(16).hex(),
                            caller=_caller(ctx))
+        message_id = (params.meta or {}).get(MESSAGE_ID_META)
+        if isinstance(message_id, str) and message_id:
+            call.metadata[MESSAGE_ID_META] = message_id
         relay = ProgressRelay(ctx.session)
         call.progress_sink = relay
         try:

@@ -24,6 +24,11 @@ from packetflow.errors import Code
 from packetflow.spec import MCP_TOOL_NAME_PATTERN, Contract
 
 ToolRunner = Callable[[dict[str, Any], CallContext], Awaitable[dict[str, Any]]]
+
+# A `tools/call` may carry this key in its `_meta`: an actor applies a message id once, so a
+# client retrying a call it saw fail (say, a dropped connection) cannot apply it twice. The
+# server copies it into the CallContext's metadata.
+MESSAGE_ID_META = "io.packetflow/message-id"
 """Runs one tool call through the engine: validated arguments in, output object out."""
 
 _TOOL_NAME_RE = re.compile(MCP_TOOL_NAME_PATTERN)
