@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -278,7 +279,7 @@ class Engine:
                 entry.close_if_idle()
             if entry.name in self.triggers.watched:
                 self.triggers.completed(entry.name, value, code, output if code == Code.OK
-                                        else None, ctx.trace_id)
+                                        else None, ctx.trace_id, uuid.uuid4().hex)
 
     async def _checked_call(self, entry: ServedCapability, value: Any,
                             ctx: CallContext) -> dict[str, Any]:

@@ -73,6 +73,19 @@ def _snapshot(paths: Sequence[Path]) -> dict[Path, float]:
     return {p: p.stat().st_mtime for p in manifest_files(paths) if p.exists()}
 
 
+async def load_runtime(paths: Sequence[Path], settings: RuntimeSettings,
+                       ) -> tuple[Engine, ActorSystem, list[ManifestError]]:
+    """The manifests under ``paths`` as an engine and an actor system, and every load error
+    (what ``dev``, ``runtime`` and ``mcp --stdio`` all serve)."""
+    loaded = load_paths(paths)
+    engine = Engine(loaded.capabilities, max_payload_bytes=settings.max_payload_bytes,
+                    idempotency=idempotency_store(settings.state_dir))
+    actors = actor_system(engine, settings)
+    errors = [*loaded.errors, *engine.load_errors, *await engine.verify_remotes(),
+              *await actors.replace(loaded.actors)]
+    return engine, actors, errors
+
+
 async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool,
                 strict: bool, on_ready: Callable[[RuntimeServer, int | None], None]) -> int:
     """Serve the manifests under ``paths`` until SIGINT/SIGTERM; returns an exit code.
@@ -80,15 +93,11 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
     ``strict`` refuses to start on any manifest error (pods); otherwise errors are reported and
     the valid manifests still serve (``packetflow dev``). ``watch`` reloads on file changes.
     """
-    loaded = load_paths(paths)
-    engine = Engine(loaded.capabilities, max_payload_bytes=settings.max_payload_bytes,
-                    idempotency=idempotency_store(settings.state_dir))
-    actors = actor_system(engine, settings)
-    errors = [*loaded.errors, *engine.load_errors, *await engine.verify_remotes(),
-              *await actors.replace(loaded.actors)]
+    engine, actors, errors = await load_runtime(paths, settings)
     report(errors)
     if strict and errors:
         await actors.aclose()
+        await engine.aclose()
         return 1
     server = await RuntimeServer.start(engine, settings.address, actors)
     mcp_server = None

@@ -183,6 +183,38 @@ async def test_stdio_subprocess(tmp_path: Path) -> None:
         assert echo["stats"]["calls"] == {"INVALID_ARGUMENT": 1, "OK": 1}
 
 
+async def test_stdio_fires_scheduled_compositions(tmp_path: Path) -> None:
+    (tmp_path / "tick.yaml").write_text("""
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: note}
+spec:
+  intent: Accept any event
+  implementation: {builtin: {name: echo}}
+---
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: tick}
+spec:
+  intent: Every second, note the schedule event
+  implementation:
+    composition:
+      steps: [{call: {capability: note}}]
+      triggers: [{schedule: "* * * * * *"}]
+""")
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "packetflow.cli", "mcp", "--stdio", str(tmp_path)],
+        cwd=str(tmp_path), env=subprocess_env())
+    async with Client(params, mode="legacy") as client:
+        async def noted() -> bool:
+            read = await client.read_resource("capability://note")
+            stats = orjson.loads(read.contents[0].text)["stats"]  # type: ignore[union-attr]
+            return bool(stats["calls"].get("OK", 0) >= 1)
+
+        await eventually(noted, timeout=15, what="the schedule to fire over stdio")
+    assert (tmp_path / ".packetflow" / "triggers.db").is_file()  # keys kept durably
+
+
 # ------------------------------------------------------------------ two replicas, one address
 
 

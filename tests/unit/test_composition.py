@@ -766,12 +766,25 @@ async def test_completion_trigger_runs_with_the_event_as_input() -> None:
     output = await engine.invoke("add", {"a": 3}, context("add"))  # the engine fires the event
     await eventually(lambda: len(probe.calls) == 1 and not engine.triggers.tasks,
                      what="the triggered run")
-    engine.triggers.completed("add", {"a": 3}, Code.OK, output, "trace-1")  # redelivered
-    engine.triggers.completed("greet", {}, Code.OK, {}, "trace-10")  # not subscribed
+    event = probe.calls[0]
+    call_id = event["id"].removeprefix("completed:add:")
+    engine.triggers.completed("add", {"a": 3}, Code.OK, output, "trace-1", call_id)  # again
+    engine.triggers.completed("greet", {}, Code.OK, {}, "trace-10", "c10")  # not subscribed
     await eventually(lambda: not engine.triggers.tasks, what="the duplicate to be dropped")
-    assert probe.calls == [{"type": "completed", "id": "completed:add:trace-1",
+    assert probe.calls == [{"type": "completed", "id": f"completed:add:{call_id}",
                             "capability": "add", "outcome": "success", "code": "OK",
                             "input": {"a": 3}, "output": {"sum": 3}, "traceId": "trace-1"}]
+    await engine.aclose()
+
+
+async def test_calls_sharing_a_trace_are_distinct_events() -> None:
+    probe = Probe()
+    engine, _ = triggered("[{completed: {capability: add}}]", {"probe": probe})
+    for a in (1, 2, 3):  # one trace id (context() always says trace-1): three calls
+        await engine.invoke("add", {"a": a}, context("add"))
+    await eventually(lambda: len(probe.calls) == 3 and not engine.triggers.tasks,
+                     what="three triggered runs")
+    assert sorted(call["input"]["a"] for call in probe.calls) == [1, 2, 3]
     await engine.aclose()
 
 
@@ -789,20 +802,20 @@ async def test_failed_call_fires_failure_triggers_only() -> None:
     await engine.aclose()
 
 
-def test_sqlite_keys_survive_a_restart_and_stale_claims_expire(tmp_path: Path) -> None:
+async def test_sqlite_keys_survive_a_restart_and_stale_claims_expire(tmp_path: Path) -> None:
     clock = [1000.0]
     store = SqliteIdempotencyStore(tmp_path / "t.db", lease_seconds=10, clock=lambda: clock[0])
-    assert store.claim("done") and store.claim("crashed")
-    store.complete("done")
-    assert not store.claim("crashed")  # another delivery holds a live lease
+    assert await store.claim("done") and await store.claim("crashed")
+    await store.complete("done")
+    assert not await store.claim("crashed")  # another delivery holds a live lease
     store.close()
     reopened = SqliteIdempotencyStore(tmp_path / "t.db", lease_seconds=10,
                                       clock=lambda: clock[0])
-    assert not reopened.claim("done")
+    assert not await reopened.claim("done")
     clock[0] += 11  # the process that claimed "crashed" died: its lease runs out
-    assert reopened.claim("crashed")
-    reopened.release("crashed")
-    assert reopened.claim("crashed") and not reopened.claim("done")
+    assert await reopened.claim("crashed")
+    await reopened.release("crashed")
+    assert await reopened.claim("crashed") and not await reopened.claim("done")
     reopened.close()
 
 

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,16 +36,19 @@ RETRYABLE = frozenset({Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.RESOURCE_E
 # ----------------------------------------------------------------------------- idempotency
 
 class IdempotencyStore(Protocol):
-    """Remembers which event keys ran; SQLite/PostgreSQL stores implement the same three."""
+    """Remembers which event keys ran. Async: a durable store does I/O off the event loop."""
 
-    def claim(self, key: str) -> bool:
+    async def claim(self, key: str) -> bool:
         """Reserve ``key``; False if it is done or another delivery holds it."""
 
-    def complete(self, key: str) -> None:
+    async def complete(self, key: str) -> None:
         """Mark ``key`` done: later duplicates are dropped."""
 
-    def release(self, key: str) -> None:
+    async def release(self, key: str) -> None:
         """Give ``key`` up after a failed run, so a redelivery may run it."""
+
+    def close(self) -> None:
+        """Release what the store holds."""
 
 
 class MemoryIdempotencyStore:
@@ -55,23 +59,26 @@ class MemoryIdempotencyStore:
         self.done: OrderedDict[str, None] = OrderedDict()
         self.running: set[str] = set()
 
-    def claim(self, key: str) -> bool:
+    async def claim(self, key: str) -> bool:
         """Reserve ``key``; False if it is done or running."""
         if key in self.done or key in self.running:
             return False
         self.running.add(key)
         return True
 
-    def complete(self, key: str) -> None:
+    async def complete(self, key: str) -> None:
         """Mark ``key`` done, forgetting the oldest keys beyond capacity."""
         self.running.discard(key)
         self.done[key] = None
         while len(self.done) > self.capacity:
             self.done.popitem(last=False)
 
-    def release(self, key: str) -> None:
+    async def release(self, key: str) -> None:
         """Let a later delivery of ``key`` run."""
         self.running.discard(key)
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 class SqliteIdempotencyStore:
@@ -79,6 +86,7 @@ class SqliteIdempotencyStore:
 
     A claim is a lease: when the process dies mid-run its key is not lost, a delivery after
     ``lease_seconds`` takes it over (at-least-once). Done keys are kept ``keep_seconds``.
+    Statements run on one worker thread: off the event loop, and one at a time.
     """
 
     def __init__(self, path: Path | str, *, lease_seconds: float = 300.0,
@@ -87,7 +95,8 @@ class SqliteIdempotencyStore:
         self.lease_seconds = lease_seconds
         self.keep_seconds = keep_seconds
         self.clock = clock
-        # Claims come from the event loop thread only; autocommit, one statement per change.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trigger-keys")
+        # Autocommit, one statement per change; used only from the worker thread.
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -96,28 +105,35 @@ class SqliteIdempotencyStore:
         self.db.execute("CREATE INDEX IF NOT EXISTS trigger_events_until "
                         "ON trigger_events (done, until)")
 
-    def claim(self, key: str) -> bool:
+    async def _run(self, sql: str, *args: Any) -> int:
+        def execute() -> int:
+            return self.db.execute(sql, args).rowcount
+
+        return await asyncio.get_running_loop().run_in_executor(self.worker, execute)
+
+    async def claim(self, key: str) -> bool:
         """Reserve ``key`` unless it is done or another delivery's lease on it is live."""
         now = self.clock()
-        self.db.execute("DELETE FROM trigger_events WHERE done = 1 AND until < ?", (now,))
-        taken = self.db.execute(
+        await self._run("DELETE FROM trigger_events WHERE done = 1 AND until < ?", now)
+        taken = await self._run(
             "INSERT INTO trigger_events (key, done, until) VALUES (?, 0, ?) "
             "ON CONFLICT (key) DO UPDATE SET until = excluded.until "
             "WHERE trigger_events.done = 0 AND trigger_events.until < ?",
-            (key, now + self.lease_seconds, now))
-        return taken.rowcount == 1
+            key, now + self.lease_seconds, now)
+        return taken == 1
 
-    def complete(self, key: str) -> None:
+    async def complete(self, key: str) -> None:
         """Mark ``key`` done; duplicates within ``keep_seconds`` are dropped."""
-        self.db.execute("UPDATE trigger_events SET done = 1, until = ? WHERE key = ?",
-                        (self.clock() + self.keep_seconds, key))
+        await self._run("UPDATE trigger_events SET done = 1, until = ? WHERE key = ?",
+                        self.clock() + self.keep_seconds, key)
 
-    def release(self, key: str) -> None:
+    async def release(self, key: str) -> None:
         """Drop the claim on ``key`` so a redelivery may run it."""
-        self.db.execute("DELETE FROM trigger_events WHERE key = ? AND done = 0", (key,))
+        await self._run("DELETE FROM trigger_events WHERE key = ? AND done = 0", key)
 
     def close(self) -> None:
-        """Close the database."""
+        """Finish pending statements, then close the database."""
+        self.worker.shutdown(wait=True)
         self.db.close()
 
 
@@ -169,7 +185,7 @@ class TriggerRunner:
                       trigger: Trigger | None = None) -> bool:
         """Run ``target`` with ``event`` unless its key already ran; True if it ran now."""
         key = _key(event, trigger)
-        if not self.store.claim(key):
+        if not await self.store.claim(key):
             log.info("duplicate event %s for %s dropped", key, target)
             return False
         for delivery in range(1, self.max_deliveries + 1):
@@ -181,19 +197,24 @@ class TriggerRunner:
                 if code_of(exc) in RETRYABLE and delivery < self.max_deliveries:
                     await asyncio.sleep(self.redelivery_seconds * 2 ** (delivery - 1))
                     continue
-                self.store.release(key)
+                await self.store.release(key)
                 log.warning("event %s for %s failed: %s", key, target, exc.message)
                 raise
             except BaseException:
-                self.store.release(key)
+                # Shielded: a cancelled delivery must still give its claim up.
+                await asyncio.shield(self.store.release(key))
                 raise
-            self.store.complete(key)
+            await self.store.complete(key)
             return True
         raise AssertionError("unreachable: the last delivery returns or raises")
 
     def completed(self, capability: str, value: Any, code: Code,
-                  output: dict[str, Any] | None, trace_id: str) -> None:
-        """Engine hook: a call of ``capability`` ended; fire subscribed triggers (no wait)."""
+                  output: dict[str, Any] | None, trace_id: str, call_id: str) -> None:
+        """Engine hook: a call of ``capability`` ended; fire subscribed triggers (no wait).
+
+        The event's id is the call's own ``call_id``, not its trace id: the calls of one
+        trace (a composition's steps, a caller's retries) are distinct events.
+        """
         outcome = "success" if code == Code.OK else "failure"
         for sub in self.subscriptions:
             done = sub.trigger.completed
@@ -201,7 +222,7 @@ class TriggerRunner:
                 continue
             if done.outcome not in ("any", outcome):
                 continue
-            event = {"type": "completed", "id": f"completed:{capability}:{trace_id}",
+            event = {"type": "completed", "id": f"completed:{capability}:{call_id}",
                      "capability": capability, "outcome": outcome, "code": code.value,
                      "input": value, "output": output, "traceId": trace_id}
             self._spawn(self.deliver(sub.target, event, sub.trigger))
@@ -246,6 +267,7 @@ class TriggerRunner:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.store.close()
 
 
 def _key(event: dict[str, Any], trigger: Trigger | None) -> str:

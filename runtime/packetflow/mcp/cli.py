@@ -15,11 +15,9 @@ from typing import Any
 
 from mcp.server.stdio import stdio_server
 
-from packetflow.engine import Engine
 from packetflow.logs import configure_logging
-from packetflow.manifests import load_paths
 from packetflow.mcp.server import McpService
-from packetflow.serve import actor_system, report
+from packetflow.serve import load_runtime, report
 from packetflow.settings import RuntimeSettings
 
 
@@ -50,10 +48,9 @@ def cmd_mcp(args: argparse.Namespace) -> int:
 async def serve_stdio(paths: list[Path], settings: RuntimeSettings | None = None) -> int:
     """Load the manifests and answer MCP on stdin/stdout; manifest errors go to stderr."""
     settings = settings or RuntimeSettings()
-    loaded = load_paths(paths)
-    engine = Engine(loaded.capabilities)
-    actors = actor_system(engine, settings)
-    report([*loaded.errors, *engine.load_errors, *await actors.replace(loaded.actors)])
+    engine, actors, errors = await load_runtime(paths, settings)
+    report(errors)
+    engine.start_triggers()
     service = McpService.for_runtime(engine, actors)
     names = ", ".join(sorted([*engine.served, *actors.types])) or "nothing"
     print(f"packetflow: MCP over stdio serving {names}", file=sys.stderr, flush=True)

@@ -25,20 +25,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from packetflow.actors.runtime import ActorSystem
 from packetflow.engine import Engine
 from packetflow.mcp.server import McpService
+from packetflow.serve import split_address
 from packetflow.settings import RuntimeSettings
 
 log = logging.getLogger("packetflow.mcp.http")
 
 MCP_PATH = "/mcp"
 LOOPBACK_NAMES = ("localhost",)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` (or ``[v6]:port``) -> (host, port)."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"address {address!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 def is_loopback(host: str) -> bool:
