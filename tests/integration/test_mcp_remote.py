@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,10 @@ import pytest
 
 from packetflow.context import CallContext
 from packetflow.engine import Engine
-from packetflow.errors import PacketFlowError, code_of
+from packetflow.errors import PacketFlowError, Unavailable, code_of
 from packetflow.manifests import load_text
+from packetflow.mcp import remote as remote_module
+from packetflow.mcp.remote import McpConnection, RemoteMcpTool
 from packetflow.mcp.server import McpService
 from packetflow.mcp.toolbox import McpToolbox, ToolNotDeclared
 from packetflow.spec import McpToolRef, ValueSource
@@ -241,3 +244,113 @@ spec:
     finally:
         await toolbox.aclose()
         await engine.aclose()
+
+
+def owner_tasks() -> list[asyncio.Task[Any]]:
+    """The tasks that own a connection's MCP session (connecting or connected)."""
+    return [task for task in asyncio.all_tasks()
+            if getattr(task.get_coro(), "cr_code", None) is McpConnection._own.__code__]
+
+
+@pytest.fixture
+def silent() -> Iterator[str]:
+    """A URL whose port takes TCP connections (the kernel's backlog) and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+
+
+async def _cancelled_while_connecting(connection: McpConnection) -> None:
+    """A caller that gives up after the connect started (a deadline, a cancellation)."""
+    caller = asyncio.create_task(connection.client())
+    await asyncio.sleep(0)  # one step: the caller starts the connect and waits for it
+    assert len(owner_tasks()) == 1
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+
+
+async def test_concurrent_first_calls_share_one_connection(remote: str) -> None:
+    connection = McpConnection(remote)
+    tools = [RemoteMcpTool(remote, "echo", connection=connection) for _ in range(3)]
+    try:
+        clients = await asyncio.gather(*(connection.client() for _ in range(5)))
+        assert all(client is clients[0] for client in clients)
+        results = await asyncio.gather(*(tool.refresh() for tool in tools))
+        assert all(r.input_schema["required"] == ["message"] for r in results)
+        assert len(owner_tasks()) == 1
+    finally:
+        await connection.aclose()
+    assert owner_tasks() == []
+
+
+async def test_a_cancelled_caller_does_not_abandon_the_shared_connect(remote: str) -> None:
+    connection = McpConnection(remote)
+    try:
+        await _cancelled_while_connecting(connection)
+        # The next caller joins the connect already in flight instead of starting another.
+        client = await connection.client()
+        assert len(owner_tasks()) == 1
+        assert await connection.client() is client
+        assert (await client.list_tools()).tools
+    finally:
+        await connection.aclose()
+    assert owner_tasks() == []
+
+
+async def test_a_stale_reset_does_not_drop_the_newer_session(remote: str) -> None:
+    connection = McpConnection(remote)
+    try:
+        first = await connection.client()
+        connection.reset(first)
+        second = await connection.client()
+        assert second is not first
+        connection.reset(first)  # a late report about the old session
+        assert await connection.client() is second
+        await eventually(lambda: len(owner_tasks()) == 1, what="the old session closed")
+    finally:
+        await connection.aclose()
+    assert owner_tasks() == []
+
+
+async def test_connect_to_a_silent_server_is_bounded_and_leaves_no_task(
+        silent: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(remote_module, "CONNECT_TIMEOUT", 0.5)
+    connection = McpConnection(silent)
+    try:
+        await _cancelled_while_connecting(connection)
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match=r"did not answer within 0\.5s"):
+            await connection.client()  # joins the connect in flight: it ends at its timeout
+        assert time.monotonic() - started < 5
+        await eventually(lambda: owner_tasks() == [], what="the abandoned connect ended")
+    finally:
+        await connection.aclose()
+    assert owner_tasks() == []
+
+
+async def test_aclose_abandons_a_connect_in_flight(silent: str) -> None:
+    connection = McpConnection(silent)
+    waiting = asyncio.create_task(connection.client())
+    await asyncio.sleep(0)
+    assert len(owner_tasks()) == 1
+    started = time.monotonic()
+    await connection.aclose()
+    assert owner_tasks() == []
+    assert time.monotonic() - started < remote_module.CONNECT_TIMEOUT / 2
+    with pytest.raises(Unavailable, match="closed the connection"):
+        await waiting
+
+
+async def test_load_check_shorter_than_the_connect_leaves_no_task(silent: str) -> None:
+    # verify gives up (5 s by default) before the connect does (CONNECT_TIMEOUT, 10 s).
+    engine = remote_engine(silent, {"echo": "echo", "again": "echo"})
+    try:
+        assert await engine.verify_remotes(timeout=0.2) == []
+        assert len(owner_tasks()) == 2  # still connecting: each capability has its own
+    finally:
+        started = time.monotonic()
+        await engine.aclose()
+    assert owner_tasks() == []
+    assert time.monotonic() - started < 3  # abandoned at once, not waited out

@@ -68,55 +68,89 @@ def _quote(text: str) -> str:
     return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
 
 
+class _Attempt:
+    """One connection attempt and, once it succeeds, its session: the owner task, the
+    future its callers await, and the event that tells the owner to close."""
+
+    def __init__(self, url: str, owner: asyncio.Task[None], ready: asyncio.Future[Client],
+                 closing: asyncio.Event) -> None:
+        self.url = url
+        self.owner = owner
+        self.ready = ready
+        self.closing = closing
+
+    def usable(self) -> bool:
+        """Connected or still connecting, and not told to close."""
+        if self.owner.done() or self.closing.is_set():
+            return False
+        ready = self.ready
+        return not ready.done() or (not ready.cancelled() and ready.exception() is None)
+
+    def live(self) -> Client | None:
+        return self.ready.result() if self.usable() and self.ready.done() else None
+
+    def close(self, error: Exception | None = None) -> None:
+        """Tell the owner to close: a session winds down, a connect in flight is abandoned
+        (its callers get ``error``)."""
+        self.closing.set()
+        if not self.ready.done():
+            self.owner.cancel()  # it may not have started: it cannot be left to fail them
+            self.ready.set_exception(error or Unavailable(
+                f"MCP server {self.url} closed the connection"))
+
+
 class McpConnection:
     """One MCP client session to a remote server, opened on demand and reopened after a loss.
 
     The SDK's ``Client`` must be entered and left in the same task, so a background task owns
-    it for its whole life; calls from any task share it (requests are multiplexed).
+    it for its whole life; calls from any task share it (requests are multiplexed). One
+    connection attempt runs at a time: callers arriving while it is in flight wait for the
+    same one, and a caller that gives up (its deadline, a cancellation) does not abandon it
+    for the others. The attempt itself ends after ``CONNECT_TIMEOUT``.
     """
 
     def __init__(self, url: str, headers: Mapping[str, str] | None = None) -> None:
         self.url = url
         self.headers = dict(headers or {})
         self.tools_changed = asyncio.Event()  # set by the server's list_changed notification
-        self._client: Client | None = None
-        self._owner: asyncio.Task[None] | None = None
-        self._closing: asyncio.Event | None = None
-        self._lock: asyncio.Lock | None = None
+        self._attempt: _Attempt | None = None
+        # Every owner task not yet ended, the current one and any still closing.
+        self._owners: set[asyncio.Task[None]] = set()
 
     async def client(self) -> Client:
         """The live client, connecting first if there is none (``Unavailable`` if it fails)."""
-        client = self._live()
-        if client is not None:
+        attempt = self._attempt
+        if attempt is None or not attempt.usable():
+            attempt = self._start()
+        elif (client := attempt.live()) is not None:
             return client
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            return self._live() or await self._connect()
-
-    def _live(self) -> Client | None:
-        owner, closing = self._owner, self._closing
-        if owner is None or owner.done() or closing is None or closing.is_set():
-            return None
-        return self._client
-
-    async def _connect(self) -> Client:
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[Client] = loop.create_future()
-        self._closing = closing = asyncio.Event()
-        self._owner = loop.create_task(self._own(ready, closing))
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                self._client = await asyncio.shield(ready)
-        except TimeoutError:
-            closing.set()
-            raise Unavailable(f"MCP server {self.url} did not answer within "
-                              f"{CONNECT_TIMEOUT:g}s") from None
-        except PacketFlowError:
-            raise
+            # Shielded: this caller's cancellation must not cancel the attempt others share.
+            return await asyncio.shield(attempt.ready)
+        except Unavailable as exc:
+            raise Unavailable(exc.message) from None
         except Exception as exc:
             raise Unavailable(f"MCP server {self.url} is unreachable: {_reason(exc)}") from None
-        return self._client
+
+    def _start(self) -> _Attempt:
+        if self._attempt is not None:
+            self._attempt.close()
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[Client] = loop.create_future()
+        ready.add_done_callback(_retrieve)  # a failure nobody waited for is no loop error
+        closing = asyncio.Event()
+        owner = loop.create_task(self._own(ready, closing))
+        self._owners.add(owner)
+        owner.add_done_callback(self._owners.discard)
+        attempt = self._attempt = _Attempt(self.url, owner, ready, closing)
+        expiry = loop.call_later(CONNECT_TIMEOUT, self._expire, attempt)
+        ready.add_done_callback(lambda _: expiry.cancel())
+        return attempt
+
+    def _expire(self, attempt: _Attempt) -> None:
+        if not attempt.ready.done():  # connected just now: its done callback has not run yet
+            attempt.close(Unavailable(
+                f"MCP server {self.url} did not answer within {CONNECT_TIMEOUT:g}s"))
 
     async def _own(self, ready: asyncio.Future[Client], closing: asyncio.Event) -> None:
         try:
@@ -129,38 +163,45 @@ class McpConnection:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the SDK reports transport failures as exception groups
-            if not ready.done():
-                ready.set_exception(_unwrap(exc))
-            else:
+            if not ready.done() and isinstance(leaf := _unwrap(exc), Exception):
+                ready.set_exception(leaf)
+            elif ready.done() and not closing.is_set():  # lost, not closed on purpose
                 log.warning("connection to MCP server lost", extra={
                     "url": self.url, "reason": _reason(exc)})
         finally:
             if not ready.done():
                 ready.set_exception(Unavailable(f"MCP server {self.url} closed the connection"))
-            self._client = None if self._closing is closing else self._client
 
     async def _on_message(self, message: IncomingMessage) -> None:
         if isinstance(message, types.ToolListChangedNotification):
             self.tools_changed.set()
 
-    def reset(self) -> None:
-        """Drop the session (after a failure); the next call reconnects."""
-        if self._closing is not None:
-            self._closing.set()
-        self._client = None
+    def reset(self, client: Client | None = None) -> None:
+        """Drop the session (after a failure); the next call reconnects. Given the ``client``
+        that failed, only its session is dropped, not a newer one."""
+        attempt = self._attempt
+        if attempt is not None and (client is None or attempt.live() is client):
+            attempt.close()
 
     async def aclose(self) -> None:
-        """Close the session and wait for its task to end."""
+        """Close the session, abandon a connect in flight and wait for their tasks to end."""
         self.reset()
-        owner, self._owner = self._owner, None
-        if owner is not None:
-            try:
-                async with asyncio.timeout(5.0):
-                    await owner
-            except TimeoutError:
-                owner.cancel()
-            except Exception:  # the session already failed and was logged
-                log.debug("closing a failed MCP connection", exc_info=True)
+        self._attempt = None
+        owners = set(self._owners)
+        if not owners:
+            return
+        _, pending = await asyncio.wait(owners, timeout=5.0)
+        for owner in pending:
+            owner.cancel()
+        if pending:
+            _, stuck = await asyncio.wait(pending, timeout=5.0)
+            if stuck:
+                log.warning("an MCP connection task did not end", extra={"url": self.url})
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -221,7 +262,7 @@ class RemoteMcpTool:
         try:
             listing = await client.list_tools()
         except Exception as exc:
-            self.connection.reset()
+            self.connection.reset(client)
             raise _call_error(exc, self.url, self.tool) from None
         found = next((t for t in listing.tools if t.name == self.tool), None)
         if found is None:
@@ -290,7 +331,7 @@ class RemoteMcpTool:
             if exc.code == INVALID_PARAMS:
                 self.schemas = None  # our idea of the arguments was wrong: list again next time
             if exc.code == CONNECTION_CLOSED:
-                self.connection.reset()
+                self.connection.reset(client)
             raise _call_error(exc, self.url, self.tool) from None
         except (PacketFlowError, asyncio.CancelledError):
             raise
