@@ -124,6 +124,8 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
     finally:
         if reloader is not None:
             reloader.cancel()
+            # Let it finish before the actors close, so a reload never races the shutdown.
+            await asyncio.gather(reloader, return_exceptions=True)
         if metrics_server is not None:
             metrics_server.shutdown()
         if mcp_server is not None:
@@ -139,14 +141,18 @@ async def _reload_on_change(paths: Sequence[Path], engine: Engine,
     seen = _snapshot(paths)
     while True:
         await asyncio.sleep(RELOAD_POLL_SECONDS)
-        now = await asyncio.to_thread(_snapshot, paths)
-        if now == seen:
+        try:
+            now = await asyncio.to_thread(_snapshot, paths)
+            if now == seen:
+                continue
+            seen = now
+            loaded = await asyncio.to_thread(load_paths, paths)
+            errors = [*loaded.errors, *engine.replace(loaded.capabilities),
+                      *await engine.verify_remotes()]
+            if actors is not None:  # changed actor types restart; state stays in the store
+                errors += await actors.replace(loaded.actors)
+        except Exception:  # one failed reload must not end reloading: log, keep polling
+            log.exception("reload failed; still watching for changes")
             continue
-        seen = now
-        loaded = await asyncio.to_thread(load_paths, paths)
-        errors = [*loaded.errors, *engine.replace(loaded.capabilities),
-                  *await engine.verify_remotes()]
-        if actors is not None:  # changed actor types restart; their state stays in the store
-            errors += await actors.replace(loaded.actors)
         report(errors)
         log.info("reloaded", extra={"capabilities": len(engine.served), "errors": len(errors)})

@@ -36,6 +36,7 @@ from packetflow.v1 import actors_pb2, runtime_pb2, runtime_pb2_grpc
 
 if TYPE_CHECKING:
     from packetflow.actors.runtime import ActorSystem
+    from packetflow.actors.service import GrpcForwarder
 
 log = logging.getLogger("packetflow.server")
 
@@ -166,6 +167,7 @@ class RuntimeServer:
     health: HealthServicer
     port: int
     actors: ActorSystem | None = None
+    forwarder: GrpcForwarder | None = None  # placement's channels to the other members
 
     @classmethod
     async def start(cls, engine: Engine, address: str = "127.0.0.1:0",
@@ -181,6 +183,7 @@ class RuntimeServer:
         runtime_pb2_grpc.add_CapabilityRuntimeServicer_to_server(
             CapabilityRuntimeServicer(engine), server)
         services = [SERVICE_NAME]
+        forwarder = None
         if actors is not None:
             # Imported here: the actor servicer itself builds on this module.
             from packetflow.actors.service import ActorRuntimeServicer, attach
@@ -188,7 +191,7 @@ class RuntimeServer:
 
             actors_pb2_grpc.add_ActorRuntimeServicer_to_server(
                 ActorRuntimeServicer(actors, engine), server)
-            attach(actors)
+            forwarder = attach(actors)
             services.append(ACTOR_SERVICE_NAME)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -205,7 +208,7 @@ class RuntimeServer:
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("runtime listening", extra={"address": address, "port": port,
                                               "capabilities": len(engine.served)})
-        return cls(engine, server, health, port, actors)
+        return cls(engine, server, health, port, actors, forwarder)
 
     async def stop(self, grace: float = 30.0, drain: float = 0.0) -> None:
         """Drain: report NOT_SERVING, keep serving ``drain`` seconds, then let calls finish."""
@@ -216,6 +219,8 @@ class RuntimeServer:
             # Load balancers need time to see NOT_SERVING before new calls are refused.
             await asyncio.sleep(drain)
         await self.server.stop(grace)
+        if self.forwarder is not None:
+            await self.forwarder.close()
 
     async def wait(self) -> None:
         """Until the server has stopped."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,10 @@ from packetflow.client import CallError, RuntimeClient
 from packetflow.engine import Engine
 from packetflow.manifests import load_text
 from packetflow.server import ACTOR_SERVICE_NAME, RuntimeServer
+from tests.conftest import eventually
 from tests.support.manifests import sample_capabilities
+
+pytest_plugins = ["tests.support.postgres"]
 
 MANIFEST = """
 apiVersion: packetflow.io/v1alpha1
@@ -98,3 +102,85 @@ async def test_health_and_reflection_list_the_actor_service(actor_client: Runtim
     stub = health_pb2_grpc.HealthStub(actor_client.channel)
     status = await stub.Check(health_pb2.HealthCheckRequest(service=ACTOR_SERVICE_NAME))
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_an_unexpected_error_ends_the_conversation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine()
+    system = ActorSystem(engine, state_dir=tmp_path)
+    assert not await system.replace(load_text(MANIFEST).actors)
+    server = await RuntimeServer.start(engine, "127.0.0.1:0", system)
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug below the servicer")
+
+    monkeypatch.setattr(system.get("ledger"), "send", broken)
+    hold = asyncio.Event()
+
+    async def messages() -> AsyncIterator[Any]:
+        yield {"n": 1}
+        await hold.wait()  # the client keeps the stream open
+
+    try:
+        async with RuntimeClient(f"127.0.0.1:{server.port}") as client:
+            async def talk() -> list[Any]:
+                return [event async for event in client.converse("ledger", "a", messages())]
+
+            with pytest.raises(CallError) as failed:
+                await asyncio.wait_for(talk(), 10)
+            assert failed.value.code == grpc.StatusCode.INTERNAL
+    finally:
+        hold.set()
+        await server.stop(grace=0)
+        await system.aclose()
+
+
+async def test_stop_closes_the_forwarders_channels(tmp_path: Path) -> None:
+    engine = Engine()
+    system = ActorSystem(engine, state_dir=tmp_path)
+    server = await RuntimeServer.start(engine, "127.0.0.1:0", system)
+    forwarder = server.forwarder
+    assert forwarder is not None and system.forwarder is forwarder
+    forwarder._stub("127.0.0.1:9")  # a channel to another member
+    await server.stop(grace=0)
+    await system.aclose()
+    assert not forwarder.channels
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_delete_reaches_the_owning_member(postgres_dsn: str, tmp_path: Path) -> None:
+    manifest = load_text(MANIFEST.replace("idleTimeout: 300ms", f"""replicas: 2
+  store: {{postgresql: {{dsn: "{postgres_dsn}"}}}}""")).actors
+    members = []
+    try:
+        for name in ("a", "b"):
+            address = f"127.0.0.1:{_free_port()}"
+            engine = Engine()
+            system = ActorSystem(engine, state_dir=tmp_path, member_id=name, address=address,
+                                 heartbeat_interval=0.1)
+            assert not await system.replace(manifest)
+            members.append((system, await RuntimeServer.start(engine, address, system)))
+        (a, _), (b, _) = members
+
+        def placed() -> bool:
+            return all(len(s.get("ledger").placement.members) == 2  # type: ignore[union-attr]
+                       for s, _ in members)
+
+        await eventually(placed, what="both members to see each other")
+        placement = a.get("ledger").placement
+        assert placement is not None
+        actor_id = next(f"id-{i}" for i in range(1000) if placement.owner(f"id-{i}") == "b")
+        await a.get("ledger").send(actor_id, {"n": 1})  # forwarded to b, active there
+        assert actor_id in b.get("ledger").active and actor_id not in a.get("ledger").active
+        assert await a.get("ledger").delete(actor_id)
+        assert actor_id not in b.get("ledger").active  # the owner deactivated it
+        assert (await b.get("ledger").send(actor_id, {"n": 2})).reply == {"n": 2, "count": 1}
+    finally:
+        for system, server in members:
+            await server.stop(grace=0)
+            await system.aclose()

@@ -75,3 +75,52 @@ class ToolUser:
             return {"error": code_of(exc).value, "message": exc.message}, state
         calls = state.get("calls", 0) + 1
         return {"output": output, "tools": ctx.tools.names()}, {**state, "calls": calls}
+
+
+class Fragile:
+    """For robustness tests: ``on_start`` appends to memory (waiting on gate ``start`` when
+    one is set); a message appends ``turn {q}``, then ``fail`` raises, ``bad_data`` appends
+    data the store cannot hold, ``remind`` sets reminder ``slow_tick`` (waits on gate
+    ``slow_tick``) or ``tick``."""
+
+    starts = 0
+
+    async def on_start(self, ctx: ActorContext) -> dict[str, Any]:
+        Fragile.starts += 1
+        if "start" in GATES:
+            await GATES["start"].wait()
+        ctx.memory.append("started")
+        return {"ready": True}
+
+    async def on_message(self, message: dict[str, Any], state: dict[str, Any],
+                         ctx: ActorContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        ctx.memory.append(f"turn {message.get('q', '')}")
+        if message.get("fail"):
+            raise RuntimeError("fails after appending")
+        if message.get("bad_data"):
+            ctx.memory.append("bad", data={1, 2})
+        if "remind" in message:
+            ctx.reminders.set(message["remind"], message.get("after", 1))
+        return {"ok": True}, state
+
+    async def tick(self, state: dict[str, Any], ctx: ActorContext) -> dict[str, Any]:
+        """Reminder ``tick``: count it."""
+        return {**state, "ticks": state.get("ticks", 0) + 1}
+
+    async def slow_tick(self, state: dict[str, Any], ctx: ActorContext) -> dict[str, Any]:
+        """Reminder ``slow_tick``: waits on gate ``slow_tick``, then counts."""
+        await GATES["slow_tick"].wait()
+        return {**state, "slow_ticks": state.get("slow_ticks", 0) + 1}
+
+
+class SyncTimers:
+    """Plain ``def`` handlers (worker threads) using ``ctx.timers``."""
+
+    def on_message(self, message: dict[str, Any], state: dict[str, Any],
+                   ctx: ActorContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        ctx.timers.every("beat", "50ms")
+        return {"timers": ctx.timers.names}, state
+
+    def beat(self, state: dict[str, Any], ctx: ActorContext) -> dict[str, Any]:
+        """Timer ``beat``: count it."""
+        return {**state, "beats": state.get("beats", 0) + 1}

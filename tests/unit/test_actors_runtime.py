@@ -13,6 +13,7 @@ import pytest
 from packetflow.actors import ActorSystem
 from packetflow.actors.errors import ActorNotFound, ActorTypeNotFound, FencedOut
 from packetflow.actors.runtime import ActiveActor
+from packetflow.actors.store import Commit
 from packetflow.engine import Engine
 from packetflow.errors import DeadlineExceeded, InvalidInput
 from packetflow.manifests import load_text
@@ -107,13 +108,18 @@ async def test_fencing_refuses_a_stale_owner(systems: SystemFactory, backend: st
     await old.get("ledger").send("a", {"n": 1})
     # The actor moves: the new owner's activation takes a higher epoch.
     await new.get("ledger").send("a", {"n": 2})
+    stale = old.get("ledger").active["a"]
+    # The stale owner's write (computed from [1]) is refused; the message is applied once, on
+    # a fresh activation that sees the new owner's state.
+    assert (await old.get("ledger").send("a", {"n": 99})).reply["count"] == 3
+    assert stale.retired and old.get("ledger").active["a"] is not stale
+    assert (await new.get("ledger").describe("a"))["state"]["applied"] == [1, 2, 99]
+    # Now the other one is stale: the store refuses its write outright.
     with pytest.raises(FencedOut, match="stale"):
-        await old.get("ledger").send("a", {"n": 99})
-    assert "a" not in old.get("ledger").active  # the stale owner let it go
-    assert (await new.get("ledger").describe("a"))["state"]["applied"] == [1, 2]
-    # The new owner keeps writing; the refused message left no trace.
+        await new.get("ledger").store.commit(Commit(
+            "a", new.get("ledger").active["a"].epoch, b"{}", 0.0, 0))
     await new.get("ledger").send("a", {"n": 3})
-    assert (await new.get("ledger").describe("a"))["state"]["applied"] == [1, 2, 3]
+    assert (await new.get("ledger").describe("a"))["state"]["applied"] == [1, 2, 99, 3]
 
 
 async def test_a_retried_message_id_is_applied_once(systems: SystemFactory) -> None:

@@ -10,9 +10,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import orjson
+
 from packetflow.actors.search import rank as search_rank
 from packetflow.actors.store import MemoryEntry, Reminder
 from packetflow.context import CallContext
+from packetflow.errors import ContractViolation, FieldViolation
 from packetflow.mcp.toolbox import ToolNotDeclared
 from packetflow.spec import DURATION_PATTERN, duration_seconds
 
@@ -47,6 +50,31 @@ class TurnEffects:
     set_reminders: dict[str, Reminder] = field(default_factory=dict)
     delete_reminders: set[str] = field(default_factory=set)
 
+    def copy(self) -> TurnEffects:
+        """An independent copy: a turn that fails must not leave its changes in the original."""
+        return TurnEffects(list(self.appends), dict(self.set_reminders),
+                           set(self.delete_reminders))
+
+
+def stored_data(actor_type: str, value: Any, where: str) -> Any:
+    """``value`` as the store will keep it (plain JSON data, copied), or a ContractViolation
+    naming ``where``: bad data fails the turn that passed it, not the commit or a reader."""
+    if value is None:
+        return None
+    try:
+        return orjson.loads(orjson.dumps(value))
+    except TypeError as exc:
+        raise ContractViolation(actor_type, [FieldViolation(
+            where, f"not JSON-serializable: {exc}")]) from None
+
+
+def _stored_text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{where} must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise ValueError(f"{where} must not contain NUL characters")
+    return value
+
 
 class Memory:
     """``ctx.memory``: the actor's append-only log. Appends commit with the turn's state."""
@@ -59,8 +87,9 @@ class Memory:
     def append(self, text: str, role: str = "note", data: Any = None) -> MemoryEntry:
         """Add an entry (visible to ``recent``/``search`` at once, durable when the turn
         commits)."""
-        if not isinstance(text, str):
-            raise TypeError(f"memory.append: text must be a string, got {type(text).__name__}")
+        text = _stored_text(text, "memory.append: text")
+        role = _stored_text(role, "memory.append: role")
+        data = stored_data(self._type.name, data, "memory.append: data")
         seq = self._actor.memory_seq + len(self._effects.appends) + 1
         entry = MemoryEntry(seq, self._type.clock(), role, text, data)
         self._effects.appends.append(entry)
@@ -91,11 +120,11 @@ class Reminders:
     def set(self, name: str, after: float | str, every: float | str | None = None,
             data: Any = None) -> Reminder:
         """Fire handler ``name`` (or ``on_reminder``) ``after`` from now, then ``every``."""
-        if not name:
+        if not _stored_text(name, "reminders.set: name"):
             raise ValueError("reminders.set: name must not be empty")
         period = None if every is None else seconds_of(every, "reminders.set: every")
         reminder = Reminder(name, self._type.clock() + seconds_of(after, "reminders.set: after"),
-                            period, data)
+                            period, stored_data(self._type.name, data, "reminders.set: data"))
         self._effects.set_reminders[name] = reminder
         self._effects.delete_reminders.discard(name)
         return reminder
@@ -170,7 +199,8 @@ class ActorContext:
 
     def __init__(self, actor_type: ActorType, actor: ActiveActor, *, trace_id: str,
                  caller: str | None, deadline: float | None,
-                 trigger: dict[str, Any] | None = None) -> None:
+                 trigger: dict[str, Any] | None = None,
+                 effects: TurnEffects | None = None) -> None:
         self.actor_type = actor_type.name
         self.actor_id = actor.actor_id
         self.trace_id = trace_id
@@ -178,7 +208,7 @@ class ActorContext:
         self.deadline = deadline
         self.trigger = trigger
         self.is_new = actor.version == 0
-        self.effects = TurnEffects()
+        self.effects = TurnEffects() if effects is None else effects
         self.memory = Memory(actor_type, actor, self.effects)
         self.reminders = Reminders(actor_type, actor, self.effects)
         self.timers = Timers(actor_type, actor)

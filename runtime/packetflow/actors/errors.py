@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from packetflow.errors import CapabilityNotFound, PacketFlowError, Unavailable
+from packetflow.errors import (
+    CapabilityNotFound,
+    ContractViolation,
+    FieldViolation,
+    PacketFlowError,
+    Unavailable,
+)
 
 
 class ActorTypeNotFound(CapabilityNotFound):
@@ -33,3 +39,21 @@ class FencedOut(Unavailable):
 
 class StoreUnavailable(Unavailable):
     """The actor store cannot be reached (UNAVAILABLE)."""
+
+
+class StoreRefused(ContractViolation):
+    """The actor store refused what a turn wrote (data it cannot hold): INTERNAL, the turn
+    did not happen."""
+
+    def __init__(self, actor_type: str, detail: str) -> None:
+        PacketFlowError.__init__(self, f"actor store of {actor_type} refused the write: {detail}")
+        self.violations = [FieldViolation("store", detail)]
+
+
+class ReminderMoved(Unavailable):
+    """The reminder slot a turn handled was already handled (by another member) or the
+    reminder changed meanwhile: the turn is refused, nothing of it commits."""
+
+    def __init__(self, actor_type: str, actor_id: str, name: str) -> None:
+        super().__init__(f"actor {actor_type}/{actor_id}: reminder {name!r} was already "
+                         "handled or changed")

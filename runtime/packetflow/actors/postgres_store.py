@@ -7,6 +7,7 @@ operation runs in its own transaction, so fencing and reminders are exact across
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -15,9 +16,12 @@ from typing import Any, TypeVar
 import psycopg
 
 from packetflow.actors.errors import StoreUnavailable
-from packetflow.actors.store import ActorStore, Op, Result, schema_statements
+from packetflow.actors.store import ActorStore, Op, Result, schema_statements, store_error
+from packetflow.errors import PacketFlowError
 
 T = TypeVar("T")
+# Errors that mean "this data cannot be stored" (a NUL in text, a value out of range).
+REFUSED: tuple[type[Exception], ...] = (psycopg.DataError, psycopg.IntegrityError)
 _PLACEHOLDER = re.compile(r"\?")
 _sql_cache: dict[str, str] = {}
 
@@ -73,7 +77,7 @@ class PostgresActorStore(ActorStore):
                 await conn.execute("SELECT pg_advisory_xact_lock(7410501)")
                 for statement in schema_statements("BYTEA", "DOUBLE PRECISION"):
                     await conn.execute(statement)
-        except psycopg.OperationalError as exc:
+        except Exception as exc:  # unreachable, a malformed DSN, refused credentials...
             await self.close()
             raise StoreUnavailable(f"actor store of {self.actor_type}: cannot connect to "
                                    f"PostgreSQL: {exc}".strip()) from None
@@ -81,26 +85,30 @@ class PostgresActorStore(ActorStore):
     async def close(self) -> None:
         """Close every connection."""
         for conn in self._all:
-            await conn.close()
+            with contextlib.suppress(Exception):
+                await conn.close()
         self._all.clear()
         self._idle = None
 
     async def run(self, name: str, op: Op[T]) -> T:
         """Run ``op`` in one transaction on a free connection."""
-        if self._idle is None:
-            raise RuntimeError(f"store of {self.actor_type} is not open")
-        conn = await self._idle.get()
+        idle = self._idle
+        if idle is None:
+            raise StoreUnavailable(f"actor store of {self.actor_type} is not open")
+        conn = await idle.get()
         started = time.perf_counter()
         try:
             async with conn.transaction():
                 return await drive_async(conn, op)
-        except psycopg.OperationalError as exc:
+        except PacketFlowError:
+            raise
+        except Exception as exc:
             conn = await self._replace_if_broken(conn)
-            raise StoreUnavailable(f"actor store of {self.actor_type}: {exc}".strip()) from None
+            raise store_error(self.actor_type, exc, REFUSED) from exc
         finally:
             if self.observe is not None:
                 self.observe(name, time.perf_counter() - started)
-            self._idle.put_nowait(conn)
+            idle.put_nowait(conn)
 
     async def _replace_if_broken(self, conn: psycopg.AsyncConnection[Any]
                                  ) -> psycopg.AsyncConnection[Any]:
@@ -109,7 +117,7 @@ class PostgresActorStore(ActorStore):
             return conn
         try:
             fresh = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-        except psycopg.OperationalError:
+        except psycopg.Error:
             return conn
         self._all[self._all.index(conn)] = fresh
         return fresh

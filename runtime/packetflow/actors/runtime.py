@@ -14,22 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 from prometheus_client import CollectorRegistry
 
 from packetflow.actors.context import ActorContext, TurnEffects
-from packetflow.actors.errors import ActorNotFound, ActorTypeNotFound, FencedOut
+from packetflow.actors.errors import ActorNotFound, ActorTypeNotFound, FencedOut, ReminderMoved
 from packetflow.actors.handlers import HandlerLoadError, HandlerSource, call_handler, load_handlers
 from packetflow.actors.metrics import ActorMetrics
 from packetflow.actors.postgres_store import PostgresActorStore
@@ -64,6 +65,7 @@ ACTOR_ID_RE = re.compile(r"^[^\x00-\x1f]{1,256}$")
 # gets the first reply instead of a second application.
 PROCESSED_TTL_SECONDS = 24 * 3600.0
 Clock = Callable[[], float]
+T = TypeVar("T")
 
 
 def check_actor_id(actor_id: str) -> str:
@@ -86,7 +88,7 @@ class SendResult:
 class Turn:
     """What a turn handles: a message, a timer/reminder/schedule by name, or going idle."""
 
-    kind: str  # message | trigger | idle | advance
+    kind: str  # message | trigger | idle
     message: dict[str, Any] | None = None
     message_id: str | None = None
     name: str = ""
@@ -119,11 +121,15 @@ class ActiveActor:
 
 
 class Forwarder(Protocol):
-    """Sends a message to the member that owns the actor (gRPC, set by the server)."""
+    """Reaches the member that owns an actor (gRPC, set by the server)."""
 
-    def __call__(self, address: str, actor_type: str, actor_id: str, message: dict[str, Any],
-                 message_id: str | None, trace_id: str, timeout: float | None
-                 ) -> Awaitable[SendResult]: ...
+    def send(self, address: str, actor_type: str, actor_id: str, message: dict[str, Any],
+             message_id: str | None, trace_id: str, timeout: float | None
+             ) -> Awaitable[SendResult]:
+        """Deliver a message there (it is not forwarded again)."""
+
+    def delete(self, address: str, actor_type: str, actor_id: str) -> Awaitable[bool]:
+        """Delete the actor there (it is not forwarded again)."""
 
 
 def _handler_failed(type_name: str, actor_id: str, trace_id: str) -> HandlerFailed:
@@ -161,6 +167,9 @@ class ActorType:
         self._warming = False  # the ranker's model load has been started
         self._turn_metrics: dict[Code, Any] = {}
         self._stopping = False
+        self._firing: dict[tuple[str, str], asyncio.Task[int]] = {}  # reminders being fired
+        self._wake = asyncio.Event()  # a reminder finished firing: look for more at once
+        self.loop: asyncio.AbstractEventLoop | None = None  # where timers run (set at start)
         store.observe = self._observe_store
 
     def _observe_store(self, operation: str, seconds: float) -> None:
@@ -169,31 +178,42 @@ class ActorType:
     # ----------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Open the store and start reminders, the idle reaper, the sweep and placement."""
+        """Open the store and start reminders, the idle reaper, the sweep and placement; on
+        failure nothing stays open."""
+        self.loop = asyncio.get_running_loop()
         await self.store.open()
-        self.metrics.active.labels(self.name).set_function(lambda: len(self.active))
-        if self.spec.replicas > 1 and self.store.shared:
-            self.placement = Placement(self, self.system.member_id, self.system.address,
-                                       self.system.heartbeat_interval)
-            await self.placement.start()
+        try:
+            self.metrics.active.labels(self.name).set_function(lambda: len(self.active))
+            if self.spec.replicas > 1 and self.store.shared:
+                self.placement = Placement(self, self.system.member_id, self.system.address,
+                                           self.system.heartbeat_interval)
+                await self.placement.start()
+        except BaseException:
+            with contextlib.suppress(KeyError):
+                self.metrics.active.remove(self.name)
+            await self.store.close()
+            raise
         self._tasks = [asyncio.create_task(loop()) for loop in (
             self._reminder_loop, self._idle_loop, self._sweep_loop)]
 
-    async def stop(self) -> None:
-        """Stop the loops, let running turns finish (briefly), deactivate all, close."""
-        for task in self._tasks:
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop the loops and background turns, let running turns finish (``grace`` seconds
+        for all of them together), deactivate all, close."""
+        self._stopping = True  # new turns are refused; queued ones find the type stopped
+        background = [*self._tasks, *self._background]
+        for task in background:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._stopping = True
-        for actor in list(self.active.values()):
-            # Let the running turn finish (briefly); queued ones then find the type stopped.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0), actor.lock:
+        # A loop that died of an error must not stop the shutdown: its error was logged.
+        await asyncio.gather(*background, return_exceptions=True)
+
+        async def drain() -> None:
+            for actor in list(self.active.values()):
+                async with actor.lock:
                     self._retire(actor)
-        for task in list(self._background):
-            task.cancel()
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await drain()
         for actor in list(self.active.values()):
             self._retire(actor)
         if self.placement is not None:
@@ -204,7 +224,10 @@ class ActorType:
             await self.toolbox.aclose()
         await self.store.close()
 
-    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        if self._stopping:
+            coroutine.close()  # stop() already cancelled and awaited the background
+            return
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -216,6 +239,9 @@ class ActorType:
                    deadline: float | None = None, forwarded: bool = False) -> SendResult:
         """Deliver one message; returns the reply once the new state is committed."""
         check_actor_id(actor_id)
+        if message_id and not ACTOR_ID_RE.match(message_id):
+            raise InvalidInput([FieldViolation("message_id", "must be 1-256 printable "
+                                                             "characters")])
         checked, violations = self.requires.check(message, "message")
         if violations:
             raise InvalidInput(violations)
@@ -236,9 +262,14 @@ class ActorType:
                     if retry is not None:
                         return await self._forward(retry, actor_id, checked, message_id,
                                                    trace_id, deadline)
-        return await self._turn(actor_id, Turn("message", checked, message_id or None,
-                                               trace_id=trace_id, caller=caller,
-                                               deadline=deadline), touch=True)
+        turn = Turn("message", checked, message_id or None, trace_id=trace_id, caller=caller,
+                    deadline=deadline)
+        try:
+            return await self._turn(actor_id, turn, touch=True)
+        except FencedOut:
+            # Our lease went stale (another member activated or deleted the actor since): the
+            # write was refused, so nothing of the turn happened. Once more, freshly activated.
+            return await self._turn(actor_id, turn, touch=True)
 
     async def _forward(self, address: str, actor_id: str, message: dict[str, Any],
                        message_id: str | None, trace_id: str,
@@ -261,20 +292,28 @@ class ActorType:
 
     async def _turn(self, actor_id: str, turn: Turn, touch: bool = False) -> SendResult:
         while True:
-            actor = self._entry(actor_id, touch)
-            actor.pending += 1
-            try:
-                async with actor.lock:
-                    if actor.retired:
-                        continue  # passivated while we waited: go again on a fresh entry
-                    return await self._measured(actor, turn)
-            finally:
-                actor.pending -= 1
-                if touch:
-                    actor.last_used = time.monotonic()
-                    actor.idle_notified = False
-                if len(self.active) > self.spec.max_active:
-                    self._enforce_bound()  # entries created while all were busy
+            result = await self._turn_on(self._entry(actor_id, touch), turn, touch)
+            if result is not None:
+                return result
+            # passivated while we waited: go again on a fresh entry
+
+    async def _turn_on(self, actor: ActiveActor, turn: Turn,
+                       touch: bool = False) -> SendResult | None:
+        """One turn on this entry, after the turns queued before it; None when the entry was
+        retired meanwhile."""
+        actor.pending += 1
+        try:
+            async with actor.lock:
+                if actor.retired:
+                    return None
+                return await self._measured(actor, turn)
+        finally:
+            actor.pending -= 1
+            if touch:
+                actor.last_used = time.monotonic()
+                actor.idle_notified = False
+            if len(self.active) > self.spec.max_active:
+                self._enforce_bound()  # entries created while all were busy
 
     async def _measured(self, actor: ActiveActor, turn: Turn) -> SendResult:
         started = time.perf_counter()
@@ -296,7 +335,10 @@ class ActorType:
                                                                              code.value)
             child.observe(time.perf_counter() - started)
 
-    async def _activate(self, actor: ActiveActor, trace_id: str) -> None:
+    async def _activate(self, actor: ActiveActor, trace_id: str, deadline: float) -> None:
+        """Take the lease, load the state and run ``on_start`` (within the turn's deadline).
+        The entry counts as activated only when all of it succeeded; otherwise (an error, a
+        deadline, a cancelled caller) it is retired and the next turn starts afresh."""
         warm = getattr(self.ranker, "warm", None)
         if warm is not None and not self._warming:
             # The embedding model takes seconds to load: start as the first actor activates
@@ -307,61 +349,61 @@ class ActorType:
         try:
             activation = await self.store.activate(actor.actor_id, self.system.member_id,
                                                    self.clock(), self.schedules)
-        except BaseException:
+            actor.epoch = activation.epoch
+            actor.version = activation.version
+            actor.memory_seq = activation.memory_seq
+            actor.state_json = (self.initial_state if activation.state is None
+                                else orjson.dumps(activation.state))
+            actor.handler = self.handlers.make()
+            on_start = getattr(actor.handler, "on_start", None)
+            if callable(on_start):
+                ctx = ActorContext(self, actor, trace_id=trace_id, caller=None,
+                                   deadline=deadline, trigger={"kind": "start"})
+                started = await self._guarded(actor, ctx, lambda: call_handler(on_start, ctx))
+                if isinstance(started, dict) and actor.version == 0:
+                    actor.state_json = orjson.dumps(started)
+                actor.start_effects = ctx.effects
+        except BaseException as exc:
             self._retire(actor)
+            if isinstance(exc, Exception) and not isinstance(exc, PacketFlowError):
+                raise _handler_failed(self.name, actor.actor_id, trace_id) from None
             raise
-        actor.epoch = activation.epoch
-        actor.version = activation.version
-        actor.memory_seq = activation.memory_seq
-        actor.state_json = (self.initial_state if activation.state is None
-                            else orjson.dumps(activation.state))
-        actor.handler = self.handlers.make()
         actor.activated = True
         self.metrics.activations.labels(self.name).inc()
-        on_start = getattr(actor.handler, "on_start", None)
-        if callable(on_start):
-            ctx = ActorContext(self, actor, trace_id=trace_id, caller=None, deadline=None,
-                               trigger={"kind": "start"})
-            try:
-                started = await call_handler(on_start, ctx)
-            except Exception:
-                self._retire(actor)
-                raise _handler_failed(self.name, actor.actor_id, trace_id) from None
-            if isinstance(started, dict) and actor.version == 0:
-                actor.state_json = orjson.dumps(started)
-            actor.start_effects = ctx.effects
 
     async def _locked_turn(self, actor: ActiveActor, turn: Turn) -> SendResult:
+        loop = asyncio.get_running_loop()
+        limit = loop.time() + self.spec.timeout_seconds
+        deadline = limit if turn.deadline is None else min(turn.deadline, limit)
+        trace_id = turn.trace_id or os.urandom(8).hex()
         if not actor.activated:
-            await self._activate(actor, turn.trace_id)
+            await self._activate(actor, trace_id, deadline)
         if turn.message_id is not None:
             stored = await self.store.processed_reply(actor.actor_id, turn.message_id)
             if stored is not None:
                 return SendResult(orjson.loads(stored), actor.version, duplicate=True)
-        ctx = ActorContext(self, actor, trace_id=turn.trace_id or os.urandom(8).hex(),
-                           caller=turn.caller, deadline=None,
+        # A copy: on_start's effects commit with the first turn that succeeds, and a turn that
+        # fails must not leave its own changes behind for the next one.
+        effects = None if actor.start_effects is None else actor.start_effects.copy()
+        ctx = ActorContext(self, actor, trace_id=trace_id, caller=turn.caller,
+                           deadline=deadline, effects=effects,
                            trigger=None if turn.kind == "message" else {
                                "kind": turn.trigger or turn.kind, "name": turn.name,
                                "data": turn.data})
-        if actor.start_effects is not None:
-            ctx.effects = actor.start_effects
-            ctx.memory._effects = ctx.reminders._effects = ctx.effects
         state = orjson.loads(actor.state_json)
-        reply, new_state, followup = await self._run_handler(actor, turn, ctx, state)
+        reply, new_state, followup = await self._guarded(
+            actor, ctx, lambda: self._dispatch(actor, turn, ctx, state))
         return await self._commit(actor, turn, ctx, reply, new_state, followup)
 
-    async def _run_handler(self, actor: ActiveActor, turn: Turn, ctx: ActorContext,
-                           state: dict[str, Any]
-                           ) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
-        if turn.kind == "advance":
-            return {}, state, None
-        loop = asyncio.get_running_loop()
-        limit = loop.time() + self.spec.timeout_seconds
-        ctx.deadline = limit if turn.deadline is None else min(turn.deadline, limit)
+    async def _guarded(self, actor: ActiveActor, ctx: ActorContext,
+                       call: Callable[[], Awaitable[T]]) -> T:
+        """Run handler code until ``ctx.deadline``; its errors become domain errors (details
+        in the log, not in the reply)."""
+        assert ctx.deadline is not None
         timeout = asyncio.timeout_at(ctx.deadline)
         try:
             async with timeout:
-                return await self._dispatch(actor, turn, ctx, state)
+                return await call()
         except PacketFlowError:
             raise
         except TimeoutError:
@@ -499,37 +541,74 @@ class ActorType:
             if (actor.activated and not actor.idle_notified
                     and callable(getattr(actor.handler, "on_idle", None))):
                 actor.idle_notified = True
-                self._spawn(self._idle_turn(actor.actor_id))
+                self._spawn(self._background_turn(actor, Turn(
+                    "idle", trace_id=os.urandom(8).hex())))
                 continue
             if self._passivatable(actor):
                 self._retire(actor)
                 retired += 1
         return retired
 
-    async def _idle_turn(self, actor_id: str) -> None:
+    async def _background_turn(self, actor: ActiveActor, turn: Turn) -> None:
+        """A turn of an active actor nobody waits for (timer, idle): on this entry only, so an
+        actor passivated meanwhile is not activated again for it; failures are logged."""
         try:
-            await self._turn(actor_id, Turn("idle", trace_id=os.urandom(8).hex()))
+            await self._turn_on(actor, turn)
         except PacketFlowError as exc:
-            log.warning("actor %s/%s on_idle failed: %s", self.name, actor_id, exc)
+            log.warning("actor %s/%s %s %r failed: %s", self.name, actor.actor_id,
+                        turn.trigger or turn.kind, turn.name, exc)
+        except Exception:
+            log.exception("actor %s/%s %s %r failed", self.name, actor.actor_id,
+                          turn.trigger or turn.kind, turn.name)
 
     async def _idle_loop(self) -> None:
         interval = min(max(self.idle_seconds / 4, 0.02), 1.0)
         while True:
             await asyncio.sleep(interval)
-            self.reap_idle()
+            try:
+                self.reap_idle()
+            except Exception:
+                log.exception("actor type %s: idle reaper", self.name)
 
     # ------------------------------------------------------------------ timers
 
     def start_timer(self, actor: ActiveActor, name: str, delay: float, period: float | None,
                     data: Any) -> None:
-        """Arm an in-memory timer of an active actor."""
-        self.cancel_timer(actor, name)
-        loop = asyncio.get_running_loop()
-        actor.timers[name] = loop.call_later(delay, self._timer_fired, actor, name, period,
-                                             data)
+        """Arm an in-memory timer of an active actor (from the loop or a sync handler)."""
+        self._on_loop(lambda: self._arm_timer(actor, name, delay, period, data))
 
     def cancel_timer(self, actor: ActiveActor, name: str) -> None:
-        """Disarm a timer."""
+        """Disarm a timer (from the loop or a sync handler)."""
+        self._on_loop(lambda: self._disarm_timer(actor, name))
+
+    def _on_loop(self, function: Callable[[], None]) -> None:
+        """Run ``function`` on the type's event loop: at once when called on it, else (a sync
+        handler on a worker thread) through the loop's queue, waiting until it ran."""
+        loop = self.loop
+        assert loop is not None, "the actor type is not started"
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            function()
+            return
+
+        async def run() -> None:
+            function()
+
+        asyncio.run_coroutine_threadsafe(run(), loop).result()
+
+    def _arm_timer(self, actor: ActiveActor, name: str, delay: float, period: float | None,
+                   data: Any) -> None:
+        self._disarm_timer(actor, name)
+        if actor.retired:
+            return  # deactivated while its handler still ran: timers stop with the actor
+        assert self.loop is not None
+        actor.timers[name] = self.loop.call_later(delay, self._timer_fired, actor, name, period,
+                                                  data)
+
+    def _disarm_timer(self, actor: ActiveActor, name: str) -> None:
         handle = actor.timers.pop(name, None)
         if handle is not None:
             handle.cancel()
@@ -540,26 +619,37 @@ class ActorType:
         if actor.retired:
             return
         if period is not None:
-            self.start_timer(actor, name, period, period, data)
-        self._spawn(self._trigger_turn(actor.actor_id, Turn(
+            self._arm_timer(actor, name, period, period, data)
+        self._spawn(self._background_turn(actor, Turn(
             "trigger", name=name, data=data, trigger="timer", trace_id=os.urandom(8).hex())))
-
-    async def _trigger_turn(self, actor_id: str, turn: Turn) -> None:
-        try:
-            await self._turn(actor_id, turn)
-        except PacketFlowError as exc:
-            log.warning("actor %s/%s %s %r failed: %s", self.name, actor_id, turn.trigger,
-                        turn.name, exc)
 
     # --------------------------------------------------------------- reminders
 
-    async def fire_due_reminders(self) -> int:
-        """Fire every reminder due now (that this member owns); returns how many fired."""
+    async def fire_due_reminders(self, wait: bool = True) -> int:
+        """Fire the reminders due now that this member owns, each in its own task (a slow one
+        holds up no other); returns how many fired, or with ``wait=False`` how many started."""
         now = self.clock()
-        due = await self.store.due(now)
-        mine = [d for d in due if self.placement is None or self.placement.owns(d.actor_id)]
-        results = await asyncio.gather(*(self._fire(d.actor_id, d.reminder, now) for d in mine))
-        return sum(results)
+        started: list[asyncio.Task[int]] = []
+        for due in await self.store.due(now):
+            if self._stopping:
+                break
+            key = (due.actor_id, due.reminder.name)
+            if key in self._firing or (self.placement is not None
+                                       and not self.placement.owns(due.actor_id)):
+                continue  # still firing; or another member's to fire
+            task = asyncio.create_task(self._fire(due.actor_id, due.reminder, now))
+            self._firing[key] = task
+            self._background.add(task)  # stop() cancels and awaits it
+            task.add_done_callback(functools.partial(self._fired, key))
+            started.append(task)
+        if not wait:
+            return len(started)
+        return sum(await asyncio.gather(*started))
+
+    def _fired(self, key: tuple[str, str], task: asyncio.Task[int]) -> None:
+        self._firing.pop(key, None)
+        self._background.discard(task)
+        self._wake.set()
 
     async def _fire(self, actor_id: str, reminder: Any, now: float) -> int:
         following = (None if reminder.period is None
@@ -569,13 +659,16 @@ class ActorType:
                     fired=fired, trace_id=os.urandom(8).hex())
         try:
             await self._turn(actor_id, turn)
-        except FencedOut:
-            return 0  # another member owns the actor now; it fires the reminder
-        except PacketFlowError as exc:
+        except (FencedOut, ReminderMoved):
+            return 0  # another member owns the actor now, or already handled this slot
+        except Exception as exc:
             log.warning("actor %s/%s reminder %r failed: %s; moving it on", self.name,
-                        actor_id, reminder.name, exc)
+                        actor_id, reminder.name, exc,
+                        exc_info=not isinstance(exc, PacketFlowError))
             try:
-                await self._turn(actor_id, Turn("advance", fired=fired))
+                # Straight in the store: no activation, and conditional on the slot.
+                if not await self.store.advance(actor_id, fired):
+                    return 0
             except PacketFlowError:
                 return 0
         self.metrics.reminders_fired.labels(self.name).inc()
@@ -584,14 +677,24 @@ class ActorType:
     async def _reminder_loop(self) -> None:
         poll = self.system.reminder_poll
         while True:
+            self._wake.clear()
+            started = 0
             try:
-                await self.fire_due_reminders()
+                started = await self.fire_due_reminders(wait=False)
                 upcoming = await self.store.next_due()
-            except PacketFlowError as exc:
+            except Exception as exc:  # the loop must outlive any error: log and go on
                 log.warning("actor type %s: reminders: %s", self.name, exc)
                 upcoming = None
-            wait = poll if upcoming is None else min(poll, max(upcoming - self.clock(), 0.01))
-            await asyncio.sleep(wait)
+            now = self.clock()
+            if upcoming is None or (upcoming <= now and not started):
+                # Nothing due, or only reminders being fired or other members' to fire: wait
+                # a poll (or until one of ours finishes) instead of spinning on them.
+                wait = poll
+            else:
+                wait = min(poll, max(upcoming - now, 0.01))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
 
     # ----------------------------------------------------------------- memory sweep
 
@@ -605,7 +708,7 @@ class ActorType:
             await asyncio.sleep(self.system.sweep_interval)
             try:
                 deleted = await self.sweep()
-            except PacketFlowError as exc:
+            except Exception as exc:  # the loop must outlive any error: log and go on
                 log.warning("actor type %s: memory sweep: %s", self.name, exc)
                 continue
             if deleted:
@@ -635,9 +738,20 @@ class ActorType:
         """Stored actors by id, ``limit`` at a time after ``after``."""
         return await self.store.list_actors(limit, after)
 
-    async def delete(self, actor_id: str) -> bool:
-        """Deactivate (after its current turn) and delete an actor's state, memory, reminders."""
+    async def delete(self, actor_id: str, forwarded: bool = False) -> bool:
+        """Deactivate (after its current turn) and delete an actor's state, memory, reminders;
+        with placement, at the member that owns it."""
         check_actor_id(actor_id)
+        address = (None if self.placement is None or forwarded
+                   else self.placement.forward_address(actor_id))
+        if address is not None:
+            try:
+                return await self.system.forward_delete(address, self.name, actor_id)
+            except Unavailable as exc:
+                # Deleting here is safe too: the owner's lease goes stale (a new epoch), so its
+                # next turn starts afresh from the deleted state.
+                log.warning("actor %s/%s: delete at the owner failed (%s); deleting here",
+                            self.name, actor_id, exc)
         actor = self.active.get(actor_id)
         if actor is not None:
             async with actor.lock:
@@ -725,7 +839,7 @@ class Placement:
                                                        "members": sorted(self.members)})
                 # Every beat, not only on a change: an actor busy at the change moves later.
                 self.type.rebalance()
-            except PacketFlowError as exc:
+            except Exception as exc:  # the heartbeat must outlive any error
                 log.warning("placement heartbeat failed: %s", exc)
 
     def owner(self, actor_id: str) -> str:
@@ -805,27 +919,41 @@ class ActorSystem:
         (their active actors deactivate; state stays), removed ones stop."""
         wanted = {actor.name: actor for actor in actors}
         errors: list[ManifestError] = []
-        for name, old in list(self.types.items()):
-            if wanted.get(name) != old.actor:
-                del self.types[name]
-                await old.stop()
+        # Build the new and changed types first: one that does not load leaves the running
+        # version of its type serving (the error is reported).
+        built: dict[str, ActorType] = {}
         for name, actor in wanted.items():
-            if name in self.types:
+            old = self.types.get(name)
+            if old is not None and old.actor == actor:
                 continue
             try:
-                handlers = load_handlers(actor.spec)
-                store = build_store(actor, self.state_dir, self.environ)
-                actor_type = ActorType(actor, store, handlers, self)
-                await actor_type.start()
+                built[name] = ActorType(actor, build_store(actor, self.state_dir, self.environ),
+                                        load_handlers(actor.spec), self)
             except HandlerLoadError as exc:
                 errors.append(ManifestError(f"actor {name}", exc.path, exc.message))
-                continue
-            except (PacketFlowError, OSError) as exc:
+            except Exception as exc:
+                errors.append(ManifestError(f"actor {name}", "spec.store", str(exc)))
+        for name, old in list(self.types.items()):
+            if name not in wanted or name in built:
+                del self.types[name]
+                await self._stop(old)
+        for name, actor_type in built.items():
+            try:
+                await actor_type.start()  # leaves nothing open when it fails
+            except Exception as exc:  # a corrupt file, a bad DSN, an unreachable server...
                 errors.append(ManifestError(f"actor {name}", "spec.store", str(exc)))
                 continue
             self.types[name] = actor_type
         self.types = dict(sorted(self.types.items()))
         return errors
+
+    @staticmethod
+    async def _stop(actor_type: ActorType) -> None:
+        """Stop a type; an error is logged, so the other types still stop and close."""
+        try:
+            await actor_type.stop()
+        except Exception:
+            log.exception("actor type %s did not stop cleanly", actor_type.name)
 
     async def invoke(self, name: str, value: dict[str, Any],
                      ctx: CallContext) -> dict[str, Any]:
@@ -840,11 +968,17 @@ class ActorSystem:
         """Send to the owning member (through the transport's forwarder)."""
         if self.forwarder is None:
             raise PacketFlowError("forwarding is not configured in this runtime")
-        return await self.forwarder(address, actor_type, actor_id, message, message_id,
-                                    trace_id, timeout)
+        return await self.forwarder.send(address, actor_type, actor_id, message, message_id,
+                                         trace_id, timeout)
+
+    async def forward_delete(self, address: str, actor_type: str, actor_id: str) -> bool:
+        """Delete at the owning member (through the transport's forwarder)."""
+        if self.forwarder is None:
+            raise PacketFlowError("forwarding is not configured in this runtime")
+        return await self.forwarder.delete(address, actor_type, actor_id)
 
     async def aclose(self) -> None:
         """Stop every type (on shutdown)."""
-        for actor_type in list(self.types.values()):
-            await actor_type.stop()
-        self.types = {}
+        types, self.types = list(self.types.values()), {}
+        for actor_type in types:
+            await self._stop(actor_type)

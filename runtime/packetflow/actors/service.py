@@ -6,6 +6,7 @@ Domain errors become statuses through ``server.abort_for`` (one error -> code ma
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +30,11 @@ from packetflow.v1 import actors_pb2, actors_pb2_grpc
 
 SERVICE_NAME = actors_pb2.DESCRIPTOR.services_by_name["ActorRuntime"].full_name
 DEFAULT_LIST_LIMIT = 1000
+# Metadata marking a call one member forwarded to the owner (never forwarded again).
+FORWARDED_KEY = "packetflow-forwarded"
+FORWARD_DELETE_TIMEOUT = 10.0
+
+log = logging.getLogger("packetflow.actors")
 
 
 def _response(result: SendResult, trace_id: str) -> actors_pb2.SendResponse:
@@ -92,6 +98,11 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
             except PacketFlowError as exc:
                 events.put_nowait(exc)
                 return
+            except Exception:  # the stream must end, never hang on a dead reader
+                log.exception("conversation with %s/%s failed", actor_type, actor_id)
+                events.put_nowait(HandlerFailed(f"conversation with {actor_type}/{actor_id} "
+                                                "failed; see the runtime log"))
+                return
             events.put_nowait(None)
 
         async def forward_followups(queue: asyncio.Queue[dict[str, Any]]) -> None:
@@ -141,8 +152,9 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
 
     async def DeleteActor(self, request: actors_pb2.DeleteActorRequest,
                           context: grpc.aio.ServicerContext) -> actors_pb2.DeleteActorResponse:
+        forwarded = any(key == FORWARDED_KEY for key, _ in context.invocation_metadata() or ())
         try:
-            deleted = await self.system.get(request.type).delete(request.id)
+            deleted = await self.system.get(request.type).delete(request.id, forwarded=forwarded)
         except PacketFlowError as exc:
             await abort_for(context, exc, "")
             raise
@@ -155,14 +167,17 @@ class GrpcForwarder:
     def __init__(self) -> None:
         self.channels: dict[str, grpc.aio.Channel] = {}
 
-    async def __call__(self, address: str, actor_type: str, actor_id: str,
-                       message: dict[str, Any], message_id: str | None, trace_id: str,
-                       timeout: float | None) -> SendResult:
-        """Send with ``forwarded`` set, so the owner never forwards it again."""
+    def _stub(self, address: str) -> actors_pb2_grpc.ActorRuntimeStub:
         channel = self.channels.get(address)
         if channel is None:
             channel = self.channels[address] = grpc.aio.insecure_channel(address)
-        stub = actors_pb2_grpc.ActorRuntimeStub(channel)
+        return actors_pb2_grpc.ActorRuntimeStub(channel)
+
+    async def send(self, address: str, actor_type: str, actor_id: str,
+                   message: dict[str, Any], message_id: str | None, trace_id: str,
+                   timeout: float | None) -> SendResult:
+        """Send with ``forwarded`` set, so the owner never forwards it again."""
+        stub = self._stub(address)
         request = actors_pb2.SendRequest(type=actor_type, id=actor_id,
                                          message_json=orjson.dumps(message),
                                          message_id=message_id or "", forwarded=True)
@@ -173,6 +188,16 @@ class GrpcForwarder:
             raise forwarded_error(exc) from None
         return SendResult(orjson.loads(response.reply_json), response.version,
                           response.duplicate)
+
+    async def delete(self, address: str, actor_type: str, actor_id: str) -> bool:
+        """DeleteActor at the owner, marked forwarded so it is not forwarded again."""
+        request = actors_pb2.DeleteActorRequest(type=actor_type, id=actor_id)
+        try:
+            response = await self._stub(address).DeleteActor(
+                request, timeout=FORWARD_DELETE_TIMEOUT, metadata=((FORWARDED_KEY, "1"),))
+        except grpc.aio.AioRpcError as exc:
+            raise forwarded_error(exc) from None
+        return bool(response.deleted)
 
     async def close(self) -> None:
         """Close every channel."""

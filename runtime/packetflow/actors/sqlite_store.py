@@ -15,9 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from packetflow.actors.store import ActorStore, Op, Result, schema_statements
+from packetflow.actors.errors import StoreUnavailable
+from packetflow.actors.store import ActorStore, Op, Result, schema_statements, store_error
+from packetflow.errors import PacketFlowError
 
 T = TypeVar("T")
+# Errors that mean "this data cannot be stored" rather than "the store is unavailable".
+REFUSED: tuple[type[Exception], ...] = (sqlite3.IntegrityError, sqlite3.DataError,
+                                        OverflowError)
 
 
 def drive_sync(conn: Any, op: Op[T]) -> T:
@@ -59,14 +64,23 @@ class SqliteActorStore(ActorStore):
         """Create the file, switch to WAL and create the tables."""
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{self.actor_type}")
         loop = asyncio.get_running_loop()
-        self._conn = await loop.run_in_executor(self._executor, self._connect)
+        try:
+            self._conn = await loop.run_in_executor(self._executor, self._connect)
+        except Exception as exc:  # not a database, unreadable, disk full...
+            await self.close()
+            raise StoreUnavailable(f"actor store of {self.actor_type}: cannot open "
+                                   f"{self.path}: {exc}") from None
 
     def _connect(self) -> sqlite3.Connection:
         conn = connect_sqlite(self.path, self.synchronous)
-        with conn:
-            conn.execute("BEGIN")
-            for statement in schema_statements("BLOB", "REAL"):
-                conn.execute(statement)
+        try:
+            with conn:
+                conn.execute("BEGIN")
+                for statement in schema_statements("BLOB", "REAL"):
+                    conn.execute(statement)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     async def close(self) -> None:
@@ -83,13 +97,18 @@ class SqliteActorStore(ActorStore):
     async def run(self, name: str, op: Op[T]) -> T:
         """Queue ``op`` for the next group commit and wait for its result."""
         if self._conn is None:
-            raise RuntimeError(f"store of {self.actor_type} is not open")
+            raise StoreUnavailable(f"actor store of {self.actor_type} is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append((name, op, future))
         if self._drainer is None:
             self._drainer = loop.create_task(self._drain())
-        return await future
+        try:
+            return await future
+        except PacketFlowError:
+            raise
+        except Exception as exc:
+            raise store_error(self.actor_type, exc, REFUSED) from exc
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 import orjson
 
-from packetflow.actors.errors import FencedOut
+from packetflow.actors.errors import FencedOut, ReminderMoved, StoreRefused, StoreUnavailable
+from packetflow.errors import PacketFlowError
 
 T = TypeVar("T")
 
@@ -148,6 +149,17 @@ def schema_statements(blob: str, real: str) -> list[str]:
     return [statement.strip() for statement in text.split(";") if statement.strip()]
 
 
+def store_error(actor_type: str, exc: Exception,
+                refused: tuple[type[Exception], ...] = ()) -> PacketFlowError:
+    """Any error of a backend as a domain error: data the store cannot hold (``refused``, or
+    a value the JSON encoder rejects) is StoreRefused, everything else StoreUnavailable."""
+    if isinstance(exc, PacketFlowError):
+        return exc
+    if isinstance(exc, (TypeError, ValueError, *refused)):
+        return StoreRefused(actor_type, str(exc).strip() or type(exc).__name__)
+    return StoreUnavailable(f"actor store of {actor_type}: {exc}".strip())
+
+
 def _loads(raw: Any) -> Any:
     return None if raw is None else orjson.loads(bytes(raw))
 
@@ -200,6 +212,10 @@ def op_commit(actor_type: str, commit: Commit) -> Op[int]:
         (c.state, c.memory_seq, c.now, actor_type, c.actor_id, c.epoch))
     if not result.rows:
         raise FencedOut(actor_type, c.actor_id, c.epoch)
+    if c.fired is not None and not (yield from _advance_fired(actor_type, c.actor_id, *c.fired)):
+        # Another member already handled this slot (or the reminder changed): the whole turn
+        # is refused, so one slot is never applied twice.
+        raise ReminderMoved(actor_type, c.actor_id, c.fired[0])
     for entry in c.appends:
         yield ("INSERT INTO pf_memory (actor_type, actor_id, seq, at, role, text, data) VALUES"
                " (?, ?, ?, ?, ?, ?, ?)", (actor_type, c.actor_id, entry.seq, entry.at,
@@ -208,8 +224,6 @@ def op_commit(actor_type: str, commit: Commit) -> Op[int]:
         # Compaction: only the newest max_messages entries are kept.
         yield ("DELETE FROM pf_memory WHERE actor_type = ? AND actor_id = ? AND seq <= ?",
                (actor_type, c.actor_id, c.memory_seq - c.max_messages))
-    if c.fired is not None:
-        yield from _advance_fired(actor_type, c.actor_id, *c.fired)
     for name in c.delete_reminders:
         yield ("DELETE FROM pf_reminders WHERE actor_type = ? AND actor_id = ? AND name = ? "
                "AND kind = 'reminder'", (actor_type, c.actor_id, name))
@@ -228,14 +242,24 @@ def op_commit(actor_type: str, commit: Commit) -> Op[int]:
 
 
 def _advance_fired(actor_type: str, actor_id: str, name: str, slot: float,
-                   following: float | None) -> Op[None]:
-    # Conditional on the slot, so a reminder handled twice (two owners) moves on only once.
+                   following: float | None) -> Op[bool]:
+    # Conditional on the slot, so a reminder handled twice (two owners) moves on only once;
+    # False when the slot was no longer there.
     if following is None:
-        yield ("DELETE FROM pf_reminders WHERE actor_type = ? AND actor_id = ? AND name = ? "
-               "AND due_at = ?", (actor_type, actor_id, name, slot))
+        result = yield ("DELETE FROM pf_reminders WHERE actor_type = ? AND actor_id = ? AND "
+                        "name = ? AND due_at = ?", (actor_type, actor_id, name, slot))
     else:
-        yield ("UPDATE pf_reminders SET due_at = ? WHERE actor_type = ? AND actor_id = ? AND "
-               "name = ? AND due_at = ?", (following, actor_type, actor_id, name, slot))
+        result = yield ("UPDATE pf_reminders SET due_at = ? WHERE actor_type = ? AND "
+                        "actor_id = ? AND name = ? AND due_at = ?",
+                        (following, actor_type, actor_id, name, slot))
+    return result.rowcount > 0
+
+
+def op_advance(actor_type: str, actor_id: str, name: str, slot: float,
+               following: float | None) -> Op[bool]:
+    """Move a reminder past a slot whose turn failed (no lease needed: conditional on the
+    slot); False when it had already moved."""
+    return (yield from _advance_fired(actor_type, actor_id, name, slot, following))
 
 
 def op_processed_reply(actor_type: str, actor_id: str, message_id: str) -> Op[bytes | None]:
@@ -382,6 +406,11 @@ class ActorStore(abc.ABC):
     async def commit(self, commit: Commit) -> int:
         """Write a turn; returns the new version or raises FencedOut."""
         return await self.run("commit", op_commit(self.actor_type, commit))
+
+    async def advance(self, actor_id: str,
+                      fired: tuple[str, float, float | None]) -> bool:
+        """Move a reminder past the slot ``fired`` names; False when it had already moved."""
+        return await self.run("advance", op_advance(self.actor_type, actor_id, *fired))
 
     async def processed_reply(self, actor_id: str, message_id: str) -> bytes | None:
         """The reply already sent for ``message_id``, if that message was applied."""
