@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from packetflow.actors import ActorSystem
 from packetflow.client import RuntimeClient
 from packetflow.engine import Engine
 from packetflow.server import RuntimeServer
+from tests.support.actors import SystemFactory
 from tests.support.manifests import sample_capabilities
 
 
@@ -45,3 +49,20 @@ async def client(runtime: RuntimeServer) -> AsyncIterator[RuntimeClient]:
     """A client with one channel to the runtime fixture."""
     async with RuntimeClient(f"127.0.0.1:{runtime.port}", caller="tests") as c:
         yield c
+
+
+@pytest.fixture
+async def systems(tmp_path: Path) -> AsyncIterator[SystemFactory]:
+    """Make actor systems over ``tmp_path``; all are closed at the end."""
+    made: list[ActorSystem] = []
+
+    def make(**options: Any) -> ActorSystem:
+        options.setdefault("state_dir", tmp_path)
+        options.setdefault("reminder_poll", 0.02)
+        system = ActorSystem(**options)
+        made.append(system)
+        return system
+
+    yield make
+    for system in made:
+        await system.aclose()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,47 +22,14 @@ from packetflow.errors import ContractViolation, DeadlineExceeded, HandlerFailed
 from packetflow.spec import Actor
 from tests.conftest import eventually
 from tests.support import actor_handlers
+from tests.support.actors import FakeClock, SystemFactory, handler_actor
 
 pytest_plugins = ["tests.support.postgres"]
 
 
 def fragile(name: str = "fragile", cls: str = "Fragile", **spec: Any) -> Actor:
     """An Actor manifest for a handler class of ``tests.support.actor_handlers``."""
-    fields = {"intent": "Fail in interesting ways",
-              "implementation": {"python": {"module": "tests.support.actor_handlers",
-                                            "class": cls}}, **spec}
-    return Actor.model_validate({"apiVersion": "packetflow.io/v1alpha1", "kind": "Actor",
-                                 "metadata": {"name": name}, "spec": fields})
-
-
-class FakeClock:
-    """An injectable wall clock: tests move time instead of waiting."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-SystemFactory = Callable[..., ActorSystem]
-
-
-@pytest.fixture
-async def systems(tmp_path: Path) -> AsyncIterator[SystemFactory]:
-    """Make actor systems over ``tmp_path``; all are closed at the end."""
-    made: list[ActorSystem] = []
-
-    def make(**options: Any) -> ActorSystem:
-        options.setdefault("state_dir", tmp_path)
-        options.setdefault("reminder_poll", 0.02)
-        system = ActorSystem(**options)
-        made.append(system)
-        return system
-
-    yield make
-    for system in made:
-        await system.aclose()
+    return handler_actor(name, cls, "Fail in interesting ways", **spec)
 
 
 @pytest.fixture(autouse=True)

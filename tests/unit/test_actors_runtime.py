@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from packetflow.manifests import load_text
 from packetflow.spec import Actor
 from tests.conftest import eventually
 from tests.support import actor_handlers
+from tests.support.actors import FakeClock, SystemFactory, handler_actor
 from tests.support.manifests import sample_capabilities
 
 pytest_plugins = ["tests.support.postgres"]
@@ -27,41 +27,7 @@ pytest_plugins = ["tests.support.postgres"]
 
 def ledger(name: str = "ledger", **spec: Any) -> Actor:
     """An Actor manifest for ``tests.support.actor_handlers.Ledger`` with ``spec`` overrides."""
-    fields = {"intent": "Record numbers",
-              "implementation": {"python": {"module": "tests.support.actor_handlers",
-                                            "class": "Ledger"}}, **spec}
-    return Actor.model_validate({"apiVersion": "packetflow.io/v1alpha1", "kind": "Actor",
-                                 "metadata": {"name": name}, "spec": fields})
-
-
-class FakeClock:
-    """An injectable wall clock: tests move time instead of waiting."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-SystemFactory = Callable[..., ActorSystem]
-
-
-@pytest.fixture
-async def systems(tmp_path: Path) -> AsyncIterator[SystemFactory]:
-    """Make actor systems over ``tmp_path``; all are closed at the end."""
-    made: list[ActorSystem] = []
-
-    def make(**options: Any) -> ActorSystem:
-        options.setdefault("state_dir", tmp_path)
-        options.setdefault("reminder_poll", 0.02)
-        system = ActorSystem(**options)
-        made.append(system)
-        return system
-
-    yield make
-    for system in made:
-        await system.aclose()
+    return handler_actor(name, "Ledger", "Record numbers", **spec)
 
 
 async def started(system: ActorSystem, *actors: Actor) -> ActorSystem:
