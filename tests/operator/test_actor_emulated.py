@@ -9,19 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-import kmock
 
+from tests.operator.api import NS, condition, creations, patch, post
 from tests.operator.conftest import OperatorRunner, wait_for
 from tests.operator.kube_emulator import ACTORS, CAPABILITIES, ClusterEmulator
 
-NS = "default"
 ACTORS_PATH = f"/apis/packetflow.io/v1alpha1/namespaces/{NS}/actors"
 CAPS_PATH = f"/apis/packetflow.io/v1alpha1/namespaces/{NS}/capabilities"
 STATEFULSETS = "apps/v1/statefulsets"
 CONFIGMAPS = "v1/configmaps"
 SERVICES = "v1/services"
 STS_PATH = f"/apis/apps/v1/namespaces/{NS}/statefulsets"
-MERGE = {"Content-Type": "application/merge-patch+json"}
 PG = {"postgresql": {"dsnFrom": {"secretKeyRef": {"name": "pg", "key": "dsn"}}}}
 
 
@@ -35,30 +33,6 @@ def actor(name: str, **spec: Any) -> dict[str, Any]:
                  "implementation": {"python": {"module": "examples.research",
                                                "class": "ResearchAssistant"}}, **spec},
     }
-
-
-async def post(kube: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    response = await kube.post(path, json=body)
-    assert response.status_code < 300, response.text
-    return dict(response.json())
-
-
-async def patch(kube: httpx.AsyncClient, path: str, body: dict[str, Any]) -> None:
-    response = await kube.patch(path, json=body, headers=MERGE)
-    assert response.status_code < 300, response.text
-
-
-def condition(cluster: ClusterEmulator, name: str, kind: str) -> dict[str, Any] | None:
-    obj = cluster.live(ACTORS, NS, name) or {}
-    for cond in obj.get("status", {}).get("conditions", []):
-        if cond["type"] == kind:
-            return dict(cond)
-    return None
-
-
-def creations(cluster: ClusterEmulator, path: str, name: str) -> int:
-    return sum(1 for r in cluster.log if r.method == kmock.method.POST and r.url.path == path
-               and isinstance(r.data, dict) and r.data["metadata"]["name"] == name)
 
 
 async def actor_children(cluster: ClusterEmulator, name: str) -> dict[str, dict[str, Any]]:
@@ -87,7 +61,8 @@ async def test_actor_runs_as_a_statefulset_and_turns_ready(
     assert objs["headless"]["spec"]["clusterIP"] == "None"
     assert "kind: Actor" in objs["bundle"]["data"]["bundle.yaml"]
 
-    ready = await wait_for(lambda: condition(cluster, "chat", "Ready"), what="a Ready condition")
+    ready = await wait_for(lambda: condition(cluster, ACTORS, "chat", "Ready"),
+                           what="a Ready condition")
     assert ready["status"] == "False"
     # The StatefulSet controller reports both members ready, rollout complete.
     live = cluster.live(STATEFULSETS, NS, "chat")
@@ -95,8 +70,9 @@ async def test_actor_runs_as_a_statefulset_and_turns_ready(
     await patch(kube, f"{STS_PATH}/chat/status", {"status": {
         "observedGeneration": live["metadata"]["generation"], "replicas": 2,
         "readyReplicas": 2, "currentRevision": "chat-1", "updateRevision": "chat-1"}})
-    await wait_for(lambda: (condition(cluster, "chat", "Ready") or {}).get("status") == "True",
-                   what="Ready=True")
+    await wait_for(
+        lambda: (condition(cluster, ACTORS, "chat", "Ready") or {}).get("status") == "True",
+        what="Ready=True")
     status = cluster.live(ACTORS, NS, "chat")["status"]  # type: ignore[index]
     assert status["members"] == ["chat-0", "chat-1"]
     assert status["readyReplicas"] == 2 and status["observedGeneration"] == 1
@@ -128,11 +104,12 @@ async def test_sqlite_actor_gets_a_volume_and_refuses_replicas(
     # No API-server validation in the emulator: the operator's own check must catch it.
     await patch(kube, f"{ACTORS_PATH}/notes", {"spec": {"replicas": 2}})
     degraded = await wait_for(
-        lambda: (c := condition(cluster, "notes", "Degraded")) and c["status"] == "True" and c,
+        lambda: ((c := condition(cluster, ACTORS, "notes", "Degraded"))
+                 and c["status"] == "True" and c),
         what="Degraded=True")
     assert degraded["reason"] == "InvalidSpec"
     assert degraded["message"].startswith("spec.replicas: ")
-    assert (condition(cluster, "notes", "Ready") or {})["status"] == "False"
+    assert (condition(cluster, ACTORS, "notes", "Ready") or {})["status"] == "False"
 
     def warning_event() -> dict[str, Any] | None:
         for (resource, _, _), obj in cluster.objects.items():
@@ -178,7 +155,7 @@ async def test_actor_and_capability_share_the_namespace(
     await actor_children(cluster, "memo")
     await wait_for(lambda: cluster.live("apps/v1/deployments", NS, "echo"),
                    what="the Capability's Deployment")
-    await wait_for(lambda: condition(cluster, "memo", "Ready"), what="the Actor's status")
+    await wait_for(lambda: condition(cluster, ACTORS, "memo", "Ready"), what="the Actor's status")
     assert (cluster.live(CAPABILITIES, NS, "echo") or {}).get("status", {}).get("conditions")
     assert not cluster.names("apps/v1/deployments", NS) & {"memo"}
     assert not cluster.names(STATEFULSETS, NS) & {"echo"}

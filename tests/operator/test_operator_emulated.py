@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import kmock
 
+from tests.operator.api import NS, condition, creations, patch, post
 from tests.operator.conftest import OperatorRunner, wait_for
 from tests.operator.kube_emulator import CAPABILITIES, ClusterEmulator
 
-NS = "default"
 CAPS_PATH = f"/apis/packetflow.io/v1alpha1/namespaces/{NS}/capabilities"
 DEPLOYMENTS = "apps/v1/deployments"
 CONFIGMAPS = "v1/configmaps"
@@ -22,7 +22,6 @@ SERVICES = "v1/services"
 CHILD_PATHS = {DEPLOYMENTS: f"/apis/apps/v1/namespaces/{NS}/deployments",
                CONFIGMAPS: f"/api/v1/namespaces/{NS}/configmaps",
                SERVICES: f"/api/v1/namespaces/{NS}/services"}
-MERGE = {"Content-Type": "application/merge-patch+json"}
 HASH = "packetflow.io/spec-hash"
 
 
@@ -34,32 +33,6 @@ def capability(name: str, **spec: Any) -> dict[str, Any]:
         "spec": {"intent": "Echo what it gets", "requires": {"message": {"type": "string"}},
                  "implementation": {"builtin": {"name": "echo"}}, **spec},
     }
-
-
-async def create(kube: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-    response = await kube.post(CAPS_PATH, json=body)
-    assert response.status_code < 300, response.text
-    return dict(response.json())
-
-
-async def patch(kube: httpx.AsyncClient, path: str, body: dict[str, Any]) -> None:
-    response = await kube.patch(path, json=body, headers=MERGE)
-    assert response.status_code < 300, response.text
-
-
-def condition(cluster: ClusterEmulator, name: str, kind: str) -> dict[str, Any] | None:
-    cap = cluster.live(CAPABILITIES, NS, name) or {}
-    for cond in cap.get("status", {}).get("conditions", []):
-        if cond["type"] == kind:
-            return dict(cond)
-    return None
-
-
-def creations(cluster: ClusterEmulator, resource: str, name: str) -> int:
-    """How many times the object was POSTed (a second POST would be a duplicate create)."""
-    return sum(1 for r in cluster.log if r.method == kmock.method.POST
-               and r.url.path == CHILD_PATHS[resource]
-               and isinstance(r.data, dict) and r.data["metadata"]["name"] == name)
 
 
 async def children(cluster: ClusterEmulator, name: str) -> dict[str, dict[str, Any]]:
@@ -87,7 +60,7 @@ async def kubelet_reports_ready(kube: httpx.AsyncClient, cluster: ClusterEmulato
 async def test_create_renders_children_and_turns_ready(
         cluster: ClusterEmulator, kube: httpx.AsyncClient,
         operator_runner: OperatorRunner) -> None:
-    cap = await create(kube, capability("echo", replicas=2))
+    cap = await post(kube, CAPS_PATH, capability("echo", replicas=2))
     objs = await children(cluster, "echo")
     for obj in objs.values():
         (owner,) = obj["metadata"]["ownerReferences"]
@@ -97,26 +70,28 @@ async def test_create_renders_children_and_turns_ready(
     assert "echo" in objs[CONFIGMAPS]["data"]["bundle.yaml"]
     assert [p["name"] for p in objs[SERVICES]["spec"]["ports"]] == ["grpc", "metrics"]
 
-    ready = await wait_for(lambda: condition(cluster, "echo", "Ready"), what="a Ready condition")
+    ready = await wait_for(lambda: condition(cluster, CAPABILITIES, "echo", "Ready"),
+                           what="a Ready condition")
     assert ready["status"] == "False"  # no pods yet
 
     await kubelet_reports_ready(kube, cluster, "echo", 2)
-    await wait_for(lambda: (condition(cluster, "echo", "Ready") or {}).get("status") == "True",
-                   what="Ready=True")
+    await wait_for(
+        lambda: (condition(cluster, CAPABILITIES, "echo", "Ready") or {}).get("status") == "True",
+        what="Ready=True")
     status = cluster.live(CAPABILITIES, NS, "echo")["status"]  # type: ignore[index]
     assert status["readyReplicas"] == 2 and status["replicas"] == 2
     assert status["endpoint"] == "echo.default.svc:50051"
     assert status["observedGeneration"] == 1
-    assert condition(cluster, "echo", "Degraded")["status"] == "False"  # type: ignore[index]
+    assert condition(cluster, CAPABILITIES, "echo", "Degraded")["status"] == "False"  # type: ignore[index]
     for resource, name in ((DEPLOYMENTS, "echo"), (SERVICES, "echo"),
                            (CONFIGMAPS, "echo-bundle")):
-        assert creations(cluster, resource, name) == 1
+        assert creations(cluster, CHILD_PATHS[resource], name) == 1
 
 
 async def test_update_rolls_pods_and_leaves_autoscaled_replicas(
         cluster: ClusterEmulator, kube: httpx.AsyncClient,
         operator_runner: OperatorRunner) -> None:
-    await create(kube, capability("scaled"))  # no replicas: an autoscaler owns them
+    await post(kube, CAPS_PATH, capability("scaled"))  # no replicas: an autoscaler owns them
     objs = await children(cluster, "scaled")
     assert "replicas" not in objs[DEPLOYMENTS]["spec"]
     old_hash = objs[DEPLOYMENTS]["spec"]["template"]["metadata"]["annotations"][HASH]
@@ -145,12 +120,12 @@ async def test_update_rolls_pods_and_leaves_autoscaled_replicas(
 async def test_invalid_capability_is_degraded_with_no_children(
         cluster: ClusterEmulator, kube: httpx.AsyncClient,
         operator_runner: OperatorRunner) -> None:
-    await create(kube, capability("bad", requires={"a": {"type": "strin"}}))
-    degraded = await wait_for(lambda: condition(cluster, "bad", "Degraded"),
+    await post(kube, CAPS_PATH, capability("bad", requires={"a": {"type": "strin"}}))
+    degraded = await wait_for(lambda: condition(cluster, CAPABILITIES, "bad", "Degraded"),
                               what="a Degraded condition")
     assert degraded["status"] == "True" and degraded["reason"] == "InvalidSpec"
     assert "spec.requires.a.type" in degraded["message"]
-    assert condition(cluster, "bad", "Ready")["status"] == "False"  # type: ignore[index]
+    assert condition(cluster, CAPABILITIES, "bad", "Ready")["status"] == "False"  # type: ignore[index]
 
     def warning_event() -> dict[str, Any] | None:
         for (resource, _, _), obj in cluster.objects.items():
@@ -167,14 +142,15 @@ async def test_invalid_capability_is_degraded_with_no_children(
     # Fixing the spec recovers: children appear and Degraded clears.
     await patch(kube, f"{CAPS_PATH}/bad", {"spec": {"requires": {"a": {"type": "string"}}}})
     await children(cluster, "bad")
-    await wait_for(lambda: (condition(cluster, "bad", "Degraded") or {}).get("status") == "False",
-                   what="Degraded=False after the fix")
+    await wait_for(
+        lambda: (condition(cluster, CAPABILITIES, "bad", "Degraded") or {}).get("status")
+        == "False", what="Degraded=False after the fix")
 
 
 async def test_deleted_or_edited_child_is_restored(
         cluster: ClusterEmulator, kube: httpx.AsyncClient,
         operator_runner: OperatorRunner) -> None:
-    await create(kube, capability("sturdy", replicas=1))
+    await post(kube, CAPS_PATH, capability("sturdy", replicas=1))
     objs = await children(cluster, "sturdy")
     old_uid = objs[DEPLOYMENTS]["metadata"]["uid"]
 
@@ -201,7 +177,7 @@ async def test_resync_heals_what_a_failed_child_event_left(
     runner = OperatorRunner([NS], resync_seconds=1.0)
     await runner.start()
     try:
-        await create(kube, capability("healed", replicas=1))
+        await post(kube, CAPS_PATH, capability("healed", replicas=1))
         await children(cluster, "healed")
         # The Deployment's DELETED event finds the API failing: that handler only logs.
         cluster.fail_next(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS])
@@ -209,7 +185,8 @@ async def test_resync_heals_what_a_failed_child_event_left(
         assert response.status_code < 300
         await wait_for(lambda: cluster.live(DEPLOYMENTS, NS, "healed"),
                        what="the resync to recreate the Deployment")
-        assert creations(cluster, DEPLOYMENTS, "healed") == 3  # created, refused, recreated
+        # Created, refused (the injected fault), recreated by the resync.
+        assert creations(cluster, CHILD_PATHS[DEPLOYMENTS], "healed") == 3
     finally:
         await runner.stop()
 
@@ -217,7 +194,7 @@ async def test_resync_heals_what_a_failed_child_event_left(
 async def test_deleting_capability_collects_children_for_good(
         cluster: ClusterEmulator, kube: httpx.AsyncClient,
         operator_runner: OperatorRunner) -> None:
-    await create(kube, capability("brief"))
+    await post(kube, CAPS_PATH, capability("brief"))
     await children(cluster, "brief")
     response = await kube.delete(f"{CAPS_PATH}/brief")
     assert response.status_code < 300
@@ -235,14 +212,14 @@ async def test_restart_converges_without_duplicates(
     first = OperatorRunner([NS])
     await first.start()
     try:
-        await create(kube, capability("alpha", replicas=1))
+        await post(kube, CAPS_PATH, capability("alpha", replicas=1))
         # Stop while its children may still be in flight: the restart must cope either way.
         await wait_for(lambda: cluster.live(CONFIGMAPS, NS, "alpha-bundle"), what="a first child")
     finally:
         await first.stop()
 
     # While no operator runs: a new Capability and an edit of the old one.
-    await create(kube, capability("beta", replicas=1))
+    await post(kube, CAPS_PATH, capability("beta", replicas=1))
     await patch(kube, f"{CAPS_PATH}/alpha", {"spec": {"replicas": 2}})
     second = OperatorRunner([NS])
     await second.start()
@@ -254,6 +231,6 @@ async def test_restart_converges_without_duplicates(
     finally:
         await second.stop()
     for name in ("alpha", "beta"):
-        assert creations(cluster, DEPLOYMENTS, name) == 1
-        assert creations(cluster, SERVICES, name) == 1
-        assert creations(cluster, CONFIGMAPS, f"{name}-bundle") == 1
+        assert creations(cluster, CHILD_PATHS[DEPLOYMENTS], name) == 1
+        assert creations(cluster, CHILD_PATHS[SERVICES], name) == 1
+        assert creations(cluster, CHILD_PATHS[CONFIGMAPS], f"{name}-bundle") == 1
