@@ -17,6 +17,7 @@ from packetflow.actors.runtime import ActorSystem
 from packetflow.composition.triggers import (
     IdempotencyStore,
     MemoryIdempotencyStore,
+    PostgresIdempotencyStore,
     SqliteIdempotencyStore,
 )
 from packetflow.engine import Engine
@@ -51,15 +52,22 @@ def report(errors: Sequence[ManifestError]) -> None:
         print(f"error: {error}", file=sys.stderr)
 
 
-def idempotency_store(state_dir: Path) -> IdempotencyStore:
-    """The durable store of trigger event keys under ``state_dir``; in memory if it is not
-    writable (a duplicate arriving after a restart could then run again)."""
+async def idempotency_store(settings: RuntimeSettings) -> IdempotencyStore:
+    """Where trigger event keys live: the shared PostgreSQL when configured, else SQLite
+    under the state dir, else (not writable) memory, where a duplicate arriving after a
+    restart could run again."""
+    if settings.trigger_store_dsn:
+        try:
+            return await PostgresIdempotencyStore.connect(settings.trigger_store_dsn)
+        except Exception as exc:  # psycopg's errors: the DSN or the server
+            raise SystemExit(
+                f"error: trigger store (PACKETFLOW_TRIGGER_STORE_DSN): {exc}") from None
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteIdempotencyStore(state_dir / "triggers.db")
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        return SqliteIdempotencyStore(settings.state_dir / "triggers.db")
     except (OSError, sqlite3.Error) as exc:
         log.warning("state dir %s is not usable (%s): trigger keys kept in memory only",
-                    state_dir, exc)
+                    settings.state_dir, exc)
         return MemoryIdempotencyStore()
 
 
@@ -79,7 +87,7 @@ async def load_runtime(paths: Sequence[Path], settings: RuntimeSettings,
     (what ``dev``, ``runtime`` and ``mcp --stdio`` all serve)."""
     loaded = load_paths(paths)
     engine = Engine(loaded.capabilities, max_payload_bytes=settings.max_payload_bytes,
-                    idempotency=idempotency_store(settings.state_dir))
+                    idempotency=await idempotency_store(settings))
     actors = actor_system(engine, settings)
     errors = [*loaded.errors, *engine.load_errors, *await engine.verify_remotes(),
               *await actors.replace(loaded.actors)]

@@ -30,6 +30,11 @@ class RuntimeSettings(BaseSettings):
     mcp_token: str | None = Field(
         default=None, repr=False,
         description="Bearer token MCP clients must send (from a Secret); unset: no auth")
+    trigger_store_dsn: str | None = Field(
+        default=None,
+        description="PostgreSQL for trigger idempotency keys shared by every replica (a "
+                    "schedule then fires once per cluster, not per pod); unset: SQLite "
+                    "under state_dir")
     state_dir: Path = Field(
         default=Path(".packetflow"),
         description="Where durable local state lives (SQLite: trigger idempotency keys, actors)")

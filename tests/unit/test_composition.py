@@ -18,7 +18,11 @@ from packetflow.composition.cron import Cron
 from packetflow.composition.executor import composition_handler, trace_of
 from packetflow.composition.metrics import StepMetrics
 from packetflow.composition.model import CompositionSpec, parse_composition
-from packetflow.composition.triggers import SqliteIdempotencyStore, TriggerRunner
+from packetflow.composition.triggers import (
+    PostgresIdempotencyStore,
+    SqliteIdempotencyStore,
+    TriggerRunner,
+)
 from packetflow.context import CallContext, Handler
 from packetflow.engine import Engine
 from packetflow.errors import (
@@ -32,6 +36,8 @@ from packetflow.errors import (
 from packetflow.manifests import load_text
 from packetflow.spec import Capability
 from tests.conftest import eventually
+
+pytest_plugins = ["tests.support.postgres"]
 
 # Leaf capabilities. Those with `builtin: echo` get a test handler swapped in (see `build`).
 LEAVES = """
@@ -808,7 +814,7 @@ async def test_sqlite_keys_survive_a_restart_and_stale_claims_expire(tmp_path: P
     assert await store.claim("done") and await store.claim("crashed")
     await store.complete("done")
     assert not await store.claim("crashed")  # another delivery holds a live lease
-    store.close()
+    await store.aclose()
     reopened = SqliteIdempotencyStore(tmp_path / "t.db", lease_seconds=10,
                                       clock=lambda: clock[0])
     assert not await reopened.claim("done")
@@ -816,7 +822,7 @@ async def test_sqlite_keys_survive_a_restart_and_stale_claims_expire(tmp_path: P
     assert await reopened.claim("crashed")
     await reopened.release("crashed")
     assert await reopened.claim("crashed") and not await reopened.claim("done")
-    reopened.close()
+    await reopened.aclose()
 
 
 async def test_scheduled_trigger_fires() -> None:
@@ -832,3 +838,27 @@ async def test_scheduled_trigger_fires() -> None:
     first, second = probe.calls[:2]
     assert first["type"] == "schedule" and first["id"] != second["id"]
     assert first["scheduledAt"] < second["scheduledAt"]
+
+
+async def test_replicas_sharing_a_postgres_store_fire_each_schedule_once(
+        postgres_dsn: str) -> None:
+    probes = [Probe(), Probe()]
+    stores = [await PostgresIdempotencyStore.connect(postgres_dsn) for _ in probes]
+    engines = []
+    for probe, store in zip(probes, stores, strict=True):
+        engine = build(composition_manifest("flow", """
+          steps: [{call: {capability: probe}}]
+          triggers: [{schedule: '* * * * * *'}]
+        """), {"probe": probe})
+        # The engine's own runner, now over the shared store: as two pods would run it.
+        engine.triggers.store = store
+        engine.start_triggers()
+        engines.append(engine)
+    try:
+        await eventually(lambda: sum(len(p.calls) for p in probes) >= 4, timeout=15,
+                         what="four scheduled runs across both replicas")
+    finally:
+        for engine in engines:
+            await engine.aclose()
+    fired = [call["scheduledAt"] for probe in probes for call in probe.calls]
+    assert len(fired) == len(set(fired))  # no fire time ran on both replicas

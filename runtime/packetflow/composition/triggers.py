@@ -47,7 +47,7 @@ class IdempotencyStore(Protocol):
     async def release(self, key: str) -> None:
         """Give ``key`` up after a failed run, so a redelivery may run it."""
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """Release what the store holds."""
 
 
@@ -77,7 +77,7 @@ class MemoryIdempotencyStore:
         """Let a later delivery of ``key`` run."""
         self.running.discard(key)
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """Nothing to release."""
 
 
@@ -131,10 +131,65 @@ class SqliteIdempotencyStore:
         """Drop the claim on ``key`` so a redelivery may run it."""
         await self._run("DELETE FROM trigger_events WHERE key = ? AND done = 0", key)
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """Finish pending statements, then close the database."""
+        await asyncio.get_running_loop().run_in_executor(self.worker, self.db.close)
         self.worker.shutdown(wait=True)
-        self.db.close()
+
+
+class PostgresIdempotencyStore:
+    """Keys in a PostgreSQL database every replica shares: an event (a schedule's fire time,
+    a completion) then runs once across the cluster, not once per pod.
+
+    Same lease semantics as :class:`SqliteIdempotencyStore`; open with :meth:`connect`.
+    """
+
+    def __init__(self, connection: Any, *, lease_seconds: float = 300.0,
+                 keep_seconds: float = 7 * 86400.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.connection = connection  # psycopg.AsyncConnection, autocommit
+        self.lease_seconds = lease_seconds
+        self.keep_seconds = keep_seconds
+        self.clock = clock
+
+    @classmethod
+    async def connect(cls, dsn: str, **options: Any) -> PostgresIdempotencyStore:
+        """Connect and create the table if needed."""
+        import psycopg  # only runtimes configured for a shared store load the driver
+
+        connection = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        await connection.execute(
+            "CREATE TABLE IF NOT EXISTS pf_trigger_events (key TEXT PRIMARY KEY, "
+            "done BOOLEAN NOT NULL, until DOUBLE PRECISION NOT NULL)")
+        return cls(connection, **options)
+
+    async def _run(self, sql: str, *args: Any) -> int:
+        cursor = await self.connection.execute(sql, args)
+        return int(cursor.rowcount)
+
+    async def claim(self, key: str) -> bool:
+        """Reserve ``key`` unless it is done or another delivery's lease on it is live."""
+        now = self.clock()
+        await self._run("DELETE FROM pf_trigger_events WHERE done AND until < %s", now)
+        taken = await self._run(
+            "INSERT INTO pf_trigger_events (key, done, until) VALUES (%s, false, %s) "
+            "ON CONFLICT (key) DO UPDATE SET until = excluded.until "
+            "WHERE NOT pf_trigger_events.done AND pf_trigger_events.until < %s",
+            key, now + self.lease_seconds, now)
+        return taken == 1
+
+    async def complete(self, key: str) -> None:
+        """Mark ``key`` done; duplicates within ``keep_seconds`` are dropped."""
+        await self._run("UPDATE pf_trigger_events SET done = true, until = %s WHERE key = %s",
+                        self.clock() + self.keep_seconds, key)
+
+    async def release(self, key: str) -> None:
+        """Drop the claim on ``key`` so a redelivery may run it."""
+        await self._run("DELETE FROM pf_trigger_events WHERE key = %s AND NOT done", key)
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        await self.connection.close()
 
 
 # ----------------------------------------------------------------------------- runner
@@ -267,7 +322,7 @@ class TriggerRunner:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        self.store.close()
+        await self.store.aclose()
 
 
 def _key(event: dict[str, Any], trigger: Trigger | None) -> str:
