@@ -82,6 +82,19 @@ def test_deployment_runs_the_runtime_securely() -> None:
         "packetflow-operator"
 
 
+def test_runtime_pods_know_their_namespace_and_the_shared_trigger_store() -> None:
+    def env_of(settings: OperatorSettings) -> dict[str, Any]:
+        deployment = render.render_deployment(model(), "team-a", settings)
+        return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(deployment)["env"]}
+
+    plain = env_of(SETTINGS)
+    assert plain["PACKETFLOW_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert "PACKETFLOW_TRIGGER_STORE_DSN" not in plain
+    shared = env_of(OperatorSettings(trigger_store_secret="triggers-pg/dsn"))
+    assert shared["PACKETFLOW_TRIGGER_STORE_DSN"] == {
+        "secretKeyRef": {"name": "triggers-pg", "key": "dsn"}}
+
+
 def test_replicas_and_resources_only_when_set() -> None:
     deployment = render.render_deployment(model(), "team-a", SETTINGS)
     assert "replicas" not in deployment["spec"]  # an autoscaler owns the count

@@ -147,6 +147,15 @@ def secret_env(resource: Resource) -> list[Manifest]:
     return [env[name] for name in sorted(env)]
 
 
+def _trigger_store_env(settings: OperatorSettings) -> list[Manifest]:
+    """PACKETFLOW_TRIGGER_STORE_DSN from the configured Secret, if any."""
+    if settings.trigger_store_secret is None:
+        return []
+    name, key = settings.trigger_store_secret.split("/", 1)
+    return [{"name": "PACKETFLOW_TRIGGER_STORE_DSN",
+             "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}]
+
+
 def _runtime_args(settings: OperatorSettings) -> list[str]:
     args = ["runtime", "--bundle", BUNDLE_PATH,
             "--address", f"0.0.0.0:{settings.grpc_port}",
@@ -180,7 +189,11 @@ def _container(resource: Resource, settings: OperatorSettings,
             # The root filesystem is read-only: durable local state (trigger idempotency keys,
             # SQLite actor stores) goes to a mounted volume.
             env=[*(env or []), {"name": "PACKETFLOW_STATE_DIR", "value": settings.state_dir},
-                 *secret_env(resource)])
+                 # Remote steps name Services without a namespace: theirs is the pod's own
+                 # (the service-account token, which would also tell it, is not mounted).
+                 {"name": "PACKETFLOW_NAMESPACE",
+                  "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                 *secret_env(resource), *_trigger_store_env(settings)])
         mounts.append({"name": STATE_VOLUME, "mountPath": settings.state_dir})
     container["ports"] = ports
     # The runtime serves grpc.health.v1, so the kubelet's native gRPC probe needs no exec.

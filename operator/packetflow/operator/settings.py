@@ -40,6 +40,11 @@ class OperatorSettings(BaseSettings):
         description="Keep the ConfigMap packetflow-mcp-bundle in this namespace: every "
                     "Capability there, served as MCP tools by one aggregate Deployment (the "
                     "chart's mcp.aggregate); unset: no aggregate")
+    trigger_store_secret: str | None = Field(
+        default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._a-zA-Z0-9]+$",
+        description="Secret 'name/key' (in each resource's namespace) holding a PostgreSQL "
+                    "DSN: runtime pods get it as PACKETFLOW_TRIGGER_STORE_DSN, so replicas "
+                    "share trigger keys and a schedule fires once, not once per pod")
     cluster_domain_suffix: str = Field(
         default="svc", description="Suffix of in-cluster endpoints: <name>.<namespace>.<suffix>")
     retry_delay_seconds: float = Field(
