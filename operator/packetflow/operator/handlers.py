@@ -118,9 +118,6 @@ async def reconcile_resource(body: kopf.Body, reason: str, memo: kopf.Memo,
             logger.warning("invalid spec, children left as they are: %s", message)
 
 
-reconcile_capability = reconcile_resource  # the name before Actors existed
-
-
 async def startup(memo: kopf.Memo, **_: Any) -> None:
     """Start the periodic resync of every known resource (when enabled)."""
     ctx = _ctx(memo)

@@ -65,9 +65,6 @@ class ResourceState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-CapabilityState = ResourceState  # the name before Actors existed
-
-
 @dataclass(frozen=True)
 class ReconcileReport:
     """How a reconcile ended: the spec errors (if any) and the children written."""
