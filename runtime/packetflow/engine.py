@@ -143,10 +143,14 @@ class Engine:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         idempotency: IdempotencyStore | None = None,
         remote: RemoteCaller | None = None,
+        undeclared_as_services: bool = False,
     ) -> None:
         self.metrics = metrics or RuntimeMetrics()
         self.max_payload_bytes = max_payload_bytes
         self.remote = remote or RemoteCaller()
+        # On Kubernetes a pod serves one capability: a step naming another one calls the
+        # Service of that name (the operator names each Capability's Service after it).
+        self.undeclared_as_services = undeclared_as_services
         self.step_metrics = StepMetrics(self.metrics.registry)
         self.served: dict[str, ServedCapability] = {}
         self._verified: set[str] = set()  # capabilities whose remote checks passed
@@ -163,7 +167,9 @@ class Engine:
         capabilities = list(capabilities)
         errors = [
             ManifestError(f"capability {name}", error.path, error.message)
-            for name, found in check_compositions(capabilities).items() for error in found
+            for name, found in check_compositions(
+                capabilities, undeclared_remote=self.undeclared_as_services).items()
+            for error in found
         ]
         rejected = {error.source.removeprefix("capability ") for error in errors}
         capabilities = [c for c in capabilities if c.name not in rejected]
@@ -171,8 +177,8 @@ class Engine:
                      and old.capability == c]
         changed = [c for c in capabilities if c not in unchanged]
         self._verified &= {c.name for c in unchanged}
-        served, build_errors = serve_capabilities(changed, self.metrics, self.invoke, self.remote,
-                                                  self.step_metrics)
+        served, build_errors = serve_capabilities(changed, self.metrics, self._invoke_step,
+                                                  self.remote, self.step_metrics)
         errors += build_errors
         served.update({c.name: self.served[c.name] for c in unchanged})
         for name, old in self.served.items():
@@ -243,6 +249,13 @@ class Engine:
             entry.count(code_of(exc))
             raise
         return await self._run(entry, value, ctx, lambda output: self._encode(entry, output))
+
+    async def _invoke_step(self, name: str, value: Any, ctx: CallContext) -> dict[str, Any]:
+        """A composition step's local call: here, or (``undeclared_as_services``) at the
+        Service named after a capability this runtime does not serve."""
+        if self.undeclared_as_services and name not in self.served:
+            return await self.remote(name, name, value, ctx)
+        return await self.invoke(name, value, ctx)
 
     async def invoke(self, name: str, value: Any, ctx: CallContext) -> dict[str, Any]:
         """Run one call: check input, run the handler within the deadline, check output."""

@@ -87,7 +87,8 @@ async def load_runtime(paths: Sequence[Path], settings: RuntimeSettings,
     (what ``dev``, ``runtime`` and ``mcp --stdio`` all serve)."""
     loaded = load_paths(paths)
     engine = Engine(loaded.capabilities, max_payload_bytes=settings.max_payload_bytes,
-                    idempotency=await idempotency_store(settings))
+                    idempotency=await idempotency_store(settings),
+                    undeclared_as_services=settings.undeclared_as_services)
     actors = actor_system(engine, settings)
     errors = [*loaded.errors, *engine.load_errors, *await engine.verify_remotes(),
               *await actors.replace(loaded.actors)]

@@ -30,6 +30,11 @@ class RuntimeSettings(BaseSettings):
     mcp_token: str | None = Field(
         default=None, repr=False,
         description="Bearer token MCP clients must send (from a Secret); unset: no auth")
+    undeclared_as_services: bool = Field(
+        default=False,
+        description="A composition step naming a capability this runtime does not serve "
+                    "calls the Kubernetes Service of that name (the operator sets this: each "
+                    "pod serves one capability)")
     trigger_store_dsn: str | None = Field(
         default=None,
         description="PostgreSQL for trigger idempotency keys shared by every replica (a "

@@ -241,3 +241,40 @@ async def test_service_without_srv_record_gets_the_default_runtime_port() -> Non
         assert await resolver.resolve("cart") == "cart.shop.svc.cluster.local:50051"
         assert await resolver.resolve("cart.other") == "cart.other.svc.cluster.local:50051"
         assert await resolver.resolve("10.0.0.7:9000") == "10.0.0.7:9000"
+
+
+PIPELINE_OVER_SERVICES = """
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: add-then-echo}
+spec:
+  intent: Add, then echo the sum, each capability in its own pods
+  requires: {a: {type: integer}}
+  implementation:
+    composition:
+      steps:
+        - {name: added, call: {capability: add, input: {a: input.a, b: "`1`"}}}
+        - {call: {capability: echo, input: {message: "to_string(steps.added.sum)"}}}
+"""
+
+
+async def test_on_kubernetes_undeclared_capabilities_are_their_services(
+        runtime: RuntimeServer) -> None:
+    # As the operator renders it: the bundle holds only the composition.
+    loaded = load_text(PIPELINE_OVER_SERVICES)
+    assert Engine(loaded.capabilities).load_errors  # locally, `add` is simply not declared
+    records = {f"_grpc._tcp.{name}.shop.svc.cluster.local": ("localhost", runtime.port)
+               for name in ("add", "echo")}
+    with dns_server(records) as (dns, dns_port):
+        resolver = ServiceResolver("shop", "cluster.local",
+                                   nameservers=[("127.0.0.1", dns_port)])
+        engine = Engine(loaded.capabilities, remote=RemoteCaller(resolver=resolver),
+                        undeclared_as_services=True)
+        try:
+            assert engine.load_errors == []
+            ctx = CallContext(capability="add-then-echo", trace_id=uuid.uuid4().hex)
+            assert await engine.invoke("add-then-echo", {"a": 41}, ctx) == {"message": "42"}
+        finally:
+            await engine.aclose()
+    assert sorted(dns.queries) == ["_grpc._tcp.add.shop.svc.cluster.local.",
+                                   "_grpc._tcp.echo.shop.svc.cluster.local."]

@@ -82,7 +82,7 @@ def test_deployment_runs_the_runtime_securely() -> None:
         "packetflow-operator"
 
 
-def test_runtime_pods_know_their_namespace_and_the_shared_trigger_store() -> None:
+def test_runtime_pod_environment_from_the_operator_settings() -> None:
     def env_of(settings: OperatorSettings) -> dict[str, Any]:
         deployment = render.render_deployment(model(), "team-a", settings)
         return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(deployment)["env"]}
@@ -90,9 +90,16 @@ def test_runtime_pods_know_their_namespace_and_the_shared_trigger_store() -> Non
     plain = env_of(SETTINGS)
     assert plain["PACKETFLOW_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert "PACKETFLOW_TRIGGER_STORE_DSN" not in plain
-    shared = env_of(OperatorSettings(trigger_store_secret="triggers-pg/dsn"))
+    assert plain["PACKETFLOW_UNDECLARED_AS_SERVICES"] == "true"
+    assert (plain["PACKETFLOW_DRAIN_SECONDS"], plain["PACKETFLOW_GRACE_SECONDS"]) == ("5", "20")
+    pod = render.render_deployment(model(), "team-a", SETTINGS)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 30  # drain + grace + margin
+    assert "PACKETFLOW_MCP_TOKEN" not in plain
+    shared = env_of(OperatorSettings(trigger_store_secret="triggers-pg/dsn",
+                                     mcp_token_secret="mcp/token"))
     assert shared["PACKETFLOW_TRIGGER_STORE_DSN"] == {
         "secretKeyRef": {"name": "triggers-pg", "key": "dsn"}}
+    assert shared["PACKETFLOW_MCP_TOKEN"] == {"secretKeyRef": {"name": "mcp", "key": "token"}}
 
 
 def test_replicas_and_resources_only_when_set() -> None:

@@ -76,7 +76,8 @@ VALUE_SETS = {
     "namespaces": ("watchNamespaces={team-a,team-b}",),
     "monitoring": ("serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom"),
     "gateway": ("gateway.enabled=true", "gateway.replicas=2"),
-    "mcp": ("mcp.enabled=true", "mcp.port=8800", "mcp.aggregate.enabled=true"),
+    "mcp": ("mcp.enabled=true", "mcp.port=8800", "mcp.aggregate.enabled=true",
+            "mcp.tokenSecret=mcp-auth/token"),
     "mcp-elsewhere": ("mcp.aggregate.enabled=true", "mcp.aggregate.namespace=team-a",
                       "watchNamespaces={team-a}"),
     "everything": ("watchNamespaces={team-a}", "serviceMonitor.enabled=true",
@@ -347,6 +348,8 @@ def test_mcp_settings_reach_the_operator(helm: ModuleType) -> None:
                                    env.items() if k.startswith("PACKETFLOW_MCP_")})
     assert settings.mcp_enabled and settings.mcp_port == 8800
     assert settings.mcp_aggregate_namespace == NAMESPACE
+    assert settings.mcp_token_secret == "mcp-auth/token"
+    assert "PACKETFLOW_MCP_TOKEN_SECRET" not in defaults
 
 
 def aggregate(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -365,6 +368,8 @@ def test_mcp_aggregate_endpoint(helm: ModuleType) -> None:
     args = container["args"]
     assert args[:4] == ["runtime", "--bundle", "/etc/packetflow-mcp", "--reload"]
     assert args[args.index("--mcp-address") + 1] == "0.0.0.0:8800"
+    assert container["env"] == [{"name": "PACKETFLOW_MCP_TOKEN", "valueFrom": {
+        "secretKeyRef": {"name": "mcp-auth", "key": "token"}}}]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["bundle"]["configMap"] == {"name": "packetflow-mcp-bundle", "optional": True}
     assert pod["automountServiceAccountToken"] is False

@@ -12,6 +12,7 @@ members' DNS names) and a Service for clients; with SQLite each pod gets a volum
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, Final
 
 import orjson
@@ -147,13 +148,16 @@ def secret_env(resource: Resource) -> list[Manifest]:
     return [env[name] for name in sorted(env)]
 
 
-def _trigger_store_env(settings: OperatorSettings) -> list[Manifest]:
-    """PACKETFLOW_TRIGGER_STORE_DSN from the configured Secret, if any."""
-    if settings.trigger_store_secret is None:
-        return []
-    name, key = settings.trigger_store_secret.split("/", 1)
-    return [{"name": "PACKETFLOW_TRIGGER_STORE_DSN",
-             "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}]
+def _settings_secret_env(settings: OperatorSettings) -> list[Manifest]:
+    """Runtime variables the operator's settings fill from Secrets ('name/key')."""
+    env: list[Manifest] = []
+    for variable, secret in (("PACKETFLOW_MCP_TOKEN", settings.mcp_token_secret),
+                             ("PACKETFLOW_TRIGGER_STORE_DSN", settings.trigger_store_secret)):
+        if secret is not None:
+            name, key = secret.split("/", 1)
+            env.append({"name": variable,
+                        "valueFrom": {"secretKeyRef": {"name": name, "key": key}}})
+    return env
 
 
 def _runtime_args(settings: OperatorSettings) -> list[str]:
@@ -193,7 +197,11 @@ def _container(resource: Resource, settings: OperatorSettings,
                  # (the service-account token, which would also tell it, is not mounted).
                  {"name": "PACKETFLOW_NAMESPACE",
                   "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                 *secret_env(resource), *_trigger_store_env(settings)])
+                 # A pod serves one capability: the others a composition calls are Services.
+                 {"name": "PACKETFLOW_UNDECLARED_AS_SERVICES", "value": "true"},
+                 {"name": "PACKETFLOW_DRAIN_SECONDS", "value": f"{settings.drain_seconds:g}"},
+                 {"name": "PACKETFLOW_GRACE_SECONDS", "value": f"{settings.grace_seconds:g}"},
+                 *secret_env(resource), *_settings_secret_env(settings)])
         mounts.append({"name": STATE_VOLUME, "mountPath": settings.state_dir})
     container["ports"] = ports
     # The runtime serves grpc.health.v1, so the kubelet's native gRPC probe needs no exec.
@@ -239,6 +247,9 @@ def _pod_template(resource: Resource, settings: OperatorSettings,
             # Runtime pods never call the Kubernetes API: no token in them.
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
+            # SIGKILL must not cut the drain and the in-flight calls' grace short.
+            "terminationGracePeriodSeconds": math.ceil(settings.drain_seconds
+                                                       + settings.grace_seconds) + 5,
             "securityContext": {
                 "runAsNonRoot": True,
                 "runAsUser": settings.run_as_user,

@@ -40,6 +40,19 @@ class OperatorSettings(BaseSettings):
         description="Keep the ConfigMap packetflow-mcp-bundle in this namespace: every "
                     "Capability there, served as MCP tools by one aggregate Deployment (the "
                     "chart's mcp.aggregate); unset: no aggregate")
+    mcp_token_secret: str | None = Field(
+        default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._a-zA-Z0-9]+$",
+        description="Secret 'name/key' holding the bearer token MCP clients must send: runtime "
+                    "pods get it as PACKETFLOW_MCP_TOKEN; unset: MCP is unauthenticated")
+    drain_seconds: float = Field(
+        default=5.0, ge=0,
+        description="Runtime pods report NOT_SERVING this long after SIGTERM before refusing "
+                    "calls, so Service endpoints drop them first (PACKETFLOW_DRAIN_SECONDS)")
+    grace_seconds: float = Field(
+        default=20.0, ge=0,
+        description="After the drain, how long in-flight calls may finish "
+                    "(PACKETFLOW_GRACE_SECONDS); the pods' termination grace period covers "
+                    "drain + grace")
     trigger_store_secret: str | None = Field(
         default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._a-zA-Z0-9]+$",
         description="Secret 'name/key' (in each resource's namespace) holding a PostgreSQL "

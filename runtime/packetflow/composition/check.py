@@ -49,12 +49,13 @@ def composition_of(capability: Capability) -> CompositionSpec | None:
 
 
 def check_compositions(capabilities: Iterable[Capability],
-                       compositions: Mapping[str, CompositionSpec] | None = None,
-                       ) -> dict[str, list[CheckError]]:
+                       compositions: Mapping[str, CompositionSpec] | None = None, *,
+                       undeclared_remote: bool = False) -> dict[str, list[CheckError]]:
     """Check every composition among ``capabilities``; capability name -> its errors.
 
     ``compositions`` overrides (or adds) composition specs by capability name; by default they
-    are read from the capabilities themselves.
+    are read from the capabilities themselves. With ``undeclared_remote`` a call to a
+    capability not among them is a remote call (on Kubernetes: the Service of that name).
     """
     by_name = {cap.name: cap for cap in capabilities}
     specs = {name: spec for name, cap in by_name.items()
@@ -63,7 +64,8 @@ def check_compositions(capabilities: Iterable[Capability],
     errors: dict[str, list[CheckError]] = {}
     for name, spec in specs.items():
         cap = by_name.get(name)
-        found = check_composition(spec, by_name, requires=cap.spec.requires if cap else None)
+        found = check_composition(spec, by_name, requires=cap.spec.requires if cap else None,
+                                  undeclared_remote=undeclared_remote)
         found.extend(_cycles_from(name, specs))
         if found:
             errors[name] = found
@@ -71,13 +73,13 @@ def check_compositions(capabilities: Iterable[Capability],
 
 
 def check_composition(spec: CompositionSpec, capabilities: Mapping[str, Capability], *,
-                      requires: Contract | None = None,
-                      root: str = COMPOSITION_PATH) -> list[CheckError]:
+                      requires: Contract | None = None, root: str = COMPOSITION_PATH,
+                      undeclared_remote: bool = False) -> list[CheckError]:
     """Check one composition: targets exist, mappings fit contracts, references resolve.
 
     ``requires`` is the composition's own input contract (to type ``input.x`` references).
     """
-    checker = _Checker(capabilities)
+    checker = _Checker(capabilities, undeclared_remote)
     scope = _Scope(input=requires, steps={}, last=_UNKNOWN)
     checker.pipeline(spec.steps, f"{root}.steps", scope)
     for index, trigger in enumerate(spec.triggers):
@@ -111,8 +113,10 @@ class _Scope:
 
 
 class _Checker:
-    def __init__(self, capabilities: Mapping[str, Capability]) -> None:
+    def __init__(self, capabilities: Mapping[str, Capability],
+                 undeclared_remote: bool = False) -> None:
         self.capabilities = capabilities
+        self.undeclared_remote = undeclared_remote
         self.errors: list[CheckError] = []
 
     def error(self, path: str, message: str) -> None:
@@ -153,7 +157,8 @@ class _Checker:
     def call(self, step: Step, path: str, scope: _Scope) -> Known:
         assert step.call is not None
         call = step.call
-        if call.address is not None:
+        if call.address is not None or (self.undeclared_remote
+                                        and call.capability not in self.capabilities):
             for name, expression in (call.input or {}).items():
                 self.expression_refs(expression, f"{path}.call.input.{name}", scope)
             return _UNKNOWN  # a remote contract is not known at load time
@@ -193,6 +198,8 @@ class _Checker:
 
     def reducer(self, name: str, path: str) -> None:
         target = self.capabilities.get(name)
+        if target is None and self.undeclared_remote:
+            return  # remote: its contract is not known here
         if target is None:
             self.error(path, f"reducer capability {name!r} is not declared")
         elif target.spec.requires is not None and "items" not in target.spec.requires:
