@@ -72,7 +72,10 @@ class CompiledContract:
             if "default" in field.model_fields_set
         }
         required = frozenset(schema.get("required", ()))
-        return cls(schema, Draft202012Validator(schema), defaults, required,
+        # `format` is checked, not only annotated: a contract saying email means an email.
+        validator = Draft202012Validator(schema,
+                                         format_checker=Draft202012Validator.FORMAT_CHECKER)
+        return cls(schema, validator, defaults, required,
                    _fast_fields(contract), closed=contract is not None)
 
     def _passes_fast(self, value: dict[str, Any]) -> bool:

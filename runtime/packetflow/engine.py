@@ -177,7 +177,7 @@ class Engine:
                      and old.capability == c]
         changed = [c for c in capabilities if c not in unchanged]
         self._verified &= {c.name for c in unchanged}
-        served, build_errors = serve_capabilities(changed, self.metrics, self._invoke_step,
+        served, build_errors = serve_capabilities(changed, self.metrics, self.invoke_routed,
                                                   self.remote, self.step_metrics)
         errors += build_errors
         served.update({c.name: self.served[c.name] for c in unchanged})
@@ -250,9 +250,10 @@ class Engine:
             raise
         return await self._run(entry, value, ctx, lambda output: self._encode(entry, output))
 
-    async def _invoke_step(self, name: str, value: Any, ctx: CallContext) -> dict[str, Any]:
-        """A composition step's local call: here, or (``undeclared_as_services``) at the
-        Service named after a capability this runtime does not serve."""
+    async def invoke_routed(self, name: str, value: Any, ctx: CallContext) -> dict[str, Any]:
+        """A call made from inside the runtime (a composition step, an actor's ``ctx.call``):
+        here, or (``undeclared_as_services``) at the Service named after a capability this
+        runtime does not serve."""
         if self.undeclared_as_services and name not in self.served:
             return await self.remote(name, name, value, ctx)
         return await self.invoke(name, value, ctx)

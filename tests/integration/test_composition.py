@@ -6,10 +6,12 @@ import asyncio
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 
+from packetflow.actors import ActorSystem
 from packetflow.client import CallError, RuntimeClient
 from packetflow.composition.executor import trace_of
 from packetflow.composition.remote import RemoteCaller
@@ -21,6 +23,7 @@ from packetflow.manifests import load_text
 from packetflow.server import RuntimeServer
 from tests.conftest import eventually
 from tests.support import handlers
+from tests.support.actors import handler_actor
 from tests.support.dns import dns_server
 
 
@@ -278,3 +281,21 @@ async def test_on_kubernetes_undeclared_capabilities_are_their_services(
             await engine.aclose()
     assert sorted(dns.queries) == ["_grpc._tcp.add.shop.svc.cluster.local.",
                                    "_grpc._tcp.echo.shop.svc.cluster.local."]
+
+
+async def test_on_kubernetes_an_actor_calls_capabilities_at_their_services(
+        runtime: RuntimeServer, tmp_path: Path) -> None:
+    records = {"_grpc._tcp.echo.shop.svc.cluster.local": ("localhost", runtime.port)}
+    with dns_server(records) as (_, dns_port):
+        resolver = ServiceResolver("shop", "cluster.local",
+                                   nameservers=[("127.0.0.1", dns_port)])
+        # An actor's pod serves no capabilities: `ctx.call("echo")` goes to the echo Service.
+        engine = Engine([], remote=RemoteCaller(resolver=resolver), undeclared_as_services=True)
+        system = ActorSystem(engine, state_dir=tmp_path)
+        try:
+            assert await system.replace([handler_actor("ledger", "Ledger")]) == []
+            sent = await system.get("ledger").send("a", {"n": 1, "call": "echo"})
+            assert sent.reply == {"n": 1, "called": {"message": "hi"}}
+        finally:
+            await system.aclose()
+            await engine.aclose()

@@ -27,6 +27,18 @@ def test_violations_name_nested_fields() -> None:
         ("input.user.age", "-1 is less than the minimum of 0")]
 
 
+def test_formats_are_checked() -> None:
+    contract = compile_fields(email={"type": "string", "format": "email"},
+                              when={"type": "string", "format": "date-time"},
+                              site={"type": "string", "format": "uri"})
+    good = {"email": "ada@example.org", "when": "2026-11-25T18:00:00Z",
+            "site": "https://example.org/x"}
+    assert contract.check(good, "input")[1] == []
+    _, errors = contract.check({"email": "not-an-email", "when": "yesterday",
+                                "site": "not a uri"}, "input")
+    assert sorted(e.field for e in errors) == ["input.email", "input.site", "input.when"]
+
+
 def test_missing_and_unknown_fields() -> None:
     contract = compile_fields(a={}, b={"optional": True})
     _, errors = contract.check({"x": 1, "y": 2}, "output")

@@ -957,10 +957,11 @@ class ActorSystem:
 
     async def invoke(self, name: str, value: dict[str, Any],
                      ctx: CallContext) -> dict[str, Any]:
-        """Run a capability of this runtime through the engine (same contracts, metrics)."""
+        """Run a capability through the engine (same contracts, metrics): in this runtime,
+        or on Kubernetes at the Service of that name (``Engine.invoke_routed``)."""
         if self.engine is None:
             raise PacketFlowError("no capabilities are served in this runtime")
-        return await self.engine.invoke(name, value, ctx)
+        return await self.engine.invoke_routed(name, value, ctx)
 
     async def forward(self, address: str, actor_type: str, actor_id: str,
                       message: dict[str, Any], message_id: str | None, trace_id: str,
