@@ -90,6 +90,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if ctx.resync_task is not None:
         ctx.resync_task.cancel()
         await asyncio.gather(ctx.resync_task, return_exceptions=True)
+    await ctx.reconciler.aclose()
     await ctx.client.aclose()
 
 
@@ -147,6 +148,13 @@ async def resync_forever(ctx: OperatorContext) -> None:
                     log.warning("resync of %s %s/%s failed: %s", kind, namespace, name, exc)
                     continue
                 outcome.result = "invalid" if report.errors else "ok"
+            if kind == "Actor" and not report.errors:
+                # Counted here, not on every event: one GET per member pod.
+                try:
+                    await ctx.reconciler.refresh_active_actors(namespace, name)
+                except ApiError as exc:
+                    log.warning("could not write the active count of %s/%s: %s",
+                                namespace, name, exc)
 
 
 async def resource_event(event: kopf.RawEvent, body: kopf.Body, namespace: str | None,

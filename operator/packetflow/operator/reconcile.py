@@ -16,10 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import kopf
 
 from packetflow.manifests import ManifestError, parse_manifest
-from packetflow.operator import render, status
+from packetflow.operator import active, render, status
 from packetflow.operator.client import (
     ApiError,
     ConflictError,
@@ -117,6 +118,7 @@ class Reconciler:
         self.settings = settings
         self.metrics = metrics
         self.states: dict[Key, ResourceState] = {}
+        self._http: httpx.AsyncClient | None = None  # to member pods' /metrics; made on use
         # uids of deleted resources: a handler still running for one must not bring its
         # children back (they would be orphans pointing at a uid that no longer exists).
         # Only handlers in flight at the deletion care, so the newest few thousand suffice.
@@ -359,6 +361,28 @@ class Reconciler:
             selector=render.label_selector(name, state.kind), previous=self._previous(state),
             generation=state.generation, now=status.now_rfc3339(), members=members)
         await self._write_status(state, namespace, name, new)
+
+    async def refresh_active_actors(self, namespace: str, name: str) -> int | None:
+        """Count an Actor's active actors on its members and write ``status.activeActors``
+        (left as it was when a member cannot be asked)."""
+        state = self.states.get(("Actor", namespace, name))
+        if state is None or not isinstance(state.manifest, Actor):
+            return None
+        urls = active.member_metrics_urls(name, namespace, state.manifest.spec.replicas,
+                                          self.settings)
+        if self._http is None:
+            self._http = httpx.AsyncClient()
+        count = await active.count_active(self._http, urls, name)
+        if count is not None:
+            async with state.lock:
+                await self._write_status(state, namespace, name, {"activeActors": count})
+        return count
+
+    async def aclose(self) -> None:
+        """Close the HTTP client used to read member pods' metrics."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
     async def _write_status(self, state: ResourceState, namespace: str, name: str,
                             new: dict[str, Any]) -> None:
