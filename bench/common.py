@@ -9,6 +9,7 @@ import os
 import statistics
 import sys
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,3 +60,28 @@ async def server_process(module: str, kind: str, *extra: str) -> AsyncIterator[i
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+@dataclass
+class Run:
+    """One timed run: throughput and per-call latencies."""
+
+    calls_per_s: float
+    latencies_s: list[float]
+
+
+def run_summary(prefix: str, runs: Sequence[Run]) -> dict[str, float]:
+    """Throughput and p50/p99 of repeated runs, each the median over the repeats' own figures
+    (one slow run cannot move them)."""
+    return {
+        f"{prefix}_calls_per_s": rounded(median([r.calls_per_s for r in runs]), 1),
+        f"{prefix}_p50_ms": rounded(median([percentile(r.latencies_s, 0.50) for r in runs]) * 1e3),
+        f"{prefix}_p99_ms": rounded(median([percentile(r.latencies_s, 0.99) for r in runs]) * 1e3),
+    }
+
+
+def calls_for(rate: float, multiple: int, *, seconds: float, least: int, most: int) -> int:
+    """Calls that take about ``seconds`` at ``rate``, within [least, most], a multiple of
+    ``multiple`` (the concurrency, so every worker makes as many)."""
+    calls = min(most, max(least, int(rate * seconds)))
+    return max(multiple, calls // multiple * multiple)

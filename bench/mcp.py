@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bench.common import median, percentile, rounded, server_process
+from bench.common import Run, calls_for, median, rounded, run_summary, server_process
 
 MESSAGE = "x" * 1010
 CONCURRENCY = 16
@@ -118,8 +118,8 @@ async def _call(client: Any) -> float:
     return time.perf_counter() - started
 
 
-async def run_calls(client: Any, calls: int, concurrency: int) -> tuple[float, list[float]]:
-    """``calls`` calls from ``concurrency`` workers; (calls per second, latencies)."""
+async def run_calls(client: Any, calls: int, concurrency: int) -> Run:
+    """``calls`` calls from ``concurrency`` workers."""
     async def worker(count: int) -> list[float]:
         return [await _call(client) for _ in range(count)]
 
@@ -128,12 +128,11 @@ async def run_calls(client: Any, calls: int, concurrency: int) -> tuple[float, l
     results = await asyncio.gather(*(worker(per_worker) for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
     latencies = [latency for result in results for latency in result]
-    return len(latencies) / elapsed, latencies
+    return Run(len(latencies) / elapsed, latencies)
 
 
 def _calls_for(rate: float, multiple: int) -> int:
-    calls = min(MAX_CALLS, max(MIN_CALLS, int(rate * RUN_SECONDS)))
-    return max(multiple, calls // multiple * multiple)
+    return calls_for(rate, multiple, seconds=RUN_SECONDS, least=MIN_CALLS, most=MAX_CALLS)
 
 
 async def measure() -> dict[str, Any]:
@@ -153,30 +152,28 @@ async def measure() -> dict[str, Any]:
         # servers then get the same call counts.
         counts = {}
         for mode, concurrency in modes.items():
-            rates = [(await run_calls(client, WARMUP_CALLS, concurrency))[0]
+            rates = [(await run_calls(client, WARMUP_CALLS, concurrency)).calls_per_s
                      for client in clients.values()]
             counts[mode] = _calls_for(min(rates), concurrency)
         ratios: dict[str, list[float]] = {mode: [] for mode in modes}
-        runs: dict[tuple[str, str], list[tuple[float, list[float]]]] = {}
+        runs: dict[tuple[str, str], list[Run]] = {}
         for pair in range(PAIRS):
             if pair and time.perf_counter() - bench_started > BUDGET_SECONDS:
                 break
             for mode, concurrency in modes.items():
-                pair_runs = {}
+                pair_runs: dict[str, Run] = {}
                 for kind, client in clients.items():
                     pair_runs[kind] = await run_calls(client, counts[mode], concurrency)
                     runs.setdefault((kind, mode), []).append(pair_runs[kind])
-                ratios[mode].append(pair_runs["runtime"][0] / pair_runs["bare"][0])
+                ratios[mode].append(pair_runs["runtime"].calls_per_s
+                                    / pair_runs["bare"].calls_per_s)
 
     figures: dict[str, Any] = {
         "mcp_ratio": rounded(median(ratios["concurrent"])),
         "mcp_sequential_ratio": rounded(median(ratios["sequential"])),
     }
     for (kind, mode), found in sorted(runs.items()):
-        prefix = f"{kind}_{mode}"
-        figures[f"{prefix}_calls_per_s"] = rounded(median([r[0] for r in found]), 1)
-        figures[f"{prefix}_p50_ms"] = rounded(median([percentile(r[1], 0.5) for r in found]) * 1e3)
-        figures[f"{prefix}_p99_ms"] = rounded(median([percentile(r[1], 0.99) for r in found]) * 1e3)
+        figures.update(run_summary(f"{kind}_{mode}", found))
     figures.update({
         "message_bytes": len(MESSAGE), "concurrency": CONCURRENCY, "calls": counts,
         "pairs": len(ratios["concurrent"]),

@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 import orjson
 
-from bench.common import median, percentile, rounded, server_process
+from bench.common import Run, calls_for, median, rounded, run_summary, server_process
 from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 
 # {"message": "xxx..."}: exactly 1024 bytes of JSON (14 bytes of framing + 1010 characters).
@@ -155,14 +155,6 @@ class Target:
     request: runtime_pb2.InvokeRequest
 
 
-@dataclass
-class Run:
-    """One timed run: throughput and per-call latencies."""
-
-    calls_per_s: float
-    latencies_s: list[float]
-
-
 async def _call(target: Target) -> float:
     started = time.perf_counter()
     await target.stub.Invoke(target.request)
@@ -199,18 +191,7 @@ async def check_echo(target: Target) -> None:
 
 
 def _calls_for(rate: float, multiple: int) -> int:
-    """Calls that take about RUN_SECONDS at ``rate``, bounded, rounded to ``multiple``."""
-    calls = min(MAX_CALLS, max(MIN_CALLS, int(rate * RUN_SECONDS)))
-    return max(multiple, calls // multiple * multiple)
-
-
-def _summary(prefix: str, runs: list[Run]) -> dict[str, float]:
-    # Medians over the repeats of each run's own figures: one slow run cannot move them.
-    return {
-        f"{prefix}_calls_per_s": rounded(median([r.calls_per_s for r in runs]), 1),
-        f"{prefix}_p50_ms": rounded(median([percentile(r.latencies_s, 0.50) for r in runs]) * 1e3),
-        f"{prefix}_p99_ms": rounded(median([percentile(r.latencies_s, 0.99) for r in runs]) * 1e3),
-    }
+    return calls_for(rate, multiple, seconds=RUN_SECONDS, least=MIN_CALLS, most=MAX_CALLS)
 
 
 async def measure() -> dict[str, Any]:
@@ -256,7 +237,7 @@ async def measure() -> dict[str, Any]:
     }
     for mode in ("sequential", "concurrent"):
         for kind in ("bare", "runtime"):
-            figures.update(_summary(f"{kind}_{mode}", runs[(kind, mode)]))
+            figures.update(run_summary(f"{kind}_{mode}", runs[(kind, mode)]))
     figures.update({
         "payload_bytes": len(PAYLOAD),
         "concurrency": CONCURRENCY,
