@@ -287,6 +287,56 @@ class ContractedSpec(SpecModel):
     )
 
 
+class Slo(SpecModel):
+    """Service-level objectives the routing controller keeps (and alerts are built from)."""
+
+    latency_p99_ms: float | None = Field(
+        default=None, gt=0, alias="latencyP99Ms",
+        description="99th percentile of call latency, in milliseconds")
+    availability: float | None = Field(
+        default=None, gt=0, lt=100,
+        description="Share of calls that must succeed, in percent (e.g. 99.9)")
+
+
+class Scaling(SpecModel):
+    """Present: the routing controller owns the replica count (leave ``replicas`` out of the
+    manifest, as with an HPA, so ``kubectl apply`` does not reset it)."""
+
+    min_replicas: int = Field(default=1, ge=0, alias="minReplicas")
+    max_replicas: int = Field(default=10, ge=1, le=1000, alias="maxReplicas")
+    target_concurrency: float | None = Field(
+        default=None, gt=0, alias="targetConcurrency",
+        description="In-flight calls per replica to aim for; unset: learned from metrics")
+    scale_down_delay: Duration = Field(
+        default="5m", alias="scaleDownDelay",
+        description="How long load must stay low before replicas are removed")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Scaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must not exceed maxReplicas")
+        return self
+
+
+class Canary(SpecModel):
+    """A second version served beside the stable one (workload ``<name>-canary``); the
+    gateway sends it ``weight`` percent of the calls."""
+
+    weight: int = Field(default=0, ge=0, le=100,
+                        description="Percent of calls routed to the canary")
+    implementation: Implementation | None = Field(
+        default=None, description="The canary's implementation; unset: the stable one")
+    image: str | None = Field(
+        default=None, min_length=1,
+        description="Runtime container image of the canary pods; unset: the operator's")
+    resources: ResourceRequirements | None = None
+    replicas: int = Field(default=1, ge=0, description="Canary runtime pods")
+    promote: Literal["manual", "auto"] = Field(
+        default="manual",
+        description="auto: the routing controller promotes a healthy canary by itself; "
+                    "manual: promotion waits for approval")
+
+
 class CapabilitySpec(ContractedSpec):
     """What a capability is for, what it needs and returns, and how it runs."""
 
@@ -303,6 +353,10 @@ class CapabilitySpec(ContractedSpec):
     )
     mcp: McpExposure = Field(default_factory=McpExposure,
                              description="How the capability appears as an MCP tool")
+    slo: Slo | None = Field(default=None, description="Objectives the routing controller keeps")
+    scaling: Scaling | None = Field(
+        default=None, description="Present: the routing controller sets the replica count")
+    canary: Canary | None = Field(default=None, description="A weighted second version")
 
 
 class ObjectMeta(BaseModel):
@@ -474,6 +528,9 @@ class ActorSpec(ContractedSpec):
     effects: list[Effect] = Field(default_factory=list, description="Declared side effects")
     replicas: int = Field(default=1, ge=1, description="Runtime pods (a StatefulSet)")
     resources: ResourceRequirements | None = None
+    slo: Slo | None = Field(default=None, description="Objectives the routing controller keeps")
+    scaling: Scaling | None = Field(
+        default=None, description="Present: the routing controller sets the replica count")
 
     @field_validator("replicas")
     @classmethod
@@ -483,6 +540,19 @@ class ActorSpec(ContractedSpec):
         if value > 1 and store is not None and store.sqlite is not None:
             raise ValueError("replicas > 1 needs a shared store: set store.postgresql "
                              "(SQLite lives on one pod's volume)")
+        return value
+
+    @field_validator("scaling")
+    @classmethod
+    def _shared_store_for_scaling(cls, value: Scaling | None,
+                                  info: ValidationInfo) -> Scaling | None:
+        store = info.data.get("store")
+        if value is not None and store is not None and store.sqlite is not None \
+                and value.max_replicas > 1:
+            raise ValueError("maxReplicas > 1 needs a shared store: set store.postgresql "
+                             "(SQLite lives on one pod's volume)")
+        if value is not None and value.min_replicas < 1:
+            raise ValueError("an actor type needs minReplicas >= 1 (placement needs a member)")
         return value
 
     @model_validator(mode="after")

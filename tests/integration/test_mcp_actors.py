@@ -255,7 +255,7 @@ async def dev_with_mcp(manifests: Path, state: Path) -> AsyncIterator[str]:
 async def test_dev_serves_actor_tools_over_http(tmp_path: Path) -> None:
     examples = copy_examples(tmp_path)
     async with dev_with_mcp(examples, tmp_path / "state") as url, \
-            httpx2.AsyncClient() as http, \
+            httpx2.AsyncClient(timeout=120) as http, \
             Client(streamable_http_client(url, http_client=http)) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
         assert tools["customer-support"].input_schema["required"] == [

@@ -44,6 +44,8 @@ FREE_FORM_PATHS = {
     "spec.provides",
     "spec.implementation.builtin.config",
     "spec.implementation.composition",
+    "spec.canary.implementation.builtin.config",
+    "spec.canary.implementation.composition",
     "status",
 }
 

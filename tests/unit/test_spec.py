@@ -134,3 +134,44 @@ def test_status_and_unknown_top_level_fields_are_ignored() -> None:
         "spec": {"intent": "x", "implementation": {"builtin": {"name": "echo"}}},
         "status": {"conditions": []}})
     assert cap.name == "c"
+
+
+def test_slo_scaling_and_canary_load() -> None:
+    loaded = load_text(HEADER + """spec:
+  intent: x
+  implementation: {builtin: {name: echo}}
+  slo: {latencyP99Ms: 50, availability: 99.9}
+  scaling: {minReplicas: 2, maxReplicas: 20, targetConcurrency: 8, scaleDownDelay: 5m}
+  canary: {weight: 10, promote: auto, implementation: {builtin: {name: template,
+           config: {template: hi}}}}
+""")
+    assert loaded.errors == []
+    spec = loaded.capabilities[0].spec
+    assert spec.slo is not None and spec.slo.latency_p99_ms == 50
+    assert spec.scaling is not None and spec.scaling.max_replicas == 20
+    assert spec.canary is not None and spec.canary.weight == 10
+    assert spec.canary.implementation is not None
+    assert spec.canary.implementation.kind == "builtin"
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("  scaling: {minReplicas: 5, maxReplicas: 2}\n",
+     "spec.scaling: minReplicas must not exceed maxReplicas"),
+    ("  canary: {weight: 101}\n", "spec.canary.weight: Input should be less than or equal"),
+    ("  slo: {availability: 100}\n", "spec.slo.availability: Input should be less than 100"),
+    ("  canary: {implementation: {}}\n", "spec.canary.implementation: exactly one"),
+])
+def test_bad_routing_fields_name_the_field(spec: str, expected: str) -> None:
+    found = errors_of("spec:\n  intent: x\n  implementation: {builtin: {name: echo}}\n" + spec)
+    assert any(error.startswith(expected) for error in found), found
+
+
+def test_actor_scaling_beyond_one_needs_a_shared_store() -> None:
+    header = "apiVersion: packetflow.io/v1alpha1\nkind: Actor\nmetadata: {name: a}\n"
+    found = load_text(header + """spec:
+  intent: x
+  implementation: {python: {module: m}}
+  scaling: {maxReplicas: 3}
+""", "a.yaml").errors
+    assert [e.path for e in found] == ["spec.scaling"]
+    assert "shared store" in found[0].message

@@ -56,17 +56,20 @@ _IMPLEMENTATION_ONE_OF: Final = {
     "message": f"exactly one of {', '.join(IMPLEMENTATION_KINDS)} is required",
 }
 
+# Steps nest recursively (a parallel branch can be a pipeline), which a structural schema
+# cannot express; the models validate them (the operator reports Degraded naming the step).
+_COMPOSITION_SCHEMA: Final[Schema] = {
+    "type": "object", "x-kubernetes-preserve-unknown-fields": True,
+    "description": "Composition steps (pipeline, parallel, conditional, mapReduce); "
+                   "validated by PacketFlow.",
+}
+
 # Spec paths whose schema replaces what the model's JSON Schema says, and why (see above).
 _CAPABILITY_REPLACE: Final[dict[Path, Schema]] = {
     ("requires",): _CONTRACT_SCHEMA,
     ("provides",): _CONTRACT_SCHEMA,
-    # Steps nest recursively (a parallel branch can be a pipeline), which a structural schema
-    # cannot express; the models validate them (the operator reports Degraded naming the step).
-    ("implementation", "composition"): {
-        "type": "object", "x-kubernetes-preserve-unknown-fields": True,
-        "description": "Composition steps (pipeline, parallel, conditional, mapReduce); "
-                       "validated by PacketFlow.",
-    },
+    ("implementation", "composition"): _COMPOSITION_SCHEMA,
+    ("canary", "implementation", "composition"): _COMPOSITION_SCHEMA,
 }
 
 
@@ -90,6 +93,11 @@ _CAPABILITY_EXTEND: Final[dict[Path, Schema]] = {
     ("implementation", "python", "function"): {"pattern": IDENTIFIER_RE.pattern},
     ("implementation", "mcp", "headersFrom"): _MAX_HEADERS,
     ("implementation", "mcp", "headersFrom", "*"): _one_of("env", "secretKeyRef"),
+    ("canary", "implementation"): {"x-kubernetes-validations": [_IMPLEMENTATION_ONE_OF]},
+    ("canary", "implementation", "python", "module"): {"pattern": MODULE_RE.pattern},
+    ("canary", "implementation", "python", "function"): {"pattern": IDENTIFIER_RE.pattern},
+    ("canary", "implementation", "mcp", "headersFrom"): _MAX_HEADERS,
+    ("canary", "implementation", "mcp", "headersFrom", "*"): _one_of("env", "secretKeyRef"),
 }
 
 _ACTOR_REPLACE: Final[dict[Path, Schema]] = {
