@@ -1,4 +1,8 @@
-"""The ``packetflow`` command: serve manifests, call capabilities, validate files."""
+"""The ``packetflow`` command: serve manifests, call capabilities, validate files.
+
+Client commands (``call``, ``send``, ``list``, ``describe``, ``actors``) import only the gRPC
+client, so they answer in a blink; server commands import the runtime when they run.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,22 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
 import orjson
 
 from packetflow import __version__
-from packetflow.actors.handlers import handler_errors
-from packetflow.client import CallError, ProgressEvent, RuntimeClient
-from packetflow.engine import Engine
-from packetflow.logs import configure_logging
-from packetflow.manifests import ManifestError, load_paths
-from packetflow.serve import report, serve
-from packetflow.server import RuntimeServer
-from packetflow.settings import RuntimeSettings
-from packetflow.spec import Capability
+
+if TYPE_CHECKING:
+    from packetflow.client import ProgressEvent, RuntimeClient
+    from packetflow.manifests import ManifestError
+    from packetflow.server import RuntimeServer
+    from packetflow.settings import RuntimeSettings
+    from packetflow.spec import Capability
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# Commands that only talk to a runtime: they load no plugin and none of the server side.
+CLIENT_COMMANDS = frozenset({"call", "send", "list", "describe", "actors"})
 
 
 def _print_json(value: Any) -> None:
@@ -50,6 +53,8 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> RuntimeSettings:
+    from packetflow.settings import RuntimeSettings
+
     overrides = {key: value for key in ("address", "metrics_address", "max_payload_bytes",
                                         "state_dir", "mcp_address")
                  if (value := getattr(args, key, None)) is not None}
@@ -66,6 +71,9 @@ def _announce(server: RuntimeServer, metrics_port: int | None) -> None:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     """Serve every manifest under DIR in one process, reloading on change."""
+    from packetflow.logs import configure_logging
+    from packetflow.serve import serve
+
     settings = _settings(args)
     configure_logging(settings.log_level, "text")
     # Python implementations are imported from the current directory and the manifest dirs.
@@ -77,14 +85,43 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 def cmd_runtime(args: argparse.Namespace) -> int:
     """Serve a spec bundle as a pod does: strict, JSON logs, drain on SIGTERM."""
+    from packetflow.logs import configure_logging
+    from packetflow.serve import serve
+
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
     return asyncio.run(serve([args.bundle], settings, watch=args.reload, strict=True,
                              on_ready=_announce))
 
 
+def read_data(text: str, flag: str = "--data") -> Any:
+    """The JSON value of ``--data``: inline JSON, ``@FILE`` or ``-`` (standard input), as
+    curl and grpcurl take it; ``DataError`` names the flag and the file."""
+    if text == "-":
+        where, raw = "standard input", sys.stdin.buffer.read()
+    elif text.startswith("@"):
+        where = text[1:]
+        try:
+            raw = Path(where).read_bytes()
+        except OSError as exc:
+            raise DataError(f"{flag} {text}: cannot read {where}: {exc.strerror}") from None
+    else:
+        where, raw = "", text.encode()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        source = f" ({where})" if where else ""
+        raise DataError(f"{flag} is not valid JSON{source}: {exc}") from None
+
+
+class DataError(Exception):
+    """``--data`` could not be read or parsed (exit code 2)."""
+
+
 def _client_call(args: argparse.Namespace,
                  action: Callable[[RuntimeClient], Any]) -> int:
+    from packetflow.client import CallError, RuntimeClient
+
     async def run() -> int:
         async with RuntimeClient(args.address) as client:
             try:
@@ -107,9 +144,9 @@ def _client_call(args: argparse.Namespace,
 def cmd_call(args: argparse.Namespace) -> int:
     """Call a capability and print its output as JSON."""
     try:
-        value = orjson.loads(args.data)
-    except orjson.JSONDecodeError as exc:
-        print(f"error: --data is not valid JSON: {exc}", file=sys.stderr)
+        value = read_data(args.data)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
     def progress(event: ProgressEvent) -> None:
@@ -136,18 +173,44 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """List the capabilities a runtime serves."""
+    """List what a runtime serves: capabilities (name, implementation, intent) and actor
+    types (name, ``actor``, intent)."""
+    from packetflow.client import CallError
+
     async def action(client: RuntimeClient) -> None:
-        for cap in await client.list():
-            print(f"{cap.name}\t{cap.implementation}\t{cap.intent}")
+        if args.kind in (None, "capability"):
+            for cap in await client.list():
+                print(f"{cap.name}\t{cap.implementation}\t{cap.intent}")
+        if args.kind in (None, "actor"):
+            try:
+                types = await client.list_actor_types()
+            except CallError as exc:
+                if exc.code.name != "UNIMPLEMENTED" or args.kind == "actor":
+                    raise
+                types = []  # a runtime serving no actors has no ActorRuntime service
+            for kind in types:
+                print(f"{kind.name}\tactor\t{kind.intent}")
 
     return _client_call(args, action)
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    """Print one capability's contract as JSON."""
+    """Print a capability's (or else an actor type's) contract as JSON."""
+    from packetflow.client import CallError
+
     async def action(client: RuntimeClient) -> None:
-        _print_json(await client.describe(args.name))
+        try:
+            _print_json(await client.describe(args.name))
+        except CallError as exc:
+            if exc.code.name != "NOT_FOUND":
+                raise
+            try:
+                _print_json(await client.describe_actor_type(args.name))
+            except CallError as actor_exc:
+                if actor_exc.code.name not in ("NOT_FOUND", "UNIMPLEMENTED"):
+                    raise
+                raise CallError(exc.code, f"no capability or actor type {args.name!r}") \
+                    from None
 
     return _client_call(args, action)
 
@@ -155,9 +218,9 @@ def cmd_describe(args: argparse.Namespace) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     """Send a message to an actor and print its reply as JSON."""
     try:
-        value = orjson.loads(args.data)
-    except orjson.JSONDecodeError as exc:
-        print(f"error: --data is not valid JSON: {exc}", file=sys.stderr)
+        value = read_data(args.data)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
     async def action(client: RuntimeClient) -> None:
@@ -187,6 +250,10 @@ def cmd_actors_get(args: argparse.Namespace) -> int:
 
 def cmd_actors_delete(args: argparse.Namespace) -> int:
     """Delete an actor (state, memory, reminders)."""
+    import grpc
+
+    from packetflow.client import CallError
+
     async def action(client: RuntimeClient) -> None:
         if not await client.delete_actor(args.type, args.id):
             raise CallError(grpc.StatusCode.NOT_FOUND,
@@ -200,7 +267,8 @@ def _actor_commands(sub: Any) -> None:
     send = sub.add_parser("send", help="send a message to an actor")
     send.add_argument("type", help="actor type")
     send.add_argument("id", help="actor id")
-    send.add_argument("--data", default="{}", help="message as JSON (default {})")
+    send.add_argument("--data", default="{}",
+                      help="message as JSON, @FILE or - for stdin (default {})")
     send.add_argument("--message-id", help="idempotency key: a retry is applied at most once")
     send.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     send.add_argument("--wait", action="store_true",
@@ -225,6 +293,8 @@ def _actor_commands(sub: Any) -> None:
 
 async def _engine_errors(capabilities: list[Capability]) -> list[ManifestError]:
     """What building the capabilities finds: implementations, compositions, remote tools."""
+    from packetflow.engine import Engine
+
     engine = Engine(capabilities)
     try:
         return [*engine.load_errors, *await engine.verify_remotes()]
@@ -234,6 +304,10 @@ async def _engine_errors(capabilities: list[Capability]) -> list[ManifestError]:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check manifests (and that python implementations import); every error, then exit 1."""
+    from packetflow.actors.handlers import handler_errors
+    from packetflow.manifests import load_paths
+    from packetflow.serve import report
+
     for path in {p if p.is_dir() else p.parent for p in args.paths} | {Path.cwd()}:
         sys.path.insert(0, str(path))
     missing = [p for p in args.paths if not p.exists()]
@@ -250,8 +324,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, including subcommands contributed through entry points."""
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; with ``plugins``, also the subcommands contributed through the
+    ``packetflow.commands`` entry points (they import more, so client commands skip them)."""
     parser = argparse.ArgumentParser(prog="packetflow", description=__doc__)
     parser.add_argument("--version", action="version", version=f"packetflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -271,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     call = sub.add_parser("call", help="call a capability")
     call.add_argument("name")
-    call.add_argument("--data", default="{}", help="input as JSON (default {})")
+    call.add_argument("--data", default="{}",
+                      help="input as JSON, @FILE or - for stdin (default {})")
     call.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     call.add_argument("--stream", action="store_true", help="show progress events")
     call.add_argument("--trace", action="store_true",
@@ -281,11 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     _address_flag(call)
     call.set_defaults(func=cmd_call)
 
-    listing = sub.add_parser("list", help="list served capabilities")
+    listing = sub.add_parser("list", help="list served capabilities and actor types")
+    listing.add_argument("--kind", choices=("capability", "actor"),
+                         help="only capabilities or only actor types")
     _address_flag(listing)
     listing.set_defaults(func=cmd_list)
 
-    describe = sub.add_parser("describe", help="show a capability's contract")
+    describe = sub.add_parser("describe",
+                              help="show a capability's or an actor type's contract")
     describe.add_argument("name")
     _address_flag(describe)
     describe.set_defaults(func=cmd_describe)
@@ -296,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", nargs="+", type=Path, metavar="FILE")
     validate.set_defaults(func=cmd_validate)
 
-    for plugin in entry_points(group="packetflow.commands"):
+    for plugin in entry_points(group="packetflow.commands") if plugins else ():
         try:
             register = plugin.load()
         except ImportError:  # a partial install (e.g. no operator deps) keeps the rest usable
@@ -307,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``packetflow`` console script."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(plugins=command not in CLIENT_COMMANDS).parse_args(argv)
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:

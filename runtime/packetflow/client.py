@@ -9,8 +9,6 @@ from typing import Any
 
 import grpc
 import orjson
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from packetflow.context import CALLER_KEY, EXECUTION_TRACE_KEY, TRACE_ID_KEY, WANT_TRACE_KEY
 from packetflow.errors import FieldViolation
@@ -36,6 +34,10 @@ class CallError(Exception):
     @classmethod
     def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> CallError:
         """Unpack a gRPC error, including ``google.rpc.BadRequest`` details."""
+        # Imported on the error path only: the CLI's start-up pays for what it uses.
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+
         trailing = error.trailing_metadata() or ()
         trace_id = next((str(v) for k, v in trailing if k == TRACE_ID_KEY), None)
         violations: list[FieldViolation] = []
@@ -247,6 +249,29 @@ class RuntimeClient:
         return {"state": orjson.loads(d.state_json), "memory": orjson.loads(d.memory_json),
                 "reminders": orjson.loads(d.reminders_json), "version": d.version,
                 "active": d.active}
+
+    async def list_actor_types(self) -> builtins.list[actors_pb2.ActorTypeSummary]:
+        """The actor types the runtime serves."""
+        try:
+            response = await self.actors.ListActorTypes(actors_pb2.ListActorTypesRequest())
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+        return list(response.types)
+
+    async def describe_actor_type(self, name: str) -> dict[str, Any]:
+        """One actor type's message contract, intent and effects as plain data."""
+        try:
+            d = await self.actors.DescribeActorType(
+                actors_pb2.DescribeActorTypeRequest(name=name))
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+        return {
+            "name": d.name, "kind": "actor", "intent": d.intent,
+            "requires": orjson.loads(d.requires_schema_json),
+            "provides": orjson.loads(d.provides_schema_json),
+            "effects": list(d.effects), "timeoutSeconds": d.timeout_seconds,
+            "replicas": d.replicas,
+        }
 
     async def delete_actor(self, actor_type: str, actor_id: str) -> bool:
         """Delete an actor; False when it did not exist."""

@@ -325,3 +325,120 @@ class DeleteActorResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteActorResponse: _TypeAlias = DeleteActorResponse  # noqa: Y015
+
+@_typing.final
+class ListActorTypesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListActorTypesRequest: _TypeAlias = ListActorTypesRequest  # noqa: Y015
+
+@_typing.final
+class ActorTypeSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INTENT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    intent: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        intent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["intent", b"intent", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActorTypeSummary: _TypeAlias = ActorTypeSummary  # noqa: Y015
+
+@_typing.final
+class ListActorTypesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def types(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActorTypeSummary]: ...
+    def __init__(
+        self,
+        *,
+        types: _abc.Iterable[Global___ActorTypeSummary] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListActorTypesResponse: _TypeAlias = ListActorTypesResponse  # noqa: Y015
+
+@_typing.final
+class DescribeActorTypeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeActorTypeRequest: _TypeAlias = DescribeActorTypeRequest  # noqa: Y015
+
+@_typing.final
+class ActorTypeDescription(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INTENT_FIELD_NUMBER: _builtins.int
+    REQUIRES_SCHEMA_JSON_FIELD_NUMBER: _builtins.int
+    PROVIDES_SCHEMA_JSON_FIELD_NUMBER: _builtins.int
+    EFFECTS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    intent: _builtins.str
+    requires_schema_json: _builtins.bytes
+    """JSON Schema (object) of a message, JSON-encoded."""
+    provides_schema_json: _builtins.bytes
+    """JSON Schema (object) of a reply, JSON-encoded."""
+    timeout_seconds: _builtins.float
+    """Deadline of one turn."""
+    replicas: _builtins.int
+    @_builtins.property
+    def effects(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        intent: _builtins.str = ...,
+        requires_schema_json: _builtins.bytes = ...,
+        provides_schema_json: _builtins.bytes = ...,
+        effects: _abc.Iterable[_builtins.str] | None = ...,
+        timeout_seconds: _builtins.float = ...,
+        replicas: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effects", b"effects", "intent", b"intent", "name", b"name", "provides_schema_json", b"provides_schema_json", "replicas", b"replicas", "requires_schema_json", b"requires_schema_json", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActorTypeDescription: _TypeAlias = ActorTypeDescription  # noqa: Y015

@@ -59,6 +59,16 @@ class ActorRuntimeStub:
                 request_serializer=packetflow_dot_v1_dot_actors__pb2.DeleteActorRequest.SerializeToString,
                 response_deserializer=packetflow_dot_v1_dot_actors__pb2.DeleteActorResponse.FromString,
                 _registered_method=True)
+        self.ListActorTypes = channel.unary_unary(
+                '/packetflow.v1.ActorRuntime/ListActorTypes',
+                request_serializer=packetflow_dot_v1_dot_actors__pb2.ListActorTypesRequest.SerializeToString,
+                response_deserializer=packetflow_dot_v1_dot_actors__pb2.ListActorTypesResponse.FromString,
+                _registered_method=True)
+        self.DescribeActorType = channel.unary_unary(
+                '/packetflow.v1.ActorRuntime/DescribeActorType',
+                request_serializer=packetflow_dot_v1_dot_actors__pb2.DescribeActorTypeRequest.SerializeToString,
+                response_deserializer=packetflow_dot_v1_dot_actors__pb2.ActorTypeDescription.FromString,
+                _registered_method=True)
 
 
 class ActorRuntimeServicer:
@@ -101,6 +111,20 @@ class ActorRuntimeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListActorTypes(self, request, context):
+        """The actor types this runtime serves (what MCP tools/list shows beside capabilities).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeActorType(self, request, context):
+        """One actor type's message contract, intent and effects.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActorRuntimeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +152,16 @@ def add_ActorRuntimeServicer_to_server(servicer, server):
                     servicer.DeleteActor,
                     request_deserializer=packetflow_dot_v1_dot_actors__pb2.DeleteActorRequest.FromString,
                     response_serializer=packetflow_dot_v1_dot_actors__pb2.DeleteActorResponse.SerializeToString,
+            ),
+            'ListActorTypes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListActorTypes,
+                    request_deserializer=packetflow_dot_v1_dot_actors__pb2.ListActorTypesRequest.FromString,
+                    response_serializer=packetflow_dot_v1_dot_actors__pb2.ListActorTypesResponse.SerializeToString,
+            ),
+            'DescribeActorType': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeActorType,
+                    request_deserializer=packetflow_dot_v1_dot_actors__pb2.DescribeActorTypeRequest.FromString,
+                    response_serializer=packetflow_dot_v1_dot_actors__pb2.ActorTypeDescription.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +299,60 @@ class ActorRuntime:
             '/packetflow.v1.ActorRuntime/DeleteActor',
             packetflow_dot_v1_dot_actors__pb2.DeleteActorRequest.SerializeToString,
             packetflow_dot_v1_dot_actors__pb2.DeleteActorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListActorTypes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/packetflow.v1.ActorRuntime/ListActorTypes',
+            packetflow_dot_v1_dot_actors__pb2.ListActorTypesRequest.SerializeToString,
+            packetflow_dot_v1_dot_actors__pb2.ListActorTypesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeActorType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/packetflow.v1.ActorRuntime/DescribeActorType',
+            packetflow_dot_v1_dot_actors__pb2.DescribeActorTypeRequest.SerializeToString,
+            packetflow_dot_v1_dot_actors__pb2.ActorTypeDescription.FromString,
             options,
             channel_credentials,
             insecure,

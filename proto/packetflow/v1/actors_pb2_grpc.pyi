@@ -48,6 +48,10 @@ class ActorRuntimeStub:
     """One actor's committed state, memory summary and reminders (never waits for a turn)."""
     DeleteActor: _grpc.UnaryUnaryMultiCallable[_actors_pb2.DeleteActorRequest, _actors_pb2.DeleteActorResponse]
     """Deactivate an actor and delete its state, memory and reminders."""
+    ListActorTypes: _grpc.UnaryUnaryMultiCallable[_actors_pb2.ListActorTypesRequest, _actors_pb2.ListActorTypesResponse]
+    """The actor types this runtime serves (what MCP tools/list shows beside capabilities)."""
+    DescribeActorType: _grpc.UnaryUnaryMultiCallable[_actors_pb2.DescribeActorTypeRequest, _actors_pb2.ActorTypeDescription]
+    """One actor type's message contract, intent and effects."""
 
 @_typing.type_check_only
 class ActorRuntimeAsyncStub(ActorRuntimeStub):
@@ -66,6 +70,10 @@ class ActorRuntimeAsyncStub(ActorRuntimeStub):
     """One actor's committed state, memory summary and reminders (never waits for a turn)."""
     DeleteActor: _aio.UnaryUnaryMultiCallable[_actors_pb2.DeleteActorRequest, _actors_pb2.DeleteActorResponse]  # type: ignore[assignment]
     """Deactivate an actor and delete its state, memory and reminders."""
+    ListActorTypes: _aio.UnaryUnaryMultiCallable[_actors_pb2.ListActorTypesRequest, _actors_pb2.ListActorTypesResponse]  # type: ignore[assignment]
+    """The actor types this runtime serves (what MCP tools/list shows beside capabilities)."""
+    DescribeActorType: _aio.UnaryUnaryMultiCallable[_actors_pb2.DescribeActorTypeRequest, _actors_pb2.ActorTypeDescription]  # type: ignore[assignment]
+    """One actor type's message contract, intent and effects."""
 
 class ActorRuntimeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -111,5 +119,21 @@ class ActorRuntimeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_actors_pb2.DeleteActorResponse, _abc.Awaitable[_actors_pb2.DeleteActorResponse]]:
         """Deactivate an actor and delete its state, memory and reminders."""
+
+    @_abc_1.abstractmethod
+    def ListActorTypes(
+        self,
+        request: _actors_pb2.ListActorTypesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_actors_pb2.ListActorTypesResponse, _abc.Awaitable[_actors_pb2.ListActorTypesResponse]]:
+        """The actor types this runtime serves (what MCP tools/list shows beside capabilities)."""
+
+    @_abc_1.abstractmethod
+    def DescribeActorType(
+        self,
+        request: _actors_pb2.DescribeActorTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_actors_pb2.ActorTypeDescription, _abc.Awaitable[_actors_pb2.ActorTypeDescription]]:
+        """One actor type's message contract, intent and effects."""
 
 def add_ActorRuntimeServicer_to_server(servicer: ActorRuntimeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,6 +15,7 @@ import orjson
 
 from packetflow.actors.errors import ActorTypeNotFound
 from packetflow.actors.runtime import ActorSystem, SendResult
+from packetflow.contracts import contract_schema
 from packetflow.engine import Engine
 from packetflow.errors import (
     DeadlineExceeded,
@@ -159,6 +160,27 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
             await abort_for(context, exc, "")
             raise
         return actors_pb2.DeleteActorResponse(deleted=deleted)
+
+    async def ListActorTypes(self, request: actors_pb2.ListActorTypesRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> actors_pb2.ListActorTypesResponse:
+        return actors_pb2.ListActorTypesResponse(types=[
+            actors_pb2.ActorTypeSummary(name=name, intent=kind.spec.intent)
+            for name, kind in sorted(self.system.types.items())])
+
+    async def DescribeActorType(self, request: actors_pb2.DescribeActorTypeRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> actors_pb2.ActorTypeDescription:
+        try:
+            spec = self.system.get(request.name).spec
+        except PacketFlowError as exc:
+            await abort_for(context, exc, "")
+            raise
+        return actors_pb2.ActorTypeDescription(
+            name=request.name, intent=spec.intent,
+            requires_schema_json=orjson.dumps(contract_schema(spec.requires)),
+            provides_schema_json=orjson.dumps(contract_schema(spec.provides)),
+            effects=spec.effects, timeout_seconds=spec.timeout_seconds, replicas=spec.replicas)
 
 
 class GrpcForwarder:
