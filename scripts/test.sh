@@ -5,10 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-# Real Prometheus (promtool, server) and a real PostgreSQL server for the tests' fixtures.
+# Real Prometheus (promtool, server), a real PostgreSQL server for the tests' fixtures, and
+# Graphviz.
 missing=()
 command -v promtool >/dev/null || missing+=(prometheus)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v dot >/dev/null || missing+=(graphviz)  # `packetflow graph --format svg`
 if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"

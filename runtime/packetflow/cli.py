@@ -21,6 +21,7 @@ from packetflow import __version__
 
 if TYPE_CHECKING:
     from packetflow.client import ProgressEvent, RuntimeClient
+    from packetflow.graph import Mesh, Stats
     from packetflow.manifests import ManifestError
     from packetflow.server import RuntimeServer
     from packetflow.settings import RuntimeSettings
@@ -324,6 +325,83 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mesh_from_runtime(address: str) -> Mesh:
+    """The mesh a running runtime (or gateway) describes, dependencies included."""
+    from packetflow.client import RuntimeClient
+    from packetflow.graph import Dependency, Mesh, Node
+
+    async def ask() -> Mesh:
+        mesh = Mesh()
+        async with RuntimeClient(address) as client:
+            for summary in await client.list():
+                described = await client.describe(summary.name)
+                mesh.add(Node(summary.name, summary.implementation, tuple(
+                    Dependency.from_json(d) for d in described["dependencies"])))
+            for kind in await client.list_actor_types():
+                described = await client.describe_actor_type(kind.name)
+                mesh.add(Node(kind.name, "actor", tuple(
+                    Dependency.from_json(d) for d in described["dependencies"])))
+        return mesh
+
+    return asyncio.run(ask())
+
+
+def _live_stats(url: str, window: float) -> dict[str, Stats]:
+    """Per-capability rates from two scrapes of a runtime's ``/metrics``, ``window`` apart."""
+    import time
+    import urllib.request
+
+    from packetflow.graph import parse_totals, stats_between
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
+    before, started = parse_totals(scrape()), time.monotonic()
+    time.sleep(window)  # the window the rates are measured over
+    after = parse_totals(scrape())
+    return stats_between(before, after, time.monotonic() - started)
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    """Draw the mesh (capabilities, actor types, what they call) as DOT, Mermaid or SVG."""
+    import shutil
+    import subprocess
+
+    from packetflow.graph import mesh_of, render_dot, render_mermaid
+
+    if args.format == "svg" and shutil.which("dot") is None:
+        print("error: --format svg needs Graphviz's dot (Debian package graphviz); "
+              "use --format dot or mermaid", file=sys.stderr)
+        return 2
+    if args.paths:
+        from packetflow.manifests import load_paths
+        from packetflow.serve import report
+
+        loaded = load_paths(args.paths)
+        report(loaded.errors)
+        mesh = mesh_of(loaded.capabilities, loaded.actors)
+    else:
+        from packetflow.client import CallError
+
+        try:
+            mesh = _mesh_from_runtime(args.address)
+        except CallError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    try:
+        stats = _live_stats(args.metrics_url, args.window) if args.metrics_url else None
+    except (OSError, ValueError) as exc:
+        print(f"error: --metrics-url {args.metrics_url}: {exc}", file=sys.stderr)
+        return 1
+    text = render_mermaid(mesh, stats) if args.format == "mermaid" else render_dot(mesh, stats)
+    if args.format == "svg":
+        text = subprocess.run(["dot", "-Tsvg"], input=text, capture_output=True, text=True,
+                              check=True, timeout=60).stdout
+    sys.stdout.write(text)
+    return 0
+
+
 def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     """The argument parser; with ``plugins``, also the subcommands contributed through the
     ``packetflow.commands`` entry points (they import more, so client commands skip them)."""
@@ -370,6 +448,18 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     describe.set_defaults(func=cmd_describe)
 
     _actor_commands(sub)
+
+    graph = sub.add_parser("graph", help="draw capabilities, actor types and what they call")
+    graph.add_argument("paths", nargs="*", type=Path, metavar="DIR",
+                       help="manifests to draw; without: ask the runtime at --address")
+    graph.add_argument("--format", choices=("dot", "mermaid", "svg"), default="dot",
+                       help="DOT and Mermaid text always; SVG through Graphviz (default dot)")
+    graph.add_argument("--metrics-url", metavar="URL",
+                       help="a runtime's /metrics: colour nodes by call rate, errors, p99")
+    graph.add_argument("--window", type=float, default=5.0,
+                       help="seconds between the two scrapes of --metrics-url (default 5)")
+    _address_flag(graph)
+    graph.set_defaults(func=cmd_graph)
 
     validate = sub.add_parser("validate", help="check manifest files")
     validate.add_argument("paths", nargs="+", type=Path, metavar="FILE")

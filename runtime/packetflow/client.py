@@ -187,6 +187,7 @@ class RuntimeClient:
             "provides": orjson.loads(d.provides_schema_json),
             "effects": list(d.effects), "timeoutSeconds": d.timeout_seconds,
             "concurrency": d.concurrency,
+            "dependencies": orjson.loads(d.dependencies_json or b"[]"),
         }
 
     # ------------------------------------------------------------------------ actors
@@ -270,7 +271,7 @@ class RuntimeClient:
             "requires": orjson.loads(d.requires_schema_json),
             "provides": orjson.loads(d.provides_schema_json),
             "effects": list(d.effects), "timeoutSeconds": d.timeout_seconds,
-            "replicas": d.replicas,
+            "replicas": d.replicas, "dependencies": orjson.loads(d.dependencies_json or b"[]"),
         }
 
     async def delete_actor(self, actor_type: str, actor_id: str) -> bool:

@@ -32,6 +32,7 @@ from packetflow.context import (
 from packetflow.contracts import contract_schema
 from packetflow.engine import Engine
 from packetflow.errors import ContractViolation, InvalidInput, PacketFlowError, code_of
+from packetflow.graph import dependencies_of
 from packetflow.v1 import actors_pb2, runtime_pb2, runtime_pb2_grpc
 
 if TYPE_CHECKING:
@@ -146,16 +147,18 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
                                  context: grpc.aio.ServicerContext
                                  ) -> runtime_pb2.CapabilityDescription:
         try:
-            spec = self.engine.get(request.name).capability.spec
+            entry = self.engine.get(request.name)
         except PacketFlowError as exc:
             await abort_for(context, exc, "")
             raise
+        spec = entry.capability.spec
         return runtime_pb2.CapabilityDescription(
             name=request.name, intent=spec.intent, implementation=spec.implementation.kind,
             requires_schema_json=orjson.dumps(contract_schema(spec.requires)),
             provides_schema_json=orjson.dumps(contract_schema(spec.provides)),
             effects=spec.effects, timeout_seconds=spec.timeout_seconds,
-            concurrency=spec.concurrency)
+            concurrency=spec.concurrency, dependencies_json=orjson.dumps(
+                [dep.to_json() for dep in dependencies_of(entry.capability)]))
 
 
 @dataclass

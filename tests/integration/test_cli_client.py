@@ -140,3 +140,51 @@ async def test_grpc_and_mcp_list_the_same_things(tmp_path: Path) -> None:
             await engine.aclose()
     finally:
         sys.path.remove(str(EXAMPLES))
+
+
+def test_graph_of_a_running_runtime_coloured_by_live_traffic(examples_dev: DevServer) -> None:
+    import threading
+
+    import grpc
+
+    from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
+
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with grpc.insecure_channel(examples_dev.address) as channel:
+            stub = runtime_pb2_grpc.CapabilityRuntimeStub(channel)
+            while not stop.is_set():
+                stub.Invoke(runtime_pb2.InvokeRequest(capability="add-numbers",
+                                                      input_json=b'{"a": 1, "b": 2}'))
+
+    caller = threading.Thread(target=traffic)
+    caller.start()
+    try:
+        drawn = packetflow("graph", "--address", examples_dev.address, "--format", "dot",
+                           "--metrics-url", f"http://{examples_dev.metrics}/metrics",
+                           "--window", "1", timeout=60)
+    finally:
+        stop.set()
+        caller.join(30)
+    assert drawn.returncode == 0, drawn.stderr
+    lines = drawn.stdout.splitlines()
+    add = next(line for line in lines if line.startswith('  "add-numbers" ['))
+    assert "/s, 0.0% errors, p99" in add and 'fillcolor="#c8e6c9"' in add  # busy, healthy
+    assert '  "sum-pairs" -> "add-numbers" [label="step"];' in lines
+    assert '  "research-assistant" -> "text-stats" [label="tool analyze"];' in lines
+    echo = next(line for line in lines if line.startswith('  "echo" ['))
+    assert 'fillcolor="#eeeeee"' in echo  # no calls in the window
+
+
+def test_graph_of_manifests_as_svg_and_mermaid() -> None:
+    import shutil as which
+
+    mermaid = packetflow("graph", str(EXAMPLES), "--format", "mermaid")
+    assert mermaid.returncode == 0 and mermaid.stdout.startswith("flowchart LR")
+    svg = packetflow("graph", str(EXAMPLES), "--format", "svg")
+    if which.which("dot") is None:
+        assert svg.returncode == 2 and "Graphviz" in svg.stderr
+    else:
+        assert svg.returncode == 0, svg.stderr
+        assert "<svg" in svg.stdout and "tool analyze" in svg.stdout

@@ -212,6 +212,7 @@ class CapabilityDescription(_message.Message):
     EFFECTS_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     CONCURRENCY_FIELD_NUMBER: _builtins.int
+    DEPENDENCIES_JSON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     intent: _builtins.str
     implementation: _builtins.str
@@ -221,6 +222,10 @@ class CapabilityDescription(_message.Message):
     """JSON Schema (object) of the output, JSON-encoded."""
     timeout_seconds: _builtins.float
     concurrency: _builtins.int
+    dependencies_json: _builtins.bytes
+    """What it calls: [{"target", "kind", "label", "external"}], JSON-encoded (the graph's
+    edges: composition steps, reducers, triggers, MCP tools; an actor's observed ctx.call).
+    """
     @_builtins.property
     def effects(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -234,10 +239,11 @@ class CapabilityDescription(_message.Message):
         effects: _abc.Iterable[_builtins.str] | None = ...,
         timeout_seconds: _builtins.float = ...,
         concurrency: _builtins.int = ...,
+        dependencies_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "effects", b"effects", "implementation", b"implementation", "intent", b"intent", "name", b"name", "provides_schema_json", b"provides_schema_json", "requires_schema_json", b"requires_schema_json", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "dependencies_json", b"dependencies_json", "effects", b"effects", "implementation", b"implementation", "intent", b"intent", "name", b"name", "provides_schema_json", b"provides_schema_json", "requires_schema_json", b"requires_schema_json", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

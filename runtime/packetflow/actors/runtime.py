@@ -158,6 +158,7 @@ class ActorType:
         self.retention_seconds = duration_seconds(self.spec.memory.retention)
         self.schedules = [(s.name, duration_seconds(s.every)) for s in self.spec.schedules]
         self.ranker: Ranker = ranker_for(self.spec.memory.semantic_search)
+        self.called: set[str] = set()  # capabilities ctx.call reached (undeclared, so observed)
         self.toolbox = build_toolbox(actor, system)
         self.active: OrderedDict[str, ActiveActor] = OrderedDict()
         self.streams: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
@@ -791,7 +792,9 @@ class ActorType:
         """``ctx.call``: a capability through the engine, within the turn's deadline."""
         call = CallContext(capability=name, trace_id=ctx.trace_id,
                            caller=f"actor:{self.name}/{ctx.actor_id}", deadline=ctx.deadline)
-        return await self.system.invoke(name, value, call)
+        output = await self.system.invoke(name, value, call)
+        self.called.add(name)  # after success: only names that exist (graph's call edges)
+        return output
 
 
 class Placement:

@@ -26,6 +26,7 @@ from packetflow.errors import (
     PacketFlowError,
     Unavailable,
 )
+from packetflow.graph import observed_dependencies
 from packetflow.server import abort_for, call_context
 from packetflow.v1 import actors_pb2, actors_pb2_grpc
 
@@ -172,15 +173,18 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
                                 context: grpc.aio.ServicerContext
                                 ) -> actors_pb2.ActorTypeDescription:
         try:
-            spec = self.system.get(request.name).spec
+            kind = self.system.get(request.name)
         except PacketFlowError as exc:
             await abort_for(context, exc, "")
             raise
+        spec = kind.spec
         return actors_pb2.ActorTypeDescription(
             name=request.name, intent=spec.intent,
             requires_schema_json=orjson.dumps(contract_schema(spec.requires)),
             provides_schema_json=orjson.dumps(contract_schema(spec.provides)),
-            effects=spec.effects, timeout_seconds=spec.timeout_seconds, replicas=spec.replicas)
+            effects=spec.effects, timeout_seconds=spec.timeout_seconds, replicas=spec.replicas,
+            dependencies_json=orjson.dumps([dep.to_json() for dep in observed_dependencies(
+                kind.actor, kind.called)]))
 
 
 class GrpcForwarder:
