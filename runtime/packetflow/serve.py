@@ -71,17 +71,21 @@ async def idempotency_store(settings: RuntimeSettings) -> IdempotencyStore:
         return MemoryIdempotencyStore()
 
 
-def actor_system(engine: Engine, settings: RuntimeSettings) -> ActorSystem:
-    """The actor runtime: state under ``settings.state_dir``, so a restarted dev finds it."""
+def actor_system(engine: Engine, settings: RuntimeSettings,
+                 observer: bool = False) -> ActorSystem:
+    """The actor runtime: state under ``settings.state_dir``, so a restarted dev finds it;
+    an ``observer`` (no address to be reached at) forwards to the members instead of joining."""
     return ActorSystem(engine, state_dir=settings.state_dir, member_id=settings.member_id,
-                       address=settings.advertise_address or settings.address)
+                       address=settings.advertise_address or settings.address,
+                       observer=observer)
 
 
 def _snapshot(paths: Sequence[Path]) -> dict[Path, float]:
     return {p: p.stat().st_mtime for p in manifest_files(paths) if p.exists()}
 
 
-async def load_runtime(paths: Sequence[Path], settings: RuntimeSettings,
+async def load_runtime(paths: Sequence[Path], settings: RuntimeSettings, *,
+                       observer: bool = False,
                        ) -> tuple[Engine, ActorSystem, list[ManifestError]]:
     """The manifests under ``paths`` as an engine and an actor system, and every load error
     (what ``dev``, ``runtime`` and ``mcp --stdio`` all serve)."""
@@ -89,7 +93,7 @@ async def load_runtime(paths: Sequence[Path], settings: RuntimeSettings,
     engine = Engine(loaded.capabilities, max_payload_bytes=settings.max_payload_bytes,
                     idempotency=await idempotency_store(settings),
                     undeclared_as_services=settings.undeclared_as_services)
-    actors = actor_system(engine, settings)
+    actors = actor_system(engine, settings, observer)
     errors = [*loaded.errors, *engine.load_errors, *await engine.verify_remotes(),
               *await actors.replace(loaded.actors)]
     return engine, actors, errors

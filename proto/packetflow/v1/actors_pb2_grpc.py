@@ -69,6 +69,11 @@ class ActorRuntimeStub:
                 request_serializer=packetflow_dot_v1_dot_actors__pb2.DescribeActorTypeRequest.SerializeToString,
                 response_deserializer=packetflow_dot_v1_dot_actors__pb2.ActorTypeDescription.FromString,
                 _registered_method=True)
+        self.Followups = channel.unary_stream(
+                '/packetflow.v1.ActorRuntime/Followups',
+                request_serializer=packetflow_dot_v1_dot_actors__pb2.FollowupsRequest.SerializeToString,
+                response_deserializer=packetflow_dot_v1_dot_actors__pb2.ConverseEvent.FromString,
+                _registered_method=True)
 
 
 class ActorRuntimeServicer:
@@ -125,6 +130,15 @@ class ActorRuntimeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Followups(self, request, context):
+        """The follow-ups (on_idle) of one actor as this member makes them (only followup_json is
+        set), until the caller closes the stream: how a member holding a conversation with an
+        actor that another member owns relays them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActorRuntimeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +176,11 @@ def add_ActorRuntimeServicer_to_server(servicer, server):
                     servicer.DescribeActorType,
                     request_deserializer=packetflow_dot_v1_dot_actors__pb2.DescribeActorTypeRequest.FromString,
                     response_serializer=packetflow_dot_v1_dot_actors__pb2.ActorTypeDescription.SerializeToString,
+            ),
+            'Followups': grpc.unary_stream_rpc_method_handler(
+                    servicer.Followups,
+                    request_deserializer=packetflow_dot_v1_dot_actors__pb2.FollowupsRequest.FromString,
+                    response_serializer=packetflow_dot_v1_dot_actors__pb2.ConverseEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +372,33 @@ class ActorRuntime:
             '/packetflow.v1.ActorRuntime/DescribeActorType',
             packetflow_dot_v1_dot_actors__pb2.DescribeActorTypeRequest.SerializeToString,
             packetflow_dot_v1_dot_actors__pb2.ActorTypeDescription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Followups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/packetflow.v1.ActorRuntime/Followups',
+            packetflow_dot_v1_dot_actors__pb2.FollowupsRequest.SerializeToString,
+            packetflow_dot_v1_dot_actors__pb2.ConverseEvent.FromString,
             options,
             channel_credentials,
             insecure,

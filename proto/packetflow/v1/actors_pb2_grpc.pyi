@@ -52,6 +52,11 @@ class ActorRuntimeStub:
     """The actor types this runtime serves (what MCP tools/list shows beside capabilities)."""
     DescribeActorType: _grpc.UnaryUnaryMultiCallable[_actors_pb2.DescribeActorTypeRequest, _actors_pb2.ActorTypeDescription]
     """One actor type's message contract, intent and effects."""
+    Followups: _grpc.UnaryStreamMultiCallable[_actors_pb2.FollowupsRequest, _actors_pb2.ConverseEvent]
+    """The follow-ups (on_idle) of one actor as this member makes them (only followup_json is
+    set), until the caller closes the stream: how a member holding a conversation with an
+    actor that another member owns relays them.
+    """
 
 @_typing.type_check_only
 class ActorRuntimeAsyncStub(ActorRuntimeStub):
@@ -74,6 +79,11 @@ class ActorRuntimeAsyncStub(ActorRuntimeStub):
     """The actor types this runtime serves (what MCP tools/list shows beside capabilities)."""
     DescribeActorType: _aio.UnaryUnaryMultiCallable[_actors_pb2.DescribeActorTypeRequest, _actors_pb2.ActorTypeDescription]  # type: ignore[assignment]
     """One actor type's message contract, intent and effects."""
+    Followups: _aio.UnaryStreamMultiCallable[_actors_pb2.FollowupsRequest, _actors_pb2.ConverseEvent]  # type: ignore[assignment]
+    """The follow-ups (on_idle) of one actor as this member makes them (only followup_json is
+    set), until the caller closes the stream: how a member holding a conversation with an
+    actor that another member owns relays them.
+    """
 
 class ActorRuntimeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -135,5 +145,16 @@ class ActorRuntimeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_actors_pb2.ActorTypeDescription, _abc.Awaitable[_actors_pb2.ActorTypeDescription]]:
         """One actor type's message contract, intent and effects."""
+
+    @_abc_1.abstractmethod
+    def Followups(
+        self,
+        request: _actors_pb2.FollowupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_actors_pb2.ConverseEvent], _abc.AsyncIterator[_actors_pb2.ConverseEvent]]:
+        """The follow-ups (on_idle) of one actor as this member makes them (only followup_json is
+        set), until the caller closes the stream: how a member holding a conversation with an
+        actor that another member owns relays them.
+        """
 
 def add_ActorRuntimeServicer_to_server(servicer: ActorRuntimeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -21,7 +21,15 @@ import re
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -33,11 +41,12 @@ from packetflow.actors.context import ActorContext, TurnEffects
 from packetflow.actors.errors import ActorNotFound, ActorTypeNotFound, FencedOut, ReminderMoved
 from packetflow.actors.handlers import HandlerLoadError, HandlerSource, call_handler, load_handlers
 from packetflow.actors.metrics import ActorMetrics
+from packetflow.actors.placement import Placement
 from packetflow.actors.postgres_store import PostgresActorStore
 from packetflow.actors.search import Ranker, ranker_for
 from packetflow.actors.sqlite_store import SqliteActorStore
 from packetflow.actors.store import ActorRecord, ActorStore, Commit
-from packetflow.actors.timing import next_due, rendezvous_owner
+from packetflow.actors.timing import next_due
 from packetflow.context import CallContext
 from packetflow.contracts import CompiledContract
 from packetflow.errors import (
@@ -60,6 +69,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("packetflow.actors")
 
+DUE_PAGE = 256
+MAX_FIRING = 1024
 ACTOR_ID_RE = re.compile(r"^[^\x00-\x1f]{1,256}$")
 # Applied message ids are kept this long, so a client retrying an unacknowledged message
 # gets the first reply instead of a second application.
@@ -131,6 +142,13 @@ class Forwarder(Protocol):
     def delete(self, address: str, actor_type: str, actor_id: str) -> Awaitable[bool]:
         """Delete the actor there (it is not forwarded again)."""
 
+    def followups(self, address: str, actor_type: str,
+                  actor_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The actor's follow-ups as the member there makes them."""
+
+    def retain(self, addresses: Collection[str]) -> None:
+        """Close the channels to every other address (members that left)."""
+
 
 def _handler_failed(type_name: str, actor_id: str, trace_id: str) -> HandlerFailed:
     log.exception("actor %s/%s handler raised (trace_id=%s)", type_name, actor_id, trace_id)
@@ -158,6 +176,8 @@ class ActorType:
         self.retention_seconds = duration_seconds(self.spec.memory.retention)
         self.schedules = [(s.name, duration_seconds(s.every)) for s in self.spec.schedules]
         self.ranker: Ranker = ranker_for(self.spec.memory.semantic_search)
+        self.due_page = DUE_PAGE  # due reminders read at a time
+        self.max_firing = MAX_FIRING  # reminders firing at once
         self.called: set[str] = set()  # capabilities ctx.call reached (undeclared, so observed)
         self.toolbox = build_toolbox(actor, system)
         self.active: OrderedDict[str, ActiveActor] = OrderedDict()
@@ -185,9 +205,12 @@ class ActorType:
         await self.store.open()
         try:
             self.metrics.active.labels(self.name).set_function(lambda: len(self.active))
-            if self.spec.replicas > 1 and self.store.shared:
+            scaling = self.spec.scaling
+            if self.store.shared and (self.spec.replicas > 1 or (
+                    scaling is not None and scaling.max_replicas > 1)):
                 self.placement = Placement(self, self.system.member_id, self.system.address,
-                                           self.system.heartbeat_interval)
+                                           self.system.heartbeat_interval,
+                                           observer=self.system.observer)
                 await self.placement.start()
         except BaseException:
             with contextlib.suppress(KeyError):
@@ -631,18 +654,26 @@ class ActorType:
         holds up no other); returns how many fired, or with ``wait=False`` how many started."""
         now = self.clock()
         started: list[asyncio.Task[int]] = []
-        for due in await self.store.due(now):
-            if self._stopping:
+        cursor = None
+        # Page through the backlog (keyset), so reminders still firing or owned by other
+        # members cannot hide later ones; at most ``max_firing`` run at once.
+        while not self._stopping and len(self._firing) < self.max_firing:
+            page = await self.store.due(now, self.due_page, cursor)
+            for due in page:
+                key = (due.actor_id, due.reminder.name)
+                if key in self._firing or (self.placement is not None
+                                           and not self.placement.owns(due.actor_id)):
+                    continue  # still firing; or another member's to fire
+                if self._stopping or len(self._firing) >= self.max_firing:
+                    break
+                task = asyncio.create_task(self._fire(due.actor_id, due.reminder, now))
+                self._firing[key] = task
+                self._background.add(task)  # stop() cancels and awaits it
+                task.add_done_callback(functools.partial(self._fired, key))
+                started.append(task)
+            if len(page) < self.due_page:
                 break
-            key = (due.actor_id, due.reminder.name)
-            if key in self._firing or (self.placement is not None
-                                       and not self.placement.owns(due.actor_id)):
-                continue  # still firing; or another member's to fire
-            task = asyncio.create_task(self._fire(due.actor_id, due.reminder, now))
-            self._firing[key] = task
-            self._background.add(task)  # stop() cancels and awaits it
-            task.add_done_callback(functools.partial(self._fired, key))
-            started.append(task)
+            cursor = page[-1].cursor
         if not wait:
             return len(started)
         return sum(await asyncio.gather(*started))
@@ -797,68 +828,6 @@ class ActorType:
         return output
 
 
-class Placement:
-    """Live members of a type in the shared store, and who owns which actor."""
-
-    def __init__(self, actor_type: ActorType, member_id: str, address: str,
-                 interval: float) -> None:
-        self.type = actor_type
-        self.member_id = member_id
-        self.address = address
-        self.interval = interval
-        self.members: dict[str, str] = {member_id: address}
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        """Join: heartbeat once, read the members, keep heart-beating."""
-        await self.refresh()
-        self._task = asyncio.create_task(self._loop())
-
-    async def stop(self) -> None:
-        """Leave the group, so the others take our actors at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        with contextlib.suppress(PacketFlowError):
-            await self.type.store.leave(self.member_id)
-
-    async def refresh(self) -> bool:
-        """Heartbeat and re-read the live members; True when they changed."""
-        now = time.time()
-        await self.type.store.heartbeat(self.member_id, self.address, now)
-        members = await self.type.store.members(now - 3 * self.interval)
-        members.setdefault(self.member_id, self.address)
-        changed = members != self.members
-        self.members = members
-        return changed
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                if await self.refresh():
-                    log.info("members changed", extra={"actor_type": self.type.name,
-                                                       "members": sorted(self.members)})
-                # Every beat, not only on a change: an actor busy at the change moves later.
-                self.type.rebalance()
-            except Exception as exc:  # the heartbeat must outlive any error
-                log.warning("placement heartbeat failed: %s", exc)
-
-    def owner(self, actor_id: str) -> str:
-        """The member that owns ``actor_id``."""
-        return rendezvous_owner(actor_id, self.members) or self.member_id
-
-    def owns(self, actor_id: str) -> bool:
-        """Whether this member owns ``actor_id``."""
-        return self.owner(actor_id) == self.member_id
-
-    def forward_address(self, actor_id: str) -> str | None:
-        """The owner's address when it is another member, else None."""
-        owner = self.owner(actor_id)
-        return None if owner == self.member_id else self.members[owner]
-
-
 def build_store(actor: Actor, state_dir: Path, environ: Mapping[str, str]) -> ActorStore:
     """The store a manifest declares; errors name the manifest field."""
     store = actor.spec.store
@@ -892,7 +861,8 @@ class ActorSystem:
                  metrics: ActorMetrics | None = None, clock: Clock = time.time,
                  member_id: str | None = None, address: str = "127.0.0.1:0",
                  environ: Mapping[str, str] | None = None, reminder_poll: float = 1.0,
-                 sweep_interval: float = 60.0, heartbeat_interval: float = 1.0) -> None:
+                 sweep_interval: float = 60.0, heartbeat_interval: float = 1.0,
+                 observer: bool = False) -> None:
         self.engine = engine
         self.state_dir = state_dir
         if metrics is None:
@@ -907,6 +877,8 @@ class ActorSystem:
         self.reminder_poll = reminder_poll
         self.sweep_interval = sweep_interval
         self.heartbeat_interval = heartbeat_interval
+        # No address others can forward to: own no actor while a member is alive.
+        self.observer = observer
         self.types: dict[str, ActorType] = {}
         self.forwarder: Forwarder | None = None
 
@@ -974,6 +946,13 @@ class ActorSystem:
             raise PacketFlowError("forwarding is not configured in this runtime")
         return await self.forwarder.send(address, actor_type, actor_id, message, message_id,
                                          trace_id, timeout)
+
+    def prune_channels(self) -> None:
+        """Keep forwarding channels only to members some type still has (members leave)."""
+        if self.forwarder is not None:
+            self.forwarder.retain({address for kind in self.types.values()
+                                   if kind.placement is not None
+                                   for address in kind.placement.members.values()})
 
     async def forward_delete(self, address: str, actor_type: str, actor_id: str) -> bool:
         """Delete at the owning member (through the transport's forwarder)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import grpc
@@ -35,6 +35,8 @@ DEFAULT_LIST_LIMIT = 1000
 # Metadata marking a call one member forwarded to the owner (never forwarded again).
 FORWARDED_KEY = "packetflow-forwarded"
 FORWARD_DELETE_TIMEOUT = 10.0
+# Channel closes in flight (strong references until they finish).
+_closing: set[asyncio.Task[None]] = set()
 
 log = logging.getLogger("packetflow.actors")
 
@@ -74,9 +76,10 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
             asyncio.Queue()
         subscription: tuple[Any, str, asyncio.Queue[dict[str, Any]]] | None = None
         pump: asyncio.Task[None] | None = None
+        relay: asyncio.Task[None] | None = None
 
         async def read() -> None:
-            nonlocal subscription, pump
+            nonlocal subscription, pump, relay
             actor_type = actor_id = ""
             try:
                 async for request in request_iterator:
@@ -91,6 +94,11 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
                         followups = kind.subscribe(actor_id)
                         subscription = (kind, actor_id, followups)
                         pump = asyncio.create_task(forward_followups(followups))
+                        forwarder = self.system.forwarder
+                        if kind.placement is not None and forwarder is not None:
+                            # The owner may be another member: its follow-ups come here too.
+                            relay = asyncio.create_task(kind.placement.relay_followups(
+                                actor_id, followups, forwarder))
                     ctx = call_context(actor_type, context)
                     result = await kind.send(actor_id, self._decode(request.message_json),
                                              message_id=request.message_id,
@@ -121,8 +129,9 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
                 yield event
         finally:
             reader.cancel()
-            if pump is not None:
-                pump.cancel()
+            for task in (pump, relay):
+                if task is not None:
+                    task.cancel()
             if subscription is not None:
                 kind, actor_id, queue = subscription
                 kind.unsubscribe(actor_id, queue)
@@ -161,6 +170,22 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
             await abort_for(context, exc, "")
             raise
         return actors_pb2.DeleteActorResponse(deleted=deleted)
+
+    async def Followups(self, request: actors_pb2.FollowupsRequest,
+                        context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[actors_pb2.ConverseEvent]:
+        try:
+            kind = self.system.get(request.type)
+        except PacketFlowError as exc:
+            await abort_for(context, exc, "")
+            raise
+        queue = kind.subscribe(request.id)
+        try:
+            while True:
+                followup = await queue.get()
+                yield actors_pb2.ConverseEvent(followup_json=orjson.dumps(followup))
+        finally:
+            kind.unsubscribe(request.id, queue)
 
     async def ListActorTypes(self, request: actors_pb2.ListActorTypesRequest,
                              context: grpc.aio.ServicerContext
@@ -224,6 +249,27 @@ class GrpcForwarder:
         except grpc.aio.AioRpcError as exc:
             raise forwarded_error(exc) from None
         return bool(response.deleted)
+
+    async def followups(self, address: str, actor_type: str,
+                        actor_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The follow-ups the member at ``address`` makes for the actor, as they happen."""
+        stream = self._stub(address).Followups(
+            actors_pb2.FollowupsRequest(type=actor_type, id=actor_id))
+        try:
+            async for event in stream:
+                yield orjson.loads(event.followup_json)
+        except grpc.aio.AioRpcError as exc:
+            raise forwarded_error(exc) from None
+        finally:
+            stream.cancel()
+
+    def retain(self, addresses: Collection[str]) -> None:
+        """Close the channels to members that left (any address not in ``addresses``)."""
+        for address in [a for a in self.channels if a not in addresses]:
+            channel = self.channels.pop(address)
+            task = asyncio.get_running_loop().create_task(channel.close())
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
 
     async def close(self) -> None:
         """Close every channel."""

@@ -76,6 +76,14 @@ class DueReminder:
     actor_id: str
     reminder: Reminder
 
+    @property
+    def cursor(self) -> DueCursor:
+        """Where the page after this reminder starts."""
+        return (self.reminder.due_at, self.actor_id, self.reminder.name)
+
+
+DueCursor = tuple[float, str, str]  # (due_at, actor_id, name): a position in due order
+
 
 @dataclass(frozen=True)
 class Activation:
@@ -324,11 +332,17 @@ def op_reminders(actor_type: str, actor_id: str) -> Op[list[Reminder]]:
             for n, d, p, x, k in result.rows]
 
 
-def op_due(actor_type: str, now: float, limit: int) -> Op[list[DueReminder]]:
-    """Reminders due at ``now``, earliest first."""
+def op_due(actor_type: str, now: float, limit: int,
+           after: DueCursor | None = None) -> Op[list[DueReminder]]:
+    """Reminders due at ``now``, earliest first (ties by actor id and name), ``limit`` of them
+    after the cursor ``after`` (keyset paging: a backlog is read page by page)."""
+    keyset, params = "", [actor_type, now]
+    if after is not None:
+        keyset = " AND (due_at, actor_id, name) > (?, ?, ?)"
+        params.extend(after)
     result = yield ("SELECT actor_id, name, due_at, period, data, kind FROM pf_reminders WHERE "
-                    "actor_type = ? AND due_at <= ? ORDER BY due_at LIMIT ?",
-                    (actor_type, now, limit))
+                    f"actor_type = ? AND due_at <= ?{keyset} ORDER BY due_at, actor_id, name "
+                    "LIMIT ?", (*params, limit))
     return [DueReminder(str(i), Reminder(str(n), float(d), None if p is None else float(p),
                                          _loads(x), str(k)))
             for i, n, d, p, x, k in result.rows]
@@ -437,9 +451,10 @@ class ActorStore(abc.ABC):
         """The actor's reminders and schedules."""
         return await self.run("reminders", op_reminders(self.actor_type, actor_id))
 
-    async def due(self, now: float, limit: int = 256) -> list[DueReminder]:
-        """Reminders due now, earliest first."""
-        return await self.run("due", op_due(self.actor_type, now, limit))
+    async def due(self, now: float, limit: int = 256,
+                  after: DueCursor | None = None) -> list[DueReminder]:
+        """Reminders due now, earliest first, ``limit`` after the cursor ``after``."""
+        return await self.run("due", op_due(self.actor_type, now, limit, after))
 
     async def next_due(self) -> float | None:
         """When the next reminder of this type is due."""

@@ -15,6 +15,7 @@ from typing import Any
 
 from mcp.server.stdio import stdio_server
 
+from packetflow.actors.service import attach
 from packetflow.logs import configure_logging
 from packetflow.mcp.server import McpService
 from packetflow.serve import load_runtime, report
@@ -48,7 +49,10 @@ def cmd_mcp(args: argparse.Namespace) -> int:
 async def serve_stdio(paths: list[Path], settings: RuntimeSettings | None = None) -> int:
     """Load the manifests and answer MCP on stdin/stdout; manifest errors go to stderr."""
     settings = settings or RuntimeSettings()
-    engine, actors, errors = await load_runtime(paths, settings)
+    # No gRPC port here for other members to forward to: an actor type with replicas is
+    # served by forwarding every message to its members (placement's observer).
+    engine, actors, errors = await load_runtime(paths, settings, observer=True)
+    forwarder = attach(actors)
     report(errors)
     engine.start_triggers()
     service = McpService.for_runtime(engine, actors)
@@ -60,5 +64,6 @@ async def serve_stdio(paths: list[Path], settings: RuntimeSettings | None = None
                                      service.server.create_initialization_options())
     finally:
         await actors.aclose()
+        await forwarder.close()
         await engine.aclose()
     return 0
