@@ -25,6 +25,8 @@ from tests.support.actors import FakeClock, SystemFactory, handler_actor
 
 pytest_plugins = ["tests.support.postgres"]
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 @pytest.fixture(autouse=True)
 def gates() -> Iterator[dict[str, asyncio.Event]]:
@@ -204,7 +206,6 @@ async def test_mcp_stdio_serves_a_multi_member_type_through_its_members(
     from mcp.client import Client
     from mcp.client.stdio import StdioServerParameters
 
-    root = Path(__file__).resolve().parents[2]
     (tmp_path / "bundle").mkdir()
     (tmp_path / "bundle" / "ledger.yaml").write_text(_ledger(postgres_dsn, "1h"))
     async with members(postgres_dsn, tmp_path, idle="1h") as started:
@@ -212,7 +213,7 @@ async def test_mcp_stdio_serves_a_multi_member_type_through_its_members(
             command=sys.executable, args=["-m", "packetflow.cli", "mcp", "--stdio",
                                           str(tmp_path / "bundle"), "--state-dir",
                                           str(tmp_path / "stdio")],
-            cwd=str(root), env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+            cwd=str(ROOT), env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
         async with Client(params, mode="legacy") as client:
             for n in range(20):
                 result = await client.call_tool("ledger", {"actor_id": f"m-{n}", "n": n})
