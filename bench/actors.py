@@ -3,7 +3,8 @@
 Figures (one JSON line):
 - ``durable_turn_ratio``: one actor, sequential messages, each turn committing a 1 KiB state
   (SQLite, WAL, synchronous=FULL) / bare SQLite commits of the same rows with the same pragmas,
-  measured in alternating pairs in the same run (median ratio; target >= 0.5).
+  measured in alternating pairs in the same run (median ratio with min/max and the pairs'
+  variation; runs lengthen until one pair varies by under 10%; target >= 0.5).
 - ``messages_per_s_10k_actors_64_concurrent``: 64 senders, ids drawn from 10,000 actors
   (activation included, maxActive 10,000), through the in-process actor runtime.
 - ``fixed_rate_p50/p90/p99_ms``: open-loop sends at 500 messages/s over gRPC (client and server
@@ -18,6 +19,7 @@ import asyncio
 import gc
 import os
 import random
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from bench.common import median, percentile, rounded
+from bench.common import median, percentile, ratio_figures, rounded, steady_pairs
 from packetflow.actors import ActorContext, ActorSystem
 from packetflow.actors.sqlite_store import connect_sqlite
 from packetflow.client import RuntimeClient
@@ -35,7 +37,8 @@ from packetflow.spec import Actor
 
 STATE_BYTES = 1024
 SEQUENTIAL_TURNS = 400
-PAIRS = 5
+PAIRS = 9
+DURABLE_BUDGET_S = 90.0
 CONCURRENCY = 64
 ACTORS = 10_000
 RATE = 500.0
@@ -64,20 +67,15 @@ def _blob(n: int) -> str:
     return (f"{n:08d}" * (STATE_BYTES // 8))[:STATE_BYTES - 40]
 
 
-def bare_commits(path: Path, rows: int) -> float:
+def bare_commits(conn: sqlite3.Connection, rows: int) -> float:
     """Commits/s of the same row writes straight to SQLite (same pragmas, one per commit)."""
-    conn = connect_sqlite(path)
-    conn.execute("CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v BLOB, version INT)")
-    conn.execute("INSERT OR REPLACE INTO t VALUES ('a', x'', 0)")
     started = time.perf_counter()
     for n in range(rows):
         state = orjson.dumps({"turns": n, "blob": _blob(n)})
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("UPDATE t SET v = ?, version = version + 1 WHERE k = 'a'", (state,))
         conn.execute("COMMIT")
-    elapsed = time.perf_counter() - started
-    conn.close()
-    return rows / elapsed
+    return rows / (time.perf_counter() - started)
 
 
 async def actor_turns(system: ActorSystem, turns: int) -> float:
@@ -90,21 +88,28 @@ async def actor_turns(system: ActorSystem, turns: int) -> float:
 
 
 async def durable_turn_ratio(directory: Path) -> dict[str, Any]:
-    """Alternate bare and actor runs; the median of the pairs' ratios."""
+    """Alternate bare and actor runs, both on a warmed database file that stays open; the
+    median of the pairs' ratios, runs lengthened until one pair varies by under 10%."""
     system = ActorSystem(state_dir=directory / "turns")
     await system.replace([_manifest()])
-    await actor_turns(system, 50)  # warm up: activation, code paths
-    ratios, bare, turns = [], [], []
-    for pair in range(PAIRS):
-        bare.append(await asyncio.to_thread(bare_commits, directory / f"bare{pair}.db",
-                                            SEQUENTIAL_TURNS))
-        turns.append(await actor_turns(system, SEQUENTIAL_TURNS))
-        ratios.append(turns[-1] / bare[-1])
+    conn = connect_sqlite(directory / "bare.db")
+    conn.execute("CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v BLOB, version INT)")
+    conn.execute("INSERT OR REPLACE INTO t VALUES ('a', x'', 0)")
+    await actor_turns(system, 100)  # warm up: activation, code paths, the files
+    await asyncio.to_thread(bare_commits, conn, 100)
+
+    async def pair(scale: float) -> tuple[float, float]:
+        rows = int(SEQUENTIAL_TURNS * scale)
+        return (await asyncio.to_thread(bare_commits, conn, rows),
+                await actor_turns(system, rows))
+
+    found = await steady_pairs(pair, pairs=PAIRS, budget_s=DURABLE_BUDGET_S)
+    conn.close()
     await system.aclose()
-    return {"durable_turn_ratio": rounded(median(ratios)),
-            "durable_turn_ratios": [rounded(r) for r in ratios],
-            "bare_sqlite_commits_per_s": rounded(median(bare), 1),
-            "durable_turns_per_s": rounded(median(turns), 1)}
+    return {**ratio_figures("durable_turn_ratio", found.ratios),
+            "durable_turns_per_pair_run": int(SEQUENTIAL_TURNS * found.scale),
+            "bare_sqlite_commits_per_s": rounded(median(found.baseline), 1),
+            "durable_turns_per_s": rounded(median(found.subject), 1)}
 
 
 async def many_actors(directory: Path) -> dict[str, Any]:

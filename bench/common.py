@@ -8,7 +8,8 @@ import math
 import os
 import statistics
 import sys
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,16 +38,58 @@ def rounded(value: float, digits: int = 3) -> float:
 
 def ratio_figures(name: str, ratios: Sequence[float]) -> dict[str, float | int]:
     """A ratio as every bench reports it: the median of the alternating pairs' ratios, its
-    spread (min, max), how much one pair varies (median absolute deviation over the median)
-    and how many pairs there were."""
-    middle = median(ratios)
+    spread (min, max), how much one pair varies (``variation``) and how many pairs there
+    were."""
     return {
-        name: rounded(middle),
+        name: rounded(median(ratios)),
         f"{name}_min": rounded(min(ratios)),
         f"{name}_max": rounded(max(ratios)),
-        f"{name}_variation": rounded(median([abs(r - middle) for r in ratios]) / middle),
+        f"{name}_variation": rounded(variation(ratios)),
         f"{name}_pairs": len(ratios),
     }
+
+
+@dataclass
+class Pairs:
+    """Alternating baseline/subject runs: each pair's rates and the run size they used."""
+
+    baseline: list[float]
+    subject: list[float]
+    scale: float
+
+    @property
+    def ratios(self) -> list[float]:
+        """subject / baseline of each pair."""
+        return [s / b for s, b in zip(self.subject, self.baseline, strict=True)]
+
+
+def variation(ratios: Sequence[float]) -> float:
+    """How much one pair's ratio varies: median absolute deviation over the median."""
+    middle = median(ratios)
+    return median([abs(r - middle) for r in ratios]) / middle
+
+
+async def steady_pairs(pair: Callable[[float], Awaitable[tuple[float, float]]], *,
+                       pairs: int, budget_s: float, target: float = 0.10,
+                       max_scale: float = 16.0) -> Pairs:
+    """Run ``pairs`` alternating pairs (``pair(scale)`` -> (baseline rate, subject rate),
+    runs ``scale`` times the base size); while one pair's ratio varies by more than
+    ``target`` and the budget allows, start over with runs twice as long. Longer runs average
+    out a shared machine's bursts; the last (longest) set is what counts."""
+    started = time.perf_counter()
+    scale = 1.0
+    while True:
+        found = Pairs([], [], scale)
+        for _ in range(pairs):
+            baseline, subject = await pair(scale)
+            found.baseline.append(baseline)
+            found.subject.append(subject)
+        spent = time.perf_counter() - started
+        # Doubling the runs doubles the next set's time: stop when that would not fit.
+        if (variation(found.ratios) <= target or scale * 2 > max_scale
+                or spent * 3 > budget_s):
+            return found
+        scale *= 2
 
 
 @contextlib.asynccontextmanager

@@ -27,15 +27,16 @@ from typing import Any
 import grpc
 import orjson
 
-from bench.common import median, percentile, rounded
+from bench.common import percentile, ratio_figures, rounded, steady_pairs
 from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 
 MESSAGE = "x" * 1010  # {"message": ...} is 1 KiB of JSON, as in bench.runtime
 ITEMS = 100
 CONCURRENCY = 16
 STEPS = 5
-PAIRS = 7
+PAIRS = 9
 RUN_SECONDS = 0.5
+BUDGET_SECONDS = 30.0  # per comparison: runs lengthen (variation > 10%) only within this
 START_TIMEOUT = 30.0
 
 MANIFESTS = f"""\
@@ -169,21 +170,26 @@ async def timed(job: Job, count: int) -> tuple[float, list[float]]:
     return count / (time.perf_counter() - started), latencies
 
 
-async def compare(name: str, by_hand: Job, composed: Job) -> dict[str, float]:
-    """Alternate the two, return the median ratio of pairs and both sides' latencies."""
+async def compare(name: str, by_hand: Job, composed: Job) -> dict[str, float | int]:
+    """Alternate the two, return the median ratio of pairs (with its spread) and both sides'
+    latencies."""
     if await by_hand() != await composed():
         raise RuntimeError(f"{name}: the composition and the client disagree on the result")
     rate, _ = await timed(composed, 20)  # warm-up; sizes the runs
     count = max(10, int(rate * RUN_SECONDS))
-    ratios, hand_latencies, composed_latencies = [], [], []
-    for _ in range(PAIRS):
-        hand_rate, hand = await timed(by_hand, count)
-        composed_rate, comp = await timed(composed, count)
-        ratios.append(composed_rate / hand_rate)
-        hand_latencies += hand
-        composed_latencies += comp
+    hand_latencies: list[float] = []
+    composed_latencies: list[float] = []
+
+    async def pair(scale: float) -> tuple[float, float]:
+        hand_rate, hand = await timed(by_hand, int(count * scale))
+        composed_rate, comp = await timed(composed, int(count * scale))
+        hand_latencies.extend(hand)
+        composed_latencies.extend(comp)
+        return hand_rate, composed_rate
+
+    found = await steady_pairs(pair, pairs=PAIRS, budget_s=BUDGET_SECONDS)
     return {
-        f"{name}_ratio": rounded(median(ratios)),
+        **ratio_figures(f"{name}_ratio", found.ratios),
         f"{name}_by_hand_p50_ms": rounded(percentile(hand_latencies, 0.5) * 1e3),
         f"{name}_composed_p50_ms": rounded(percentile(composed_latencies, 0.5) * 1e3),
         f"{name}_by_hand_p99_ms": rounded(percentile(hand_latencies, 0.99) * 1e3),
@@ -200,7 +206,7 @@ async def measure() -> dict[str, Any]:
         figures: dict[str, Any] = {"bench": "compositions"}
         figures |= await compare("pipeline", work.chain_by_hand, work.chain_composed)
         figures |= await compare("map_reduce", work.fanout_by_hand, work.fanout_composed)
-    figures |= {"steps": STEPS, "items": ITEMS, "concurrency": CONCURRENCY, "pairs": PAIRS,
+    figures |= {"steps": STEPS, "items": ITEMS, "concurrency": CONCURRENCY,
                 "seconds": rounded(time.perf_counter() - started, 1)}
     return figures
 

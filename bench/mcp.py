@@ -8,7 +8,9 @@ with an ``echo`` tool returning a structured ``{message}``, PacketFlow serves th
 - each server runs in its own subprocess; the client (official SDK ``Client``) is this one;
 - warm-up first, then alternating runs (bare, runtime, ...) of sequential and concurrent
   calls; each ratio is the median of adjacent pairs' ratios, so drift of a shared machine
-  cancels; ``mcp_ratio`` is the concurrent one (throughput under load);
+  cancels, reported with its spread; when one pair varies by more than 10% the runs are
+  measured again twice as long, within ``BUDGET_SECONDS``; ``mcp_ratio`` is the concurrent
+  one (throughput under load);
 - latencies are per call as the client sees them.
 
 ``python -m bench.mcp --serve bare|runtime`` is the server subprocess: it prints its port and
@@ -26,15 +28,24 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bench.common import Run, calls_for, median, rounded, run_summary, server_process
+from bench.common import (
+    Pairs,
+    Run,
+    calls_for,
+    ratio_figures,
+    rounded,
+    run_summary,
+    server_process,
+    steady_pairs,
+)
 
 MESSAGE = "x" * 1010
 CONCURRENCY = 16
-PAIRS = 5
+PAIRS = 7
 RUN_SECONDS = 1.0
 MIN_CALLS, MAX_CALLS = 64, 5000
 WARMUP_CALLS = 100
-BUDGET_SECONDS = 60.0
+BUDGET_SECONDS = 90.0  # both modes: runs lengthen (variation > 10%) only within this
 
 ECHO_MANIFEST = """\
 apiVersion: packetflow.io/v1alpha1
@@ -155,30 +166,29 @@ async def measure() -> dict[str, Any]:
             rates = [(await run_calls(client, WARMUP_CALLS, concurrency)).calls_per_s
                      for client in clients.values()]
             counts[mode] = _calls_for(min(rates), concurrency)
-        ratios: dict[str, list[float]] = {mode: [] for mode in modes}
         runs: dict[tuple[str, str], list[Run]] = {}
-        for pair in range(PAIRS):
-            if pair and time.perf_counter() - bench_started > BUDGET_SECONDS:
-                break
-            for mode, concurrency in modes.items():
-                pair_runs: dict[str, Run] = {}
-                for kind, client in clients.items():
-                    pair_runs[kind] = await run_calls(client, counts[mode], concurrency)
-                    runs.setdefault((kind, mode), []).append(pair_runs[kind])
-                ratios[mode].append(pair_runs["runtime"].calls_per_s
-                                    / pair_runs["bare"].calls_per_s)
+        found: dict[str, Pairs] = {}
+        for mode, concurrency in modes.items():
+            async def pair(scale: float, mode: str = mode, concurrency: int = concurrency
+                           ) -> tuple[float, float]:
+                rates = []
+                for kind, client in clients.items():  # bare, then runtime
+                    run = await run_calls(client, int(counts[mode] * scale), concurrency)
+                    runs.setdefault((kind, mode), []).append(run)
+                    rates.append(run.calls_per_s)
+                return rates[0], rates[1]
+
+            found[mode] = await steady_pairs(pair, pairs=PAIRS, budget_s=BUDGET_SECONDS / 2)
 
     figures: dict[str, Any] = {
-        "mcp_ratio": rounded(median(ratios["concurrent"])),
-        "mcp_sequential_ratio": rounded(median(ratios["sequential"])),
+        **ratio_figures("mcp_ratio", found["concurrent"].ratios),
+        **ratio_figures("mcp_sequential_ratio", found["sequential"].ratios),
     }
-    for (kind, mode), found in sorted(runs.items()):
-        figures.update(run_summary(f"{kind}_{mode}", found))
+    for (kind, mode), measured in sorted(runs.items()):
+        figures.update(run_summary(f"{kind}_{mode}", measured))
     figures.update({
-        "message_bytes": len(MESSAGE), "concurrency": CONCURRENCY, "calls": counts,
-        "pairs": len(ratios["concurrent"]),
-        "concurrent_ratios": [rounded(r) for r in ratios["concurrent"]],
-        "sequential_ratios": [rounded(r) for r in ratios["sequential"]],
+        "message_bytes": len(MESSAGE), "concurrency": CONCURRENCY,
+        "calls": {mode: int(counts[mode] * found[mode].scale) for mode in modes},
         "seconds": rounded(time.perf_counter() - bench_started, 1),
     })
     return figures

@@ -17,6 +17,8 @@ import orjson
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.internal import api_implementation
 
+from bench.common import ratio_figures
+
 REPEATS = 7
 MIN_SECONDS = 0.2  # each timed batch runs at least this long, so timer resolution is no issue
 
@@ -89,13 +91,14 @@ def run() -> dict[str, Any]:
         struct_times.append(_time_per_call(struct_round_trip, value, struct_loops))
     json_s = statistics.median(json_times)
     struct_s = statistics.median(struct_times)
+    pairs = [s / j for s, j in zip(struct_times, json_times, strict=True)]
 
     back = struct_round_trip(value)
     limit = back["limit"]
     return {
         "json_us": round(json_s * 1e6, 2),
         "struct_us": round(struct_s * 1e6, 2),
-        "struct_over_json": round(struct_s / json_s, 1),
+        **ratio_figures("struct_over_json", pairs),
         # Struct has only double numbers: 25 comes back as 25.0 and fails `type: integer`.
         "struct_preserves_int": type(limit) is int,
         "struct_int_comes_back_as": f"{type(limit).__name__} {limit!r}",

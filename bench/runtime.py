@@ -11,8 +11,9 @@ costs. Method:
   makes the same number of calls to each.
 - Runs alternate (bare, runtime, bare, runtime, ...); each ratio is the median of the ratios
   of adjacent pairs, so slow drift of a shared machine cancels instead of favouring one side.
-- Call counts are calibrated from the warm-up so each run lasts about ``RUN_SECONDS`` and the
-  whole bench stays well under a minute on a 2-core machine.
+- Call counts are calibrated from the warm-up so each run lasts about ``RUN_SECONDS``; when
+  one pair's ratio varies by more than 10% (a busy machine), the pairs are measured again
+  with runs twice as long, within ``BUDGET_SECONDS`` (about 40 s on a quiet machine).
 
 ``python -m bench.runtime --serve bare|runtime [--profile FILE]`` is the server subprocess:
 it prints its port, serves until its stdin closes and, with ``--profile``, writes cProfile
@@ -33,7 +34,16 @@ from typing import Any
 import grpc
 import orjson
 
-from bench.common import Run, calls_for, median, rounded, run_summary, server_process
+from bench.common import (
+    Pairs,
+    Run,
+    calls_for,
+    ratio_figures,
+    rounded,
+    run_summary,
+    server_process,
+    steady_pairs,
+)
 from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 
 # {"message": "xxx..."}: exactly 1024 bytes of JSON (14 bytes of framing + 1010 characters).
@@ -45,7 +55,7 @@ RUN_SECONDS = 0.6  # target length of one runtime run: short runs, many pairs, s
 MIN_CALLS, MAX_CALLS = 640, 20_000
 WARMUP_SEQUENTIAL = 200
 WARMUP_CONCURRENT_ROUNDS = 10  # CONCURRENCY calls each
-BUDGET_SECONDS = 50.0  # stop adding pairs (keeping at least one) past this
+BUDGET_SECONDS = 100.0  # both modes: runs lengthen (variation > 10%) only within this
 
 ECHO_MANIFEST = """\
 apiVersion: packetflow.io/v1alpha1
@@ -217,23 +227,24 @@ async def measure() -> dict[str, Any]:
         concurrent_calls = _calls_for(min(w[1].calls_per_s for w in warm.values()), CONCURRENCY)
 
         runs: dict[tuple[str, str], list[Run]] = {}
-        ratios: dict[str, list[float]] = {"sequential": [], "concurrent": []}
-        for pair in range(PAIRS):
-            if pair and time.perf_counter() - bench_started > BUDGET_SECONDS:
-                break
-            for mode in ("sequential", "concurrent"):
-                pair_runs: dict[str, Run] = {}
+        found: dict[str, Pairs] = {}
+        for mode, calls in (("sequential", sequential_calls), ("concurrent", concurrent_calls)):
+            async def pair(scale: float, mode: str = mode, calls: int = calls
+                           ) -> tuple[float, float]:
+                rates = []
                 for target in targets:  # bare, then runtime
-                    run = (await run_sequential(target, sequential_calls) if mode == "sequential"
-                           else await run_concurrent(target, concurrent_calls))
-                    pair_runs[target.kind] = run
+                    count = int(calls * scale) // CONCURRENCY * CONCURRENCY or CONCURRENCY
+                    run = (await run_sequential(target, count) if mode == "sequential"
+                           else await run_concurrent(target, count))
                     runs.setdefault((target.kind, mode), []).append(run)
-                ratios[mode].append(
-                    pair_runs["runtime"].calls_per_s / pair_runs["bare"].calls_per_s)
+                    rates.append(run.calls_per_s)
+                return rates[0], rates[1]
+
+            found[mode] = await steady_pairs(pair, pairs=PAIRS, budget_s=BUDGET_SECONDS / 2)
 
     figures: dict[str, Any] = {
-        "sequential_ratio": rounded(median(ratios["sequential"])),
-        "concurrent_ratio": rounded(median(ratios["concurrent"])),
+        **ratio_figures("sequential_ratio", found["sequential"].ratios),
+        **ratio_figures("concurrent_ratio", found["concurrent"].ratios),
     }
     for mode in ("sequential", "concurrent"):
         for kind in ("bare", "runtime"):
@@ -241,11 +252,8 @@ async def measure() -> dict[str, Any]:
     figures.update({
         "payload_bytes": len(PAYLOAD),
         "concurrency": CONCURRENCY,
-        "sequential_calls": sequential_calls,
-        "concurrent_calls": concurrent_calls,
-        "pairs": len(ratios["sequential"]),
-        "sequential_ratios": [rounded(r) for r in ratios["sequential"]],
-        "concurrent_ratios": [rounded(r) for r in ratios["concurrent"]],
+        "sequential_calls": int(sequential_calls * found["sequential"].scale),
+        "concurrent_calls": int(concurrent_calls * found["concurrent"].scale),
         "seconds": rounded(time.perf_counter() - bench_started, 1),
     })
     return figures
