@@ -118,11 +118,11 @@ async def test_background_loops_outlive_unexpected_errors_and_close_cleanly(
     due = kind.store.due
     failures = []
 
-    async def broken_once(now: float, limit: int = 256) -> Any:
+    async def broken_once(now: float, *page: Any) -> Any:
         if not failures:
             failures.append(now)
             raise RuntimeError("a bug in the store")
-        return await due(now, limit)
+        return await due(now, *page)
 
     monkeypatch.setattr(kind.store, "due", broken_once)
     await eventually(lambda: bool(failures), what="the reminder loop to hit the error")
