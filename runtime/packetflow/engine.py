@@ -36,10 +36,11 @@ from packetflow.errors import (
     PayloadTooLarge,
     code_of,
 )
-from packetflow.implementations import ImplementationError, build_handler
+from packetflow.implementations import build_handler
 from packetflow.manifests import ManifestError
 from packetflow.metrics import RuntimeMetrics
 from packetflow.spec import Capability
+from packetflow.validation import ImplementationError
 
 log = logging.getLogger("packetflow.engine")
 

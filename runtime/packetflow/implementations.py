@@ -17,15 +17,7 @@ from packetflow.composition.metrics import StepMetrics
 from packetflow.context import CallContext, Handler
 from packetflow.errors import FieldViolation, InvalidInput, NotServable
 from packetflow.spec import Capability, PythonImplementation
-
-
-class ImplementationError(Exception):
-    """The implementation cannot be loaded; ``path`` names the manifest field at fault."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.message = message
+from packetflow.validation import ImplementationError
 
 
 def build_handler(capability: Capability, invoke: Invoke | None = None,

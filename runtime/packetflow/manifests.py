@@ -11,6 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from packetflow.spec import API_VERSION, MANIFEST_KINDS, Actor, Capability, Manifest
+from packetflow.validation import format_path, validation_errors
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 
@@ -48,58 +49,6 @@ class LoadResult:
     def manifests(self) -> list[Manifest]:
         """Every manifest that loaded, capabilities first."""
         return [*self.capabilities, *self.actors]
-
-
-def error_path(data: Any, loc: tuple[int | str, ...]) -> tuple[list[str | int], bool]:
-    """Turn a pydantic ``loc`` into the path inside ``data``, dropping union-member tags.
-
-    Returns the path and whether it was found in the data all the way down.
-    """
-    path: list[str | int] = []
-    current = data
-    for position, part in enumerate(loc):
-        if _has_child(current, part):
-            current = current[part]
-            path.append(part)
-        elif position == len(loc) - 1 or not isinstance(current, dict | list):
-            # A missing or unexpected key at the end; tags of union members are skipped.
-            if position == len(loc) - 1 and not _is_union_tag(part):
-                path.append(part)
-                return path, False
-            return path, True
-    return path, True
-
-
-def _has_child(container: Any, part: int | str) -> bool:
-    if isinstance(container, dict):
-        return part in container
-    return isinstance(container, list) and isinstance(part, int) and part < len(container)
-
-
-def _is_union_tag(part: int | str) -> bool:
-    return isinstance(part, str) and ("[" in part or part.startswith("function-"))
-
-
-def format_path(path: Iterable[str | int]) -> str:
-    """``['spec', 'requires', 'a']`` -> ``spec.requires.a``; list indices as ``[0]``."""
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def validation_errors(data: Any, exc: ValidationError) -> list[tuple[list[str | int], str]]:
-    """One (path, message) per distinct path, in the order pydantic reported them."""
-    seen: dict[str, tuple[list[str | int], str]] = {}
-    for err in exc.errors():
-        path, _ = error_path(data, tuple(err["loc"]))
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            message = "field required"
-        elif err["type"] == "extra_forbidden":
-            message = "unknown field"
-        seen.setdefault(format_path(path), (path, message))
-    return list(seen.values())
 
 
 def parse_manifest(

@@ -14,6 +14,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import start_http_server
 
 from packetflow.actors.runtime import ActorSystem
+from packetflow.addresses import split_address
 from packetflow.composition.triggers import (
     IdempotencyStore,
     MemoryIdempotencyStore,
@@ -29,14 +30,6 @@ from packetflow.settings import RuntimeSettings
 log = logging.getLogger("packetflow.serve")
 
 RELOAD_POLL_SECONDS = 1.0
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` (or ``[v6]:port``) -> (host, port)."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"address {address!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 def start_metrics_server(metrics: RuntimeMetrics, address: str) -> tuple[WSGIServer, int]:

@@ -12,14 +12,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
+from packetflow.actors.store import ActorStore
 from packetflow.actors.timing import rendezvous_owner
 from packetflow.errors import PacketFlowError
-
-if TYPE_CHECKING:
-    from packetflow.actors.runtime import ActorType
 
 log = logging.getLogger("packetflow.actors")
 
@@ -35,9 +33,15 @@ class FollowupSource(Protocol):
 class Placement:
     """Live members of a type in the shared store, and who owns which actor."""
 
-    def __init__(self, actor_type: ActorType, member_id: str, address: str,
-                 interval: float, *, observer: bool = False) -> None:
-        self.type = actor_type
+    def __init__(self, actor_type: str, store: ActorStore, member_id: str, address: str,
+                 interval: float, *, observer: bool = False,
+                 rebalance: Callable[[], object] = lambda: None,
+                 members_changed: Callable[[], object] = lambda: None) -> None:
+        self.actor_type = actor_type
+        self.store = store
+        # Called every beat (an actor busy at a change moves later), and on a change.
+        self.rebalance = rebalance
+        self.members_changed = members_changed
         self.member_id = member_id
         self.address = address
         self.interval = interval
@@ -58,14 +62,14 @@ class Placement:
                 await self._task
         if not self.observer:
             with contextlib.suppress(PacketFlowError):
-                await self.type.store.leave(self.member_id)
+                await self.store.leave(self.member_id)
 
     async def refresh(self) -> bool:
         """Heartbeat (members only) and re-read the live members; True when they changed."""
         now = time.time()
         if not self.observer:
-            await self.type.store.heartbeat(self.member_id, self.address, now)
-        members = await self.type.store.members(now - 3 * self.interval)
+            await self.store.heartbeat(self.member_id, self.address, now)
+        members = await self.store.members(now - 3 * self.interval)
         if not self.observer:
             members.setdefault(self.member_id, self.address)
         changed = members != self.members
@@ -77,11 +81,10 @@ class Placement:
             await asyncio.sleep(self.interval)
             try:
                 if await self.refresh():
-                    log.info("members changed", extra={"actor_type": self.type.name,
+                    log.info("members changed", extra={"actor_type": self.actor_type,
                                                        "members": sorted(self.members)})
-                    self.type.system.prune_channels()
-                # Every beat, not only on a change: an actor busy at the change moves later.
-                self.type.rebalance()
+                    self.members_changed()
+                self.rebalance()
             except Exception as exc:  # the heartbeat must outlive any error
                 log.warning("placement heartbeat failed: %s", exc)
 
@@ -123,8 +126,8 @@ class Placement:
     async def _relay(self, address: str, actor_id: str, queue: asyncio.Queue[dict[str, Any]],
                      source: FollowupSource) -> None:
         try:
-            async for followup in source.followups(address, self.type.name, actor_id):
+            async for followup in source.followups(address, self.actor_type, actor_id):
                 queue.put_nowait(followup)
         except PacketFlowError as exc:  # the owner went away; the loop above reconnects
-            log.info("follow-ups of %s/%s from %s ended: %s", self.type.name, actor_id,
+            log.info("follow-ups of %s/%s from %s ended: %s", self.actor_type, actor_id,
                      address, exc)

@@ -208,9 +208,10 @@ class ActorType:
             scaling = self.spec.scaling
             if self.store.shared and (self.spec.replicas > 1 or (
                     scaling is not None and scaling.max_replicas > 1)):
-                self.placement = Placement(self, self.system.member_id, self.system.address,
-                                           self.system.heartbeat_interval,
-                                           observer=self.system.observer)
+                self.placement = Placement(
+                    self.name, self.store, self.system.member_id, self.system.address,
+                    self.system.heartbeat_interval, observer=self.system.observer,
+                    rebalance=self.rebalance, members_changed=self.system.prune_channels)
                 await self.placement.start()
         except BaseException:
             with contextlib.suppress(KeyError):

@@ -58,6 +58,7 @@ from pydantic import (
 )
 
 from packetflow.composition.cron import Cron
+from packetflow.validation import format_path, validation_errors
 
 COMPOSITION_PATH = "spec.implementation.composition"
 
@@ -125,7 +126,7 @@ class FirstN(CompositionModel):
 
 
 def _name_or_object(value: Any) -> str | None:
-    # Tags contain "[" so that manifests.error_path leaves them out of error paths.
+    # Tags contain "[" so that validation.error_path leaves them out of error paths.
     if isinstance(value, str):
         return "by[name]"
     return "by[object]" if isinstance(value, dict | BaseModel) else None
@@ -331,9 +332,6 @@ def parse_composition(
 
     Paths are rooted at ``root``, e.g. ``spec.implementation.composition.steps[1].call.input.a``.
     """
-    # Imported here: spec.py imports this module, and manifests imports spec.
-    from packetflow.manifests import format_path, validation_errors
-
     try:
         return CompositionSpec.model_validate(data)
     except ValidationError as exc:

@@ -23,9 +23,9 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from packetflow.actors.runtime import ActorSystem
+from packetflow.addresses import split_address
 from packetflow.engine import Engine
 from packetflow.mcp.server import McpService
-from packetflow.serve import split_address
 from packetflow.settings import RuntimeSettings
 
 log = logging.getLogger("packetflow.mcp.http")

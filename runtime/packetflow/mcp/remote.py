@@ -45,8 +45,8 @@ from packetflow.errors import (
     PacketFlowError,
     Unavailable,
 )
-from packetflow.implementations import ImplementationError
 from packetflow.spec import ValueSource
+from packetflow.validation import ImplementationError
 
 log = logging.getLogger("packetflow.mcp.remote")
 
