@@ -104,6 +104,8 @@ class Observation:
     versions: Mapping[str, VersionStats] = field(default_factory=dict)
     # Share of calls whose input repeated one seen recently (effects: [] only): caching's signal.
     repeat_ratio: float = NAN
+    # Share of calls refused at the concurrency limit (RESOURCE_EXHAUSTED).
+    rejected_ratio: float = NAN
     # Mean user-satisfaction score (0..1) of recent feedback, NaN when there is none.
     satisfaction: float = NAN
     approve: str | None = None
@@ -215,6 +217,7 @@ class State:
     cooloff: Mapping[str, float] = field(default_factory=dict)
     kind_score: Mapping[str, float] = field(default_factory=dict)
     sequence: int = 0
+    annotations_seen: tuple[str | None, str | None] = (None, None)  # approve, reject
 
     def evolve(self, **changes: Any) -> State:
         """A copy with ``changes``."""
@@ -237,6 +240,7 @@ class State:
             "cooloff": dict(self.cooloff),
             "kindScore": dict(self.kind_score),
             "sequence": self.sequence,
+            "annotationsSeen": list(self.annotations_seen),
         }
 
     @classmethod
@@ -271,9 +275,17 @@ class State:
                 cooloff={str(k): float(v) for k, v in (data.get("cooloff") or {}).items()},
                 kind_score={str(k): float(v) for k, v in (data.get("kindScore") or {}).items()},
                 sequence=int(number("sequence", 0)),
+                annotations_seen=_pair(data.get("annotationsSeen")),
             )
         except (TypeError, ValueError, KeyError, IndexError):
             return cls()
+
+
+def _pair(value: Any) -> tuple[str | None, str | None]:
+    if isinstance(value, list) and len(value) == 2:
+        return (None if value[0] is None else str(value[0]),
+                None if value[1] is None else str(value[1]))
+    return (None, None)
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def plan_replicas(observed: Observation, spec: CapabilitySpec | ActorSpec, tunin
                    1, effective_s, budget, slots_per_replica=slots), 3),
                "capacityFactor": round(state.capacity_factor, 3),
                "startupSeconds": round(startup, 1), "periodSeconds": period * series.step,
-               "burstRate": round(burst, 3)}
+               "burstRate": round(burst, 3), "needed": needed}
 
     if desired > current:
         state = state.evolve(last_scaled=now, scale_started=(now, desired))
