@@ -12,7 +12,6 @@ from typing import Any
 
 from packetflow.operator.routing import recommend
 from packetflow.operator.routing.model import (
-    Condition,
     Decision,
     Observation,
     Recommendation,
@@ -22,6 +21,7 @@ from packetflow.operator.routing.model import (
 )
 from packetflow.operator.routing.recommend import Draft
 from packetflow.operator.routing.scaling import plan_replicas
+from packetflow.operator.status import Condition
 from packetflow.spec import Capability, CapabilitySpec, ObjectMeta
 
 

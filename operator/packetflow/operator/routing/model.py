@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
+from packetflow.operator.status import Condition
 from packetflow.spec import ActorSpec, CapabilitySpec
 
 NAN: Final = float("nan")
@@ -286,16 +287,6 @@ def _pair(value: Any) -> tuple[str | None, str | None]:
         return (None if value[0] is None else str(value[0]),
                 None if value[1] is None else str(value[1]))
     return (None, None)
-
-
-@dataclass(frozen=True)
-class Condition:
-    """A condition of ``status.routing.conditions``."""
-
-    type: str
-    status: bool
-    reason: str
-    message: str
 
 
 @dataclass(frozen=True)

@@ -189,10 +189,11 @@ def cache_drafts(observed: Observation, spec: CapabilitySpec) -> list[Draft]:
     if spec.effects or spec.cache is not None or not finite(observed.repeat_ratio) \
             or observed.repeat_ratio < CACHE_REPEATS:
         return []
+    share = min(1.0, observed.repeat_ratio)  # two rate() windows need not line up exactly
     return [Draft("cache", {"cache": {"ttl": "60s", "maxEntries": 10_000}},
-                  f"{observed.repeat_ratio:.0%} of calls repeat an input seen in the last "
+                  f"{share:.0%} of calls repeat an input seen in the last "
                   "1024 distinct ones, and the capability declares no effects",
-                  f"about {observed.repeat_ratio:.0%} of calls answered from memory", "risky")]
+                  f"about {share:.0%} of calls answered from memory", "risky")]
 
 
 def parallel_drafts(target: Target, capability: Capability | None) -> list[Draft]:
@@ -263,8 +264,9 @@ def reconcile(drafts: Sequence[Draft], observed: Observation, state: State,
     done = [r for r in known if r.phase != "pending" and r.kind != "replicas"][-KEEP_DONE:]
     latest = [r for r in known if r.kind == "replicas"][-1:]
     done = sorted([*done, *latest], key=lambda r: r.since)
-    return Outcome((*waiting, *done), tuple(apply),
-                   state.evolve(sequence=sequence, cooloff=cooloff))
+    listed = (*waiting, *done)
+    return Outcome(listed, tuple(apply),
+                   state.evolve(recommendations=listed, sequence=sequence, cooloff=cooloff))
 
 
 def _with_phase(rec: Recommendation, phase: Any, now: float) -> Recommendation:
