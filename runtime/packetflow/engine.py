@@ -37,6 +37,7 @@ from packetflow.errors import (
     PayloadTooLarge,
     code_of,
 )
+from packetflow.feedback import RecentTraces
 from packetflow.implementations import ImplementationError, build_handler
 from packetflow.manifests import ManifestError
 from packetflow.metrics import RuntimeMetrics
@@ -163,6 +164,8 @@ class Engine:
         self.undeclared_as_services = undeclared_as_services
         self.step_metrics = StepMetrics(self.metrics.registry)
         self.served: dict[str, ServedCapability] = {}
+        # Which capability served each recent trace id: feedback names only the trace.
+        self.traces = RecentTraces()
         self._verified: set[str] = set()  # capabilities whose remote checks passed
         # Event-driven compositions; schedules fire once ``start_triggers`` is called.
         self.triggers = TriggerRunner(self.invoke, {}, idempotency)
@@ -253,6 +256,7 @@ class Engine:
     async def invoke_json(self, name: str, payload: bytes, ctx: CallContext) -> bytes:
         """``invoke`` with JSON bytes in and out, as the wire carries them."""
         entry = self.get(name)
+        self.traces.served(ctx.trace_id, name)
         if entry.recent is not None:
             if entry.recent.seen(hash(payload)):
                 entry.repeated.inc()

@@ -21,6 +21,7 @@ from packetflow.composition.triggers import (
     SqliteIdempotencyStore,
 )
 from packetflow.engine import Engine
+from packetflow.feedback import FeedbackService, open_store
 from packetflow.manifests import ManifestError, load_paths, manifest_files
 from packetflow.metrics import RuntimeMetrics
 from packetflow.server import RuntimeServer
@@ -108,7 +109,10 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
         await actors.aclose()
         await engine.aclose()
         return 1
-    server = await RuntimeServer.start(engine, settings.address, actors)
+    feedback = FeedbackService(
+        await open_store(settings.state_dir, settings.feedback_store_dsn),
+        engine.metrics.registry, engine.traces)
+    server = await RuntimeServer.start(engine, settings.address, actors, feedback)
     mcp_server = None
     if settings.mcp_address:
         from packetflow.mcp.http import start_mcp  # MCP's web stack loads only when it is on
@@ -141,6 +145,7 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
             await mcp_server.stop()
         await actors.aclose()
         await engine.aclose()
+        await feedback.aclose()
     return 0
 
 
