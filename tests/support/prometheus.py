@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import pytest
@@ -34,6 +35,7 @@ class PrometheusServer:
     process: subprocess.Popen[bytes]
     url: str
     directory: Path
+    log: BinaryIO
 
     @classmethod
     def start(cls, targets: Sequence[str], *, scrape_interval: str = "1s",
@@ -57,7 +59,7 @@ class PrometheusServer:
              f"--storage.tsdb.path={directory / 'data'}",
              f"--web.listen-address=127.0.0.1:{port}"],
             stdout=log, stderr=subprocess.STDOUT)
-        server = cls(process, f"http://127.0.0.1:{port}", directory)
+        server = cls(process, f"http://127.0.0.1:{port}", directory, log)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -80,4 +82,5 @@ class PrometheusServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.log.close()
         shutil.rmtree(self.directory, ignore_errors=True)

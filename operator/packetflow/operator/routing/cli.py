@@ -155,12 +155,12 @@ def cmd_controller(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, "text" if args.target else settings.log_format)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per query is noise
     missing = [p for p in args.target or [] if not p.exists()]
     if missing:
         print(f"error: {missing[0]}: no such file or directory", file=sys.stderr)
         return 2
+    configure_logging(settings.log_level, "text" if args.target else settings.log_format)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per query is noise
     try:
         return asyncio.run(run(args, settings))
     except KeyboardInterrupt:
