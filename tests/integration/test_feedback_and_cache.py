@@ -67,7 +67,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[RuntimeServer, FeedbackS
 
 async def test_feedback_is_recorded_against_the_call_that_served_the_trace(
         served: tuple[RuntimeServer, FeedbackService], tmp_path: Path) -> None:
-    server, feedback = served
+    server, _ = served
     async with RuntimeClient(f"127.0.0.1:{server.port}") as client:
         reply = await client.invoke_raw("pure", orjson.dumps({"n": 1}))
         assert await client.feedback(reply.trace_id, 0.25) == "pure"

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from packetflow.client import RuntimeClient
-from tests.conftest import eventually
 from packetflow.cli import main
+from packetflow.client import RuntimeClient
 from packetflow.operator.routing.loop import read_approvals
+from tests.conftest import eventually
 from tests.integration.test_cli import ROOT, DevServer, free_port
 from tests.support.prometheus import PrometheusServer
 
