@@ -30,6 +30,7 @@ from packetflow.operator.routing.kube import (
 from packetflow.operator.routing.model import Decision, Observation, State, Target
 from packetflow.operator.routing.prometheus import MetricsUnavailable, PrometheusReader
 from packetflow.operator.routing.settings import ControllerSettings
+from packetflow.operator.routing.slo import ObjectiveMetrics
 from packetflow.operator.status import now_rfc3339
 from packetflow.spec import ActorSpec, CapabilitySpec
 
@@ -121,6 +122,7 @@ class ControllerMetrics:
         self.pending = Gauge("packetflow_controller_pending_recommendations",
                              "Risky recommendations waiting for approval.", labels,
                              registry=self.registry)
+        self.objectives = ObjectiveMetrics(self.registry)
 
     def record(self, resource: Managed, decision: Decision) -> None:
         """Export what one decision says."""
@@ -138,6 +140,14 @@ class ControllerMetrics:
         self.metrics_up.labels(*labels).set(1 if decision.conditions[0].status else 0)
         self.pending.labels(*labels).set(
             sum(1 for r in decision.recommendations if r.phase == "pending"))
+        if resource.kind == "Capability":  # the SLO rules join the runtime's series
+            self.objectives.set(resource.namespace or "", resource.name, resource.spec.slo)
+
+    def forget(self, key: tuple[str, str | None, str]) -> None:
+        """A deleted resource's objectives are withdrawn (its alerts stop)."""
+        kind, namespace, name = key
+        if kind == "Capability":
+            self.objectives.set(namespace or "", name, None)
 
 
 class RoutingController:
@@ -180,6 +190,7 @@ class RoutingController:
         live = {r.key for r in resources}
         for key in [k for k in self.states if k not in live]:
             del self.states[key]  # deleted resources are forgotten
+            self.metrics.forget(key)
         return list(results)
 
     async def observe(self, resource: Managed, now: float) -> Observation:
