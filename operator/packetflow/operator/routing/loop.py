@@ -28,7 +28,11 @@ from packetflow.operator.routing.kube import (
     render_status,
 )
 from packetflow.operator.routing.model import Decision, Observation, State, Target
-from packetflow.operator.routing.prometheus import MetricsUnavailable, PrometheusReader
+from packetflow.operator.routing.prometheus import (
+    FAMILIES,
+    MetricsUnavailable,
+    PrometheusReader,
+)
 from packetflow.operator.routing.settings import ControllerSettings
 from packetflow.operator.routing.slo import ObjectiveMetrics
 from packetflow.operator.status import now_rfc3339
@@ -198,7 +202,8 @@ class RoutingController:
         scope = ({self.settings.namespace_label: resource.namespace}
                  if self.settings.namespace_label and resource.namespace else {})
         try:
-            readings = await self.reader.read(resource.name, now, scope)
+            readings = await self.reader.read(resource.name, now, scope,
+                                              FAMILIES[resource.kind])
         except MetricsUnavailable as exc:
             return Observation(series=None, replicas=resource.replicas,
                                ready_replicas=resource.ready, error=str(exc),

@@ -20,13 +20,30 @@ from packetflow.operator.routing.model import NAN, Series, VersionStats
 
 # Codes that count against availability (the caller's own mistakes do not).
 FAILURE_CODES: Final = "INTERNAL|UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED"
-CALLS: Final = "packetflow_capability_calls_total"
-DURATION: Final = "packetflow_capability_call_duration_seconds"
-IN_FLIGHT: Final = "packetflow_capability_in_flight"
-REPEATS: Final = "packetflow_capability_repeated_inputs_total"
 FEEDBACK: Final = "packetflow_feedback_score"
 GATEWAY_CALLS: Final = "packetflow_gateway_calls_total"
 GATEWAY_DURATION: Final = "packetflow_gateway_call_duration_seconds"
+
+
+@dataclass(frozen=True)
+class Family:
+    """The runtime series a kind of resource is read from (calls carry a ``code`` label)."""
+
+    label: str
+    calls: str
+    duration: str
+    in_flight: str | None
+    repeats: str | None
+
+
+CAPABILITY: Final = Family("capability", "packetflow_capability_calls_total",
+                           "packetflow_capability_call_duration_seconds",
+                           "packetflow_capability_in_flight",
+                           "packetflow_capability_repeated_inputs_total")
+# An actor type's turns are its calls: one histogram, by outcome code.
+ACTOR: Final = Family("actor_type", "packetflow_actor_turn_duration_seconds_count",
+                      "packetflow_actor_turn_duration_seconds", None, None)
+FAMILIES: Final = {"Capability": CAPABILITY, "Actor": ACTOR}
 
 
 class MetricsUnavailable(Exception):
@@ -75,10 +92,12 @@ class PrometheusReader:
                                           trust_env=False)
         return self.http
 
-    async def read(self, capability: str, now: float,
-                   scope: Mapping[str, str] | None = None) -> Readings:
-        """The metrics of ``capability`` up to ``now`` (unix seconds)."""
-        labels = {"capability": capability, **(scope or {})}
+    async def read(self, name: str, now: float, scope: Mapping[str, str] | None = None,
+                   family: Family = CAPABILITY) -> Readings:
+        """The metrics of the capability (or actor type, with ``family``) ``name`` up to
+        ``now`` (unix seconds)."""
+        labels = {family.label: name, **(scope or {})}
+        calls, duration = family.calls, family.duration
         sel = _selector(labels)
         failed = _selector(labels, code=FAILURE_CODES)
         refused = _selector(labels, code="RESOURCE_EXHAUSTED")
@@ -87,35 +106,36 @@ class PrometheusReader:
         end = math.floor(now / self.step) * self.step
         start = end - math.floor(self.history / self.step) * self.step
         ranges = {
-            "calls": f"sum(rate({CALLS}{sel}[{w}]))",
-            "errors": f"sum(rate({CALLS}{failed}[{w}]))",
-            "service_p99": _p99(DURATION, sel, w),
-            "service": f"sum(rate({DURATION}_sum{sel}[{w}])) / "
-                       f"sum(rate({DURATION}_count{sel}[{w}]))",
-            "in_flight": f"sum({IN_FLIGHT}{sel})",
+            "calls": f"sum(rate({calls}{sel}[{w}]))",
+            "errors": f"sum(rate({calls}{failed}[{w}]))",
+            "service_p99": _p99(duration, sel, w),
+            "service": f"sum(rate({duration}_sum{sel}[{w}])) / "
+                       f"sum(rate({duration}_count{sel}[{w}]))",
+            "in_flight": f"sum({family.in_flight}{sel})" if family.in_flight else "",
             "gateway_calls": f"sum(rate({GATEWAY_CALLS}{sel}[{w}]))",
             "gateway_p99": _p99(GATEWAY_DURATION, sel, w),
         }
         v = self.version_label
         instants = {
-            "rejected": f"sum(rate({CALLS}{refused}[{j}])) / sum(rate({CALLS}{sel}[{j}]))",
-            "repeats": f"sum(rate({REPEATS}{sel}[{j}])) / sum(rate({CALLS}{sel}[{j}]))",
+            "rejected": f"sum(rate({calls}{refused}[{j}])) / sum(rate({calls}{sel}[{j}]))",
+            "repeats": (f"sum(rate({family.repeats}{sel}[{j}])) / sum(rate({calls}{sel}[{j}]))"
+                        if family.repeats else ""),
             "satisfaction": f"sum(rate({FEEDBACK}_sum{sel}[1h])) / "
                             f"sum(rate({FEEDBACK}_count{sel}[1h]))",
-            "version_rate": f"sum by ({v}) (rate({CALLS}{sel}[{j}]))",
-            "version_errors": f"sum by ({v}) (rate({CALLS}{failed}[{j}]))",
+            "version_rate": f"sum by ({v}) (rate({calls}{sel}[{j}]))",
+            "version_errors": f"sum by ({v}) (rate({calls}{failed}[{j}]))",
             "version_p99": f"histogram_quantile(0.99, sum by ({v}, le) "
-                           f"(rate({DURATION}_bucket{sel}[{j}])))",
+                           f"(rate({duration}_bucket{sel}[{j}])))",
         }
-        range_results = await asyncio.gather(*(self._range(q, start, end)
+        range_results = await asyncio.gather(*(self._range(q, start, end) if q else _none()
                                                for q in ranges.values()))
-        instant_results = await asyncio.gather(*(self._instant(q, end)
+        instant_results = await asyncio.gather(*(self._instant(q, end) if q else _none()
                                                  for q in instants.values()))
         got = dict(zip(ranges, range_results, strict=True))
         once = dict(zip(instants, instant_results, strict=True))
         if not got["calls"] and not got["gateway_calls"]:
-            raise MetricsUnavailable(f"no series {CALLS}{sel}: is Prometheus scraping the "
-                                     "capability's runtimes?")
+            raise MetricsUnavailable(f"no series {calls}{sel}: is Prometheus scraping its "
+                                     "runtimes?")
         grid = [start + k * self.step for k in range(round((end - start) / self.step) + 1)]
         gateway = bool(got["gateway_calls"])
 
@@ -157,6 +177,11 @@ class PrometheusReader:
                                      f"(HTTP {response.status_code}): {detail}")
         result = body.get("data", {}).get("result", [])
         return result if isinstance(result, list) else []
+
+
+async def _none() -> list[dict[str, Any]]:
+    """A query not made (the series does not exist for this kind)."""
+    return []
 
 
 def _selector(labels: Mapping[str, str], code: str | None = None) -> str:
