@@ -92,11 +92,21 @@ def read_service_times(path: Path, mean_s: float) -> list[float]:
 # ------------------------------------------------------------------------------- one run
 
 
+def bench_spec(options: argparse.Namespace) -> CapabilitySpec:
+    """SPEC, with ``--scale-down-delay`` (for both policies) when given."""
+    if options.scale_down_delay is None:
+        return SPEC
+    assert SPEC.scaling is not None
+    return SPEC.model_copy(update={"scaling": SPEC.scaling.model_copy(
+        update={"scale_down_delay": options.scale_down_delay})})
+
+
 def simulate(trace: Trace, policy: str, service: list[float], seed: int,
              options: argparse.Namespace) -> Result:
     """Replay ``trace`` under ``policy`` (kpa | controller)."""
-    scaling = SPEC.scaling
-    assert scaling is not None and SPEC.slo is not None and SPEC.slo.latency_p99_ms
+    spec = bench_spec(options)
+    scaling = spec.scaling
+    assert scaling is not None and spec.slo is not None and spec.slo.latency_p99_ms
     sim = Simulation(trace, service, concurrency=SPEC.concurrency,
                      slo_s=SPEC.slo.latency_p99_ms / 1e3, startup_s=options.startup,
                      timeout_s=options.timeout, initial_replicas=_initial(trace, service),
@@ -107,7 +117,7 @@ def simulate(trace: Trace, policy: str, service: list[float], seed: int,
                   scale_down_delay_s=duration_seconds(scaling.scale_down_delay))
         return sim.run(kpa, tick_s=2.0)
     tuning = Tuning(interval_s=options.interval, startup_s=options.startup)
-    controller = Controller(Target("Capability", "bench", SPEC), tuning,
+    controller = Controller(Target("Capability", "bench", spec), tuning,
                             PrometheusView(options.scrape_interval, options.history))
     return sim.run(controller, tick_s=options.interval)
 
@@ -256,6 +266,9 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds of history the controller queries (default %(default)s)")
     p.add_argument("--timeout", type=float, default=5.0,
                    help="a queued call is dropped after this many seconds (default %(default)s)")
+    p.add_argument("--scale-down-delay", metavar="DURATION",
+                   help="override the manifest's scaleDownDelay (1m) for both policies, "
+                        "e.g. 0s (Knative's default)")
     p.add_argument("--service-mean-ms", type=float, default=100.0,
                    help="mean service time the measured distribution is scaled to")
     p.add_argument("--measure", action="store_true",
@@ -278,6 +291,7 @@ def run(argv: Sequence[str] = ()) -> dict[str, Any]:
         "startup_s": options.startup, "scrape_interval_s": options.scrape_interval,
         "controller_interval_s": options.interval, "seeds": options.seeds,
         "service_mean_ms": options.service_mean_ms,
+        "scale_down_delay": bench_spec(options).scaling.scale_down_delay,  # type: ignore
         "slo_p99_ms": SPEC.slo.latency_p99_ms if SPEC.slo else None,
     }
     met = True
