@@ -41,6 +41,9 @@ from packetflow.spec import ActorSpec, CapabilitySpec
 log = logging.getLogger("packetflow.controller")
 # Prometheus queries in flight at once (each resource makes about a dozen).
 PARALLEL_READS = 8
+# Status is written when what it shows changes, else this often: the forecast and the state
+# move every tick, which is not worth an API write per resource per tick.
+STATUS_REFRESH_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -231,12 +234,16 @@ class KubernetesSink:
     """Writes decisions: replicas via the scale subresource, the canary weight and approved
     changes as spec merge patches, the controller's status keys, and Events."""
 
-    def __init__(self, kube: ControllerKube) -> None:
+    def __init__(self, kube: ControllerKube, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
         self.kube = kube
+        self.clock = clock
+        self.written: dict[tuple[str, str | None, str], tuple[str, float]] = {}
 
     async def apply(self, resource: Managed, decision: Decision, before: State,
                     observed: Observation) -> None:
-        """Write what changed, then status, then Events."""
+        """Write what changed, then status (when it shows something new, or a minute
+        passed), then Events."""
         assert resource.namespace is not None
         kind, ns, name = resource.kind, resource.namespace, resource.name
         if decision.replicas is not None:
@@ -245,8 +252,14 @@ class KubernetesSink:
             await self.kube.patch_spec(kind, ns, name, {"canary": {"weight": decision.weight}})
         if decision.patch:
             await self.kube.patch_spec(kind, ns, name, decision.patch)
-        await self.kube.patch_status(kind, ns, name, render_status(
-            decision, resource.obj.get("status"), now_rfc3339()))
+        status = render_status(decision, resource.obj.get("status"), now_rfc3339())
+        shown = {**status, "routing": {k: v for k, v in status["routing"].items()
+                                       if k not in ("lastDecisionTime", "figures", "state")}}
+        digest = json.dumps(shown, sort_keys=True, default=str)
+        last = self.written.get(resource.key)
+        if last is None or last[0] != digest or self.clock() - last[1] >= STATUS_REFRESH_S:
+            await self.kube.patch_status(kind, ns, name, status)
+            self.written[resource.key] = (digest, self.clock())
         known = {r.id for r in before.recommendations}
         new_pending = [r for r in decision.recommendations
                        if r.phase == "pending" and r.id not in known]
