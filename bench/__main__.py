@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -13,10 +14,10 @@ import orjson
 from bench import BENCHES
 
 
-def load(name: str) -> Callable[[], dict[str, Any]]:
+def load(name: str) -> Callable[..., dict[str, Any]]:
     """The ``run`` function of the bench registered as ``name``."""
     module = importlib.import_module(BENCHES[name])
-    return cast(Callable[[], dict[str, Any]], module.run)
+    return cast(Callable[..., dict[str, Any]], module.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,11 +25,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="+", choices=sorted(BENCHES), metavar="NAME",
                         help=f"one of: {', '.join(sorted(BENCHES))}")
-    args = parser.parse_args(argv)
+    # Flags after the names belong to the bench (one that takes them: ``run(argv)``).
+    args, extra = parser.parse_known_args(argv)
+    if extra and len(args.names) != 1:
+        parser.error(f"flags {' '.join(extra)} need exactly one bench name")
     failed = False
     for name in args.names:
         try:
-            figures = load(name)()
+            run = load(name)
+            if extra and not inspect.signature(run).parameters:
+                parser.error(f"bench {name} takes no flags: {' '.join(extra)}")
+            figures = run(extra) if extra else run()
         except Exception as exc:  # one broken bench must not hide the others' figures
             failed = True
             print(f"bench {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -190,6 +190,18 @@ class RuntimeClient:
             "dependencies": orjson.loads(d.dependencies_json or b"[]"),
         }
 
+    async def feedback(self, trace_id: str, score: float, *, capability: str = "",
+                       comment: str = "") -> str:
+        """Record a satisfaction score (0..1) for the call ``trace_id``; returns the
+        capability the runtime recorded it against ("" when it could not tell)."""
+        request = runtime_pb2.FeedbackRequest(trace_id=trace_id, score=score,
+                                              capability=capability, comment=comment)
+        try:
+            response = await self.stub.Feedback(request, metadata=self._metadata(None))
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+        return str(response.capability)
+
     # ------------------------------------------------------------------------ actors
 
     async def send(self, actor_type: str, actor_id: str, message: Any, *,

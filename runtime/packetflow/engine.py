@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from packetflow.caching import RecentInputs, ResultCache
 from packetflow.composition.check import check_compositions
 from packetflow.composition.executor import Invoke, Remote
 from packetflow.composition.metrics import StepMetrics
@@ -36,10 +37,11 @@ from packetflow.errors import (
     PayloadTooLarge,
     code_of,
 )
+from packetflow.feedback import RecentTraces
 from packetflow.implementations import build_handler
 from packetflow.manifests import ManifestError
 from packetflow.metrics import RuntimeMetrics
-from packetflow.spec import Capability
+from packetflow.spec import Capability, duration_seconds
 from packetflow.validation import ImplementationError
 
 log = logging.getLogger("packetflow.engine")
@@ -83,6 +85,15 @@ class ServedCapability:
         self.metrics.in_flight.labels(name).set_function(lambda: self.in_flight)
         self.violations = self.metrics.contract_violations.labels(name)
         self.count(Code.OK, 0)  # so the series exists before the first call
+        spec = self.capability.spec
+        # Only results without effects may be reused, so only their repeats are worth counting.
+        self.recent = None if spec.effects else RecentInputs()
+        self.repeated = self.metrics.repeated_inputs.labels(name)
+        self.cache = None if spec.cache is None else ResultCache(
+            duration_seconds(spec.cache.ttl), spec.cache.max_entries)
+        self.cache_hits = self.metrics.cache_hits.labels(name)
+        if self.recent is not None:
+            self.repeated.inc(0)
 
     @property
     def name(self) -> str:
@@ -154,6 +165,8 @@ class Engine:
         self.undeclared_as_services = undeclared_as_services
         self.step_metrics = StepMetrics(self.metrics.registry)
         self.served: dict[str, ServedCapability] = {}
+        # Which capability served each recent trace id: feedback names only the trace.
+        self.traces = RecentTraces()
         self._verified: set[str] = set()  # capabilities whose remote checks passed
         # Event-driven compositions; schedules fire once ``start_triggers`` is called.
         self.triggers = TriggerRunner(self.invoke, {}, idempotency)
@@ -244,12 +257,24 @@ class Engine:
     async def invoke_json(self, name: str, payload: bytes, ctx: CallContext) -> bytes:
         """``invoke`` with JSON bytes in and out, as the wire carries them."""
         entry = self.get(name)
+        self.traces.served(ctx.trace_id, name)
+        if entry.recent is not None:
+            if entry.recent.seen(hash(payload)):
+                entry.repeated.inc()
+            if entry.cache is not None and (cached := entry.cache.get(payload)) is not None:
+                entry.cache_hits.inc()
+                entry.count(Code.OK)
+                entry.duration.observe(0.0)
+                return cached
         try:
             value = self.decode_input(payload)
         except PacketFlowError as exc:
             entry.count(code_of(exc))
             raise
-        return await self._run(entry, value, ctx, lambda output: self._encode(entry, output))
+        output = await self._run(entry, value, ctx, lambda output: self._encode(entry, output))
+        if entry.cache is not None:
+            entry.cache.put(payload, output)
+        return output
 
     async def invoke_routed(self, name: str, value: Any, ctx: CallContext) -> dict[str, Any]:
         """A call made from inside the runtime (a composition step, an actor's ``ctx.call``):

@@ -29,6 +29,15 @@ class RuntimeMetrics:
         self.in_flight = Gauge(
             "packetflow_capability_in_flight", "Calls currently running, per capability.",
             ["capability"], registry=self.registry)
+        self.repeated_inputs = Counter(
+            "packetflow_capability_repeated_inputs",
+            "Calls of a capability without effects whose input equals one of its last 1024 "
+            "distinct inputs (what a result cache could serve).",
+            ["capability"], registry=self.registry)
+        self.cache_hits = Counter(
+            "packetflow_capability_cache_hits",
+            "Calls answered from the capability's result cache (spec.cache).",
+            ["capability"], registry=self.registry)
         self.contract_violations = Counter(
             "packetflow_contract_violations",
             "Outputs that broke the capability's provides contract.",

@@ -22,6 +22,7 @@ from packetflow.composition.triggers import (
     SqliteIdempotencyStore,
 )
 from packetflow.engine import Engine
+from packetflow.feedback import FeedbackService, open_store
 from packetflow.manifests import ManifestError, load_paths, manifest_files
 from packetflow.metrics import RuntimeMetrics
 from packetflow.server import RuntimeServer
@@ -105,7 +106,10 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
         await actors.aclose()
         await engine.aclose()
         return 1
-    server = await RuntimeServer.start(engine, settings.address, actors)
+    feedback = FeedbackService(
+        await open_store(settings.state_dir, settings.feedback_store_dsn),
+        engine.metrics.registry, engine.traces)
+    server = await RuntimeServer.start(engine, settings.address, actors, feedback)
     mcp_server = None
     if settings.mcp_address:
         from packetflow.mcp.http import start_mcp  # MCP's web stack loads only when it is on
@@ -114,12 +118,12 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
         start_metrics_server(engine.metrics, settings.metrics_address)
         if settings.metrics_address else (None, None))
     engine.start_triggers()
-    on_ready(server, metrics_port)
-
+    # Before announcing readiness: a SIGTERM right after it must drain, not kill.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    on_ready(server, metrics_port)
     reloader = (asyncio.create_task(_reload_on_change(paths, engine, actors)) if watch
                 else None)
     try:
@@ -138,6 +142,7 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
             await mcp_server.stop()
         await actors.aclose()
         await engine.aclose()
+        await feedback.aclose()
     return 0
 
 

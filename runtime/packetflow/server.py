@@ -31,7 +31,14 @@ from packetflow.context import (
 )
 from packetflow.contracts import contract_schema
 from packetflow.engine import Engine
-from packetflow.errors import ContractViolation, InvalidInput, PacketFlowError, code_of
+from packetflow.errors import (
+    ContractViolation,
+    InvalidInput,
+    NotServable,
+    PacketFlowError,
+    code_of,
+)
+from packetflow.feedback import FeedbackService
 from packetflow.graph import dependencies_of
 from packetflow.v1 import actors_pb2, runtime_pb2, runtime_pb2_grpc
 
@@ -97,8 +104,9 @@ async def abort_for(context: grpc.aio.ServicerContext, error: PacketFlowError,
 class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
     """Translates ``packetflow.v1.CapabilityRuntime`` calls to the engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, feedback: FeedbackService | None = None) -> None:
         self.engine = engine
+        self.feedback = feedback
 
     async def Invoke(self, request: runtime_pb2.InvokeRequest,
                      context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:
@@ -160,6 +168,18 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
             concurrency=spec.concurrency, dependencies_json=orjson.dumps(
                 [dep.to_json() for dep in dependencies_of(entry.capability)]))
 
+    async def Feedback(self, request: runtime_pb2.FeedbackRequest,
+                       context: grpc.aio.ServicerContext) -> runtime_pb2.FeedbackResponse:
+        try:
+            if self.feedback is None:
+                raise NotServable("this runtime keeps no feedback")
+            record = await self.feedback.record(request.trace_id, request.score,
+                                                request.capability, request.comment)
+        except PacketFlowError as exc:
+            await abort_for(context, exc, request.trace_id)
+            raise
+        return runtime_pb2.FeedbackResponse(capability=record.capability)
+
 
 @dataclass
 class RuntimeServer:
@@ -174,9 +194,10 @@ class RuntimeServer:
 
     @classmethod
     async def start(cls, engine: Engine, address: str = "127.0.0.1:0",
-                    actors: ActorSystem | None = None) -> RuntimeServer:
+                    actors: ActorSystem | None = None,
+                    feedback: FeedbackService | None = None) -> RuntimeServer:
         """Bind ``address`` (port 0 picks a free one) and start serving; with ``actors``, the
-        ``ActorRuntime`` service too."""
+        ``ActorRuntime`` service too; with ``feedback``, the ``Feedback`` call."""
         limit = engine.max_payload_bytes + ENVELOPE_BYTES
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit),
@@ -184,7 +205,7 @@ class RuntimeServer:
             ("grpc.so_reuseport", 0),
         ])
         runtime_pb2_grpc.add_CapabilityRuntimeServicer_to_server(
-            CapabilityRuntimeServicer(engine), server)
+            CapabilityRuntimeServicer(engine, feedback), server)
         services = [SERVICE_NAME]
         forwarder = None
         if actors is not None:

@@ -40,6 +40,10 @@ class RuntimeSettings(BaseSettings):
         description="PostgreSQL for trigger idempotency keys shared by every replica (a "
                     "schedule then fires once per cluster, not per pod); unset: SQLite "
                     "under state_dir")
+    feedback_store_dsn: str | None = Field(
+        default=None,
+        description="PostgreSQL for user feedback shared by every replica; unset: SQLite "
+                    "under state_dir")
     state_dir: Path = Field(
         default=Path(".packetflow"),
         description="Where durable local state lives (SQLite: trigger idempotency keys, actors)")

@@ -337,6 +337,15 @@ class Canary(SpecModel):
                     "manual: promotion waits for approval")
 
 
+class Cache(SpecModel):
+    """Answer a repeated input from memory: only for capabilities that declare no effects."""
+
+    ttl: Duration = Field(default="60s", description="How long a result is reused")
+    max_entries: int = Field(default=10_000, ge=1, le=1_000_000, alias="maxEntries",
+                             description="Results kept per runtime process (least recently "
+                                         "used go first)")
+
+
 class CapabilitySpec(ContractedSpec):
     """What a capability is for, what it needs and returns, and how it runs."""
 
@@ -357,6 +366,18 @@ class CapabilitySpec(ContractedSpec):
     scaling: Scaling | None = Field(
         default=None, description="Present: the routing controller sets the replica count")
     canary: Canary | None = Field(default=None, description="A weighted second version")
+    cache: Cache | None = Field(
+        default=None, description="Reuse results of repeated inputs (needs effects: [])")
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_needs_no_effects(cls, value: Cache | None, info: ValidationInfo) -> Cache | None:
+        # A field validator (``effects`` is validated first), so the error names spec.cache.
+        effects = info.data.get("effects") or []
+        if value is not None and effects:
+            raise ValueError("a capability that declares effects cannot be cached (effects: "
+                             f"{', '.join(effects)})")
+        return value
 
 
 class ObjectMeta(BaseModel):

@@ -188,3 +188,25 @@ def test_graph_of_manifests_as_svg_and_mermaid() -> None:
     else:
         assert svg.returncode == 0, svg.stderr
         assert "<svg" in svg.stdout and "tool analyze" in svg.stdout
+
+
+def test_sigterm_the_instant_it_is_ready_drains_instead_of_killing(tmp_path: Path) -> None:
+    """The signal handlers are installed before `serving` is announced: a SIGTERM that a
+    supervisor sends the moment it sees readiness stops the process cleanly (exit 0)."""
+    import signal
+
+    (tmp_path / "echo.yaml").write_text(
+        "apiVersion: packetflow.io/v1alpha1\nkind: Capability\nmetadata: {name: echo}\n"
+        "spec: {intent: x, implementation: {builtin: {name: echo}}}\n")
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "packetflow.cli", "dev", str(tmp_path), "--no-reload",
+             "--address", "127.0.0.1:0", "--metrics-address", "", "--state-dir",
+             str(tmp_path / "state")], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "packetflow: serving" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        assert proc.wait(timeout=60) == 0
+        proc.stderr.close()

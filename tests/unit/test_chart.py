@@ -31,7 +31,8 @@ K8S_VERSION = "1.30"
 NAMESPACE = "pf-system"
 RELEASE = "pf"
 # Kinds kubernetes-validate has no schema for; checked by hand below.
-CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"),
+                ("monitoring.coreos.com/v1", "PrometheusRule")}
 # Resources without a namespace: their rules need a ClusterRole even when namespaces are listed.
 CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces", "clusterkopfpeerings", "nodes",
                   "clusterroles", "clusterrolebindings"}
@@ -80,6 +81,9 @@ VALUE_SETS = {
             "mcp.tokenSecret=mcp-auth/token"),
     "mcp-elsewhere": ("mcp.aggregate.enabled=true", "mcp.aggregate.namespace=team-a",
                       "watchNamespaces={team-a}"),
+    "controller": ("controller.enabled=true", "prometheus.url=http://prom.monitoring:9090",
+                   "serviceMonitor.enabled=true", "slo.prometheusRule.enabled=true",
+                   "slo.rulesConfigMap.enabled=true", "dashboard.enabled=true"),
     "everything": ("watchNamespaces={team-a}", "serviceMonitor.enabled=true",
                    "gateway.enabled=true", "image.tag=dev", "image.pullPolicy=Always",
                    "serviceAccount.name=pf-custom", "operator.extraArgs={--verbose}",

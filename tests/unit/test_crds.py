@@ -47,6 +47,9 @@ FREE_FORM_PATHS = {
     "spec.canary.implementation.builtin.config",
     "spec.canary.implementation.composition",
     "status",
+    # The routing controller's: a merge patch of the spec, and its own memory.
+    "status.recommendations[].change",
+    "status.routing.state",
 }
 
 
@@ -398,7 +401,8 @@ def test_generator_refuses_what_is_not_structural() -> None:
 
 # ---------------------------------------------------------------- the Actor CRD
 
-ACTOR_FREE_FORM_PATHS = {"spec.requires", "spec.provides", "spec.initialState", "status"}
+ACTOR_FREE_FORM_PATHS = {"spec.requires", "spec.provides", "spec.initialState", "status",
+                         "status.recommendations[].change", "status.routing.state"}
 
 
 def actor_schema() -> dict[str, Any]:

@@ -276,6 +276,70 @@ def workload_status_schema() -> Schema:
                          "description": "In-cluster gRPC address, host:port."},
             "selector": {"type": "string",
                          "description": "Label selector of the runtime pods (scale subresource)."},
+            **routing_status_properties(),
+        },
+    }
+
+
+def routing_status_properties() -> dict[str, Schema]:
+    """What the routing controller writes in status: recommendations, the effects of the
+    changes it made, and its own conditions, figures and state."""
+    number_map = {"type": "object", "additionalProperties": {"type": "number"}}
+    return {
+        "recommendations": {
+            "type": "array", "maxItems": 100,
+            "description": "Changes the routing controller proposes (pending, waiting for "
+                           "packetflow.io/approve=<id>) or made (applied, rejected, superseded).",
+            "items": {
+                "type": "object", "required": ["id", "kind", "risk", "phase"],
+                "properties": {
+                    "id": {"type": "string", "description": "What an approval names."},
+                    "kind": {"type": "string", "description": "replicas, weights, "
+                             "canary-rollback, canary-promotion, concurrency, resources, "
+                             "cache or parallel-steps."},
+                    "change": {"type": "object", _PRESERVE: True,
+                               "description": "A JSON merge patch of the spec."},
+                    "reason": {"type": "string"},
+                    "expectedEffect": {"type": "string"},
+                    "risk": {"type": "string", "enum": ["safe", "risky"]},
+                    "phase": {"type": "string",
+                              "enum": ["applied", "pending", "rejected", "superseded"]},
+                    "since": {"type": "number", "description": "Unix time of the phase."},
+                },
+            },
+        },
+        "optimizationHistory": {
+            "type": "array", "maxItems": 100,
+            "description": "Applied changes with metrics measured before and after them.",
+            "items": {
+                "type": "object", "required": ["id", "kind", "appliedAt", "verdict"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "appliedAt": {"type": "number", "description": "Unix time."},
+                    "before": {**number_map, "description": "p99, errorRatio, service, "
+                               "rate, satisfaction over the window before."},
+                    "after": {**number_map, "description": "The same over the window after."},
+                    "verdict": {"type": "string",
+                                "enum": ["pending", "helped", "no-effect", "hurt"]},
+                },
+            },
+        },
+        "routing": {
+            "type": "object",
+            "description": "The routing controller's own conditions (MetricsAvailable, "
+                           "ScalingActive, ScalingLimited), last reasons, figures and state.",
+            "properties": {
+                "conditions": {"type": "array", "items": condition_schema(),
+                               "x-kubernetes-list-type": "map",
+                               "x-kubernetes-list-map-keys": ["type"]},
+                "lastDecisionTime": {"type": "string", "format": "date-time"},
+                "reasons": {"type": "array", "items": {"type": "string"}},
+                "figures": {**number_map, "description": "forecastRate, rate, "
+                            "capacityPerReplica, needed, ..."},
+                "state": {"type": "object", _PRESERVE: True,
+                          "description": "What the controller remembers between decisions."},
+            },
         },
     }
 

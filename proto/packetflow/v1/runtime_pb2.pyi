@@ -248,3 +248,57 @@ class CapabilityDescription(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CapabilityDescription: _TypeAlias = CapabilityDescription  # noqa: Y015
+
+@_typing.final
+class FeedbackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    trace_id: _builtins.str
+    """The trace id of the call (InvokeResponse.trace_id, or the caller's own)."""
+    score: _builtins.float
+    """0 (not at all) .. 1 (fully satisfied)."""
+    capability: _builtins.str
+    """The capability that served the call; empty: this runtime looks the trace id up among
+    the calls it served recently.
+    """
+    comment: _builtins.str
+    """Free text, at most 1000 characters; stored, never exported as a metric."""
+    def __init__(
+        self,
+        *,
+        trace_id: _builtins.str = ...,
+        score: _builtins.float = ...,
+        capability: _builtins.str = ...,
+        comment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "comment", b"comment", "score", b"score", "trace_id", b"trace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedbackRequest: _TypeAlias = FeedbackRequest  # noqa: Y015
+
+@_typing.final
+class FeedbackResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPABILITY_FIELD_NUMBER: _builtins.int
+    capability: _builtins.str
+    """The capability the feedback was recorded against ("" when it could not be told)."""
+    def __init__(
+        self,
+        *,
+        capability: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedbackResponse: _TypeAlias = FeedbackResponse  # noqa: Y015

@@ -54,6 +54,11 @@ class CapabilityRuntimeStub:
                 request_serializer=packetflow_dot_v1_dot_runtime__pb2.DescribeCapabilityRequest.SerializeToString,
                 response_deserializer=packetflow_dot_v1_dot_runtime__pb2.CapabilityDescription.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/packetflow.v1.CapabilityRuntime/Feedback',
+                request_serializer=packetflow_dot_v1_dot_runtime__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=packetflow_dot_v1_dot_runtime__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class CapabilityRuntimeServicer:
@@ -87,6 +92,14 @@ class CapabilityRuntimeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """Record how satisfied a user was with a call (by its trace id): stored durably and
+        exported as the metric packetflow_feedback_score{capability}.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CapabilityRuntimeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_CapabilityRuntimeServicer_to_server(servicer, server):
                     servicer.DescribeCapability,
                     request_deserializer=packetflow_dot_v1_dot_runtime__pb2.DescribeCapabilityRequest.FromString,
                     response_serializer=packetflow_dot_v1_dot_runtime__pb2.CapabilityDescription.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=packetflow_dot_v1_dot_runtime__pb2.FeedbackRequest.FromString,
+                    response_serializer=packetflow_dot_v1_dot_runtime__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class CapabilityRuntime:
             '/packetflow.v1.CapabilityRuntime/DescribeCapability',
             packetflow_dot_v1_dot_runtime__pb2.DescribeCapabilityRequest.SerializeToString,
             packetflow_dot_v1_dot_runtime__pb2.CapabilityDescription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/packetflow.v1.CapabilityRuntime/Feedback',
+            packetflow_dot_v1_dot_runtime__pb2.FeedbackRequest.SerializeToString,
+            packetflow_dot_v1_dot_runtime__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

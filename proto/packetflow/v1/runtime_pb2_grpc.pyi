@@ -46,6 +46,10 @@ class CapabilityRuntimeStub:
     """The capabilities this runtime serves."""
     DescribeCapability: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.DescribeCapabilityRequest, _runtime_pb2.CapabilityDescription]
     """One capability's contract, intent and effects."""
+    Feedback: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.FeedbackRequest, _runtime_pb2.FeedbackResponse]
+    """Record how satisfied a user was with a call (by its trace id): stored durably and
+    exported as the metric packetflow_feedback_score{capability}.
+    """
 
 @_typing.type_check_only
 class CapabilityRuntimeAsyncStub(CapabilityRuntimeStub):
@@ -58,6 +62,10 @@ class CapabilityRuntimeAsyncStub(CapabilityRuntimeStub):
     """The capabilities this runtime serves."""
     DescribeCapability: _aio.UnaryUnaryMultiCallable[_runtime_pb2.DescribeCapabilityRequest, _runtime_pb2.CapabilityDescription]  # type: ignore[assignment]
     """One capability's contract, intent and effects."""
+    Feedback: _aio.UnaryUnaryMultiCallable[_runtime_pb2.FeedbackRequest, _runtime_pb2.FeedbackResponse]  # type: ignore[assignment]
+    """Record how satisfied a user was with a call (by its trace id): stored durably and
+    exported as the metric packetflow_feedback_score{capability}.
+    """
 
 class CapabilityRuntimeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -91,5 +99,15 @@ class CapabilityRuntimeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_runtime_pb2.CapabilityDescription, _abc.Awaitable[_runtime_pb2.CapabilityDescription]]:
         """One capability's contract, intent and effects."""
+
+    @_abc_1.abstractmethod
+    def Feedback(
+        self,
+        request: _runtime_pb2.FeedbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_pb2.FeedbackResponse, _abc.Awaitable[_runtime_pb2.FeedbackResponse]]:
+        """Record how satisfied a user was with a call (by its trace id): stored durably and
+        exported as the metric packetflow_feedback_score{capability}.
+        """
 
 def add_CapabilityRuntimeServicer_to_server(servicer: CapabilityRuntimeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
