@@ -35,6 +35,20 @@ def rounded(value: float, digits: int = 3) -> float:
     return round(value, digits)
 
 
+def ratio_figures(name: str, ratios: Sequence[float]) -> dict[str, float | int]:
+    """A ratio as every bench reports it: the median of the alternating pairs' ratios, its
+    spread (min, max), how much one pair varies (median absolute deviation over the median)
+    and how many pairs there were."""
+    middle = median(ratios)
+    return {
+        name: rounded(middle),
+        f"{name}_min": rounded(min(ratios)),
+        f"{name}_max": rounded(max(ratios)),
+        f"{name}_variation": rounded(median([abs(r - middle) for r in ratios]) / middle),
+        f"{name}_pairs": len(ratios),
+    }
+
+
 @contextlib.asynccontextmanager
 async def server_process(module: str, kind: str, *extra: str) -> AsyncIterator[int]:
     """Run ``python -m MODULE --serve KIND``; yield the port it prints; stop it on exit.

@@ -21,8 +21,9 @@ see a plausible API server:
   resources declared with a status subresource), as the API server does;
 * a failed JSON-patch ``test`` answers 422, so kopf retries instead of erroring;
 * deleting an object deletes its dependents (ownerReferences), like the garbage collector;
-* objects are found by key, not by scanning, and only in-flight requests stay in kmock's own
-  list (it compares each request with all earlier ones); every request is in :attr:`log`,
+* the standard verbs are served here from kmock's object store, by key: kmock itself would
+  match every request against its reaction DSL and scan every object (most of its CPU, and
+  quadratic); only discovery goes through kmock's reactions. Every request is in :attr:`log`,
   and :meth:`api_calls` counts them by verb and client (User-Agent).
 
 It still ignores PUT and server-side apply: the operator does not use them.
@@ -37,6 +38,8 @@ import datetime
 import gzip
 import importlib.resources
 import json
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -46,12 +49,14 @@ from typing import Any
 import aiohttp.web
 import jsonpatch
 import kmock
+import orjson
 import yaml
-from kmock._internal import dicts, enums, k8s, rendering
+from kmock._internal import dicts, enums, k8s_dicts, rendering
 
 CAPABILITIES = "packetflow.io/v1alpha1/capabilities"
 ACTORS = "packetflow.io/v1alpha1/actors"
 _NAMESPACES_PATH = "/api/v1/namespaces"
+CONTROL_PATH = "/_emulator"
 HISTORY = 200_000  # watch events kept per resource (a real API server keeps ~5 minutes)
 BOOKMARK_SECONDS = 5.0  # a real API server sends one about every minute
 # Client prefixes (User-Agent) of the operator's own requests: kopf's and the children's client.
@@ -61,12 +66,16 @@ _VERBS = {enums.action.LIST: "list", enums.action.WATCH: "watch", enums.action.F
 WRITE_VERBS = frozenset({"create", "patch", "update", "delete"})
 
 
+def _json(body: Any, status: int = 200) -> aiohttp.web.Response:
+    return aiohttp.web.Response(body=orjson.dumps(body), status=status,
+                                content_type="application/json")
+
+
 def _status_error(status: int, reason: str, message: str,
                   details: Mapping[str, Any] | None = None) -> aiohttp.web.Response:
-    return aiohttp.web.json_response(
-        {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-         "reason": reason, "message": message, "details": dict(details or {}), "code": status},
-        status=status)
+    return _json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                  "reason": reason, "message": message, "details": dict(details or {}),
+                  "code": status}, status)
 
 
 def parse_label_selector(text: str | None) -> list[tuple[str, str, str | None]]:
@@ -119,6 +128,7 @@ class EventLog:
         self.events: collections.deque[tuple[int, dict[str, Any]]] = collections.deque(
             maxlen=HISTORY)
         self.compacted_to = 0  # events up to this version are gone: older watches get 410
+        self.live: collections.Counter[str] = collections.Counter()  # namespace -> objects
         self._wakeup = asyncio.Event()
 
     async def put(self, *items: dict[str, Any]) -> None:
@@ -131,7 +141,10 @@ class EventLog:
             metadata["resourceVersion"] = str(version)
             if item["type"] == "DELETED":
                 obj = {**obj, "metadata": metadata}  # the last state, at a version of its own
+                self.live[str(metadata.get("namespace"))] -= 1
             else:
+                if item["type"] == "ADDED":
+                    self.live[str(metadata.get("namespace"))] += 1
                 obj["metadata"].update(resourceVersion=metadata["resourceVersion"])
             if len(self.events) == self.events.maxlen:
                 self.compacted_to = self.events[0][0]
@@ -184,6 +197,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         path = raw_request.path.rstrip("/")
+        if path.startswith(CONTROL_PATH):
+            return await self._serve_control(raw_request, path)
         if raw_request.method == "GET" and (path == _NAMESPACES_PATH or (
                 path.startswith(_NAMESPACES_PATH + "/") and path.count("/") == 4)):
             return await self._serve_namespaces(raw_request, path)
@@ -210,10 +225,37 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         await asyncio.sleep(timeout)
         return response
 
-    # --- reads: by key (kmock scans every object), resourceVersions, label selectors ---------
+    # --- control: what a test in another process asks (the benchmark) ----------------------
+
+    async def _serve_control(self, raw_request: aiohttp.web.BaseRequest,
+                             path: str) -> aiohttp.web.StreamResponse:
+        """``/_emulator/calls?since=N``: :meth:`api_calls`, the log's length and this
+        process's CPU seconds;
+        ``/_emulator/wait?want=RESOURCE:COUNT,...&namespace=NS``: answers once the namespace
+        holds that many objects of each resource (or 408 after ``timeout`` seconds)."""
+        query = raw_request.query
+        if path == f"{CONTROL_PATH}/calls":
+            calls = self.api_calls(since=int(query.get("since", "0")))
+            return _json({"calls": dict(calls), "log": len(self.log),
+                          "cpu_s": time.process_time()})
+        if path == f"{CONTROL_PATH}/wait":
+            wanted = [item.rsplit(":", 1) for item in query.get("want", "").split(",") if item]
+            namespace = query.get("namespace", "default")
+            deadline = asyncio.get_running_loop().time() + float(query.get("timeout", "600"))
+            while not all(self.count(resource, namespace) >= int(number)
+                          for resource, number in wanted):
+                if asyncio.get_running_loop().time() > deadline:
+                    return _status_error(408, "Timeout", f"not reached: {query.get('want')}")
+                await asyncio.sleep(0.002)
+            return _json({"ok": True})
+        return _status_error(404, "NotFound", path)
+
+    # --- objects: stored in kmock's store, served here directly -----------------------------
+    # kmock would match every request against its reaction DSL (most of its CPU) and scan every
+    # object per request; the standard verbs are served here by key instead.
 
     def _stored(self, resource: Any, namespace: str | None,
-                name: str | None) -> k8s.k8s_dicts.Object | None:
+                name: str | None) -> k8s_dicts.Object | None:
         key = (resource, namespace, name)
         if name is None or key not in self.objects:
             return None
@@ -230,95 +272,31 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 and (request.namespace is None or namespace == request.namespace)
                 and selects(terms, obj.raw)]
 
-    async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
-        obj = self._stored(request.resource, request.namespace, request.name)
-        if obj is None:
-            raise k8s.KubernetesError(404, "NotFound", f"{request.name!r} not found",
-                                      {"name": request.name})
-        return obj.raw
-
-    async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
-        meta = request.data.get("metadata", {})
-        obj = self._stored(request.resource, request.namespace or meta.get("namespace"),
-                           meta.get("name"))
-        assert obj is not None  # stored by kmock's _handle() just before
-        return obj.raw
-
-    async def _serve_update(self, request: rendering.Request) -> rendering.Payload:
-        key = (request.resource, request.namespace, request.name)
-        return self.objects[key].last.raw
-
-    _serve_delete = _serve_update  # the last state, as the API server answers a deletion
-
-    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
-        if not self._known(request.resource):
-            raise k8s.KubernetesResourceNotFoundError()
-        try:
-            terms = parse_label_selector(request.params.get("labelSelector"))
-        except ValueError as exc:
-            raise k8s.KubernetesError(400, "BadRequest", str(exc)) from exc
-        return {"metadata": {"resourceVersion": str(self._version)},
-                "items": self._matching(request, terms)}
-
-    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
-        params = request.params
-        terms = parse_label_selector(params.get("labelSelector"))
-        bookmarks = params.get("allowWatchBookmarks") == "true"
-        deadline = asyncio.get_running_loop().time() + float(
-            params.get("timeoutSeconds") or 1800)
-        log = self._buses[request.resource]
-        assert isinstance(log, EventLog)
-        yield b""  # the headers go out now, even if nothing happens for a while
-        since = params.get("resourceVersion")
-        if since in (None, "", "0"):
-            # "Any version": the current objects first (taken atomically with the version).
-            position = self._version
-            for obj in self._matching(request, terms):
-                yield {"type": "ADDED", "object": obj}
-        else:
-            position = int(since)
-            if position < log.compacted_to:
-                yield {"type": "ERROR", "object": {
-                    "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
-                    "reason": "Expired", "message": f"too old resource version: {since}"}}
-                return
-        kind = self.resources[request.resource].kind if request.resource in self.resources \
-            else None
-        while (left := deadline - asyncio.get_running_loop().time()) > 0:
-            events = log.after(position)
-            for version, event in events:
-                position = version
-                obj = event["object"]
-                if (request.namespace is None
-                        or obj.get("metadata", {}).get("namespace") == request.namespace) \
-                        and selects(terms, obj):
-                    yield event
-            if not events:
-                await log.wait(min(left, BOOKMARK_SECONDS))
-                if bookmarks and not log.after(position):
-                    position = max(position, self._version)
-                    yield {"type": "BOOKMARK", "object": {
-                        "kind": kind, "apiVersion": _api_version(request.resource),
-                        "metadata": {"resourceVersion": str(position)}}}
-
-    # --- server-side metadata, the status boundary, preconditions, garbage collection -------
+    def _info(self, resource: Any) -> kmock.ResourceInfo | None:
+        # Not resources.get(): the array makes an empty entry for any key it is asked for.
+        if resource not in self.resources:
+            return None
+        return self.resources[resource]
 
     def _has_status_subresource(self, request: rendering.Request) -> bool:
-        assert request.resource is not None
-        for resource in self.resources:
-            if resource == request.resource:
-                return "status" in self.resources[resource].subresources
-        return False
+        info = self._info(request.resource)
+        return info is not None and "status" in info.subresources
 
-    def _stamp_create(self, request: rendering.Request) -> aiohttp.web.Response | None:
+    def _log(self, request: rendering.Request) -> EventLog:
+        log = self._buses[request.resource]
+        assert isinstance(log, EventLog)
+        return log
+
+    async def _create(self, request: rendering.Request) -> aiohttp.web.Response:
         data = request.data
         meta = data.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
         if request.namespace:
             meta["namespace"] = request.namespace
-        if self._stored(request.resource, meta.get("namespace"), meta.get("name")) is not None:
-            assert request.resource is not None
+        assert request.resource is not None
+        key = (request.resource, meta.get("namespace"), meta.get("name"))
+        if self._stored(*key) is not None:
             return _status_error(
                 409, "AlreadyExists",
                 f'{request.resource.plural} "{meta.get("name")}" already exists',
@@ -331,33 +309,32 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         meta.pop("resourceVersion", None)  # given when the change is published
         if self._has_status_subresource(request):
             data.pop("status", None)
-        return None
+        async with self._lock:
+            if key in self.objects:
+                self.objects[key].create(data)  # a new life of a deleted name
+            else:
+                self.objects[key] = data
+            await self._log(request).put({"type": "ADDED", "object": self.objects[key].raw})
+            return _json(self.objects[key].raw, 201)
 
-    def _stamp_update(self, request: rendering.Request) -> aiohttp.web.Response | None:
-        """Validate and complete a patch; a reply when it must not reach kmock (an error, or
-        a no-op answered with the unchanged object)."""
-        assert request.resource is not None and request.name is not None
-        stored = self._stored(request.resource, request.namespace, request.name)
-        if stored is None:
-            return None  # kmock answers 404 itself
-        old = stored.raw  # neither patch function below changes its input
+    def _updated(self, request: rendering.Request,
+                 old: dict[str, Any]) -> dict[str, Any] | aiohttp.web.Response:
+        """The object a patch makes of ``old``, or the reply refusing it."""
+        assert request.resource is not None
         data = request.data
-        subresource_status = self._has_status_subresource(request)
         if isinstance(data, dict):
             wanted = (data.get("metadata") or {}).get("resourceVersion")
             if wanted is not None and wanted != old["metadata"].get("resourceVersion"):
                 return _status_error(
-                    409, "Conflict", f'Operation cannot be fulfilled on {request.resource.plural}'
-                    f' "{request.name}": the object has been modified; please apply your '
-                    "changes to the latest version and try again")
+                    409, "Conflict", f"Operation cannot be fulfilled on "
+                    f'{request.resource.plural} "{request.name}": the object has been modified;'
+                    " please apply your changes to the latest version and try again")
             if request.subresource == "status":
-                data_keep = {"status": data.get("status")}
-                data.clear()
-                data.update(data_keep)
-            elif subresource_status:
-                data.pop("status", None)
+                data = {"status": data.get("status")}
+            elif self._has_status_subresource(request):
+                data = {key: value for key, value in data.items() if key != "status"}
             try:
-                new = dicts.merge_patch_dict(old, data)
+                new = dict(dicts.merge_patch_dict(old, data))
             except ValueError as exc:
                 return _status_error(422, "Invalid", str(exc))
         elif isinstance(data, list):
@@ -367,17 +344,119 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 return _status_error(422, "Invalid", f"the patch failed: {exc}")
         else:
             return _status_error(400, "BadRequest", "the patch is not JSON")
-        if new == old:
-            return aiohttp.web.json_response(old)  # no new version, no event
-        generation = old.get("metadata", {}).get("generation", 1)
-        if new.get("spec") != old.get("spec"):
-            generation += 1
-        if isinstance(data, dict):
-            data.setdefault("metadata", {})["generation"] = generation
-            data["metadata"].pop("resourceVersion", None)
+        metadata = dict(new.get("metadata") or {})
+        # What the patch cannot change: identity, version, generation (bumped with the spec).
+        for key in ("uid", "name", "namespace", "creationTimestamp", "resourceVersion"):
+            if key in old["metadata"]:
+                metadata[key] = old["metadata"][key]
+        generation = old["metadata"].get("generation", 1)
+        metadata["generation"] = generation + (1 if new.get("spec") != old.get("spec") else 0)
+        new["metadata"] = metadata
+        return new
+
+    async def _update(self, request: rendering.Request) -> aiohttp.web.Response:
+        async with self._lock:
+            stored = self._stored(request.resource, request.namespace, request.name)
+            if stored is None:
+                return _status_error(404, "NotFound", f'"{request.name}" not found')
+            old = stored.raw
+            new = self._updated(request, old)
+            if isinstance(new, aiohttp.web.Response):
+                return new
+            if new == old:
+                return _json(old)  # a no-op: no new version, no event
+            stored.create(new)  # the next version
+            log = self._log(request)
+            await log.put({"type": "MODIFIED", "object": stored.raw})
+            meta = new["metadata"]
+            if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+                raw = stored.raw
+                stored.delete()
+                await log.put({"type": "DELETED", "object": raw})
+                await self._collect_garbage_locked(meta["uid"])
+                return _json(raw)
+            return _json(stored.raw)
+
+    async def _delete(self, request: rendering.Request) -> aiohttp.web.Response:
+        async with self._lock:
+            stored = self._stored(request.resource, request.namespace, request.name)
+            if stored is None:
+                return _status_error(404, "NotFound", f'"{request.name}" not found')
+            meta = stored.raw["metadata"]
+            log = self._log(request)
+            if meta.get("deletionTimestamp"):
+                return _json(stored.raw)  # already being deleted
+            if meta.get("finalizers"):
+                now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                stored.create({**stored.raw, "metadata": {**meta, "deletionTimestamp": now}})
+                await log.put({"type": "MODIFIED", "object": stored.raw})
+                return _json(stored.raw)
+            raw = stored.raw
+            stored.delete()
+            await log.put({"type": "DELETED", "object": raw})
+            await self._collect_garbage_locked(meta["uid"])
+            return _json(raw)
+
+    def _list(self, request: rendering.Request) -> aiohttp.web.Response:
+        if not self._known(request.resource):
+            return _status_error(404, "NotFound", "the server could not find the resource")
+        try:
+            terms = parse_label_selector(request.params.get("labelSelector"))
+        except ValueError as exc:
+            return _status_error(400, "BadRequest", str(exc))
+        return _json({"metadata": {"resourceVersion": str(self._version)},
+                      "items": self._matching(request, terms)})
+
+    async def _watch(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        params = request.params
+        try:
+            terms = parse_label_selector(params.get("labelSelector"))
+        except ValueError as exc:
+            return _status_error(400, "BadRequest", str(exc))
+        bookmarks = params.get("allowWatchBookmarks") == "true"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(params.get("timeoutSeconds") or 1800)
+        log = self._log(request)
+        raw_request = request._raw_request
+        assert raw_request is not None and request.resource is not None
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(raw_request)
+
+        async def send(event: Mapping[str, Any]) -> None:
+            await response.write(orjson.dumps(event) + b"\n")
+
+        since = params.get("resourceVersion")
+        if since in (None, "", "0"):
+            # "Any version": the current objects first (taken atomically with the version).
+            position = self._version
+            for obj in self._matching(request, terms):
+                await send({"type": "ADDED", "object": obj})
         else:
-            data.append({"op": "add", "path": "/metadata/generation", "value": generation})
-        return None
+            position = int(since)
+            if position < log.compacted_to:
+                await send({"type": "ERROR", "object": {
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
+                    "reason": "Expired", "message": f"too old resource version: {since}"}})
+                return response
+        info = self._info(request.resource)
+        while (left := deadline - loop.time()) > 0:
+            events = log.after(position)
+            for version, event in events:
+                position = version
+                obj = event["object"]
+                if (request.namespace is None
+                        or obj.get("metadata", {}).get("namespace") == request.namespace) \
+                        and selects(terms, obj):
+                    await send(event)
+            if not events:
+                await log.wait(min(left, BOOKMARK_SECONDS))
+                if bookmarks and not log.after(position):
+                    position = max(position, self._version)
+                    await send({"type": "BOOKMARK", "object": {
+                        "kind": info.kind if info else None,
+                        "apiVersion": _api_version(request.resource),
+                        "metadata": {"resourceVersion": str(position)}}})
+        return response
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         self.log.append(request)
@@ -387,7 +466,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 if left > 0 and request.method == method and request.url.path == path:
                     fault[3] -= 1
                     return _status_error(status, "InternalError", "injected fault")
-            return await self._handle_stamped(request)
+            return await self._serve(request)
         finally:
             # kmock matches each request against every request it has ever seen (quadratic: a
             # few thousand requests take seconds each); keep only the in-flight ones there.
@@ -396,40 +475,43 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                     del self._requests[index]
                     break
 
-    async def _handle_stamped(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
-        deleted_uid: str | None = None
-        if request.resource is not None:
-            reply: aiohttp.web.Response | None = None
-            if request.action == enums.action.CREATE and isinstance(request.data, dict):
-                reply = self._stamp_create(request)
-            elif request.action == enums.action.UPDATE and request.name is not None:
-                reply = self._stamp_update(request)
-            elif request.action == enums.action.DELETE and request.name is not None:
-                stored = self._stored(request.resource, request.namespace, request.name)
-                if stored is not None:
-                    deleted_uid = stored.raw.get("metadata", {}).get("uid")
-            if reply is not None:
-                return reply
-        response = await super()._handle(request)
-        if deleted_uid is not None and response.status < 300:
-            await self._collect_garbage(deleted_uid)
-        return response
+    async def _serve(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        action, resource, name = request.action, request.resource, request.name
+        if resource is None or resource.plural is None:
+            return await super()._handle(request)  # discovery: kmock's own reactions
+        if action == enums.action.FETCH:
+            stored = self._stored(resource, request.namespace, name)
+            if stored is None:
+                return _status_error(404, "NotFound", f'{resource.plural} "{name}" not found',
+                                     {"name": name, "kind": resource.plural})
+            return _json(stored.raw)
+        if action == enums.action.LIST:
+            return self._list(request)
+        if action == enums.action.WATCH:
+            return await self._watch(request)
+        if action == enums.action.CREATE and isinstance(request.data, dict):
+            return await self._create(request)
+        if action == enums.action.UPDATE and name is not None:
+            return await self._update(request)
+        if action == enums.action.DELETE and name is not None:
+            return await self._delete(request)
+        return _status_error(405, "MethodNotAllowed", f"{request.method} is not emulated here")
 
-    async def _collect_garbage(self, owner_uid: str) -> None:
-        """Delete (in the background, recursively) every object owned by ``owner_uid``."""
+    async def _collect_garbage_locked(self, owner_uid: str) -> None:
+        """Delete (recursively) every object owned by ``owner_uid``, as the garbage collector
+        does in the background; the caller holds the lock."""
         doomed: list[str] = []
-        async with self._lock:
-            for (resource, _, _), obj in list(self.objects.items()):
-                if obj.deleted:
-                    continue
-                refs = obj.raw.get("metadata", {}).get("ownerReferences", []) or []
-                if any(ref.get("uid") == owner_uid for ref in refs):
-                    raw = obj.raw
-                    obj.delete()
-                    await self._buses[resource].put({"type": "DELETED", "object": raw})
-                    doomed.append(raw["metadata"]["uid"])
+        for (resource, _, _), obj in list(self.objects.items()):
+            if obj.deleted:
+                continue
+            refs = obj.raw.get("metadata", {}).get("ownerReferences", []) or []
+            if any(ref.get("uid") == owner_uid for ref in refs):
+                raw = obj.raw
+                obj.delete()
+                await self._buses[resource].put({"type": "DELETED", "object": raw})
+                doomed.append(raw["metadata"]["uid"])
         for uid in doomed:
-            await self._collect_garbage(uid)
+            await self._collect_garbage_locked(uid)
 
     # --- helpers for tests --------------------------------------------------------------------
 
@@ -449,8 +531,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 if res == kmock.resource(resource) and ns == namespace and not obj.deleted}
 
     def count(self, resource: str, namespace: str) -> int:
-        """How many live objects of a resource a namespace holds."""
-        return len(self.names(resource, namespace))
+        """How many objects of a resource created through the API a namespace holds now
+        (kept up to date with every change: cheap to poll)."""
+        log = self._buses[kmock.resource(resource)]
+        assert isinstance(log, EventLog)
+        return log.live[namespace]
 
     def api_calls(self, agents: Iterable[str] = OPERATOR_AGENTS,
                   since: int = 0) -> collections.Counter[str]:
@@ -524,3 +609,18 @@ async def running_emulator() -> AsyncIterator[tuple[ClusterEmulator, str]]:
     async with ClusterEmulator() as emulator, kmock.Server(emulator) as server:
         declare_resources(emulator)
         yield emulator, str(server.url).rstrip("/")
+
+
+async def serve() -> None:
+    """The emulator on a free port for another process: print its URL, serve until stdin
+    closes (``python -m tests.operator.kube_emulator --serve emulator``, as the benches'
+    ``server_process`` runs servers)."""
+    async with running_emulator() as (_, url):
+        print(url.rsplit(":", 1)[1], flush=True)
+        await asyncio.to_thread(sys.stdin.read)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--serve", "emulator"]:
+        sys.exit("usage: python -m tests.operator.kube_emulator --serve emulator")
+    asyncio.run(serve())

@@ -87,7 +87,10 @@ class KubeClient:
 
     def __init__(self, *, timeout: float = 15.0, connections: int = 50,
                  user_agent: str = USER_AGENT) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # Per connection and per read, not in total: waiting for a free connection while
+        # hundreds of reconciles queue is not the API server being slow.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout,
+                                              sock_read=timeout)
         self._connections = connections
         self._user_agent = user_agent
         self._info: kopf.ConnectionInfo | None = None

@@ -414,6 +414,11 @@ class Reconciler:
             return "queued"
         return "in-sync"
 
+    @property
+    def pending(self) -> int:
+        """Reconciles queued or running (child events, retries, resync): 0 when idle."""
+        return len(self._tasks)
+
     def enqueue(self, state: ResourceState, trigger: str) -> None:
         """Reconcile ``state`` soon; a reconcile already pending covers this one too."""
         if state.queued is not None:
