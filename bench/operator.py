@@ -252,7 +252,7 @@ def _size_figures(count: int) -> dict[str, Any]:
         f"reconciles_per_capability{suffix}": rounded(per_capability(r.reconciles
                                                                      for r in runs)),
         f"api_calls_per_capability{suffix}": rounded(per_capability(
-            sum(count for verb, count in r.calls.items() if " " not in verb) for r in runs)),
+            sum(r.calls.values()) for r in runs)),
         f"writes_per_capability{suffix}": rounded(per_capability(writes(r.calls)
                                                                  for r in runs)),
         f"cpu_ms_per_capability{suffix}": rounded(per_capability(r.cpu_s * 1000
@@ -260,8 +260,7 @@ def _size_figures(count: int) -> dict[str, Any]:
         f"state_kib_per_capability{suffix}": rounded(per_capability(r.state_bytes / 1024
                                                                     for r in runs), 1),
         f"resync_writes{suffix}": max(writes(r.resync) for r in runs),
-        f"resync_calls{suffix}": max(sum(n for verb, n in r.resync.items() if " " not in verb)
-                                     for r in runs),
+        f"resync_calls{suffix}": max(sum(r.resync.values()) for r in runs),
         f"operator_s{suffix}": rounded(median([run.seconds for run in runs])),
         f"bare_s{suffix}": rounded(median(bare)),
     }

@@ -58,7 +58,6 @@ ACTORS = "packetflow.io/v1alpha1/actors"
 _NAMESPACES_PATH = "/api/v1/namespaces"
 CONTROL_PATH = "/_emulator"
 HISTORY = 200_000  # watch events kept per resource (a real API server keeps ~5 minutes)
-BOOKMARK_SECONDS = 5.0  # a real API server sends one about every minute
 # Client prefixes (User-Agent) of the operator's own requests: kopf's and the children's client.
 OPERATOR_AGENTS = ("kopf/", "packetflow-operator/")
 _VERBS = {enums.action.LIST: "list", enums.action.WATCH: "watch", enums.action.FETCH: "get",
@@ -129,6 +128,7 @@ class EventLog:
             maxlen=HISTORY)
         self.compacted_to = 0  # events up to this version are gone: older watches get 410
         self.live: collections.Counter[str] = collections.Counter()  # namespace -> objects
+        self.dropping = 0  # changes to leave out of the log: watches miss them
         self._wakeup = asyncio.Event()
 
     async def put(self, *items: dict[str, Any]) -> None:
@@ -146,6 +146,9 @@ class EventLog:
                 if item["type"] == "ADDED":
                     self.live[str(metadata.get("namespace"))] += 1
                 obj["metadata"].update(resourceVersion=metadata["resourceVersion"])
+            if self.dropping > 0:
+                self.dropping -= 1
+                continue
             if len(self.events) == self.events.maxlen:
                 self.compacted_to = self.events[0][0]
             self.events.append((version, {"type": item["type"], "object": obj}))
@@ -178,6 +181,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self._version = 0
         self._namespace_uids: dict[str, str] = {}
         self._faults: list[list[Any]] = []  # [method, path, status, times left]
+        self.bookmark_seconds = 5.0  # a real API server sends one about every minute
         # kmock publishes every change with `await self._buses[resource].put(event)`.
         self._buses = collections.defaultdict(lambda: EventLog(self))
 
@@ -449,7 +453,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                         and selects(terms, obj):
                     await send(event)
             if not events:
-                await log.wait(min(left, BOOKMARK_SECONDS))
+                await log.wait(min(left, self.bookmark_seconds))
                 if bookmarks and not log.after(position):
                     position = max(position, self._version)
                     await send({"type": "BOOKMARK", "object": {
@@ -520,6 +524,20 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         """Answer the next ``times`` requests of ``method`` on ``path`` with ``status``."""
         self._faults.append([method, path, status, times])
 
+    def miss_events(self, resource: str, count: int = 1) -> None:
+        """Leave the next ``count`` changes of ``resource`` out of every watch (they happen,
+        but no watch sees them), as a watch that broke and resumed too late would."""
+        log = self._buses[kmock.resource(resource)]
+        assert isinstance(log, EventLog)
+        log.dropping += count
+
+    def compact(self, resource: str) -> None:
+        """Forget the change history of ``resource`` so far (as etcd compaction does): a
+        watch from an older version gets ``410 Expired``."""
+        log = self._buses[kmock.resource(resource)]
+        assert isinstance(log, EventLog)
+        log.compacted_to = self._version
+
     def live(self, resource: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The current object, or None when absent or deleted."""
         obj = self._stored(kmock.resource(resource), namespace, name)
@@ -539,9 +557,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     def api_calls(self, agents: Iterable[str] = OPERATOR_AGENTS,
                   since: int = 0) -> collections.Counter[str]:
-        """Requests by Kubernetes verb (get, list, watch, create, patch, delete) made by
-        clients whose User-Agent starts with one of ``agents``, from ``log[since:]`` on;
-        ``verb resource[/subresource]`` keys are counted too."""
+        """Requests from ``log[since:]`` by clients whose User-Agent starts with one of
+        ``agents``, counted by ``verb resource[/subresource]`` (``create deployments``,
+        ``patch capabilities/status``; API discovery is ``get discovery``)."""
         prefixes = tuple(agents)
         counts: collections.Counter[str] = collections.Counter()
         for request in self.log[since:]:
@@ -553,18 +571,26 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 verb = "patch" if request.method == kmock.method.PATCH else "update"
             else:
                 verb = _VERBS.get(request.action, "get") if request.action else "get"
-            counts[verb] += 1
-            if request.resource is not None:
-                target = request.resource.plural or "?"
+            target = "discovery"
+            if request.resource is not None and request.resource.plural:
+                target = request.resource.plural
                 if request.subresource:
                     target += f"/{request.subresource}"
-                counts[f"{verb} {target}"] += 1
+            counts[f"{verb} {target}"] += 1
         return counts
+
+
+def verbs(calls: Mapping[str, int]) -> collections.Counter[str]:
+    """:meth:`ClusterEmulator.api_calls`' counts summed by verb."""
+    counts: collections.Counter[str] = collections.Counter()
+    for key, count in calls.items():
+        counts[key.split(" ", 1)[0]] += count
+    return counts
 
 
 def writes(calls: Mapping[str, int]) -> int:
     """The write requests among :meth:`ClusterEmulator.api_calls`' counts."""
-    return sum(count for verb, count in calls.items() if verb in WRITE_VERBS)
+    return sum(count for verb, count in verbs(calls).items() if verb in WRITE_VERBS)
 
 
 def _api_version(resource: Any) -> str:

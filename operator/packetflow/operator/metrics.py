@@ -53,13 +53,15 @@ class OperatorMetrics:
 
     @contextmanager
     def timed(self, trigger: str) -> Iterator[Outcome]:
-        """Count and time one reconcile; an exception counts as ``error``."""
+        """Count and time one reconcile; an exception counts as ``error`` unless the handler
+        named the failure (``conflict``, ``api-error``) before raising."""
         outcome = Outcome()
         start = time.perf_counter()
         try:
             yield outcome
         except BaseException:
-            outcome.result = "error"
+            if outcome.result == "ok":
+                outcome.result = "error"
             raise
         finally:
             elapsed = time.perf_counter() - start
