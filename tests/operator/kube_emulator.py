@@ -233,13 +233,14 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _serve_control(self, raw_request: aiohttp.web.BaseRequest,
                              path: str) -> aiohttp.web.StreamResponse:
-        """``/_emulator/calls?since=N``: :meth:`api_calls`, the log's length and this
-        process's CPU seconds;
+        """``/_emulator/calls?since=N[&agents=A,B]``: :meth:`api_calls`, the log's length
+        and this process's CPU seconds;
         ``/_emulator/wait?want=RESOURCE:COUNT,...&namespace=NS``: answers once the namespace
         holds that many objects of each resource (or 408 after ``timeout`` seconds)."""
         query = raw_request.query
         if path == f"{CONTROL_PATH}/calls":
-            calls = self.api_calls(since=int(query.get("since", "0")))
+            agents = tuple(query["agents"].split(",")) if "agents" in query else OPERATOR_AGENTS
+            calls = self.api_calls(agents, since=int(query.get("since", "0")))
             return _json({"calls": dict(calls), "log": len(self.log),
                           "cpu_s": time.process_time()})
         if path == f"{CONTROL_PATH}/wait":
