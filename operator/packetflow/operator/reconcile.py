@@ -101,8 +101,10 @@ class ResourceState:
     desired: dict[ChildKey, DesiredChild] = field(default_factory=dict)  # in apply order
     children: dict[ChildKey, ChildRecord] = field(default_factory=dict)
     workloads: dict[ChildKey, Manifest] = field(default_factory=dict)  # status.workload_view
-    status: dict[str, Any] = field(default_factory=dict)  # what the operator wants it to say
-    live_status: dict[str, Any] = field(default_factory=dict)  # what the API server says
+    # What the operator wants status to say (only its own fields), and what the API server
+    # last said it says (all fields; only the operator's are compared).
+    status: dict[str, Any] = field(default_factory=dict)
+    live_status: dict[str, Any] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queued: str | None = None  # trigger of the pending reconcile, when one is queued
 
@@ -223,12 +225,12 @@ class Reconciler:
         key = (body["kind"], meta["namespace"], meta["name"])
         state = self.states.get(key)
         if state is None or state.uid != meta["uid"]:
-            live = status.own_status(body.get("status"))
+            live = dict(body.get("status") or {})
             state = ResourceState(
                 kind=body["kind"], namespace=meta["namespace"], name=meta["name"],
                 uid=meta["uid"],
                 owner_reference=dict(kopf.build_owner_reference(body)),  # type: ignore[arg-type]
-                status=dict(live), live_status=live)
+                status=status.own_status(live), live_status=live)
             self.states[key] = state
         return state
 
@@ -277,7 +279,7 @@ class Reconciler:
         body = _plain(raw_body)
         state = self._state(body)
         async with state.lock:
-            state.live_status = status.own_status(body.get("status"))
+            state.live_status = dict(body.get("status") or {})
             new_spec = self._load_spec(state, body)
             if state.errors:
                 wrote = await self._write_status(state, status.failure_status(
@@ -514,7 +516,7 @@ class Reconciler:
         patched = await self.client.merge_patch(API_VERSION, state.kind, state.namespace,
                                                 state.name, {"status": state.status},
                                                 subresource="status")
-        state.live_status = status.own_status(patched.get("status")) or dict(state.status)
+        state.live_status = dict(patched.get("status") or state.status)
         return True
 
     # --- the periodic resync -----------------------------------------------------------------
@@ -540,7 +542,7 @@ class Reconciler:
                 if meta.get("generation") != state.generation:
                     await self.reconcile(body)  # a spec change the watch did not bring
                 elif not state.lock.locked() and state.queued is None:
-                    state.live_status = status.own_status(body.get("status"))
+                    state.live_status = dict(body.get("status") or {})
             for state in [s for s in owners if s.kind == kind and s.key not in listed]:
                 self.forget(namespace, state.name, state.uid, kind)  # deleted, unnoticed
         owners = [state for state in self.states.values()

@@ -16,8 +16,9 @@ from typing import Any, Final
 
 READY: Final = "Ready"
 DEGRADED: Final = "Degraded"
-# The status fields the operator writes; anything else under status belongs to someone else
-# (the routing controller, kopf) and is never sent back.
+# The status fields the operator writes (a new one goes here too, so a restarted operator
+# carries it on); anything else under status belongs to someone else (the routing
+# controller, kopf) and is never sent back.
 OWN_KEYS: Final = frozenset({"conditions", "observedGeneration", "replicas", "readyReplicas",
                              "endpoint", "selector", "members", "activeActors"})
 
