@@ -242,8 +242,8 @@ async def run_operator(
     namespaces: Collection[str] = (),
     clusterwide: bool = False,
     liveness_endpoint: str | None = None,
-    stop_flag: asyncio.Event | None = None,
-    ready_flag: asyncio.Event | None = None,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+    ready_flag: asyncio.Event | threading.Event | None = None,
 ) -> None:
     """Run the kopf operator with PacketFlow's handlers until ``stop_flag`` is set."""
     await kopf.operator(
@@ -281,11 +281,8 @@ class OperatorThread:
 
     async def _operate(self) -> None:
         self.loop = asyncio.get_running_loop()
-        await kopf.operator(
-            registry=build_registry(), settings=kopf_settings(self.ctx.settings),
-            memo=kopf.Memo(ctx=self.ctx), namespaces=self.namespaces,
-            clusterwide=self.clusterwide, standalone=True,
-            stop_flag=self._stop, ready_flag=self._ready)
+        await run_operator(self.ctx, namespaces=self.namespaces, clusterwide=self.clusterwide,
+                           stop_flag=self._stop, ready_flag=self._ready)
 
     def _main(self) -> None:
         try:

@@ -129,15 +129,6 @@ class ReconcileReport:
     status_written: bool = False
 
 
-def _plain(value: Any) -> Any:
-    """kopf's body views -> plain dicts and lists (the models and renderers want plain data)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def describe_errors(errors: list[ManifestError]) -> str:
     """Spec errors as one message, each naming its field: ``spec.requires.a.type: ...``."""
     return "; ".join(f"{e.path}: {e.message}" if e.path else e.message for e in errors)
@@ -276,7 +267,7 @@ class Reconciler:
         """Validate the spec (once per generation), apply every child not known to be in
         sync, write status. ``created``: the resource is new, so its children are created
         without being looked up first. Raises on API failures."""
-        body = _plain(raw_body)
+        body = dict(raw_body)  # kopf's view holds the plain JSON values underneath
         state = self._state(body)
         async with state.lock:
             state.live_status = dict(body.get("status") or {})
