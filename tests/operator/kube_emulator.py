@@ -26,6 +26,11 @@ see a plausible API server:
   quadratic); only discovery goes through kmock's reactions. Every request is in :attr:`log`,
   and :meth:`api_calls` counts them by verb and client (User-Agent).
 
+For tests and the bench: :meth:`miss_events` (changes no watch sees), :meth:`compact` (410
+for older watches), :meth:`fail_next` (injected errors), and ``/_emulator/calls`` and
+``/_emulator/wait`` for a process that talks to the emulator over HTTP only
+(``python -m tests.operator.kube_emulator --serve emulator`` prints its port).
+
 It still ignores PUT and server-side apply: the operator does not use them.
 """
 
