@@ -110,7 +110,7 @@ class KubeClient:
         if self._session is None or self._session_info != info:
             if self._session is not None:
                 self._retired.append(self._session)
-            ssl: Any = info.as_ssl_context() if info.server.startswith("https") else None
+            ssl: Any = info.as_ssl_context() if info.server.startswith("https") else True
             self._session = aiohttp.ClientSession(
                 headers={**info.as_http_headers(), "User-Agent": self._user_agent},
                 timeout=self._timeout, trust_env=info.trust_env,
