@@ -1,48 +1,69 @@
-"""Operator throughput: 500 Capabilities created against the Kubernetes emulator.
+"""Operator at scale: N Capabilities applied at once against the Kubernetes emulator.
 
-The real kopf operator (in its own thread and event loop, as in the tests) watches the
-emulator (kmock over HTTP, with the test fixture that fills kmock's gaps); this process plays
-kubectl and creates the Capabilities, 50 requests at a time. Figures:
+The emulator (kmock over HTTP, with the test fixture's API-server behaviour: resourceVersions,
+watch replay and bookmarks, label selectors, 409s, no-op patches) runs in a subprocess, as an
+API server runs apart from its clients; a fresh one for every run. The real kopf operator runs
+in this process, in its own thread and event loop (as in the tests), and this process's loop
+plays kubectl and creates N Capabilities, CONCURRENCY at a time. The baseline is a bare client
+(the operator's own HTTP client) creating the same children, rendered beforehand, with the same
+concurrency. Runs alternate in pairs (baseline first, then operator first); for each N in SIZES
+the figures are:
 
-- ``seconds_until_all_deployments``: from the first create until every Deployment exists;
-- ``seconds_until_all_status``: until every Capability has a status for its generation;
-- ``reconciles_per_second``: Capability reconciles (create handler runs) over that time;
-- ``handler_p50_ms``/``handler_p99_ms``: latency of the Capability handler;
-  ``child_event_p50_ms``/``child_event_p99_ms``: of the children's event handler;
-- ``baseline_seconds``: a bare client creating the same 1,500 child objects (no kopf, no
-  operator) against a fresh emulator with the same concurrency; ``overhead_ratio`` is the
-  operator's time to all Deployments over that: what watching, rendering, ownership checks
-  and status writes cost beyond the writes themselves (DESIGN.md, performance method).
+- ``operator_ratio_n{N}`` (and ``_min``, ``_max``, ``_variation``, ``_pairs``): seconds from the
+  first Capability POST until every child exists, over the bare client's seconds for the same
+  children (the bench's one speed figure; target <= 2);
+- ``reconciles_per_capability_n{N}``: reconciles (kopf handler runs and queued ones) until every
+  status is written and every child event handled, per Capability (target <= 2);
+- ``api_calls_per_capability_n{N}``, ``writes_per_capability_n{N}``: the operator's requests
+  (kopf's and its client's, told apart by User-Agent) over the same span (target <= 4 writes);
+- ``cpu_ms_per_capability_n{N}``: CPU time of the operator's thread over that span;
+- ``state_kib_per_capability_n{N}``: what the operator keeps in memory per Capability;
+- ``resync_writes_n{N}``, ``resync_calls_n{N}``: one resync of the N unchanged Capabilities
+  (target: 0 writes);
+- ``operator_s_n{N}``, ``bare_s_n{N}``: the medians behind the ratio, for context.
+
+Counts are medians over the pairs (they hardly vary). ``PACKETFLOW_BENCH_OPERATOR_SIZES``
+(default ``300,1000``) and ``PACKETFLOW_BENCH_OPERATOR_PAIRS`` (default 3) size the run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import dataclasses
 import os
+import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
+import kopf
 from prometheus_client import CollectorRegistry
 
-from bench.common import percentile, rounded
+from bench.common import median, ratio_figures, rounded, server_process
 from packetflow.operator import render
+from packetflow.operator.client import PLURALS, KubeClient
 from packetflow.operator.handlers import OperatorContext, OperatorThread
 from packetflow.operator.metrics import OperatorMetrics
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import Capability
 
 # The emulator with kmock's gaps filled lives with the tests that need it (DESIGN.md).
-from tests.operator.kube_emulator import CAPABILITIES, running_emulator, write_kubeconfig
+from tests.operator.kube_emulator import CONTROL_PATH, write_kubeconfig, writes
 
-COUNT = int(os.environ.get("PACKETFLOW_BENCH_CAPABILITIES", "500"))
+SIZES = tuple(int(size) for size in
+              os.environ.get("PACKETFLOW_BENCH_OPERATOR_SIZES", "300,1000").split(","))
+PAIRS = int(os.environ.get("PACKETFLOW_BENCH_OPERATOR_PAIRS", "3"))
 CONCURRENCY = 50
 NAMESPACE = "default"
-CAPS_PATH = f"/apis/packetflow.io/v1alpha1/namespaces/{NAMESPACE}/capabilities"
-TIMEOUT = 300.0
+TIMEOUT = 600.0
+SETTINGS = OperatorSettings(liveness_address=None, operator_metrics_address=None,
+                            resync_seconds=0)
 
 
 def _manifest(index: int) -> dict[str, Any]:
@@ -52,15 +73,63 @@ def _manifest(index: int) -> dict[str, Any]:
                      "implementation": {"builtin": {"name": "echo"}}, "replicas": 1}}
 
 
-async def _post_all(base_url: str, items: Iterable[tuple[str, dict[str, Any]]]) -> None:
+def _children(count: int) -> list[dict[str, Any]]:
+    """What the operator writes for ``count`` Capabilities, with an owner reference as its
+    children carry (the same bytes on the wire)."""
+    children = []
+    for index in range(count):
+        capability = Capability.model_validate(_manifest(index))
+        owner = {"apiVersion": "packetflow.io/v1alpha1", "kind": "Capability",
+                 "name": capability.name, "uid": f"00000000-0000-0000-0000-{index:012d}",
+                 "controller": True, "blockOwnerDeletion": True}
+        for child in render.desired_children(capability, NAMESPACE, SETTINGS):
+            child["metadata"]["ownerReferences"] = [owner]
+            children.append(child)
+    return children
+
+
+def _resource(obj: Mapping[str, Any]) -> str:
+    """A child's resource as the emulator names it (``apps/v1/deployments``)."""
+    return f"{obj['apiVersion']}/{PLURALS[(obj['apiVersion'], obj['kind'])]}"
+
+
+async def _create_all(url: str, objects: list[dict[str, Any]], agent: str) -> float:
+    """POST every object, CONCURRENCY at a time; the seconds taken."""
+    client = KubeClient(connections=CONCURRENCY, user_agent=agent)
+    client.configure(kopf.ConnectionInfo(server=url))
     semaphore = asyncio.Semaphore(CONCURRENCY)
-    limits = httpx.Limits(max_connections=CONCURRENCY)
-    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
-        async def post(path: str, body: dict[str, Any]) -> None:
-            async with semaphore:
-                response = await client.post(path, json=body)
-                response.raise_for_status()
-        await asyncio.gather(*(post(path, body) for path, body in items))
+
+    async def create(obj: dict[str, Any]) -> None:
+        async with semaphore:
+            await client.create(obj)
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(create(obj) for obj in objects))
+        return time.perf_counter() - start
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _emulator() -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
+    """A fresh emulator subprocess: its URL and a session for its control endpoints."""
+    async with server_process("tests.operator.kube_emulator", "emulator") as port:
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession(base_url=url) as control:
+            yield url, control
+
+
+async def _control(control: aiohttp.ClientSession, path: str, **params: str) -> Any:
+    async with control.get(f"{CONTROL_PATH}/{path}", params=params,
+                           timeout=aiohttp.ClientTimeout(total=TIMEOUT + 30)) as response:
+        response.raise_for_status()
+        return await response.json()
+
+
+async def _calls(control: aiohttp.ClientSession, since: int) -> tuple[Counter[str], int]:
+    """The operator's requests since log position ``since``, and the position now."""
+    answer = await _control(control, "calls", since=str(since))
+    return collections.Counter(answer["calls"]), int(answer["log"])
 
 
 async def _until(check: Callable[[], bool], what: str) -> None:
@@ -68,83 +137,141 @@ async def _until(check: Callable[[], bool], what: str) -> None:
     while not check():
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up after {TIMEOUT}s waiting for {what}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
 
 
-async def _timed(action: Awaitable[None]) -> float:
-    start = time.perf_counter()
-    await action
-    return time.perf_counter() - start
+def _total(metrics: OperatorMetrics, name: str, **labels: str) -> float:
+    return sum(sample.value for family in metrics.registry.collect()
+               for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v
+                                               for k, v in labels.items()))
 
 
-async def _baseline() -> float:
-    """Seconds for a bare client to create the same children (rendered beforehand)."""
-    settings = OperatorSettings()
-    items: list[tuple[str, dict[str, Any]]] = []
-    for index in range(COUNT):
-        cap = Capability.model_validate(_manifest(index))
-        for child in render.desired_children(cap, NAMESPACE, settings):
-            plural = {"ConfigMap": "configmaps", "Service": "services",
-                      "Deployment": "deployments"}[child["kind"]]
-            root = "/api/v1" if child["apiVersion"] == "v1" else "/apis/apps/v1"
-            items.append((f"{root}/namespaces/{NAMESPACE}/{plural}", child))
-    async with running_emulator() as (_, url):
-        return await _timed(_post_all(url, items))
+async def _thread_cpu() -> float:
+    return time.thread_time()
 
 
-async def _operator_run() -> dict[str, Any]:
-    async with running_emulator() as (cluster, url):
-        kubeconfig = write_kubeconfig(Path(tempfile.mkdtemp()) / "kubeconfig", url)
+def _deep_size(root: Any) -> int:
+    """Bytes held by an object graph (dicts, sequences, objects' attributes), each once."""
+    seen: set[int] = set()
+    pending = [root]
+    size = 0
+    while pending:
+        obj = pending.pop()
+        if id(obj) in seen or isinstance(obj, type | asyncio.AbstractEventLoop):
+            continue
+        seen.add(id(obj))
+        size += sys.getsizeof(obj)
+        if isinstance(obj, Mapping):
+            pending.extend(obj.keys())
+            pending.extend(obj.values())
+        elif isinstance(obj, list | tuple | set | frozenset | collections.deque):
+            pending.extend(obj)
+        elif dataclasses.is_dataclass(obj) or hasattr(obj, "__dict__"):
+            pending.extend(vars(obj).values())
+    return size
+
+
+@dataclasses.dataclass
+class OperatorRun:
+    """One operator run's figures."""
+
+    seconds: float
+    reconciles: float
+    calls: Counter[str]
+    cpu_s: float
+    state_bytes: int
+    resync: Counter[str]
+
+
+async def _operator_run(count: int) -> OperatorRun:
+    manifests = [_manifest(index) for index in range(count)]
+    expected = collections.Counter(_resource(child) for child in _children(count))
+    want = ",".join(f"{resource}:{number}" for resource, number in expected.items())
+    async with _emulator() as (url, control):
         previous = os.environ.get("KUBECONFIG")
-        os.environ["KUBECONFIG"] = str(kubeconfig)
-        metrics = OperatorMetrics(registry=CollectorRegistry(), keep_durations=True)
-        settings = OperatorSettings(liveness_address=None, operator_metrics_address=None)
-        thread = OperatorThread(OperatorContext.create(settings, metrics),
-                                namespaces=[NAMESPACE])
+        os.environ["KUBECONFIG"] = str(write_kubeconfig(Path(tempfile.mkdtemp()) / "kubeconfig",
+                                                        url))
+        metrics = OperatorMetrics(registry=CollectorRegistry())
+        thread = OperatorThread(OperatorContext.create(SETTINGS, metrics), namespaces=[NAMESPACE])
         await asyncio.to_thread(thread.start)
+        reconciler = thread.ctx.reconciler
         try:
+            _, mark = await _calls(control, 0)
+            cpu = await asyncio.to_thread(thread.call, _thread_cpu())
             start = time.perf_counter()
-            creating = asyncio.create_task(
-                _post_all(url, ((CAPS_PATH, _manifest(i)) for i in range(COUNT))))
-            await _until(lambda: len(cluster.names("apps/v1/deployments", NAMESPACE)) >= COUNT,
-                         "every Deployment")
-            deployments_s = time.perf_counter() - start
-            await creating
-
-            def all_status() -> bool:
-                return all((cluster.live(CAPABILITIES, NAMESPACE, f"cap-{i:04d}") or {})
-                           .get("status", {}).get("observedGeneration") == 1
-                           for i in range(COUNT))
-            await _until(all_status, "every status")
-            status_s = time.perf_counter() - start
+            kubectl = asyncio.create_task(_create_all(url, manifests, "bench-kubectl/1"))
+            await _control(control, "wait", want=want, namespace=NAMESPACE,
+                           timeout=str(TIMEOUT))
+            seconds = time.perf_counter() - start
+            await kubectl
+            await _until(lambda: _total(metrics, "packetflow_operator_reconciles_total",
+                                        trigger="create") >= count, "every status")
+            await _until(lambda: _total(metrics, "packetflow_operator_child_events_total")
+                         >= sum(expected.values()) and reconciler.pending == 0,
+                         "every child event handled")
+            cpu = await asyncio.to_thread(thread.call, _thread_cpu()) - cpu
+            calls, mark = await _calls(control, mark)
+            reconciles = _total(metrics, "packetflow_operator_reconciles_total")
+            state_bytes = _deep_size(reconciler.states)
+            await asyncio.to_thread(thread.call, reconciler.resync())
+            await _until(lambda: reconciler.pending == 0, "the resync's reconciles")
+            resync, _ = await _calls(control, mark)
         finally:
             await asyncio.to_thread(thread.stop)
             if previous is None:
                 os.environ.pop("KUBECONFIG", None)
             else:
                 os.environ["KUBECONFIG"] = previous
-    handler = metrics.durations.get("create", [])
-    children = metrics.durations.get("child-changed", [])
+    return OperatorRun(seconds, reconciles, calls, cpu, state_bytes, resync)
+
+
+async def _bare_run(children: list[dict[str, Any]]) -> float:
+    async with _emulator() as (url, _):
+        return await _create_all(url, children, "bench-bare-client/1")
+
+
+def _size_figures(count: int) -> dict[str, Any]:
+    children = _children(count)
+    bare: list[float] = []
+    runs: list[OperatorRun] = []
+    for pair in range(PAIRS):
+        if pair % 2 == 0:
+            bare.append(asyncio.run(_bare_run(children)))
+            runs.append(asyncio.run(_operator_run(count)))
+        else:
+            runs.append(asyncio.run(_operator_run(count)))
+            bare.append(asyncio.run(_bare_run(children)))
+    suffix = f"_n{count}"
+
+    def per_capability(values: Iterable[float]) -> float:
+        return median([value / count for value in values])
     return {
-        "seconds_until_all_deployments": rounded(deployments_s),
-        "seconds_until_all_status": rounded(status_s),
-        "reconciles": len(handler),
-        "reconciles_per_second": rounded(len(handler) / status_s, 1),
-        "handler_p50_ms": rounded(percentile(handler, 0.5) * 1000, 1),
-        "handler_p99_ms": rounded(percentile(handler, 0.99) * 1000, 1),
-        "child_events": len(children),
-        "child_event_p50_ms": rounded(percentile(children, 0.5) * 1000, 2),
-        "child_event_p99_ms": rounded(percentile(children, 0.99) * 1000, 2),
+        **ratio_figures(f"operator_ratio{suffix}",
+                        [run.seconds / base for run, base in zip(runs, bare, strict=True)]),
+        f"reconciles_per_capability{suffix}": rounded(per_capability(r.reconciles
+                                                                     for r in runs)),
+        f"api_calls_per_capability{suffix}": rounded(per_capability(
+            sum(r.calls.values()) for r in runs)),
+        f"writes_per_capability{suffix}": rounded(per_capability(writes(r.calls)
+                                                                 for r in runs)),
+        f"cpu_ms_per_capability{suffix}": rounded(per_capability(r.cpu_s * 1000
+                                                                 for r in runs), 2),
+        f"state_kib_per_capability{suffix}": rounded(per_capability(r.state_bytes / 1024
+                                                                    for r in runs), 1),
+        f"resync_writes{suffix}": max(writes(r.resync) for r in runs),
+        f"resync_calls{suffix}": max(sum(r.resync.values()) for r in runs),
+        f"operator_s{suffix}": rounded(median([run.seconds for run in runs])),
+        f"bare_s{suffix}": rounded(median(bare)),
     }
 
 
 def run() -> dict[str, Any]:
-    """Create 500 Capabilities with the real operator running; return the figures."""
-    figures: dict[str, Any] = {"capabilities": COUNT, "concurrency": CONCURRENCY}
-    figures.update(asyncio.run(_operator_run()))
-    baseline = asyncio.run(_baseline())
-    figures["baseline_seconds"] = rounded(baseline)
-    figures["overhead_ratio"] = rounded(figures["seconds_until_all_deployments"] / baseline, 2)
+    """Apply N Capabilities (each N in SIZES) with the operator running, in alternating pairs
+    with a bare client writing the same children; return the figures."""
+    figures: dict[str, Any] = {"sizes": list(SIZES), "concurrency": CONCURRENCY}
+    for count in SIZES:
+        figures.update(_size_figures(count))
     return figures
 
 

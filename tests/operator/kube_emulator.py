@@ -1,46 +1,179 @@
 """kmock's Kubernetes emulator plus the API-server behaviour the operator relies on.
 
 kmock 0.8 stores and streams objects, but (see DESIGN.md) it cannot serve namespaces, sets no
-server-side metadata, ignores the status subresource boundary and collects no garbage. This
-subclass adds exactly that, so kopf and the operator see a plausible API server:
+server-side metadata, ignores the status subresource boundary, resourceVersions and label
+selectors, and collects no garbage. This subclass adds exactly that, so kopf and the operator
+see a plausible API server:
 
 * ``/api/v1/namespaces`` (list, get, watch) with ``default`` and any namespace declared;
-* ``metadata.uid``, ``resourceVersion`` (on every write), ``generation`` (bumped when ``spec``
-  changes), ``creationTimestamp`` and ``namespace`` on creation;
+* ``metadata.uid``, ``generation`` (bumped when ``spec`` changes), ``creationTimestamp`` and
+  ``namespace`` on creation; ``resourceVersion`` from one cluster-wide counter, advanced by
+  every change (deletions too) and by nothing else: a patch that changes nothing is a no-op
+  (no new version, no watch event), as on a real API server;
+* resourceVersion semantics: a list carries the version it was taken at; a watch from a
+  version replays every change after it (ADDED/MODIFIED/DELETED, in order), a watch without
+  one starts with the current objects; a version older than the kept history answers
+  ``410 Gone``; ``allowWatchBookmarks`` gets BOOKMARK events; ``timeoutSeconds`` ends it;
+* ``labelSelector`` on lists and watches (``k=v``, ``k==v``, ``k!=v``, ``k``, ``!k``);
+* ``409 AlreadyExists`` for creating an existing name and ``409 Conflict`` for a merge
+  patch whose ``metadata.resourceVersion`` is not the current one (optimistic concurrency);
 * writes to ``/status`` change only ``status``, other writes never change ``status`` (for
   resources declared with a status subresource), as the API server does;
 * a failed JSON-patch ``test`` answers 422, so kopf retries instead of erroring;
 * deleting an object deletes its dependents (ownerReferences), like the garbage collector;
-* request matching stays fast: kmock compares each request with all earlier ones (quadratic),
-  so only in-flight requests stay in kmock's list; all of them are in :attr:`log`.
+* the standard verbs are served here from kmock's object store, by key: kmock itself would
+  match every request against its reaction DSL and scan every object (most of its CPU, and
+  quadratic); only discovery goes through kmock's reactions. Every request is in :attr:`log`,
+  and :meth:`api_calls` counts them by verb and client (User-Agent).
 
-It still ignores label selectors, PUT and server-side apply: the operator does not use them.
+For tests and the bench: :meth:`miss_events` (changes no watch sees), :meth:`compact` (410
+for older watches), :meth:`fail_next` (injected errors), and ``/_emulator/calls`` and
+``/_emulator/wait`` for a process that talks to the emulator over HTTP only
+(``python -m tests.operator.kube_emulator --serve emulator`` prints its port).
+
+It still ignores PUT and server-side apply: the operator does not use them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import datetime
 import gzip
 import importlib.resources
-import itertools
 import json
+import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import aiohttp.web
 import jsonpatch
 import kmock
+import orjson
 import yaml
-from kmock._internal import dicts, enums, rendering
+from kmock._internal import dicts, enums, k8s_dicts, rendering
 
 CAPABILITIES = "packetflow.io/v1alpha1/capabilities"
 ACTORS = "packetflow.io/v1alpha1/actors"
 _NAMESPACES_PATH = "/api/v1/namespaces"
+CONTROL_PATH = "/_emulator"
+HISTORY = 200_000  # watch events kept per resource (a real API server keeps ~5 minutes)
+# Client prefixes (User-Agent) of the operator's own requests: kopf's and the children's client.
+OPERATOR_AGENTS = ("kopf/", "packetflow-operator/")
+_VERBS = {enums.action.LIST: "list", enums.action.WATCH: "watch", enums.action.FETCH: "get",
+          enums.action.CREATE: "create", enums.action.DELETE: "delete"}
+WRITE_VERBS = frozenset({"create", "patch", "update", "delete"})
+
+
+def _json(body: Any, status: int = 200) -> aiohttp.web.Response:
+    return aiohttp.web.Response(body=orjson.dumps(body), status=status,
+                                content_type="application/json")
+
+
+def _status_error(status: int, reason: str, message: str,
+                  details: Mapping[str, Any] | None = None) -> aiohttp.web.Response:
+    return _json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                  "reason": reason, "message": message, "details": dict(details or {}),
+                  "code": status}, status)
+
+
+def parse_label_selector(text: str | None) -> list[tuple[str, str, str | None]]:
+    """``k=v,k!=v,k,!k`` as (key, operator, value) terms; set-based terms are refused."""
+    terms: list[tuple[str, str, str | None]] = []
+    for raw in (text or "").split(","):
+        term = raw.strip()
+        if not term:
+            continue
+        if " in " in term or " notin " in term or "(" in term:
+            raise ValueError(f"set-based selectors are not emulated: {term!r}")
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            terms.append((key.strip(), "!=", value.strip()))
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            terms.append((key.strip(), "=", value.strip()))
+        elif term.startswith("!"):
+            terms.append((term[1:].strip(), "!", None))
+        else:
+            terms.append((term, "exists", None))
+    return terms
+
+
+def selects(terms: Iterable[tuple[str, str, str | None]], obj: Mapping[str, Any]) -> bool:
+    """Whether an object's labels satisfy every selector term."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for key, operator, value in terms:
+        if operator == "=" and labels.get(key) != value:
+            return False
+        if operator == "!=" and labels.get(key) == value:
+            return False
+        if operator == "exists" and key not in labels:
+            return False
+        if operator == "!" and key in labels:
+            return False
+    return True
+
+
+class EventLog:
+    """Every change of one resource, in resourceVersion order; watches replay from it.
+
+    Versions are given here, where kmock publishes a change (under its lock, right after it
+    stored the object), so the log is ordered by version and the stored object, the reply to
+    the writer and the watch event all carry the same one.
+    """
+
+    def __init__(self, emulator: ClusterEmulator) -> None:
+        self._emulator = emulator
+        self.events: collections.deque[tuple[int, dict[str, Any]]] = collections.deque(
+            maxlen=HISTORY)
+        self.compacted_to = 0  # events up to this version are gone: older watches get 410
+        self.live: collections.Counter[str] = collections.Counter()  # namespace -> objects
+        self.dropping = 0  # changes to leave out of the log: watches miss them
+        self._wakeup = asyncio.Event()
+
+    async def put(self, *items: dict[str, Any]) -> None:
+        """Record changes (kmock's bus interface) and wake the watches. Never awaits, so a
+        change and its event are atomic for every other coroutine."""
+        for item in items:
+            obj = item["object"]
+            metadata = dict(obj.get("metadata") or {})
+            version = self._emulator.next_version()
+            metadata["resourceVersion"] = str(version)
+            if item["type"] == "DELETED":
+                obj = {**obj, "metadata": metadata}  # the last state, at a version of its own
+                self.live[str(metadata.get("namespace"))] -= 1
+            else:
+                if item["type"] == "ADDED":
+                    self.live[str(metadata.get("namespace"))] += 1
+                obj["metadata"].update(resourceVersion=metadata["resourceVersion"])
+            if self.dropping > 0:
+                self.dropping -= 1
+                continue
+            if len(self.events) == self.events.maxlen:
+                self.compacted_to = self.events[0][0]
+            self.events.append((version, {"type": item["type"], "object": obj}))
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        wakeup.set()
+
+    def after(self, version: int) -> list[tuple[int, dict[str, Any]]]:
+        """Events with a version greater than ``version``, oldest first."""
+        newer: list[tuple[int, dict[str, Any]]] = []
+        for entry in reversed(self.events):
+            if entry[0] <= version:
+                break
+            newer.append(entry)
+        newer.reverse()
+        return newer
+
+    async def wait(self, timeout: float) -> None:
+        """Until the next change, or ``timeout`` seconds."""
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
 
 
 class ClusterEmulator(kmock.KubernetesEmulator):
@@ -50,9 +183,17 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self.namespace_names: list[str] = ["default"]
         self.log: list[rendering.Request] = []  # every request, for assertions
-        self._versions = itertools.count(1)
+        self._version = 0
         self._namespace_uids: dict[str, str] = {}
         self._faults: list[list[Any]] = []  # [method, path, status, times left]
+        self.bookmark_seconds = 5.0  # a real API server sends one about every minute
+        # kmock publishes every change with `await self._buses[resource].put(event)`.
+        self._buses = collections.defaultdict(lambda: EventLog(self))
+
+    def next_version(self) -> int:
+        """The next cluster-wide resourceVersion."""
+        self._version += 1
+        return self._version
 
     # --- namespaces: kmock's URL parser cannot route /api/v1/namespaces[/NAME] ---------------
 
@@ -65,6 +206,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         path = raw_request.path.rstrip("/")
+        if path.startswith(CONTROL_PATH):
+            return await self._serve_control(raw_request, path)
         if raw_request.method == "GET" and (path == _NAMESPACES_PATH or (
                 path.startswith(_NAMESPACES_PATH + "/") and path.count("/") == 4)):
             return await self._serve_namespaces(raw_request, path)
@@ -75,10 +218,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if path != _NAMESPACES_PATH:
             name = path.rsplit("/", 1)[-1]
             if name not in self.namespace_names:
-                return aiohttp.web.json_response(
-                    {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                     "reason": "NotFound", "code": 404,
-                     "message": f'namespaces "{name}" not found'}, status=404)
+                return _status_error(404, "NotFound", f'namespaces "{name}" not found')
             return aiohttp.web.json_response(self._namespace_object(name))
         items = [self._namespace_object(name) for name in self.namespace_names]
         if raw_request.query.get("watch") != "true":
@@ -94,66 +234,239 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         await asyncio.sleep(timeout)
         return response
 
-    # --- server-side metadata, the status boundary, JSON-patch tests, garbage collection ----
+    # --- control: what a test in another process asks (the benchmark) ----------------------
+
+    async def _serve_control(self, raw_request: aiohttp.web.BaseRequest,
+                             path: str) -> aiohttp.web.StreamResponse:
+        """``/_emulator/calls?since=N[&agents=A,B]``: :meth:`api_calls`, the log's length
+        and this process's CPU seconds;
+        ``/_emulator/wait?want=RESOURCE:COUNT,...&namespace=NS``: answers once the namespace
+        holds that many objects of each resource (or 408 after ``timeout`` seconds)."""
+        query = raw_request.query
+        if path == f"{CONTROL_PATH}/calls":
+            agents = tuple(query["agents"].split(",")) if "agents" in query else OPERATOR_AGENTS
+            calls = self.api_calls(agents, since=int(query.get("since", "0")))
+            return _json({"calls": dict(calls), "log": len(self.log),
+                          "cpu_s": time.process_time()})
+        if path == f"{CONTROL_PATH}/wait":
+            wanted = [item.rsplit(":", 1) for item in query.get("want", "").split(",") if item]
+            namespace = query.get("namespace", "default")
+            deadline = asyncio.get_running_loop().time() + float(query.get("timeout", "600"))
+            while not all(self.count(resource, namespace) >= int(number)
+                          for resource, number in wanted):
+                if asyncio.get_running_loop().time() > deadline:
+                    return _status_error(408, "Timeout", f"not reached: {query.get('want')}")
+                await asyncio.sleep(0.002)
+            return _json({"ok": True})
+        return _status_error(404, "NotFound", path)
+
+    # --- objects: stored in kmock's store, served here directly -----------------------------
+    # kmock would match every request against its reaction DSL (most of its CPU) and scan every
+    # object per request; the standard verbs are served here by key instead.
+
+    def _stored(self, resource: Any, namespace: str | None,
+                name: str | None) -> k8s_dicts.Object | None:
+        key = (resource, namespace, name)
+        if name is None or key not in self.objects:
+            return None
+        obj = self.objects[key]
+        return None if obj.deleted else obj
+
+    def _known(self, resource: Any) -> bool:
+        return any(resource == known for known in self._get_resources())
+
+    def _matching(self, request: rendering.Request,
+                  terms: list[tuple[str, str, str | None]]) -> list[dict[str, Any]]:
+        return [obj.raw for (resource, namespace, _), obj in self.objects.items()
+                if resource == request.resource and not obj.deleted
+                and (request.namespace is None or namespace == request.namespace)
+                and selects(terms, obj.raw)]
+
+    def _info(self, resource: Any) -> kmock.ResourceInfo | None:
+        # Not resources.get(): the array makes an empty entry for any key it is asked for.
+        if resource not in self.resources:
+            return None
+        return self.resources[resource]
 
     def _has_status_subresource(self, request: rendering.Request) -> bool:
-        assert request.resource is not None
-        for resource in self.resources:
-            if resource == request.resource:
-                return "status" in self.resources[resource].subresources
-        return False
+        info = self._info(request.resource)
+        return info is not None and "status" in info.subresources
 
-    def _stamp_create(self, request: rendering.Request) -> None:
+    def _log(self, request: rendering.Request) -> EventLog:
+        log = self._buses[request.resource]
+        assert isinstance(log, EventLog)
+        return log
+
+    async def _create(self, request: rendering.Request) -> aiohttp.web.Response:
         data = request.data
         meta = data.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
         if request.namespace:
             meta["namespace"] = request.namespace
+        assert request.resource is not None
+        key = (request.resource, meta.get("namespace"), meta.get("name"))
+        if self._stored(*key) is not None:
+            return _status_error(
+                409, "AlreadyExists",
+                f'{request.resource.plural} "{meta.get("name")}" already exists',
+                {"name": meta.get("name"), "group": request.resource.group,
+                 "kind": request.resource.plural})
         meta["uid"] = str(uuid.uuid4())
-        meta["resourceVersion"] = str(next(self._versions))
         meta["generation"] = 1
         meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime(
             "%Y-%m-%dT%H:%M:%SZ")
+        meta.pop("resourceVersion", None)  # given when the change is published
         if self._has_status_subresource(request):
             data.pop("status", None)
+        async with self._lock:
+            if key in self.objects:
+                self.objects[key].create(data)  # a new life of a deleted name
+            else:
+                self.objects[key] = data
+            await self._log(request).put({"type": "ADDED", "object": self.objects[key].raw})
+            return _json(self.objects[key].raw, 201)
 
-    def _stamp_update(self, request: rendering.Request) -> kmock.KubernetesError | None:
-        assert request.resource is not None and request.name is not None
-        key = (request.resource, request.namespace, request.name)
-        if key not in self.objects or self.objects[key].deleted:
-            return None  # kmock answers 404 itself
-        old = copy.deepcopy(dict(self.objects[key].raw))
+    def _updated(self, request: rendering.Request,
+                 old: dict[str, Any]) -> dict[str, Any] | aiohttp.web.Response:
+        """The object a patch makes of ``old``, or the reply refusing it."""
+        assert request.resource is not None
         data = request.data
-        subresource_status = self._has_status_subresource(request)
         if isinstance(data, dict):
+            wanted = (data.get("metadata") or {}).get("resourceVersion")
+            if wanted is not None and wanted != old["metadata"].get("resourceVersion"):
+                return _status_error(
+                    409, "Conflict", f"Operation cannot be fulfilled on "
+                    f'{request.resource.plural} "{request.name}": the object has been modified;'
+                    " please apply your changes to the latest version and try again")
             if request.subresource == "status":
-                data_keep = {"status": data.get("status")}
-                data.clear()
-                data.update(data_keep)
-            elif subresource_status:
-                data.pop("status", None)
+                data = {"status": data.get("status")}
+            elif self._has_status_subresource(request):
+                data = {key: value for key, value in data.items() if key != "status"}
             try:
-                new = dicts.merge_patch_dict(old, data)
+                new = dict(dicts.merge_patch_dict(old, data))
             except ValueError as exc:
-                return kmock.KubernetesError(422, "Invalid", str(exc))
+                return _status_error(422, "Invalid", str(exc))
         elif isinstance(data, list):
             try:
                 new = jsonpatch.apply_patch(old, data, in_place=False)
             except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
-                return kmock.KubernetesError(422, "Invalid", f"the patch failed: {exc}")
+                return _status_error(422, "Invalid", f"the patch failed: {exc}")
         else:
-            return kmock.KubernetesError(400, "BadRequest", "the patch is not JSON")
-        version = str(next(self._versions))
-        generation = old.get("metadata", {}).get("generation", 1)
-        if new.get("spec") != old.get("spec"):
-            generation += 1
-        if isinstance(data, dict):
-            data.setdefault("metadata", {}).update(resourceVersion=version, generation=generation)
+            return _status_error(400, "BadRequest", "the patch is not JSON")
+        metadata = dict(new.get("metadata") or {})
+        # What the patch cannot change: identity, version, generation (bumped with the spec).
+        for key in ("uid", "name", "namespace", "creationTimestamp", "resourceVersion"):
+            if key in old["metadata"]:
+                metadata[key] = old["metadata"][key]
+        generation = old["metadata"].get("generation", 1)
+        metadata["generation"] = generation + (1 if new.get("spec") != old.get("spec") else 0)
+        new["metadata"] = metadata
+        return new
+
+    async def _update(self, request: rendering.Request) -> aiohttp.web.Response:
+        async with self._lock:
+            stored = self._stored(request.resource, request.namespace, request.name)
+            if stored is None:
+                return _status_error(404, "NotFound", f'"{request.name}" not found')
+            old = stored.raw
+            new = self._updated(request, old)
+            if isinstance(new, aiohttp.web.Response):
+                return new
+            if new == old:
+                return _json(old)  # a no-op: no new version, no event
+            stored.create(new)  # the next version
+            log = self._log(request)
+            await log.put({"type": "MODIFIED", "object": stored.raw})
+            meta = new["metadata"]
+            if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+                raw = stored.raw
+                stored.delete()
+                await log.put({"type": "DELETED", "object": raw})
+                await self._collect_garbage_locked(meta["uid"])
+                return _json(raw)
+            return _json(stored.raw)
+
+    async def _delete(self, request: rendering.Request) -> aiohttp.web.Response:
+        async with self._lock:
+            stored = self._stored(request.resource, request.namespace, request.name)
+            if stored is None:
+                return _status_error(404, "NotFound", f'"{request.name}" not found')
+            meta = stored.raw["metadata"]
+            log = self._log(request)
+            if meta.get("deletionTimestamp"):
+                return _json(stored.raw)  # already being deleted
+            if meta.get("finalizers"):
+                now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                stored.create({**stored.raw, "metadata": {**meta, "deletionTimestamp": now}})
+                await log.put({"type": "MODIFIED", "object": stored.raw})
+                return _json(stored.raw)
+            raw = stored.raw
+            stored.delete()
+            await log.put({"type": "DELETED", "object": raw})
+            await self._collect_garbage_locked(meta["uid"])
+            return _json(raw)
+
+    def _list(self, request: rendering.Request) -> aiohttp.web.Response:
+        if not self._known(request.resource):
+            return _status_error(404, "NotFound", "the server could not find the resource")
+        try:
+            terms = parse_label_selector(request.params.get("labelSelector"))
+        except ValueError as exc:
+            return _status_error(400, "BadRequest", str(exc))
+        return _json({"metadata": {"resourceVersion": str(self._version)},
+                      "items": self._matching(request, terms)})
+
+    async def _watch(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        params = request.params
+        try:
+            terms = parse_label_selector(params.get("labelSelector"))
+        except ValueError as exc:
+            return _status_error(400, "BadRequest", str(exc))
+        bookmarks = params.get("allowWatchBookmarks") == "true"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(params.get("timeoutSeconds") or 1800)
+        log = self._log(request)
+        raw_request = request._raw_request
+        assert raw_request is not None and request.resource is not None
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(raw_request)
+
+        async def send(event: Mapping[str, Any]) -> None:
+            await response.write(orjson.dumps(event) + b"\n")
+
+        since = params.get("resourceVersion")
+        if since in (None, "", "0"):
+            # "Any version": the current objects first (taken atomically with the version).
+            position = self._version
+            for obj in self._matching(request, terms):
+                await send({"type": "ADDED", "object": obj})
         else:
-            data.extend([{"op": "add", "path": "/metadata/resourceVersion", "value": version},
-                         {"op": "add", "path": "/metadata/generation", "value": generation}])
-        return None
+            position = int(since)
+            if position < log.compacted_to:
+                await send({"type": "ERROR", "object": {
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
+                    "reason": "Expired", "message": f"too old resource version: {since}"}})
+                return response
+        info = self._info(request.resource)
+        while (left := deadline - loop.time()) > 0:
+            events = log.after(position)
+            for version, event in events:
+                position = version
+                obj = event["object"]
+                if (request.namespace is None
+                        or obj.get("metadata", {}).get("namespace") == request.namespace) \
+                        and selects(terms, obj):
+                    await send(event)
+            if not events:
+                await log.wait(min(left, self.bookmark_seconds))
+                if bookmarks and not log.after(position):
+                    position = max(position, self._version)
+                    await send({"type": "BOOKMARK", "object": {
+                        "kind": info.kind if info else None,
+                        "apiVersion": _api_version(request.resource),
+                        "metadata": {"resourceVersion": str(position)}}})
+        return response
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         self.log.append(request)
@@ -162,9 +475,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 method, path, status, left = fault
                 if left > 0 and request.method == method and request.url.path == path:
                     fault[3] -= 1
-                    return await self._render_error(
-                        kmock.KubernetesError(status, "InternalError", "injected fault"))
-            return await self._handle_stamped(request)
+                    return _status_error(status, "InternalError", "injected fault")
+            return await self._serve(request)
         finally:
             # kmock matches each request against every request it has ever seen (quadratic: a
             # few thousand requests take seconds each); keep only the in-flight ones there.
@@ -173,39 +485,43 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                     del self._requests[index]
                     break
 
-    async def _handle_stamped(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
-        deleted_uid: str | None = None
-        if request.resource is not None:
-            if request.action == enums.action.CREATE and isinstance(request.data, dict):
-                self._stamp_create(request)
-            elif request.action == enums.action.UPDATE and request.name is not None:
-                error = self._stamp_update(request)
-                if error is not None:
-                    return await self._render_error(error)
-            elif request.action == enums.action.DELETE and request.name is not None:
-                key = (request.resource, request.namespace, request.name)
-                if key in self.objects and not self.objects[key].deleted:
-                    deleted_uid = self.objects[key].raw.get("metadata", {}).get("uid")
-        response = await super()._handle(request)
-        if deleted_uid is not None and response.status < 300:
-            await self._collect_garbage(deleted_uid)
-        return response
+    async def _serve(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        action, resource, name = request.action, request.resource, request.name
+        if resource is None or resource.plural is None:
+            return await super()._handle(request)  # discovery: kmock's own reactions
+        if action == enums.action.FETCH:
+            stored = self._stored(resource, request.namespace, name)
+            if stored is None:
+                return _status_error(404, "NotFound", f'{resource.plural} "{name}" not found',
+                                     {"name": name, "kind": resource.plural})
+            return _json(stored.raw)
+        if action == enums.action.LIST:
+            return self._list(request)
+        if action == enums.action.WATCH:
+            return await self._watch(request)
+        if action == enums.action.CREATE and isinstance(request.data, dict):
+            return await self._create(request)
+        if action == enums.action.UPDATE and name is not None:
+            return await self._update(request)
+        if action == enums.action.DELETE and name is not None:
+            return await self._delete(request)
+        return _status_error(405, "MethodNotAllowed", f"{request.method} is not emulated here")
 
-    async def _collect_garbage(self, owner_uid: str) -> None:
-        """Delete (in the background, recursively) every object owned by ``owner_uid``."""
-        doomed: list[tuple[Any, str]] = []
-        async with self._lock:
-            for (resource, _, _), obj in list(self.objects.items()):
-                if obj.deleted:
-                    continue
-                refs = obj.raw.get("metadata", {}).get("ownerReferences", []) or []
-                if any(ref.get("uid") == owner_uid for ref in refs):
-                    raw = copy.deepcopy(dict(obj.raw))
-                    obj.delete()
-                    await self._buses[resource].put({"type": "DELETED", "object": raw})
-                    doomed.append((resource, raw["metadata"]["uid"]))
-        for _, uid in doomed:
-            await self._collect_garbage(uid)
+    async def _collect_garbage_locked(self, owner_uid: str) -> None:
+        """Delete (recursively) every object owned by ``owner_uid``, as the garbage collector
+        does in the background; the caller holds the lock."""
+        doomed: list[str] = []
+        for (resource, _, _), obj in list(self.objects.items()):
+            if obj.deleted:
+                continue
+            refs = obj.raw.get("metadata", {}).get("ownerReferences", []) or []
+            if any(ref.get("uid") == owner_uid for ref in refs):
+                raw = obj.raw
+                obj.delete()
+                await self._buses[resource].put({"type": "DELETED", "object": raw})
+                doomed.append(raw["metadata"]["uid"])
+        for uid in doomed:
+            await self._collect_garbage_locked(uid)
 
     # --- helpers for tests --------------------------------------------------------------------
 
@@ -214,17 +530,77 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         """Answer the next ``times`` requests of ``method`` on ``path`` with ``status``."""
         self._faults.append([method, path, status, times])
 
+    def miss_events(self, resource: str, count: int = 1) -> None:
+        """Leave the next ``count`` changes of ``resource`` out of every watch (they happen,
+        but no watch sees them), as a watch that broke and resumed too late would."""
+        log = self._buses[kmock.resource(resource)]
+        assert isinstance(log, EventLog)
+        log.dropping += count
+
+    def compact(self, resource: str) -> None:
+        """Forget the change history of ``resource`` so far (as etcd compaction does): a
+        watch from an older version gets ``410 Expired``."""
+        log = self._buses[kmock.resource(resource)]
+        assert isinstance(log, EventLog)
+        log.compacted_to = self._version
+
     def live(self, resource: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The current object, or None when absent or deleted."""
-        key = (kmock.resource(resource), namespace, name)
-        if key not in self.objects or self.objects[key].deleted:
-            return None
-        return copy.deepcopy(dict(self.objects[key].raw))
+        obj = self._stored(kmock.resource(resource), namespace, name)
+        return None if obj is None else copy.deepcopy(dict(obj.raw))
 
     def names(self, resource: str, namespace: str) -> set[str]:
         """Names of the live objects of a resource in a namespace."""
         return {name for (res, ns, name), obj in self.objects.items()
                 if res == kmock.resource(resource) and ns == namespace and not obj.deleted}
+
+    def count(self, resource: str, namespace: str) -> int:
+        """How many objects of a resource created through the API a namespace holds now
+        (kept up to date with every change: cheap to poll)."""
+        log = self._buses[kmock.resource(resource)]
+        assert isinstance(log, EventLog)
+        return log.live[namespace]
+
+    def api_calls(self, agents: Iterable[str] = OPERATOR_AGENTS,
+                  since: int = 0) -> collections.Counter[str]:
+        """Requests from ``log[since:]`` by clients whose User-Agent starts with one of
+        ``agents``, counted by ``verb resource[/subresource]`` (``create deployments``,
+        ``patch capabilities/status``; API discovery is ``get discovery``)."""
+        prefixes = tuple(agents)
+        counts: collections.Counter[str] = collections.Counter()
+        for request in self.log[since:]:
+            agent = next((value for key, value in request.headers.items()
+                          if key.lower() == "user-agent"), "")
+            if not agent.startswith(prefixes):
+                continue
+            if request.action == enums.action.UPDATE:
+                verb = "patch" if request.method == kmock.method.PATCH else "update"
+            else:
+                verb = _VERBS.get(request.action, "get") if request.action else "get"
+            target = "discovery"
+            if request.resource is not None and request.resource.plural:
+                target = request.resource.plural
+                if request.subresource:
+                    target += f"/{request.subresource}"
+            counts[f"{verb} {target}"] += 1
+        return counts
+
+
+def verbs(calls: Mapping[str, int]) -> collections.Counter[str]:
+    """:meth:`ClusterEmulator.api_calls`' counts summed by verb."""
+    counts: collections.Counter[str] = collections.Counter()
+    for key, count in calls.items():
+        counts[key.split(" ", 1)[0]] += count
+    return counts
+
+
+def writes(calls: Mapping[str, int]) -> int:
+    """The write requests among :meth:`ClusterEmulator.api_calls`' counts."""
+    return sum(count for verb, count in verbs(calls).items() if verb in WRITE_VERBS)
+
+
+def _api_version(resource: Any) -> str:
+    return f"{resource.group}/{resource.version}" if resource.group else str(resource.version)
 
 
 def declare_resources(emulator: ClusterEmulator) -> None:
@@ -265,3 +641,18 @@ async def running_emulator() -> AsyncIterator[tuple[ClusterEmulator, str]]:
     async with ClusterEmulator() as emulator, kmock.Server(emulator) as server:
         declare_resources(emulator)
         yield emulator, str(server.url).rstrip("/")
+
+
+async def serve() -> None:
+    """The emulator on a free port for another process: print its URL, serve until stdin
+    closes (``python -m tests.operator.kube_emulator --serve emulator``, as the benches'
+    ``server_process`` runs servers)."""
+    async with running_emulator() as (_, url):
+        print(url.rsplit(":", 1)[1], flush=True)
+        await asyncio.to_thread(sys.stdin.read)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--serve", "emulator"]:
+        sys.exit("usage: python -m tests.operator.kube_emulator --serve emulator")
+    asyncio.run(serve())

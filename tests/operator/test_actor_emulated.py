@@ -156,7 +156,9 @@ async def test_actor_and_capability_share_the_namespace(
     await wait_for(lambda: cluster.live("apps/v1/deployments", NS, "echo"),
                    what="the Capability's Deployment")
     await wait_for(lambda: condition(cluster, ACTORS, "memo", "Ready"), what="the Actor's status")
-    assert (cluster.live(CAPABILITIES, NS, "echo") or {}).get("status", {}).get("conditions")
+    # The status is written after the children: wait for it too.
+    await wait_for(lambda: condition(cluster, CAPABILITIES, "echo", "Ready"),
+                   what="the Capability's status")
     assert not cluster.names("apps/v1/deployments", NS) & {"memo"}
     assert not cluster.names(STATEFULSETS, NS) & {"echo"}
 

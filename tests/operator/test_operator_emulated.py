@@ -172,21 +172,35 @@ async def test_deleted_or_edited_child_is_restored(
                    ["spec"]["containers"][0]["image"] != "evil:latest", what="the edit undone")
 
 
-async def test_resync_heals_what_a_failed_child_event_left(
+async def test_a_failed_reconcile_after_a_child_event_is_retried(
+        cluster: ClusterEmulator, kube: httpx.AsyncClient,
+        operator_runner: OperatorRunner) -> None:
+    await post(kube, CAPS_PATH, capability("healed", replicas=1))
+    await children(cluster, "healed")
+    # The Deployment's DELETED event finds the API failing: its reconcile is retried.
+    cluster.fail_next(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS])
+    response = await kube.delete(f"{CHILD_PATHS[DEPLOYMENTS]}/healed")
+    assert response.status_code < 300
+    await wait_for(lambda: cluster.live(DEPLOYMENTS, NS, "healed"),
+                   what="the retry to recreate the Deployment")
+    # Created, refused (the injected fault), recreated by the retry.
+    assert creations(cluster, CHILD_PATHS[DEPLOYMENTS], "healed") == 3
+
+
+async def test_resync_finds_what_no_watch_event_told(
         cluster: ClusterEmulator, kube: httpx.AsyncClient) -> None:
-    runner = OperatorRunner([NS], resync_seconds=1.0)
+    runner = OperatorRunner([NS], resync_seconds=0.5)
     await runner.start()
     try:
-        await post(kube, CAPS_PATH, capability("healed", replicas=1))
-        await children(cluster, "healed")
-        # The Deployment's DELETED event finds the API failing: that handler only logs.
-        cluster.fail_next(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS])
-        response = await kube.delete(f"{CHILD_PATHS[DEPLOYMENTS]}/healed")
+        await post(kube, CAPS_PATH, capability("unseen", replicas=1))
+        await children(cluster, "unseen")
+        # The Service goes, and no watch sees it go: only the resync's list can tell.
+        cluster.miss_events(SERVICES)
+        response = await kube.delete(f"{CHILD_PATHS[SERVICES]}/unseen")
         assert response.status_code < 300
-        await wait_for(lambda: cluster.live(DEPLOYMENTS, NS, "healed"),
-                       what="the resync to recreate the Deployment")
-        # Created, refused (the injected fault), recreated by the resync.
-        assert creations(cluster, CHILD_PATHS[DEPLOYMENTS], "healed") == 3
+        await wait_for(lambda: cluster.live(SERVICES, NS, "unseen"),
+                       what="the resync to recreate the Service")
+        assert creations(cluster, CHILD_PATHS[SERVICES], "unseen") == 2
     finally:
         await runner.stop()
 

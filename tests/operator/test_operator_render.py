@@ -16,6 +16,7 @@ from packetflow.operator import render, status
 from packetflow.operator.client import PLURALS
 from packetflow.operator.drift import drift_patch, is_subset, parse_quantity
 from packetflow.operator.permissions import PERMISSIONS, rbac_rules
+from packetflow.operator.reconcile import ChildConflictError, child_patch
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import Capability
 
@@ -215,6 +216,52 @@ def test_transition_time_changes_only_when_status_flips() -> None:
     assert flipped[0]["lastTransitionTime"] == "T3" and flipped[0]["observedGeneration"] == 2
     assert status.same_status({"conditions": first}, {"conditions": [
         {**first[0], "lastTransitionTime": "T9"}]})
+
+
+def test_status_is_written_only_when_an_own_field_says_something_new() -> None:
+    live = {"conditions": [{"type": "Ready", "status": "False", "reason": "Progressing",
+                            "message": "0/1", "lastTransitionTime": "T1"}],
+            "replicas": 0, "kopf": {"progress": {}}, "canaryWeight": 10}
+    own = status.own_status(live)
+    assert "kopf" not in own and "canaryWeight" not in own  # others' fields: never sent back
+    same = {"conditions": [{**live["conditions"][0], "lastTransitionTime": "T2"}],
+            "replicas": 0}
+    assert not status.status_changed(same, live)  # only a transition time differs
+    assert status.status_changed({**same, "replicas": 1}, live)
+    assert status.status_changed({**same, "endpoint": "e"}, live)  # a field it lacks
+
+
+def test_workload_view_keeps_what_readiness_needs() -> None:
+    deployment = {**deployment_with(observedGeneration=2, readyReplicas=2,
+                                    updatedReplicas=2, replicas=2),
+                  "apiVersion": "apps/v1", "kind": "Deployment"}
+    deployment["spec"]["template"] = {"spec": {"containers": [{"name": "runtime"}]}}
+    view = status.workload_view(deployment)
+    assert "template" not in view["spec"] and view["spec"]["replicas"] == 2
+    assert status.assess_deployment(view) == status.assess_deployment(deployment)
+    assert "replicas" not in status.workload_view({"spec": {}})["spec"]  # an HPA owns it
+
+
+def test_child_patch_owns_adopts_or_refuses() -> None:
+    cap = model(replicas=1)
+    desired = render.render_service(cap, "team-a", SETTINGS)
+    owner = {"apiVersion": "packetflow.io/v1alpha1", "kind": "Capability", "name": cap.name,
+             "uid": "u1", "controller": True, "blockOwnerDeletion": True}
+    ours = {**desired, "metadata": {**desired["metadata"], "ownerReferences": [owner]},
+            "spec": {**desired["spec"], "clusterIP": "10.0.0.1"}}
+    assert child_patch(desired, ours, "Capability", owner) is None  # defaults are no drift
+    edited = {**ours, "spec": {**ours["spec"], "type": "NodePort"}}
+    assert child_patch(desired, edited, "Capability", owner) == {"spec": desired["spec"]}
+    orphan = {**ours, "metadata": {**desired["metadata"]}}
+    adopted = child_patch(desired, orphan, "Capability", owner)
+    assert adopted == {"metadata": {"ownerReferences": [owner]}}
+    foreign = {**ours, "metadata": {**ours["metadata"], "ownerReferences": [
+        {**owner, "uid": "u2"}]}}
+    with pytest.raises(ChildConflictError, match="uid u2"):
+        child_patch(desired, foreign, "Capability", owner)
+    stranger = {**orphan, "metadata": {"name": cap.name, "labels": {"app": "other"}}}
+    with pytest.raises(ChildConflictError, match="not managed"):
+        child_patch(desired, stranger, "Capability", owner)
 
 
 # --- permissions, CRD, CLI ----------------------------------------------------------------

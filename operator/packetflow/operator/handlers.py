@@ -9,18 +9,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar, cast
 
 import kopf
 
 from packetflow.operator import render
-from packetflow.operator.client import ApiError, KubeClient, NotFoundError
+from packetflow.operator.client import ApiError, KubeClient
 from packetflow.operator.metrics import OperatorMetrics
-from packetflow.operator.reconcile import ChildConflictError, Reconciler, describe_errors
+from packetflow.operator.reconcile import (
+    MANAGED_SELECTOR,
+    ChildConflictError,
+    Reconciler,
+    describe_errors,
+)
 from packetflow.operator.settings import OperatorSettings
-from packetflow.spec import API_VERSION, GROUP, VERSION
+from packetflow.spec import GROUP, VERSION
 
 CAPABILITIES: Final = (GROUP, VERSION, "capabilities")
 ACTORS: Final = (GROUP, VERSION, "actors")
@@ -28,8 +33,7 @@ OWNER_RESOURCES: Final = (CAPABILITIES, ACTORS)
 CHILD_RESOURCES: Final = (("", "v1", "configmaps"), ("", "v1", "services"),
                           ("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"))
 log = logging.getLogger("packetflow.operator")
-# kopf keeps its bookkeeping in annotations under our own prefix, not kopf.zalando.org.
-ANNOTATION_PREFIX: Final = "packetflow.io"
+T = TypeVar("T")
 
 
 @dataclass
@@ -66,19 +70,56 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo:
     return info
 
 
+class ObservedGenerationDiffBase(kopf.DiffBaseStorage):
+    """kopf's record of the last handled state is ``status.observedGeneration``, which the
+    operator writes itself, in the status write a successful reconcile makes anyway.
+
+    kopf stores its "last handled configuration" with a write of its own after every handler
+    (an annotation patch, or a status patch of its own): one more write per Capability, and
+    one more watch event. Here the essence kopf compares is the spec's generation (the API
+    server bumps it on every spec change, and only then), and the stored one is the generation
+    the operator finished with: unseen (create), older (update) or equal (nothing to do, or
+    resume at start). A label or annotation change is no update: nothing renders from them.
+    A failed reconcile leaves observedGeneration behind, so kopf's retries keep their cause.
+    """
+
+    def build(self, *, body: kopf.Body,
+              extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
+        """The essence kopf diffs: only the generation."""
+        return cast(kopf.BodyEssence, {"spec": {"generation": body.metadata.get("generation")}})
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        """The handled essence: the generation in ``status.observedGeneration``, if any."""
+        observed = (body.get("status") or {}).get("observedGeneration")
+        if observed is None:
+            return None
+        return cast(kopf.BodyEssence, {"spec": {"generation": observed}})
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch,
+              essence: kopf.BodyEssence) -> None:
+        """Nothing to add: the reconcile's own status write already stored it."""
+
+
 def kopf_settings(ours: OperatorSettings) -> kopf.OperatorSettings:
-    """kopf's settings for PacketFlow: own annotation prefix, no scanning, warnings as Events."""
+    """kopf's settings for PacketFlow: own annotation prefix, no scanning, warnings as Events,
+    the handled generation as the diff base, children watched by label on the server."""
     settings = kopf.OperatorSettings()
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-        prefix=ANNOTATION_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    # A handler's progress is written (under status.kopf) only while it is being retried
+    # (TemporaryError); kopf's annotation storage would also stamp a marker annotation on
+    # every object, one more write per Capability.
+    settings.persistence.progress_storage = kopf.StatusProgressStorage()
+    settings.persistence.diffbase_storage = ObservedGenerationDiffBase()
     # Least privilege: without scanning kopf neither lists namespaces nor watches CRDs (the
     # chart installs the CRD before the operator starts), so RBAC needs neither.
     settings.scanning.disabled = True
     # One Event per successful handler would be noise (and API load); warnings still post.
     settings.posting.level = logging.WARNING
-    # Re-list now and then so a missed watch event is eventually noticed (drift, readiness).
+    # The API server filters the children's watches: only the operator's own objects reach
+    # it (and its memory), not every ConfigMap and Deployment of the namespace.
+    for resource in CHILD_RESOURCES:
+        settings.watching.label_selectors[resource] = MANAGED_SELECTOR
+    # Watches end after this long and resume from their last resourceVersion (bookmarks keep
+    # it fresh); what a watch cannot bring, the operator's resync finds.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     return settings
@@ -96,12 +137,12 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 async def reconcile_resource(body: kopf.Body, reason: str, memo: kopf.Memo,
                              logger: kopf.Logger, **_: Any) -> None:
-    """Create, update or resume a Capability or Actor: render the children, apply the
-    difference, write status."""
+    """Create, update or resume a Capability or Actor: render the children, apply what is
+    not known to be in sync, write status when it changed."""
     ctx = _ctx(memo)
     with ctx.metrics.timed(str(reason)) as outcome:
         try:
-            report = await ctx.reconciler.reconcile(body)
+            report = await ctx.reconciler.reconcile(body, created=reason == kopf.Reason.CREATE)
         except ChildConflictError as exc:
             outcome.result = "conflict"
             kopf.warn(body, reason=exc.reason, message=str(exc))
@@ -114,47 +155,43 @@ async def reconcile_resource(body: kopf.Body, reason: str, memo: kopf.Memo,
             raise kopf.TemporaryError(f"API call failed: {exc}", delay=delay) from exc
         if report.errors:
             outcome.result = "invalid"
-            message = describe_errors(report.errors)
-            kopf.warn(body, reason="InvalidSpec", message=message)
-            logger.warning("invalid spec, children left as they are: %s", message)
+            if report.status_written:  # news: one Event with it, not one per restart
+                message = describe_errors(report.errors)
+                kopf.warn(body, reason="InvalidSpec", message=message)
+                logger.warning("invalid spec, children left as they are: %s", message)
 
 
 async def startup(memo: kopf.Memo, **_: Any) -> None:
-    """Start the periodic resync of every known resource (when enabled)."""
+    """Start the periodic resync (when enabled)."""
     ctx = _ctx(memo)
     if ctx.settings.resync_seconds > 0:
         ctx.resync_task = asyncio.get_running_loop().create_task(resync_forever(ctx))
 
 
 async def resync_forever(ctx: OperatorContext) -> None:
-    """Reconcile every known resource each ``resync_seconds``, events or not.
+    """Every ``resync_seconds``, compare every known resource and child with the API server's
+    lists, and count each Actor's active actors.
 
-    This heals what a missed watch event or a failed child-event handler left. It is the
-    operator's own loop, not a kopf timer: kopf timers put a finalizer on every resource,
-    and then no Capability could be deleted while the operator is down.
+    This heals what a missed watch event or a failed reconcile left, at a few LISTs per
+    namespace: unchanged resources cost no write. It is the operator's own loop, not a kopf
+    timer: kopf timers put a finalizer on every resource, and then no Capability could be
+    deleted while the operator is down.
     """
     while True:
         await asyncio.sleep(ctx.settings.resync_seconds)
+        try:
+            await ctx.reconciler.resync()
+        except ApiError as exc:
+            log.warning("resync failed (tried again next round): %s", exc)
+        # Counted here, not on every event: one GET per member pod.
         for kind, namespace, name in list(ctx.reconciler.states):
-            with ctx.metrics.timed("resync") as outcome:
-                try:
-                    body = await ctx.client.get(API_VERSION, kind, namespace, name)
-                    report = await ctx.reconciler.reconcile(body)
-                except NotFoundError:
-                    outcome.result = "gone"  # its DELETED event forgets it
-                    continue
-                except (ApiError, ChildConflictError) as exc:
-                    outcome.result = "error"  # tried again on the next round
-                    log.warning("resync of %s %s/%s failed: %s", kind, namespace, name, exc)
-                    continue
-                outcome.result = "invalid" if report.errors else "ok"
-            if kind == "Actor" and not report.errors:
-                # Counted here, not on every event: one GET per member pod.
-                try:
-                    await ctx.reconciler.refresh_active_actors(namespace, name)
-                except ApiError as exc:
-                    log.warning("could not write the active count of %s/%s: %s",
-                                namespace, name, exc)
+            if kind != "Actor":
+                continue
+            try:
+                await ctx.reconciler.refresh_active_actors(namespace, name)
+            except ApiError as exc:
+                log.warning("could not write the active count of %s/%s: %s",
+                            namespace, name, exc)
 
 
 async def resource_event(event: kopf.RawEvent, body: kopf.Body, namespace: str | None,
@@ -174,20 +211,12 @@ async def resource_event(event: kopf.RawEvent, body: kopf.Body, namespace: str |
             logger.warning("could not update the MCP aggregate bundle: %s", exc)
 
 
-async def child_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
-                      logger: kopf.Logger, **_: Any) -> None:
-    """A child changed: recreate it when deleted, undo edits, carry workload readiness up."""
+async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """A child changed: when it is not the operator's own write coming back, compare it with
+    what was rendered and queue its owner (deleted, edited, readiness moved). No I/O here."""
     ctx = _ctx(memo)
-    trigger = "child-deleted" if event["type"] == "DELETED" else "child-changed"
-    with ctx.metrics.timed(trigger) as outcome:
-        try:
-            wrote = await ctx.reconciler.child_changed(event["type"], body)
-        except (ApiError, ChildConflictError) as exc:
-            # Event handlers are not retried; the owner's resync (re-list) or next event is.
-            outcome.result = "error"
-            logger.warning("could not reconcile after a child event: %s", exc)
-            return
-        outcome.result = "written" if wrote else "ok"
+    outcome = ctx.reconciler.child_changed(event["type"], event["object"])
+    ctx.metrics.child_events.labels(outcome).inc()
 
 
 def build_registry() -> kopf.OperatorRegistry:
@@ -200,8 +229,7 @@ def build_registry() -> kopf.OperatorRegistry:
         for register in (kopf.on.create, kopf.on.update, kopf.on.resume):
             register(*resource, registry=registry, id="reconcile")(reconcile_resource)
         kopf.on.event(*resource, registry=registry, id="forget")(resource_event)
-    # kopf filters by label on its side; in a real cluster the watch still carries every
-    # object of the kind, which is why only the four child kinds are watched.
+    # The API server selects the children by label (kopf_settings); kopf checks again.
     for group, version, plural in CHILD_RESOURCES:
         kopf.on.event(group, version, plural, registry=registry, id=f"child-{plural}",
                       labels={render.LABEL_MANAGED_BY: render.MANAGED_BY})(child_event)
@@ -214,8 +242,8 @@ async def run_operator(
     namespaces: Collection[str] = (),
     clusterwide: bool = False,
     liveness_endpoint: str | None = None,
-    stop_flag: asyncio.Event | None = None,
-    ready_flag: asyncio.Event | None = None,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+    ready_flag: asyncio.Event | threading.Event | None = None,
 ) -> None:
     """Run the kopf operator with PacketFlow's handlers until ``stop_flag`` is set."""
     await kopf.operator(
@@ -248,16 +276,17 @@ class OperatorThread:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.error: BaseException | None = None
+
+    async def _operate(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await run_operator(self.ctx, namespaces=self.namespaces, clusterwide=self.clusterwide,
+                           stop_flag=self._stop, ready_flag=self._ready)
 
     def _main(self) -> None:
         try:
-            asyncio.run(kopf.operator(
-                registry=build_registry(),
-                settings=kopf_settings(self.ctx.settings),
-                memo=kopf.Memo(ctx=self.ctx), namespaces=self.namespaces,
-                clusterwide=self.clusterwide, standalone=True,
-                stop_flag=self._stop, ready_flag=self._ready))
+            asyncio.run(self._operate())
         except BaseException as exc:  # reported to the starter instead of dying silently
             self.error = exc
             self._ready.set()
@@ -272,6 +301,13 @@ class OperatorThread:
         if self.error is not None:
             raise RuntimeError(f"the operator failed to start: {self.error!r}")
 
+    def call(self, work: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        """Run ``work`` on the operator's loop and wait for its result (from another thread)."""
+        if self.loop is None:
+            work.close()
+            raise RuntimeError("the operator is not running")
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Ask kopf to stop and wait for the thread to finish."""
         if self._thread is None:
@@ -281,3 +317,4 @@ class OperatorThread:
         if self._thread.is_alive():
             raise TimeoutError(f"the operator did not stop within {timeout}s")
         self._thread = None
+        self.loop = None

@@ -1,4 +1,10 @@
-"""Reconcile metrics (Prometheus): how often the operator reconciles, how it ends, how long."""
+"""Reconcile metrics (Prometheus): how often the operator reconciles, how it ends, how long.
+
+A reconcile is one run for one Capability or Actor: kopf's handler (trigger ``create``,
+``update``, ``resume``) or a queued one (``child-changed``, ``child-deleted``, ``resync``,
+``retry``). Child events that need no work are not reconciles; they are counted in
+``packetflow_operator_child_events`` by outcome.
+"""
 
 from __future__ import annotations
 
@@ -38,17 +44,24 @@ class OperatorMetrics:
         self.child_writes = Counter(
             "packetflow_operator_child_writes", "Child objects created or patched",
             ["kind", "verb"], registry=self.registry)
+        # What each child event amounted to: most are the operator's own writes coming back
+        # (own-write) and cost nothing; only `queued` ones lead to a reconcile of the owner.
+        self.child_events = Counter(
+            "packetflow_operator_child_events", "Child watch events by what they amounted to",
+            ["outcome"], registry=self.registry)
         self.durations: dict[str, list[float]] = {}
 
     @contextmanager
     def timed(self, trigger: str) -> Iterator[Outcome]:
-        """Count and time one reconcile; an exception counts as ``error``."""
+        """Count and time one reconcile; an exception counts as ``error`` unless the handler
+        named the failure (``conflict``, ``api-error``) before raising."""
         outcome = Outcome()
         start = time.perf_counter()
         try:
             yield outcome
         except BaseException:
-            outcome.result = "error"
+            if outcome.result == "ok":
+                outcome.result = "error"
             raise
         finally:
             elapsed = time.perf_counter() - start

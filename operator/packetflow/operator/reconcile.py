@@ -1,10 +1,24 @@
-"""The reconcile loop's I/O: apply rendered children, write status. kopf wiring is elsewhere.
+"""The reconcile loop's I/O: apply rendered children, keep status in step. kopf wiring is elsewhere.
 
-One :class:`Reconciler` per operator keeps, per Capability or Actor, what it last applied and
-wrote, and a lock: the resource's handler and the events of its children both write its
-status, and serialising them per resource means the last write is always made from the
-freshest workload (Deployment or StatefulSet) the operator has seen (no stale "not ready"
-overwriting a "ready").
+The work stays proportional to what changed, not to how many events arrive:
+
+* A spec is parsed and validated once per generation, and its children rendered once then,
+  each with a digest (:func:`render.spec_hash`).
+* Per child the operator remembers the resourceVersion it last wrote or verified and the digest
+  it was verified against. A child event carrying that version is the operator's own write (or
+  one already checked) and costs nothing; any other version is compared with the rendered child
+  in memory, and only a real difference, a deletion or a readiness change queues the owner.
+* Child events queue at most one reconcile per owner (:meth:`Reconciler.enqueue`): one pending,
+  plus one more if something arrives while it runs, however many events there are.
+* Creating a child is one POST; ``409 AlreadyExists`` is read back and handled as an update.
+  A child is read (GET) only when the operator has no verified version of it: after a restart,
+  an edit by someone else, a spec change.
+* Status is written only when it says something new. Its ``observedGeneration`` is the
+  generation the operator finished handling, which is also kopf's record of it (handlers.py):
+  handling a new Capability costs one write per child and one status write, nothing more.
+
+One lock per Capability or Actor serialises everything that writes its children or status, so
+the last status written is always computed from the freshest workload the operator has seen.
 """
 
 from __future__ import annotations
@@ -14,19 +28,14 @@ import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import kopf
 
 from packetflow.manifests import ManifestError, parse_manifest
 from packetflow.operator import active, render, status
-from packetflow.operator.client import (
-    ApiError,
-    ConflictError,
-    KubeClient,
-    NotFoundError,
-)
+from packetflow.operator.client import ApiError, ConflictError, KubeClient, NotFoundError
 from packetflow.operator.crds import ACTOR_NAME_MAX_LENGTH
 from packetflow.operator.drift import drift_patch, narrow_spec_patch
 from packetflow.operator.metrics import OperatorMetrics
@@ -35,10 +44,15 @@ from packetflow.spec import API_VERSION, Actor, Capability
 
 logger = logging.getLogger(__name__)
 
-Key = tuple[str, str, str]  # (kind, namespace, name)
+Key = tuple[str, str, str]  # (kind, namespace, name) of a Capability or Actor
+ChildKey = tuple[str, str]  # (kind, name) of a child
+Manifest = dict[str, Any]
 Resource = Capability | Actor
-OWNER_KINDS = ("Capability", "Actor")
-GONE_REMEMBERED = 10_000  # uids of deleted owners kept (see Reconciler.gone)
+OWNER_KINDS: Final = ("Capability", "Actor")
+GONE_REMEMBERED: Final = 10_000  # uids of deleted owners kept (see Reconciler.gone)
+# The label every child carries; the watches and the resync's lists select by it.
+MANAGED_SELECTOR: Final = f"{render.LABEL_MANAGED_BY}={render.MANAGED_BY}"
+_WORKLOAD_KINDS: Final = frozenset(render.WORKLOAD_KINDS.values())
 
 
 class ChildConflictError(Exception):
@@ -53,34 +67,66 @@ class ImmutableFieldError(ChildConflictError):
     reason = "ImmutableField"
 
 
+@dataclass(frozen=True)
+class DesiredChild:
+    """A rendered child (without ownerReferences) and the digest of what was rendered."""
+
+    manifest: Manifest
+    digest: str
+
+
+@dataclass
+class ChildRecord:
+    """What the operator last knew of one child."""
+
+    uid: str | None
+    version: str | None  # resourceVersion verified to hold `digest`; None: must be looked at
+    digest: str
+    deleted: bool = False
+
+
 @dataclass
 class ResourceState:
     """What the operator knows about one Capability or Actor between events."""
 
     kind: str
+    namespace: str
+    name: str
     uid: str
     owner_reference: dict[str, Any]
-    generation: int | None = None
+    generation: int | None = None  # of the spec parsed below
+    parsed: bool = False
     manifest: Resource | None = None  # None while the spec is invalid
-    status: dict[str, Any] | None = None  # the last status written (or read at start)
+    errors: list[ManifestError] = field(default_factory=list)
+    desired: dict[ChildKey, DesiredChild] = field(default_factory=dict)  # in apply order
+    children: dict[ChildKey, ChildRecord] = field(default_factory=dict)
+    workloads: dict[ChildKey, Manifest] = field(default_factory=dict)  # status.workload_view
+    # What the operator wants status to say (only its own fields), and what the API server
+    # last said it says (all fields; only the operator's are compared).
+    status: dict[str, Any] = field(default_factory=dict)
+    live_status: dict[str, Any] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    queued: str | None = None  # trigger of the pending reconcile, when one is queued
+
+    @property
+    def key(self) -> Key:
+        """(kind, namespace, name)."""
+        return (self.kind, self.namespace, self.name)
+
+    @property
+    def workload_key(self) -> ChildKey:
+        """The child whose readiness is the resource's: its Deployment or StatefulSet."""
+        return (render.WORKLOAD_KINDS[self.kind], self.name)
 
 
 @dataclass(frozen=True)
 class ReconcileReport:
-    """How a reconcile ended: the spec errors (if any) and the children written."""
+    """How a reconcile ended: the spec errors (if any), the children written, and whether
+    the status was written (it said something new)."""
 
     errors: list[ManifestError]
     writes: int = 0
-
-
-def _plain(value: Any) -> Any:
-    """kopf's body views -> plain dicts and lists (the models and renderers want plain data)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+    status_written: bool = False
 
 
 def describe_errors(errors: list[ManifestError]) -> str:
@@ -109,6 +155,38 @@ def controller_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+def child_patch(desired: Mapping[str, Any], live: Mapping[str, Any], owner_kind: str,
+                owner_reference: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The merge patch bringing a live child back to ``desired`` (rendered, without
+    ownerReferences), or None when it is in sync; raises when the child is not this owner's.
+
+    An orphan (e.g. left by a deletion with propagationPolicy=Orphan) is adopted only when it
+    is ours by its labels; anything else with this name belongs to someone else.
+    """
+    kind, name = desired["kind"], desired["metadata"]["name"]
+    patch, immutable = narrow_spec_patch(kind, desired, live, drift_patch(desired, live))
+    controller = controller_of(live)
+    if controller is None:
+        labels = live.get("metadata", {}).get("labels", {}) or {}
+        if labels.get(render.LABEL_MANAGED_BY) != render.MANAGED_BY \
+                or labels.get(render.OWNER_LABELS[owner_kind]) != owner_reference["name"]:
+            raise ChildConflictError(f"{kind} {name} exists and is not managed by this "
+                                     f"{owner_kind}")
+        refs = list(live.get("metadata", {}).get("ownerReferences", []) or [])
+        patch = patch or {}
+        patch.setdefault("metadata", {})["ownerReferences"] = [*refs, dict(owner_reference)]
+    elif controller.get("uid") != owner_reference["uid"]:
+        raise ChildConflictError(
+            f"{kind} {name} is controlled by {controller.get('kind')} {controller.get('name')} "
+            f"(uid {controller.get('uid')}), not this {owner_kind}")
+    if immutable:
+        raise ImmutableFieldError(
+            f"{kind} {name}: {', '.join(immutable)} cannot change in place; delete it with "
+            f"`kubectl delete {kind.lower()} {name} --cascade=orphan` (pods and volumes stay) "
+            "and the operator recreates it")
+    return patch
+
+
 class Reconciler:
     """Applies a resource's rendered children and keeps its status in step with them."""
 
@@ -123,20 +201,27 @@ class Reconciler:
         # children back (they would be orphans pointing at a uid that no longer exists).
         # Only handlers in flight at the deletion care, so the newest few thousand suffice.
         self.gone: OrderedDict[str, None] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()  # queued reconciles, kept referenced
+        self._retries: set[asyncio.TimerHandle] = set()
         # The MCP aggregate bundle is rewritten by one writer at a time; changes arriving
         # meanwhile mark it dirty and the writer goes round again (bursts coalesce).
         self._mcp_lock = asyncio.Lock()
         self._mcp_dirty = False
+        self._mcp_written: dict[str, str] = {}  # namespace -> digest of the bundle written
+
+    # --- state -------------------------------------------------------------------------------
 
     def _state(self, body: Mapping[str, Any]) -> ResourceState:
         meta = body["metadata"]
         key = (body["kind"], meta["namespace"], meta["name"])
         state = self.states.get(key)
         if state is None or state.uid != meta["uid"]:
+            live = dict(body.get("status") or {})
             state = ResourceState(
-                kind=body["kind"], uid=meta["uid"],
+                kind=body["kind"], namespace=meta["namespace"], name=meta["name"],
+                uid=meta["uid"],
                 owner_reference=dict(kopf.build_owner_reference(body)),  # type: ignore[arg-type]
-                status=dict(body.get("status") or {}) or None)
+                status=status.own_status(live), live_status=live)
             self.states[key] = state
         return state
 
@@ -156,46 +241,324 @@ class Reconciler:
         while len(self.gone) > GONE_REMEMBERED:
             self.gone.popitem(last=False)
 
-    async def reconcile(self, raw_body: Mapping[str, Any]) -> ReconcileReport:
-        """Validate the spec, apply every child, write status. Raises on API failures."""
-        body = _plain(raw_body)
-        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        state = self._state(body)
+    def _load_spec(self, state: ResourceState, body: Mapping[str, Any]) -> bool:
+        """Parse, validate and render a generation once; whether it was a new one."""
         generation = body["metadata"].get("generation")
+        if state.parsed and generation is not None and generation == state.generation:
+            return False
+        state.generation = generation
+        state.parsed = True
+        parsed = validate_resource(body, source=f"{state.namespace}/{state.name}")
+        if isinstance(parsed, list):
+            # Invalid: leave the children (and the last good pods) exactly as they are.
+            state.manifest, state.errors = None, parsed
+            return True
+        state.manifest, state.errors = parsed, []
+        state.desired = {
+            (child["kind"], child["metadata"]["name"]): DesiredChild(child,
+                                                                     render.spec_hash(child))
+            for child in render.desired_children(parsed, state.namespace, self.settings)}
+        return True
+
+    # --- kopf's handler: a new or changed Capability or Actor, or one seen at start ----------
+
+    async def reconcile(self, raw_body: Mapping[str, Any], *,
+                        created: bool = False) -> ReconcileReport:
+        """Validate the spec (once per generation), apply every child not known to be in
+        sync, write status. ``created``: the resource is new, so its children are created
+        without being looked up first. Raises on API failures."""
+        body = dict(raw_body)  # kopf's view holds the plain JSON values underneath
+        state = self._state(body)
         async with state.lock:
-            state.generation = generation
-            parsed = validate_resource(body, source=f"{namespace}/{name}")
-            if isinstance(parsed, list):
-                # Invalid: leave the children (and the last good pods) exactly as they are.
-                state.manifest = None
-                await self._write_status(state, namespace, name, status.failure_status(
-                    "InvalidSpec", describe_errors(parsed), previous=self._previous(state),
-                    generation=generation, now=status.now_rfc3339()))
-                report = ReconcileReport(errors=parsed)
+            state.live_status = dict(body.get("status") or {})
+            new_spec = self._load_spec(state, body)
+            if state.errors:
+                wrote = await self._write_status(state, status.failure_status(
+                    "InvalidSpec", describe_errors(state.errors),
+                    previous=self._previous(state), generation=state.generation,
+                    now=status.now_rfc3339()), handled=True)
+                report = ReconcileReport(errors=state.errors, status_written=wrote)
             else:
-                state.manifest = parsed
-                report = await self._apply_children(state, parsed, namespace, name)
-        if state.kind == "Capability":
-            await self.refresh_mcp_bundle(namespace)
+                writes = await self._apply(state, created=created)
+                wrote = await self._write_status(state, self._workload_status(state),
+                                                 handled=True)
+                report = ReconcileReport(errors=[], writes=writes, status_written=wrote)
+        if new_spec and state.kind == "Capability":
+            await self.refresh_mcp_bundle(state.namespace)
         return report
 
-    async def _apply_children(self, state: ResourceState, manifest: Resource, namespace: str,
-                              name: str) -> ReconcileReport:
+    async def _apply(self, state: ResourceState, *, created: bool) -> int:
+        """Bring every desired child not known to be in sync up to date; the writes made.
+        A failure that needs a person (a conflict, a refusal) is also written to status."""
         writes = 0
-        live: dict[str, Any] = {}
         try:
-            for child in render.desired_children(manifest, namespace, self.settings):
-                live, wrote = await self._apply_child(child, state)
-                writes += wrote
+            for key, want in state.desired.items():
+                record = state.children.get(key)
+                if record is not None and not record.deleted and record.version is not None \
+                        and record.digest == want.digest:
+                    continue  # verified at a version no event has moved past
+                create_first = record.deleted if record is not None else created
+                writes += await self._apply_child(state, key, want, create_first=create_first)
         except (ChildConflictError, ApiError) as exc:
             if isinstance(exc, ChildConflictError) or not exc.retriable:
                 reason = exc.reason if isinstance(exc, ChildConflictError) else "ApplyFailed"
-                await self._write_status(state, namespace, name, status.failure_status(
+                await self._write_status(state, status.failure_status(
                     reason, str(exc), previous=self._previous(state),
                     generation=state.generation, now=status.now_rfc3339()))
             raise
-        await self._write_workload_status(state, namespace, name, live)
-        return ReconcileReport(errors=[], writes=writes)
+        return writes
+
+    def _with_owner(self, state: ResourceState, manifest: Manifest) -> Manifest:
+        return {**manifest, "metadata": {**manifest["metadata"],
+                                         "ownerReferences": [state.owner_reference]}}
+
+    async def _create_child(self, state: ResourceState, key: ChildKey,
+                            want: DesiredChild) -> Manifest | None:
+        """POST the child; None when it already exists (409 AlreadyExists)."""
+        try:
+            created = await self.client.create(self._with_owner(state, want.manifest))
+        except ConflictError:
+            return None
+        self.metrics.child_writes.labels(key[0], "create").inc()
+        return created
+
+    async def _apply_child(self, state: ResourceState, key: ChildKey, want: DesiredChild, *,
+                           create_first: bool) -> int:
+        """Create the child or patch it back to what was rendered; never create it twice."""
+        if state.uid in self.gone:
+            return 0  # deleted meanwhile: its children would be orphans
+        if create_first:
+            created = await self._create_child(state, key, want)
+            if created is not None:
+                self._record(state, key, created, want.digest)
+                return 1
+        manifest = want.manifest
+        try:
+            live = await self.client.get(manifest["apiVersion"], key[0], state.namespace,
+                                         key[1])
+        except NotFoundError:
+            created = await self._create_child(state, key, want)
+            if created is None:  # created by someone between our GET and POST: next round
+                raise ApiError(409, "AlreadyExists",
+                               f"{key[0]} {key[1]} appeared meanwhile") from None
+            self._record(state, key, created, want.digest)
+            return 1
+        patch = child_patch(manifest, live, state.kind, state.owner_reference)
+        if patch is None:
+            self._record(state, key, live, want.digest)
+            return 0
+        patched = await self.client.merge_patch(manifest["apiVersion"], key[0], state.namespace,
+                                                key[1], patch)
+        self.metrics.child_writes.labels(key[0], "patch").inc()
+        self._record(state, key, patched, want.digest)
+        return 1
+
+    def _record(self, state: ResourceState, key: ChildKey, live: Mapping[str, Any],
+                digest: str) -> None:
+        meta = live.get("metadata") or {}
+        state.children[key] = ChildRecord(meta.get("uid"), meta.get("resourceVersion"), digest)
+        if key[0] in _WORKLOAD_KINDS:
+            state.workloads[key] = status.workload_view(live)
+
+    # --- child events and the per-owner queue ------------------------------------------------
+
+    def child_changed(self, event_type: str | None, child: Mapping[str, Any]) -> str:
+        """Take in an event (or a listing) of a child; what it amounted to: ``own-write`` (or
+        already seen), ``in-sync``, ``queued`` (its owner will reconcile) or why it was left
+        alone (``unowned``, ``unknown-owner``, ``not-desired``, ``stale``). No I/O."""
+        meta = child.get("metadata") or {}
+        owner = controller_of(child)
+        if owner is None or owner.get("kind") not in OWNER_KINDS \
+                or owner.get("apiVersion") != API_VERSION:
+            return "unowned"
+        state = self.states.get((str(owner["kind"]), meta.get("namespace", ""),
+                                 owner.get("name", "")))
+        if state is None or state.uid != owner.get("uid") or state.manifest is None:
+            return "unknown-owner"  # its owner's own handler covers it once it runs
+        key = (str(child.get("kind")), str(meta.get("name")))
+        want = state.desired.get(key)
+        if want is None:
+            return "not-desired"
+        record = state.children.get(key)
+        if event_type == "DELETED":
+            if record is not None and record.uid is not None and record.uid != meta.get("uid"):
+                return "stale"  # an older incarnation; the current one is known
+            state.children[key] = ChildRecord(meta.get("uid"), None, want.digest, deleted=True)
+            self.enqueue(state, "child-deleted")
+            return "queued"
+        version = meta.get("resourceVersion")
+        if record is not None and not record.deleted and record.uid == meta.get("uid") \
+                and record.version == version and record.digest == want.digest:
+            return "own-write"
+        try:
+            in_sync = child_patch(want.manifest, child, state.kind,
+                                  state.owner_reference) is None
+        except ChildConflictError:
+            in_sync = False
+        state.children[key] = ChildRecord(meta.get("uid"), version if in_sync else None,
+                                          want.digest)
+        if key[0] in _WORKLOAD_KINDS:
+            state.workloads[key] = status.workload_view(child)
+        if not in_sync:
+            self.enqueue(state, "child-changed")
+            return "queued"
+        if key == state.workload_key and self._status_stale(state):
+            self.enqueue(state, "child-changed")  # readiness moved: status has news
+            return "queued"
+        return "in-sync"
+
+    @property
+    def pending(self) -> int:
+        """Reconciles queued or running (child events, retries, resync): 0 when idle."""
+        return len(self._tasks)
+
+    def enqueue(self, state: ResourceState, trigger: str) -> None:
+        """Reconcile ``state`` soon; a reconcile already pending covers this one too."""
+        if state.queued is not None:
+            return
+        state.queued = trigger
+        task = asyncio.get_running_loop().create_task(self._run_queued(state))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _retry_later(self, state: ResourceState, delay: float) -> None:
+        def fire() -> None:
+            self._retries.discard(handle)
+            if self.states.get(state.key) is state:
+                self.enqueue(state, "retry")
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._retries.add(handle)
+
+    async def _run_queued(self, state: ResourceState) -> None:
+        async with state.lock:
+            trigger, state.queued = state.queued, None
+            if trigger is None or self.states.get(state.key) is not state:
+                return
+            with self.metrics.timed(trigger) as outcome:
+                try:
+                    outcome.result = "written" if await self._converge(state) else "ok"
+                except (ApiError, ChildConflictError) as exc:
+                    outcome.result = "error"
+                    retriable = isinstance(exc, ApiError) and exc.retriable
+                    self._retry_later(state, self.settings.retry_delay_seconds
+                                      * (1 if retriable else 6))
+                    logger.warning("reconcile of %s %s/%s failed (retrying): %s", state.kind,
+                                   state.namespace, state.name, exc)
+
+    async def _converge(self, state: ResourceState) -> bool:
+        """Recreate deleted children, undo edits, bring status up to date; whether anything
+        was written."""
+        if state.manifest is None:
+            return False
+        if any(record.deleted for record in state.children.values()) \
+                and not await self._owner_alive(state):
+            return False
+        writes = await self._apply(state, created=False)
+        return await self._write_status(state, self._workload_status(state)) or writes > 0
+
+    async def _owner_alive(self, state: ResourceState) -> bool:
+        """Re-read the owner before recreating a deleted child: when the owner is being
+        deleted (or gone), the child went with it on purpose."""
+        try:
+            body = await self.client.get(API_VERSION, state.kind, state.namespace, state.name)
+        except NotFoundError:
+            self.forget(state.namespace, state.name, state.uid, state.kind)
+            return False
+        meta = body.get("metadata", {})
+        return meta.get("uid") == state.uid and not meta.get("deletionTimestamp")
+
+    # --- status ------------------------------------------------------------------------------
+
+    def _previous(self, state: ResourceState) -> list[Mapping[str, Any]] | None:
+        conditions = state.status.get("conditions")
+        return conditions if isinstance(conditions, list) else None
+
+    def _workload_status(self, state: ResourceState) -> dict[str, Any]:
+        view = state.workloads.get(state.workload_key) or {}
+        members: list[str] | None = None
+        if state.kind == "Actor":
+            workload = status.assess_statefulset(view)
+            replicas = (view.get("spec") or {}).get("replicas", 1)
+            members = render.member_names(state.name, replicas if isinstance(replicas, int)
+                                          else 1)
+        else:
+            workload = status.assess_deployment(view)
+        return status.workload_status(
+            workload, endpoint=render.endpoint(state.name, state.namespace, self.settings),
+            selector=render.label_selector(state.name, state.kind),
+            previous=self._previous(state), generation=state.generation,
+            now=status.now_rfc3339(), members=members)
+
+    def _status_stale(self, state: ResourceState) -> bool:
+        """Whether the status the workload now implies differs from the live one."""
+        return status.status_changed({**state.status, **self._workload_status(state)},
+                                     state.live_status)
+
+    async def _write_status(self, state: ResourceState, new: dict[str, Any], *,
+                            handled: bool = False) -> bool:
+        """Merge ``new`` into the status the operator wants and write it when the live status
+        says otherwise; whether it was written. ``handled``: this generation is done, so
+        ``observedGeneration`` (kopf's record of it, too) moves up to it."""
+        if handled and state.generation is not None:
+            new = {**new, "observedGeneration": state.generation}
+        state.status = {**state.status, **new}
+        if not status.status_changed(state.status, state.live_status):
+            return False  # nothing new to say: no write, no event, no watch traffic
+        patched = await self.client.merge_patch(API_VERSION, state.kind, state.namespace,
+                                                state.name, {"status": state.status},
+                                                subresource="status")
+        state.live_status = dict(patched.get("status") or state.status)
+        return True
+
+    # --- the periodic resync -----------------------------------------------------------------
+
+    async def resync(self) -> None:
+        """Compare every known resource and child with what the API server lists (a few
+        LISTs per namespace, no per-object calls) and queue the owners that need work: what a
+        missed watch event or a failed reconcile left. Unchanged resources cost no write."""
+        for namespace in sorted({namespace for (_, namespace, _) in self.states}):
+            await self._resync_namespace(namespace)
+
+    async def _resync_namespace(self, namespace: str) -> None:
+        owners = [state for state in self.states.values() if state.namespace == namespace]
+        for kind in sorted({state.kind for state in owners}):
+            listed: set[Key] = set()
+            for body in await self.client.list_objects(API_VERSION, kind, namespace):
+                meta = body.get("metadata") or {}
+                key = (kind, namespace, str(meta.get("name")))
+                listed.add(key)
+                state = self.states.get(key)
+                if state is None or state.uid != meta.get("uid"):
+                    continue  # kopf's create handler covers it
+                if meta.get("generation") != state.generation:
+                    await self.reconcile(body)  # a spec change the watch did not bring
+                elif not state.lock.locked() and state.queued is None:
+                    state.live_status = dict(body.get("status") or {})
+            for state in [s for s in owners if s.kind == kind and s.key not in listed]:
+                self.forget(namespace, state.name, state.uid, kind)  # deleted, unnoticed
+        owners = [state for state in self.states.values()
+                  if state.namespace == namespace and state.manifest is not None]
+        kinds = sorted({(want.manifest["apiVersion"], key[0])
+                        for state in owners for key, want in state.desired.items()})
+        listed_children: set[tuple[str, ChildKey]] = set()
+        for api_version, kind in kinds:
+            for child in await self.client.list_objects(api_version, kind, namespace,
+                                                        label_selector=MANAGED_SELECTOR):
+                self.child_changed(None, child)
+                owner = controller_of(child)
+                if owner is not None:
+                    listed_children.add((str(owner.get("uid")),
+                                         (kind, str(child["metadata"]["name"]))))
+        for state in owners:
+            for child_key, want in state.desired.items():
+                if (state.uid, child_key) not in listed_children:
+                    state.children[child_key] = ChildRecord(None, None, want.digest,
+                                                            deleted=True)
+                    self.enqueue(state, "resync")
+            if self._status_stale(state):
+                self.enqueue(state, "resync")
+
+    # --- the MCP aggregate and the Actors' active count ---------------------------------------
 
     async def refresh_mcp_bundle(self, namespace: str) -> None:
         """Bring ``packetflow-mcp-bundle`` in the aggregate namespace up to every valid
@@ -211,156 +574,43 @@ class Reconciler:
                 capabilities = [s.manifest for (kind, ns, _), s in list(self.states.items())
                                 if kind == "Capability" and ns == namespace
                                 and isinstance(s.manifest, Capability)]
-                await self._apply_unowned(
-                    render.render_mcp_bundle(capabilities, namespace, self.settings))
+                bundle = render.render_mcp_bundle(capabilities, namespace, self.settings)
+                digest = render.spec_hash(bundle)
+                if self._mcp_written.get(namespace) != digest \
+                        and await self._apply_unowned(bundle):
+                    self._mcp_written[namespace] = digest
 
-    async def _apply_unowned(self, desired: dict[str, Any]) -> None:
-        """Create or patch an object no single resource owns (the namespace's MCP bundle)."""
+    async def _apply_unowned(self, desired: dict[str, Any]) -> bool:
+        """Create or patch an object no single resource owns (the namespace's MCP bundle):
+        created without a look first, patched straight away once this operator wrote it.
+        False when the name is taken by an object the operator does not manage."""
         meta = desired["metadata"]
-        api_version, kind = desired["apiVersion"], desired["kind"]
-        try:
-            live = await self.client.get(api_version, kind, meta["namespace"], meta["name"])
-        except NotFoundError:
+        api_version, kind, namespace = desired["apiVersion"], desired["kind"], meta["namespace"]
+        if namespace in self._mcp_written:
             try:
-                await self.client.create(desired)
-                self.metrics.child_writes.labels(kind, "create").inc()
-                return
-            except ConflictError:
-                live = await self.client.get(api_version, kind, meta["namespace"],
-                                             meta["name"])
+                await self.client.merge_patch(api_version, kind, namespace, meta["name"], {
+                    key: value for key, value in desired.items()
+                    if key not in ("apiVersion", "kind")})
+                self.metrics.child_writes.labels(kind, "patch").inc()
+                return True
+            except NotFoundError:
+                pass  # deleted by someone: created again below
+        try:
+            await self.client.create(desired)
+            self.metrics.child_writes.labels(kind, "create").inc()
+            return True
+        except ConflictError:
+            live = await self.client.get(api_version, kind, namespace, meta["name"])
         labels = live.get("metadata", {}).get("labels", {}) or {}
         if labels.get(render.LABEL_MANAGED_BY) != render.MANAGED_BY:
             logger.warning("%s %s/%s exists and is not managed by the operator: left alone",
-                           kind, meta["namespace"], meta["name"])
-            return
+                           kind, namespace, meta["name"])
+            return False
         patch = drift_patch(desired, live)
         if patch is not None:
-            await self.client.merge_patch(api_version, kind, meta["namespace"], meta["name"],
-                                          patch)
+            await self.client.merge_patch(api_version, kind, namespace, meta["name"], patch)
             self.metrics.child_writes.labels(kind, "patch").inc()
-
-    async def child_changed(self, event_type: str | None, raw_child: Mapping[str, Any]) -> bool:
-        """React to an event of a child: recreate it, undo an edit, report readiness.
-
-        Returns whether the child was written. Children of unknown or invalid resources are
-        left alone (the owner's own handler covers them once it runs).
-        """
-        child = _plain(raw_child)
-        owner = controller_of(child)
-        if owner is None or owner.get("kind") not in OWNER_KINDS \
-                or owner.get("apiVersion") != API_VERSION:
-            return False
-        namespace = child["metadata"].get("namespace")
-        state = self.states.get((str(owner["kind"]), namespace, owner.get("name", "")))
-        if state is None or state.uid != owner.get("uid") or state.manifest is None:
-            return False
-        async with state.lock:
-            manifest = state.manifest
-            if manifest is None:
-                return False
-            desired = next((c for c in render.desired_children(manifest, namespace,
-                                                                  self.settings)
-                            if c["kind"] == child.get("kind")
-                            and c["metadata"]["name"] == child["metadata"].get("name")), None)
-            if desired is None:
-                return False
-            wrote = False
-            live = child
-            if event_type == "DELETED":
-                # Re-read the owner: when it is being deleted, the child went with it on purpose.
-                try:
-                    owner_body = await self.client.get(API_VERSION, state.kind, namespace,
-                                                       manifest.name)
-                except NotFoundError:
-                    self.forget(namespace, manifest.name, state.uid, state.kind)
-                    return False
-                meta = owner_body.get("metadata", {})
-                if meta.get("uid") != state.uid or meta.get("deletionTimestamp"):
-                    return False
-                live, wrote = await self._apply_child(desired, state)
-            elif drift_patch(desired, child) is not None:
-                # Only patch: if the child is gone, its DELETED event (with the owner check)
-                # decides whether it comes back, not this possibly stale event.
-                try:
-                    live, wrote = await self._apply_child(desired, state, create=False)
-                except NotFoundError:
-                    return False
-            if desired["kind"] == render.WORKLOAD_KINDS[state.kind]:
-                await self._write_workload_status(state, namespace, manifest.name, live)
-            return wrote
-
-    def _previous(self, state: ResourceState) -> list[Mapping[str, Any]] | None:
-        conditions = (state.status or {}).get("conditions")
-        return conditions if isinstance(conditions, list) else None
-
-    async def _apply_child(self, desired: dict[str, Any], state: ResourceState, *,
-                           create: bool = True) -> tuple[dict[str, Any], bool]:
-        """Create the child or patch it back to ``desired``; never create it twice."""
-        desired = {**desired, "metadata": {**desired["metadata"],
-                                           "ownerReferences": [state.owner_reference]}}
-        api_version, kind = desired["apiVersion"], desired["kind"]
-        meta = desired["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
-        try:
-            live = await self.client.get(api_version, kind, namespace, name)
-        except NotFoundError:
-            if not create or state.uid in self.gone:
-                raise
-            try:
-                created = await self.client.create(desired)
-            except ConflictError:
-                # Created meanwhile (another event, or the previous operator instance's write
-                # landing late): read it and carry on as an update.
-                live = await self.client.get(api_version, kind, namespace, name)
-            else:
-                self.metrics.child_writes.labels(kind, "create").inc()
-                return created, True
-        refs = list(live.get("metadata", {}).get("ownerReferences", []) or [])
-        controller = controller_of(live)
-        patch = drift_patch({k: v for k, v in desired.items()
-                             if k != "metadata"} | {"metadata": {
-                                 k: v for k, v in meta.items() if k != "ownerReferences"}}, live)
-        patch, immutable = narrow_spec_patch(kind, desired, live, patch)
-        if controller is None:
-            # An orphan (e.g. left by a deletion with propagationPolicy=Orphan) is adopted only
-            # when it is ours by its labels; anything else with this name belongs to someone.
-            labels = live.get("metadata", {}).get("labels", {}) or {}
-            if labels.get(render.LABEL_MANAGED_BY) != render.MANAGED_BY \
-                    or labels.get(render.OWNER_LABELS[state.kind]) \
-                    != state.owner_reference["name"]:
-                raise ChildConflictError(
-                    f"{kind} {name} exists and is not managed by this {state.kind}")
-            patch = patch or {}
-            patch.setdefault("metadata", {})["ownerReferences"] = [*refs, state.owner_reference]
-        elif controller.get("uid") != state.uid:
-            raise ChildConflictError(
-                f"{kind} {name} is controlled by {controller.get('kind')} "
-                f"{controller.get('name')} (uid {controller.get('uid')}), not this {state.kind}")
-        if immutable:
-            raise ImmutableFieldError(
-                f"{kind} {name}: {', '.join(immutable)} cannot change in place; delete it with "
-                f"`kubectl delete {kind.lower()} {name} --cascade=orphan` (pods and volumes "
-                "stay) and the operator recreates it")
-        if patch is None:
-            return live, False
-        patched = await self.client.merge_patch(api_version, kind, namespace, name, patch)
-        self.metrics.child_writes.labels(kind, "patch").inc()
-        return patched, True
-
-    async def _write_workload_status(self, state: ResourceState, namespace: str, name: str,
-                                     workload_object: Mapping[str, Any]) -> None:
-        members: list[str] | None = None
-        if state.kind == "Actor":
-            workload = status.assess_statefulset(workload_object)
-            replicas = (workload_object.get("spec") or {}).get("replicas", 1)
-            members = render.member_names(name, replicas if isinstance(replicas, int) else 1)
-        else:
-            workload = status.assess_deployment(workload_object)
-        new = status.workload_status(
-            workload, endpoint=render.endpoint(name, namespace, self.settings),
-            selector=render.label_selector(name, state.kind), previous=self._previous(state),
-            generation=state.generation, now=status.now_rfc3339(), members=members)
-        await self._write_status(state, namespace, name, new)
+        return True
 
     async def refresh_active_actors(self, namespace: str, name: str) -> int | None:
         """Count an Actor's active actors on its members and write ``status.activeActors``
@@ -375,22 +625,17 @@ class Reconciler:
         count = await active.count_active(self._http, urls, name)
         if count is not None:
             async with state.lock:
-                await self._write_status(state, namespace, name, {"activeActors": count})
+                await self._write_status(state, {"activeActors": count})
         return count
 
     async def aclose(self) -> None:
-        """Close the HTTP client used to read member pods' metrics."""
+        """Stop queued reconciles and retries; close the HTTP client used for pods' metrics."""
+        for handle in self._retries:
+            handle.cancel()
+        self._retries.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
             self._http = None
-
-    async def _write_status(self, state: ResourceState, namespace: str, name: str,
-                            new: dict[str, Any]) -> None:
-        if state.generation is not None:
-            new = {**new, "observedGeneration": state.generation}
-        merged = {**(state.status or {}), **new}
-        if state.status is not None and status.same_status(merged, state.status):
-            return  # nothing new to say: no write, no event, no watch traffic
-        await self.client.merge_patch(API_VERSION, state.kind, namespace, name,
-                                      {"status": new}, subresource="status")
-        state.status = merged

@@ -16,6 +16,11 @@ from typing import Any, Final
 
 READY: Final = "Ready"
 DEGRADED: Final = "Degraded"
+# The status fields the operator writes (a new one goes here too, so a restarted operator
+# carries it on); anything else under status belongs to someone else (the routing
+# controller, kopf) and is never sent back.
+OWN_KEYS: Final = frozenset({"conditions", "observedGeneration", "replicas", "readyReplicas",
+                             "endpoint", "selector", "members", "activeActors"})
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,31 @@ def failure_status(
     conditions = [Condition(READY, False, reason, message),
                   Condition(DEGRADED, True, reason, message)]
     return {"conditions": stamp_conditions(conditions, previous, generation, now)}
+
+
+def workload_view(workload: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a Deployment or StatefulSet its assessment reads (name, generation,
+    replicas, status): what the operator keeps of each workload between events."""
+    meta = workload.get("metadata") or {}
+    spec = workload.get("spec") or {}
+    view: dict[str, Any] = {"metadata": {"name": meta.get("name"),
+                                         "generation": meta.get("generation")},
+                            "spec": {}, "status": dict(workload.get("status") or {})}
+    if "replicas" in spec:
+        view["spec"]["replicas"] = spec["replicas"]
+    return view
+
+
+def own_status(status: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Only the fields of a live status the operator writes (:data:`OWN_KEYS`)."""
+    return {key: value for key, value in (status or {}).items() if key in OWN_KEYS}
+
+
+def status_changed(desired: Mapping[str, Any], live: Mapping[str, Any] | None) -> bool:
+    """Whether the live status differs from ``desired`` in a field ``desired`` sets (times of
+    unchanged conditions aside): only then is a status write worth making."""
+    live = live or {}
+    return not same_status(desired, {key: live.get(key) for key in desired})
 
 
 def same_status(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:

@@ -137,4 +137,4 @@ class ControllerKube(KubeClient):
     async def post_event(self, event: Mapping[str, Any]) -> None:
         """Create a core/v1 Event."""
         await self._request("POST", f"/api/v1/namespaces/{event['metadata']['namespace']}"
-                                    "/events", json=event)
+                                    "/events", body=event)

@@ -1,0 +1,222 @@
+"""What the operator costs the API server (issue 17), counted on the emulator's request log.
+
+The real kopf operator, the emulator over HTTP; the counts are behaviour, not timing: creating
+a Capability costs one write per child and one status write, nothing is read first, the
+children's events coming back cost nothing, an unchanged resync or restart writes nothing, a
+burst of child events for one owner makes one reconcile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import httpx
+import kmock
+import kopf
+
+from packetflow.operator.handlers import ObservedGenerationDiffBase
+from packetflow.operator.metrics import OperatorMetrics
+from tests.operator.api import NS, patch, post
+from tests.operator.conftest import OperatorRunner, wait_for
+from tests.operator.kube_emulator import CAPABILITIES, ClusterEmulator, verbs, writes
+from tests.operator.test_operator_emulated import (
+    CAPS_PATH,
+    CHILD_PATHS,
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    SERVICES,
+    capability,
+    children,
+)
+
+COUNT = 12
+
+
+def total(metrics: OperatorMetrics, name: str, **labels: str) -> float:
+    """The sum of a metric's samples with these labels."""
+    return sum(sample.value for family in metrics.registry.collect()
+               for sample in family.samples
+               if sample.name == name and all(sample.labels.get(key) == value
+                                               for key, value in labels.items()))
+
+
+def reconciles(runner: OperatorRunner, **labels: str) -> float:
+    """Reconciles so far (kopf handler runs and queued ones)."""
+    return total(runner.ctx.metrics, "packetflow_operator_reconciles_total", **labels)
+
+
+async def created(cluster: ClusterEmulator, runner: OperatorRunner, count: int) -> None:
+    """Wait until ``count`` Capabilities have their status for generation 1 and every child
+    event has been taken in, with nothing queued."""
+    def statuses() -> bool:
+        return all((cluster.live(CAPABILITIES, NS, f"cap-{i}") or {}).get("status", {})
+                   .get("observedGeneration") == 1 for i in range(count))
+    await wait_for(statuses, timeout=30, what="every status")
+    await wait_for(lambda: total(runner.ctx.metrics, "packetflow_operator_child_events_total")
+                   >= 3 * count and runner.ctx.reconciler.pending == 0, timeout=30,
+                   what="every child event taken in")
+
+
+async def create_capabilities(kube: httpx.AsyncClient, count: int) -> None:
+    """kubectl apply of ``count`` Capabilities at once."""
+    await asyncio.gather(*(post(kube, CAPS_PATH, capability(f"cap-{i}", replicas=1))
+                           for i in range(count)))
+
+
+def own_reads(calls: dict[str, int]) -> int:
+    """GETs of single objects (not lists, watches or discovery)."""
+    return verbs(calls)["get"] - calls["get discovery"]
+
+
+async def test_creating_capabilities_costs_a_write_per_child_and_one_status_write(
+        cluster: ClusterEmulator, kube: httpx.AsyncClient,
+        operator_runner: OperatorRunner) -> None:
+    mark = len(cluster.log)
+    await create_capabilities(kube, COUNT)
+    await created(cluster, operator_runner, COUNT)
+
+    calls = cluster.api_calls(since=mark)
+    assert calls["create configmaps"] == calls["create services"] == COUNT
+    assert calls["create deployments"] == COUNT
+    assert calls["patch capabilities/status"] == COUNT
+    assert writes(calls) == 4 * COUNT, calls  # nothing else: no kopf annotation, no marker
+    assert own_reads(calls) == 0, calls  # no GET before a create
+    # One reconcile each; the children's events were the operator's own writes coming back.
+    assert reconciles(operator_runner) == reconciles(operator_runner, trigger="create") == COUNT
+    metrics = operator_runner.ctx.metrics
+    assert total(metrics, "packetflow_operator_child_events_total", outcome="queued") == 0
+
+
+async def test_unchanged_resync_and_restart_write_nothing(
+        cluster: ClusterEmulator, kube: httpx.AsyncClient) -> None:
+    first = OperatorRunner([NS])
+    await first.start()
+    try:
+        await create_capabilities(kube, COUNT)
+        await created(cluster, first, COUNT)
+        mark = len(cluster.log)
+        assert first.thread is not None
+        await asyncio.to_thread(first.thread.call, first.ctx.reconciler.resync())
+        await wait_for(lambda: first.ctx.reconciler.pending == 0, what="the resync's work")
+        calls = cluster.api_calls(since=mark)
+        assert writes(calls) == 0, calls
+        # A few LISTs for the namespace, not a call per resource.
+        assert verbs(calls)["list"] == sum(calls.values()) <= 6, calls
+    finally:
+        await first.stop()
+
+    mark = len(cluster.log)
+    second = OperatorRunner([NS])
+    await second.start()
+    try:
+        await wait_for(lambda: reconciles(second, trigger="resume") == COUNT,
+                       what="every Capability resumed")
+        await wait_for(lambda: second.ctx.reconciler.pending == 0, what="queued work")
+        assert writes(cluster.api_calls(since=mark)) == 0
+    finally:
+        await second.stop()
+
+
+async def test_a_burst_of_child_events_makes_one_reconcile(
+        cluster: ClusterEmulator, kube: httpx.AsyncClient,
+        operator_runner: OperatorRunner) -> None:
+    await post(kube, CAPS_PATH, capability("busy", replicas=1))
+    objs = await children(cluster, "busy")
+    await wait_for(lambda: operator_runner.ctx.reconciler.pending == 0
+                   and reconciles(operator_runner) == 1, what="the creation to settle")
+    state = operator_runner.ctx.reconciler.states[("Capability", NS, "busy")]
+    thread = operator_runner.thread
+    assert thread is not None and thread.loop is not None
+    release = asyncio.Event()  # waited for on the operator's loop, set through it
+    holding = threading.Event()
+
+    async def hold() -> None:
+        # A reconcile of this Capability in progress: whatever arrives meanwhile waits.
+        async with state.lock:
+            holding.set()
+            await release.wait()
+    held = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(hold(), thread.loop))
+    await wait_for(holding.is_set, what="the lock held")
+
+    edits = 0
+    for round_ in range(3):
+        await patch(kube, f"{CHILD_PATHS[CONFIGMAPS]}/busy-bundle",
+                    {"data": {"bundle.yaml": f"tampered {round_}"}})
+        await patch(kube, f"{CHILD_PATHS[SERVICES]}/busy",
+                    {"spec": {"ports": [{"name": "grpc", "port": 1000 + round_}]}})
+        template = objs[DEPLOYMENTS]["spec"]["template"]
+        template["spec"]["containers"][0]["image"] = f"evil:{round_}"
+        await patch(kube, f"{CHILD_PATHS[DEPLOYMENTS]}/busy", {"spec": {"template": template}})
+        edits += 3
+    metrics = operator_runner.ctx.metrics
+    await wait_for(lambda: total(metrics, "packetflow_operator_child_events_total",
+                                 outcome="queued") >= edits, what="every edit's event")
+    thread.loop.call_soon_threadsafe(release.set)
+    await held
+
+    def restored() -> bool:
+        bundle = cluster.live(CONFIGMAPS, NS, "busy-bundle") or {}
+        service = cluster.live(SERVICES, NS, "busy") or {}
+        deployment = cluster.live(DEPLOYMENTS, NS, "busy") or {}
+        return ("tampered" not in bundle["data"]["bundle.yaml"]
+                and service["spec"]["ports"][0]["port"] == 50051
+                and deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+                != "evil:2")
+    await wait_for(restored, what="every edit undone")
+    await wait_for(lambda: operator_runner.ctx.reconciler.pending == 0, what="queued work")
+    assert reconciles(operator_runner, trigger="child-changed") == 1
+
+
+async def test_a_deleted_child_is_created_again_with_one_write(
+        cluster: ClusterEmulator, kube: httpx.AsyncClient,
+        operator_runner: OperatorRunner) -> None:
+    await post(kube, CAPS_PATH, capability("again", replicas=1))
+    await children(cluster, "again")
+    await wait_for(lambda: operator_runner.ctx.reconciler.pending == 0
+                   and reconciles(operator_runner) == 1, what="the creation to settle")
+    mark = len(cluster.log)
+    assert (await kube.delete(f"{CHILD_PATHS[DEPLOYMENTS]}/again")).status_code < 300
+    await wait_for(lambda: cluster.live(DEPLOYMENTS, NS, "again"), what="the Deployment back")
+    await wait_for(lambda: operator_runner.ctx.reconciler.pending == 0, what="queued work")
+    calls = cluster.api_calls(since=mark)
+    # The owner is read once (is it being deleted?), the Deployment created, nothing else.
+    assert calls["create deployments"] == writes(calls) == 1, calls
+    assert own_reads(calls) == calls["get capabilities"] == 1, calls
+    assert reconciles(operator_runner, trigger="child-deleted") == 1
+
+
+async def test_a_failed_creation_is_retried_by_kopf(
+        cluster: ClusterEmulator, kube: httpx.AsyncClient,
+        operator_runner: OperatorRunner) -> None:
+    cluster.fail_next(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS])
+    await post(kube, CAPS_PATH, capability("retried", replicas=1))
+    await children(cluster, "retried")
+
+    def handled() -> dict[str, Any] | None:
+        status = (cluster.live(CAPABILITIES, NS, "retried") or {}).get("status", {})
+        # kopf kept its retry's progress under status.kopf meanwhile, and purges it (its own
+        # patch, after the handler's status write) when done.
+        done = status.get("observedGeneration") == 1 and not status.get("kopf", {}).get(
+            "progress")
+        return status if done else None
+    await wait_for(handled, what="the retry to finish and kopf to purge its progress")
+    assert reconciles(operator_runner, trigger="create", result="api-error") == 1
+    assert reconciles(operator_runner, trigger="create", result="ok") == 1
+
+
+def test_kopf_diff_base_is_the_handled_generation() -> None:
+    storage = ObservedGenerationDiffBase()
+
+    def body(generation: int, observed: int | None) -> kopf.Body:
+        status = {} if observed is None else {"status": {"observedGeneration": observed}}
+        return kopf.Body({"metadata": {"name": "x", "generation": generation,
+                                       "labels": {"any": "label"}},
+                          "spec": {"intent": "x"}, **status})
+
+    assert storage.fetch(body=body(1, None)) is None  # never handled: create
+    assert storage.build(body=body(2, 1)) != storage.fetch(body=body(2, 1))  # update
+    assert storage.build(body=body(2, 2)) == storage.fetch(body=body(2, 2))  # handled
+    # Labels and annotations are no change: nothing renders from them.
+    assert storage.build(body=body(2, 2)) == {"spec": {"generation": 2}}
