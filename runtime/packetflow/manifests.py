@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from packetflow.spec import API_VERSION, MANIFEST_KINDS, Actor, Capability, Federation, Manifest
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,13 @@ def parse_document(
     if model is None:
         return [ManifestError(source, "kind", f"must be one of {sorted(MANIFEST_KINDS)}, "
                               f"got {kind!r}", _line(node, ["kind"]))]
+    return validate_model(model, data, source, node)
+
+
+def validate_model(model: type[M], data: Any, source: str = "<input>",
+                   node: yaml.Node | None = None) -> M | list[ManifestError]:
+    """``model.model_validate(data)``, or its errors with the path and (given the YAML
+    ``node``) the line of each."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:

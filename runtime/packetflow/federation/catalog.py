@@ -92,6 +92,19 @@ def contract_from_json(data: Any) -> Contract | None:
     return {str(name): FieldSchema.model_validate(schema) for name, schema in data.items()}
 
 
+def contract_from_schema(schema: Mapping[str, Any]) -> Contract | None:
+    """The contract a runtime's ``DescribeCapability`` schema stands for (the inverse of
+    :func:`packetflow.contracts.contract_schema`): ``None`` for "any object"."""
+    properties = schema.get("properties")
+    if not isinstance(properties, dict):
+        return None
+    required = set(schema.get("required", ()))
+    return {str(name): FieldSchema.model_validate(
+                {**prop, **({} if name in required or "default" in prop
+                            else {"optional": True})})
+            for name, prop in properties.items()}
+
+
 def exports_to(spec: FederationSpec, peer: str) -> list[FederationExport]:
     """The exports granted to ``peer`` (deny by default: nothing else)."""
     return [export for export in spec.exports if peer in export.to]

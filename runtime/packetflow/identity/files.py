@@ -39,13 +39,16 @@ class Watched(Generic[T]):
     (checked at most every ``interval`` seconds). The first load must succeed."""
 
     def __init__(self, paths: Sequence[Path], load: Callable[[], T], *,
+                 paths_of: Callable[[T], Sequence[Path]] | None = None,
                  interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.paths = list(paths)
         self.load = load
+        self.paths_of = paths_of  # a loaded value may name more files to watch (a config)
         self.interval = interval
         self.clock = clock
         self._stamp = _stamp(self.paths)
         self.value = load()
+        self._follow(self.value)
         self.generation = 1
         self.error: str | None = None  # why the newest files did not load, if they did not
         self._checked = clock()
@@ -57,6 +60,13 @@ class Watched(Generic[T]):
             self._checked = now
             self.refresh()
         return self.value
+
+    def _follow(self, value: T) -> None:
+        if self.paths_of is not None:
+            paths = list(self.paths_of(value))
+            if paths != self.paths:
+                # Stamped after the load: a change in between shows at the next change.
+                self.paths, self._stamp = paths, _stamp(paths)
 
     def refresh(self) -> bool:
         """Reload now if the files changed; True when a new value was loaded."""
@@ -72,6 +82,7 @@ class Watched(Generic[T]):
             self.error = message
             return False
         self._stamp, self.value, self.error = stamp, value, None
+        self._follow(value)
         self.generation += 1
         log.info("material reloaded", extra={"files": [str(p) for p in self.paths],
                                              "generation": self.generation})

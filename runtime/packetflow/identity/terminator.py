@@ -212,6 +212,8 @@ class MtlsTerminator(Generic[T]):
             self.on_refused(Refusal(address, reason, message))
             return
         assert tls is not None
+        # start_tls does not call connection_made (the transport is its return value).
+        downstream.connection_made(tls)
         tls.pause_reading()  # nothing is read, let alone relayed, before authentication
         ssl_object = tls.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
