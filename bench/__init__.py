@@ -17,4 +17,5 @@ BENCHES: dict[str, str] = {
     "compositions": "bench.compositions",
     "mcp": "bench.mcp",
     "cli": "bench.cli",
+    "federation": "bench.federation",
 }

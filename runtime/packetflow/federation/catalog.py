@@ -6,6 +6,7 @@ property plus ``optional``), so the importer compiles exactly the checks the exp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from packetflow.contracts import CompiledContract
 from packetflow.spec import (
     Contract,
     FederationExport,
@@ -33,6 +35,11 @@ class LocalCapability:
     requires: Contract | None
     provides: Contract | None
     timeout_seconds: float
+
+    @functools.cached_property
+    def checks(self) -> tuple[CompiledContract, CompiledContract]:
+        """The contract compiled once: (requires, provides)."""
+        return CompiledContract.compile(self.requires), CompiledContract.compile(self.provides)
 
 
 @dataclass(frozen=True)

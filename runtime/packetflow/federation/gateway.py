@@ -435,9 +435,9 @@ class Gateway:
         try:
             identity = self._connection(key, state)
         except _Refused as refused:
-            await self._refuse_inbound(refused, "", None, AuditRecord(
+            await self._refuse_inbound(refused, _Call(time.perf_counter(), AuditRecord(
                 at=time.time(), direction=INBOUND, peer="", fingerprint="", capability="",
-                decision=DENY, reason="", code=""))
+                decision=DENY, reason="", code="")))
         entries = catalog_for(state.spec, identity.peer, self.local)
         version = catalog_version(entries)
         if version == known_version:
@@ -461,21 +461,22 @@ class Gateway:
         now = time.time()
         state = self.current()
         claims = identity_claims(metadata)
-        record = AuditRecord(
+        call = _Call(started, AuditRecord(
             at=now, direction=INBOUND, peer="", fingerprint="", capability=capability,
             decision=DENY, reason="", code="", bytes_in=len(payload),
             trace_id=trace_of(metadata), input_sha256=_sha256(payload),
             notes="ignored identity metadata: " + ", ".join(f"{k}={v}" for k, v in claims)
-            if claims else "")
+            if claims else ""))
         try:
             identity = self._connection(key, state)
         except _Refused as refused:
-            await self._refuse_inbound(refused, "", None, record)
+            await self._refuse_inbound(refused, call)
         peer = identity.peer
-        record = _with(record, peer=peer, fingerprint=identity.certificate.fingerprint,
-                       address=identity.address)
+        call.record = replace(call.record, peer=peer,
+                              fingerprint=identity.certificate.fingerprint,
+                              address=identity.address)
         peer_org = state.peers[peer].organization
-        if any(key_ != CALLER_KEY and value not in (peer, peer_org) for key_, value in claims):
+        if any(name != CALLER_KEY and value not in (peer, peer_org) for name, value in claims):
             # Claiming to be someone else: a policy failure of this peer.
             self.trust.observe(peer, dims.SECURITY, False, now)
         export = state.exports.get(capability)
@@ -483,15 +484,14 @@ class Gateway:
             self.trust.observe(peer, dims.SECURITY, False, now)
             # The same answer whether the capability exists or not: nothing leaks.
             await self._refuse_inbound(_Refused(PermissionDenied(
-                f"capability {capability!r} is not exported to {peer}"), "not-exported"),
-                peer, started, record)
+                f"capability {capability!r} is not exported to {peer}"), "not-exported"), call)
         sla = export.sla
-        probe = (any(k == PROBE_KEY for k, _ in metadata) and sla is not None
-                 and sla.probe is not None and _json(payload) == sla.probe.input)
+        probe = (sla is not None and sla.probe is not None
+                 and any(name == PROBE_KEY for name, _ in metadata)
+                 and _json(payload) == sla.probe.input)
         refusal = self.trust.refusal(peer, now)
         if refusal is not None and not probe:
-            await self._refuse_inbound(_Refused(PermissionDenied(refusal), "trust"), peer,
-                                       started, record)
+            await self._refuse_inbound(_Refused(PermissionDenied(refusal), "trust"), call)
         if export.rate_limit is not None:
             bucket = self.buckets.get((peer, capability))
             if bucket is None:
@@ -501,69 +501,65 @@ class Gateway:
                 await self._refuse_inbound(_Refused(Overloaded(
                     f"rate limit of {export.rate_limit.per_minute:g}/minute for {peer} on "
                     f"{capability!r}; retry in {bucket.retry_after():.1f}s"), "rate-limit"),
-                    peer, started, record)
+                    call)
+        call.decision = ALLOW
         local = self.local.get(capability) or await self.refresh_local(capability)
-        record = _with(record, decision=ALLOW)
         if local is None:
             await self._refuse_inbound(_Refused(Unavailable(
-                f"capability {capability!r} is not reachable here now"), "unavailable"),
-                peer, started, record)
-        requires = CompiledContract.compile(local.requires)
-        provides = CompiledContract.compile(local.provides)
-        value = _json(payload)
-        _, violations = requires.check(value, "input") if value is not _INVALID \
-            else ({}, [FieldViolation("input", "not valid JSON")])
+                f"capability {capability!r} is not reachable here now"), "unavailable"), call)
+        requires, provides = local.checks
+        violations = _check(requires, payload, "input")
         if violations:
             self.trust.observe(peer, dims.RELIABILITY, False, now)
             await self._refuse_inbound(_Refused(InvalidInput(violations), "invalid-input"),
-                                       peer, started, record)
+                                       call)
         self.trust.observe(peer, dims.SECURITY, True, now)
         self.trust.observe(peer, dims.RELIABILITY, True, now)
         output_bytes = b""
+        output: Any = None
         error: PacketFlowError | None = None
         try:
             target = await self.remote.resolver.resolve(state.settings.runtime or capability)
             response = await self.remote.client(target).stub.Invoke(
                 runtime_pb2.InvokeRequest(capability=capability, input_json=payload),
-                timeout=remaining,
-                metadata=((TRACE_ID_KEY, record.trace_id), (CALLER_KEY, f"federation:{peer}")))
+                timeout=remaining, metadata=((TRACE_ID_KEY, call.record.trace_id),
+                                             (CALLER_KEY, f"federation:{peer}")))
             output_bytes = response.output_json
             output = _json(output_bytes)
-            _, violations = provides.check(output, "output") if output is not _INVALID \
-                else ({}, [FieldViolation("output", "not valid JSON")])
+            violations = _check(provides, output_bytes, "output", output)
             if violations:
                 error = ContractViolation(capability, violations)
         except grpc.aio.AioRpcError as exc:
             error = domain_error(CallError.from_rpc_error(exc), capability, "the runtime")
-            output = None
         code = Code.OK if error is None else code_of(error)
         elapsed = time.perf_counter() - started
-        price = 0.0 if probe else call_price(export.pricing, error is None, output)
         self.export_stats.setdefault(capability, ExportStats()).count(peer, error is None)
         if sla is not None:
             self._meter("exporter", peer, capability, sla).observe(
                 Sample(now, elapsed, not counts_as_failure(code.value)))
         self.metrics.calls.labels(INBOUND, peer, capability, code.value).inc()
         self.metrics.duration.labels(INBOUND, peer).observe(elapsed)
-        await self.audit(_with(
-            record, code=code.value, reason="sla probe" if probe else
+        await self.audit(replace(
+            call.record, decision=ALLOW, code=code.value,
+            reason="sla probe" if probe else
             (error.message[:500] if error is not None else "exported"),
             duration_ms=round(elapsed * 1000, 3), bytes_out=len(output_bytes),
-            output_sha256=_sha256(output_bytes) if output_bytes else "", price=price,
+            output_sha256=_sha256(output_bytes) if output_bytes else "",
+            price=0.0 if probe else call_price(export.pricing, error is None, output),
             currency=export.pricing.currency if export.pricing else ""))
         if error is not None:
             raise error
         return output_bytes
 
-    async def _refuse_inbound(self, refused: _Refused, peer: str, started: float | None,
-                              record: AuditRecord) -> NoReturn:
+    async def _refuse_inbound(self, refused: _Refused, call: _Call) -> NoReturn:
         """Audit, count and raise a refused inbound call."""
-        error = refused.error
-        self.metrics.refusals.labels(INBOUND, peer, refused.reason).inc()
-        self.metrics.calls.labels(INBOUND, peer, record.capability, code_of(error).value).inc()
-        duration = round((time.perf_counter() - started) * 1000, 3) if started else 0.0
-        await self.audit(_with(record, reason=f"{refused.reason}: {error.message}"[:500],
-                               code=code_of(error).value, duration_ms=duration))
+        error, record = refused.error, call.record
+        code = code_of(error).value
+        self.metrics.refusals.labels(INBOUND, record.peer, refused.reason).inc()
+        self.metrics.calls.labels(INBOUND, record.peer, record.capability, code).inc()
+        await self.audit(replace(
+            record, decision=call.decision, reason=f"{refused.reason}: {error.message}"[:500],
+            code=code, duration_ms=round((time.perf_counter() - call.started) * 1000, 3)))
         raise error
 
     # ------------------------------------------------------------------ local capabilities
@@ -978,6 +974,24 @@ def _json(data: bytes) -> Any:
 
 def _with(record: AuditRecord, **changes: Any) -> AuditRecord:
     return replace(record, **changes)
+
+
+def _check(contract: CompiledContract, raw: bytes, root: str,
+           value: Any = _INVALID) -> list[FieldViolation]:
+    """The contract's violations by a JSON payload (parsed here unless ``value`` is given)."""
+    value = _json(raw) if value is _INVALID else value
+    if value is _INVALID:
+        return [FieldViolation(root, "not valid JSON")]
+    return contract.check(value, root)[1]
+
+
+@dataclass
+class _Call:
+    """An inbound call on its way: when it started, its audit record so far."""
+
+    started: float
+    record: AuditRecord
+    decision: str = DENY
 
 
 class _Refused(Exception):

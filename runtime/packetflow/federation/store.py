@@ -199,7 +199,10 @@ class FederationStore:
             sqlite = policy.store.sqlite
             path = Path(sqlite.path) if sqlite is not None and sqlite.path else \
                 state_dir / "federation.db"
-            backend, lock = SqliteActorStore("federation", path=path, schema=schema), None
+            # NORMAL in WAL mode: a commit survives the process dying (not the machine
+            # losing power) without an fsync per batch; PostgreSQL is the durable, shared log.
+            backend, lock = SqliteActorStore("federation", path=path, schema=schema,
+                                             synchronous="NORMAL"), None
         await backend.open()
         store = cls(backend, lock)
         store.head = await backend.run("head", op_head())

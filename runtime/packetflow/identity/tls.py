@@ -12,6 +12,7 @@ handshake nobody can see.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import ssl
 import tempfile
@@ -46,12 +47,12 @@ class Credentials:
     key_pem: bytes
     leaf: x509.Certificate
 
-    @property
+    @functools.cached_property
     def spiffe_id(self) -> SpiffeId:
         """The SPIFFE ID of our leaf certificate."""
         return spiffe_id_of(self.leaf)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """Our leaf certificate's fingerprint."""
         return fingerprint(self.leaf)

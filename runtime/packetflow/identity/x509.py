@@ -10,6 +10,7 @@ let it through.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -102,9 +103,9 @@ class TrustBundle:
                                   " is not a CA certificate (basicConstraints CA:TRUE)")
         return cls(trust_domain, authorities)
 
-    @property
+    @functools.cached_property
     def fingerprints(self) -> frozenset[str]:
-        """Fingerprints of the bundle's authorities."""
+        """Fingerprints of the bundle's authorities (computed once: checked on every call)."""
         return frozenset(fingerprint(a) for a in self.authorities)
 
     def pem(self) -> bytes:
