@@ -58,11 +58,11 @@ class Connection(Generic[T]):
     downstream: asyncio.Transport | None = None
     upstream: asyncio.Transport | None = None
 
-    def close(self) -> None:
-        """Close both sides (calls in flight on it fail)."""
+    def close(self, abort: bool = False) -> None:
+        """Close both sides (calls in flight on it fail); ``abort`` drops buffered data."""
         for transport in (self.downstream, self.upstream):
             if transport is not None:
-                transport.close()
+                transport.abort() if abort else transport.close()
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:
@@ -119,7 +119,9 @@ class _Pipe(asyncio.Protocol):
             self.target.resume_reading()
 
     def eof_received(self) -> bool | None:
-        if self.target is not None and self.target.can_write_eof():
+        # Half-close passes through where both sides can (TLS has no half-close: closing).
+        tls = self.transport is not None and self.transport.get_extra_info("ssl_object")
+        if not tls and self.target is not None and self.target.can_write_eof():
             self.target.write_eof()
             return True
         return None
@@ -185,7 +187,7 @@ class MtlsTerminator(Generic[T]):
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections.values()):
-            connection.close()
+            connection.close(abort=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -206,6 +208,9 @@ class MtlsTerminator(Generic[T]):
             tls = await asyncio.get_running_loop().start_tls(
                 transport, downstream, self.context(), server_side=True,
                 ssl_handshake_timeout=self.handshake_timeout)
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             transport.abort()
             reason, message = _classify(exc)
@@ -231,6 +236,9 @@ class MtlsTerminator(Generic[T]):
         connection = Connection(f"unix-abstract:{key}", address, identity, downstream=tls)
         try:
             upstream = await self._connect_inner(key, downstream)
+        except asyncio.CancelledError:
+            tls.abort()
+            raise
         except OSError as exc:
             tls.abort()
             log.error("cannot reach the inner server at %s: %s", self._inner_path, exc)
