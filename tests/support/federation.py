@@ -29,14 +29,14 @@ from packetflow.v1 import federation_pb2_grpc, runtime_pb2_grpc
 CALLS: list[dict[str, Any]] = []
 
 
-def _seen(capability: str, ctx: CallContext) -> None:
+def _seen(capability: str, ctx: CallContext, **extra: Any) -> None:
     CALLS.append({"capability": capability, "trace_id": ctx.trace_id, "caller": ctx.caller,
-                  "remaining": ctx.time_remaining()})
+                  "remaining": ctx.time_remaining(), **extra})
 
 
 async def translate(text: str, ctx: CallContext) -> dict[str, Any]:
     """Globex's exported capability."""
-    _seen("translate", ctx)
+    _seen("translate", ctx, text=text)
     return {"text": f"[fr] {text}"}
 
 

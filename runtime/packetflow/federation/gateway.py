@@ -187,6 +187,7 @@ class Gateway:
     def __init__(self, config_path: Path) -> None:
         self.watch = watch_state(config_path)
         state = self.watch.value
+        self.watch.interval = state.settings.reload_seconds
         self.metrics = FederationMetrics()
         self.trust = TrustBook(state.trust)
         self.remote = RemoteCaller(options=[("grpc.max_receive_message_length",
