@@ -23,6 +23,8 @@ PLURALS: Final[dict[tuple[str, str], str]] = {
     ("apps/v1", "StatefulSet"): "statefulsets",
     (API_VERSION, "Capability"): "capabilities",
     (API_VERSION, "Actor"): "actors",
+    (API_VERSION, "Federation"): "federations",
+    ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import kopf
 
-from packetflow.operator import render
+from packetflow.operator import federation_handlers, render
 from packetflow.operator.client import ApiError, KubeClient, NotFoundError
 from packetflow.operator.metrics import OperatorMetrics
 from packetflow.operator.reconcile import ChildConflictError, Reconciler, describe_errors
@@ -205,6 +205,7 @@ def build_registry() -> kopf.OperatorRegistry:
     for group, version, plural in CHILD_RESOURCES:
         kopf.on.event(group, version, plural, registry=registry, id=f"child-{plural}",
                       labels={render.LABEL_MANAGED_BY: render.MANAGED_BY})(child_event)
+    federation_handlers.register(registry)
     return registry
 
 
