@@ -166,7 +166,7 @@ def make_org(base: Path, name: str) -> Org:
 
 def config_text(org: Org, peers: list[tuple[Org, str]], *, exports: str = "",
                 imports: str = "", trust: str = DEFAULT_TRUST, runtime: str | None = None,
-                listen: str = "127.0.0.1:0", extra: str = "") -> str:
+                listen: str = "127.0.0.1:0", http: str = "", extra: str = "") -> str:
     """A gateway config (a Federation manifest with a gateway section)."""
     peer_lines = "".join(
         f"    - {{name: {peer.name}, organization: {peer.name}, trustDomain: {peer.domain}, "
@@ -180,7 +180,7 @@ def config_text(org: Org, peers: list[tuple[Org, str]], *, exports: str = "",
         + (f"  exports:{exports}" if exports else "")
         + (f"  imports:{imports}" if imports else "")
         + f"  trust: {trust}\n"
-        f"gateway:\n  listen: '{listen}'\n  local: '127.0.0.1:0'\n  metrics_address: ''\n"
+        f"gateway:\n  listen: '{listen}'\n  local: '127.0.0.1:0'\n  metrics_address: '{http}'\n"
         f"  state_dir: {org.directory / 'state'}\n  catalog_refresh_seconds: 0.2\n"
         f"  reload_seconds: 0.1\n"
         + (f"  runtime: '{runtime}'\n" if runtime else "") + extra)
@@ -203,10 +203,11 @@ class Federation:
                               exports: str = DEFAULT_EXPORTS, trust: str = DEFAULT_TRUST,
                               extra: str = "") -> None:
         """Rewrite globex's config (its gateway reloads it)."""
+        http = f"127.0.0.1:{self.exporter.http_port}" if self.exporter.http_port else ""
         write_atomically(self.configs["globex"], config_text(
             self.globex, peers if peers is not None else self.exporter_peers(),
             exports=exports, trust=trust, runtime=f"127.0.0.1:{self.runtime.port}",
-            extra=extra).encode())
+            http=http, extra=extra).encode())
 
     def exporter_peers(self) -> list[tuple[Org, str]]:
         """globex's peers: acme (at its gateway) and initech (nowhere)."""
@@ -257,9 +258,10 @@ async def wait_ready(gateway: Gateway, name: str, timeout: float = 30.0) -> None
 
 @contextlib.asynccontextmanager
 async def running_federation(base: Path, *, exports: str = DEFAULT_EXPORTS,
-                             trust: str = DEFAULT_TRUST,
-                             importer_trust: str = DEFAULT_TRUST) -> AsyncIterator[Federation]:
-    """globex's runtime and gateway, acme's gateway, running; stopped afterwards."""
+                             trust: str = DEFAULT_TRUST, importer_trust: str = DEFAULT_TRUST,
+                             http: bool = False) -> AsyncIterator[Federation]:
+    """globex's runtime and gateway, acme's gateway, running; stopped afterwards. With
+    ``http``, globex's gateway serves /metrics and /status (``exporter.http_port``)."""
     CALLS.clear()
     acme, globex, initech = (make_org(base, name) for name in ("acme", "globex", "initech"))
     loaded = load_text(EXPORTER_MANIFESTS, "tests/support/federation.py")
@@ -270,7 +272,8 @@ async def running_federation(base: Path, *, exports: str = DEFAULT_EXPORTS,
     # globex starts first (acme's endpoint is unknown until acme listens; globex reloads).
     write_atomically(configs["globex"], config_text(
         globex, [(acme, "127.0.0.1:1"), (initech, "127.0.0.1:1")], exports=exports,
-        trust=trust, runtime=f"127.0.0.1:{runtime.port}").encode())
+        trust=trust, runtime=f"127.0.0.1:{runtime.port}",
+        http="127.0.0.1:0" if http else "").encode())
     exporter = Gateway(configs["globex"])
     await exporter.start()
     write_atomically(configs["acme"], config_text(

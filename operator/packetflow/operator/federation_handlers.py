@@ -56,6 +56,7 @@ class FederationReconciler:
         self.client = client
         self.settings = settings
         self.known: dict[tuple[str, str], Known] = {}
+        self.task: asyncio.Task[None] | None = None  # the report loop
         self._http: httpx.AsyncClient | None = None
 
     def status_url(self, name: str, namespace: str) -> str:
@@ -227,18 +228,26 @@ def _conditions(known: Known) -> list[Mapping[str, Any]] | None:
 # ---------------------------------------------------------------------- kopf wiring
 
 def _reconciler(memo: Any) -> FederationReconciler:
-    found = getattr(memo, "federation", None)
-    if found is None:
-        ctx = memo.ctx  # the operator's OperatorContext: its client, its settings
-        found = memo.federation = FederationReconciler(ctx.client, ctx.settings)
+    # Made at startup on the operator's own memo: kopf gives each object a shallow copy of
+    # it, so every Federation's handlers share this one reconciler.
+    found = memo.federation
     assert isinstance(found, FederationReconciler)
     return found
 
 
+async def startup(memo: kopf.Memo, **_: Any) -> None:
+    """Make the reconciler (the operator's client and settings)."""
+    memo.federation = FederationReconciler(memo.ctx.client, memo.ctx.settings)
+
+
 async def reconcile_federation(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger,
                                **_: Any) -> None:
-    """Create, update or resume a Federation."""
+    """Create, update or resume a Federation (and start the report loop with the first)."""
     reconciler = _reconciler(memo)
+    if reconciler.task is None:
+        # Started from a handler, not at startup: the task inherits the handler's context,
+        # where kopf's event poster lives (Events about SLA breaches are posted from it).
+        reconciler.task = asyncio.get_running_loop().create_task(report_forever(reconciler))
     try:
         errors = await reconciler.reconcile(body)
     except ChildConflict as exc:
@@ -284,10 +293,9 @@ async def child_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
         logger.warning("could not reconcile a Federation after a child event: %s", exc)
 
 
-async def report_forever(memo: kopf.Memo) -> None:
+async def report_forever(reconciler: FederationReconciler) -> None:
     """Read every gateway's report now and then (trust and connections change without
     Kubernetes events); a kopf-free loop, so no timer finalizers land on Federations."""
-    reconciler = _reconciler(memo)
     settings = reconciler.settings
     interval = min(REPORT_SECONDS, settings.resync_seconds) if settings.resync_seconds > 0 \
         else REPORT_SECONDS
@@ -298,20 +306,17 @@ async def report_forever(memo: kopf.Memo) -> None:
                 await reconciler.refresh(namespace, name)
             except ApiError as exc:
                 log.warning("status of Federation %s/%s not written: %s", namespace, name, exc)
-
-
-async def startup(memo: kopf.Memo, **_: Any) -> None:
-    """Start reading the gateways' reports."""
-    memo.federation_task = asyncio.get_running_loop().create_task(report_forever(memo))
+            except Exception:  # one Federation's failure must not end the loop for all
+                log.exception("status of Federation %s/%s not written", namespace, name)
 
 
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     """Stop the report loop, close its HTTP client."""
-    task = getattr(memo, "federation_task", None)
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    await _reconciler(memo).aclose()
+    reconciler = _reconciler(memo)
+    if reconciler.task is not None:
+        reconciler.task.cancel()
+        await asyncio.gather(reconciler.task, return_exceptions=True)
+    await reconciler.aclose()
 
 
 def register(registry: kopf.OperatorRegistry) -> None:

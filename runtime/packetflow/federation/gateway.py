@@ -337,6 +337,7 @@ class Gateway:
         await self.remote.close()
         if self._http is not None:
             self._http.shutdown()
+            self._http.server_close()
         if self.store is not None:
             await self._save_trust()
             await self.store.aclose()
