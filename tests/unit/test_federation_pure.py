@@ -387,3 +387,24 @@ def test_pruned_log_verifies_from_its_anchor() -> None:
     anchor = Anchor(rows[2].seq, rows[2].hash)
     assert verify(rows[3:], anchor) == []
     assert [f.kind for f in verify(rows[4:], anchor)] == ["deleted"]
+
+
+# ---------------------------------------------------------------------- the mesh picture
+
+def test_imports_and_exports_are_federated_edges() -> None:
+    from packetflow.graph import dependencies_of, mesh_of, render_dot
+    from packetflow.manifests import load_text
+
+    loaded = load_text(
+        "apiVersion: packetflow.io/v1alpha1\nkind: Capability\nmetadata: {name: french}\n"
+        "spec:\n  intent: x\n  implementation: {federated: {peer: globex, "
+        "capability: translate}}\n")
+    (dependency,) = dependencies_of(loaded.capabilities[0])
+    assert (dependency.target, dependency.kind, dependency.external) == (
+        "translate @ globex", "federated", True)
+    mesh = mesh_of(loaded.capabilities, [], [federation()])
+    edges = {(source, dep.target, dep.kind, dep.label) for source, dep in mesh.edges()}
+    assert ("globex-translate", "translate @ globex", "federated", "import") in edges
+    assert ("peer globex", "sentiment", "federated", "export") not in edges  # not served here
+    assert mesh.nodes["peer globex"].kind == "peer"
+    assert '"peer globex" [shape=house' in render_dot(mesh)
