@@ -232,3 +232,28 @@ async def test_trace_id_comes_back_to_the_caller(federation: Federation) -> None
                        metadata=((TRACE_ID_KEY, "0123456789abcdef"),), timeout=10)
     response = await call
     assert response.trace_id == "0123456789abcdef"
+
+
+async def test_nothing_runs_unaudited_when_the_audit_log_fails(
+        federation: Federation) -> None:
+    import sqlite3
+
+    stub = federation.acme_stub()
+    request = runtime_pb2.InvokeRequest(capability="translate", input_json=b'{"text": "a"}')
+    await stub.Invoke(request, timeout=10)
+    with sqlite3.connect(federation.globex.directory / "state" / "federation.db") as db:
+        db.execute("ALTER TABLE pf_federation_audit RENAME TO moved_away")
+    # The first call after the breakage ran (its record is what failed); from then on the
+    # gateway refuses before anything reaches the capability.
+    with pytest.raises(grpc.aio.AioRpcError) as first:
+        await stub.Invoke(request, timeout=10)
+    assert first.value.code() == grpc.StatusCode.UNAVAILABLE
+    def ran() -> int:
+        return len([c for c in CALLS if c["capability"] == "translate" and c["text"] == "a"])
+
+    before = ran()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Invoke(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "audit log" in (refused.value.details() or "")
+    assert ran() == before

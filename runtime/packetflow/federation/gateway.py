@@ -61,7 +61,7 @@ from packetflow.federation.pricing import call_price
 from packetflow.federation.ratelimit import TokenBucket
 from packetflow.federation.sla import Sample, SlaMeter, SlaReport, counts_as_failure
 from packetflow.federation.state import GatewayState, check_identity, watch_state
-from packetflow.federation.store import FederationStore
+from packetflow.federation.store import AuditUnavailable, FederationStore
 from packetflow.federation.trust import Evidence, TrustBook
 from packetflow.identity.terminator import MtlsTerminator, Refusal
 from packetflow.identity.tls import channel_credentials, client_context
@@ -362,6 +362,12 @@ class Gateway:
         assert self.store is not None
         await self.store.append(record)
 
+    def audit_writable(self) -> None:
+        """Unavailable while the audit log cannot be written: nothing runs unaudited (the
+        next refusal's record tries the log again)."""
+        if self.store is not None and self.store.failing is not None:
+            raise AuditUnavailable(self.store.failing)
+
     # ------------------------------------------------------------------ inbound: handshakes
 
     def _authenticate(self, der: bytes | None) -> Inbound:
@@ -504,6 +510,10 @@ class Gateway:
                     f"rate limit of {export.rate_limit.per_minute:g}/minute for {peer} on "
                     f"{capability!r}; retry in {bucket.retry_after():.1f}s"), "rate-limit"),
                     call)
+        try:
+            self.audit_writable()
+        except AuditUnavailable as exc:
+            await self._refuse_inbound(_Refused(exc, "audit-unavailable"), call)
         call.decision = ALLOW
         local = self.local.get(capability) or await self.refresh_local(capability)
         if local is None:
@@ -763,6 +773,10 @@ class Gateway:
         refusal = self.trust.refusal(peer, now)
         if refusal is not None and not probe:
             await self._refuse_outbound(PermissionDenied(refusal), "trust", record, started)
+        try:
+            self.audit_writable()
+        except AuditUnavailable as exc:
+            await self._refuse_outbound(exc, "audit-unavailable", record, started)
         value = _json(payload)
         _, violations = imported.requires.check(value, "input") if value is not _INVALID \
             else ({}, [FieldViolation("input", "not valid JSON")])

@@ -178,6 +178,7 @@ class FederationStore:
         self.lock = lock
         self.head: Chained | None = None
         self.appended = 0
+        self.failing: str | None = None  # why the last append failed, until one succeeds
         self._pending: list[tuple[AuditRecord, asyncio.Future[Chained]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -227,6 +228,7 @@ class FederationStore:
                         "append", op_append([record for record, _ in batch], self.lock))
                 except Exception as exc:  # any backend failure: nothing was written
                     log.error("audit log append failed: %s", exc)
+                    self.failing = f"the audit log cannot be written: {exc}"
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(AuditUnavailable(
@@ -234,6 +236,7 @@ class FederationStore:
                     continue
                 self.head = chained[-1]
                 self.appended += len(chained)
+                self.failing = None
                 for (_, future), item in zip(batch, chained, strict=True):
                     if not future.done():
                         future.set_result(item)
