@@ -14,48 +14,14 @@ from packetflow.operator import federation as render
 from packetflow.operator.crds import render_federation_crd
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import Federation
+from tests.support.federation import issue_body, issue_federation
 from tests.unit.test_crds import _walk, crd_errors
 
 SETTINGS = OperatorSettings()
 NS = "partners-ns"
 
-MANIFEST = """
-apiVersion: packetflow.io/v1alpha1
-kind: Federation
-metadata: {name: partners, namespace: partners-ns}
-spec:
-  organization: acme
-  trustDomain: acme.example
-  identity: {secretName: pf-federation-tls}
-  endpoint: {port: 8443, service: {type: LoadBalancer}}
-  peers:
-    - name: globex
-      organization: globex
-      trustDomain: globex.example
-      endpoint: federation.globex.example:8443
-      trustBundle: {configMapRef: {name: globex-ca, key: ca.crt}}
-  exports:
-    - capability: sentiment
-      to: [globex]
-      rateLimit: {perMinute: 600}
-      pricing: {perExecution: 0.002, currency: USD}
-      sla: {latencyP99Ms: 200, availability: 99.5, probe: {input: {text: "good"}}}
-  imports:
-    - {peer: globex, capability: translate, as: globex-translate}
-  trust: {minimumScore: 0.8, halfLife: 72h}
-"""
-
-
-def body(**spec: Any) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(MANIFEST)
-    data["spec"].update(spec)
-    return data
-
-
-def federation(**spec: Any) -> Federation:
-    parsed = parse_document(body(**spec))
-    assert isinstance(parsed, Federation), parsed
-    return parsed
+body = issue_body
+federation = issue_federation
 
 
 def children(**spec: Any) -> dict[tuple[str, str], dict[str, Any]]:

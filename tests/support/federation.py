@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 
 from packetflow.context import CallContext
 from packetflow.engine import Engine
@@ -21,8 +22,9 @@ from packetflow.federation.gateway import Gateway
 from packetflow.identity.certs import Issued, issue, new_authority
 from packetflow.identity.spiffe import SpiffeId
 from packetflow.identity.tls import channel_credentials, load_credentials
-from packetflow.manifests import load_text
+from packetflow.manifests import load_text, parse_document
 from packetflow.server import RuntimeServer
+from packetflow.spec import Federation as FederationManifest
 from packetflow.v1 import federation_pb2_grpc, runtime_pb2_grpc
 
 # What the exporter's capabilities saw: one entry per call that reached them.
@@ -308,3 +310,51 @@ def not_yet_valid(org: Org) -> Issued:
     now = datetime.datetime.now(datetime.UTC)
     return org.leaf(not_before=now + datetime.timedelta(days=1),
                     valid_for=datetime.timedelta(days=9))
+
+
+# The issue's Federation (plus a second peer, initech, with an export of its own).
+ISSUE_MANIFEST = """
+apiVersion: packetflow.io/v1alpha1
+kind: Federation
+metadata: {name: partners}
+spec:
+  organization: acme
+  trustDomain: acme.example
+  identity: {secretName: pf-federation-tls}
+  endpoint: {port: 8443, service: {type: LoadBalancer}}
+  peers:
+    - name: globex
+      organization: globex
+      trustDomain: globex.example
+      endpoint: federation.globex.example:8443
+      trustBundle: {configMapRef: {name: globex-ca, key: ca.crt}}
+    - name: initech
+      organization: initech
+      trustDomain: initech.example
+      endpoint: 10.0.0.7:8443
+      trustBundle: {configMapRef: {name: initech-ca}}
+  exports:
+    - capability: sentiment
+      to: [globex]
+      rateLimit: {perMinute: 600}
+      pricing: {perExecution: 0.002, currency: USD}
+      sla: {latencyP99Ms: 200, availability: 99.5, probe: {input: {text: "good"}}}
+    - {capability: payroll, to: [initech]}
+  imports:
+    - {peer: globex, capability: translate, as: globex-translate}
+  trust: {minimumScore: 0.8, halfLife: 72h}
+"""
+
+
+def issue_body(**spec: Any) -> dict[str, Any]:
+    """The issue's Federation as plain data, with ``spec`` fields replaced."""
+    data: dict[str, Any] = yaml.safe_load(ISSUE_MANIFEST)
+    data["spec"].update(spec)
+    return data
+
+
+def issue_federation(**spec: Any) -> FederationManifest:
+    """The issue's Federation, validated."""
+    parsed = parse_document(issue_body(**spec))
+    assert isinstance(parsed, FederationManifest), parsed
+    return parsed

@@ -7,7 +7,6 @@ import dataclasses
 from typing import Any
 
 import pytest
-import yaml
 
 from packetflow.contracts import contract_schema
 from packetflow.federation.audit import (
@@ -41,57 +40,16 @@ from packetflow.federation.trust import (
 )
 from packetflow.manifests import parse_document
 from packetflow.spec import (
-    Federation,
     FieldSchema,
     Pricing,
     RateLimit,
     Sla,
     TrustPolicy,
 )
+from tests.support.federation import issue_body, issue_federation
 
-MANIFEST = """
-apiVersion: packetflow.io/v1alpha1
-kind: Federation
-metadata: {name: partners}
-spec:
-  organization: acme
-  trustDomain: acme.example
-  identity: {secretName: pf-federation-tls}
-  endpoint: {port: 8443, service: {type: LoadBalancer}}
-  peers:
-    - name: globex
-      organization: globex
-      trustDomain: globex.example
-      endpoint: federation.globex.example:8443
-      trustBundle: {configMapRef: {name: globex-ca, key: ca.crt}}
-    - name: initech
-      organization: initech
-      trustDomain: initech.example
-      endpoint: 10.0.0.7:8443
-      trustBundle: {file: initech.crt}
-  exports:
-    - capability: sentiment
-      to: [globex]
-      rateLimit: {perMinute: 600}
-      pricing: {perExecution: 0.002, currency: USD}
-      sla: {latencyP99Ms: 200, availability: 99.5, probe: {input: {text: "good"}}}
-    - {capability: payroll, to: [initech]}
-  imports:
-    - {peer: globex, capability: translate, as: globex-translate}
-  trust: {minimumScore: 0.8, halfLife: 72h}
-"""
-
-
-def manifest(**changes: Any) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(MANIFEST)
-    data["spec"].update(changes)
-    return data
-
-
-def federation(**changes: Any) -> Federation:
-    parsed = parse_document(manifest(**changes))
-    assert isinstance(parsed, Federation), parsed
-    return parsed
+manifest = issue_body
+federation = issue_federation
 
 
 def errors(**changes: Any) -> list[str]:

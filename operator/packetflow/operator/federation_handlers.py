@@ -22,7 +22,7 @@ from packetflow.operator import federation as render
 from packetflow.operator import status as workload
 from packetflow.operator.client import ApiError, ConflictError, KubeClient, NotFoundError
 from packetflow.operator.drift import drift_patch, narrow_spec_patch
-from packetflow.operator.reconcile import controller_of, describe_errors
+from packetflow.operator.reconcile import _plain, controller_of, describe_errors
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import API_VERSION, GROUP, VERSION, Federation
 
@@ -210,14 +210,6 @@ class FederationReconciler:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _conditions(known: Known) -> list[Mapping[str, Any]] | None:
