@@ -214,3 +214,19 @@ def test_breaches_that_grew_become_events() -> None:
     assert render.new_breaches(before, after) == [
         "export sentiment: SLA breached (1 more window(s), 3 in all)"]
     assert render.new_breaches(after, after) == []
+
+
+def test_a_federated_capability_runs_in_a_runtime_pod() -> None:
+    from packetflow.manifests import load_text
+    from packetflow.operator import render as capability_render
+
+    (capability,) = load_text(
+        "apiVersion: packetflow.io/v1alpha1\nkind: Capability\nmetadata: {name: french}\n"
+        "spec:\n  intent: x\n  implementation: {federated: {peer: globex, capability: "
+        "translate, gateway: 'partners-federation-local:50051'}}\n").capabilities
+    for child in capability_render.desired_children(capability, NS, SETTINGS):
+        kubernetes_validate.validate(child, "1.30", strict=True)
+        if child["kind"] == "Deployment":
+            pod = child["spec"]["template"]["spec"]
+            volumes = {v["name"] for v in pod["volumes"]}
+            assert {m["name"] for m in pod["containers"][0]["volumeMounts"]} <= volumes
