@@ -501,6 +501,8 @@ def federation_status_schema() -> Schema:
                          records=_COUNT),
         "reportError": {"type": "string", "description": "Why the gateway's report could "
                         "not be read (the figures above are its last report)."},
+        "reloadError": {"type": "string", "description": "Why the gateway keeps running its "
+                        "previous config or certificates (the new ones did not load)."},
     })
     return schema
 

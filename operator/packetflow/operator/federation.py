@@ -318,6 +318,7 @@ def federation_status(deployment: Mapping[str, Any], report: Mapping[str, Any] |
         "audit": {key: value for key, value in report.get("audit", {}).items()
                   if value is not None},
         "reportError": None,
+        "reloadError": report.get("reloadError"),
     })
     if lowest is not None:
         out["lowestTrustScore"] = lowest

@@ -194,6 +194,8 @@ class Gateway:
                                              MAX_MESSAGE_BYTES)])
         self.links: dict[str, PeerLink] = {}
         self.imports: dict[str, ImportState] = {}
+        # peer/capability references (hand-written federated capabilities), per catalog.
+        self._references: dict[tuple[str, str], ImportState] = {}
         self.local: dict[str, LocalCapability] = {}
         self.buckets: dict[tuple[str, str], TokenBucket] = {}
         self.meters: dict[tuple[str, str, str], SlaMeter] = {}
@@ -241,9 +243,11 @@ class Gateway:
         self.imports = kept
         for peer in self.links:
             self._recheck_imports(peer)
+        # A bucket stays while its export still limits that peer the same way.
         self.buckets = {key: bucket for key, bucket in self.buckets.items()
                         if (export := state.exports.get(key[1])) is not None
-                        and export.rate_limit is not None and key[0] in export.to}
+                        and export.rate_limit is not None and key[0] in export.to
+                        and TokenBucket.of(export.rate_limit, 0.0).same_limit(bucket)}
         log.info("federation state loaded", extra={"generation": self.watch.generation,
                                                    "peers": len(state.peers)})
 
@@ -737,14 +741,19 @@ class Gateway:
         if found is None and "/" in name:
             peer, _, capability = name.partition("/")
             link_ = self.links.get(peer)
-            found = ImportState(FederationImport(peer=peer, capability=capability)) \
-                if link_ is not None else None
-            entry = link_.catalog.get(capability) if link_ is not None else None
-            if found is not None:
-                if entry is not None:
-                    found.pin(entry)
-                elif link_ is not None and link_.version:
-                    found.problem = f"{peer} does not export {capability!r} to us"
+            if link_ is not None:
+                found = self._references.get((name, link_.version))
+                if found is None:
+                    found = ImportState(FederationImport(peer=peer, capability=capability))
+                    entry = link_.catalog.get(capability)
+                    if entry is not None:
+                        found.pin(entry)
+                    elif link_.version:
+                        found.problem = f"{peer} does not export {capability!r} to us"
+                    if link_.version:  # compiled once per catalog version
+                        if len(self._references) > 1000:
+                            self._references.clear()
+                        self._references[(name, link_.version)] = found
         if found is None:
             raise CapabilityNotFound(name)
         return found, self.links[found.spec.peer]

@@ -34,3 +34,7 @@ class TokenBucket:
     def retry_after(self) -> float:
         """Seconds until the next token."""
         return max(0.0, (1.0 - self.tokens) / self.rate)
+
+    def same_limit(self, other: TokenBucket) -> bool:
+        """Whether ``other`` limits at the same rate and burst."""
+        return (self.rate, self.capacity) == (other.rate, other.capacity)
