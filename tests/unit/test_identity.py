@@ -115,6 +115,7 @@ def test_credentials_key_must_match_certificate(tmp_path: Path) -> None:
     assert str(credentials.spiffe_id) == "spiffe://acme.example/x"
     context = server_context(credentials, GLOBEX.certificate_pem)
     assert context.minimum_version.name == "TLSv1_3"
+    assert context.num_tickets == 0  # every connection a full, freshly checked handshake
 
 
 def test_watched_material_reloads_on_change_and_keeps_the_last_good(tmp_path: Path) -> None:

@@ -110,6 +110,10 @@ def server_context(credentials: Credentials, authorities_pem: bytes) -> ssl.SSLC
     context = _context(ssl.PROTOCOL_TLS_SERVER, credentials, authorities_pem)
     context.verify_mode = ssl.CERT_OPTIONAL
     context.verify_flags |= _NO_CHECK_TIME
+    # No session tickets: every connection is a full handshake with a certificate checked
+    # against the bundles of that moment (channels are long-lived; resumption would save
+    # little and hide rotation).
+    context.num_tickets = 0
     return context
 
 
