@@ -10,6 +10,8 @@ flight, runs alternating in pairs (``bench.common.steady_pairs``). Reported:
 - ``federation_ratio``: federated / direct throughput (median of the pairs, with spread);
 - ``latency_ratio_p50`` and ``added_p50_ms``/``added_p99_ms``: sequential calls, federated
   minus direct, per pair;
+- ``exporter_hop_ratio``: globex's gateway alone (a client with acme's certificate calling it
+  over mTLS) / direct, to show what one gateway hop costs;
 - ``handshake_ratio``: new mTLS connections per second completed by globex's gateway (TLS 1.3
   handshake, SPIFFE authentication, the relay set up) / by a bare Python TLS 1.3 server with
   the same certificates that only completes the handshake; ``handshakes_per_s`` for context.
@@ -56,8 +58,13 @@ from bench.common import (
 from bench.runtime import PAYLOAD, Target, check_echo, run_concurrent, run_sequential
 from packetflow.identity.certs import issue, new_authority
 from packetflow.identity.spiffe import SpiffeId
-from packetflow.identity.tls import client_context, load_credentials, server_context
-from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
+from packetflow.identity.tls import (
+    channel_credentials,
+    client_context,
+    load_credentials,
+    server_context,
+)
+from packetflow.v1 import federation_pb2_grpc, runtime_pb2, runtime_pb2_grpc
 
 CONCURRENCY = 32
 PAIRS = 9
@@ -233,6 +240,28 @@ async def measure() -> dict[str, Any]:
                     return rates[0], rates[1]
 
                 throughput = await steady_pairs(pair, pairs=PAIRS, budget_s=BUDGET_SECONDS / 2)
+                # Where the cost is: globex's gateway alone (a peer client with acme's
+                # certificate), against the same direct calls.
+                credentials = load_credentials(directory / "acme" / "tls.crt",
+                                               directory / "acme" / "tls.key")
+                async with grpc.aio.secure_channel(
+                        f"127.0.0.1:{globex_peer}", channel_credentials(
+                            credentials, (directory / "globex" / "ca.crt").read_bytes())
+                        ) as hop_channel:
+                    # The peer service's Invoke takes the runtime's own request message.
+                    hop = Target("exporter", federation_pb2_grpc.FederationStub(  # type: ignore[arg-type]
+                        hop_channel), targets[0].request)
+                    await run_concurrent(hop, CONCURRENCY * 10, CONCURRENCY)
+
+                    async def hop_pair(scale: float) -> tuple[float, float]:
+                        count = max(CONCURRENCY,
+                                    int(calls * scale) // CONCURRENCY * CONCURRENCY)
+                        direct_run = await run_concurrent(targets[0], count, CONCURRENCY)
+                        hop_run = await run_concurrent(hop, count, CONCURRENCY)
+                        return direct_run.calls_per_s, hop_run.calls_per_s
+
+                    one_hop = await steady_pairs(hop_pair, pairs=PAIRS,
+                                                 budget_s=BUDGET_SECONDS / 4)
                 latency: dict[str, list[Run]] = {"direct": [], "federated": []}
                 for _ in range(PAIRS):
                     for target in targets:
@@ -243,7 +272,8 @@ async def measure() -> dict[str, Any]:
                 for _ in range(PAIRS):
                     shakes.append((await handshakes(bare_tls_port, directory, HANDSHAKES),
                                    await handshakes(globex_peer, directory, HANDSHAKES)))
-    return _figures(throughput, runs, latency, shakes, call_handshakes, bench_started, calls)
+    figures = _figures(throughput, runs, latency, shakes, call_handshakes, bench_started, calls)
+    return {**figures, **ratio_figures("exporter_hop_ratio", one_hop.ratios)}
 
 
 async def _status(port: int) -> dict[str, Any]:

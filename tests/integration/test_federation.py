@@ -12,8 +12,9 @@ import orjson
 import pytest
 
 from packetflow.client import CallError, RuntimeClient
-from packetflow.context import TRACE_ID_KEY
+from packetflow.context import TRACE_ID_KEY, CallContext
 from packetflow.engine import Engine
+from packetflow.errors import NotServable, Unavailable
 from packetflow.federation.audit import INBOUND, OUTBOUND, verify
 from packetflow.manifests import load_text
 from packetflow.v1 import federation_pb2, runtime_pb2
@@ -141,8 +142,6 @@ async def test_federated_capability_in_a_runtime_is_checked_when_loaded(
     engine = Engine(load_text(manifest).capabilities)
     try:
         assert await engine.verify_remotes() == []
-        from packetflow.context import CallContext
-
         output = await engine.invoke("french", {"text": "salut"},
                                      CallContext("french", "abc123"))
         assert output == {"text": "[fr] salut"}
@@ -257,3 +256,31 @@ async def test_nothing_runs_unaudited_when_the_audit_log_fails(
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "audit log" in (refused.value.details() or "")
     assert ran() == before
+
+
+async def test_federated_capability_loads_before_its_gateway_and_checks_at_first_call(
+        federation: Federation) -> None:
+    def manifest(gateway: str, provides: str) -> str:
+        return ("apiVersion: packetflow.io/v1alpha1\nkind: Capability\n"
+                "metadata: {name: french}\nspec:\n  intent: x\n"
+                f"  provides: {{text: {{type: {provides}}}}}\n"
+                "  implementation: {federated: {peer: globex, capability: translate, "
+                f"gateway: '{gateway}'}}}}\n")
+
+    down = Engine(load_text(manifest("127.0.0.1:1", "string")).capabilities)
+    try:
+        assert await down.verify_remotes() == []  # no gateway yet: no verdict
+        with pytest.raises(Unavailable):
+            await down.invoke("french", {"text": "x"}, CallContext("french", "t1"))
+    finally:
+        await down.aclose()
+    # Loaded while unchecked, then the first call finds the mismatch and refuses.
+    gateway = f"127.0.0.1:{federation.importer.local_port}"
+    engine = Engine(load_text(manifest(gateway, "integer")).capabilities)
+    try:
+        handler = engine.get("french").handler
+        handler.checked_version = None  # as if verify had found no gateway
+        with pytest.raises(NotServable, match=r"provides\.text"):
+            await engine.invoke("french", {"text": "x"}, CallContext("french", "t2"))
+    finally:
+        await engine.aclose()

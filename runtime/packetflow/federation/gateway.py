@@ -76,6 +76,7 @@ IDENTITY_METADATA = frozenset({CALLER_KEY, "packetflow-organization", "packetflo
                                "packetflow-spiffe-id", "x-forwarded-client-cert",
                                "x-spiffe-id"})
 PROBE_KEY = "packetflow-federation-probe"
+NOT_READ = "the peer's catalog has not been read yet"  # transient: UNAVAILABLE, not a verdict
 CATALOG_VERSION_KEY = "packetflow-catalog-version"
 CATALOG_TIMEOUT = 5.0
 CHANNEL_GRACE = 30.0  # a replaced channel's calls in flight may finish within this
@@ -153,7 +154,7 @@ class ImportState:
     entry: CatalogEntry | None = None
     requires: CompiledContract = field(default_factory=lambda: CompiledContract.compile(None))
     provides: CompiledContract = field(default_factory=lambda: CompiledContract.compile(None))
-    problem: str | None = "the peer's catalog has not been read yet"
+    problem: str | None = NOT_READ
 
     def pin(self, entry: CatalogEntry) -> None:
         """Take ``entry``'s contract as the one local callers are checked against."""
@@ -766,10 +767,7 @@ class Gateway:
         now = time.time()
         state = self.current()
         peer, capability = imported.spec.peer, imported.spec.capability
-        if imported.problem is not None:
-            raise NotServable(f"import {name}: {imported.problem}")
-        entry = imported.entry
-        assert entry is not None
+        entry = not_servable(name, imported)
         record = AuditRecord(
             at=now, direction=OUTBOUND, peer=peer, fingerprint=link.fingerprint,
             capability=capability,
@@ -997,6 +995,16 @@ def _json(data: bytes) -> Any:
         return _INVALID
 
 
+def not_servable(name: str, imported: ImportState) -> CatalogEntry:
+    """The import's pinned entry, or a refusal: Unavailable while its peer's catalog is
+    still to be read (try again), NotServable when the catalog says no (a verdict)."""
+    if imported.problem == NOT_READ:
+        raise Unavailable(f"import {name}: {imported.problem}")
+    if imported.problem is not None or imported.entry is None:
+        raise NotServable(f"import {name}: {imported.problem}")
+    return imported.entry
+
+
 def _with(record: AuditRecord, **changes: Any) -> AuditRecord:
     return replace(record, **changes)
 
@@ -1114,12 +1122,10 @@ class LocalServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
 
         try:
             imported, link = self.gateway.resolve_import(request.name)
-            if imported.problem is not None or imported.entry is None:
-                raise NotServable(f"import {request.name}: {imported.problem}")
+            entry = not_servable(request.name, imported)
         except PacketFlowError as exc:
             await abort_for(context, exc, "")
             raise
-        entry = imported.entry
         context.set_trailing_metadata(((CATALOG_VERSION_KEY, link.version),))
         return runtime_pb2.CapabilityDescription(
             name=request.name, intent=entry.intent, implementation="federated",

@@ -9,6 +9,7 @@ again whenever the gateway reports a new catalog version of that peer.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -26,6 +27,7 @@ from packetflow.v1 import runtime_pb2
 DEFAULT_GATEWAY = "127.0.0.1:8444"
 ADDRESS_VARIABLE = "PACKETFLOW_FEDERATION_ADDRESS"
 CATALOG_VERSION_KEY = "packetflow-catalog-version"  # the gateway's trailing metadata
+log = logging.getLogger("packetflow.federation")
 
 
 class FederatedCapability:
@@ -48,12 +50,17 @@ class FederatedCapability:
 
     async def verify(self, timeout: float) -> None:
         """Check the declared contract against the peer's; ImplementationError names the
-        field (or says the gateway cannot be asked)."""
+        field. A gateway that cannot answer yet (not running, catalog not read) is no
+        verdict: the check then runs before the first call."""
         from packetflow.implementations import ImplementationError
 
         try:
             described = await self._describe(timeout)
         except CallError as exc:
+            if exc.code == grpc.StatusCode.UNAVAILABLE:
+                log.warning("%s: %s not checked yet (%s); checked at the first call",
+                            self.capability.name, self.reference, exc)
+                return
             raise ImplementationError(
                 "spec.implementation.federated",
                 f"{self.reference} via the federation gateway at {self.address}: "
@@ -88,6 +95,11 @@ class FederatedCapability:
 
     async def __call__(self, value: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         """Call the peer's capability through the gateway."""
+        if self.checked_version is None:  # never checked (the gateway was not up at load)
+            try:
+                self._problems(await self._describe(ctx.time_remaining()))
+            except CallError as exc:
+                raise domain_error(exc, self.reference, self.address) from None
         if self.problem is not None:
             raise NotServable(f"{self.capability.name}: the contract of {self.reference} no "
                               f"longer matches: {self.problem}")
