@@ -325,15 +325,18 @@ async def test_tampered_audit_log_is_detected_by_verify(
     assert "chain intact" in capsys.readouterr().out
     database = federation.globex.directory / "state" / "federation.db"
     with sqlite3.connect(database) as db:
-        db.execute("UPDATE pf_federation_audit SET price = 0 WHERE seq = 3")
-        db.execute("DELETE FROM pf_federation_audit WHERE seq = 5")
+        (last,) = db.execute("SELECT MAX(seq) FROM pf_federation_audit").fetchone()
+        assert last >= 5  # the four calls and the catalog acme read
+        # An edit, and a deletion with records after it (a cut tail needs --head).
+        db.execute("UPDATE pf_federation_audit SET price = 0 WHERE seq = 2")
+        db.execute("DELETE FROM pf_federation_audit WHERE seq = ?", (last - 1,))
     # The real command, as an auditor runs it.
     tampered = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "packetflow.cli", "audit", "verify", "--config",
                          config], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert tampered.returncode == 1
-    assert "record 3 was edited" in tampered.stderr
-    assert "record 5 deleted" in tampered.stderr
+    assert "record 2 was edited" in tampered.stderr
+    assert f"record {last - 1} deleted" in tampered.stderr
 
 
 async def test_certificate_and_bundle_rotation_under_load_fail_no_call(
