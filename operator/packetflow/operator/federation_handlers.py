@@ -9,6 +9,7 @@ An export or import whose SLA breaches grew since the last report becomes a Warn
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from packetflow.operator import federation as render
 from packetflow.operator import status as workload
 from packetflow.operator.client import ApiError, ConflictError, KubeClient, NotFoundError
 from packetflow.operator.drift import drift_patch, narrow_spec_patch
-from packetflow.operator.reconcile import _plain, controller_of, describe_errors
+from packetflow.operator.reconcile import controller_of, describe_errors
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import API_VERSION, GROUP, VERSION, Federation
 
@@ -70,7 +71,8 @@ class FederationReconciler:
 
     async def reconcile(self, raw: Mapping[str, Any]) -> list[ManifestError]:
         """Validate, apply every child, write status; spec errors are returned."""
-        body = _plain(raw)
+        # kopf's body holds plain dicts under its keys; a copy is kept between events.
+        body = copy.deepcopy(dict(raw))
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         known = self._known(body)
@@ -266,7 +268,7 @@ async def child_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
                       logger: kopf.Logger, **_: Any) -> None:
     """A gateway child changed or went away: reconcile its Federation again (recreates,
     undoes edits, carries readiness up)."""
-    owner = controller_of(_plain(body))
+    owner = controller_of(body)
     namespace = body.get("metadata", {}).get("namespace")
     if owner is None or owner.get("kind") != "Federation" or not namespace:
         return
