@@ -380,7 +380,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
         loaded = load_paths(args.paths)
         report(loaded.errors)
-        mesh = mesh_of(loaded.capabilities, loaded.actors)
+        mesh = mesh_of(loaded.capabilities, loaded.actors, loaded.federations)
     else:
         from packetflow.client import CallError
 

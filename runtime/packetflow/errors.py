@@ -79,6 +79,15 @@ class NotServable(PacketFlowError):
     """The capability cannot run in this runtime (e.g. an ``image`` capability in local mode)."""
 
 
+class Unauthenticated(PacketFlowError):
+    """The caller's certificate did not authenticate it (federation)."""
+
+
+class PermissionDenied(PacketFlowError):
+    """The caller is known but may not make this call: not exported to it, or below the
+    trust threshold (federation)."""
+
+
 class Code(enum.StrEnum):
     """Canonical status codes (gRPC's names), used by every transport and by metrics."""
 
@@ -89,6 +98,8 @@ class Code(enum.StrEnum):
     NOT_FOUND = "NOT_FOUND"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
     INTERNAL = "INTERNAL"
     UNAVAILABLE = "UNAVAILABLE"
 
@@ -104,6 +115,8 @@ _CODES: dict[type[PacketFlowError], Code] = {
     HandlerFailed: Code.INTERNAL,
     Unavailable: Code.UNAVAILABLE,
     NotServable: Code.FAILED_PRECONDITION,
+    PermissionDenied: Code.PERMISSION_DENIED,
+    Unauthenticated: Code.UNAUTHENTICATED,
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from packetflow.composition.model import COMPOSITION_PATH, ReduceCall, iter_steps
-from packetflow.spec import Actor, Capability
+from packetflow.spec import Actor, Capability, Federation
 
 ERROR_SHARE_WARN = 0.01  # amber above 1% errors
 ERROR_SHARE_BAD = 0.05  # red above 5%
@@ -23,8 +23,9 @@ COLOURS = {"idle": "#eeeeee", "ok": "#c8e6c9", "warn": "#ffe082", "bad": "#ef9a9
 
 @dataclass(frozen=True)
 class Dependency:
-    """An edge: ``kind`` is step, reduce, trigger, tool, call or mcp; ``target`` a capability
-    or actor name, or (``external``) an address or URL outside this runtime."""
+    """An edge: ``kind`` is step, reduce, trigger, tool, call, mcp or federated; ``target`` a
+    capability or actor name, or (``external``) an address, a URL or another organization's
+    capability outside this runtime."""
 
     target: str
     kind: str
@@ -110,6 +111,9 @@ def dependencies_of(manifest: Capability | Actor) -> list[Dependency]:
     if implementation.mcp is not None:
         found.append(Dependency(implementation.mcp.url, "mcp", implementation.mcp.tool,
                                 external=True))
+    if implementation.federated is not None:
+        found.append(federated(implementation.federated.peer,
+                               implementation.federated.capability))
     composition = implementation.composition
     if composition is None:
         return found
@@ -134,6 +138,11 @@ def observed_dependencies(actor: Actor, called: Iterable[str]) -> list[Dependenc
     return _unique([*declared, *(Dependency(name, "call") for name in sorted(called))])
 
 
+def federated(peer: str, capability: str, label: str = "") -> Dependency:
+    """An edge to another organization's capability (an import)."""
+    return Dependency(f"{capability} @ {peer}", "federated", label or peer, external=True)
+
+
 def _call(capability: str, address: str | None, kind: str, label: str) -> Dependency:
     if address is None:
         return Dependency(capability, kind, label)
@@ -144,19 +153,30 @@ def _unique(dependencies: Iterable[Dependency]) -> list[Dependency]:
     return list(dict.fromkeys(dependencies))
 
 
-def mesh_of(capabilities: Iterable[Capability], actors: Iterable[Actor]) -> Mesh:
-    """The mesh that a set of manifests declares."""
+def mesh_of(capabilities: Iterable[Capability], actors: Iterable[Actor],
+            federations: Iterable[Federation] = ()) -> Mesh:
+    """The mesh that a set of manifests declares; a Federation adds its imports (local
+    names calling another organization's capability) and its peers (calling our exports)."""
     mesh = Mesh()
     for capability in capabilities:
         mesh.add(Node(capability.name, capability.spec.implementation.kind,
                       tuple(dependencies_of(capability))))
     for actor in actors:
         mesh.add(Node(actor.name, "actor", tuple(dependencies_of(actor))))
+    for federation in federations:
+        for imported in federation.spec.imports:
+            mesh.add(Node(imported.local_name, "federated",
+                          (federated(imported.peer, imported.capability, "import"),)))
+        for peer in federation.spec.peers:
+            exported = tuple(Dependency(export.capability, "federated", "export")
+                             for export in federation.spec.exports if peer.name in export.to)
+            if exported:
+                mesh.add(Node(f"peer {peer.name}", "peer", exported))
     return mesh
 
 
 def _colour(node: Node, stats: Mapping[str, Stats]) -> str:
-    if node.kind == "external":
+    if node.kind in ("external", "peer"):
         return COLOURS["external"]
     found = stats.get(node.name)
     return COLOURS[found.health] if found is not None else COLOURS["idle"]
@@ -171,7 +191,7 @@ def _dot_label(*lines: str) -> str:
     return _quote("\n".join(lines)).replace("\n", "\\n")
 
 
-_DOT_SHAPES = {"actor": "ellipse", "external": "note"}
+_DOT_SHAPES = {"actor": "ellipse", "external": "note", "peer": "house"}
 
 
 def render_dot(mesh: Mesh, stats: Mapping[str, Stats] | None = None) -> str:
@@ -197,7 +217,7 @@ def render_dot(mesh: Mesh, stats: Mapping[str, Stats] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-_MERMAID_SHAPES = {"actor": ("([", "])"), "external": ("[/", "/]")}
+_MERMAID_SHAPES = {"actor": ("([", "])"), "external": ("[/", "/]"), "peer": ("{{", "}}")}
 
 
 def render_mermaid(mesh: Mesh, stats: Mapping[str, Stats] | None = None) -> str:
@@ -216,7 +236,7 @@ def render_mermaid(mesh: Mesh, stats: Mapping[str, Stats] | None = None) -> str:
         arrow = "-.->" if dep.kind == "trigger" else "-->"
         lines.append(f"  {ids[source]} {arrow}|{label}| {ids[dep.target]}")
     for node in mesh.nodes.values():
-        if stats or node.kind == "external":  # without figures, Mermaid's theme decides
+        if stats or node.kind in ("external", "peer"):  # else Mermaid's theme decides
             lines.append(f"  style {ids[node.name]} fill:{_colour(node, stats)}")
     return "\n".join(lines) + "\n"
 

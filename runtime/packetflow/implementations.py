@@ -33,6 +33,11 @@ def build_handler(capability: Capability, invoke: Invoke | None = None,
         return builtin_handler(impl.builtin)
     if impl.mcp is not None:
         return mcp_handler(capability)
+    if impl.federated is not None:
+        # Imported here: the federation client loads only for manifests that use it.
+        from packetflow.federation.imported import FederatedCapability
+
+        return FederatedCapability(capability)
     if impl.image is not None:
         return _refuse(f"capability {capability.name!r} runs as image {impl.image.image!r}; "
                        "image capabilities run in their own pods under the operator, not locally")

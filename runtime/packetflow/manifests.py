@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from packetflow.spec import API_VERSION, MANIFEST_KINDS, Actor, Capability, Manifest
+from packetflow.spec import API_VERSION, MANIFEST_KINDS, Actor, Capability, Federation, Manifest
 from packetflow.validation import format_path, validation_errors
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,15 @@ class LoadResult:
     capabilities: list[Capability] = field(default_factory=list)
     actors: list[Actor] = field(default_factory=list)
     errors: list[ManifestError] = field(default_factory=list)
+    # Run by `packetflow federation`, not by a runtime: kept apart from what runtimes serve.
+    federations: list[Federation] = field(default_factory=list)
 
-    def add(self, manifest: Manifest) -> None:
+    def add(self, manifest: Manifest | Federation) -> None:
         """File a parsed manifest under its kind."""
         if isinstance(manifest, Actor):
             self.actors.append(manifest)
+        elif isinstance(manifest, Federation):
+            self.federations.append(manifest)
         else:
             self.capabilities.append(manifest)
 
@@ -54,7 +59,20 @@ class LoadResult:
 def parse_manifest(
     data: Any, source: str = "<input>", node: yaml.Node | None = None
 ) -> Manifest | list[ManifestError]:
-    """Validate one manifest document; return the model or its errors."""
+    """Validate one Capability or Actor document (what a runtime serves); return the model or
+    its errors."""
+    parsed = parse_document(data, source, node)
+    if isinstance(parsed, Federation):
+        return [ManifestError(source, "kind", "a Federation runs in a federation gateway "
+                              "(`packetflow federation`), not in a runtime",
+                              _line(node, ["kind"]))]
+    return parsed
+
+
+def parse_document(
+    data: Any, source: str = "<input>", node: yaml.Node | None = None
+) -> Manifest | Federation | list[ManifestError]:
+    """Validate one manifest document of any kind; return the model or its errors."""
     if not isinstance(data, dict):
         return [ManifestError(source, "", "a manifest is a mapping", _line(node, []))]
     kind = data.get("kind")
@@ -65,6 +83,13 @@ def parse_manifest(
     if model is None:
         return [ManifestError(source, "kind", f"must be one of {sorted(MANIFEST_KINDS)}, "
                               f"got {kind!r}", _line(node, ["kind"]))]
+    return validate_model(model, data, source, node)
+
+
+def validate_model(model: type[M], data: Any, source: str = "<input>",
+                   node: yaml.Node | None = None) -> M | list[ManifestError]:
+    """``model.model_validate(data)``, or its errors with the path and (given the YAML
+    ``node``) the line of each."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -86,7 +111,7 @@ def load_text(text: str, source: str = "<input>") -> LoadResult:
             data = loader.construct_document(node)
             if data is None:
                 continue
-            parsed = parse_manifest(data, source, node)
+            parsed = parse_document(data, source, node)
             if isinstance(parsed, list):
                 result.errors.extend(parsed)
             else:
@@ -123,6 +148,7 @@ def load_paths(paths: Iterable[Path]) -> LoadResult:
             continue
         loaded = load_text(text, str(file))
         result.errors.extend(loaded.errors)
+        result.federations.extend(loaded.federations)
         for manifest in loaded.manifests:
             # One namespace for capabilities and actor types: both are callable by name.
             if manifest.name in first_seen:

@@ -218,17 +218,36 @@ class McpImplementation(SpecModel):
     )
 
 
-IMPLEMENTATION_KINDS = ("python", "builtin", "composition", "image", "mcp")
+# host:port, with a DNS name, an IPv4 address or a bracketed IPv6 address.
+HOST_PORT_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?):[0-9]{1,5}$"
+
+
+class FederatedImplementation(SpecModel):
+    """A capability another organization exports to us, called through our federation
+    gateway (which holds the certificates, checks trust, meters and audits)."""
+
+    peer: str = Field(pattern=NAME_PATTERN, description="The peer's name in our Federation")
+    capability: str = Field(pattern=NAME_PATTERN,
+                            description="The capability's name in the peer's catalog")
+    gateway: str | None = Field(
+        default=None, pattern=HOST_PORT_PATTERN,
+        description="Our federation gateway's local address; unset: "
+                    "$PACKETFLOW_FEDERATION_ADDRESS, else 127.0.0.1:8444")
+
+
+IMPLEMENTATION_KINDS = ("python", "builtin", "composition", "image", "mcp", "federated")
 
 
 class Implementation(SpecModel):
-    """How a capability runs: exactly one of python, builtin, composition, image or mcp."""
+    """How a capability runs: exactly one of python, builtin, composition, image, mcp or
+    federated."""
 
     python: PythonImplementation | None = None
     builtin: BuiltinImplementation | None = None
     composition: CompositionSpec | None = None
     image: ImageImplementation | None = None
     mcp: McpImplementation | None = None
+    federated: FederatedImplementation | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Implementation:
@@ -606,6 +625,253 @@ class Actor(ManifestModel):
     spec: ActorSpec
 
 
+# ----------------------------------------------------------------------------- federation
+
+# A SPIFFE trust domain name (lower-case letters, digits, '.', '-', '_').
+TRUST_DOMAIN_PATTERN = r"^[a-z0-9._-]+$"
+CURRENCY_PATTERN = r"^[A-Z]{3}$"
+
+
+class FederationIdentity(SpecModel):
+    """Our gateway's certificate (a SPIFFE ID in our trust domain) and key: a Secret on
+    Kubernetes (cert-manager's shape: tls.crt, tls.key), files for ``packetflow federation``."""
+
+    secret_name: str | None = Field(default=None, alias="secretName", pattern=NAME_PATTERN,
+                                    description="Secret with tls.crt and tls.key")
+    cert_file: str | None = Field(default=None, alias="certFile",
+                                  description="Certificate chain file (PEM, leaf first)")
+    key_file: str | None = Field(default=None, alias="keyFile",
+                                 description="Private key file (PEM)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FederationIdentity:
+        files = (self.cert_file is not None, self.key_file is not None)
+        if files[0] != files[1]:
+            raise ValueError("certFile and keyFile go together")
+        if (self.secret_name is None) == (self.cert_file is None):
+            raise ValueError("exactly one of secretName, certFile+keyFile is required")
+        return self
+
+
+class ConfigMapKeyRef(SpecModel):
+    """A key of a ConfigMap in the manifest's namespace."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    key: str = Field(default="ca.crt", min_length=1)
+
+
+class TrustBundleSource(SpecModel):
+    """A peer's CA certificates (PEM): a ConfigMap key on Kubernetes, a file locally."""
+
+    config_map_ref: ConfigMapKeyRef | None = Field(default=None, alias="configMapRef")
+    file: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TrustBundleSource:
+        if (self.config_map_ref is None) == (self.file is None):
+            raise ValueError("exactly one of configMapRef, file is required")
+        return self
+
+
+class FederationService(SpecModel):
+    """How the gateway's peer-facing port is exposed."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+
+
+class FederationEndpoint(SpecModel):
+    """Where peers reach our gateway."""
+
+    port: int = Field(default=8443, ge=1, le=65535, description="mTLS port for peers")
+    service: FederationService = Field(default_factory=FederationService)
+
+
+class FederationPeer(SpecModel):
+    """Another organization: who it is, where its gateway is, which CAs vouch for it."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="How exports and imports name it")
+    organization: str = Field(min_length=1)
+    trust_domain: str = Field(alias="trustDomain", pattern=TRUST_DOMAIN_PATTERN)
+    endpoint: str = Field(pattern=HOST_PORT_PATTERN, description="Its gateway, host:port")
+    trust_bundle: TrustBundleSource = Field(
+        alias="trustBundle", description="Authenticates this peer's trust domain only")
+
+
+class RateLimit(SpecModel):
+    """A token bucket per peer: ``perMinute`` calls on average, ``burst`` at once."""
+
+    per_minute: float = Field(alias="perMinute", gt=0)
+    burst: int | None = Field(default=None, ge=1,
+                              description="Bucket size; unset: a tenth of perMinute (>= 1)")
+
+
+class Subscription(SpecModel):
+    """A fixed fee per month (prorated over an invoice's period), optionally with an
+    allowance of calls and a price per call beyond it."""
+
+    per_month: float = Field(alias="perMonth", ge=0)
+    included_calls: int | None = Field(default=None, alias="includedCalls", ge=0)
+    overage_per_execution: float = Field(default=0.0, alias="overagePerExecution", ge=0)
+
+
+class RevenueShare(SpecModel):
+    """A share of the revenue each call reports in a number field of its output."""
+
+    percent: float = Field(gt=0, le=100)
+    field: str = Field(pattern=IDENTIFIER_RE.pattern,
+                       description="Output field holding the call's revenue")
+
+
+class Pricing(SpecModel):
+    """What an export costs its importers: exactly one of perExecution, subscription,
+    revenueShare."""
+
+    per_execution: float | None = Field(default=None, alias="perExecution", ge=0,
+                                        description="Price of one successful call")
+    subscription: Subscription | None = None
+    revenue_share: RevenueShare | None = Field(default=None, alias="revenueShare")
+    currency: str = Field(default="USD", pattern=CURRENCY_PATTERN)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Pricing:
+        chosen = [self.per_execution, self.subscription, self.revenue_share]
+        if sum(value is not None for value in chosen) != 1:
+            raise ValueError("exactly one of perExecution, subscription, revenueShare "
+                             "is required")
+        return self
+
+
+class SlaProbe(SpecModel):
+    """An input importers call the export with now and then, to measure availability and
+    latency independent of real traffic."""
+
+    input: dict[str, Any] = Field(default_factory=dict)
+    every: Duration = "30s"
+
+
+class Sla(SpecModel):
+    """What the exporter promises; both sides measure it per importer over ``window``."""
+
+    latency_p99_ms: float | None = Field(default=None, alias="latencyP99Ms", gt=0)
+    availability: float | None = Field(default=None, gt=0, lt=100,
+                                       description="Percent of calls that succeed")
+    window: Duration = Field(default="5m", description="Evaluation window")
+    probe: SlaProbe | None = None
+
+
+class FederationExport(SpecModel):
+    """A local capability opened to named peers (every other capability stays closed)."""
+
+    capability: str = Field(pattern=NAME_PATTERN)
+    to: list[str] = Field(min_length=1, description="Peer names")
+    rate_limit: RateLimit | None = Field(default=None, alias="rateLimit")
+    pricing: Pricing | None = None
+    sla: Sla | None = None
+
+
+class FederationImport(SpecModel):
+    """A peer's exported capability served here under a local name."""
+
+    peer: str = Field(pattern=NAME_PATTERN)
+    capability: str = Field(pattern=NAME_PATTERN)
+    as_: str | None = Field(default=None, alias="as", pattern=NAME_PATTERN,
+                            description="Local name; default: <peer>-<capability>")
+
+    @property
+    def local_name(self) -> str:
+        """The name local callers use."""
+        return self.as_ or f"{self.peer}-{self.capability}"
+
+
+class TrustPolicy(SpecModel):
+    """Beta reputation per peer and dimension, decaying with ``halfLife``; below
+    ``minimumScore`` on any dimension, calls to and from the peer are refused."""
+
+    minimum_score: float = Field(default=0.5, alias="minimumScore", ge=0, le=1)
+    half_life: Duration = Field(default="72h", alias="halfLife")
+    initial_score: float = Field(default=0.9, alias="initialScore", gt=0, lt=1,
+                                 description="Score of a peer without evidence (the prior)")
+    prior_weight: float = Field(default=10.0, alias="priorWeight", gt=0,
+                                description="How many observations the prior counts as")
+    evidence_window: Duration = Field(default="1m", alias="evidenceWindow")
+    max_evidence_per_window: int = Field(
+        default=20, alias="maxEvidencePerWindow", ge=1,
+        description="Positive and negative observations counted per peer, dimension and "
+                    "window, each: flooding cheap calls cannot inflate a score")
+
+    @model_validator(mode="after")
+    def _new_peers_pass(self) -> TrustPolicy:
+        if self.initial_score < self.minimum_score:
+            raise ValueError("initialScore below minimumScore would refuse every new peer")
+        return self
+
+
+class AuditStore(ActorStore):
+    """Where the audit log lives: exactly one of sqlite (a volume), postgresql (shared)."""
+
+
+class AuditPolicy(SpecModel):
+    """The hash-chained audit log of every federated call and policy decision."""
+
+    retention: Duration = Field(default="400d", description="Records older are pruned")
+    store: AuditStore = Field(default_factory=lambda: AuditStore(sqlite=SqliteStore()))
+
+
+class FederationSpec(SpecModel):
+    """Who we are, whom we federate with, what we open to them and what we use of theirs."""
+
+    organization: str = Field(pattern=NAME_PATTERN)
+    trust_domain: str = Field(alias="trustDomain", pattern=TRUST_DOMAIN_PATTERN)
+    identity: FederationIdentity
+    endpoint: FederationEndpoint = Field(default_factory=FederationEndpoint)
+    peers: list[FederationPeer] = Field(default_factory=list)
+    exports: list[FederationExport] = Field(default_factory=list)
+    imports: list[FederationImport] = Field(default_factory=list)
+    trust: TrustPolicy = Field(default_factory=TrustPolicy)
+    audit: AuditPolicy = Field(default_factory=AuditPolicy)
+    replicas: int = Field(default=1, ge=1, description="Gateway pods")
+
+    @field_validator("replicas")
+    @classmethod
+    def _shared_audit(cls, value: int, info: ValidationInfo) -> int:
+        audit = info.data.get("audit")
+        if value > 1 and audit is not None and audit.store.sqlite is not None:
+            raise ValueError("replicas > 1 needs a shared audit log: set "
+                             "audit.store.postgresql")
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> FederationSpec:
+        names = [peer.name for peer in self.peers]
+        domains = [peer.trust_domain for peer in self.peers]
+        if len(set(names)) != len(names):
+            raise ValueError("peers: each name may appear once")
+        if len(set(domains)) != len(domains) or self.trust_domain in domains:
+            raise ValueError("peers: each trust domain (ours included) may appear once: a "
+                             "bundle vouches for one trust domain")
+        for index, export in enumerate(self.exports):
+            unknown = sorted(set(export.to) - set(names))
+            if unknown:
+                raise ValueError(f"exports[{index}].to: unknown peer {unknown[0]!r}")
+        exported = [export.capability for export in self.exports]
+        if len(set(exported)) != len(exported):
+            raise ValueError("exports: each capability may appear once")
+        for index, imported in enumerate(self.imports):
+            if imported.peer not in names:
+                raise ValueError(f"imports[{index}].peer: unknown peer {imported.peer!r}")
+        local = [imported.local_name for imported in self.imports]
+        if len(set(local)) != len(local):
+            raise ValueError("imports: each local name (as) may appear once")
+        return self
+
+
+class Federation(ManifestModel):
+    """The Federation manifest (``kind: Federation``): run by a federation gateway."""
+
+    kind: Literal["Federation"]
+    spec: FederationSpec
+
+
 Manifest = Capability | Actor
-MANIFEST_KINDS: dict[str, type[Capability] | type[Actor]] = {
-    "Capability": Capability, "Actor": Actor}
+MANIFEST_KINDS: dict[str, type[Capability] | type[Actor] | type[Federation]] = {
+    "Capability": Capability, "Actor": Actor, "Federation": Federation}

@@ -20,7 +20,7 @@ from packetflow.operator.routing.model import (
     Tuning,
     VersionStats,
 )
-from packetflow.spec import Capability, CapabilitySpec
+from packetflow.spec import IMPLEMENTATION_KINDS, Capability, CapabilitySpec
 
 TUNING = Tuning(interval_s=15, canary_soak_s=300, effect_window_s=300, cooloff_s=3600)
 
@@ -81,8 +81,7 @@ def test_promotion_waits_for_the_soak_and_for_approval_unless_auto() -> None:
     assert (promotion.kind, promotion.risk, promotion.phase) == \
         ("canary-promotion", "risky", "pending")
     assert promotion.change == {"canary": None, "implementation": {
-        "python": None, "builtin": {"name": "echo", "config": {}}, "composition": None,
-        "image": None, "mcp": None}}
+        **dict.fromkeys(IMPLEMENTATION_KINDS), "builtin": {"name": "echo", "config": {}}}}
     assert later.patch is None and later.weight is None  # nothing applied yet
     approved = decide(observe(versions, approve=promotion.id), target, later.state, 1415.0,
                       TUNING)

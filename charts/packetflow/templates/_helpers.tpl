@@ -102,6 +102,15 @@ Namespaced rules go into the ClusterRole (all namespaces) or a Role per watched 
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+- apiGroups: ["packetflow.io"]
+  resources: ["federations"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["packetflow.io"]
+  resources: ["federations/status"]
+  verbs: ["patch"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "create", "patch"]
 {{- end -}}
 
 {{/*

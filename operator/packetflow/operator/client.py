@@ -27,6 +27,8 @@ PLURALS: Final[dict[tuple[str, str], str]] = {
     ("apps/v1", "StatefulSet"): "statefulsets",
     (API_VERSION, "Capability"): "capabilities",
     (API_VERSION, "Actor"): "actors",
+    (API_VERSION, "Federation"): "federations",
+    ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
 }
 LIST_PAGE: Final = 500  # objects per LIST page: bounded responses however many there are
 

@@ -23,6 +23,7 @@ from packetflow.spec import (
     VERSION,
     ActorSpec,
     CapabilitySpec,
+    FederationSpec,
 )
 
 Schema = dict[str, Any]
@@ -276,9 +277,16 @@ def workload_status_schema() -> Schema:
                          "description": "In-cluster gRPC address, host:port."},
             "selector": {"type": "string",
                          "description": "Label selector of the runtime pods (scale subresource)."},
-            **routing_status_properties(),
         },
     }
+
+
+def routed_status_schema() -> Schema:
+    """Status of a Capability or an Actor: the workload's, plus what the routing controller
+    writes."""
+    schema = workload_status_schema()
+    schema["properties"].update(routing_status_properties())
+    return schema
 
 
 def routing_status_properties() -> dict[str, Schema]:
@@ -345,8 +353,9 @@ def routing_status_properties() -> dict[str, Schema]:
 
 
 def actor_status_schema() -> Schema:
-    """Status of an Actor: the workload's, plus the StatefulSet members and active actors."""
-    schema = workload_status_schema()
+    """Status of an Actor: a routed workload's, plus the StatefulSet members and active
+    actors."""
+    schema = routed_status_schema()
     schema["properties"].update({
         "members": {
             "type": "array", "items": {"type": "string"},
@@ -379,8 +388,9 @@ _AGE_COLUMN: Final = {"name": "Age", "type": "date", "jsonPath": ".metadata.crea
 
 def _render_crd(*, kind: str, plural: str, short_names: list[str], description: str,
                 name_max_length: int, spec_schema: Schema, status_schema: Schema,
-                columns: list[dict[str, Any]]) -> dict[str, Any]:
-    """A namespaced CRD of group packetflow.io with status and scale subresources."""
+                columns: list[dict[str, Any]], scale: bool = True) -> dict[str, Any]:
+    """A namespaced CRD of group packetflow.io with a status subresource (and, with
+    ``scale``, a scale subresource)."""
     root = {
         "type": "object",
         "description": description,
@@ -427,11 +437,11 @@ def _render_crd(*, kind: str, plural: str, short_names: list[str], description: 
                     "subresources": {
                         "status": {},
                         # So `kubectl scale`, HPA and KEDA can own spec.replicas.
-                        "scale": {
+                        **({"scale": {
                             "specReplicasPath": ".spec.replicas",
                             "statusReplicasPath": ".status.replicas",
                             "labelSelectorPath": ".status.selector",
-                        },
+                        }} if scale else {}),
                     },
                     "additionalPrinterColumns": [_READY_COLUMN, *columns, _AGE_COLUMN],
                 }
@@ -446,7 +456,7 @@ def render_capability_crd() -> dict[str, Any]:
         kind="Capability", plural="capabilities", short_names=["cap"],
         description="A declared capability: what it is for, its contract, how it runs.",
         name_max_length=63, spec_schema=capability_spec_schema(),
-        status_schema=workload_status_schema(),
+        status_schema=routed_status_schema(),
         columns=[
             {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
             {"name": "Intent", "type": "string", "jsonPath": ".spec.intent"},
@@ -474,9 +484,123 @@ def render_actor_crd() -> dict[str, Any]:
         ])
 
 
+# ----------------------------------------------------------------------------- federation
+
+_FEDERATION_REPLICAS_RULE: Final = {
+    "rule": "!has(self.replicas) || self.replicas <= 1 || (has(self.audit) && "
+            "has(self.audit.store) && has(self.audit.store.postgresql))",
+    "message": "replicas > 1 needs a shared audit log: set audit.store.postgresql",
+    "fieldPath": ".replicas",
+    "reason": "FieldValueInvalid",
+}
+
+_PRICING_ONE_OF: Final = {
+    "rule": "[has(self.perExecution), has(self.subscription), has(self.revenueShare)]"
+            ".filter(x, x).size() == 1",
+    "message": "exactly one of perExecution, subscription, revenueShare is required",
+}
+
+# On a cluster the gateway's identity is a Secret and each bundle a ConfigMap key; the files
+# the models also accept are for `packetflow federation` on a machine.
+_FEDERATION_EXTEND: Final[dict[Path, Schema]] = {
+    (): {"x-kubernetes-validations": [_FEDERATION_REPLICAS_RULE]},
+    ("identity",): {"x-kubernetes-validations": [{
+        "rule": "has(self.secretName)",
+        "message": "on Kubernetes the identity is a Secret: set secretName"}]},
+    ("peers",): {"maxItems": 64, "x-kubernetes-list-type": "map",
+                 "x-kubernetes-list-map-keys": ["name"]},
+    ("peers", "[]", "trustBundle"): {"x-kubernetes-validations": [{
+        "rule": "has(self.configMapRef)",
+        "message": "on Kubernetes a bundle is a ConfigMap key: set configMapRef"}]},
+    ("exports",): {"maxItems": 256, "x-kubernetes-list-type": "map",
+                   "x-kubernetes-list-map-keys": ["capability"]},
+    ("exports", "[]", "to"): {"maxItems": 64},
+    ("exports", "[]", "pricing"): {"x-kubernetes-validations": [_PRICING_ONE_OF]},
+    ("imports",): {"maxItems": 256},
+    ("audit", "store"): _one_of("sqlite", "postgresql"),
+    ("audit", "store", "postgresql"): _one_of("dsn", "dsnFrom"),
+    ("audit", "store", "postgresql", "dsnFrom"): _one_of("env", "secretKeyRef"),
+}
+
+
+def federation_spec_schema() -> Schema:
+    """Structural schema of ``Federation.spec``, derived from :class:`FederationSpec`."""
+    return structural_schema(FederationSpec, None, _FEDERATION_EXTEND)
+
+
+def _object(description: str, **properties: Schema) -> Schema:
+    return {"type": "object", "description": description, "properties": properties}
+
+
+_STRING: Final = {"type": "string"}
+_COUNT: Final = {"type": "integer", "format": "int64", "minimum": 0}
+
+
+def federation_status_schema() -> Schema:
+    """Status of a Federation: the gateway's workload plus what it reports per peer, export
+    and import, and the audit log's head."""
+    schema = workload_status_schema()
+    for unused in ("endpoint", "selector"):
+        del schema["properties"][unused]
+    dimension = _object("One trust dimension: its score and the evidence behind it.",
+                        score={"type": "number"}, positive={"type": "number"},
+                        negative={"type": "number"}, observations=_COUNT, capped=_COUNT)
+    peer = _object(
+        "What the gateway knows of one peer.", name=_STRING, organization=_STRING,
+        trustDomain=_STRING, connected={"type": "boolean"},
+        lastHandshake={"type": "string", "format": "date-time"},
+        certificateExpiry={"type": "string", "format": "date-time"},
+        catalogVersion=_STRING, refused={**_STRING, "description": "Why calls to and from "
+                                         "it are refused now (trust)."},
+        error=_STRING,
+        trust={"type": "object", "description": "reliability, performance and "
+               "securityCompliance.", "additionalProperties": dimension})
+    schema["properties"].update({
+        "peers": {"type": "array", "items": peer, "description": "Per peer, as the gateway "
+                  "last reported it."},
+        "peersConnected": {"type": "string", "description": "Connected peers / all peers."},
+        "lowestTrustScore": {"type": "number", "description": "The lowest trust score of "
+                             "any peer on any dimension."},
+        "exports": {"type": "array", "items": _object(
+            "Calls of one export.", capability=_STRING, calls=_COUNT, errors=_COUNT,
+            slaBreaches=_COUNT)},
+        "imports": {"type": "array", "items": _object(
+            "One import: whether it can be called.", name=_STRING, peer=_STRING,
+            capability=_STRING, ready={"type": "boolean"}, problem=_STRING,
+            slaBreaches=_COUNT)},
+        "audit": _object("The audit log.", headHash={**_STRING, "description": "Hash of the "
+                         "last record: `packetflow audit verify --head` checks against it."},
+                         records=_COUNT),
+        "reportError": {"type": "string", "description": "Why the gateway's report could "
+                        "not be read (the figures above are its last report)."},
+        "reloadError": {"type": "string", "description": "Why the gateway keeps running its "
+                        "previous config or certificates (the new ones did not load)."},
+    })
+    return schema
+
+
+def render_federation_crd() -> dict[str, Any]:
+    """The CustomResourceDefinition of ``Federation`` (group packetflow.io, v1alpha1)."""
+    return _render_crd(
+        kind="Federation", plural="federations", short_names=["fed"],
+        description="Connects this cluster to other organizations over mutual TLS: peers, "
+                    "the capabilities exported to them and imported from them, trust.",
+        name_max_length=52, spec_schema=federation_spec_schema(),
+        status_schema=federation_status_schema(), scale=False,
+        columns=[
+            {"name": "Peers", "type": "string", "jsonPath": ".status.peersConnected",
+             "description": "Connected peers / all peers"},
+            {"name": "Lowest-Trust", "type": "number", "jsonPath": ".status.lowestTrustScore"},
+            {"name": "Organization", "type": "string", "jsonPath": ".spec.organization",
+             "priority": 1},
+            {"name": "Audit-Head", "type": "string", "jsonPath": ".status.audit.headHash",
+             "priority": 1},
+        ])
+
+
 def render_crds() -> list[dict[str, Any]]:
     """Every CRD PacketFlow installs."""
-    return [render_capability_crd(), render_actor_crd()]
+    return [render_capability_crd(), render_actor_crd(), render_federation_crd()]
 
 
 def crd_files() -> dict[str, str]:

@@ -15,7 +15,7 @@ from typing import Any, Final, TypeVar, cast
 
 import kopf
 
-from packetflow.operator import render
+from packetflow.operator import federation_handlers, render
 from packetflow.operator.client import ApiError, KubeClient
 from packetflow.operator.metrics import OperatorMetrics
 from packetflow.operator.reconcile import (
@@ -233,6 +233,7 @@ def build_registry() -> kopf.OperatorRegistry:
     for group, version, plural in CHILD_RESOURCES:
         kopf.on.event(group, version, plural, registry=registry, id=f"child-{plural}",
                       labels={render.LABEL_MANAGED_BY: render.MANAGED_BY})(child_event)
+    federation_handlers.register(registry)
     return registry
 
 

@@ -12,6 +12,12 @@ new API call means a new line here and nowhere else. Who makes each call:
   volumeClaimTemplates make the StatefulSet controller create PVCs: the operator never
   touches persistentvolumeclaims itself.
 
+* for a Federation (``federation_handlers``): the same verbs on federations and their status,
+  the gateway's ConfigMap, Services and Deployment as above, and the audit log's
+  PersistentVolumeClaim (get, create, patch: it is applied, never watched, and outlives the
+  Federation, so never deleted either). The identity Secret and the bundle ConfigMaps are
+  only mounted into the gateway's pods: the operator never reads Secrets.
+
 Not needed, on purpose: namespaces and CRDs (kopf's scanning is disabled), kopf peering
 objects (the operator runs standalone, one replica), delete (children go by ownerReferences,
 so no finalizers either), update/PUT (merge patches only). API discovery (``/api``, ``/apis``)
@@ -45,6 +51,9 @@ PERMISSIONS: Final[tuple[Permission, ...]] = (
     Permission("apps", "deployments", ("get", "list", "watch", "create", "patch")),
     Permission("apps", "statefulsets", ("get", "list", "watch", "create", "patch")),
     Permission("", "events", ("create",)),
+    Permission(GROUP, "federations", ("get", "list", "watch", "patch")),
+    Permission(GROUP, "federations/status", ("patch",)),
+    Permission("", "persistentvolumeclaims", ("get", "create", "patch")),
 )
 
 

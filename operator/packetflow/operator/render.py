@@ -46,7 +46,7 @@ MCP_PORT_NAME: Final = "mcp"
 MCP_BUNDLE_CONFIGMAP: Final = "packetflow-mcp-bundle"
 
 # Implementations the packetflow runtime serves itself; `image` brings its own server.
-_RUNTIME_SERVED: Final = ("python", "builtin", "composition", "mcp")
+_RUNTIME_SERVED: Final = ("python", "builtin", "composition", "mcp", "federated")
 # Pod components: a Capability's Deployment and an Actor's StatefulSet never select each other.
 _COMPONENTS: Final = {"Capability": "runtime", "Actor": "actor"}
 

@@ -58,6 +58,12 @@ class OperatorSettings(BaseSettings):
         description="Secret 'name/key' (in each resource's namespace) holding a PostgreSQL "
                     "DSN: runtime pods get it as PACKETFLOW_TRIGGER_STORE_DSN, so replicas "
                     "share trigger keys and a schedule fires once, not once per pod")
+    federation_status_url: str | None = Field(
+        default=None,
+        description="Where the operator reads a federation gateway's /status; placeholders "
+                    "{name}, {namespace}, {service}, {port}; unset: "
+                    "http://{service}.{namespace}.<cluster_domain_suffix>:{port}/status "
+                    "(out of the cluster, e.g. the API server's service proxy)")
     cluster_domain_suffix: str = Field(
         default="svc", description="Suffix of in-cluster endpoints: <name>.<namespace>.<suffix>")
     retry_delay_seconds: float = Field(

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from packetflow.actors.errors import StoreUnavailable
-from packetflow.actors.store import ActorStore, Op, Result, schema_statements, store_error
+from packetflow.actors.store import ActorStore, Op, Result, store_error
 from packetflow.errors import PacketFlowError
 
 T = TypeVar("T")
@@ -75,7 +75,7 @@ class PostgresActorStore(ActorStore):
             async with conn.transaction():
                 # Two runtimes starting together must not race on CREATE TABLE IF NOT EXISTS.
                 await conn.execute("SELECT pg_advisory_xact_lock(7410501)")
-                for statement in schema_statements("BYTEA", "DOUBLE PRECISION"):
+                for statement in self.schema("BYTEA", "DOUBLE PRECISION"):
                     await conn.execute(statement)
         except Exception as exc:  # unreachable, a malformed DSN, refused credentials...
             await self.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from packetflow.actors.errors import StoreUnavailable
-from packetflow.actors.store import ActorStore, Op, Result, schema_statements, store_error
+from packetflow.actors.store import ActorStore, Op, Result, store_error
 from packetflow.errors import PacketFlowError
 
 T = TypeVar("T")
@@ -76,7 +76,7 @@ class SqliteActorStore(ActorStore):
         try:
             with conn:
                 conn.execute("BEGIN")
-                for statement in schema_statements("BLOB", "REAL"):
+                for statement in self.schema("BLOB", "REAL"):
                     conn.execute(statement)
         except BaseException:
             conn.close()

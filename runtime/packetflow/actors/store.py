@@ -13,7 +13,7 @@ rows indexed per actor and by due time (never one document for all).
 from __future__ import annotations
 
 import abc
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -393,6 +393,9 @@ class ActorStore(abc.ABC):
 
     actor_type: str
     observe: Any = field(default=None, repr=False)  # callable(op name, seconds) or None
+    # The DDL the backend runs on open, given its (blob, real) type names. Other durable
+    # logs (the federation audit) run their own ops on these backends with their own tables.
+    schema: Callable[[str, str], list[str]] = field(default=schema_statements, repr=False)
 
     @abc.abstractmethod
     async def open(self) -> None:

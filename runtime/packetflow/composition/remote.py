@@ -19,6 +19,8 @@ from packetflow.errors import (
     NotServable,
     Overloaded,
     PacketFlowError,
+    PermissionDenied,
+    Unauthenticated,
     Unavailable,
 )
 from packetflow.v1 import runtime_pb2
@@ -84,5 +86,7 @@ def domain_error(error: CallError, name: str, address: str) -> PacketFlowError:
         grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
         grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
         grpc.StatusCode.FAILED_PRECONDITION: NotServable,
+        grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+        grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     }
     return kinds.get(code, HandlerFailed)(f"remote {code.name}: {where}")

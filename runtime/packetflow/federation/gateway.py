@@ -1,0 +1,1146 @@
+"""The federation gateway: one process per organization between its capabilities and its
+peers' gateways.
+
+Inbound (a peer calls us): :class:`packetflow.identity.terminator.MtlsTerminator`
+authenticates each TLS 1.3 connection by its certificate; every call is then checked in
+order (connection still trusted, capability exported to that peer, peer above the trust
+threshold, rate limit, input contract) before anything reaches the local capability, and its
+output is checked before it leaves. Outbound (a local caller uses an import): the peer's
+trust, our pinned copy of its contract, one reused mTLS channel per peer. Every call and
+every refusal in both directions is appended to the audit log before the caller hears back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+import orjson
+
+from packetflow.client import CallError
+from packetflow.composition.remote import RemoteCaller, domain_error
+from packetflow.context import CALLER_KEY, TRACE_ID_KEY
+from packetflow.contracts import CompiledContract
+from packetflow.errors import (
+    CapabilityNotFound,
+    Code,
+    ContractViolation,
+    FieldViolation,
+    InvalidInput,
+    NotServable,
+    Overloaded,
+    PacketFlowError,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    code_of,
+)
+from packetflow.federation import trust as dims
+from packetflow.federation.audit import ALLOW, DENY, INBOUND, OUTBOUND, AuditRecord
+from packetflow.federation.catalog import (
+    CatalogEntry,
+    LocalCapability,
+    catalog_for,
+    catalog_version,
+    check_compatible,
+    contract_from_schema,
+)
+from packetflow.federation.observe import FederationMetrics, start_http
+from packetflow.federation.pricing import call_price
+from packetflow.federation.ratelimit import TokenBucket
+from packetflow.federation.sla import Sample, SlaMeter, SlaReport, counts_as_failure
+from packetflow.federation.state import GatewayState, check_identity, watch_state
+from packetflow.federation.store import AuditUnavailable, FederationStore
+from packetflow.federation.trust import Evidence, TrustBook
+from packetflow.identity.terminator import MtlsTerminator, Refusal
+from packetflow.identity.tls import channel_credentials, client_context
+from packetflow.identity.x509 import AuthenticationError, PeerCertificate, authenticate
+from packetflow.spec import FederationImport, duration_seconds
+from packetflow.v1 import federation_pb2, federation_pb2_grpc, runtime_pb2, runtime_pb2_grpc
+
+log = logging.getLogger("packetflow.federation")
+
+# Metadata a client might send to claim an identity: never believed, always audited.
+IDENTITY_METADATA = frozenset({CALLER_KEY, "packetflow-organization", "packetflow-peer",
+                               "packetflow-spiffe-id", "x-forwarded-client-cert",
+                               "x-spiffe-id"})
+PROBE_KEY = "packetflow-federation-probe"
+NOT_READ = "the peer's catalog has not been read yet"  # transient: UNAVAILABLE, not a verdict
+CATALOG_VERSION_KEY = "packetflow-catalog-version"
+CATALOG_TIMEOUT = 5.0
+CHANNEL_GRACE = 30.0  # a replaced channel's calls in flight may finish within this
+STATUS_SECONDS = 1.0
+TRUST_SAVE_SECONDS = 10.0
+PRUNE_SECONDS = 3600.0
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
+
+
+def _utc(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def trace_of(metadata: Iterable[tuple[str, Any]]) -> str:
+    """The caller's trace id (ours or W3C traceparent), or a new one."""
+    found = None
+    for key, value in metadata:
+        if key == TRACE_ID_KEY:
+            return str(value)
+        if key == "traceparent" and found is None:
+            parts = str(value).split("-")
+            found = parts[1] if len(parts) == 4 else None
+    return found or os.urandom(16).hex()
+
+
+def identity_claims(metadata: Iterable[tuple[str, Any]]) -> list[tuple[str, str]]:
+    """Identity metadata a client sent (ignored: identity is the certificate)."""
+    return [(key, str(value)[:200]) for key, value in metadata if key in IDENTITY_METADATA]
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """Who an accepted inbound connection is."""
+
+    peer: str
+    certificate: PeerCertificate
+    address: str
+
+
+@dataclass
+class PeerLink:
+    """Our side of one peer: the reused channel, its catalog, what we saw of it."""
+
+    name: str
+    channel: grpc.aio.Channel | None = None
+    stub: federation_pb2_grpc.FederationStub | None = None
+    key: tuple[Any, ...] | None = None  # the material the channel was built with
+    checked_key: tuple[Any, ...] | None = None  # the material the server's ID was checked for
+    catalog: dict[str, CatalogEntry] = field(default_factory=dict)
+    version: str = ""
+    organization: str = ""
+    connected: bool = False
+    last_catalog: float | None = None
+    last_handshake: float | None = None  # our last TLS handshake with it
+    certificate_expiry: float | None = None  # its server certificate
+    inbound_handshake: float | None = None  # its last TLS handshake with us
+    inbound_expiry: float | None = None  # its client certificate
+    identity_error: str | None = None  # its server failed our identity check
+    fingerprint: str = ""  # its server certificate, as last checked
+    error: str | None = None
+
+
+@dataclass
+class ImportState:
+    """One import: the contract pinned when it was first seen, or why it cannot be called."""
+
+    spec: FederationImport
+    entry: CatalogEntry | None = None
+    requires: CompiledContract = field(default_factory=lambda: CompiledContract.compile(None))
+    provides: CompiledContract = field(default_factory=lambda: CompiledContract.compile(None))
+    problem: str | None = NOT_READ
+
+    def pin(self, entry: CatalogEntry) -> None:
+        """Take ``entry``'s contract as the one local callers are checked against."""
+        self.entry = entry
+        self.requires = CompiledContract.compile(entry.requires)
+        self.provides = CompiledContract.compile(entry.provides)
+        self.problem = None
+
+
+@dataclass
+class ExportStats:
+    """Counters of one export, for status."""
+
+    calls: int = 0
+    errors: int = 0
+    sla_breaches: int = 0
+    by_peer: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count(self, peer: str, ok: bool) -> None:
+        """Count one allowed call."""
+        self.calls += 1
+        self.errors += not ok
+        mine = self.by_peer.setdefault(peer, {"calls": 0, "errors": 0, "slaBreaches": 0})
+        mine["calls"] += 1
+        mine["errors"] += not ok
+
+
+class Gateway:
+    """A running federation gateway (see the module docstring)."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.watch = watch_state(config_path)
+        state = self.watch.value
+        self.watch.interval = state.settings.reload_seconds
+        self.metrics = FederationMetrics()
+        self.trust = TrustBook(state.trust)
+        self.remote = RemoteCaller(options=[("grpc.max_receive_message_length",
+                                             MAX_MESSAGE_BYTES)])
+        self.links: dict[str, PeerLink] = {}
+        self.imports: dict[str, ImportState] = {}
+        # peer/capability references (hand-written federated capabilities), per catalog.
+        self._references: dict[tuple[str, str], ImportState] = {}
+        self.local: dict[str, LocalCapability] = {}
+        self.buckets: dict[tuple[str, str], TokenBucket] = {}
+        self.meters: dict[tuple[str, str, str], SlaMeter] = {}
+        self.export_stats: dict[str, ExportStats] = {}
+        self.store: FederationStore | None = None
+        self.terminator: MtlsTerminator[Inbound] = MtlsTerminator(
+            context=lambda: self.current().server_context, authenticate=self._authenticate,
+            on_refused=self._refused_connection, on_accepted=self._accepted)
+        self.refused_connections = 0
+        self.status_json = b"{}"
+        self.peer_port = 0
+        self.local_port = 0
+        self.http_port: int | None = None
+        self._servers: list[grpc.aio.Server] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._http: Any = None
+        self._socket_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._generation = self.watch.generation
+        self._apply(state)
+        self.metrics.gauges(self._gauges)
+
+    # ------------------------------------------------------------------ state and reload
+
+    def current(self) -> GatewayState:
+        """The state new work uses (reloaded if its files changed)."""
+        state = self.watch.get()
+        if self.watch.generation != self._generation:
+            self._generation = self.watch.generation
+            self._apply(state)
+        return state
+
+    def _apply(self, state: GatewayState) -> None:
+        """Bring links, imports and limits in line with a (new) state."""
+        self.trust.params = state.trust
+        for name in list(self.links):
+            if name not in state.peers:
+                self._retire(self.links.pop(name).channel)
+        for name in state.peers:
+            self.links.setdefault(name, PeerLink(name))
+        kept = {}
+        for local_name, spec in state.imports.items():
+            old = self.imports.get(local_name)
+            kept[local_name] = old if old is not None and old.spec == spec else ImportState(spec)
+        self.imports = kept
+        for peer in self.links:
+            self._recheck_imports(peer)
+        # A bucket stays while its export still limits that peer the same way.
+        self.buckets = {key: bucket for key, bucket in self.buckets.items()
+                        if (export := state.exports.get(key[1])) is not None
+                        and export.rate_limit is not None and key[0] in export.to
+                        and TokenBucket.of(export.rate_limit, 0.0).same_limit(bucket)}
+        log.info("federation state loaded", extra={"generation": self.watch.generation,
+                                                   "peers": len(state.peers)})
+
+    def _retire(self, channel: grpc.aio.Channel | None) -> None:
+        """Close a replaced channel once its calls in flight are done (or after the grace)."""
+        if channel is not None:
+            self._spawn(channel.close(grace=CHANNEL_GRACE))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the audit log, bind every listener, start the loops."""
+        state = self.current()
+        settings = state.settings
+        base = state.config_path.parent
+        state_dir = settings.state_dir if settings.state_dir.is_absolute() \
+            else base / settings.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = await FederationStore.open(state.spec.audit, state_dir,
+                                                settings.audit_dsn)
+        saved = await self.store.get_state("trust")
+        for key, evidence in (saved or {}).items():
+            peer, _, dimension = key.partition("|")
+            self.trust.evidence[(peer, dimension)] = Evidence.from_json(evidence)
+        # The inner server listens on a Unix socket only our user can reach (see terminator).
+        self._socket_dir = tempfile.TemporaryDirectory(prefix="packetflow-federation-")
+        inner_path = os.path.join(self._socket_dir.name, "inner.sock")
+        inner = grpc.aio.server(options=_server_options())
+        federation_pb2_grpc.add_FederationServicer_to_server(PeerServicer(self), inner)
+        inner.add_insecure_port(f"unix:{inner_path}")
+        await inner.start()
+        self._servers.append(inner)
+        host, _, port = settings.listen.rpartition(":")
+        self.peer_port = await self.terminator.start(host.strip("[]"), int(port), inner_path)
+        self.local_port = await self._start_local(settings.local)
+        if settings.metrics_address:
+            self._http, self.http_port = start_http(settings.metrics_address,
+                                                    self.metrics.registry,
+                                                    lambda: self.status_json)
+        await self.refresh_local()
+        loops = [(self._reload_loop, settings.reload_seconds),
+                 (self._catalog_loop, settings.catalog_refresh_seconds),
+                 (self._local_loop, settings.catalog_refresh_seconds),
+                 (self._status_loop, STATUS_SECONDS),
+                 (self._trust_save_loop, TRUST_SAVE_SECONDS),
+                 (self._prune_loop, PRUNE_SECONDS)]
+        self._tasks = [asyncio.get_running_loop().create_task(self._every(loop, seconds))
+                       for loop, seconds in loops]
+        self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop()))
+        self._update_status()
+
+    async def _start_local(self, address: str) -> int:
+        # Imported here: the runtime's server module brings health and reflection.
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from grpc_health.v1._async import HealthServicer
+
+        from packetflow.server import SERVICE_NAME
+
+        server = grpc.aio.server(options=_server_options())
+        runtime_pb2_grpc.add_CapabilityRuntimeServicer_to_server(LocalServicer(self), server)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        for service in ("", SERVICE_NAME):
+            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._servers.append(server)
+        return int(port)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop listening, let calls finish, save trust, close the log."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.terminator.stop()
+        for server in self._servers:
+            await server.stop(grace)
+        for link in self.links.values():
+            if link.channel is not None:
+                await link.channel.close()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.remote.close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        if self.store is not None:
+            await self._save_trust()
+            await self.store.aclose()
+        if self._socket_dir is not None:
+            self._socket_dir.cleanup()
+
+    async def _every(self, work: Any, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await work()
+            except Exception:  # one failed round must not end the loop
+                log.exception("federation loop %s failed", getattr(work, "__name__", work))
+
+    async def _reload_loop(self) -> None:
+        self.current()
+
+    # ------------------------------------------------------------------ audit
+
+    async def audit(self, record: AuditRecord) -> None:
+        """Append ``record`` (the caller waits: no reply leaves before its record is in)."""
+        assert self.store is not None
+        await self.store.append(record)
+
+    def audit_writable(self) -> None:
+        """Unavailable while the audit log cannot be written: nothing runs unaudited (the
+        next refusal's record tries the log again)."""
+        if self.store is not None and self.store.failing is not None:
+            raise AuditUnavailable(self.store.failing)
+
+    # ------------------------------------------------------------------ inbound: handshakes
+
+    def _authenticate(self, der: bytes | None) -> Inbound:
+        """The terminator's check of a client certificate: the bundle of the trust domain its
+        SPIFFE ID names, and only that one."""
+        state = self.current()
+        if der is None:
+            raise AuthenticationError("no-client-certificate",
+                                      "the client presented no certificate")
+        certificate = authenticate(der, state.bundles, datetime.datetime.now(datetime.UTC))
+        peer = state.peer_by_domain[certificate.spiffe_id.trust_domain]
+        return Inbound(peer.name, certificate, "")
+
+    def _accepted(self, connection: Any) -> None:
+        identity: Inbound = connection.identity
+        connection.identity = Inbound(identity.peer, identity.certificate, connection.address)
+        link = self.links.get(identity.peer)
+        if link is not None:
+            link.inbound_handshake = time.time()
+            link.inbound_expiry = identity.certificate.not_after.timestamp()
+
+    def _refused_connection(self, refusal: Refusal) -> None:
+        """Audit a refused connection; attribute it to a peer when its certificate names one
+        of our peers' trust domains and failed only on time (anyone can claim a domain)."""
+        self.refused_connections += 1
+        peer, fingerprint = "", ""
+        if refusal.certificate_der is not None:
+            from cryptography import x509
+
+            from packetflow.identity.x509 import fingerprint as fingerprint_of
+            from packetflow.identity.x509 import spiffe_ids
+
+            try:
+                certificate = x509.load_der_x509_certificate(refusal.certificate_der)
+            except ValueError:
+                certificate = None
+            if certificate is not None:
+                fingerprint = fingerprint_of(certificate)
+                ids = spiffe_ids(certificate)
+                domain = ids[0].removeprefix("spiffe://").split("/")[0] if ids else ""
+                found = self.current().peer_by_domain.get(domain)
+                if found is not None and refusal.reason in ("expired", "not-yet-valid"):
+                    peer = found.name
+                    self.trust.observe(peer, dims.SECURITY, False, time.time())
+        self.metrics.refusals.labels(INBOUND, peer, refusal.reason).inc()
+        log.warning("connection refused", extra={"address": refusal.address,
+                                                  "reason": refusal.reason,
+                                                  "detail": refusal.message})
+        self._spawn(self.audit(AuditRecord(
+            at=time.time(), direction=INBOUND, peer=peer, fingerprint=fingerprint,
+            capability="", decision=DENY, reason=f"{refusal.reason}: {refusal.message}",
+            code=Code.UNAUTHENTICATED.value, address=refusal.address)))
+
+    # ------------------------------------------------------------------ inbound: calls
+
+    def _connection(self, key: str, state: GatewayState) -> Inbound:
+        """The identity of a call's connection, still trusted now, or Unauthenticated."""
+        identity = self.terminator.identity(key)
+        if identity is None:
+            raise _Refused(Unauthenticated("no authenticated identity on this connection"),
+                           "unauthenticated")
+        certificate = identity.certificate
+        try:
+            check_identity(state, identity.peer, certificate.authority,
+                           certificate.not_after, datetime.datetime.now(datetime.UTC))
+        except AuthenticationError as exc:
+            raise _Refused(Unauthenticated(exc.message), exc.reason) from None
+        return identity
+
+    async def serve_catalog(self, key: str, known_version: str) -> federation_pb2.Catalog:
+        """A peer reads the catalog of what is exported to it."""
+        state = self.current()
+        try:
+            identity = self._connection(key, state)
+        except _Refused as refused:
+            await self._refuse_inbound(refused, _Call(time.perf_counter(), AuditRecord(
+                at=time.time(), direction=INBOUND, peer="", fingerprint="", capability="",
+                decision=DENY, reason="", code="")))
+        entries = catalog_for(state.spec, identity.peer, self.local)
+        version = catalog_version(entries)
+        if version == known_version:
+            return federation_pb2.Catalog(version=version, unchanged=True,
+                                          organization=state.spec.organization)
+        await self.audit(AuditRecord(
+            at=time.time(), direction=INBOUND, peer=identity.peer,
+            fingerprint=identity.certificate.fingerprint, capability="", decision=ALLOW,
+            reason=f"catalog {version}: {len(entries)} exports", code=Code.OK.value,
+            address=identity.address))
+        return federation_pb2.Catalog(
+            version=version, organization=state.spec.organization,
+            entries_json=orjson.dumps([entry.to_json() for entry in entries]))
+
+    async def serve_invoke(self, key: str, capability: str, payload: bytes,
+                           metadata: Sequence[tuple[str, Any]],
+                           remaining: float | None) -> bytes:
+        """A peer calls one of our exports; the checks run in the module docstring's order
+        and nothing reaches the capability before all of them pass."""
+        started = time.perf_counter()
+        now = time.time()
+        state = self.current()
+        claims = identity_claims(metadata)
+        call = _Call(started, AuditRecord(
+            at=now, direction=INBOUND, peer="", fingerprint="", capability=capability,
+            decision=DENY, reason="", code="", bytes_in=len(payload),
+            trace_id=trace_of(metadata), input_sha256=_sha256(payload),
+            notes="ignored identity metadata: " + ", ".join(f"{k}={v}" for k, v in claims)
+            if claims else ""))
+        try:
+            identity = self._connection(key, state)
+        except _Refused as refused:
+            await self._refuse_inbound(refused, call)
+        peer = identity.peer
+        call.record = replace(call.record, peer=peer,
+                              fingerprint=identity.certificate.fingerprint,
+                              address=identity.address)
+        peer_org = state.peers[peer].organization
+        if any(name != CALLER_KEY and value not in (peer, peer_org) for name, value in claims):
+            # Claiming to be someone else: a policy failure of this peer.
+            self.trust.observe(peer, dims.SECURITY, False, now)
+        export = state.exports.get(capability)
+        if export is None or peer not in export.to:
+            self.trust.observe(peer, dims.SECURITY, False, now)
+            # The same answer whether the capability exists or not: nothing leaks.
+            await self._refuse_inbound(_Refused(PermissionDenied(
+                f"capability {capability!r} is not exported to {peer}"), "not-exported"), call)
+        sla = export.sla
+        probe = (sla is not None and sla.probe is not None
+                 and any(name == PROBE_KEY for name, _ in metadata)
+                 and _json(payload) == sla.probe.input)
+        refusal = self.trust.refusal(peer, now)
+        if refusal is not None and not probe:
+            await self._refuse_inbound(_Refused(PermissionDenied(refusal), "trust"), call)
+        if export.rate_limit is not None:
+            bucket = self.buckets.get((peer, capability))
+            if bucket is None:
+                bucket = self.buckets[(peer, capability)] = TokenBucket.of(
+                    export.rate_limit, time.monotonic())
+            if not bucket.take(time.monotonic()):
+                await self._refuse_inbound(_Refused(Overloaded(
+                    f"rate limit of {export.rate_limit.per_minute:g}/minute for {peer} on "
+                    f"{capability!r}; retry in {bucket.retry_after():.1f}s"), "rate-limit"),
+                    call)
+        try:
+            self.audit_writable()
+        except AuditUnavailable as exc:
+            await self._refuse_inbound(_Refused(exc, "audit-unavailable"), call)
+        call.decision = ALLOW
+        local = self.local.get(capability) or await self.refresh_local(capability)
+        if local is None:
+            await self._refuse_inbound(_Refused(Unavailable(
+                f"capability {capability!r} is not reachable here now"), "unavailable"), call)
+        requires, provides = local.checks
+        violations = _check(requires, payload, "input")
+        if violations:
+            self.trust.observe(peer, dims.RELIABILITY, False, now)
+            await self._refuse_inbound(_Refused(InvalidInput(violations), "invalid-input"),
+                                       call)
+        self.trust.observe(peer, dims.SECURITY, True, now)
+        self.trust.observe(peer, dims.RELIABILITY, True, now)
+        output_bytes = b""
+        output: Any = None
+        error: PacketFlowError | None = None
+        try:
+            target = await self.remote.resolver.resolve(state.settings.runtime or capability)
+            response = await self.remote.client(target).stub.Invoke(
+                runtime_pb2.InvokeRequest(capability=capability, input_json=payload),
+                timeout=remaining, metadata=((TRACE_ID_KEY, call.record.trace_id),
+                                             (CALLER_KEY, f"federation:{peer}")))
+            output_bytes = response.output_json
+            output = _json(output_bytes)
+            violations = _check(provides, output_bytes, "output", output)
+            if violations:
+                error = ContractViolation(capability, violations)
+        except grpc.aio.AioRpcError as exc:
+            error = domain_error(CallError.from_rpc_error(exc), capability, "the runtime")
+        code = Code.OK if error is None else code_of(error)
+        elapsed = time.perf_counter() - started
+        self.export_stats.setdefault(capability, ExportStats()).count(peer, error is None)
+        if sla is not None:
+            self._meter("exporter", peer, capability, sla).observe(
+                Sample(now, elapsed, not counts_as_failure(code.value)))
+        self.metrics.calls.labels(INBOUND, peer, capability, code.value).inc()
+        self.metrics.duration.labels(INBOUND, peer).observe(elapsed)
+        await self.audit(replace(
+            call.record, decision=ALLOW, code=code.value,
+            reason="sla probe" if probe else
+            (error.message[:500] if error is not None else "exported"),
+            duration_ms=round(elapsed * 1000, 3), bytes_out=len(output_bytes),
+            output_sha256=_sha256(output_bytes) if output_bytes else "",
+            price=0.0 if probe else call_price(export.pricing, error is None, output),
+            currency=export.pricing.currency if export.pricing else ""))
+        if error is not None:
+            raise error
+        return output_bytes
+
+    async def _refuse_inbound(self, refused: _Refused, call: _Call) -> NoReturn:
+        """Audit, count and raise a refused inbound call."""
+        error, record = refused.error, call.record
+        code = code_of(error).value
+        self.metrics.refusals.labels(INBOUND, record.peer, refused.reason).inc()
+        self.metrics.calls.labels(INBOUND, record.peer, record.capability, code).inc()
+        await self.audit(replace(
+            record, decision=call.decision, reason=f"{refused.reason}: {error.message}"[:500],
+            code=code, duration_ms=round((time.perf_counter() - call.started) * 1000, 3)))
+        raise error
+
+    # ------------------------------------------------------------------ local capabilities
+
+    async def refresh_local(self, only: str | None = None) -> LocalCapability | None:
+        """Describe the exported capabilities at the local runtime (their contracts go into
+        catalogs and guard every inbound call); returns ``only``'s description."""
+        state = self.current()
+        names = [only] if only is not None else list(state.exports)
+        for name in names:
+            try:
+                target = await self.remote.resolver.resolve(state.settings.runtime or name)
+                described = await asyncio.wait_for(self.remote.client(target).describe(name),
+                                                   CATALOG_TIMEOUT)
+                self.local[name] = LocalCapability(
+                    name, described["intent"], contract_from_schema(described["requires"]),
+                    contract_from_schema(described["provides"]),
+                    float(described["timeoutSeconds"]))
+            except (CallError, TimeoutError, OSError, ValueError) as exc:
+                if self.local.pop(name, None) is not None or only is not None:
+                    log.warning("exported capability %s is not reachable: %s", name, exc)
+        for name in list(self.local):
+            if name not in state.exports:
+                del self.local[name]
+        return self.local.get(only) if only is not None else None
+
+    async def _local_loop(self) -> None:
+        await self.refresh_local()
+
+    # ------------------------------------------------------------------ outbound
+
+    def _link_key(self, state: GatewayState, name: str) -> tuple[Any, ...]:
+        peer = state.peers[name]
+        return (state.credentials.fingerprint, state.bundles[peer.trust_domain].fingerprints,
+                peer.endpoint)
+
+    def stub(self, link: PeerLink, state: GatewayState) -> federation_pb2_grpc.FederationStub:
+        """The peer's stub on its reused channel; a new channel (new handshakes) when our
+        certificate, the peer's bundle or its endpoint changed."""
+        key = self._link_key(state, link.name)
+        if link.stub is None or link.key != key:
+            self._retire(link.channel)
+            peer = state.peers[link.name]
+            link.channel = grpc.aio.secure_channel(
+                peer.endpoint, channel_credentials(
+                    state.credentials, state.bundles[peer.trust_domain].pem()),
+                options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+            link.stub = federation_pb2_grpc.FederationStub(link.channel)
+            link.key = key
+        return link.stub
+
+    async def check_server(self, link: PeerLink, state: GatewayState) -> None:
+        """Handshake with the peer once per channel material and check its server's SPIFFE
+        ID against its bundle (gRPC's client checks the chain and the host name only)."""
+        peer = state.peers[link.name]
+        bundle = state.bundles[peer.trust_domain]
+        host, _, port = peer.endpoint.rpartition(":")
+        link.checked_key = link.key
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(
+                host.strip("[]"), int(port), ssl=client_context(state.credentials,
+                                                                 bundle.pem())),
+                CATALOG_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            link.checked_key = None  # unreachable is not a verdict: try again next round
+            link.error = f"cannot reach {peer.endpoint}: {exc}"
+            return
+        try:
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            found = authenticate(der, {peer.trust_domain: bundle},
+                                 datetime.datetime.now(datetime.UTC))
+            if found.spiffe_id.trust_domain != peer.trust_domain:  # pragma: no cover
+                raise AuthenticationError("wrong-trust-domain", f"{found.spiffe_id}")
+            link.identity_error = None
+            link.fingerprint = found.fingerprint
+            link.last_handshake = time.time()
+            link.certificate_expiry = found.not_after.timestamp()
+        except AuthenticationError as exc:
+            link.identity_error = f"{peer.endpoint} is not {peer.name}: {exc.message}"
+            self.trust.observe(link.name, dims.SECURITY, False, time.time())
+            self.metrics.refusals.labels(OUTBOUND, link.name, exc.reason).inc()
+            await self.audit(AuditRecord(
+                at=time.time(), direction=OUTBOUND, peer=link.name, fingerprint="",
+                capability="", decision=DENY, reason=f"{exc.reason}: {exc.message}",
+                code=Code.UNAUTHENTICATED.value, address=peer.endpoint))
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
+
+    async def refresh_catalog(self, link: PeerLink) -> None:
+        """Read the peer's catalog (when it changed) and re-check our imports against it."""
+        state = self.current()
+        if link.name not in state.peers:
+            return
+        stub = self.stub(link, state)
+        if link.checked_key != link.key:
+            await self.check_server(link, state)
+        try:
+            reply = await stub.GetCatalog(federation_pb2.CatalogRequest(
+                known_version=link.version), timeout=CATALOG_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            link.connected = False
+            link.error = f"{exc.code().name}: {exc.details()}"
+            return
+        link.connected, link.last_catalog, link.error = True, time.time(), None
+        if reply.unchanged:
+            return
+        try:
+            entries = [CatalogEntry.from_json(e) for e in orjson.loads(reply.entries_json)]
+        except (ValueError, KeyError, TypeError) as exc:
+            self.trust.observe(link.name, dims.SECURITY, False, time.time())
+            link.error = f"malformed catalog: {exc}"
+            return
+        link.catalog = {entry.capability: entry for entry in entries}
+        link.version, link.organization = reply.version, reply.organization
+        self._recheck_imports(link.name)
+        if self.store is not None:
+            # `federation usage` prices imports by the terms their exporter published.
+            await self.store.put_state("catalogs", {
+                name: {cap: entry.to_json()["pricing"] for cap, entry in other.catalog.items()
+                       if entry.pricing is not None}
+                for name, other in self.links.items()})
+        log.info("catalog of %s: version %s, %d entries", link.name, reply.version,
+                 len(entries))
+
+    async def _catalog_loop(self) -> None:
+        await asyncio.gather(*(self.refresh_catalog(link) for link in list(self.links.values())))
+
+    def _recheck_imports(self, peer: str) -> None:
+        """Check each import of ``peer`` against its current catalog (the first one seen
+        pins the contract local callers are checked against)."""
+        link = self.links.get(peer)
+        catalog = link.catalog if link is not None else {}
+        for imported in self.imports.values():
+            if imported.spec.peer != peer or (link is not None and not link.version):
+                continue
+            entry = catalog.get(imported.spec.capability)
+            if entry is None:
+                imported.problem = (f"{peer} does not export {imported.spec.capability!r} to "
+                                    f"{self.current().spec.organization}")
+                continue
+            if imported.entry is None:
+                imported.pin(entry)
+                continue
+            problems = check_compatible(imported.entry.requires, imported.entry.provides,
+                                        entry.requires, entry.provides)
+            imported.problem = None if not problems else (
+                f"{peer} changed the contract of {imported.spec.capability!r} incompatibly: "
+                + "; ".join(f"{path}: {message}" for path, message in problems))
+            if not problems:
+                # Terms (SLA, pricing) follow the peer; the checked contract stays pinned.
+                imported.entry = CatalogEntry(
+                    imported.entry.capability, entry.intent, imported.entry.requires,
+                    imported.entry.provides, entry.timeout_seconds, entry.sla, entry.pricing,
+                    entry.rate_limit)
+
+    def resolve_import(self, name: str) -> tuple[ImportState, PeerLink]:
+        """An import by its local name, or ``peer/capability`` (a hand-written federated
+        capability): the latter checked against the peer's current catalog each time."""
+        found = self.imports.get(name)
+        if found is None and "/" in name:
+            peer, _, capability = name.partition("/")
+            link_ = self.links.get(peer)
+            if link_ is not None:
+                found = self._references.get((name, link_.version))
+                if found is None:
+                    found = ImportState(FederationImport(peer=peer, capability=capability))
+                    entry = link_.catalog.get(capability)
+                    if entry is not None:
+                        found.pin(entry)
+                    elif link_.version:
+                        found.problem = f"{peer} does not export {capability!r} to us"
+                    if link_.version:  # compiled once per catalog version
+                        if len(self._references) > 1000:
+                            self._references.clear()
+                        self._references[(name, link_.version)] = found
+        if found is None:
+            raise CapabilityNotFound(name)
+        return found, self.links[found.spec.peer]
+
+    async def invoke_import(self, name: str, payload: bytes, trace_id: str,
+                            remaining: float | None, *, probe: bool = False) -> bytes:
+        """A local caller uses an import: trust, contract, then the peer over mTLS."""
+        imported, link = self.resolve_import(name)
+        started = time.perf_counter()
+        now = time.time()
+        state = self.current()
+        peer, capability = imported.spec.peer, imported.spec.capability
+        entry = not_servable(name, imported)
+        record = AuditRecord(
+            at=now, direction=OUTBOUND, peer=peer, fingerprint=link.fingerprint,
+            capability=capability,
+            decision=ALLOW, reason="sla probe" if probe else f"import {name}", code="",
+            bytes_in=len(payload), trace_id=trace_id, input_sha256=_sha256(payload),
+            address=state.peers[peer].endpoint)
+        if link.identity_error is not None:
+            await self._refuse_outbound(Unavailable(link.identity_error), "identity", record,
+                                        started)
+        refusal = self.trust.refusal(peer, now)
+        if refusal is not None and not probe:
+            await self._refuse_outbound(PermissionDenied(refusal), "trust", record, started)
+        try:
+            self.audit_writable()
+        except AuditUnavailable as exc:
+            await self._refuse_outbound(exc, "audit-unavailable", record, started)
+        value = _json(payload)
+        _, violations = imported.requires.check(value, "input") if value is not _INVALID \
+            else ({}, [FieldViolation("input", "not valid JSON")])
+        if violations:
+            raise InvalidInput(violations)  # the local caller's mistake: nothing was sent
+        error: PacketFlowError | None = None
+        output_bytes = b""
+        output: Any = None
+        metadata = [(TRACE_ID_KEY, trace_id)]
+        if probe:
+            metadata.append((PROBE_KEY, "1"))
+        try:
+            response = await self.stub(link, state).Invoke(
+                runtime_pb2.InvokeRequest(capability=capability, input_json=payload),
+                timeout=remaining, metadata=tuple(metadata))
+            output_bytes = response.output_json
+            output = _json(output_bytes)
+            _, violations = imported.provides.check(output, "output") \
+                if output is not _INVALID else ({}, [FieldViolation("output", "not JSON")])
+            if violations:
+                error = ContractViolation(name, violations)
+        except grpc.aio.AioRpcError as exc:
+            error = domain_error(CallError.from_rpc_error(exc), capability, peer)
+        elapsed = time.perf_counter() - started
+        code = Code.OK if error is None else code_of(error)
+        failed = counts_as_failure(code.value) or isinstance(error, ContractViolation)
+        if code == Code.OK or failed:
+            self.trust.observe(peer, dims.RELIABILITY, not failed, now)
+        sla = entry.sla
+        if sla is not None and sla.latency_p99_ms is not None and not failed:
+            self.trust.observe(peer, dims.PERFORMANCE, elapsed * 1000 <= sla.latency_p99_ms,
+                               now)
+        if sla is not None:
+            self._meter("importer", peer, capability, sla).observe(Sample(now, elapsed,
+                                                                          not failed))
+        price = 0.0 if probe else call_price(entry.pricing, error is None, output)
+        self.metrics.calls.labels(OUTBOUND, peer, capability, code.value).inc()
+        self.metrics.duration.labels(OUTBOUND, peer).observe(elapsed)
+        await self.audit(_with(
+            record, code=code.value, reason=record.reason if error is None
+            else f"{record.reason}: {error.message}"[:500],
+            duration_ms=round(elapsed * 1000, 3), bytes_out=len(output_bytes),
+            output_sha256=_sha256(output_bytes) if output_bytes else "", price=price,
+            currency=entry.pricing.currency if entry.pricing else ""))
+        if error is not None:
+            raise error
+        return output_bytes
+
+    async def _refuse_outbound(self, error: PacketFlowError, reason: str,
+                               record: AuditRecord, started: float) -> NoReturn:
+        self.metrics.refusals.labels(OUTBOUND, record.peer, reason).inc()
+        self.metrics.calls.labels(OUTBOUND, record.peer, record.capability,
+                                  code_of(error).value).inc()
+        await self.audit(_with(record, decision=DENY, code=code_of(error).value,
+                               reason=f"{reason}: {error.message}"[:500],
+                               duration_ms=round((time.perf_counter() - started) * 1000, 3)))
+        raise error
+
+    async def _probe_loop(self) -> None:
+        """Call each import's SLA probe on its period, whatever the real traffic."""
+        due: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for name, imported in list(self.imports.items()):
+                entry = imported.entry
+                if entry is None or entry.sla is None or entry.sla.probe is None \
+                        or imported.problem is not None:
+                    continue
+                if due.setdefault(name, now) > now:
+                    continue
+                due[name] = now + duration_seconds(entry.sla.probe.every)
+                self._spawn(self._probe(name, orjson.dumps(entry.sla.probe.input)))
+
+    async def _probe(self, name: str, payload: bytes) -> None:
+        with contextlib.suppress(PacketFlowError):
+            await self.invoke_import(name, payload, os.urandom(16).hex(), CATALOG_TIMEOUT,
+                                     probe=True)
+
+    # ------------------------------------------------------------------ SLA, status, upkeep
+
+    def _meter(self, side: str, peer: str, capability: str, sla: Any) -> SlaMeter:
+        key = (side, peer, capability)
+        meter = self.meters.get(key)
+        if meter is None or meter.sla != sla:
+            meter = self.meters[key] = SlaMeter(sla)
+        return meter
+
+    def close_sla_windows(self, now: float) -> list[tuple[tuple[str, str, str], SlaReport]]:
+        """Judge every window that ended by ``now``; breaches are counted and logged."""
+        closed = []
+        for key, meter in self.meters.items():
+            report = meter.close(now)
+            if report is None:
+                continue
+            closed.append((key, report))
+            if report.breaches:
+                side, peer, capability = key
+                self.metrics.sla_breaches.labels(side, peer, capability).inc()
+                stats = self.export_stats.get(capability) if side == "exporter" else None
+                if stats is not None:
+                    stats.sla_breaches += 1
+                    stats.by_peer.setdefault(peer, {"calls": 0, "errors": 0,
+                                                    "slaBreaches": 0})["slaBreaches"] += 1
+                log.warning("SLA breached", extra={"side": side, "peer": peer,
+                                                   "capability": capability,
+                                                   "breaches": list(report.breaches)})
+        return closed
+
+    async def _status_loop(self) -> None:
+        self.close_sla_windows(time.time())
+        self._update_status()
+
+    def _update_status(self) -> None:
+        self.status_json = orjson.dumps(self.status())
+
+    def status(self) -> dict[str, Any]:
+        """Everything the Federation's status shows, as plain data."""
+        state = self.watch.value
+        now = time.time()
+        peers = []
+        for name, peer in state.peers.items():
+            link = self.links.get(name) or PeerLink(name)
+            dimension, lowest = self.trust.lowest(name, now)
+            expiries = [e for e in (link.certificate_expiry, link.inbound_expiry) if e]
+            peers.append({
+                "name": name, "organization": peer.organization,
+                "trustDomain": peer.trust_domain, "connected": link.connected,
+                "lastHandshake": _utc(max(filter(None, (link.last_handshake,
+                                                        link.inbound_handshake)),
+                                          default=None)),
+                "certificateExpiry": _utc(min(expiries) if expiries else None),
+                "catalogVersion": link.version, "lastCatalog": _utc(link.last_catalog),
+                "error": link.identity_error or link.error,
+                "trust": self.trust.explain(name, now),
+                "lowestTrust": {"dimension": dimension, "score": round(lowest, 4)},
+                "refused": self.trust.refusal(name, now),
+            })
+        exports = []
+        for capability, export in state.exports.items():
+            stats = self.export_stats.get(capability, ExportStats())
+            exports.append({"capability": capability, "to": list(export.to),
+                            "available": capability in self.local, "calls": stats.calls,
+                            "errors": stats.errors, "slaBreaches": stats.sla_breaches,
+                            "byPeer": stats.by_peer})
+        imports = [{"name": name, "peer": i.spec.peer, "capability": i.spec.capability,
+                    "ready": i.problem is None, "problem": i.problem,
+                    "slaBreaches": m.breaches if (m := self.meters.get(
+                        ("importer", i.spec.peer, i.spec.capability))) else 0}
+                   for name, i in self.imports.items()]
+        head = self.store.head if self.store is not None else None
+        credentials = state.credentials
+        return {
+            "name": state.settings.name, "organization": state.spec.organization,
+            "trustDomain": state.spec.trust_domain,
+            "identity": {"spiffeId": str(credentials.spiffe_id),
+                         "fingerprint": credentials.fingerprint,
+                         "certificateExpiry": _utc(
+                             credentials.leaf.not_valid_after_utc.timestamp())},
+            "peers": peers, "exports": exports, "imports": imports,
+            "audit": {"headHash": head.hash if head else None,
+                      "records": head.seq if head else 0},
+            "connections": len(self.terminator.connections),
+            "handshakes": self.terminator.handshakes,
+            "refusedConnections": self.refused_connections,
+            "reloadError": self.watch.error,
+        }
+
+    def _gauges(self) -> Iterable[tuple[str, str, dict[str, str], float]]:
+        now = time.time()
+        for (peer, dimension), _ in list(self.trust.items()):
+            yield ("packetflow_federation_trust_score", "Trust score per peer and dimension.",
+                   {"peer": peer, "dimension": dimension},
+                   self.trust.score(peer, dimension, now))
+        for name, link in list(self.links.items()):
+            yield ("packetflow_federation_peer_connected", "1 while the peer's catalog "
+                   "reads succeed.", {"peer": name}, float(link.connected))
+        yield ("packetflow_federation_connections", "Open inbound mTLS connections.", {},
+               float(len(self.terminator.connections)))
+        yield ("packetflow_federation_handshakes", "Accepted inbound TLS handshakes.", {},
+               float(self.terminator.handshakes))
+
+    async def _save_trust(self) -> None:
+        if self.store is not None:
+            await self.store.put_state("trust", {f"{peer}|{dimension}": evidence.to_json()
+                                                 for (peer, dimension), evidence
+                                                 in self.trust.items()})
+
+    async def _trust_save_loop(self) -> None:
+        await self._save_trust()
+
+    async def _prune_loop(self) -> None:
+        if self.store is not None:
+            retention = duration_seconds(self.current().spec.audit.retention)
+            pruned = await self.store.prune(time.time() - retention)
+            if pruned:
+                log.info("audit retention pruned %d records", pruned)
+
+
+# ---------------------------------------------------------------------- gRPC faces
+
+_INVALID = object()
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return orjson.loads(data) if data else {}
+    except orjson.JSONDecodeError:
+        return _INVALID
+
+
+def not_servable(name: str, imported: ImportState) -> CatalogEntry:
+    """The import's pinned entry, or a refusal: Unavailable while its peer's catalog is
+    still to be read (try again), NotServable when the catalog says no (a verdict)."""
+    if imported.problem == NOT_READ:
+        raise Unavailable(f"import {name}: {imported.problem}")
+    if imported.problem is not None or imported.entry is None:
+        raise NotServable(f"import {name}: {imported.problem}")
+    return imported.entry
+
+
+def _with(record: AuditRecord, **changes: Any) -> AuditRecord:
+    return replace(record, **changes)
+
+
+def _check(contract: CompiledContract, raw: bytes, root: str,
+           value: Any = _INVALID) -> list[FieldViolation]:
+    """The contract's violations by a JSON payload (parsed here unless ``value`` is given)."""
+    value = _json(raw) if value is _INVALID else value
+    if value is _INVALID:
+        return [FieldViolation(root, "not valid JSON")]
+    return contract.check(value, root)[1]
+
+
+@dataclass
+class _Call:
+    """An inbound call on its way: when it started, its audit record so far."""
+
+    started: float
+    record: AuditRecord
+    decision: str = DENY
+
+
+class _Refused(Exception):
+    """A refusal on its way to the audit log: the error the caller gets and a reason code."""
+
+    def __init__(self, error: PacketFlowError, reason: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.reason = reason
+
+
+def _server_options() -> list[tuple[str, Any]]:
+    return [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
+
+
+class PeerServicer(federation_pb2_grpc.FederationServicer):
+    """``packetflow.v1.Federation`` for peers (behind the terminator)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def GetCatalog(self, request: federation_pb2.CatalogRequest,
+                         context: grpc.aio.ServicerContext) -> federation_pb2.Catalog:
+        from packetflow.server import abort_for
+
+        try:
+            return await self.gateway.serve_catalog(context.peer(), request.known_version)
+        except PacketFlowError as exc:
+            await abort_for(context, exc, "")
+            raise
+
+    async def Invoke(self, request: runtime_pb2.InvokeRequest,
+                     context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:
+        from packetflow.server import abort_for
+
+        metadata = tuple(context.invocation_metadata() or ())
+        trace_id = trace_of(metadata)
+        try:
+            output = await self.gateway.serve_invoke(
+                context.peer(), request.capability, request.input_json,
+                [(key, value) for key, value in metadata if key != TRACE_ID_KEY]
+                + [(TRACE_ID_KEY, trace_id)], context.time_remaining())
+        except PacketFlowError as exc:
+            await abort_for(context, exc, trace_id)
+            raise
+        return runtime_pb2.InvokeResponse(output_json=output, trace_id=trace_id)
+
+
+class LocalServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
+    """``packetflow.v1.CapabilityRuntime`` for local callers: the imports as capabilities."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def _catalog_metadata(self, name: str) -> tuple[tuple[str, str], ...]:
+        with contextlib.suppress(PacketFlowError):
+            _, link = self.gateway.resolve_import(name)
+            return ((CATALOG_VERSION_KEY, link.version),)
+        return ()
+
+    async def Invoke(self, request: runtime_pb2.InvokeRequest,
+                     context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:
+        from packetflow.server import abort_for
+
+        metadata = tuple(context.invocation_metadata() or ())
+        trace_id = trace_of(metadata)
+        try:
+            output = await self.gateway.invoke_import(
+                request.capability, request.input_json, trace_id, context.time_remaining())
+        except PacketFlowError as exc:
+            await abort_for(context, exc, trace_id)
+            raise
+        context.set_trailing_metadata(self._catalog_metadata(request.capability))
+        return runtime_pb2.InvokeResponse(output_json=output, trace_id=trace_id)
+
+    async def InvokeStream(self, request: runtime_pb2.InvokeRequest,
+                           context: grpc.aio.ServicerContext) -> Any:
+        """Federated calls report no progress: one result event."""
+        yield runtime_pb2.InvokeEvent(result=await self.Invoke(request, context))
+
+    async def ListCapabilities(self, request: runtime_pb2.ListCapabilitiesRequest,
+                               context: grpc.aio.ServicerContext
+                               ) -> runtime_pb2.ListCapabilitiesResponse:
+        return runtime_pb2.ListCapabilitiesResponse(capabilities=[
+            runtime_pb2.CapabilitySummary(name=name, implementation="federated",
+                                          intent=i.entry.intent if i.entry else "")
+            for name, i in sorted(self.gateway.imports.items())])
+
+    async def DescribeCapability(self, request: runtime_pb2.DescribeCapabilityRequest,
+                                 context: grpc.aio.ServicerContext
+                                 ) -> runtime_pb2.CapabilityDescription:
+        from packetflow.contracts import contract_schema
+        from packetflow.server import abort_for
+
+        try:
+            imported, link = self.gateway.resolve_import(request.name)
+            entry = not_servable(request.name, imported)
+        except PacketFlowError as exc:
+            await abort_for(context, exc, "")
+            raise
+        context.set_trailing_metadata(((CATALOG_VERSION_KEY, link.version),))
+        return runtime_pb2.CapabilityDescription(
+            name=request.name, intent=entry.intent, implementation="federated",
+            requires_schema_json=orjson.dumps(contract_schema(entry.requires)),
+            provides_schema_json=orjson.dumps(contract_schema(entry.provides)),
+            timeout_seconds=entry.timeout_seconds,
+            dependencies_json=orjson.dumps([{
+                "target": f"{imported.spec.capability} @ {imported.spec.peer}",
+                "kind": "federated", "label": link.organization or imported.spec.peer,
+                "external": True}]))
+
+    async def Feedback(self, request: runtime_pb2.FeedbackRequest,
+                       context: grpc.aio.ServicerContext) -> runtime_pb2.FeedbackResponse:
+        """Feedback is kept by the runtime that served the call, not by this gateway."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "feedback goes to the runtime that served the call")
+        raise AssertionError("unreachable: abort raises")
+
