@@ -16,4 +16,5 @@ BENCHES: dict[str, str] = {
     "actors": "bench.actors",
     "compositions": "bench.compositions",
     "mcp": "bench.mcp",
+    "gateway": "bench.gateway",
 }

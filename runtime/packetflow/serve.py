@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 
 from packetflow.actors.runtime import ActorSystem
 from packetflow.composition.triggers import (
@@ -22,7 +22,6 @@ from packetflow.composition.triggers import (
 )
 from packetflow.engine import Engine
 from packetflow.manifests import ManifestError, load_paths, manifest_files
-from packetflow.metrics import RuntimeMetrics
 from packetflow.server import RuntimeServer
 from packetflow.settings import RuntimeSettings
 
@@ -39,10 +38,10 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def start_metrics_server(metrics: RuntimeMetrics, address: str) -> tuple[WSGIServer, int]:
+def start_metrics_server(registry: CollectorRegistry, address: str) -> tuple[WSGIServer, int]:
     """Serve ``/metrics`` on its own port, off the event loop (prometheus-client's thread)."""
     host, port = split_address(address)
-    server, _thread = start_http_server(port, host, registry=metrics.registry)
+    server, _thread = start_http_server(port, host, registry=registry)
     return server, server.server_port
 
 
@@ -114,7 +113,7 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
         from packetflow.mcp.http import start_mcp  # MCP's web stack loads only when it is on
         mcp_server = await start_mcp(engine, settings, actors)
     metrics_server, metrics_port = (
-        start_metrics_server(engine.metrics, settings.metrics_address)
+        start_metrics_server(engine.metrics.registry, settings.metrics_address)
         if settings.metrics_address else (None, None))
     engine.start_triggers()
     on_ready(server, metrics_port)
