@@ -178,16 +178,27 @@ class PoolTarget:
         self.hedge_budget = route.hedge_budget if route is not None else None
         self.latency = route.latency if route is not None else None
 
-    def pick(self, tried: Sequence[Endpoint]) -> Endpoint | None:
-        """The endpoint for the next attempt (others than ``tried`` while any is left)."""
-        for pool in self.pools:
+    def pick(self, tried: Sequence[Endpoint], hedge: bool = False) -> Endpoint | None:
+        """The endpoint for the next attempt: one not ``tried`` while any is left, in the
+        first version that has one. A retry may cross to the other version (an answer
+        beats none); a hedge stays in the call's version (its split stays what was asked).
+        """
+        pools = self.pools[:1] if hedge else self.pools
+        now = self.now()
+        if tried:
+            for pool in pools:
+                if any(e not in tried for e in pool.available):
+                    return pool.pick(self.rng, now, tried)
+        for pool in pools:
             if pool.available:
-                return pool.pick(self.rng, self.now(), tried)
+                return pool.pick(self.rng, now, tried)
         return None
 
-    def has_other(self, tried: Sequence[Endpoint]) -> bool:
-        """Whether an endpoint not yet tried is available."""
-        return any(e not in tried for pool in self.pools for e in pool.available)
+    def has_other(self, tried: Sequence[Endpoint], hedge: bool = False) -> bool:
+        """Whether an endpoint not yet tried is available (in the call's version, for a
+        hedge)."""
+        pools = self.pools[:1] if hedge else self.pools
+        return any(e not in tried for pool in pools for e in pool.available)
 
     def why_none(self) -> str:
         """Why no endpoint can be picked."""
@@ -220,11 +231,11 @@ class OwnerTarget:
         self.budget = route.retry_budget
         self.safe = safe
 
-    def pick(self, tried: Sequence[Endpoint]) -> Endpoint | None:
+    def pick(self, tried: Sequence[Endpoint], hedge: bool = False) -> Endpoint | None:
         """The owner among members not tried yet (the owner itself when all were)."""
         return self.route.owner(self.actor_id, tried) or self.route.owner(self.actor_id)
 
-    def has_other(self, tried: Sequence[Endpoint]) -> bool:
+    def has_other(self, tried: Sequence[Endpoint], hedge: bool = False) -> bool:
         """Whether a member not yet tried is in service."""
         return self.route.owner(self.actor_id, tried) is not None
 
@@ -473,13 +484,13 @@ class UnaryCall(AttemptOwner):
     def _hedge(self) -> None:
         self.hedge_timer = None
         target = self.target
-        if self.done or len(self.running) != 1 or not target.has_other(self.tried):
+        if self.done or len(self.running) != 1 or not target.has_other(self.tried, hedge=True):
             return
         assert target.hedge_budget is not None
         if not target.hedge_budget.try_withdraw():
             self.gateway.exhausted(target.route_name, "hedge")
             return
-        endpoint = target.pick(self.tried)
+        endpoint = target.pick(self.tried, hedge=True)
         if endpoint is None or endpoint in self.tried:
             return
         self.hedged = True
