@@ -144,8 +144,8 @@ async def calls(client: RuntimeClient, name: str, count: int, concurrency: int =
 
 
 async def test_the_gateway_answers_as_a_runtime_does(serve: Serve) -> None:
-    server, client = await serve("capabilities: {whoami: ['@a', '@b'], stall: ['@a'], "
-                                 "empty: []}\nactors: {ledger: {members: {m1: '@a'}}}")
+    _, client = await serve("capabilities: {whoami: ['@a', '@b'], stall: ['@a'], "
+                            "empty: []}\nactors: {ledger: {members: {m1: '@a'}}}")
     answer = await client.invoke("whoami", {"message": "hi"}, timeout=10)
     assert answer["message"] == "hi" and answer["backend"] in {"a", "b"}
     # The trace id travels to the backend and back; the contract error is the backend's.
@@ -205,9 +205,9 @@ async def test_a_killed_backend_is_ejected_and_calls_keep_succeeding(
     pair = start_backends(tmp_path, {"c": {}, "d": {}})
     try:
         server, client = await serve(
-            "capabilities: {whoami: {backends: ['%s', '%s'], traffic: {outlierDetection: "
-            "{consecutiveFailures: 2, baseEjectionTime: 1h}}}}"
-            % (pair["c"].address, pair["d"].address))
+            f"capabilities: {{whoami: {{backends: ['{pair['c'].address}', "
+            f"'{pair['d'].address}'], traffic: {{outlierDetection: "
+            "{consecutiveFailures: 2, baseEjectionTime: 1h}}}}")
         before = await calls(client, "whoami", 80)
         assert {a["backend"] for a in before} == {"c", "d"}
         load = asyncio.ensure_future(calls(client, "whoami", 400, concurrency=4))

@@ -54,11 +54,15 @@ def unavailable(message: str) -> dict[str, Any]:
     return _answer(message)
 
 
+def _append(path: Path, line: str) -> None:
+    with path.open("a") as log:
+        log.write(line)
+
+
 async def record(message: str, ctx: CallContext) -> dict[str, Any]:
     """A side effect (a line in ``PF_GW_RECORD``), then maybe a stall or a failure."""
-    key = ctx.idempotency_key or "-"
-    with Path(os.environ["PF_GW_RECORD"]).open("a") as log:
-        log.write(f"{message} {key}\n")
+    line = f"{message} {ctx.idempotency_key or '-'}\n"
+    await asyncio.to_thread(_append, Path(os.environ["PF_GW_RECORD"]), line)
     await _stall(message)
     if message.startswith("fail"):
         raise Unavailable("failed after the side effect")
