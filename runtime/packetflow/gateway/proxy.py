@@ -914,12 +914,10 @@ class Gateway:
         return WireError(5, f"{kind} {name!r} is not served by this gateway")  # NOT_FOUND
 
     def _pools(self, route: CapabilityRoute, session: bytes | None) -> tuple[Pool, ...]:
-        """The version this call goes to first, then the other when that one may serve."""
-        weight = route.weight
-        if weight <= 0:
-            return (route.stable,)
-        if choose_canary(weight, session, self.table.rng):
-            return (route.canary, route.stable) if weight < 100 else (route.canary,)
+        """The version a call goes to by the weights, then the other: a version with no
+        endpoint in service passes its calls on rather than failing them."""
+        if route.weight > 0 and choose_canary(route.weight, session, self.table.rng):
+            return (route.canary, route.stable)
         return (route.stable, route.canary)
 
     def _route_invoke_stream(self, message: bytes) -> tuple[str, Endpoint]:
