@@ -318,6 +318,11 @@ class Scaling(SpecModel):
         return self
 
 
+# A canary's workload and Service are named after its Capability plus this (the operator
+# renders them, the gateway finds their EndpointSlices by it).
+CANARY_SUFFIX = "-canary"
+
+
 class Canary(SpecModel):
     """A second version served beside the stable one (workload ``<name>-canary``); the
     gateway sends it ``weight`` percent of the calls."""

@@ -59,7 +59,8 @@ kind: Capability
 metadata: {{name: greeter}}
 spec:
   intent: Say which version answers
-  implementation: {{builtin: {{name: transform, config: {{expression: "{{version: '{version}'}}"}}}}}}
+  implementation:
+    builtin: {{name: transform, config: {{expression: "{{version: '{version}'}}"}}}}
 """
     return await RuntimeServer.start(Engine(load_text(manifest).capabilities), "127.0.0.1:0")
 

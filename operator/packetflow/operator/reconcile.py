@@ -187,6 +187,7 @@ class Reconciler:
             for child in render.desired_children(manifest, namespace, self.settings):
                 live, wrote = await self._apply_child(child, state)
                 writes += wrote
+                await self._write_canary_status(state, namespace, name, child, live)
         except (ChildConflictError, ApiError) as exc:
             if isinstance(exc, ChildConflictError) or not exc.retriable:
                 reason = exc.reason if isinstance(exc, ChildConflictError) else "ApplyFailed"
@@ -285,7 +286,9 @@ class Reconciler:
                     live, wrote = await self._apply_child(desired, state, create=False)
                 except NotFoundError:
                     return False
-            if desired["kind"] == render.WORKLOAD_KINDS[state.kind]:
+            await self._write_canary_status(state, namespace, manifest.name, desired, live)
+            if desired["kind"] == render.WORKLOAD_KINDS[state.kind] \
+                    and desired["metadata"]["name"] == manifest.name:  # not the canary's
                 await self._write_workload_status(state, namespace, manifest.name, live)
             return wrote
 
@@ -346,6 +349,13 @@ class Reconciler:
         patched = await self.client.merge_patch(api_version, kind, namespace, name, patch)
         self.metrics.child_writes.labels(kind, "patch").inc()
         return patched, True
+
+    async def _write_canary_status(self, state: ResourceState, namespace: str, name: str,
+                                   child: dict[str, Any], live: Mapping[str, Any]) -> None:
+        """``status.canary`` when ``child`` is the canary's workload (see render)."""
+        patch = render.canary_status(state.manifest, child, live, state.status)
+        if patch is not None:
+            await self._write_status(state, namespace, name, patch)
 
     async def _write_workload_status(self, state: ResourceState, namespace: str, name: str,
                                      workload_object: Mapping[str, Any]) -> None:

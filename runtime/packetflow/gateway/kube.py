@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from packetflow.gateway.routing import ActorBackends, CapabilityBackends, Routes
 from packetflow.gateway.settings import GatewaySettings
-from packetflow.spec import GROUP, VERSION, Actor, Capability
+from packetflow.spec import CANARY_SUFFIX, GROUP, VERSION, Actor, Capability
 
 log = logging.getLogger("packetflow.gateway.kube")
 
@@ -44,7 +44,6 @@ GATEWAY_PERMISSIONS: Final = (
 # Services the operator renders carry this label, and EndpointSlices copy their Service's.
 SLICE_SELECTOR = "app.kubernetes.io/part-of=packetflow"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-CANARY_SUFFIX = "-canary"
 GRPC_PORT_NAME = "grpc"
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 WATCH_SECONDS = 300  # the API server ends a watch after this; it is then resumed
@@ -103,9 +102,12 @@ def routes_from(capabilities: Objects, actors: Objects, slices: Objects) -> Rout
             continue
         spec = capability.spec
         homes.setdefault(name, []).append(namespace)
+        canary = spec.canary
         capability_routes[name] = CapabilityBackends(
-            name, addresses(namespace, name), addresses(namespace, name + CANARY_SUFFIX),
-            spec.canary.weight if spec.canary is not None else 0, spec.traffic,
+            name, addresses(namespace, name),
+            # Without spec.canary a leftover canary workload gets no calls.
+            addresses(namespace, name + CANARY_SUFFIX) if canary is not None else (),
+            canary.weight if canary is not None else 0, spec.traffic,
             tuple(spec.effects), spec.intent, spec.implementation.kind)
     for (namespace, name), item in sorted(actors.items()):
         try:
