@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Sequence
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from packetflow.gateway.h2 import Headers
 
@@ -94,7 +94,7 @@ def status_trailers(code: int, message: str, extra: Sequence[tuple[bytes, bytes]
     """Trailers ending a call with ``code`` and a percent-encoded ``message``."""
     trailers = [(b"grpc-status", b"%d" % code)]
     if message:
-        trailers.append((b"grpc-message", quote(message, safe=" ").encode()))
+        trailers.append((b"grpc-message", _percent_encode(message)))
     trailers.extend(extra)
     return trailers
 
@@ -104,6 +104,12 @@ def trailers_only(code: int, message: str, extra: Sequence[tuple[bytes, bytes]] 
     """A whole error response in one header block (gRPC's Trailers-Only)."""
     return [(b":status", b"200"), (b"content-type", CONTENT_TYPE),
             *status_trailers(code, message, extra)]
+
+
+def _percent_encode(message: str) -> bytes:
+    # gRPC's rule: printable ASCII but '%' as it is, every other byte as %XX.
+    return b"".join(bytes((byte,)) if 0x20 <= byte <= 0x7E and byte != 0x25
+                    else b"%%%02X" % byte for byte in message.encode())
 
 
 RESPONSE_HEADERS: Headers = [(b":status", b"200"), (b"content-type", CONTENT_TYPE)]

@@ -18,19 +18,28 @@ A capability's effects (which decide retries and hedging) come from its backends
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from packetflow.gateway.routing import ActorBackends, CapabilityBackends, Routes
 from packetflow.manifests import ManifestError, format_path, node_line, validation_errors
 from packetflow.spec import NAME_PATTERN, SpecModel, Traffic
 
 # host:port, [v6]:port, or unix:PATH.
-ADDRESS_PATTERN = r"^(unix:.+|\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}|[^:\s\[\]/]+:[0-9]{1,5})$"
-Address = Annotated[str, Field(pattern=ADDRESS_PATTERN)]
+_ADDRESS_RE = re.compile(r"^(unix:.+|\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}|[^:\s\[\]/]+:[0-9]{1,5})$")
+
+
+def _address(value: str) -> str:
+    if not _ADDRESS_RE.match(value):
+        raise ValueError(f"{value!r} is not host:port, [v6]:port or unix:PATH")
+    return value
+
+
+Address = Annotated[str, AfterValidator(_address)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
