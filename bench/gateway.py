@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
 import itertools
 import os
 import random
@@ -37,7 +36,17 @@ from typing import Any
 
 import grpc
 
-from bench.common import Run, calls_for, median, percentile, rounded, run_summary, server_process
+from bench.common import (
+    Run,
+    calls_for,
+    median,
+    percentile,
+    rounded,
+    run_server,
+    run_summary,
+    serve_until_stdin_closes,
+    server_process,
+)
 from bench.runtime import PAYLOAD, Target, check_echo, run_concurrent
 from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 
@@ -106,15 +115,6 @@ async def _start_gateway(backends: Sequence[str]) -> tuple[int, Any]:
     return server.port, stop
 
 
-async def serve(kind: str, backends: Sequence[str], stall_share: float) -> None:
-    """Serve ``kind`` on a free port, print the port, stop when stdin closes."""
-    port, stop = await (_start_gateway(backends) if kind == "gateway"
-                        else _start_stalling_runtime(stall_share))
-    print(port, flush=True)
-    await asyncio.to_thread(sys.stdin.read)
-    await stop(0)
-
-
 def serve_main(argv: Sequence[str]) -> None:
     """Entry point of the server subprocesses."""
     parser = argparse.ArgumentParser(prog="python -m bench.gateway")
@@ -124,13 +124,9 @@ def serve_main(argv: Sequence[str]) -> None:
                         help="runtime: share of calls made 50 ms late")
     parser.add_argument("--profile", metavar="FILE", help="write cProfile stats to FILE")
     args = parser.parse_args(argv)
-    main = serve(args.serve, args.backend, args.stall_share)
-    if args.profile:
-        profiler = cProfile.Profile()
-        profiler.runcall(asyncio.run, main)
-        profiler.dump_stats(args.profile)
-    else:
-        asyncio.run(main)
+    run_server(serve_until_stdin_closes(_start_gateway(args.backend) if args.serve == "gateway"
+                                        else _start_stalling_runtime(args.stall_share)),
+               args.profile)
 
 
 # --- the client -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -118,17 +119,10 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
     engine.start_triggers()
     on_ready(server, metrics_port)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     reloader = (asyncio.create_task(_reload_on_change(paths, engine, actors)) if watch
                 else None)
     try:
-        await stop.wait()
-        log.info("draining", extra={"drain_seconds": settings.drain_seconds,
-                                    "grace_seconds": settings.grace_seconds})
-        await server.stop(grace=settings.grace_seconds, drain=settings.drain_seconds)
+        await drain_on_signal(server, settings.drain_seconds, settings.grace_seconds)
     finally:
         if reloader is not None:
             reloader.cancel()
@@ -141,6 +135,25 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
         await actors.aclose()
         await engine.aclose()
     return 0
+
+
+class Drainable(Protocol):
+    """A server that stops by draining (a runtime, the gateway)."""
+
+    async def stop(self, grace: float = 30.0, drain: float = 0.0) -> None:
+        """Report NOT_SERVING for ``drain`` seconds, then let calls finish within ``grace``."""
+
+
+async def drain_on_signal(server: Drainable, drain_seconds: float,
+                          grace_seconds: float) -> None:
+    """Wait for SIGINT or SIGTERM, then drain ``server``."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining", extra={"drain_seconds": drain_seconds, "grace_seconds": grace_seconds})
+    await server.stop(grace=grace_seconds, drain=drain_seconds)
 
 
 async def _reload_on_change(paths: Sequence[Path], engine: Engine,

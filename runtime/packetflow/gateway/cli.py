@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ from packetflow.gateway.routing import Routes
 from packetflow.gateway.server import GatewayServer
 from packetflow.gateway.settings import GatewaySettings
 from packetflow.logs import configure_logging
-from packetflow.serve import start_metrics_server
+from packetflow.serve import drain_on_signal, start_metrics_server
 
 log = logging.getLogger("packetflow.gateway")
 
@@ -99,16 +98,9 @@ async def serve_gateway(settings: GatewaySettings) -> int:
     extra = f", metrics on :{metrics_port}/metrics" if metrics_port else ""
     print(f"packetflow: gateway on port {server.port}, {where}{extra}", file=sys.stderr,
           flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     discovering = asyncio.create_task(discover(server))
     try:
-        await stop.wait()
-        log.info("draining", extra={"drain_seconds": settings.drain_seconds,
-                                    "grace_seconds": settings.grace_seconds})
-        await server.stop(grace=settings.grace_seconds, drain=settings.drain_seconds)
+        await drain_on_signal(server, settings.drain_seconds, settings.grace_seconds)
     finally:
         discovering.cancel()
         await asyncio.gather(discovering, return_exceptions=True)
