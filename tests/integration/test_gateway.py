@@ -112,7 +112,15 @@ async def serve(backends: dict[str, RuntimeProcess]) -> AsyncIterator[Serve]:
     yield start
     for server, client in running:
         await client.close()
+        # Every call's streams ended on both sides: nothing leaks, however a call ended.
+        await eventually(lambda s=server: idle(s), what="every stream to close")
         await server.stop(grace=1)
+
+
+def idle(server: GatewayServer) -> bool:
+    """No stream open on any connection of the gateway, to callers or to backends."""
+    upstream = [u.conn for u in server.table.upstreams.values() if u.conn is not None]
+    return not any(conn.streams for conn in [*upstream, *server.connections])
 
 
 def sample(server: GatewayServer, name: str, **labels: str) -> float:

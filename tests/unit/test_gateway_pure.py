@@ -72,8 +72,11 @@ def test_peak_ewma_cost_grows_with_calls_in_flight_and_penalises_the_unmeasured(
     load.started()
     load.started()
     assert load.cost(0.0) == pytest.approx(0.004 * 3)
-    load.finished(-1.0, now=0.0)  # a cancelled hedge: no sample
-    assert load.pending == 1
+    load.finished(0.001, now=0.0, abandoned=True)  # a lost hedge: at least 1 ms, no news
+    assert load.pending == 1 and load.cost(0.0) == pytest.approx(0.004 * 2)
+    load.started()
+    load.finished(0.050, now=0.0, abandoned=True)  # abandoned after 50 ms: that slow at least
+    assert load.cost(0.0) == pytest.approx(0.050 * 2)
 
 
 def test_pick_two_prefers_the_cheaper_endpoint_and_spreads_over_equals() -> None:

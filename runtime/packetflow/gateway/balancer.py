@@ -54,10 +54,11 @@ class PeakEwma:
         """A call to this endpoint began."""
         self.pending += 1
 
-    def finished(self, latency: float, now: float) -> None:
-        """A call ended after ``latency`` seconds (``latency < 0``: cancelled, no sample)."""
+    def finished(self, latency: float, now: float, abandoned: bool = False) -> None:
+        """A call ended after ``latency`` seconds. An ``abandoned`` call (a hedge's loser,
+        a caller gone) took at least that long: it only ever raises the estimate."""
         self.pending -= 1
-        if latency >= 0:
+        if not abandoned or latency > self.estimate:
             self._observe(latency, now)
 
 

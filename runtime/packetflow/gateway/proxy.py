@@ -327,7 +327,9 @@ class Attempt:
         except (ConnectFailed, StreamRefused) as exc:
             self.fail(UNAVAILABLE, str(exc), delivered=False, gateway_failure=True)
             return
-        if not self.finished:
+        if self.finished:  # abandoned while connecting
+            stream.reset(CANCEL)
+        else:
             self._write(stream, headers, body)
 
     def _soon_fail(self, message: str) -> None:
@@ -388,6 +390,8 @@ class Attempt:
         if self.finished:
             return
         self.finished = True
+        if self.stream is not None and self.stream.open:
+            self.stream.reset(CANCEL)  # answered before the request was all sent
         self.code, self.message, self.gateway_failure = code, message, gateway_failure
         now = asyncio.get_running_loop().time()
         latency = now - self.started
@@ -398,7 +402,8 @@ class Attempt:
         self.owner.attempt_done(self)
 
     def cancel(self) -> None:
-        """Abandon (a losing hedge, a finished call): reset the stream, count no sample."""
+        """Abandon (a hedge's loser, a call that ended): reset the stream; the time it took
+        so far is a lower bound of the endpoint's latency."""
         if self.finished:
             return
         self.finished = True
@@ -406,7 +411,7 @@ class Attempt:
             self.stream.reset(CANCEL)
         if self.connecting is not None:
             self.connecting.cancel()
-        self.endpoint.load.finished(-1.0, self.table.clock())
+        self.endpoint.load.finished(self.latency, self.table.clock(), abandoned=True)
         self.endpoint.count("CANCELLED", -1.0)
 
     @property
@@ -667,6 +672,9 @@ class Relay:
 
     def on_data(self, data: bytes, end_stream: bool) -> None:
         """Forward (credit returns to the caller as bytes leave), or buffer until routed."""
+        if self.finished:
+            self.down.consumed(len(data))
+            return
         if self.up is not None:
             self.up.send_data(data, end_stream, on_sent=self.down.consumed)
             return
@@ -680,11 +688,11 @@ class Relay:
 
     def on_reset(self, code: int, refused: bool) -> None:
         """The caller cancelled: so does the upstream."""
-        self.finished = True
         if self.up is not None:
             self.up.reset(CANCEL)
         if self.connecting is not None:
             self.connecting.cancel()
+        self._done(CANCELLED, gateway_failure=False)
 
     def _route(self) -> None:
         assert self.route is not None
@@ -770,13 +778,17 @@ class Relay:
         if self.finished:
             return
         self.finished = True
+        if self.up is not None and self.up.open:
+            self.up.reset(CANCEL)  # the answer ended while the caller was still sending
         endpoint = self.endpoint
         if endpoint is None:
             return
         latency = asyncio.get_running_loop().time() - self.started
-        endpoint.load.finished(-1.0, self.gateway.table.clock())  # a stream's length is no rtt
+        endpoint.load.finished(0.0, self.gateway.table.clock(), abandoned=True)  # no rtt:
+        # a stream's length says how long the conversation was, not how fast the endpoint
         endpoint.count(CODE_NAMES.get(code, str(code)), latency)
-        self.gateway.table.record(self.route_name, endpoint, code, gateway_failure)
+        if code != CANCELLED:  # the caller's going says nothing about the endpoint
+            self.gateway.table.record(self.route_name, endpoint, code, gateway_failure)
         self.gateway.count_call(self.route_name, code, latency)
 
 
