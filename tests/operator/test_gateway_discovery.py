@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import httpx
+import kmock
 import pytest
 
 from packetflow.client import CallError, RuntimeClient
@@ -73,10 +74,10 @@ async def servers() -> AsyncIterator[dict[str, RuntimeServer]]:
         await server.stop(grace=0)
 
 
-async def running(cluster: ClusterEmulator, namespaces: list[str]
+async def running(cluster: ClusterEmulator, namespaces: list[str], sync_wait: float = 15.0
                   ) -> tuple[GatewayServer, asyncio.Task[None]]:
     gateway = await GatewayServer.start("127.0.0.1:0")
-    discovery = KubeDiscovery(KubeApi(str(cluster.url)), namespaces)
+    discovery = KubeDiscovery(KubeApi(str(cluster.url)), namespaces, sync_wait)
     return gateway, asyncio.create_task(discovery.run(gateway.apply))
 
 
@@ -152,6 +153,25 @@ async def test_actor_members_are_pods_and_names_clash_across_namespaces(
                 await client.invoke("twice", {}, timeout=10)
         assert clash.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "default, other" in clash.value.message
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        await gateway.stop(grace=0)
+
+
+async def test_a_resource_it_may_not_read_does_not_hold_back_the_others(
+        cluster: ClusterEmulator, kube: httpx.AsyncClient,
+        servers: dict[str, RuntimeServer]) -> None:
+    await post(kube, CAPS.format(ns="default"), capability("greeter"))
+    await post(kube, SLICES.format(ns="default"),
+               endpoint_slice("greeter-a1", "greeter", servers["stable"].port))
+    # RBAC without actors: every list of them is forbidden.
+    cluster.fail_next(kmock.method.GET, ACTORS, status=403, times=1000)
+    gateway, watching = await running(cluster, ["default"], sync_wait=0.5)
+    try:
+        await eventually(lambda: "greeter" in gateway.table.capabilities, timeout=20)
+        async with RuntimeClient(f"127.0.0.1:{gateway.port}") as client:
+            assert await client.invoke("greeter", {}, timeout=10) == {"version": "stable"}
     finally:
         watching.cancel()
         await asyncio.gather(watching, return_exceptions=True)

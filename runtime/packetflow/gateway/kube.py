@@ -18,6 +18,7 @@ controller) changes the split within a watch event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -50,6 +51,9 @@ WATCH_SECONDS = 300  # the API server ends a watch after this; it is then resume
 RETRY_SECONDS = 1.0
 RETRY_SECONDS_MAX = 30.0
 COALESCE_SECONDS = 0.05  # events arriving together make one routes snapshot
+# Routes wait until every collection was listed once, but no longer than this: a resource the
+# gateway may not read (RBAC) must not keep the others from being served.
+SYNC_WAIT_SECONDS = 15.0
 
 Objects = Mapping[tuple[str, str], Mapping[str, Any]]  # (namespace, name) -> object
 
@@ -231,6 +235,7 @@ class KubeDiscovery:
 
     api: KubeApi
     namespaces: list[str] = field(default_factory=list)
+    sync_wait: float = SYNC_WAIT_SECONDS
     objects: dict[Resource, dict[tuple[str, str], dict[str, Any]]] = field(
         default_factory=lambda: {CAPABILITIES: {}, ACTORS: {}, ENDPOINT_SLICES: {}})
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -249,18 +254,30 @@ class KubeDiscovery:
                            self.objects[ENDPOINT_SLICES])
 
     async def run(self, apply: Callable[[Routes], None]) -> None:
-        """Watch until cancelled; ``apply`` each snapshot once every collection was listed."""
+        """Watch until cancelled; ``apply`` each snapshot, the first once every collection
+        was listed (or ``sync_wait`` seconds passed)."""
         scopes: list[str | None] = list(self.namespaces) or [None]
         watchers = [asyncio.create_task(self._watch(resource, namespace))
                     for resource in self.objects for namespace in scopes]
-        expected = len(watchers)
+        expected = {(resource, namespace) for resource in self.objects for namespace in scopes}
+        loop = asyncio.get_running_loop()
+        listing: float | None = loop.time() + self.sync_wait  # None once serving
         try:
             while True:
-                await self._changed.wait()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(listing):
+                        await self._changed.wait()
                 await asyncio.sleep(COALESCE_SECONDS)
                 self._changed.clear()
-                if len(self._synced) == expected:
-                    apply(self.routes())
+                if listing is not None:
+                    missing = expected - self._synced
+                    if missing and loop.time() < listing:
+                        continue
+                    if missing:
+                        log.warning("serving without %s: not listed (see earlier warnings)",
+                                    ", ".join(sorted({r.plural for r, _ in missing})))
+                    listing = None
+                apply(self.routes())
         finally:
             for watcher in watchers:
                 watcher.cancel()

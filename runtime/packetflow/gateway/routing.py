@@ -144,13 +144,15 @@ class Pool:
     __slots__ = ("available", "endpoints", "name", "next_sweep", "policy", "route_name")
 
     def __init__(self, route_name: str, name: str, endpoints: list[Endpoint],
-                 policy: OutlierPolicy, now: float) -> None:
+                 policy: OutlierPolicy, now: float, previous: Pool | None = None) -> None:
         self.route_name = route_name
         self.name = name
         self.endpoints = endpoints
         self.policy = policy
         self.available = [e for e in endpoints if not e.outlier.ejected]
-        self.next_sweep = now + policy.interval
+        # Frequent snapshots (endpoints churning) must not keep postponing the interval.
+        self.next_sweep: float = previous.next_sweep if previous is not None \
+            else now + policy.interval
 
     def pick(self, rng: random.Random, now: float,
              exclude: Iterable[Endpoint] = ()) -> Endpoint | None:
@@ -288,7 +290,7 @@ class RoutingTable:
                                                  else old.canary)
             endpoints = self._endpoints(backends.name, previous,
                                         ((None, a) for a in dict.fromkeys(addresses)), now)
-            pools.append(Pool(backends.name, version, endpoints, policy.outlier, now))
+            pools.append(Pool(backends.name, version, endpoints, policy.outlier, now, previous))
         if old is not None and same_policy:
             retry_budget, hedge_budget, latency = \
                 old.retry_budget, old.hedge_budget, old.latency
@@ -312,10 +314,10 @@ class RoutingTable:
 
     def _actor_route(self, backends: ActorBackends, now: float) -> ActorRoute:
         old = self.actors.get(backends.name)
+        previous = None if old is None else old.members
         policy = DEFAULT_POLICY
-        endpoints = self._endpoints(backends.name, None if old is None else old.members,
-                                    backends.members, now)
-        pool = Pool(backends.name, MEMBERS, endpoints, policy.outlier, now)
+        endpoints = self._endpoints(backends.name, previous, backends.members, now)
+        pool = Pool(backends.name, MEMBERS, endpoints, policy.outlier, now, previous)
         budget = old.retry_budget if old is not None else self._retry_budget(policy)
         return ActorRoute(backends, pool, policy, budget)
 

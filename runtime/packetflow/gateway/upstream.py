@@ -83,6 +83,9 @@ class Upstream:
                                 f"{exc or type(exc).__name__}") from None
         self._backoff = CONNECT_BACKOFF
         self._retry_at = 0.0
+        if self.retired:  # left the routes while dialling
+            conn.goaway()
+            raise ConnectFailed(f"{self.address} left the routes")
         self.conn = conn
         return conn
 
