@@ -11,9 +11,10 @@ else (health, reflection, unknown methods) is relayed to the gateway's own gRPC 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -829,12 +830,10 @@ class _Ignore:
 class Gateway:
     """Routes every stream of the gateway's listener (``on_request``)."""
 
-    def __init__(self, table: RoutingTable, internal: Upstream, max_message: int,
-                 list_capabilities: Callable[[], Awaitable[bytes]]) -> None:
+    def __init__(self, table: RoutingTable, internal: Upstream, max_message: int) -> None:
         self.table = table
         self.internal = internal
         self.max_message = max_message
-        self.list_capabilities = list_capabilities
         self._call_counts: dict[tuple[str, int], object] = {}
         self._tasks: set[asyncio.Future[None]] = set()
 
@@ -967,6 +966,43 @@ class Gateway:
         stream.send_headers(RESPONSE_HEADERS)
         stream.send_data(frame_message(payload))
         stream.send_headers(status_trailers(OK, ""), end_stream=True)
+
+    async def describe(self, name: str) -> None:
+        """Ask a backend for a capability's effects, intent and implementation kind."""
+        route = self.table.capabilities.get(name)
+        if route is None:
+            return
+        endpoint = next((e for pool in route.pools() for e in pool.available), None)
+        if endpoint is None:
+            return
+        request = runtime_pb2.DescribeCapabilityRequest(name=name).SerializeToString()
+        code, payload = await fetch(self.table, name, endpoint, DESCRIBE, request,
+                                    DESCRIBE_TIMEOUT, self.max_message)
+        current = self.table.capabilities.get(name)
+        if code != OK or current is None:
+            return
+        described = runtime_pb2.CapabilityDescription.FromString(payload)
+        effects = tuple(described.effects)
+        if current.effects != effects:
+            log.info("%s declares effects %s", name, list(effects) or "none",
+                     extra={"capability": name, "effects": list(effects)})
+        current.effects = effects
+        current.intent, current.implementation = described.intent, described.implementation
+
+    async def list_capabilities(self) -> bytes:
+        """ListCapabilities for every routed capability (asking backends what is unknown)."""
+        unknown = [r.name for r in self.table.capabilities.values() if not r.intent]
+        if unknown:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DESCRIBE_TIMEOUT):
+                    await asyncio.gather(*(self.describe(name) for name in unknown),
+                                         return_exceptions=True)
+        routes: list[CapabilityRoute] = sorted(self.table.capabilities.values(),
+                                               key=lambda r: r.name)
+        return runtime_pb2.ListCapabilitiesResponse(capabilities=[
+            runtime_pb2.CapabilitySummary(name=r.name, intent=r.intent,
+                                          implementation=r.implementation)
+            for r in routes]).SerializeToString()
 
     def exhausted(self, route_name: str, kind: str) -> None:
         """A retry or hedge the budget refused."""

@@ -23,12 +23,11 @@ from grpc_reflection.v1alpha import reflection
 
 from packetflow.gateway.h2 import Connection
 from packetflow.gateway.metrics import GatewayMetrics
-from packetflow.gateway.proxy import DESCRIBE, DESCRIBE_TIMEOUT, Gateway, fetch
-from packetflow.gateway.routing import CapabilityRoute, Routes, RoutingTable
+from packetflow.gateway.proxy import Gateway
+from packetflow.gateway.routing import Routes, RoutingTable
 from packetflow.gateway.upstream import Upstream
 from packetflow.serve import split_address
 from packetflow.server import ACTOR_SERVICE_NAME, ENVELOPE_BYTES, SERVICE_NAME
-from packetflow.v1 import runtime_pb2
 
 log = logging.getLogger("packetflow.gateway")
 
@@ -61,13 +60,8 @@ class GatewayServer:
         socket_dir = Path(tempfile.mkdtemp(prefix="packetflow-gateway-"))
         internal, health = await _internal_server(socket_dir / "grpc.sock")
         table = RoutingTable(metrics or GatewayMetrics())
-        holder: list[GatewayServer] = []
-
-        async def list_capabilities() -> bytes:
-            return await holder[0].list_capabilities()
-
         gateway = Gateway(table, Upstream(f"unix:{socket_dir / 'grpc.sock'}"),
-                          max_payload_bytes + ENVELOPE_BYTES, list_capabilities)
+                          max_payload_bytes + ENVELOPE_BYTES)
         connections: set[Connection] = set()
 
         def accept() -> Connection:
@@ -86,7 +80,6 @@ class GatewayServer:
             raise
         bound = listener.sockets[0].getsockname()[1]
         server = cls(table, gateway, listener, internal, health, bound, socket_dir, connections)
-        holder.append(server)
         if routes is not None:
             server.apply(routes)
         server.tasks = [asyncio.create_task(server._sweep()),
@@ -100,28 +93,6 @@ class GatewayServer:
         self.changed.set()
 
     # -------------------------------------------------------------- learning effects
-
-    async def describe(self, name: str) -> None:
-        """Ask a backend for a capability's effects, intent and implementation kind."""
-        route = self.table.capabilities.get(name)
-        if route is None:
-            return
-        endpoint = next((e for pool in route.pools() for e in pool.available), None)
-        if endpoint is None:
-            return
-        request = runtime_pb2.DescribeCapabilityRequest(name=name).SerializeToString()
-        code, payload = await fetch(self.table, name, endpoint, DESCRIBE, request,
-                                    DESCRIBE_TIMEOUT, self.gateway.max_message)
-        current = self.table.capabilities.get(name)
-        if code != 0 or current is None:
-            return
-        described = runtime_pb2.CapabilityDescription.FromString(payload)
-        effects = tuple(described.effects)
-        if current.effects != effects:
-            log.info("%s declares effects %s", name, list(effects) or "none",
-                     extra={"capability": name, "effects": list(effects)})
-        current.effects = effects
-        current.intent, current.implementation = described.intent, described.implementation
 
     async def _learn(self) -> None:
         asked: dict[str, float] = {}
@@ -138,26 +109,11 @@ class GatewayServer:
                         or now - asked.get(route.name, 0.0) > LEARN_REFRESH_SECONDS)]
             for name in due:
                 asked[name] = now
-            results = await asyncio.gather(*(self.describe(name) for name in due),
+            results = await asyncio.gather(*(self.gateway.describe(name) for name in due),
                                            return_exceptions=True)
             for name, result in zip(due, results, strict=True):
                 if isinstance(result, Exception):
                     log.warning("describing %s failed: %s", name, result)
-
-    async def list_capabilities(self) -> bytes:
-        """ListCapabilities for every routed capability (asking backends what is unknown)."""
-        unknown = [r.name for r in self.table.capabilities.values() if not r.intent]
-        if unknown:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(DESCRIBE_TIMEOUT):
-                    await asyncio.gather(*(self.describe(name) for name in unknown),
-                                         return_exceptions=True)
-        routes: list[CapabilityRoute] = sorted(self.table.capabilities.values(),
-                                               key=lambda r: r.name)
-        return runtime_pb2.ListCapabilitiesResponse(capabilities=[
-            runtime_pb2.CapabilitySummary(name=r.name, intent=r.intent,
-                                          implementation=r.implementation)
-            for r in routes]).SerializeToString()
 
     # -------------------------------------------------------------- upkeep and shutdown
 
