@@ -52,11 +52,11 @@ from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 
 CONCURRENCY = 64
 PAIRS = 15
-TAIL_PAIRS = 4
+TAIL_PAIRS = 6
 RUN_SECONDS = 0.6
 MIN_CALLS, MAX_CALLS = 640, 20_000
 TAIL_RATE = 400.0  # calls per second
-TAIL_CALLS = 1600  # per run (4 s): the p99 is the 16th slowest
+TAIL_CALLS = 2000  # per run (5 s): the p99 is the 20th slowest
 WARMUP_ROUNDS = 10
 BUDGET_SECONDS = 60.0
 STALL_SECONDS = 0.050

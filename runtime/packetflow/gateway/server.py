@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from packetflow.engine import DEFAULT_MAX_PAYLOAD_BYTES
 from packetflow.gateway.h2 import Connection
 from packetflow.gateway.metrics import GatewayMetrics
 from packetflow.gateway.proxy import Gateway
@@ -55,7 +56,7 @@ class GatewayServer:
     @classmethod
     async def start(cls, address: str = "127.0.0.1:0", *, routes: Routes | None = None,
                     metrics: GatewayMetrics | None = None,
-                    max_payload_bytes: int = 4 * 1024 * 1024) -> GatewayServer:
+                    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> GatewayServer:
         """Listen on ``address`` (port 0 picks one) and serve ``routes``."""
         socket_dir = Path(tempfile.mkdtemp(prefix="packetflow-gateway-"))
         internal, health = await _internal_server(socket_dir / "grpc.sock")
