@@ -56,10 +56,10 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
 def cmd_gateway(args: argparse.Namespace) -> int:
     """Run the gateway until SIGINT/SIGTERM."""
     settings = settings_from(args)
-    configure_logging(settings.log_level, settings.log_format)
     if settings.gateway_routes is None and not settings.gateway_kubernetes:
         print("error: give --routes FILE or --kubernetes", file=sys.stderr)
         return 2
+    configure_logging(settings.log_level, settings.log_format)
     return asyncio.run(serve_gateway(settings))
 
 
