@@ -207,6 +207,7 @@ async def test_a_slow_backend_loses_load(serve: Serve) -> None:
     share_b = Counter(a["backend"] for a in answers)["b"] / len(answers)
     assert share_b < 0.25  # round robin would give the slow backend half
     assert sample(server, "packetflow_gateway_requests_total", capability="slow",
+                  version="stable",
                   endpoint=server.table.capabilities["slow"].stable.endpoints[1].address,
                   code="OK") == Counter(a["backend"] for a in answers)["b"]
 
@@ -257,7 +258,7 @@ async def test_the_retry_budget_caps_retries_when_every_backend_fails(serve: Ser
     assert sample(server, "packetflow_gateway_budget_exhausted_total",
                   capability="unavailable", kind="retry") >= 100 - retries - 1
     attempts = sum(sample(server, "packetflow_gateway_requests_total", capability="unavailable",
-                          endpoint=p.address, code="UNAVAILABLE")
+                          version="stable", endpoint=p.address, code="UNAVAILABLE")
                    for p in server.table.capabilities["unavailable"].stable.endpoints)
     assert attempts == 100 + retries
 

@@ -74,6 +74,8 @@ def test_the_canary_renders_as_a_second_workload_of_the_same_capability() -> Non
     assert served.spec.implementation.builtin is not None
     assert served.spec.implementation.builtin.name == "transform"
     assert served.spec.canary is None
+    assert pod["metadata"]["labels"][render.LABEL_VERSION] == "canary"
+    assert render.LABEL_VERSION not in stable["spec"]["template"]["metadata"]["labels"]
     stable_bundle = yaml.safe_load(named[("ConfigMap", "greeter-bundle")]["data"]["bundle.yaml"])
     assert "canary" not in stable_bundle["spec"] and "traffic" not in stable_bundle["spec"]
 
@@ -105,6 +107,15 @@ def test_canary_status_comes_from_the_canary_deployment() -> None:
         {"canary": None}
     assert render.canary_status(without, stable_child, live, {"canary": None}) is None
     assert render.canary_status(None, canary_child, live, None) is None
+
+
+def test_a_canary_gone_from_the_spec_is_scaled_down_once() -> None:
+    assert render.retired_canary(model(canary=CANARY), NS, {"canary": {"weight": 10}}) == []
+    assert render.retired_canary(model(), NS, None) == []
+    (retired,) = render.retired_canary(model(), NS, {"canary": {"weight": 10}})
+    assert (retired["kind"], retired["metadata"]["name"]) == ("Deployment", "greeter-canary")
+    assert retired["spec"] == {"replicas": 0}
+    assert retired["metadata"]["labels"][render.LABEL_CAPABILITY] == "greeter"
 
 
 def test_the_crd_keeps_room_for_the_canary_suffix() -> None:
@@ -142,7 +153,9 @@ async def test_the_operator_runs_the_canary_and_reports_it(
     after = cluster.live(DEPLOYMENTS, NS, "greeter")
     assert before is not None and after is not None
     assert after["spec"]["template"] == before["spec"]["template"]  # no rollout
-    # Retiring the canary: replicas 0 scales it down (the operator never deletes).
-    await patch(kube, f"{CAPS_PATH}/greeter", {"spec": {"canary": {"replicas": 0}}})
+    # Promoted or dropped (the routing controller removes spec.canary): the operator never
+    # deletes, it scales the canary down and stops reporting it.
+    await patch(kube, f"{CAPS_PATH}/greeter", {"spec": {"canary": None}})
     await wait_for(lambda: (cluster.live(DEPLOYMENTS, NS, "greeter-canary") or {})
                    .get("spec", {}).get("replicas") == 0, what="the canary scaled to 0")
+    await wait_for(lambda: "canary" not in status(), what="status.canary cleared")

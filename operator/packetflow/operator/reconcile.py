@@ -10,6 +10,7 @@ overwriting a "ready").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -184,6 +185,9 @@ class Reconciler:
         writes = 0
         live: dict[str, Any] = {}
         try:
+            for retired in render.retired_canary(manifest, namespace, state.status):
+                with contextlib.suppress(NotFoundError):
+                    writes += (await self._apply_child(retired, state, create=False))[1]
             for child in render.desired_children(manifest, namespace, self.settings):
                 live, wrote = await self._apply_child(child, state)
                 writes += wrote

@@ -35,6 +35,7 @@ LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 LABEL_CAPABILITY: Final = "packetflow.io/capability"
 LABEL_ACTOR: Final = "packetflow.io/actor"
+LABEL_VERSION: Final = "packetflow.io/version"
 # The label naming a child's owner, per owner kind (orphans are adopted only by their owner).
 OWNER_LABELS: Final = {"Capability": LABEL_CAPABILITY, "Actor": LABEL_ACTOR}
 MANAGED_BY: Final = "packetflow-operator"
@@ -420,20 +421,31 @@ def canary_capability(capability: Capability) -> Capability | None:
 
 def render_canary(capability: Capability, namespace: str,
                   settings: OperatorSettings) -> list[Manifest]:
-    """The canary's ConfigMap, Service and Deployment (``<name>-canary``), or nothing.
-
-    The operator never deletes children: a canary is retired by ``replicas: 0`` (its
-    workload scales down); removing ``spec.canary`` leaves whatever runs until the
-    Capability goes, and the gateway sends it no calls.
-    """
+    """The canary's ConfigMap, Service and Deployment (``<name>-canary``), or nothing. Its
+    pods carry ``packetflow.io/version: canary`` (for per-version series in Prometheus)."""
     served = canary_capability(capability)
     if served is None or capability.spec.canary is None:
         return []
     workload = canary_name(capability.name)
+    deployment = render_deployment(served, namespace, settings, workload,
+                                   capability.spec.canary.image)
+    deployment["spec"]["template"]["metadata"]["labels"][LABEL_VERSION] = "canary"
     return [render_configmap(served, namespace, settings, workload),
-            render_service(served, namespace, settings, workload),
-            render_deployment(served, namespace, settings, workload,
-                              capability.spec.canary.image)]
+            render_service(served, namespace, settings, workload), deployment]
+
+
+def retired_canary(resource: Resource, namespace: str,
+                   previous: Mapping[str, Any] | None) -> list[Manifest]:
+    """What scales a canary down once ``spec.canary`` is gone (promoted or dropped): its
+    Deployment at 0 replicas, while ``status.canary`` still says it ran. The operator never
+    deletes children, and a patch of a missing workload is no error (create nothing)."""
+    if not isinstance(resource, Capability) or resource.spec.canary is not None \
+            or not (previous or {}).get("canary"):
+        return []
+    workload = canary_name(resource.name)
+    return [{"apiVersion": "apps/v1", "kind": "Deployment",
+             "metadata": _metadata(resource.name, namespace, workload=workload),
+             "spec": {"replicas": 0}}]
 
 
 def canary_status(resource: Resource | None, child: Manifest, live: Mapping[str, Any],

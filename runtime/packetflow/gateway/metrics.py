@@ -26,12 +26,14 @@ class GatewayMetrics:
             ["capability"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.requests = Counter(
             "packetflow_gateway_requests",
-            "Attempts sent to an endpoint by outcome code (CANCELLED: a hedge that lost).",
-            ["capability", "endpoint", "code"], registry=self.registry)
+            "Attempts sent to an endpoint (version: stable, canary or members) by outcome "
+            "code (CANCELLED: a hedge that lost).",
+            ["capability", "version", "endpoint", "code"], registry=self.registry)
         self.request_duration = Histogram(
             "packetflow_gateway_request_duration_seconds",
             "Time from an attempt's start to its endpoint's answer.",
-            ["capability", "endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+            ["capability", "version", "endpoint"], buckets=LATENCY_BUCKETS,
+            registry=self.registry)
         self.retries = Counter(
             "packetflow_gateway_retries", "Attempts made again after a failure.",
             ["capability"], registry=self.registry)

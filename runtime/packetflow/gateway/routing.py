@@ -112,19 +112,20 @@ DEFAULT_POLICY = RoutePolicy.from_traffic(Traffic())
 class Endpoint:
     """One address serving one version of one capability (or an actor type's member)."""
 
-    __slots__ = ("address", "codes", "duration", "key", "load", "member", "metrics",
-                 "outlier", "route_name", "upstream")
+    __slots__ = ("address", "codes", "duration", "load", "member", "metrics", "outlier",
+                 "route_name", "upstream", "version")
 
-    def __init__(self, route_name: str, address: str, upstream: Upstream, member: str | None,
-                 metrics: GatewayMetrics, now: float) -> None:
+    def __init__(self, route_name: str, version: str, address: str, upstream: Upstream,
+                 member: str | None, metrics: GatewayMetrics, now: float) -> None:
         self.route_name = route_name
+        self.version = version
         self.address = address
         self.upstream = upstream
         self.member = member
         self.load = PeakEwma(now)
         self.outlier = OutlierState()
         self.metrics = metrics
-        self.duration = metrics.request_duration.labels(route_name, address)
+        self.duration = metrics.request_duration.labels(route_name, version, address)
         self.codes: dict[str, Any] = {}  # code name -> counter child, filled as codes occur
 
     def count(self, code_name: str, seconds: float) -> None:
@@ -132,7 +133,7 @@ class Endpoint:
         child = self.codes.get(code_name)
         if child is None:
             child = self.codes[code_name] = self.metrics.requests.labels(
-                self.route_name, self.address, code_name)
+                self.route_name, self.version, self.address, code_name)
         child.inc()
         if seconds >= 0:
             self.duration.observe(seconds)
@@ -273,11 +274,12 @@ class RoutingTable:
             upstream = self.upstreams[address] = Upstream(address)
         return upstream
 
-    def _endpoints(self, name: str, previous: Pool | None,
+    def _endpoints(self, name: str, version: str, previous: Pool | None,
                    members: Iterable[tuple[str | None, str]], now: float) -> list[Endpoint]:
         known = {(e.member, e.address): e for e in previous.endpoints} if previous else {}
         return [known.get((member, address))
-                or Endpoint(name, address, self._upstream(address), member, self.metrics, now)
+                or Endpoint(name, version, address, self._upstream(address), member,
+                            self.metrics, now)
                 for member, address in members]
 
     def _capability_route(self, backends: CapabilityBackends, now: float) -> CapabilityRoute:
@@ -288,7 +290,7 @@ class RoutingTable:
         for version, addresses in ((STABLE, backends.stable), (CANARY, backends.canary)):
             previous = None if old is None else (old.stable if version == STABLE
                                                  else old.canary)
-            endpoints = self._endpoints(backends.name, previous,
+            endpoints = self._endpoints(backends.name, version, previous,
                                         ((None, a) for a in dict.fromkeys(addresses)), now)
             pools.append(Pool(backends.name, version, endpoints, policy.outlier, now, previous))
         if old is not None and same_policy:
@@ -316,7 +318,7 @@ class RoutingTable:
         old = self.actors.get(backends.name)
         previous = None if old is None else old.members
         policy = DEFAULT_POLICY
-        endpoints = self._endpoints(backends.name, previous, backends.members, now)
+        endpoints = self._endpoints(backends.name, MEMBERS, previous, backends.members, now)
         pool = Pool(backends.name, MEMBERS, endpoints, policy.outlier, now, previous)
         budget = old.retry_budget if old is not None else self._retry_budget(policy)
         return ActorRoute(backends, pool, policy, budget)
@@ -324,18 +326,18 @@ class RoutingTable:
     def _forget_metrics(self, capabilities: Mapping[str, CapabilityRoute],
                         actors: Mapping[str, ActorRoute]) -> None:
         """Drop the series of endpoints that left, so churn does not grow /metrics."""
-        def keys(routes: Iterable[Route]) -> set[tuple[str, str]]:
-            return {(route.name, e.address) for route in routes for pool in route.pools()
-                    for e in pool.endpoints}
+        def keys(routes: Iterable[Route]) -> set[tuple[str, str, str]]:
+            return {(route.name, e.version, e.address) for route in routes
+                    for pool in route.pools() for e in pool.endpoints}
         kept = keys(_both(capabilities, actors))
         for route in _both(self.capabilities, self.actors):
             for pool in route.pools():
-                for endpoint in pool.endpoints:
-                    if (route.name, endpoint.address) in kept:
+                for e in pool.endpoints:
+                    if (route.name, e.version, e.address) in kept:
                         continue
-                    _remove(self.metrics.request_duration, route.name, endpoint.address)
-                    for code in endpoint.codes:
-                        _remove(self.metrics.requests, route.name, endpoint.address, code)
+                    _remove(self.metrics.request_duration, route.name, e.version, e.address)
+                    for code in e.codes:
+                        _remove(self.metrics.requests, route.name, e.version, e.address, code)
 
     # -------------------------------------------------------------- outlier bookkeeping
 
