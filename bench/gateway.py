@@ -7,10 +7,14 @@
   gateway's CPU competes with the client's and the runtimes'.
 - ``tail_ratio``: p99 latency with one of three runtimes slowed (50 ms added to 10% of its
   calls) through the gateway / p99 with plain round-robin over the same three, done by the
-  client itself (no hop: the baseline is favoured). Target <= 0.3. The load is open-loop at
-  a fixed rate well below saturation (``TAIL_RATE``), each latency measured from the call's
-  scheduled start: a tail measured at saturation is queueing, the same for any routing, and a
-  closed loop would hide stalls (a stalled worker stops sending).
+  same gateway (same process, same hop; its endpoint choice swapped for a round-robin one,
+  no hedging, no ejection): the baseline does the same work but for the policy. Target
+  <= 0.3. ``tail_ratio_vs_client`` divides by the client's own round-robin instead (no hop:
+  stricter, and on a busy machine dominated by how often the gateway process waits for a
+  core). The load is open-loop at a fixed rate well below saturation (``TAIL_RATE``), each
+  latency measured from the call's scheduled start: a tail measured at saturation is
+  queueing, the same for any routing, and a closed loop would hide stalls (a stalled worker
+  stops sending).
 
 Method, as every bench here: each server runs in its own subprocess; the client (this
 process) warms up, then runs alternate (baseline, gateway, baseline, ...); each ratio is the
@@ -56,7 +60,7 @@ TAIL_PAIRS = 6
 RUN_SECONDS = 0.6
 MIN_CALLS, MAX_CALLS = 640, 20_000
 TAIL_RATE = 400.0  # calls per second
-TAIL_CALLS = 2000  # per run (5 s): the p99 is the 20th slowest
+TAIL_CALLS = 1600  # per run (4 s): the p99 is the 16th slowest
 WARMUP_ROUNDS = 10
 BUDGET_SECONDS = 60.0
 STALL_SECONDS = 0.050
@@ -102,12 +106,25 @@ async def _start_stalling_runtime(share: float) -> tuple[int, Any]:
     return server.port, server.server.stop
 
 
-async def _start_gateway(backends: Sequence[str]) -> tuple[int, Any]:
+# The baseline's policy: plain round robin, nothing else (no hedge, no ejection).
+PLAIN_TRAFFIC = "{hedging: {enabled: false}, outlierDetection: {consecutiveFailures: 1000000}}"
+
+
+async def _start_gateway(backends: Sequence[str], round_robin: bool) -> tuple[int, Any]:
     from packetflow.gateway.routes import parse_routes
+    from packetflow.gateway.routing import Pool
     from packetflow.gateway.server import GatewayServer
 
-    routes = parse_routes(f"capabilities: {{echo: [{', '.join(backends)}]}}",
-                          "bench/gateway.py")
+    traffic = f", traffic: {PLAIN_TRAFFIC}" if round_robin else ""
+    routes = parse_routes(f"capabilities: {{echo: {{backends: [{', '.join(backends)}]"
+                          f"{traffic}}}}}", "bench/gateway.py")
+    if round_robin:
+        turns = itertools.count()
+
+        def in_turn(pool: Pool, rng: Any, now: float, exclude: Any = ()) -> Any:
+            return pool.available[next(turns) % len(pool.available)] if pool.available \
+                else None
+        Pool.pick = in_turn  # type: ignore[method-assign]
     server = await GatewayServer.start("127.0.0.1:0", routes=routes)
 
     async def stop(grace: float) -> None:
@@ -118,15 +135,16 @@ async def _start_gateway(backends: Sequence[str]) -> tuple[int, Any]:
 def serve_main(argv: Sequence[str]) -> None:
     """Entry point of the server subprocesses."""
     parser = argparse.ArgumentParser(prog="python -m bench.gateway")
-    parser.add_argument("--serve", choices=("runtime", "gateway"), required=True)
+    parser.add_argument("--serve", choices=("runtime", "gateway", "round-robin-gateway"),
+                        required=True)
     parser.add_argument("--backend", action="append", default=[], help="gateway: host:port")
     parser.add_argument("--stall-share", type=float, default=0.0,
                         help="runtime: share of calls made 50 ms late")
     parser.add_argument("--profile", metavar="FILE", help="write cProfile stats to FILE")
     args = parser.parse_args(argv)
-    run_server(serve_until_stdin_closes(_start_gateway(args.backend) if args.serve == "gateway"
-                                        else _start_stalling_runtime(args.stall_share)),
-               args.profile)
+    start = (_start_stalling_runtime(args.stall_share) if args.serve == "runtime"
+             else _start_gateway(args.backend, args.serve == "round-robin-gateway"))
+    run_server(serve_until_stdin_closes(start), args.profile)
 
 
 # --- the client -------------------------------------------------------------------------
@@ -185,39 +203,48 @@ async def throughput(started: float) -> dict[str, Any]:
 
 
 async def tail() -> dict[str, Any]:
-    """tail_ratio: p99 through the gateway vs client round-robin, one runtime stalling."""
+    """tail_ratio: p99 through the gateway vs round robin (in the same gateway, and done by
+    the client), one runtime of three stalling."""
     async with (server_process("bench.gateway", "runtime") as first,
                 server_process("bench.gateway", "runtime") as second,
                 server_process("bench.gateway", "runtime", "--stall-share",
                                str(STALL_SHARE)) as slowed):
         backends = [f"127.0.0.1:{port}" for port in (first, second, slowed)]
         args = [arg for backend in backends for arg in ("--backend", backend)]
-        async with server_process("bench.gateway", "gateway", *args) as gateway:
-            channels = [grpc.aio.insecure_channel(b) for b in backends]
-            gateway_channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway}")
+        async with (server_process("bench.gateway", "gateway", *args) as gateway,
+                    server_process("bench.gateway", "round-robin-gateway", *args) as plain):
+            channels = [grpc.aio.insecure_channel(address) for address in
+                        (*backends, f"127.0.0.1:{gateway}", f"127.0.0.1:{plain}")]
             try:
-                direct = [_target("direct", channel) for channel in channels]
-                through = _target("gateway", gateway_channel)
-                for target in (*direct, through):
-                    await check_echo(target)
-                await paced(direct, TAIL_CALLS // 4, TAIL_RATE)
-                await paced([through], TAIL_CALLS // 4, TAIL_RATE)
-                runs: dict[str, list[Run]] = {"round_robin": [], "gateway_tail": []}
-                ratios: list[float] = []
+                *direct, through, baseline = [_target(kind, channel) for kind, channel in zip(
+                    ("direct", "direct", "direct", "gateway", "round-robin"), channels,
+                    strict=True)]
+                modes = {"client_round_robin": direct, "round_robin": [baseline],
+                         "gateway_tail": [through]}
+                for targets in modes.values():
+                    for target in targets:
+                        await check_echo(target)
+                    await paced(targets, TAIL_CALLS // 4, TAIL_RATE)
+                runs: dict[str, list[Run]] = {mode: [] for mode in modes}
+                ratios: dict[str, list[float]] = {"round_robin": [], "client_round_robin": []}
                 for _ in range(TAIL_PAIRS):
-                    runs["round_robin"].append(await paced(direct, TAIL_CALLS, TAIL_RATE))
-                    runs["gateway_tail"].append(await paced([through], TAIL_CALLS, TAIL_RATE))
-                    ratios.append(percentile(runs["gateway_tail"][-1].latencies_s, 0.99)
-                                  / percentile(runs["round_robin"][-1].latencies_s, 0.99))
+                    for mode, targets in modes.items():
+                        runs[mode].append(await paced(targets, TAIL_CALLS, TAIL_RATE))
+                    p99 = percentile(runs["gateway_tail"][-1].latencies_s, 0.99)
+                    for mode, series in ratios.items():
+                        series.append(p99 / percentile(runs[mode][-1].latencies_s, 0.99))
             finally:
-                for channel in (*channels, gateway_channel):
+                for channel in channels:
                     await channel.close()
-    return {"tail_ratio": rounded(median(ratios)),
-            "tail_ratio_spread": [rounded(min(ratios)), rounded(max(ratios))],
-            **run_summary("round_robin", runs["round_robin"]),
-            **run_summary("gateway_tail", runs["gateway_tail"]),
-            "tail_rate": TAIL_RATE, "tail_calls": TAIL_CALLS,
-            "tail_pairs": len(ratios)}
+    figures: dict[str, Any] = {}
+    for name, key in (("tail_ratio", "round_robin"),
+                      ("tail_ratio_vs_client", "client_round_robin")):
+        figures[name] = rounded(median(ratios[key]))
+        figures[f"{name}_spread"] = [rounded(min(ratios[key])), rounded(max(ratios[key]))]
+    for mode in modes:
+        figures.update(run_summary(mode, runs[mode]))
+    return {**figures, "tail_rate": TAIL_RATE, "tail_calls": TAIL_CALLS,
+            "tail_pairs": len(ratios["round_robin"])}
 
 
 async def measure() -> dict[str, Any]:
