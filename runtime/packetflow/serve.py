@@ -117,12 +117,12 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
         start_metrics_server(engine.metrics.registry, settings.metrics_address)
         if settings.metrics_address else (None, None))
     engine.start_triggers()
+    stop = stop_on_signal()
     on_ready(server, metrics_port)
-
     reloader = (asyncio.create_task(_reload_on_change(paths, engine, actors)) if watch
                 else None)
     try:
-        await drain_on_signal(server, settings.drain_seconds, settings.grace_seconds)
+        await drain_after(stop, server, settings.drain_seconds, settings.grace_seconds)
     finally:
         if reloader is not None:
             reloader.cancel()
@@ -144,13 +144,19 @@ class Drainable(Protocol):
         """Report NOT_SERVING for ``drain`` seconds, then let calls finish within ``grace``."""
 
 
-async def drain_on_signal(server: Drainable, drain_seconds: float,
-                          grace_seconds: float) -> None:
-    """Wait for SIGINT or SIGTERM, then drain ``server``."""
+def stop_on_signal() -> asyncio.Event:
+    """An event SIGINT or SIGTERM sets; install it before announcing readiness, so a signal
+    right after the announcement drains instead of killing."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def drain_after(stop: asyncio.Event, server: Drainable, drain_seconds: float,
+                      grace_seconds: float) -> None:
+    """Wait for ``stop``, then drain ``server``."""
     await stop.wait()
     log.info("draining", extra={"drain_seconds": drain_seconds, "grace_seconds": grace_seconds})
     await server.stop(grace=grace_seconds, drain=drain_seconds)

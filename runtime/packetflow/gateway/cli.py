@@ -16,7 +16,7 @@ from packetflow.gateway.routing import Routes
 from packetflow.gateway.server import GatewayServer
 from packetflow.gateway.settings import GatewaySettings
 from packetflow.logs import configure_logging
-from packetflow.serve import drain_on_signal, start_metrics_server
+from packetflow.serve import drain_after, start_metrics_server, stop_on_signal
 
 log = logging.getLogger("packetflow.gateway")
 
@@ -95,12 +95,13 @@ async def serve_gateway(settings: GatewaySettings) -> int:
     metrics_server, metrics_port = (
         start_metrics_server(metrics.registry, settings.metrics_address)
         if settings.metrics_address else (None, None))
+    stop = stop_on_signal()
     extra = f", metrics on :{metrics_port}/metrics" if metrics_port else ""
     print(f"packetflow: gateway on port {server.port}, {where}{extra}", file=sys.stderr,
           flush=True)
     discovering = asyncio.create_task(discover(server))
     try:
-        await drain_on_signal(server, settings.drain_seconds, settings.grace_seconds)
+        await drain_after(stop, server, settings.drain_seconds, settings.grace_seconds)
     finally:
         discovering.cancel()
         await asyncio.gather(discovering, return_exceptions=True)
