@@ -19,4 +19,5 @@ BENCHES: dict[str, str] = {
     "cli": "bench.cli",
     "routing": "bench.routing",
     "federation": "bench.federation",
+    "gateway": "bench.gateway",
 }

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import cProfile
 import math
 import os
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
@@ -117,6 +119,28 @@ async def server_process(module: str, kind: str, *extra: str) -> AsyncIterator[i
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+async def serve_until_stdin_closes(start: Awaitable[tuple[int, Callable[[float], Awaitable[Any]]]]
+                                   ) -> None:
+    """The server side of :func:`server_process`: start, print the port, serve until stdin
+    closes (how the parent stops it; EOF also comes if the parent dies, so no server outlives
+    the bench), then stop."""
+    port, stop = await start
+    print(port, flush=True)
+    await asyncio.to_thread(sys.stdin.read)
+    await stop(0)
+
+
+def run_server(main: Coroutine[Any, Any, None], profile: str | None) -> None:
+    """Run a server subprocess's ``main``; with ``profile``, under cProfile, stats to that file
+    (how per-call costs are found)."""
+    if profile is None:
+        asyncio.run(main)
+        return
+    profiler = cProfile.Profile()
+    profiler.runcall(asyncio.run, main)
+    profiler.dump_stats(profile)
 
 
 @dataclass

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -40,7 +39,9 @@ from bench.common import (
     calls_for,
     ratio_figures,
     rounded,
+    run_server,
     run_summary,
+    serve_until_stdin_closes,
     server_process,
     steady_pairs,
 )
@@ -130,28 +131,14 @@ async def _start_runtime() -> tuple[int, Any]:
     return server.port, server.server.stop
 
 
-async def serve(kind: str) -> None:
-    """Serve ``kind`` on a free port, print the port, stop when stdin closes."""
-    port, stop = await (_start_bare() if kind == "bare" else _start_runtime())
-    print(port, flush=True)
-    # The parent closes our stdin to stop us; EOF also comes if the parent dies, so no server
-    # outlives the bench.
-    await asyncio.to_thread(sys.stdin.read)
-    await stop(0)
-
-
 def serve_main(argv: Sequence[str]) -> None:
     """Entry point of the server subprocess."""
     parser = argparse.ArgumentParser(prog="python -m bench.runtime")
     parser.add_argument("--serve", choices=("bare", "runtime"), required=True)
     parser.add_argument("--profile", metavar="FILE", help="write cProfile stats to FILE")
     args = parser.parse_args(argv)
-    if args.profile:
-        profiler = cProfile.Profile()
-        profiler.runcall(asyncio.run, serve(args.serve))
-        profiler.dump_stats(args.profile)
-    else:
-        asyncio.run(serve(args.serve))
+    run_server(serve_until_stdin_closes(_start_bare() if args.serve == "bare"
+                                        else _start_runtime()), args.profile)
 
 
 # --- the client ---------------------------------------------------------------------------

@@ -16,6 +16,17 @@ CALLER_KEY = "packetflow-caller"
 # the trailing metadata EXECUTION_TRACE_KEY (binary, so no ASCII limit applies).
 WANT_TRACE_KEY = "packetflow-want-trace"
 EXECUTION_TRACE_KEY = "packetflow-execution-trace-bin"
+# W3C trace context: the trace id when no packetflow-trace-id is given.
+TRACEPARENT_KEY = "traceparent"
+# A caller's promise that a repeated call with this key is applied once (or is harmless), so
+# the gateway may retry a capability that declares effects; handlers see ctx.idempotency_key.
+IDEMPOTENCY_KEY = "packetflow-idempotency-key"
+
+
+def traceparent_trace_id(value: str) -> str | None:
+    """The trace id of a W3C ``traceparent`` value (version-traceid-spanid-flags)."""
+    parts = value.split("-")
+    return parts[1] if len(parts) == 4 else None
 
 
 def _ignore_progress(message: str, fraction: float) -> None:
@@ -32,6 +43,7 @@ class CallContext:
     deadline: float | None = None  # event-loop time (``loop.time()``), set by the engine
     effects: tuple[str, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
     progress_sink: ProgressSink = _ignore_progress
 
     def time_remaining(self) -> float | None:

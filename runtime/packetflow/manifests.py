@@ -65,7 +65,7 @@ def parse_manifest(
     if isinstance(parsed, Federation):
         return [ManifestError(source, "kind", "a Federation runs in a federation gateway "
                               "(`packetflow federation`), not in a runtime",
-                              _line(node, ["kind"]))]
+                              node_line(node, ["kind"]))]
     return parsed
 
 
@@ -74,15 +74,15 @@ def parse_document(
 ) -> Manifest | Federation | list[ManifestError]:
     """Validate one manifest document of any kind; return the model or its errors."""
     if not isinstance(data, dict):
-        return [ManifestError(source, "", "a manifest is a mapping", _line(node, []))]
+        return [ManifestError(source, "", "a manifest is a mapping", node_line(node, []))]
     kind = data.get("kind")
     if data.get("apiVersion") != API_VERSION:
         return [ManifestError(source, "apiVersion", f"must be {API_VERSION!r}, got "
-                              f"{data.get('apiVersion')!r}", _line(node, ["apiVersion"]))]
+                              f"{data.get('apiVersion')!r}", node_line(node, ["apiVersion"]))]
     model = MANIFEST_KINDS.get(kind) if isinstance(kind, str) else None
     if model is None:
         return [ManifestError(source, "kind", f"must be one of {sorted(MANIFEST_KINDS)}, "
-                              f"got {kind!r}", _line(node, ["kind"]))]
+                              f"got {kind!r}", node_line(node, ["kind"]))]
     return validate_model(model, data, source, node)
 
 
@@ -94,7 +94,7 @@ def validate_model(model: type[M], data: Any, source: str = "<input>",
         return model.model_validate(data)
     except ValidationError as exc:
         return [
-            ManifestError(source, format_path(path), message, _line(node, path))
+            ManifestError(source, format_path(path), message, node_line(node, path))
             for path, message in validation_errors(data, exc)
         ]
 
@@ -161,7 +161,7 @@ def load_paths(paths: Iterable[Path]) -> LoadResult:
     return result
 
 
-def _line(node: yaml.Node | None, path: list[str | int]) -> int | None:
+def node_line(node: yaml.Node | None, path: list[str | int]) -> int | None:
     """The 1-based line of the deepest node along ``path`` in the YAML node tree."""
     if node is None:
         return None

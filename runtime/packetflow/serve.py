@@ -9,9 +9,10 @@ import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 
 from packetflow.actors.runtime import ActorSystem
 from packetflow.addresses import split_address
@@ -24,7 +25,6 @@ from packetflow.composition.triggers import (
 from packetflow.engine import Engine
 from packetflow.feedback import FeedbackService, open_store
 from packetflow.manifests import ManifestError, load_paths, manifest_files
-from packetflow.metrics import RuntimeMetrics
 from packetflow.server import RuntimeServer
 from packetflow.settings import RuntimeSettings
 
@@ -33,10 +33,10 @@ log = logging.getLogger("packetflow.serve")
 RELOAD_POLL_SECONDS = 1.0
 
 
-def start_metrics_server(metrics: RuntimeMetrics, address: str) -> tuple[WSGIServer, int]:
+def start_metrics_server(registry: CollectorRegistry, address: str) -> tuple[WSGIServer, int]:
     """Serve ``/metrics`` on its own port, off the event loop (prometheus-client's thread)."""
     host, port = split_address(address)
-    server, _thread = start_http_server(port, host, registry=metrics.registry)
+    server, _thread = start_http_server(port, host, registry=registry)
     return server, server.server_port
 
 
@@ -115,22 +115,15 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
         from packetflow.mcp.http import start_mcp  # MCP's web stack loads only when it is on
         mcp_server = await start_mcp(engine, settings, actors)
     metrics_server, metrics_port = (
-        start_metrics_server(engine.metrics, settings.metrics_address)
+        start_metrics_server(engine.metrics.registry, settings.metrics_address)
         if settings.metrics_address else (None, None))
     engine.start_triggers()
-    # Before announcing readiness: a SIGTERM right after it must drain, not kill.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signal()
     on_ready(server, metrics_port)
     reloader = (asyncio.create_task(_reload_on_change(paths, engine, actors)) if watch
                 else None)
     try:
-        await stop.wait()
-        log.info("draining", extra={"drain_seconds": settings.drain_seconds,
-                                    "grace_seconds": settings.grace_seconds})
-        await server.stop(grace=settings.grace_seconds, drain=settings.drain_seconds)
+        await drain_after(stop, server, settings.drain_seconds, settings.grace_seconds)
     finally:
         if reloader is not None:
             reloader.cancel()
@@ -144,6 +137,31 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
         await engine.aclose()
         await feedback.aclose()
     return 0
+
+
+class Drainable(Protocol):
+    """A server that stops by draining (a runtime, the gateway)."""
+
+    async def stop(self, grace: float = 30.0, drain: float = 0.0) -> None:
+        """Report NOT_SERVING for ``drain`` seconds, then let calls finish within ``grace``."""
+
+
+def stop_on_signal() -> asyncio.Event:
+    """An event SIGINT or SIGTERM sets; install it before announcing readiness, so a signal
+    right after the announcement drains instead of killing."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def drain_after(stop: asyncio.Event, server: Drainable, drain_seconds: float,
+                      grace_seconds: float) -> None:
+    """Wait for ``stop``, then drain ``server``."""
+    await stop.wait()
+    log.info("draining", extra={"drain_seconds": drain_seconds, "grace_seconds": grace_seconds})
+    await server.stop(grace=grace_seconds, drain=drain_seconds)
 
 
 async def _reload_on_change(paths: Sequence[Path], engine: Engine,

@@ -25,9 +25,12 @@ from packetflow.composition.executor import TRACE_METADATA_KEY
 from packetflow.context import (
     CALLER_KEY,
     EXECUTION_TRACE_KEY,
+    IDEMPOTENCY_KEY,
     TRACE_ID_KEY,
+    TRACEPARENT_KEY,
     WANT_TRACE_KEY,
     CallContext,
+    traceparent_trace_id,
 )
 from packetflow.contracts import contract_schema
 from packetflow.engine import Engine
@@ -55,8 +58,8 @@ ENVELOPE_BYTES = 64 * 1024
 
 
 def call_context(capability: str, context: grpc.aio.ServicerContext) -> CallContext:
-    """Caller identity, trace id and deadline of an incoming call."""
-    trace_id = caller = None
+    """Caller identity, trace id, deadline and idempotency key of an incoming call."""
+    trace_id = caller = idempotency_key = None
     wanted: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
         if key == WANT_TRACE_KEY:
@@ -65,13 +68,15 @@ def call_context(capability: str, context: grpc.aio.ServicerContext) -> CallCont
             trace_id = str(value)
         elif key == CALLER_KEY:
             caller = str(value)
-        elif key == "traceparent" and trace_id is None:
-            parts = str(value).split("-")  # W3C: version-traceid-spanid-flags
-            trace_id = parts[1] if len(parts) == 4 else None
+        elif key == TRACEPARENT_KEY and trace_id is None:
+            trace_id = traceparent_trace_id(str(value))
+        elif key == IDEMPOTENCY_KEY:
+            idempotency_key = str(value)
     remaining = context.time_remaining()
     deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
     return CallContext(capability=capability, trace_id=trace_id or os.urandom(16).hex(),
-                       caller=caller, deadline=deadline, metadata=wanted)
+                       caller=caller, deadline=deadline, metadata=wanted,
+                       idempotency_key=idempotency_key)
 
 
 def trace_metadata(ctx: CallContext) -> tuple[tuple[str, bytes], ...]:

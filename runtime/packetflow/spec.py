@@ -349,6 +349,11 @@ class Scaling(SpecModel):
         return self
 
 
+# A canary's workload and Service are named after its Capability plus this (the operator
+# renders them, the gateway finds their EndpointSlices by it).
+CANARY_SUFFIX = "-canary"
+
+
 class Canary(SpecModel):
     """A second version served beside the stable one (workload ``<name>-canary``); the
     gateway sends it ``weight`` percent of the calls."""
@@ -377,6 +382,68 @@ class Cache(SpecModel):
                                          "used go first)")
 
 
+class OutlierDetection(SpecModel):
+    """When the gateway stops sending calls to a misbehaving endpoint (Envoy's semantics)."""
+
+    consecutive_failures: int = Field(
+        default=5, ge=1, alias="consecutiveFailures",
+        description="Gateway failures in a row (UNAVAILABLE, connection lost) that eject")
+    interval: Duration = Field(
+        default="10s", description="How often ejections end and success rates are compared")
+    base_ejection_time: Duration = Field(
+        default="10s", alias="baseEjectionTime",
+        description="First ejection's length; the nth in a row lasts n times as long")
+    max_ejection_time: Duration = Field(default="300s", alias="maxEjectionTime")
+    max_ejection_percent: int = Field(
+        default=50, ge=0, le=100, alias="maxEjectionPercent",
+        description="At most this share of a pool is ejected at once (at least one endpoint)")
+    success_rate_minimum_hosts: int = Field(
+        default=3, ge=1, alias="successRateMinimumHosts",
+        description="Success-rate ejection needs this many endpoints with enough calls")
+    success_rate_request_volume: int = Field(
+        default=20, ge=1, alias="successRateRequestVolume",
+        description="Calls an endpoint needs in an interval to count for success rates")
+    success_rate_stdev_factor: float = Field(
+        default=1.9, gt=0, alias="successRateStdevFactor",
+        description="Eject below mean - factor x standard deviation of success rates")
+
+
+class Retries(SpecModel):
+    """Where the gateway may try a call again: bounded by a budget and the caller's deadline."""
+
+    budget_percent: float = Field(
+        default=20, ge=0, le=100, alias="budgetPercent",
+        description="Retries allowed as a percent of recent calls")
+    min_per_second: float = Field(
+        default=10, ge=0, alias="minPerSecond",
+        description="Retries allowed per second whatever the traffic (low volume)")
+    window: Duration = Field(default="10s", description="How far back 'recent' reaches")
+    max_attempts: int = Field(default=3, ge=1, le=10, alias="maxAttempts",
+                              description="Attempts per call, the first included")
+
+
+class Hedging(SpecModel):
+    """A second attempt for a slow pure call (``effects: []``); the first answer wins."""
+
+    enabled: bool = True
+    percentile: float = Field(
+        default=95, gt=0, lt=100,
+        description="Hedge after this percentile of the capability's recent latency")
+    max_percent: float = Field(default=10, ge=0, le=100, alias="maxPercent",
+                               description="Hedges allowed as a percent of recent calls")
+    min_delay: Duration = Field(default="1ms", alias="minDelay",
+                                description="Never hedge sooner than this")
+
+
+class Traffic(SpecModel):
+    """How the gateway treats calls to this capability; every part has defaults."""
+
+    outlier_detection: OutlierDetection = Field(default_factory=OutlierDetection,
+                                                alias="outlierDetection")
+    retries: Retries = Field(default_factory=Retries)
+    hedging: Hedging = Field(default_factory=Hedging)
+
+
 class CapabilitySpec(ContractedSpec):
     """What a capability is for, what it needs and returns, and how it runs."""
 
@@ -397,6 +464,8 @@ class CapabilitySpec(ContractedSpec):
     scaling: Scaling | None = Field(
         default=None, description="Present: the routing controller sets the replica count")
     canary: Canary | None = Field(default=None, description="A weighted second version")
+    traffic: Traffic = Field(default_factory=Traffic,
+                             description="Gateway policy: outlier ejection, retries, hedging")
     cache: Cache | None = Field(
         default=None, description="Reuse results of repeated inputs (needs effects: [])")
 

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +15,9 @@ import pytest
 from packetflow.actors.timing import rendezvous_owner
 from packetflow.client import CallError, RuntimeClient
 from tests.conftest import eventually
+from tests.support.processes import ROOT, RuntimeProcess, free_port
 
 pytest_plugins = ["tests.support.postgres"]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 LEDGER = """
 apiVersion: packetflow.io/v1alpha1
@@ -34,47 +29,6 @@ spec:
   store: {store}
   replicas: {replicas}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RuntimeProcess:
-    """``packetflow runtime`` in a subprocess, ready when it announces itself."""
-
-    def __init__(self, bundle: Path, state_dir: Path, log: Path,
-                 env: dict[str, str] | None = None, address: str | None = None) -> None:
-        self.address = address or f"127.0.0.1:{free_port()}"
-        self.log = log
-        start = log.stat().st_size if log.exists() else 0  # a restart appends to the same log
-        with log.open("a") as sink:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "packetflow.cli", "runtime", "--bundle", str(bundle),
-                 "--address", self.address, "--metrics-address", "", "--state-dir",
-                 str(state_dir)], cwd=ROOT, stderr=sink, stdout=subprocess.DEVNULL,
-                env={**os.environ, "PACKETFLOW_LOG_LEVEL": "WARNING", **(env or {})})
-        deadline = time.monotonic() + 30
-        while "packetflow: serving" not in log.read_text()[start:] or not self._listening():
-            assert self.process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)  # polling another process, with a deadline
-
-    def _listening(self) -> bool:
-        host, port = self.address.rsplit(":", 1)
-        with socket.socket() as sock:
-            return sock.connect_ex((host, int(port))) == 0
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=30)
 
 
 @pytest.fixture

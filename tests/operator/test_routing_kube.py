@@ -77,7 +77,7 @@ async def prometheus() -> AsyncIterator[PrometheusServer]:
     text = "\n---\n".join(orjson.dumps(manifest(name, False)).decode()
                           for name in ("alpha", "beta"))
     engine = Engine(load_text(text, "caps.yaml").capabilities)
-    metrics_server, port = start_metrics_server(engine.metrics, "127.0.0.1:0")
+    metrics_server, port = start_metrics_server(engine.metrics.registry, "127.0.0.1:0")
     load = asyncio.create_task(calls_forever(engine))
     server = PrometheusServer.start([f"127.0.0.1:{port}"])
     try:

@@ -77,6 +77,8 @@ VALUE_SETS = {
     "namespaces": ("watchNamespaces={team-a,team-b}",),
     "monitoring": ("serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom"),
     "gateway": ("gateway.enabled=true", "gateway.replicas=2"),
+    "gateway-namespaces": ("gateway.enabled=true", "gateway.namespaces={team-a,team-b}",
+                           "gateway.drainSeconds=2", "gateway.extraArgs={--verbose}"),
     "mcp": ("mcp.enabled=true", "mcp.port=8800", "mcp.aggregate.enabled=true",
             "mcp.tokenSecret=mcp-auth/token"),
     "mcp-elsewhere": ("mcp.aggregate.enabled=true", "mcp.aggregate.namespace=team-a",
@@ -126,7 +128,8 @@ def test_values_schema_rejects_mistakes(helm: ModuleType) -> None:
     for bad in ("watchNamespaces={Not_A_Namespace}", "operator.metricsPort=0",
                 "image.pullPolicy=Sometimes", "gateway.enabled=yes", "typo=1",
                 "mcp.port=0", "mcp.aggregate.enabled=yes", "mcp.aggregate.namespace=Bad_NS",
-                "mcp.typo=1"):
+                "mcp.typo=1", "gateway.namespaces={Bad_NS}", "gateway.args={gateway}",
+                "gateway.logLevel=LOUD"):
         result = helm.run_helm("template", RELEASE, str(CHART), "--set", bad, check=False)
         assert result.returncode != 0, bad
         assert "schema" in result.stderr, result.stderr
@@ -319,18 +322,73 @@ def test_service_monitor(helm: ModuleType) -> None:
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
 
 
-def test_gateway_placeholder(helm: ModuleType) -> None:
-    assert len(by_kind(render(helm), "Deployment")) == 1
+def gateway_part(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in by_kind(objects, kind)
+            if o["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+
+
+def test_gateway(helm: ModuleType) -> None:
+    assert not gateway_part(render(helm), "Deployment")
     objects = render(helm, *VALUE_SETS["gateway"])
-    (gateway,) = [d for d in by_kind(objects, "Deployment")
-                  if d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+    (gateway,) = gateway_part(objects, "Deployment")
     assert gateway["spec"]["replicas"] == 2
     pod = gateway["spec"]["template"]["spec"]
-    assert pod["automountServiceAccountToken"] is False
+    (account,) = gateway_part(objects, "ServiceAccount")
+    assert pod["serviceAccountName"] == account["metadata"]["name"] == "pf-packetflow-gateway"
+    assert "automountServiceAccountToken" not in pod  # it reads the API with its own account
     assert pod["securityContext"]["runAsNonRoot"] is True
-    (service,) = [s for s in by_kind(objects, "Service")
-                  if s["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["gateway", "--kubernetes", "--address", "0.0.0.0:50051",
+                                 "--metrics-address", "0.0.0.0:9464"]
+    assert container["readinessProbe"]["grpc"] == {"port": 50051}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert (env["PACKETFLOW_DRAIN_SECONDS"], env["PACKETFLOW_GRACE_SECONDS"]) == ("5", "20")
+    assert pod["terminationGracePeriodSeconds"] == 30
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+    (service,) = gateway_part(objects, "Service")
     assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}
+    assert service["spec"]["selector"].items() <= \
+        gateway["spec"]["template"]["metadata"]["labels"].items()
+    (binding,) = gateway_part(objects, "ClusterRoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pf-packetflow-gateway",
+                                    "namespace": NAMESPACE}]
+    # The operator keeps its own account and rules.
+    assert len(by_kind(objects, "ServiceAccount")) == 2
+
+
+def test_gateway_serves_listed_namespaces_with_roles(helm: ModuleType) -> None:
+    objects = render(helm, *VALUE_SETS["gateway-namespaces"])
+    (container,) = gateway_part(objects, "Deployment")[0]["spec"]["template"]["spec"][
+        "containers"]
+    args = container["args"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == \
+        ["team-a", "team-b"]
+    assert args[-1] == "--verbose"
+    assert not gateway_part(objects, "ClusterRole")
+    roles = gateway_part(objects, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in gateway_part(objects, "RoleBinding")) \
+        == ["team-a", "team-b"]
+    # Without gateway.namespaces it serves what the operator watches.
+    inherited = render(helm, "gateway.enabled=true", "watchNamespaces={team-c}")
+    (container,) = gateway_part(inherited, "Deployment")[0]["spec"]["template"]["spec"][
+        "containers"]
+    assert container["args"][2:4] == ["--namespace", "team-c"]
+
+
+@pytest.mark.parametrize("sets", [VALUE_SETS["gateway"], VALUE_SETS["gateway-namespaces"]],
+                         ids=["all-namespaces", "listed-namespaces"])
+def test_gateway_rbac_equals_its_permissions(helm: ModuleType,
+                                             sets: tuple[str, ...]) -> None:
+    from packetflow.gateway.kube import GATEWAY_PERMISSIONS
+
+    declared = {(group, resource, verb) for group, resource, verbs in GATEWAY_PERMISSIONS
+                for verb in verbs}
+    assert {verb for _, _, verb in declared} <= {"get", "list", "watch"}  # read-only
+    objects = render(helm, *sets)
+    for role in [*gateway_part(objects, "ClusterRole"), *gateway_part(objects, "Role")]:
+        assert rule_triples(role["rules"]) == declared
 
 
 def test_mcp_settings_reach_the_operator(helm: ModuleType) -> None:

@@ -119,3 +119,24 @@ none today (kopf's namespace and CRD scanning is off); a rule added here renders
 */}}
 {{- define "packetflow.clusterRules" -}}
 {{- end -}}
+
+{{/* Namespaces the gateway serves (a JSON list): gateway.namespaces, else the operator's. */}}
+{{- define "packetflow.gatewayNamespaces" -}}
+{{- default .Values.watchNamespaces .Values.gateway.namespaces | toJson -}}
+{{- end -}}
+
+{{/*
+The gateway's RBAC rules: read-only, exactly what it calls (GATEWAY_PERMISSIONS in
+runtime/packetflow/gateway/kube.py); tests/unit/test_chart.py fails when the two differ.
+*/}}
+{{- define "packetflow.gatewayRules" -}}
+- apiGroups: ["packetflow.io"]
+  resources: ["capabilities"]
+  verbs: ["list", "watch"]
+- apiGroups: ["packetflow.io"]
+  resources: ["actors"]
+  verbs: ["list", "watch"]
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["list", "watch"]
+{{- end -}}

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel
 
 from packetflow.spec import (
+    CANARY_SUFFIX,
     GROUP,
     IDENTIFIER_RE,
     IMPLEMENTATION_KINDS,
@@ -289,6 +290,24 @@ def routed_status_schema() -> Schema:
     return schema
 
 
+def capability_status_schema() -> Schema:
+    """Status of a Capability: a routed workload's, plus its canary's when it has one."""
+    schema = routed_status_schema()
+    schema["properties"]["canary"] = {
+        "type": "object",
+        "description": "The canary workload (<name>-canary), while spec.canary is set.",
+        "properties": {
+            "replicas": {"type": "integer", "format": "int32", "minimum": 0,
+                         "description": "Canary pods that exist."},
+            "readyReplicas": {"type": "integer", "format": "int32", "minimum": 0,
+                              "description": "Canary pods that are ready."},
+            "weight": {"type": "integer", "minimum": 0, "maximum": 100,
+                       "description": "Percent of calls the gateway sends to the canary."},
+        },
+    }
+    return schema
+
+
 def routing_status_properties() -> dict[str, Schema]:
     """What the routing controller writes in status: recommendations, the effects of the
     changes it made, and its own conditions, figures and state."""
@@ -388,10 +407,11 @@ _AGE_COLUMN: Final = {"name": "Age", "type": "date", "jsonPath": ".metadata.crea
 
 def _render_crd(*, kind: str, plural: str, short_names: list[str], description: str,
                 name_max_length: int, spec_schema: Schema, status_schema: Schema,
-                columns: list[dict[str, Any]], scale: bool = True) -> dict[str, Any]:
+                columns: list[dict[str, Any]], scale: bool = True,
+                rules: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """A namespaced CRD of group packetflow.io with a status subresource (and, with
     ``scale``, a scale subresource)."""
-    root = {
+    root: Schema = {
         "type": "object",
         "description": description,
         "required": ["spec"],
@@ -410,6 +430,8 @@ def _render_crd(*, kind: str, plural: str, short_names: list[str], description: 
             "status": status_schema,
         },
     }
+    if rules:
+        root["x-kubernetes-validations"] = rules
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -456,13 +478,23 @@ def render_capability_crd() -> dict[str, Any]:
         kind="Capability", plural="capabilities", short_names=["cap"],
         description="A declared capability: what it is for, its contract, how it runs.",
         name_max_length=63, spec_schema=capability_spec_schema(),
-        status_schema=routed_status_schema(),
+        status_schema=capability_status_schema(),
         columns=[
             {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
             {"name": "Intent", "type": "string", "jsonPath": ".spec.intent"},
             {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint",
              "priority": 1},
-        ])
+            {"name": "Canary", "type": "integer", "jsonPath": ".status.canary.weight",
+             "priority": 1},
+        ],
+        rules=[{
+            # The canary's Service is `<name>-canary`, and a Service name has 63 characters.
+            "rule": f"!has(self.spec.canary) || size(self.metadata.name) <= "
+                    f"{63 - len(CANARY_SUFFIX)}",
+            "message": f"a Capability with spec.canary has a name of at most "
+                       f"{63 - len(CANARY_SUFFIX)} characters (its canary adds "
+                       f"'{CANARY_SUFFIX}')",
+        }])
 
 
 def render_actor_crd() -> dict[str, Any]:

@@ -299,6 +299,7 @@ class Reconciler:
                     continue  # verified at a version no event has moved past
                 create_first = record.deleted if record is not None else created
                 writes += await self._apply_child(state, key, want, create_first=create_first)
+            writes += await self._retire_canary(state)
         except (ChildConflictError, ApiError) as exc:
             if isinstance(exc, ChildConflictError) or not exc.retriable:
                 reason = exc.reason if isinstance(exc, ChildConflictError) else "ApplyFailed"
@@ -306,6 +307,24 @@ class Reconciler:
                     reason, str(exc), previous=self._previous(state),
                     generation=state.generation, now=status.now_rfc3339()))
             raise
+        return writes
+
+    async def _retire_canary(self, state: ResourceState) -> int:
+        """Scale a canary whose ``spec.canary`` is gone (promoted or dropped) to 0, once:
+        while status still says it ran. The operator deletes no children (no RBAC for it)."""
+        writes = 0
+        assert state.manifest is not None
+        for retired in render.retired_canary(state.manifest, state.namespace,
+                                             state.live_status):
+            meta = retired["metadata"]
+            try:
+                await self.client.merge_patch(retired["apiVersion"], retired["kind"],
+                                              state.namespace, meta["name"],
+                                              {"spec": retired["spec"]})
+            except NotFoundError:
+                continue  # never created, or removed by hand: nothing runs
+            self.metrics.child_writes.labels(retired["kind"], "patch").inc()
+            writes += 1
         return writes
 
     def _with_owner(self, state: ResourceState, manifest: Manifest) -> Manifest:
@@ -402,8 +421,9 @@ class Reconciler:
         if not in_sync:
             self.enqueue(state, "child-changed")
             return "queued"
-        if key == state.workload_key and self._status_stale(state):
-            self.enqueue(state, "child-changed")  # readiness moved: status has news
+        if key[0] in _WORKLOAD_KINDS and self._status_stale(state):
+            # The workload's (or its canary's) readiness moved: status has news.
+            self.enqueue(state, "child-changed")
             return "queued"
         return "in-sync"
 
@@ -483,11 +503,14 @@ class Reconciler:
                                           else 1)
         else:
             workload = status.assess_deployment(view)
-        return status.workload_status(
+        canary = render.canary_status(
+            state.manifest, state.workloads.get(("Deployment", render.canary_name(state.name))),
+            state.live_status)
+        return {**status.workload_status(
             workload, endpoint=render.endpoint(state.name, state.namespace, self.settings),
             selector=render.label_selector(state.name, state.kind),
             previous=self._previous(state), generation=state.generation,
-            now=status.now_rfc3339(), members=members)
+            now=status.now_rfc3339(), members=members), **canary}
 
     def _status_stale(self, state: ResourceState) -> bool:
         """Whether the status the workload now implies differs from the live one."""

@@ -4,22 +4,26 @@ Nothing here does I/O; every function returns plain dicts, so the rendered state
 tested (and validated against real Kubernetes schemas) without a cluster. The handlers add
 ownerReferences and apply the difference.
 
-A Capability runs as a ConfigMap (its spec bundle), a Deployment and a Service. An Actor runs
-as a ConfigMap, a StatefulSet (stable member names for placement), a headless Service (the
-members' DNS names) and a Service for clients; with SQLite each pod gets a volume (a PVC).
+A Capability runs as a ConfigMap (its spec bundle), a Deployment and a Service; with
+``spec.canary``, a second set ``<name>-canary`` runs the canary's version of it (same
+capability name, so callers never know which answered; the gateway splits calls by weight). An
+Actor runs as a ConfigMap, a StatefulSet (stable member names for placement), a headless
+Service (the members' DNS names) and a Service for clients; with SQLite each pod gets a volume
+(a PVC).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from typing import Any, Final
 
 import orjson
 import yaml
 
 from packetflow.operator.settings import OperatorSettings
-from packetflow.spec import API_VERSION, Actor, Capability, ValueSource
+from packetflow.spec import API_VERSION, CANARY_SUFFIX, Actor, Capability, ValueSource
 
 Manifest = dict[str, Any]
 Resource = Capability | Actor
@@ -31,6 +35,7 @@ LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 LABEL_CAPABILITY: Final = "packetflow.io/capability"
 LABEL_ACTOR: Final = "packetflow.io/actor"
+LABEL_VERSION: Final = "packetflow.io/version"
 # The label naming a child's owner, per owner kind (orphans are adopted only by their owner).
 OWNER_LABELS: Final = {"Capability": LABEL_CAPABILITY, "Actor": LABEL_ACTOR}
 MANAGED_BY: Final = "packetflow-operator"
@@ -49,16 +54,27 @@ MCP_BUNDLE_CONFIGMAP: Final = "packetflow-mcp-bundle"
 _RUNTIME_SERVED: Final = ("python", "builtin", "composition", "mcp", "federated")
 # Pod components: a Capability's Deployment and an Actor's StatefulSet never select each other.
 _COMPONENTS: Final = {"Capability": "runtime", "Actor": "actor"}
+# Spec fields no runtime reads (the gateway and the routing controller do): left out of the
+# bundle, so changing a canary weight or a traffic policy never restarts pods.
+_NOT_SERVED: Final = ("canary", "traffic")
+
+
+def canary_name(name: str) -> str:
+    """Name of a Capability's canary workload, Service (and bundle prefix)."""
+    return f"{name}{CANARY_SUFFIX}"
 
 
 def selector_labels(name: str, kind: str = "Capability") -> dict[str, str]:
-    """Labels that pick a resource's runtime pods; immutable once the workload exists."""
+    """Labels that pick a workload's runtime pods (``name``: the workload's, which is the
+    resource's but for a canary); immutable once the workload exists."""
     return {LABEL_NAME: "packetflow", LABEL_INSTANCE: name, LABEL_COMPONENT: _COMPONENTS[kind]}
 
 
-def child_labels(name: str, kind: str = "Capability") -> dict[str, str]:
-    """Labels on every child: the selector plus ownership labels the operator watches by."""
-    return {**selector_labels(name, kind), LABEL_PART_OF: "packetflow",
+def child_labels(name: str, kind: str = "Capability", workload: str | None = None
+                 ) -> dict[str, str]:
+    """Labels on every child: its workload's selector plus ownership labels the operator
+    watches by (the owner is the resource ``name``)."""
+    return {**selector_labels(workload or name, kind), LABEL_PART_OF: "packetflow",
             LABEL_MANAGED_BY: MANAGED_BY, OWNER_LABELS[kind]: name}
 
 
@@ -88,12 +104,15 @@ def member_names(name: str, replicas: int) -> list[str]:
 
 
 def _bundle_manifest(resource: Resource) -> Manifest:
+    spec = resource.spec.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    for key in _NOT_SERVED:
+        spec.pop(key, None)
     return {
         "apiVersion": API_VERSION,
         "kind": resource.kind,
         # Only the name: server-side metadata (uid, annotations, managedFields) is not the spec.
         "metadata": {"name": resource.name},
-        "spec": resource.spec.model_dump(mode="json", by_alias=True, exclude_unset=True),
+        "spec": spec,
     }
 
 
@@ -109,15 +128,17 @@ def render_bundle(resource: Resource) -> str:
                      allow_unicode=True)
 
 
-def _metadata(name: str, namespace: str, kind: str = "Capability") -> Manifest:
-    return {"name": name, "namespace": namespace, "labels": child_labels(name, kind)}
+def _metadata(name: str, namespace: str, kind: str = "Capability",
+              workload: str | None = None) -> Manifest:
+    return {"name": workload or name, "namespace": namespace,
+            "labels": child_labels(name, kind, workload)}
 
 
-def render_configmap(resource: Resource, namespace: str,
-                     settings: OperatorSettings) -> Manifest:
+def render_configmap(resource: Resource, namespace: str, settings: OperatorSettings,
+                     workload: str | None = None) -> Manifest:
     """The ConfigMap with the spec bundle, mounted read-only into the runtime pods."""
-    metadata = _metadata(resource.name, namespace, resource.kind)
-    metadata["name"] = configmap_name(resource.name)
+    metadata = _metadata(resource.name, namespace, resource.kind, workload)
+    metadata["name"] = configmap_name(workload or resource.name)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata,
             "data": {BUNDLE_KEY: render_bundle(resource)}}
 
@@ -177,7 +198,7 @@ def _runtime_args(settings: OperatorSettings) -> list[str]:
 
 
 def _container(resource: Resource, settings: OperatorSettings,
-               env: list[Manifest] | None = None) -> Manifest:
+               env: list[Manifest] | None = None, image: str | None = None) -> Manifest:
     image_impl = resource.spec.implementation.image if isinstance(resource, Capability) \
         else None
     grpc_port = image_impl.port if image_impl is not None else settings.grpc_port
@@ -195,7 +216,7 @@ def _container(resource: Resource, settings: OperatorSettings,
             ports.append({"name": MCP_PORT_NAME, "containerPort": settings.mcp_port,
                           "protocol": "TCP"})
         container.update(
-            image=settings.image, imagePullPolicy=settings.image_pull_policy,
+            image=image or settings.image, imagePullPolicy=settings.image_pull_policy,
             args=_runtime_args(settings),
             # The root filesystem is read-only: durable local state (trigger idempotency keys,
             # SQLite actor stores) goes to a mounted volume.
@@ -239,17 +260,18 @@ def _container(resource: Resource, settings: OperatorSettings,
 
 def _pod_template(resource: Resource, settings: OperatorSettings,
                   env: list[Manifest] | None = None,
-                  state_volume: Manifest | None = None) -> Manifest:
+                  state_volume: Manifest | None = None, workload: str | None = None,
+                  image: str | None = None) -> Manifest:
     """The runtime pod; ``state_volume`` is None when the state dir is a claim template."""
     name = resource.name
     volumes: list[Manifest] = [
-        {"name": "bundle", "configMap": {"name": configmap_name(name)}},
+        {"name": "bundle", "configMap": {"name": configmap_name(workload or name)}},
         {"name": "tmp", "emptyDir": {}},
     ]
     if state_volume is not None and _runtime_served(resource):
         volumes.append({"name": STATE_VOLUME, **state_volume})
     return {
-        "metadata": {"labels": child_labels(name, resource.kind), "annotations": {}},
+        "metadata": {"labels": child_labels(name, resource.kind, workload), "annotations": {}},
         "spec": {
             # Runtime pods never call the Kubernetes API: no token in them.
             "automountServiceAccountToken": False,
@@ -264,7 +286,7 @@ def _pod_template(resource: Resource, settings: OperatorSettings,
                 "fsGroup": settings.run_as_user,
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
-            "containers": [_container(resource, settings, env)],
+            "containers": [_container(resource, settings, env, image)],
             "volumes": volumes,
         },
     }
@@ -275,12 +297,14 @@ def spec_hash(*parts: Any) -> str:
     return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
-def render_deployment(capability: Capability, namespace: str,
-                      settings: OperatorSettings) -> Manifest:
-    """The Deployment running ``packetflow runtime``; replicas only when the spec sets them."""
+def render_deployment(capability: Capability, namespace: str, settings: OperatorSettings,
+                      workload: str | None = None, image: str | None = None) -> Manifest:
+    """The Deployment running ``packetflow runtime``; replicas only when the spec sets them.
+    (``workload`` and ``image``: a canary's name and image.)"""
     name = capability.name
     # Capability pods keep only trigger idempotency keys: pod-local scratch is enough.
-    template = _pod_template(capability, settings, state_volume={"emptyDir": {}})
+    template = _pod_template(capability, settings, state_volume={"emptyDir": {}},
+                             workload=workload, image=image)
     # The bundle is a file in a ConfigMap: changing it does not restart pods by itself, so its
     # hash (with the template's) goes on the template and every spec change rolls the pods.
     # Except replicas: scaling (kubectl scale, an HPA on the scale subresource) is no rollout.
@@ -292,12 +316,12 @@ def render_deployment(capability: Capability, namespace: str,
         # Unset means an autoscaler owns the count: never write it, or we would fight it.
         spec["replicas"] = capability.spec.replicas
     spec.update(
-        selector={"matchLabels": selector_labels(name)},
+        selector={"matchLabels": selector_labels(workload or name)},
         revisionHistoryLimit=3,
         template=template,
     )
     return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": _metadata(name, namespace), "spec": spec}
+            "metadata": _metadata(name, namespace, workload=workload), "spec": spec}
 
 
 def _service_ports(resource: Resource, settings: OperatorSettings) -> list[Manifest]:
@@ -312,14 +336,15 @@ def _service_ports(resource: Resource, settings: OperatorSettings) -> list[Manif
     return ports
 
 
-def render_service(resource: Resource, namespace: str,
-                   settings: OperatorSettings) -> Manifest:
+def render_service(resource: Resource, namespace: str, settings: OperatorSettings,
+                   workload: str | None = None) -> Manifest:
     """The ClusterIP Service for clients: named ports ``grpc`` (and ``metrics``, plus ``mcp``
     when enabled, for runtime pods)."""
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _metadata(resource.name, namespace, resource.kind),
-        "spec": {"type": "ClusterIP", "selector": selector_labels(resource.name, resource.kind),
+        "metadata": _metadata(resource.name, namespace, resource.kind, workload),
+        "spec": {"type": "ClusterIP",
+                 "selector": selector_labels(workload or resource.name, resource.kind),
                  "ports": _service_ports(resource, settings)},
     }
 
@@ -386,10 +411,70 @@ def render_statefulset(actor: Actor, namespace: str, settings: OperatorSettings)
             "metadata": _metadata(name, namespace, "Actor"), "spec": spec}
 
 
+def canary_capability(capability: Capability) -> Capability | None:
+    """What the canary pods serve: the Capability with ``spec.canary``'s implementation,
+    resources and replicas (its own name: callers call one capability); None without one."""
+    canary = capability.spec.canary
+    if canary is None:
+        return None
+    spec = capability.spec.model_dump(mode="json", by_alias=True, exclude_unset=True,
+                                      exclude={"canary", "scaling"})
+    overrides = canary.model_dump(mode="json", by_alias=True, exclude_none=True,
+                                  include={"implementation", "resources"})
+    spec.update(overrides, replicas=canary.replicas)
+    return Capability.model_validate({"apiVersion": API_VERSION, "kind": "Capability",
+                                      "metadata": {"name": capability.name}, "spec": spec})
+
+
+def render_canary(capability: Capability, namespace: str,
+                  settings: OperatorSettings) -> list[Manifest]:
+    """The canary's ConfigMap, Service and Deployment (``<name>-canary``), or nothing. Its
+    pods carry ``packetflow.io/version: canary`` (for per-version series in Prometheus)."""
+    served = canary_capability(capability)
+    if served is None or capability.spec.canary is None:
+        return []
+    workload = canary_name(capability.name)
+    deployment = render_deployment(served, namespace, settings, workload,
+                                   capability.spec.canary.image)
+    deployment["spec"]["template"]["metadata"]["labels"][LABEL_VERSION] = "canary"
+    return [render_configmap(served, namespace, settings, workload),
+            render_service(served, namespace, settings, workload), deployment]
+
+
+def retired_canary(resource: Resource, namespace: str,
+                   previous: Mapping[str, Any] | None) -> list[Manifest]:
+    """What scales a canary down once ``spec.canary`` is gone (promoted or dropped): its
+    Deployment at 0 replicas, while ``status.canary`` still says it ran. The operator never
+    deletes children, and a patch of a missing workload is no error (create nothing)."""
+    if not isinstance(resource, Capability) or resource.spec.canary is not None \
+            or not (previous or {}).get("canary"):
+        return []
+    workload = canary_name(resource.name)
+    return [{"apiVersion": "apps/v1", "kind": "Deployment",
+             "metadata": _metadata(resource.name, namespace, workload=workload),
+             "spec": {"replicas": 0}}]
+
+
+def canary_status(resource: Resource | None, canary_live: Mapping[str, Any] | None,
+                  previous: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``status.canary`` (replicas, readyReplicas, weight) from the canary's Deployment as
+    last seen, or its removal once ``spec.canary`` is gone; ``{}`` when there is nothing to
+    say (not a Capability, or no canary now or before)."""
+    if not isinstance(resource, Capability):
+        return {}
+    canary = resource.spec.canary
+    if canary is None:
+        return {"canary": None} if (previous or {}).get("canary") else {}
+    observed = (canary_live or {}).get("status") or {}
+    return {"canary": {"replicas": int(observed.get("replicas") or 0),
+                       "readyReplicas": int(observed.get("readyReplicas") or 0),
+                       "weight": canary.weight}}
+
+
 def desired_children(resource: Resource, namespace: str,
                      settings: OperatorSettings) -> list[Manifest]:
     """Every child object of a Capability or Actor, in the order they are applied (bundle
-    first, the workload last so its pods find everything they mount)."""
+    first, the resource's own workload last so its pods find everything they mount)."""
     if isinstance(resource, Actor):
         return [
             render_configmap(resource, namespace, settings),
@@ -400,6 +485,7 @@ def desired_children(resource: Resource, namespace: str,
     return [
         render_configmap(resource, namespace, settings),
         render_service(resource, namespace, settings),
+        *render_canary(resource, namespace, settings),
         render_deployment(resource, namespace, settings),
     ]
 

@@ -20,7 +20,7 @@ DEGRADED: Final = "Degraded"
 # carries it on); anything else under status belongs to someone else (the routing
 # controller, kopf) and is never sent back.
 OWN_KEYS: Final = frozenset({"conditions", "observedGeneration", "replicas", "readyReplicas",
-                             "endpoint", "selector", "members", "activeActors"})
+                             "endpoint", "selector", "members", "activeActors", "canary"})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,140 @@
+"""``packetflow gateway``: one gRPC address in front of every capability and actor type."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from packetflow.gateway.metrics import GatewayMetrics
+from packetflow.gateway.routes import RoutesError, load_routes
+from packetflow.gateway.routing import Routes
+from packetflow.gateway.server import GatewayServer
+from packetflow.gateway.settings import GatewaySettings
+from packetflow.logs import configure_logging
+from packetflow.serve import drain_after, start_metrics_server, stop_on_signal
+
+log = logging.getLogger("packetflow.gateway")
+
+RELOAD_POLL_SECONDS = 0.5
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add the ``gateway`` subcommand (entry point group ``packetflow.commands``)."""
+    parser = sub.add_parser(
+        "gateway", help="one gRPC address in front of every capability and actor type",
+        description="Route each call to the best backend: peak-EWMA balancing, outlier "
+                    "ejection, retries within a budget, hedging and canary weights. Backends "
+                    "come from --routes FILE (reloaded on change) or, with --kubernetes, from "
+                    "Capabilities, Actors and their EndpointSlices.")
+    parser.add_argument("--address", help="gRPC listen address (default 127.0.0.1:50051)")
+    parser.add_argument("--metrics-address",
+                        help="Prometheus listen address (default 127.0.0.1:9464; '' for none)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--routes", type=Path, metavar="FILE",
+                        help="routes file: capability -> backends (reloaded on change)")
+    source.add_argument("--kubernetes", action="store_true", default=None,
+                        help="discover backends through the Kubernetes API (in-cluster)")
+    parser.add_argument("--namespace", action="append", metavar="NS",
+                        help="with --kubernetes: serve this namespace (repeatable; "
+                             "default all)")
+    parser.set_defaults(func=cmd_gateway)
+
+
+def settings_from(args: argparse.Namespace) -> GatewaySettings:
+    """Settings from the environment, flags on top."""
+    flags = {"address": args.address, "metrics_address": args.metrics_address,
+             "gateway_routes": args.routes, "gateway_kubernetes": args.kubernetes,
+             "gateway_namespaces": args.namespace}
+    return GatewaySettings(**{k: v for k, v in flags.items() if v is not None})
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    """Run the gateway until SIGINT/SIGTERM."""
+    settings = settings_from(args)
+    if settings.gateway_routes is None and not settings.gateway_kubernetes:
+        print("error: give --routes FILE or --kubernetes", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    return asyncio.run(serve_gateway(settings))
+
+
+async def serve_gateway(settings: GatewaySettings) -> int:
+    """Serve until SIGINT/SIGTERM; returns an exit code."""
+    metrics = GatewayMetrics()
+    routes: Routes | None = None
+    discover: Callable[[GatewayServer], Awaitable[None]]
+    if settings.gateway_routes is not None:
+        path = settings.gateway_routes
+        try:
+            routes = load_routes(path)
+        except RoutesError as exc:
+            for error in exc.errors:
+                print(f"error: {error}", file=sys.stderr)
+            return 1
+
+        async def discover(server: GatewayServer) -> None:
+            await watch_routes_file(path, server.apply)
+        where = f"routes from {path}"
+    else:
+        # Imported here: only Kubernetes mode needs the API client.
+        from packetflow.gateway.kube import KubeDiscovery
+
+        discovery = KubeDiscovery.from_settings(settings)
+
+        async def discover(server: GatewayServer) -> None:
+            await discovery.run(server.apply)
+        namespaces = ", ".join(settings.gateway_namespaces) or "all namespaces"
+        where = f"Kubernetes ({namespaces})"
+    server = await GatewayServer.start(settings.address, routes=routes, metrics=metrics,
+                                       max_payload_bytes=settings.max_payload_bytes)
+    metrics_server, metrics_port = (
+        start_metrics_server(metrics.registry, settings.metrics_address)
+        if settings.metrics_address else (None, None))
+    stop = stop_on_signal()
+    extra = f", metrics on :{metrics_port}/metrics" if metrics_port else ""
+    print(f"packetflow: gateway on port {server.port}, {where}{extra}", file=sys.stderr,
+          flush=True)
+    discovering = asyncio.create_task(discover(server))
+    try:
+        await drain_after(stop, server, settings.drain_seconds, settings.grace_seconds)
+    finally:
+        discovering.cancel()
+        await asyncio.gather(discovering, return_exceptions=True)
+        if metrics_server is not None:
+            metrics_server.shutdown()
+    return 0
+
+
+async def watch_routes_file(path: Path, apply: Callable[[Routes], None]) -> None:
+    """Reload the routes file when it changes; a bad version is reported and the routes
+    before it keep serving."""
+    seen = _stamp(path)
+    while True:
+        await asyncio.sleep(RELOAD_POLL_SECONDS)
+        stamp = _stamp(path)
+        if stamp == seen:
+            continue
+        seen = stamp
+        try:
+            routes = await asyncio.to_thread(load_routes, path)
+        except RoutesError as exc:
+            for error in exc.errors:
+                log.error("routes not reloaded: %s", error, extra={"file": str(path)})
+            continue
+        apply(routes)
+        log.info("routes reloaded", extra={"file": str(path),
+                                           "capabilities": len(routes.capabilities),
+                                           "actors": len(routes.actors)})
+
+
+def _stamp(path: Path) -> tuple[float, int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_mtime, status.st_size

@@ -1,0 +1,112 @@
+"""One HTTP/2 connection per backend address, shared by every route that uses it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from packetflow.addresses import split_address
+from packetflow.gateway.h2 import Connection, Stream, StreamHandler, StreamRefused
+
+log = logging.getLogger("packetflow.gateway")
+
+# After a failed connect, calls fail fast (as not delivered) for this long, doubling per
+# failure up to the maximum, instead of every call dialling a dead address.
+CONNECT_BACKOFF = 0.1
+CONNECT_BACKOFF_MAX = 5.0
+CONNECT_TIMEOUT = 5.0
+
+
+class ConnectFailed(Exception):
+    """The backend could not be reached: nothing was sent, a retry elsewhere is safe."""
+
+
+class Upstream:
+    """A backend address (``host:port`` or ``unix:PATH``) and the connection to it."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.authority = address.encode()
+        self.conn: Connection | None = None
+        self._connecting: asyncio.Future[Connection] | None = None
+        self._retry_at = 0.0
+        self._backoff = CONNECT_BACKOFF
+        self.retired = False
+
+    def stream(self, handler: StreamHandler) -> Stream | None:
+        """A new stream on the live connection, or None when a connect is needed first.
+
+        Raises StreamRefused when the connection is at the backend's stream limit.
+        """
+        conn = self.conn
+        if conn is None or conn.going_away:
+            return None
+        return conn.open_stream(handler)
+
+    async def connect(self) -> Connection:
+        """The live connection, dialled if needed (one dial shared by all waiting calls)."""
+        conn = self.conn
+        if conn is not None and not conn.going_away:
+            return conn
+        if self.retired:
+            raise ConnectFailed(f"{self.address} left the routes")
+        if self._connecting is None:
+            if time.monotonic() < self._retry_at:
+                raise ConnectFailed(f"{self.address} refused a connection moments ago")
+            self._connecting = asyncio.ensure_future(self._dial())
+            # Every waiter may have given up; the outcome must still count as retrieved.
+            self._connecting.add_done_callback(
+                lambda done: done.cancelled() or done.exception())
+        try:
+            return await asyncio.shield(self._connecting)
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
+
+    async def _dial(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                if self.address.startswith("unix:"):
+                    _, conn = await loop.create_unix_connection(
+                        lambda: Connection(server=False), self.address.removeprefix("unix:"))
+                else:
+                    host, port = split_address(self.address)
+                    _, conn = await loop.create_connection(
+                        lambda: Connection(server=False), host, port)
+        except (OSError, TimeoutError, ValueError) as exc:
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, CONNECT_BACKOFF_MAX)
+            raise ConnectFailed(f"cannot connect to {self.address}: "
+                                f"{exc or type(exc).__name__}") from None
+        self._backoff = CONNECT_BACKOFF
+        self._retry_at = 0.0
+        if self.retired:  # left the routes while dialling
+            conn.goaway()
+            raise ConnectFailed(f"{self.address} left the routes")
+        self.conn = conn
+        return conn
+
+    def retire(self) -> None:
+        """The address left the routes: finish open calls, then close (drain, not cut)."""
+        self.retired = True
+        if self.conn is not None:
+            self.conn.goaway()
+
+    async def aclose(self) -> None:
+        """Close at once (shutdown)."""
+        self.retired = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._connecting
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await conn.closed
+
+
+__all__ = ["ConnectFailed", "StreamRefused", "Upstream"]
