@@ -164,8 +164,9 @@ async def test_bad_arguments_are_tool_errors_naming_the_field(mcp: Client,
         no_id = await client.call_tool("ledger", {"n": 1})
         wrong = await client.call_tool("ledger", {"actor_id": "a", "n": "one"})
         extra = await client.call_tool("ledger", {"actor_id": "a", "n": 1, "x": 2})
-        with pytest.raises(MCPError):
+        with pytest.raises(MCPError) as unknown:
             await client.call_tool("no-such-tool", {"actor_id": "a"})
+    assert unknown.value.code == -32602 and "no-such-tool" in unknown.value.message
     assert no_id.is_error and text_of(no_id) == "INVALID_ARGUMENT: actor_id: is required"
     assert wrong.is_error and "message.n" in text_of(wrong)
     assert wrong.meta is not None

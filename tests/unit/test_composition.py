@@ -688,6 +688,17 @@ async def test_step_metrics() -> None:
     assert registry.get_sample_value("packetflow_step_attempts_total", labels) == 2
     assert registry.get_sample_value("packetflow_step_failures_total",
                                      {**labels, "code": "OK"}) is None
+    # A step that ends in an error is counted once, by its code (retries are attempts).
+    probe.failures = [Unavailable("down"), Unavailable("down")]
+    await fails(engine, {})
+    probe.failures = [InvalidInput([])]
+    await fails(engine, {})
+    assert registry.get_sample_value("packetflow_step_failures_total",
+                                     {**labels, "code": "UNAVAILABLE"}) == 1
+    assert registry.get_sample_value("packetflow_step_failures_total",
+                                     {**labels, "code": "INVALID_ARGUMENT"}) == 1
+    assert registry.get_sample_value("packetflow_step_attempts_total", labels) == 5
+    assert registry.get_sample_value("packetflow_step_duration_seconds_count", labels) == 3
 
 
 async def test_handler_without_remote_caller_refuses_remote_steps() -> None:

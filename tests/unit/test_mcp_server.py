@@ -147,9 +147,11 @@ async def test_unknown_tool_is_a_protocol_error(mcp: Client) -> None:
     async with mcp as client:
         with pytest.raises(MCPError) as caught:
             await client.call_tool("no-such-tool", {})
-        assert "no-such-tool" in caught.value.message
-        with pytest.raises(MCPError):
+        # -32602 (invalid params), as the README promises: not any protocol error.
+        assert caught.value.code == -32602 and "no-such-tool" in caught.value.message
+        with pytest.raises(MCPError) as hidden:
             await client.call_tool("hidden", {})  # not exposed: not callable either
+        assert hidden.value.code == -32602 and "hidden" in hidden.value.message
 
 
 async def test_calls_go_through_the_engine_metrics(mcp: Client, engine: Engine) -> None:
@@ -247,5 +249,6 @@ async def test_reload_changes_the_tool_list(engine: Engine) -> None:
         engine.replace([e.capability for e in engine.served.values() if e.name != "add"])
         after = {t.name for t in (await client.list_tools(cache_mode="bypass")).tools}
         assert before - after == {"add"}
-        with pytest.raises(MCPError):
+        with pytest.raises(MCPError) as caught:
             await client.call_tool("add", {"a": 1})
+        assert caught.value.code == -32602
