@@ -313,7 +313,7 @@ metadata: {{name: tools}}
 spec:
   intent: Call remote tools
   implementation: {{python: {{module: tests.support.actor_handlers, class: ToolUser}}}}
-  timeoutSeconds: 1
+  timeoutSeconds: 20
   mcpTools:
     - {{name: echo, url: "{url}"}}
     - {{name: nap, url: "{url}", tool: slow}}
@@ -330,10 +330,11 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}/mcp"
 
 
-async def failure(system: ActorSystem, message: dict[str, Any]) -> PacketFlowError:
+async def failure(system: ActorSystem, message: dict[str, Any],
+                  deadline: float | None = None) -> PacketFlowError:
     """The error a message to the ``tools`` actor fails with."""
     with pytest.raises(PacketFlowError) as caught:
-        await system.get("tools").send("r", message)
+        await system.get("tools").send("r", message, deadline=deadline)
     return caught.value
 
 
@@ -354,9 +355,12 @@ async def test_ctx_tools_calls_remote_mcp_tools(tmp_path: Path) -> None:
             assert code_of(broken).value == "INTERNAL" and "broke on purpose" in broken.message
             gone = await failure(system, {"tool": "gone", "args": {"message": "x"}})
             assert code_of(gone).value == "UNAVAILABLE"
-            # Nothing runs past the turn's deadline (timeoutSeconds: 1).
-            async with asyncio.timeout(10):
-                slow = await failure(system, {"tool": "nap", "args": {"seconds": 30}})
+            # Nothing runs past the turn's deadline: here the caller's, 3 s (timeoutSeconds,
+            # 20 s, leaves room for opening sessions on a busy machine). A tool call that did
+            # not carry it would run into the bound.
+            deadline = asyncio.get_running_loop().time() + 3
+            async with asyncio.timeout(15):
+                slow = await failure(system, {"tool": "nap", "args": {"seconds": 30}}, deadline)
             assert code_of(slow).value == "DEADLINE_EXCEEDED"
             assert (await system.get("tools").describe("r"))["state"] == {"calls": 1}
         finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -443,8 +442,10 @@ async def test_parallel_any_fails_when_no_branch_can_succeed() -> None:
 
 async def test_parallel_branch_timeout() -> None:
     probe = Probe(gate=never_set())
+    # The gated branch can never finish; the others must finish within the same limit, so it
+    # is generous for a busy machine.
     engine = build(composition_manifest("flow", PARALLEL.format(
-        options="timeoutSeconds: 0.05")), {"probe": probe})
+        options="timeoutSeconds: 2")), {"probe": probe})
     error, trace = await fails(engine, {"a": 2, "who": "ann"})
     assert isinstance(error, DeadlineExceeded)
     assert "branch 'slow'" in error.message
@@ -453,7 +454,7 @@ async def test_parallel_branch_timeout() -> None:
 
 
 async def test_parallel_branch_timeout_of_an_optional_branch_is_tolerated() -> None:
-    options = "timeoutSeconds: 0.05\n        optional: [slow]"
+    options = "timeoutSeconds: 2\n        optional: [slow]"
     engine = build(composition_manifest("flow", PARALLEL.format(options=options)),
                    {"probe": Probe(gate=never_set())})
     output, _ = await run(engine, {"a": 2, "who": "ann"})
@@ -608,11 +609,11 @@ async def test_retry_skips_non_retryable_codes() -> None:
 async def test_retry_never_sleeps_past_the_callers_deadline() -> None:
     probe = Probe(failures=[Unavailable("down")] * 5)
     engine = build(retried("{maxAttempts: 5, backoffSeconds: 30}"), {"probe": probe})
-    started = time.monotonic()
     error, _ = await fails(engine, {}, timeout=2)
-    assert isinstance(error, Unavailable)  # the last real error, not a made-up timeout
+    # The last real error, not a timeout after sleeping: a backoff slept into the deadline
+    # would end in DEADLINE_EXCEEDED.
+    assert isinstance(error, Unavailable)
     assert len(probe.calls) == 1
-    assert time.monotonic() - started < 2
 
 
 async def test_retry_on_the_attempts_own_deadline() -> None:
@@ -659,7 +660,8 @@ async def test_callers_deadline_cancels_the_running_step() -> None:
     probe = Probe(gate=never_set())
     engine = build(composition_manifest("flow", "{steps: [{call: {capability: probe}}]}"),
                    {"probe": probe})
-    error, _ = await fails(engine, {}, timeout=0.05)
+    # Long enough for the step to start on a busy machine; the gated step never finishes.
+    error, _ = await fails(engine, {}, timeout=1)
     assert isinstance(error, DeadlineExceeded)
     assert probe.cancelled == 1
 
