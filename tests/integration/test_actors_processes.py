@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import orjson
-import pytest
 
 from packetflow.actors.timing import rendezvous_owner
 from packetflow.client import CallError, RuntimeClient
 from tests.conftest import eventually
+from tests.support.processes import RuntimeProcess, free_port, packetflow
 
 pytest_plugins = ["tests.support.postgres"]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 LEDGER = """
 apiVersion: packetflow.io/v1alpha1
@@ -34,56 +25,6 @@ spec:
   store: {store}
   replicas: {replicas}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RuntimeProcess:
-    """``packetflow runtime`` in a subprocess, ready when it announces itself."""
-
-    def __init__(self, bundle: Path, state_dir: Path, log: Path,
-                 env: dict[str, str] | None = None, address: str | None = None) -> None:
-        self.address = address or f"127.0.0.1:{free_port()}"
-        self.log = log
-        start = log.stat().st_size if log.exists() else 0  # a restart appends to the same log
-        with log.open("a") as sink:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "packetflow.cli", "runtime", "--bundle", str(bundle),
-                 "--address", self.address, "--metrics-address", "", "--state-dir",
-                 str(state_dir)], cwd=ROOT, stderr=sink, stdout=subprocess.DEVNULL,
-                env={**os.environ, "PACKETFLOW_LOG_LEVEL": "WARNING", **(env or {})})
-        deadline = time.monotonic() + 30
-        while "packetflow: serving" not in log.read_text()[start:] or not self._listening():
-            assert self.process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)  # polling another process, with a deadline
-
-    def _listening(self) -> bool:
-        host, port = self.address.rsplit(":", 1)
-        with socket.socket() as sock:
-            return sock.connect_ex((host, int(port))) == 0
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=30)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[RuntimeProcess]]:
-    started: list[RuntimeProcess] = []
-    yield started
-    for process in started:
-        if process.process.poll() is None:
-            process.kill()
 
 
 def bundle(tmp_path: Path, store: str, replicas: int = 1) -> Path:
@@ -188,10 +129,6 @@ async def test_placement_forwards_to_the_owner_and_moves_on_membership_change(
         assert applied[:len(before[moved])] == before[moved]  # state moved through the store
 
 
-def packetflow(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "packetflow.cli", *args], capture_output=True,
-                          text=True, timeout=30, cwd=ROOT)
-
 
 def test_cli_send_and_actors_commands(tmp_path: Path,
                                       processes: list[RuntimeProcess]) -> None:
@@ -202,10 +139,14 @@ def test_cli_send_and_actors_commands(tmp_path: Path,
     sent = packetflow("send", "ledger", "a", "--data", '{"n": 5, "note": "hello"}', *address)
     assert sent.returncode == 0, sent.stderr
     assert orjson.loads(sent.stdout) == {"n": 5, "count": 1}
+    # --message-id: a retry is applied once and answers with the first reply.
+    retried = [packetflow("send", "ledger", "a", "--data", '{"n": 6}', "--message-id", "q-17",
+                          *address) for _ in range(2)]
+    assert [orjson.loads(r.stdout) for r in retried] == [{"n": 6, "count": 2}] * 2
     listed = packetflow("actors", "list", "ledger", *address)
-    assert listed.stdout.splitlines() == ["a\t1\tactive"]
+    assert listed.stdout.splitlines() == ["a\t2\tactive"]  # version 2: two turns
     got = orjson.loads(packetflow("actors", "get", "ledger", "a", *address).stdout)
-    assert got["state"] == {"applied": [5]}
+    assert got["state"] == {"applied": [5, 6]}
     assert [e["text"] for e in got["memory"]["recent"]] == ["hello"]
     assert got["reminders"] == []
     deleted = packetflow("actors", "delete", "ledger", "a", *address)

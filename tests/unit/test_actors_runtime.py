@@ -96,6 +96,20 @@ async def test_a_retried_message_id_is_applied_once(systems: SystemFactory) -> N
     assert (await kind.describe("a"))["state"]["applied"] == [7]
 
 
+async def test_processed_message_ids_are_swept_after_24_hours(systems: SystemFactory) -> None:
+    clock = FakeClock()
+    kind = (await started(systems(clock=clock), ledger())).get("ledger")
+    await kind.send("a", {"n": 1}, message_id="m-1")
+    clock.now += 24 * 3600 - 60  # not yet a day: the sweep keeps the id
+    await kind.sweep()
+    assert (await kind.send("a", {"n": 1}, message_id="m-1")).duplicate
+    clock.now += 120  # over a day: swept, so the same id is a new message
+    await kind.sweep()
+    again = await kind.send("a", {"n": 1}, message_id="m-1")
+    assert not again.duplicate and again.reply["count"] == 2
+    assert (await kind.describe("a"))["state"]["applied"] == [1, 1]
+
+
 async def test_active_bound_and_idle_timeout_keep_memory_flat(systems: SystemFactory) -> None:
     kind = (await started(systems(), ledger(maxActive=50, idleTimeout="200ms"))).get("ledger")
     for start in range(0, 1000, 100):

@@ -201,6 +201,37 @@ async def test_every_resource_reads(mcp: Client) -> None:
         assert caught.value.code == RESOURCE_NOT_FOUND
 
 
+async def test_capability_resource_shows_live_stats(mcp: Client) -> None:
+    async def stats(name: str) -> dict[str, Any]:
+        read = await client.read_resource(f"capability://{name}")
+        return dict(orjson.loads(read.contents[0].text)["stats"])  # type: ignore[union-attr]
+
+    gate = "stats-gate"
+    handlers.GATES[gate] = asyncio.Event()
+    async with mcp as client:
+        await client.call_tool("add", {"a": 1})
+        await client.call_tool("add", {"a": 2})
+        await client.call_tool("add", {"a": "x"})
+        await client.call_tool("broken", {})
+        held = asyncio.create_task(client.call_tool("hold", {"gate": gate}))
+        await eventually(lambda: _in_flight(stats("hold"), 1), what="the held call")
+        add = await stats("add")
+        assert add["calls"] == {"INVALID_ARGUMENT": 1, "OK": 2}
+        assert (add["calls_total"], add["errors_total"], add["in_flight"]) == (3, 1, 0)
+        assert add["mean_seconds"] is not None and add["mean_seconds"] > 0
+        assert add["contract_violations"] == 0
+        broken = await stats("broken")
+        assert broken["calls"] == {"INTERNAL": 1} and broken["contract_violations"] == 1
+        assert (await stats("echo"))["mean_seconds"] is None  # never called
+        handlers.GATES[gate].set()
+        await held
+        assert await _in_flight(stats("hold"), 0)
+
+
+async def _in_flight(stats: Any, count: int) -> bool:
+    return bool((await stats)["in_flight"] == count)
+
+
 async def test_progress_notifications(mcp: Client) -> None:
     async with mcp as client:
         events: list[tuple[float, float | None, str | None]] = []
