@@ -331,6 +331,140 @@ def test_cycle_through_compositions_is_rejected() -> None:
     assert "d" not in errors  # d calls into the cycle but is not part of it
 
 
+CHECK_LEAVES = """
+---
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: nothing}
+spec:
+  intent: Takes and gives no fields
+  requires: {}
+  provides: {}
+  implementation: {builtin: {name: echo}}
+---
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: maybe}
+spec:
+  intent: Provides fields of every kind
+  provides:
+    opt: {type: [string, "null"], optional: true}
+    plain: {type: [string, "null"]}
+    dflt: {type: [integer, "null"], default: 1}
+    ratio: {type: number}
+    count: {type: integer}
+    free: {}
+  implementation: {builtin: {name: echo}}
+---
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: scale}
+spec:
+  intent: Takes a number
+  requires: {factor: {type: number}}
+  implementation: {builtin: {name: echo}}
+"""
+NOT_BEFORE = "{!r} refers to step {!r}, which does not run before this point"
+
+
+@pytest.mark.parametrize(("composition", "expected"), [
+    # Every expression is checked where it is, and named by its own path.
+    ("{steps: [{mapReduce: {over: steps.nope.xs, map: {call: {capability: echo}}}}]}",
+     [("steps[0].mapReduce.over", NOT_BEFORE.format("steps.nope.xs", "nope"))]),
+    ("{steps: [{conditional: {when: [{if: steps.nope.ok, then: {call: {capability: echo}}}]}}]}",
+     [("steps[0].conditional.when[0].if", NOT_BEFORE.format("steps.nope.ok", "nope"))]),
+    ("{steps: [{call: {capability: echo}, output: steps.nope.x}]}",
+     [("steps[0].output", NOT_BEFORE.format("steps.nope.x", "nope"))]),
+    # A step's `output` replaces its contract: what it provides is no longer known.
+    ("{steps: [{name: s, call: {capability: add, input: {a: input.a}}, output: '{t: result.sum}'},"
+     " {call: {capability: add, input: {a: steps.s.zzz}}}]}", []),
+    # A nested pipeline's steps are its own; its own errors carry its path.
+    ("{steps: [{pipeline: [{name: inner, call: {capability: nowhere}}]},"
+     " {call: {capability: add, input: {a: steps.inner.sum}}}]}",
+     [("steps[0].pipeline[0].call.capability", "step 'inner' calls capability 'nowhere', which "
+       "is not declared (set address for a remote one)"),
+      ("steps[1].call.input.a", NOT_BEFORE.format("steps.inner.sum", "inner"))]),
+    # `last` is the previous step's contract; in a map it is the item, not known.
+    ("{steps: [{call: {capability: greet, input: {name: input.who}}},"
+     " {name: one, call: {capability: add, input: {a: last.text}}},"
+     " {name: two, call: {capability: add, input: {a: last.nope}}}]}",
+     [("steps[1].call.input.a", "step 'one': 'last.text' is string but 'add' requires 'a' as "
+       "integer"),
+      ("steps[2].call.input.a", "'last.nope': no field 'nope' there (it provides sum)")]),
+    ("{steps: [{call: {capability: add, input: {a: input.a}}},"
+     " {mapReduce: {over: input.xs, map: {call: {capability: add, input: {a: last.zzz}}}}}]}", []),
+    # No contract: any field may be mapped, and every expression is still checked.
+    ("{steps: [{call: {capability: echo, input: {x: input.a, y: steps.nope.q}}}]}",
+     [("steps[0].call.input.y", NOT_BEFORE.format("steps.nope.q", "nope"))]),
+    ("{steps: [{call: {capability: add, input: {c: input.a, a: input.who}}}]}",
+     [("steps[0].call.input.c", "step 'add': 'add' requires no field 'c' (it requires a, b)"),
+      ("steps[0].call.input.a", "step 'add': 'input.who' is string but 'add' requires 'a' as "
+       "integer")]),
+    ("{steps: [{name: n, call: {capability: nothing}},"
+     " {call: {capability: nothing, input: {x: steps.n.x}}}]}",
+     [("steps[1].call.input.x", "'steps.n.x': no field 'x' there (it provides no fields)"),
+      ("steps[1].call.input.x", "step 'nothing': 'nothing' requires no field 'x' (it requires "
+       "no fields)")]),
+    # Types: null is dropped when the field may be absent; a number takes an integer;
+    # untyped fields take and give anything.
+    ("{steps: [{name: m, call: {capability: maybe}},"
+     " {name: g1, call: {capability: greet, input: {name: steps.m.opt}}},"
+     " {name: g2, call: {capability: greet, input: {name: steps.m.plain}}},"
+     " {name: g3, call: {capability: greet, input: {name: steps.m.free}}},"
+     " {name: a1, call: {capability: add, input: {a: steps.m.dflt}}},"
+     " {name: a2, call: {capability: add, input: {a: steps.m.ratio}}},"
+     " {name: s1, call: {capability: scale, input: {factor: steps.m.count}}},"
+     " {name: s2, call: {capability: scale, input: {factor: input.who}}}]}",
+     [("steps[2].call.input.name", "step 'g2': 'steps.m.plain' is null or string but 'greet' "
+       "requires 'name' as string"),
+      ("steps[5].call.input.a", "step 'a2': 'steps.m.ratio' is number but 'add' requires 'a' "
+       "as integer"),
+      ("steps[7].call.input.factor", "step 's2': 'input.who' is string but 'scale' requires "
+       "'factor' as number")]),
+    ("{steps: [{mapReduce: {over: input.xs, map: {call: {capability: echo}},"
+     " reduce: {capability: nowhere}}}]}",
+     [("steps[0].mapReduce.reduce.capability", "reducer capability 'nowhere' is not declared")]),
+])
+def test_check_reports_exactly_these_errors(composition: str,
+                                            expected: list[tuple[str, str]]) -> None:
+    capabilities = load(CHECK_LEAVES + composition_manifest("flow", composition, (
+        "requires: {a: {type: integer}, who: {type: string}, xs: {type: array}}")))
+    errors = check_compositions(capabilities).get("flow", [])
+    assert [(e.path.removeprefix("spec.implementation.composition."), e.message)
+            for e in errors] == expected
+
+
+def test_on_kubernetes_undeclared_targets_are_services_but_expressions_are_checked() -> None:
+    composition = ("{steps: [{call: {capability: elsewhere, input: {x: steps.nope.q}}},"
+                   " {mapReduce: {over: input.xs, map: {call: {capability: echo}},"
+                   " reduce: {capability: elsewhere}}}]}")
+    capabilities = load(composition_manifest("flow", composition))
+    remote = check_compositions(capabilities, undeclared_remote=True)["flow"]
+    assert [e.path.rsplit(".", 3)[-3:] for e in remote] == [["call", "input", "x"]]
+    local = check_compositions(capabilities)["flow"]
+    assert [e.path.removeprefix("spec.implementation.composition.") for e in local] == [
+        "steps[0].call.capability", "steps[1].mapReduce.reduce.capability"]
+
+
+def test_cycles_through_reducers_and_not_through_remote_ones() -> None:
+    reduce_by = ("{{steps: [{{mapReduce: {{over: input.xs, map: {{call: {{capability: echo}}}},"
+                 " reduce: {{capability: {target}}}}}}}]}}")
+    capabilities = load(
+        composition_manifest("a", reduce_by.format(target="b"))
+        + composition_manifest("b", "{steps: [{call: {capability: a}}]}")
+        + composition_manifest("c", reduce_by.format(target="'c', address: 'peer:1'")))
+    errors = check_compositions(capabilities)
+    assert errors["a"] == [CheckError(
+        "spec.implementation.composition.steps[0].mapReduce.reduce.capability",
+        "cycle: a -> b -> a")]
+    assert "c" not in errors
+    # A composition given by name alone (no capability declares it) is checked too.
+    spec = composition_of(capabilities[-1])
+    assert spec is not None
+    assert check_compositions(capabilities[:-1], {"ghost": spec}) == {
+        "a": errors["a"], "b": errors["b"]}
+
+
 # ============================================================================ pipeline
 
 async def test_pipeline_maps_inputs_and_output_and_traces_steps() -> None:
