@@ -34,8 +34,8 @@ declare -A tests=(
   [executor]="tests/unit/test_composition_executor.py tests/unit/test_retry_backoff.py tests/unit/test_composition.py"
   [store]="tests/unit/test_actors_store.py tests/unit/test_actors_runtime.py tests/unit/test_actors_robustness.py"
   [render]="tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
-  [status]="tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
-  [drift]="tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
+  [status]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
+  [drift]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
 )
 order=(contracts check executor store render status drift)
 modules=("$@")
