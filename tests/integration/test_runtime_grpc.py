@@ -82,7 +82,9 @@ async def test_caller_deadline_cancels_the_handler(client: RuntimeClient) -> Non
     gate = uuid.uuid4().hex
     handlers.GATES[gate] = asyncio.Event()
     with pytest.raises(CallError) as caught:
-        await client.invoke("hold", {"gate": gate}, timeout=0.3, trace_id=gate)
+        # Long enough for the call to reach the handler on a busy machine (the gate never
+        # opens, so the deadline always ends it).
+        await client.invoke("hold", {"gate": gate}, timeout=1, trace_id=gate)
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     await eventually(lambda: gate in handlers.CANCELLED, what="handler cancellation")
     await assert_still_serving(client)
