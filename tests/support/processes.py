@@ -47,11 +47,15 @@ class RuntimeProcess:
                  "--address", self.address, "--metrics-address", "", "--state-dir",
                  str(state_dir), *args], cwd=ROOT, stderr=sink, stdout=subprocess.DEVNULL,
                 env={**os.environ, "PACKETFLOW_LOG_LEVEL": "WARNING", **(env or {})})
-        deadline = time.monotonic() + 30
-        while "packetflow: serving" not in log.read_text()[start:] or not self._listening():
-            assert self.process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)  # polling another process, with a deadline
+        deadline = time.monotonic() + 60
+        try:
+            while "packetflow: serving" not in log.read_text()[start:] or not self._listening():
+                assert self.process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)  # polling another process, with a deadline
+        except BaseException:
+            self.kill()  # never left running when it did not come up
+            raise
 
     def _listening(self) -> bool:
         host, port = self.address.rsplit(":", 1)
@@ -60,7 +64,8 @@ class RuntimeProcess:
 
     def kill(self) -> None:
         """SIGKILL, and wait for it."""
-        self.process.send_signal(signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
