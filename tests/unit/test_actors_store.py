@@ -223,3 +223,27 @@ def test_schema_and_errors() -> None:
         "seq": 1, "at": 2.0, "role": "user", "text": "hi", "data": {"a": 1}}
     assert Reminder("r", 1.0, 2.0, [1], "schedule").to_json() == {
         "name": "r", "dueAt": 1.0, "period": 2.0, "data": [1], "kind": "schedule"}
+
+
+async def test_every_operation_is_timed_under_its_own_name(store: SqliteActorStore) -> None:
+    timed: list[str] = []
+    store.observe = lambda name, seconds: timed.append(name)
+    await store.activate("a", "m", 0.0)
+    await store.commit(Commit("a", 1, b"{}", 0.0, 0, set_reminders=[Reminder("r", 1.0)]))
+    await store.advance("a", ("r", 1.0, None))
+    await store.processed_reply("a", "id")
+    await store.get("a")
+    await store.list_actors()
+    await store.memory_recent("a", 1)
+    await store.reminders("a")
+    await store.due(0.0)
+    await store.next_due()
+    await store.sweep(0.0, 0.0)
+    await store.heartbeat("m", "h:1", 0.0)
+    await store.members(0.0)
+    await store.leave("m")
+    await store.delete("a")
+    # The names label packetflow_actor_store_duration_seconds{operation}.
+    assert timed == ["activate", "commit", "advance", "processed", "get", "list", "memory",
+                     "reminders", "due", "next_due", "sweep", "heartbeat", "members", "leave",
+                     "delete"]
