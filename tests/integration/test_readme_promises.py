@@ -194,34 +194,32 @@ def test_call_wait_and_timeout(tmp_path: Path, processes: list[RuntimeProcess]) 
             [sys.executable, "-m", "packetflow.cli", "call", "nap", "--address", address,
              *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    # The calls run side by side (each CLI process takes seconds to start on a busy machine).
     nobody, address = (f"127.0.0.1:{free_port()}" for _ in range(2))
     instant = ("--data", '{"seconds": 0}')
-    started = {
-        # With nobody listening: --wait waits (until --timeout), without it the call fails.
-        "waited": call(nobody, *instant, "--wait", "--timeout", "3"),
-        "failed": call(nobody, *instant, "--timeout", "60"),
-        # A call waiting for a runtime that is still starting gets through once it serves.
-        "waiting": call(address, *instant, "--wait", "--timeout", "60"),
-    }
+    # A call waiting for a runtime that is still starting gets through once it serves.
+    started = {"waiting": call(address, *instant, "--wait", "--timeout", "60")}
     try:
         processes.append(RuntimeProcess(write(tmp_path, "nap.yaml", NAP), tmp_path / "state",
                                         tmp_path / "runtime.log", address=address))
-        # --timeout is the call's deadline: the handler is cut there.
+        # The other calls run side by side (each CLI process takes seconds to start on a busy
+        # machine). With nobody listening: --wait waits until --timeout; without it the call
+        # fails at once. --timeout is the call's deadline: the handler is cut there.
+        started["waited"] = call(nobody, *instant, "--wait", "--timeout", "3")
+        started["failed"] = call(nobody, *instant, "--timeout", "60")
         started["slow"] = call(address, "--data", '{"seconds": 120}', "--timeout", "1")
-        results = {name: (p.communicate(timeout=60), p.returncode)
+        results = {name: (p.communicate(timeout=90), p.returncode)
                    for name, p in started.items()}
     finally:
         for process in started.values():
             if process.poll() is None:
                 process.kill()
-                process.wait()
+            process.communicate()  # reaps it and closes its pipes
+    (out, err), code = results["waiting"]
+    assert code == 0 and orjson.loads(out) == {"slept": 0}, err
     (_, waited), code = results["waited"]
     assert code == 1 and waited.startswith("error: DEADLINE_EXCEEDED"), waited
     (_, failed), code = results["failed"]
     assert code == 1 and failed.startswith("error: UNAVAILABLE"), failed
-    (out, err), code = results["waiting"]
-    assert code == 0 and orjson.loads(out) == {"slept": 0}, err
     (_, slow), code = results["slow"]
     assert code == 1 and slow.startswith("error: DEADLINE_EXCEEDED"), slow
 
