@@ -12,7 +12,12 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from packetflow.composition.check import CheckError, check_compositions, composition_of
+from packetflow.composition.check import (
+    CheckError,
+    check_composition,
+    check_compositions,
+    composition_of,
+)
 from packetflow.composition.cron import Cron
 from packetflow.composition.executor import composition_handler, trace_of
 from packetflow.composition.metrics import StepMetrics
@@ -424,6 +429,17 @@ NOT_BEFORE = "{!r} refers to step {!r}, which does not run before this point"
     ("{steps: [{mapReduce: {over: input.xs, map: {call: {capability: echo}},"
      " reduce: {capability: nowhere}}}]}",
      [("steps[0].mapReduce.reduce.capability", "reducer capability 'nowhere' is not declared")]),
+    ("{steps: [{mapReduce: {over: input.xs, map: {name: m, call: {capability: nowhere}}}}]}",
+     [("steps[0].mapReduce.map.call.capability", "step 'm' calls capability 'nowhere', which "
+       "is not declared (set address for a remote one)")]),
+    # The composition's own input is a contract too; a nested pipeline sees `last`.
+    ("{steps: [{call: {capability: echo, input: {x: input.nope}}}]}",
+     [("steps[0].call.input.x", "'input.nope': no field 'nope' there (it provides a, who, xs)")]),
+    ("{steps: [{call: {capability: add, input: {a: input.a}}},"
+     " {pipeline: [{call: {capability: add, input: {a: last.nope}}}]}]}",
+     [("steps[1].pipeline[0].call.input.a", "'last.nope': no field 'nope' there (it provides "
+       "sum)")]),
+    ("{steps: [{call: {capability: echo}}], triggers: [{schedule: '* * * * *'}]}", []),
 ])
 def test_check_reports_exactly_these_errors(composition: str,
                                             expected: list[tuple[str, str]]) -> None:
@@ -432,6 +448,13 @@ def test_check_reports_exactly_these_errors(composition: str,
     errors = check_compositions(capabilities).get("flow", [])
     assert [(e.path.removeprefix("spec.implementation.composition."), e.message)
             for e in errors] == expected
+
+
+def test_one_composition_is_checked_against_local_contracts_by_default() -> None:
+    spec = parse_composition({"steps": [{"call": {"capability": "elsewhere"}}]})
+    assert isinstance(spec, CompositionSpec)
+    assert [e.path for e in check_composition(spec, {})] == [
+        "spec.implementation.composition.steps[0].call.capability"]
 
 
 def test_on_kubernetes_undeclared_targets_are_services_but_expressions_are_checked() -> None:
