@@ -3,6 +3,8 @@ testing showed the broader tests left open)."""
 
 from __future__ import annotations
 
+import datetime
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -162,9 +164,39 @@ def test_same_status_ignores_only_transition_times() -> None:
     assert not status.same_status(None, base)
 
 
-def test_now_is_an_rfc3339_utc_second() -> None:
-    now = status.now_rfc3339()
-    assert len(now) == 20 and now[10] == "T" and now.endswith("Z")
+def test_now_is_an_rfc3339_utc_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Asia/Tokyo")  # UTC+9: a local time would be nine hours off
+    time.tzset()
+    try:
+        before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        now = datetime.datetime.strptime(status.now_rfc3339(), "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.UTC)
+        after = datetime.datetime.now(datetime.UTC)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert before <= now <= after
+
+
+def test_objects_with_nothing_in_them() -> None:
+    for assess in (status.assess_deployment, status.assess_statefulset):
+        assessed = assess({})
+        assert (assessed.replicas, assessed.ready_replicas) == (0, 0)
+        assert assessed.degraded == AS_EXPECTED
+
+
+def test_statuses_keep_transition_times_and_generations() -> None:
+    ready = Condition("Ready", True, "ReplicasReady", "1/1")
+    previous = [{"type": "Ready", "status": "True", "lastTransitionTime": "T0"},
+                {"type": "Degraded", "status": "True", "lastTransitionTime": "T0"}]
+    written = status.workload_status(Workload(1, 1, ready, AS_EXPECTED), endpoint="e",
+                                     selector="s", previous=previous, generation=3, now="T1")
+    assert [(c["lastTransitionTime"], c["observedGeneration"]) for c in
+            written["conditions"]] == [("T0", 3), ("T1", 3)]
+    failed = status.failure_status("Conflict", "taken", previous=previous, generation=5,
+                                   now="T2")
+    assert [(c["status"], c["lastTransitionTime"], c["observedGeneration"])
+            for c in failed["conditions"]] == [("False", "T2", 5), ("True", "T0", 5)]
 
 
 # --------------------------------------------------------------------------------- drift
