@@ -139,3 +139,16 @@ def test_the_fast_path_lets_no_invalid_value_through() -> None:
     contract = compile_fields(n={"type": "integer"}, flag={"type": "boolean", "optional": True})
     for bad in ({"flag": True}, {"n": 1, "zzz": 1}, {"n": "1"}, {"n": True}, {"n": 1, "flag": 1}):
         assert contract.check(bad, "input")[1], bad
+
+
+def test_exactly_the_required_fields_take_the_fast_path() -> None:
+    contract = without_validator(compile_fields(a={"type": "integer"}))
+    assert contract.check({"a": 1}, "input") == ({"a": 1}, [])
+
+
+def test_unknown_fields_of_a_nested_object_are_named_under_it() -> None:
+    contract = compile_fields(user={"type": "object", "properties": {"name": {}},
+                                    "additionalProperties": False})
+    _, errors = contract.check({"user": {"x": 1, "y": 2}}, "input")
+    assert [(e.field, e.description) for e in errors] == [
+        ("input.user", "unknown fields 'x', 'y'")]
