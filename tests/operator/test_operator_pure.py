@@ -248,6 +248,8 @@ def test_drift_patch_writes_only_what_drifted() -> None:
         "metadata": {"labels": {"a": "1"}, "annotations": {"b": "2"}}, "data": {"k": "v"}}
     assert drift_patch({"metadata": {"labels": {}}, "spec": {}}, {"spec": {}}) is None
     assert drift_patch({"spec": {"a": 1}}, {}) == {"spec": {"a": 1}}
+    assert drift_patch({"metadata": {"labels": {"a": "1"}}}, {}) == {
+        "metadata": {"labels": {"a": "1"}}}  # a live object without metadata at all
 
 
 def test_narrowed_statefulset_patches() -> None:
