@@ -33,7 +33,7 @@ declare -A tests=(
   [check]="tests/unit/test_composition.py"
   [executor]="tests/unit/test_composition_executor.py tests/unit/test_retry_backoff.py tests/unit/test_composition.py"
   [store]="tests/unit/test_actors_store.py"
-  [render]="tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
+  [render]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
   [status]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
   [drift]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
 )

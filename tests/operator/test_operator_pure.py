@@ -9,15 +9,19 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+import yaml
 
-from packetflow.operator import status
+from packetflow.manifests import parse_manifest
+from packetflow.operator import render, status
 from packetflow.operator.drift import (
     drift_patch,
     is_subset,
     narrow_spec_patch,
     parse_quantity,
 )
+from packetflow.operator.settings import OperatorSettings
 from packetflow.operator.status import Condition, Workload
+from packetflow.spec import Capability
 
 AS_EXPECTED = Condition("Degraded", False, "AsExpected", "")
 
@@ -282,3 +286,41 @@ def test_narrowed_statefulset_patches() -> None:
         {"metadata": {"labels": {"a": "1"}}}, [])
     assert narrow_spec_patch("StatefulSet", synced, live, {"spec": synced["spec"]}) == (
         None, [])
+
+
+# ------------------------------------------------------------------------- MCP aggregate
+
+def test_mcp_aggregate_bundle_exactly() -> None:
+    spec = {"intent": "Grüße senden", "requires": {"name": {"type": "string"}},
+            "provides": {"text": {"type": "string"}}, "effects": ["network"],
+            "timeoutSeconds": 7, "mcp": {"name": "greet_tool"},
+            "implementation": {"builtin": {"name": "echo"}}}
+    greet = parse_manifest({"apiVersion": "packetflow.io/v1alpha1", "kind": "Capability",
+                            "metadata": {"name": "greet", "namespace": "ns"}, "spec": spec})
+    assert isinstance(greet, Capability)
+    configmap = render.render_mcp_bundle([greet], "ns", OperatorSettings())
+    text = configmap.pop("data")["bundle.yaml"]
+    assert configmap == {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "packetflow-mcp-bundle", "namespace": "ns", "labels": {
+            "app.kubernetes.io/name": "packetflow",
+            "app.kubernetes.io/component": "mcp-aggregate",
+            "app.kubernetes.io/part-of": "packetflow",
+            "app.kubernetes.io/managed-by": "packetflow-operator"}}}
+    assert "Grüße senden" in text  # written as is, not escaped
+    assert text.startswith("apiVersion: packetflow.io/v1alpha1\nkind: Capability\n")
+    assert yaml.safe_load(text) == {
+        "apiVersion": "packetflow.io/v1alpha1", "kind": "Capability",
+        "metadata": {"name": "greet"},
+        "spec": {**{k: v for k, v in spec.items() if k != "implementation"},
+                 "implementation": {"composition": {"steps": [{"call": {
+                     "capability": "greet", "address": "greet.ns.svc:50051"}}]}}}}
+    # The fields keep the manifest's order (intent first), as a person would write them.
+    assert text.index("intent:") < text.index("requires:") < text.index("implementation:")
+
+
+def test_label_selectors_pick_the_runtime_pods() -> None:
+    assert render.label_selector("echo") == (
+        "app.kubernetes.io/name=packetflow,app.kubernetes.io/instance=echo,"
+        "app.kubernetes.io/component=runtime")
+    assert render.label_selector("chat", "Actor").endswith(
+        "app.kubernetes.io/instance=chat,app.kubernetes.io/component=actor")
