@@ -21,7 +21,7 @@ from packetflow.operator.drift import (
 )
 from packetflow.operator.settings import OperatorSettings
 from packetflow.operator.status import Condition, Workload
-from packetflow.spec import Capability
+from packetflow.spec import Actor, Capability
 
 AS_EXPECTED = Condition("Degraded", False, "AsExpected", "")
 
@@ -324,3 +324,18 @@ def test_label_selectors_pick_the_runtime_pods() -> None:
         "app.kubernetes.io/component=runtime")
     assert render.label_selector("chat", "Actor").endswith(
         "app.kubernetes.io/instance=chat,app.kubernetes.io/component=actor")
+
+
+def test_headless_service_metadata_names_the_actor() -> None:
+    chat = parse_manifest({"apiVersion": "packetflow.io/v1alpha1", "kind": "Actor",
+                           "metadata": {"name": "chat", "namespace": "ns"},
+                           "spec": {"intent": "Talk",
+                                    "implementation": {"python": {"module": "m", "class": "C"}},
+                                    "store": {"postgresql": {"dsn": "host=db"}}}})
+    assert isinstance(chat, Actor)
+    assert render.render_headless_service(chat, "ns", OperatorSettings())["metadata"] == {
+        "name": "chat-headless", "namespace": "ns", "labels": {
+            "app.kubernetes.io/name": "packetflow", "app.kubernetes.io/instance": "chat",
+            "app.kubernetes.io/component": "actor", "app.kubernetes.io/part-of": "packetflow",
+            "app.kubernetes.io/managed-by": "packetflow-operator",
+            "packetflow.io/actor": "chat"}}
