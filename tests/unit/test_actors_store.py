@@ -121,7 +121,12 @@ async def test_due_reminders_fire_once_per_slot(store: SqliteActorStore,
     await store.commit(Commit("a", 1, b"{}", 0.0, 0, set_reminders=[
         Reminder("every", 10.0, 10.0), Reminder("later", 30.0)]))
     await store.commit(Commit("b", 1, b"{}", 0.0, 0, set_reminders=[Reminder("soon", 5.0)]))
-    await other.commit(Commit("c", 1, b"{}", 0.0, 0, set_reminders=[Reminder("x", 1.0)]))
+    await other.activate("s", "m", 0.0, [("nightly", 3.0)])  # a schedule, due at 3.0
+    await other.commit(Commit("c", 1, b"{}", 0.0, 0, set_reminders=[
+        Reminder("x", 1.0, None, {"payload": [1]})]))
+    assert await other.due(5.0) == [DueReminder("c", Reminder("x", 1.0, None, {"payload": [1]})),
+                                    DueReminder("s", Reminder("nightly", 3.0, 3.0, None,
+                                                              "schedule"))]
     assert await store.next_due() == 5.0 and await other.next_due() == 1.0
     assert await store.due(4.0) == []
     assert await store.due(10.0) == [DueReminder("b", Reminder("soon", 5.0)),
@@ -148,14 +153,15 @@ async def test_due_reminders_fire_once_per_slot(store: SqliteActorStore,
 
 async def test_list_pages_by_id_and_skips_uncommitted(store: SqliteActorStore,
                                                       other: SqliteActorStore) -> None:
-    for actor_id in ("c", "a", "b", "d"):
+    for actor_id in ("c", "a", "b", "d", "A1"):
         await store.activate(actor_id, "m", 0.0)
         if actor_id != "d":
             await store.commit(Commit(actor_id, 1, b"{}", 7.0, 0))
     await other.activate("z", "m", 0.0)
     await other.commit(Commit("z", 1, b"{}", 7.0, 0))
-    assert await store.list_actors() == [ActorRecord(i, None, 1, 1, 7.0) for i in "abc"]
-    assert [r.actor_id for r in await store.list_actors(limit=2)] == ["a", "b"]
+    assert await store.list_actors() == [ActorRecord(i, None, 1, 1, 7.0)
+                                         for i in ("A1", "a", "b", "c")]
+    assert [r.actor_id for r in await store.list_actors(limit=2)] == ["A1", "a"]
     assert [r.actor_id for r in await store.list_actors(after="b")] == ["c"]
 
 
@@ -210,8 +216,10 @@ def test_schema_and_errors() -> None:
     assert len(statements) == 8 and all(s and not s.endswith(";") for s in statements)
     assert "state BYTEA" in statements[0] and "updated_at DOUBLE PRECISION" in statements[0]
     refused = store_error("t", ValueError("bad value "))
-    assert isinstance(refused, StoreRefused) and "bad value" in refused.message
-    assert isinstance(store_error("t", TypeError()), StoreRefused)
+    assert isinstance(refused, StoreRefused)
+    assert refused.message == "actor store of t refused the write: bad value"
+    unnamed = store_error("t", TypeError())
+    assert unnamed.message == "actor store of t refused the write: TypeError"
     assert isinstance(store_error("t", sqlite3.IntegrityError("dup"),
                                   (sqlite3.IntegrityError,)), StoreRefused)
     down = store_error("t", OSError("disk gone"))
