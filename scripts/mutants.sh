@@ -3,6 +3,8 @@
 #
 #   bash scripts/mutants.sh                   # every module below
 #   bash scripts/mutants.sh contracts drift   # only these
+#   MUTANTS_RERUN=1 bash scripts/mutants.sh render  # re-test only the last run's survivors
+#                                             # against the current tests (source unchanged)
 #
 # mutmut wants one importable source tree, while this repository maps three directories into
 # the `packetflow` package. So each module is staged in build/mutants/<module>/: src/packetflow
@@ -56,6 +58,21 @@ modules=("$@")
 for module in "${modules[@]}"; do
   [ -n "${source[$module]:-}" ] || { echo "unknown module '$module' (one of: ${order[*]})" >&2; exit 2; }
   stage=$root/build/mutants/$module
+  selection=""
+  for t in ${tests[$module]}; do [ -e "$t" ] && selection+="\"$t\", "; done
+  file=${source[$module]}
+  case $file in operator/*) original=operator/packetflow/$file ;; *) original=runtime/packetflow/$file ;; esac
+  if [ -n "${MUTANTS_RERUN:-}" ] && [ -f "$stage/results.txt" ] && cmp -s "$original" "$stage/src/packetflow/$file"; then
+    # Only the mutants the last run left alive, against the current tests (same source).
+    for dir in "$stage" "$stage/mutants"; do rm -rf "$dir/tests"; cp -r tests "$dir/"; done
+    sed -i "s|^pytest_add_cli_args_test_selection = .*|pytest_add_cli_args_test_selection = [${selection}]|" "$stage/pyproject.toml"
+    alive=$(grep -v ": killed\|: timeout" "$stage/results.txt" | sed 's/: .*//' | tr -d ' ')
+    if [ -n "$alive" ]; then
+      # shellcheck disable=SC2086 # one argument per mutant name
+      (cd "$stage" && nice -n 10 "$python" -m mutmut run --max-children "$jobs" $alive >"$stage/rerun.log" 2>&1) || {
+        echo "$module: mutmut failed, see $stage/rerun.log" >&2; continue; }
+    fi
+  else
   rm -rf "$stage"
   mkdir -p "$stage/src"
   cp -r runtime/packetflow "$stage/src/packetflow"
@@ -63,8 +80,6 @@ for module in "${modules[@]}"; do
   cp -r proto/packetflow/v1 "$stage/src/packetflow/v1"
   cp -r tests examples crds charts "$stage/"
   find "$stage" -name __pycache__ -prune -exec rm -rf {} +
-  selection=""
-  for t in ${tests[$module]}; do [ -e "$t" ] && selection+="\"$t\", "; done
   # The project's pytest settings plus mutmut's own section for this module.
   cp pyproject.toml "$stage/pyproject.toml"
   cat >>"$stage/pyproject.toml" <<EOF
@@ -79,7 +94,8 @@ process_isolation = "forkserver"
 do_not_mutate_patterns = [${skip[$module]:+'${skip[$module]}'}]
 EOF
   (cd "$stage" && nice -n 10 "$python" -m mutmut run --max-children "$jobs" >"$stage/run.log" 2>&1) || {
-    echo "$module: mutmut failed, see $stage/run.log" >&2; tail -20 "$stage/run.log" >&2; continue; }
+    echo "$module: mutmut failed, see $stage/run.log" >&2; tail -c 2000 "$stage/run.log" >&2; continue; }
+  fi
   (cd "$stage" && "$python" -m mutmut results --all true >"$stage/results.txt" 2>&1) || true
   "$python" - "$module" "$stage/results.txt" <<'EOF'
 import sys
