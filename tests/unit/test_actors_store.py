@@ -57,7 +57,7 @@ async def test_activation_takes_a_new_epoch_and_loads_what_was_committed(
                                      [note(1, 11.0, "x"), note(2, 11.0, "y")])) == 1
     assert await store.activate("a", "m2", 12.0) == Activation(2, {"n": 1}, 1, 2)
     assert await store.get("a") == ActorRecord("a", {"n": 1}, 1, 2, 11.0, 2)
-    with pytest.raises(FencedOut):  # epoch 1 is stale now
+    with pytest.raises(FencedOut, match=r"^actor t/a: write refused, epoch 1 is stale"):
         await store.commit(Commit("a", 1, b"{}", 13.0, 2))
     assert await store.commit(Commit("a", 2, b'{"n": 2}', 13.0, 2)) == 2
     assert (await store.get("a")) == ActorRecord("a", {"n": 2}, 2, 2, 13.0, 2)
@@ -134,7 +134,7 @@ async def test_due_reminders_fire_once_per_slot(store: SqliteActorStore,
     assert await store.due(10.0, limit=1) == [DueReminder("b", Reminder("soon", 5.0))]
     # A turn that handled a slot moves it on (periodic) or removes it (one-shot), once.
     await store.commit(Commit("a", 1, b"{}", 10.0, 0, fired=("every", 10.0, 20.0)))
-    with pytest.raises(ReminderMoved):
+    with pytest.raises(ReminderMoved, match=r"^actor t/a: reminder 'every' was already"):
         await store.commit(Commit("a", 1, b'{"twice": true}', 10.0, 0,
                                   fired=("every", 10.0, 20.0)))
     refused = await store.get("a")
