@@ -291,12 +291,14 @@ def test_narrowed_statefulset_patches() -> None:
 # ------------------------------------------------------------------------- MCP aggregate
 
 def test_mcp_aggregate_bundle_exactly() -> None:
-    spec = {"intent": "Grüße senden", "requires": {"name": {"type": "string"}},
+    spec: dict[str, Any] = {"intent": "Grüße senden", "requires": {"name": {"type": "string"}},
             "provides": {"text": {"type": "string"}}, "effects": ["network"],
             "timeoutSeconds": 7, "mcp": {"name": "greet_tool"},
             "implementation": {"builtin": {"name": "echo"}}}
+    # Pod settings stay with the capability's own pods: only the contract is forwarded.
     greet = parse_manifest({"apiVersion": "packetflow.io/v1alpha1", "kind": "Capability",
-                            "metadata": {"name": "greet", "namespace": "ns"}, "spec": spec})
+                            "metadata": {"name": "greet", "namespace": "ns"},
+                            "spec": {**spec, "concurrency": 3, "replicas": 2}})
     assert isinstance(greet, Capability)
     configmap = render.render_mcp_bundle([greet], "ns", OperatorSettings())
     text = configmap.pop("data")["bundle.yaml"]
@@ -326,16 +328,40 @@ def test_label_selectors_pick_the_runtime_pods() -> None:
         "app.kubernetes.io/instance=chat,app.kubernetes.io/component=actor")
 
 
-def test_headless_service_metadata_names_the_actor() -> None:
+ACTOR_LABELS = {"app.kubernetes.io/name": "packetflow", "app.kubernetes.io/instance": "chat",
+                "app.kubernetes.io/component": "actor", "app.kubernetes.io/part-of": "packetflow",
+                "app.kubernetes.io/managed-by": "packetflow-operator",
+                "packetflow.io/actor": "chat"}
+
+
+def chat_actor() -> Actor:
     chat = parse_manifest({"apiVersion": "packetflow.io/v1alpha1", "kind": "Actor",
                            "metadata": {"name": "chat", "namespace": "ns"},
                            "spec": {"intent": "Talk",
                                     "implementation": {"python": {"module": "m", "class": "C"}},
                                     "store": {"postgresql": {"dsn": "host=db"}}}})
     assert isinstance(chat, Actor)
-    assert render.render_headless_service(chat, "ns", OperatorSettings())["metadata"] == {
-        "name": "chat-headless", "namespace": "ns", "labels": {
-            "app.kubernetes.io/name": "packetflow", "app.kubernetes.io/instance": "chat",
-            "app.kubernetes.io/component": "actor", "app.kubernetes.io/part-of": "packetflow",
-            "app.kubernetes.io/managed-by": "packetflow-operator",
-            "packetflow.io/actor": "chat"}}
+    return chat
+
+
+def test_headless_service_metadata_names_the_actor() -> None:
+    assert render.render_headless_service(chat_actor(), "ns", OperatorSettings())[
+        "metadata"] == {"name": "chat-headless", "namespace": "ns", "labels": ACTOR_LABELS}
+
+
+def test_statefulset_of_a_postgresql_actor_with_mcp() -> None:
+    settings = OperatorSettings(mcp_enabled=True, mcp_port=8800)
+    sts = render.render_statefulset(chat_actor(), "ns", settings)
+    assert sts["metadata"] == {"name": "chat", "namespace": "ns", "labels": ACTOR_LABELS}
+    assert sts["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
+    assert sts["spec"]["revisionHistoryLimit"] == 3
+    pod = sts["spec"]["template"]["spec"]
+    assert {"name": "state", "emptyDir": {}} in pod["volumes"]  # scratch: state is in the DB
+    assert pod["containers"][0]["args"] == [
+        "runtime", "--bundle", "/etc/packetflow/bundle.yaml", "--address", "0.0.0.0:50051",
+        "--metrics-address", "0.0.0.0:9464", "--mcp-address", "0.0.0.0:8800"]
+    # The pods roll when the pod template changes (another image), not only the bundle.
+    hashes = {render.render_statefulset(chat_actor(), "ns", OperatorSettings(image=image))[
+        "spec"]["template"]["metadata"]["annotations"]["packetflow.io/spec-hash"]
+        for image in ("a:1", "a:2", "a:2")}
+    assert len(hashes) == 2
