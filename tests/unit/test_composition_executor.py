@@ -8,8 +8,10 @@ import itertools
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from packetflow.composition.executor import TRACE_METADATA_KEY, composition_handler, trace_of
+from packetflow.composition.metrics import StepMetrics
 from packetflow.composition.model import CompositionSpec, parse_composition
 from packetflow.context import CallContext
 from packetflow.errors import (
@@ -237,14 +239,74 @@ async def test_branch_deadlines_are_the_earlier_of_limit_and_caller() -> None:
     now = asyncio.get_running_loop().time()
     remaining = [ctx.deadline - now for *_, ctx in caps.calls if ctx.deadline is not None]
     assert len(remaining) == 3 and all(0 < r <= 5 for r in remaining)
-    # A branch keeps the frame's callables: remote steps and retries work inside it.
+    # A branch keeps the frame's callables: remote steps, retries (their jitter and wait)
+    # and metrics work inside it.
+    caps.failures["flaky"] = Unavailable("once")
+    registry = CollectorRegistry()
+    slept: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        slept.append(delay)
+        caps.failures.pop("flaky", None)
+
     output, _ = await run({"steps": [{"parallel": {"timeoutSeconds": 50, "branches": {
-        "r": {"call": {"capability": "far", "address": "peer:3"},
-              "retry": {"maxAttempts": 2}}}}}]}, {}, caps, timeout=100)
-    assert output == {"r": {"far": {}}}
+        "r": {"call": {"capability": "far", "address": "peer:3"}},
+        "f": {"name": "f", "call": {"capability": "flaky"},
+              "retry": {"maxAttempts": 2, "backoffSeconds": 1, "jitter": 0.5}}}}}]},
+        {}, caps, timeout=100, metrics=StepMetrics(registry), rng=lambda: 1.0, sleep=sleep)
+    assert output == {"r": {"far": {}}, "f": {"got": {}}}
+    assert slept == [0.5]
+    assert registry.get_sample_value("packetflow_step_attempts_total",
+                                     {"composition": "flow", "step": "f"}) == 2
 
 
-async def test_the_callers_deadline_ends_a_branch_with_a_long_limit() -> None:
+async def test_a_branch_past_its_limit_is_named() -> None:
+    caps = Capabilities()
+    caps.gates = {"stuck": asyncio.Event()}
+    error, _ = await asyncio.wait_for(run({"steps": [{"name": "p", "parallel": {
+        "timeoutSeconds": 0.5, "branches": {"s": {"call": {"capability": "stuck"}}}}}]},
+        {}, caps), 30)
+    assert isinstance(error, DeadlineExceeded)
+    assert error.message == "branch 's' of step 'p' did not finish within 0.5s"
+
+
+async def test_a_failed_item_fails_the_map_and_a_failed_reducer_is_named() -> None:
+    caps = Capabilities()
+    caps.failures["bad"] = Unavailable("item down")
+    caps.gates = {"slow": asyncio.Event()}
+    mapping = {"over": "input.xs", "concurrency": 2,
+               "map": {"call": {"capability": "item", "input": {"kind": "item"}}}}
+    picks = _Routed(caps, lambda value: "bad" if value["kind"] == "bad" else "slow")
+    error, _ = await run({"steps": [{"name": "m", "mapReduce": mapping}]},
+                         {"xs": ["slow", "bad"]}, picks)
+    assert isinstance(error, Unavailable) and "item down" in error.message
+    caps.failures["sum-up"] = Unavailable("reducer down")
+    error, _ = await run({"steps": [{"name": "m", "mapReduce": {
+        "over": "input.xs", "map": {"call": {"capability": "e"}},
+        "reduce": {"capability": "sum-up"}}}]}, {"xs": [1]}, caps)
+    assert isinstance(error, Unavailable)
+    assert error.message == "step 'm.reduce': reducer down"
+
+
+class _Routed(Capabilities):
+    """Calls go to the capability ``route(input)`` names, with ``caps``' failures and gates."""
+
+    def __init__(self, caps: Capabilities, route: Any) -> None:
+        super().__init__()
+        self.caps, self.route = caps, route
+
+    async def invoke(self, name: str, value: Any, ctx: CallContext) -> dict[str, Any]:
+        return await self.caps.invoke(self.route(value), value, ctx)
+
+
+async def test_sum_skips_outputs_that_are_not_objects() -> None:
+    output, _ = await run({"steps": [{"mapReduce": {
+        "over": "input.xs", "map": {"call": {"capability": "e"}, "output": "result.got"},
+        "reduce": "sum"}}]}, {"xs": [1, 2]}, Capabilities())
+    assert output == {}
+
+
+async def test_a_caller_deadline_ends_a_branch_with_a_long_limit() -> None:
     caps = Capabilities()
     caps.gates = {"stuck": asyncio.Event()}
     error, _ = await asyncio.wait_for(run({"steps": [{"parallel": {
