@@ -349,7 +349,7 @@ def test_headless_service_metadata_names_the_actor() -> None:
         "metadata"] == {"name": "chat-headless", "namespace": "ns", "labels": ACTOR_LABELS}
 
 
-def test_statefulset_of_a_postgresql_actor_with_mcp() -> None:
+def test_statefulset_of_an_actor_with_a_shared_store_and_mcp() -> None:
     settings = OperatorSettings(mcp_enabled=True, mcp_port=8800)
     sts = render.render_statefulset(chat_actor(), "ns", settings)
     assert sts["metadata"] == {"name": "chat", "namespace": "ns", "labels": ACTOR_LABELS}
