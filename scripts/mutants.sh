@@ -39,12 +39,12 @@ declare -A tests=(
   [status]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
   [drift]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
 )
-# Tests left out of a module's run: PostgreSQL (a fresh server per forked mutant is too slow),
-# and for compositions the engine-level tests that wait out real timeouts or reach check.py
-# only through loading (every composition test loads manifests: seconds per mutant).
+# Which tests of a module's files run (pytest -k): for compositions not those on a PostgreSQL
+# server (a fresh one per forked mutant is too slow), nor the engine-level tests that wait out
+# real timeouts or reach check.py only through loading (seconds per mutant).
 declare -A keep=(
-  [check]="(check or bad_composition or parses or shadow or cycle or trigger_is_rejected)"
-  [executor]="not (branch_timeout or scheduled or callers_deadline or trigger or sqlite_keys)"
+  [check]="(check or bad_composition or parses or shadow or cycle or trigger_is_rejected) and not postgres"
+  [executor]="not (branch_timeout or scheduled or callers_deadline or trigger or sqlite_keys or postgres)"
 )
 # Lines not mutated: SQL text (keywords and unquoted names are case-insensitive in SQLite and
 # PostgreSQL, so its case mutants are equivalent; what each statement does is tested).
@@ -65,7 +65,9 @@ for module in "${modules[@]}"; do
   if [ -n "${MUTANTS_RERUN:-}" ] && [ -f "$stage/results.txt" ] && cmp -s "$original" "$stage/src/packetflow/$file"; then
     # Only the mutants the last run left alive, against the current tests (same source).
     for dir in "$stage" "$stage/mutants"; do rm -rf "$dir/tests"; cp -r tests "$dir/"; done
-    sed -i "s|^pytest_add_cli_args_test_selection = .*|pytest_add_cli_args_test_selection = [${selection}]|" "$stage/pyproject.toml"
+    sed -i -e "s|^pytest_add_cli_args_test_selection = .*|pytest_add_cli_args_test_selection = [${selection}]|" \
+      -e "s|^pytest_add_cli_args = .*|pytest_add_cli_args = [\"-p\", \"no:cacheprovider\", \"-q\"${keep[$module]:+, \"-k\", \"${keep[$module]}\"}]|" \
+      "$stage/pyproject.toml"
     alive=$(grep -v ": killed\|: timeout" "$stage/results.txt" | sed 's/: .*//' | tr -d ' ')
     if [ -n "$alive" ]; then
       # shellcheck disable=SC2086 # one argument per mutant name
@@ -88,7 +90,7 @@ for module in "${modules[@]}"; do
 source_paths = ["src/packetflow"]
 only_mutate = ["src/packetflow/${source[$module]}"]
 pytest_add_cli_args_test_selection = [${selection}]
-pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-k", "not postgres${keep[$module]:+ and ${keep[$module]}}"]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"${keep[$module]:+, "-k", "${keep[$module]}"}]
 also_copy = ["examples", "crds", "charts"]
 process_isolation = "forkserver"
 do_not_mutate_patterns = [${skip[$module]:+'${skip[$module]}'}]
