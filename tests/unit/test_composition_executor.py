@@ -120,6 +120,7 @@ async def test_trace_records_each_step_and_child_contexts_carry_the_call() -> No
         assert after["startedMs"] >= before["startedMs"] + before["durationMs"] - 0.002
     assert steps[0]["durationMs"] >= 1.0  # the capability's 2 ms of work
     assert trace["durationMs"] >= steps[-1]["startedMs"] + steps[-1]["durationMs"] - 0.002
+    assert trace["durationMs"] < 600_000  # a duration, not a clock reading
 
 
 async def test_failed_steps_record_their_code_and_error() -> None:
@@ -135,8 +136,22 @@ async def test_failed_steps_record_their_code_and_error() -> None:
     assert (trace["steps"][0]["outcome"], trace["steps"][0]["error"]) == (
         "INVALID_ARGUMENT", error.message)
     caps.failures["bad"] = ValueError("a bug")
+    ctx = CallContext(capability="flow", trace_id="t-2")
+    handler = composition_handler(spec({"steps": [{"call": {"capability": "bad"}}]}),
+                                  caps.invoke)
     with pytest.raises(ValueError):
-        await run({"steps": [{"call": {"capability": "bad"}}]}, {}, caps)
+        await handler({}, ctx)
+    crashed = trace_of(ctx)
+    assert crashed is not None and crashed["composition"] == "composition"  # the default
+    assert (crashed["steps"][0]["outcome"], crashed["steps"][0]["error"]) == (
+        "INTERNAL", "ValueError")
+    # A remote step needs a remote caller.
+    handler = composition_handler(spec({"steps": [{"name": "r", "call": {
+        "capability": "x", "address": "h:1"}}]}), caps.invoke)
+    with pytest.raises(PacketFlowError) as caught:
+        await handler({}, CallContext(capability="flow", trace_id="t-3"))
+    assert caught.value.message == ("step 'r': calls 'x' at h:1, but this runtime has no "
+                                    "remote caller")  # the step named once
 
 
 async def test_trace_keeps_at_most_max_steps_and_counts_the_rest() -> None:
@@ -159,12 +174,27 @@ async def test_trace_paths_of_nested_steps() -> None:
                          "else": {"call": {"capability": "b"}}}},
         {"mapReduce": {"over": "input.xs", "map": {"call": {"capability": "c"}},
                        "reduce": "count"}},
+        {"name": "p", "pipeline": [{"call": {"capability": "d"}}]},
     ]}, {"go": True, "stop": False, "xs": [1, 2]}, Capabilities())
     assert sorted(s["path"] for s in trace["steps"]) == [
         "steps[0]", "steps[0].conditional.when[0].then", "steps[1]",
         "steps[1].conditional.else", "steps[2]", "steps[2].mapReduce.map[0]",
-        "steps[2].mapReduce.map[1]"]
-    assert {s["kind"] for s in trace["steps"]} == {"conditional", "call", "mapReduce"}
+        "steps[2].mapReduce.map[1]", "steps[3]", "steps[3].pipeline[0]"]
+    assert {s["kind"] for s in trace["steps"]} == {"conditional", "call", "mapReduce",
+                                                  "pipeline"}
+    assert [s["name"] for s in trace["steps"] if s["kind"] == "pipeline"] == ["p"]
+
+
+async def test_nested_steps_see_the_earlier_steps_and_reducers_leave_no_trace() -> None:
+    caps = Capabilities()
+    output, _ = await run({"steps": [
+        {"name": "first", "call": {"capability": "inc", "input": {"x": "input.x"}}},
+        {"pipeline": [{"call": {"capability": "e", "input": {"v": "steps.first.x"}}}]},
+        {"mapReduce": {"over": "input.xs", "map": {"call": {"capability": "e"}},
+                       "reduce": {"capability": "nested"}}},
+    ]}, {"x": 1, "xs": [1]}, caps)
+    assert [v for _, n, v, _ in caps.calls if n == "e"] == [{"v": 2}, 1]
+    assert output == {"got": {"items": [{"got": 1}]}}
 
 
 async def test_map_items_are_the_last_output_and_reducers_get_them_in_order() -> None:

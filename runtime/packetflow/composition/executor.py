@@ -289,8 +289,9 @@ async def call_capability(capability: str, address: str | None, value: Any, fram
         if address is None:
             return await frame.invoke(capability, value, ctx)
         if frame.remote is None:
-            raise HandlerFailed(f"step {step!r} calls {capability!r} at {address}, but this "
-                                "runtime has no remote caller")
+            # The step is named by _in_step below, like every error of the call.
+            raise HandlerFailed(f"calls {capability!r} at {address}, but this runtime has no "
+                                "remote caller")
         return await frame.remote(address, capability, value, ctx)
     except PacketFlowError as exc:
         raise _in_step(exc, step) from None
