@@ -68,6 +68,7 @@ for module in "${modules[@]}"; do
     sed -i -e "s|^pytest_add_cli_args_test_selection = .*|pytest_add_cli_args_test_selection = [${selection}]|" \
       -e "s|^pytest_add_cli_args = .*|pytest_add_cli_args = [\"-p\", \"no:cacheprovider\", \"-q\"${keep[$module]:+, \"-k\", \"${keep[$module]}\"}]|" \
       "$stage/pyproject.toml"
+    cp "$stage/results.txt" "$stage/previous.txt"
     alive=$(grep -v ": killed\|: timeout" "$stage/results.txt" | sed 's/: .*//' | tr -d ' ')
     if [ -n "$alive" ]; then
       # shellcheck disable=SC2086 # one argument per mutant name
@@ -99,14 +100,25 @@ EOF
     echo "$module: mutmut failed, see $stage/run.log" >&2; tail -c 2000 "$stage/run.log" >&2; continue; }
   fi
   (cd "$stage" && "$python" -m mutmut results --all true >"$stage/results.txt" 2>&1) || true
-  "$python" - "$module" "$stage/results.txt" <<'EOF'
+  "$python" - "$module" "$stage/results.txt" "$(ls "$stage/previous.txt" 2>/dev/null)" <<'EOF'
 import sys
-module, path = sys.argv[1], sys.argv[2]
-outcomes = {}
-for line in open(path):
-    name, _, outcome = line.strip().rpartition(": ")
-    if name:
-        outcomes[name] = outcome
+module, path, previous = sys.argv[1], sys.argv[2], sys.argv[3]
+
+
+def read(path):
+    outcomes = {}
+    for line in open(path):
+        name, _, outcome = line.strip().rpartition(": ")
+        if name:
+            outcomes[name] = outcome
+    return outcomes
+
+
+outcomes = read(path)
+if previous:  # a rerun tested only the survivors: the others keep their last verdict
+    before = read(previous)
+    outcomes = {name: before.get(name, outcome) if outcome == "not checked" else outcome
+                for name, outcome in outcomes.items()}
 killed = sum(o in ("killed", "timeout") for o in outcomes.values())
 print(f"{module}: {killed}/{len(outcomes)} killed ({100 * killed / max(len(outcomes), 1):.0f}%)")
 for name, outcome in sorted(outcomes.items()):
