@@ -17,6 +17,9 @@ from packetflow.server import RuntimeServer
 from tests.support.actors import SystemFactory
 from tests.support.manifests import sample_capabilities
 
+# The `processes` fixture (real runtime processes), registered before any test imports it.
+pytest_plugins = ["tests.support.processes"]
+
 
 async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0,
                      what: str = "condition") -> None:

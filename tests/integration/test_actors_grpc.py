@@ -161,8 +161,9 @@ async def test_delete_reaches_the_owning_member(postgres_dsn: str, tmp_path: Pat
         for name in ("a", "b"):
             address = f"127.0.0.1:{_free_port()}"
             engine = Engine()
-            system = ActorSystem(engine, state_dir=tmp_path, member_id=name, address=address,
-                                 heartbeat_interval=0.1)
+            # The default heartbeat (1 s, members live 3 s): shorter ones let a busy machine
+            # drop a member between beats and move the actor mid-test.
+            system = ActorSystem(engine, state_dir=tmp_path, member_id=name, address=address)
             assert not await system.replace(manifest)
             members.append((system, await RuntimeServer.start(engine, address, system)))
         (a, _), (b, _) = members

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -15,7 +12,7 @@ import pytest
 from packetflow.actors.timing import rendezvous_owner
 from packetflow.client import CallError, RuntimeClient
 from tests.conftest import eventually
-from tests.support.processes import ROOT, RuntimeProcess, free_port
+from tests.support.processes import RuntimeProcess, free_port, packetflow
 
 pytest_plugins = ["tests.support.postgres"]
 
@@ -29,15 +26,6 @@ spec:
   store: {store}
   replicas: {replicas}
 """
-
-
-@pytest.fixture
-def processes() -> Iterator[list[RuntimeProcess]]:
-    started: list[RuntimeProcess] = []
-    yield started
-    for process in started:
-        if process.process.poll() is None:
-            process.kill()
 
 
 def bundle(tmp_path: Path, store: str, replicas: int = 1) -> Path:
@@ -142,20 +130,23 @@ async def test_placement_forwards_to_the_owner_and_moves_on_membership_change(
         assert applied[:len(before[moved])] == before[moved]  # state moved through the store
 
 
-def packetflow(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "packetflow.cli", *args], capture_output=True,
-                          text=True, timeout=30, cwd=ROOT)
 
-
+# Eight CLI processes, each seconds to start on a busy machine: past the default 120 s.
+@pytest.mark.timeout(300)
 def test_cli_send_and_actors_commands(tmp_path: Path,
                                       processes: list[RuntimeProcess]) -> None:
     runtime = RuntimeProcess(bundle(tmp_path, "{sqlite: {}}"), tmp_path / "state",
                              tmp_path / "runtime.log")
     processes.append(runtime)
     address = ("--address", runtime.address)
-    sent = packetflow("send", "ledger", "a", "--data", '{"n": 5, "note": "hello"}', *address)
+    sent = packetflow("send", "ledger", "a", "--data", '{"n": 5, "note": "hello"}',
+                      "--message-id", "q-17", *address)
     assert sent.returncode == 0, sent.stderr
     assert orjson.loads(sent.stdout) == {"n": 5, "count": 1}
+    # A retry with the same --message-id is not applied again: it answers the first reply.
+    retried = packetflow("send", "ledger", "a", "--data", '{"n": 6}', "--message-id", "q-17",
+                         *address)
+    assert orjson.loads(retried.stdout) == {"n": 5, "count": 1}, retried.stderr
     listed = packetflow("actors", "list", "ledger", *address)
     assert listed.stdout.splitlines() == ["a\t1\tactive"]
     got = orjson.loads(packetflow("actors", "get", "ledger", "a", *address).stdout)

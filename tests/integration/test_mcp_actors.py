@@ -164,8 +164,9 @@ async def test_bad_arguments_are_tool_errors_naming_the_field(mcp: Client,
         no_id = await client.call_tool("ledger", {"n": 1})
         wrong = await client.call_tool("ledger", {"actor_id": "a", "n": "one"})
         extra = await client.call_tool("ledger", {"actor_id": "a", "n": 1, "x": 2})
-        with pytest.raises(MCPError):
+        with pytest.raises(MCPError) as unknown:
             await client.call_tool("no-such-tool", {"actor_id": "a"})
+    assert unknown.value.code == -32602 and "no-such-tool" in unknown.value.message
     assert no_id.is_error and text_of(no_id) == "INVALID_ARGUMENT: actor_id: is required"
     assert wrong.is_error and "message.n" in text_of(wrong)
     assert wrong.meta is not None
@@ -312,7 +313,7 @@ metadata: {{name: tools}}
 spec:
   intent: Call remote tools
   implementation: {{python: {{module: tests.support.actor_handlers, class: ToolUser}}}}
-  timeoutSeconds: 1
+  timeoutSeconds: 20
   mcpTools:
     - {{name: echo, url: "{url}"}}
     - {{name: nap, url: "{url}", tool: slow}}
@@ -329,10 +330,11 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}/mcp"
 
 
-async def failure(system: ActorSystem, message: dict[str, Any]) -> PacketFlowError:
+async def failure(system: ActorSystem, message: dict[str, Any],
+                  deadline: float | None = None) -> PacketFlowError:
     """The error a message to the ``tools`` actor fails with."""
     with pytest.raises(PacketFlowError) as caught:
-        await system.get("tools").send("r", message)
+        await system.get("tools").send("r", message, deadline=deadline)
     return caught.value
 
 
@@ -353,9 +355,12 @@ async def test_ctx_tools_calls_remote_mcp_tools(tmp_path: Path) -> None:
             assert code_of(broken).value == "INTERNAL" and "broke on purpose" in broken.message
             gone = await failure(system, {"tool": "gone", "args": {"message": "x"}})
             assert code_of(gone).value == "UNAVAILABLE"
-            # Nothing runs past the turn's deadline (timeoutSeconds: 1).
-            async with asyncio.timeout(10):
-                slow = await failure(system, {"tool": "nap", "args": {"seconds": 30}})
+            # Nothing runs past the turn's deadline: here the caller's, 3 s (timeoutSeconds,
+            # 20 s, leaves room for opening sessions on a busy machine). A tool call that did
+            # not carry it would run into the bound.
+            deadline = asyncio.get_running_loop().time() + 3
+            async with asyncio.timeout(15):
+                slow = await failure(system, {"tool": "nap", "args": {"seconds": 30}}, deadline)
             assert code_of(slow).value == "DEADLINE_EXCEEDED"
             assert (await system.get("tools").describe("r"))["state"] == {"calls": 1}
         finally:

@@ -7,7 +7,6 @@ import contextlib
 import os
 import socket
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -127,10 +126,8 @@ async def test_schema_refreshes_when_the_remote_tool_changes(remote: str) -> Non
 async def test_slow_remote_ends_at_the_deadline(remote: str) -> None:
     engine = remote_engine(remote, {"slow": "slow"})
     try:
-        started = time.monotonic()
         slow = await failure(engine, "slow", {"seconds": 30})
         assert code_of(slow).value == "DEADLINE_EXCEEDED"
-        assert time.monotonic() - started < 10
         assert await invoke(engine, "slow", {"seconds": 0}) == {"message": "slept 0.0"}
     finally:
         await engine.aclose()
@@ -146,11 +143,10 @@ async def test_server_going_away_mid_call_and_down() -> None:
             await _until_in_flight(engine, "slow")
             proc.kill()
             await proc.wait()
-            started = time.monotonic()
             with pytest.raises(PacketFlowError) as caught:
                 await call
+            # Lost, not waited out: a call left hanging would end at its deadline instead.
             assert code_of(caught.value).value == "UNAVAILABLE"
-            assert time.monotonic() - started < 5
             # Down: every later call fails fast and clearly, none hangs.
             for _ in range(2):
                 down = await failure(engine, "echo", {"message": "anyone?"})
@@ -320,37 +316,37 @@ async def test_connect_to_a_silent_server_is_bounded_and_leaves_no_task(
     connection = McpConnection(silent)
     try:
         await _cancelled_while_connecting(connection)
-        started = time.monotonic()
         with pytest.raises(Unavailable, match=r"did not answer within 0\.5s"):
             await connection.client()  # joins the connect in flight: it ends at its timeout
-        assert time.monotonic() - started < 5
         await eventually(lambda: owner_tasks() == [], what="the abandoned connect ended")
     finally:
         await connection.aclose()
     assert owner_tasks() == []
 
 
-async def test_aclose_abandons_a_connect_in_flight(silent: str) -> None:
+async def test_aclose_abandons_a_connect_in_flight(silent: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A connect that would take an hour: waiting it out would hit the bound below.
+    monkeypatch.setattr(remote_module, "CONNECT_TIMEOUT", 3600)
     connection = McpConnection(silent)
     waiting = asyncio.create_task(connection.client())
     await asyncio.sleep(0)
     assert len(owner_tasks()) == 1
-    started = time.monotonic()
-    await connection.aclose()
+    await asyncio.wait_for(connection.aclose(), 60)
     assert owner_tasks() == []
-    assert time.monotonic() - started < remote_module.CONNECT_TIMEOUT / 2
     with pytest.raises(Unavailable, match="closed the connection"):
         await waiting
 
 
-async def test_load_check_shorter_than_the_connect_leaves_no_task(silent: str) -> None:
-    # verify gives up (5 s by default) before the connect does (CONNECT_TIMEOUT, 10 s).
+async def test_load_check_shorter_than_the_connect_leaves_no_task(
+        silent: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # verify gives up before the connect does (an hour here: waiting it out would hit the
+    # bound below).
+    monkeypatch.setattr(remote_module, "CONNECT_TIMEOUT", 3600)
     engine = remote_engine(silent, {"echo": "echo", "again": "echo"})
     try:
         assert await engine.verify_remotes(timeout=0.2) == []
         assert len(owner_tasks()) == 2  # still connecting: each capability has its own
     finally:
-        started = time.monotonic()
-        await engine.aclose()
+        await asyncio.wait_for(engine.aclose(), 60)  # abandoned at once, not waited out
     assert owner_tasks() == []
-    assert time.monotonic() - started < 3  # abandoned at once, not waited out

@@ -82,7 +82,9 @@ async def test_caller_deadline_cancels_the_handler(client: RuntimeClient) -> Non
     gate = uuid.uuid4().hex
     handlers.GATES[gate] = asyncio.Event()
     with pytest.raises(CallError) as caught:
-        await client.invoke("hold", {"gate": gate}, timeout=0.3, trace_id=gate)
+        # Long enough for the call to reach the handler on a busy machine (the gate never
+        # opens, so the deadline always ends it).
+        await client.invoke("hold", {"gate": gate}, timeout=1, trace_id=gate)
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     await eventually(lambda: gate in handlers.CANCELLED, what="handler cancellation")
     await assert_still_serving(client)
@@ -198,7 +200,9 @@ async def test_graceful_shutdown_drains_in_flight_calls(runtime: RuntimeServer) 
     async with RuntimeClient(address) as client, grpc.aio.insecure_channel(address) as channel:
         call = asyncio.create_task(client.invoke("hold", {"gate": gate}, trace_id=gate))
         await eventually(lambda: gate in handlers.STARTED, what="call running")
-        stopping = asyncio.create_task(runtime.stop(grace=10, drain=0.5))
+        # A drain far longer than the test: NOT_SERVING is seen however late the check runs,
+        # and new calls are still served meanwhile.
+        draining = asyncio.create_task(runtime.stop(grace=10, drain=3600))
         health = health_pb2_grpc.HealthStub(channel)
 
         async def not_serving() -> bool:
@@ -206,6 +210,21 @@ async def test_graceful_shutdown_drains_in_flight_calls(runtime: RuntimeServer) 
             return reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
         await eventually(not_serving, what="health NOT_SERVING while draining")
+        assert await client.invoke("add", {"a": 1}) == {"sum": 1}
+        # The drain is a wait: cutting it short moves on to refusing calls, while the call in
+        # flight may still finish (within the grace period).
+        draining.cancel()
+        await asyncio.gather(draining, return_exceptions=True)
+        stopping = asyncio.create_task(runtime.stop(grace=10))
+
+        async def refused() -> bool:
+            try:
+                await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+            except grpc.aio.AioRpcError:
+                return True
+            return False
+
+        await eventually(refused, what="new calls refused")
         assert not call.done()
         handlers.GATES[gate].set()
         assert await call == {"gate": gate}

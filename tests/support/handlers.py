@@ -60,3 +60,10 @@ def whoami(ctx: CallContext) -> dict[str, Any]:
     """Reports what the context carried across the wire."""
     return {"caller": ctx.caller, "trace_id": ctx.trace_id,
             "has_deadline": ctx.deadline is not None, "effects": list(ctx.effects)}
+
+
+async def nap(seconds: float) -> dict[str, Any]:
+    """Sleeps ``seconds`` (for calls that must still be running at some moment, in another
+    process where a test cannot open a gate)."""
+    await asyncio.sleep(seconds)
+    return {"slept": seconds}

@@ -250,11 +250,14 @@ async def test_stop_has_one_deadline_for_all_busy_actors(
         systems: SystemFactory, gates: dict[str, asyncio.Event]) -> None:
     kind = (await started(systems(), fragile("ledger", "Ledger"))).get("ledger")
     gates["busy"] = asyncio.Event()
+    busy = 30
     turns = [asyncio.create_task(kind.send(f"id-{i}", {"n": i, "gate": "busy"}))
-             for i in range(3)]
-    await eventually(lambda: sum(a.lock.locked() for a in kind.active.values()) == 3,
-                     what="three busy actors")
-    await asyncio.wait_for(kind.stop(grace=0.2), 10)
+             for i in range(busy)]
+    await eventually(lambda: sum(a.lock.locked() for a in kind.active.values()) == busy,
+                     what="the busy actors")
+    # The turns never finish: one grace period for all of them ends stop after 0.5 s, a
+    # grace period each would take 15 s. The bound sits far from both.
+    await asyncio.wait_for(kind.stop(grace=0.5), 7.5)
     assert not kind.active
     for turn in turns:
         turn.cancel()

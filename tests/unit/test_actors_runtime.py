@@ -96,6 +96,20 @@ async def test_a_retried_message_id_is_applied_once(systems: SystemFactory) -> N
     assert (await kind.describe("a"))["state"]["applied"] == [7]
 
 
+async def test_processed_message_ids_are_swept_after_24_hours(systems: SystemFactory) -> None:
+    clock = FakeClock()
+    kind = (await started(systems(clock=clock), ledger())).get("ledger")
+    await kind.send("a", {"n": 1}, message_id="m-1")
+    clock.now += 24 * 3600 - 60  # not yet a day: the sweep keeps the id
+    await kind.sweep()
+    assert (await kind.send("a", {"n": 1}, message_id="m-1")).duplicate
+    clock.now += 120  # over a day: swept, so the same id is a new message
+    await kind.sweep()
+    again = await kind.send("a", {"n": 1}, message_id="m-1")
+    assert not again.duplicate and again.reply["count"] == 2
+    assert (await kind.describe("a"))["state"]["applied"] == [1, 1]
+
+
 async def test_active_bound_and_idle_timeout_keep_memory_flat(systems: SystemFactory) -> None:
     kind = (await started(systems(), ledger(maxActive=50, idleTimeout="200ms"))).get("ledger")
     for start in range(0, 1000, 100):
@@ -164,24 +178,42 @@ async def test_compaction_keeps_the_newest_max_messages(systems: SystemFactory) 
 
 
 async def test_memory_search_ranks_with_bm25(systems: SystemFactory) -> None:
-    kind = (await started(systems(), ledger(memory={"semanticSearch": True}))).get("ledger")
+    # semanticSearch off: BM25 whether or not the embeddings extra is installed.
+    kind = (await started(systems(), ledger(memory={"semanticSearch": False}))).get("ledger")
+    assert kind.ranker.name == "bm25"
     for n, note in enumerate(["invoice overdue", "router broken again", "router reset"]):
         await kind.send("a", {"n": n, "note": note})
     reply = await kind.send("a", {"n": 9, "search": "broken router"})
     assert reply.reply["found"] == ["router broken again", "router reset"]
 
 
-async def test_deadline_cancels_the_turn_and_reads_do_not_queue(
-        systems: SystemFactory) -> None:
-    kind = (await started(systems(), ledger(timeoutSeconds=0.3))).get("ledger")
+async def test_reads_do_not_queue_behind_a_running_turn(systems: SystemFactory) -> None:
+    kind = (await started(systems(), ledger())).get("ledger")
     await kind.send("a", {"n": 1})
     actor_handlers.GATES["slow"] = asyncio.Event()
     slow = asyncio.create_task(kind.send("a", {"n": 2, "gate": "slow"}))
     await eventually(lambda: kind.active["a"].lock.locked(), what="the slow turn")
-    # GetActor answers from the store while the turn runs.
-    assert (await kind.describe("a"))["state"]["applied"] == [1]
+    # GetActor answers from the store while the turn runs: the turn is held until the read
+    # returned, so a read that waited for the turn would never return (a generous bound).
+    described = await asyncio.wait_for(kind.describe("a"), 30)
+    assert described["state"]["applied"] == [1] and not slow.done()
+    assert [r.actor_id for r in await asyncio.wait_for(kind.list_actors(), 30)] == ["a"]
+    actor_handlers.GATES["slow"].set()
+    assert (await slow).reply["count"] == 2
+    assert (await kind.describe("a"))["state"]["applied"] == [1, 2]
+
+
+async def test_a_turn_past_its_deadline_fails_and_commits_nothing(
+        systems: SystemFactory) -> None:
+    system = await started(systems(), ledger())
+    await system.get("ledger").send("a", {"n": 1})
+    # The short turn deadline only from here: the first turn (activation, a durable commit)
+    # may take long on a busy machine; a gated turn cannot beat any deadline.
+    await started(system, ledger(timeoutSeconds=0.3))
+    kind = system.get("ledger")
+    actor_handlers.GATES["slow"] = asyncio.Event()
     with pytest.raises(DeadlineExceeded):
-        await slow
+        await kind.send("a", {"n": 2, "gate": "slow"})
     assert (await kind.describe("a"))["state"]["applied"] == [1]
 
 

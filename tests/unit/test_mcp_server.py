@@ -147,9 +147,11 @@ async def test_unknown_tool_is_a_protocol_error(mcp: Client) -> None:
     async with mcp as client:
         with pytest.raises(MCPError) as caught:
             await client.call_tool("no-such-tool", {})
-        assert "no-such-tool" in caught.value.message
-        with pytest.raises(MCPError):
+        # -32602 (invalid params), as the README promises: not any protocol error.
+        assert caught.value.code == -32602 and "no-such-tool" in caught.value.message
+        with pytest.raises(MCPError) as hidden:
             await client.call_tool("hidden", {})  # not exposed: not callable either
+        assert hidden.value.code == -32602 and "hidden" in hidden.value.message
 
 
 async def test_calls_go_through_the_engine_metrics(mcp: Client, engine: Engine) -> None:
@@ -197,6 +199,37 @@ async def test_every_resource_reads(mcp: Client) -> None:
         with pytest.raises(MCPError) as caught:
             await client.read_resource("capability://nope")
         assert caught.value.code == RESOURCE_NOT_FOUND
+
+
+async def test_capability_resource_shows_live_stats(mcp: Client) -> None:
+    async def stats(name: str) -> dict[str, Any]:
+        read = await client.read_resource(f"capability://{name}")
+        return dict(orjson.loads(read.contents[0].text)["stats"])  # type: ignore[union-attr]
+
+    gate = "stats-gate"
+    handlers.GATES[gate] = asyncio.Event()
+    async with mcp as client:
+        await client.call_tool("add", {"a": 1})
+        await client.call_tool("add", {"a": 2})
+        await client.call_tool("add", {"a": "x"})
+        await client.call_tool("broken", {})
+        held = asyncio.create_task(client.call_tool("hold", {"gate": gate}))
+        await eventually(lambda: _in_flight(stats("hold"), 1), what="the held call")
+        add = await stats("add")
+        assert add["calls"] == {"INVALID_ARGUMENT": 1, "OK": 2}
+        assert (add["calls_total"], add["errors_total"], add["in_flight"]) == (3, 1, 0)
+        assert add["mean_seconds"] is not None and add["mean_seconds"] > 0
+        assert add["contract_violations"] == 0
+        broken = await stats("broken")
+        assert broken["calls"] == {"INTERNAL": 1} and broken["contract_violations"] == 1
+        assert (await stats("echo"))["mean_seconds"] is None  # never called
+        handlers.GATES[gate].set()
+        await held
+        assert await _in_flight(stats("hold"), 0)
+
+
+async def _in_flight(stats: Any, count: int) -> bool:
+    return bool((await stats)["in_flight"] == count)
 
 
 async def test_progress_notifications(mcp: Client) -> None:
@@ -247,5 +280,6 @@ async def test_reload_changes_the_tool_list(engine: Engine) -> None:
         engine.replace([e.capability for e in engine.served.values() if e.name != "add"])
         after = {t.name for t in (await client.list_tools(cache_mode="bypass")).tools}
         assert before - after == {"add"}
-        with pytest.raises(MCPError):
+        with pytest.raises(MCPError) as caught:
             await client.call_tool("add", {"a": 1})
+        assert caught.value.code == -32602

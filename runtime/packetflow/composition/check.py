@@ -7,11 +7,10 @@ names the manifest field (``spec.implementation.composition.steps[1].call.input.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jmespath
-from pydantic import ValidationError
 
 from packetflow.composition.model import (
     COMPOSITION_PATH,
@@ -32,20 +31,8 @@ class CheckError(NamedTuple):
 
 
 def composition_of(capability: Capability) -> CompositionSpec | None:
-    """The capability's composition as a ``CompositionSpec``, or ``None`` if it is not one.
-
-    Works both when ``spec.py`` embeds ``CompositionSpec`` and with the reserved placeholder
-    (whose extra keys are revalidated here).
-    """
-    impl = capability.spec.implementation.composition
-    if impl is None:
-        return None
-    if isinstance(impl, CompositionSpec):
-        return impl
-    try:
-        return CompositionSpec.model_validate(impl.model_dump(by_alias=True))
-    except ValidationError:
-        return None  # reported by parse_composition wherever the manifest is validated
+    """The capability's composition as a ``CompositionSpec``, or ``None`` if it is not one."""
+    return capability.spec.implementation.composition
 
 
 def check_compositions(capabilities: Iterable[Capability],
@@ -105,11 +92,9 @@ class _Scope:
     input: Known
     steps: dict[str, Known]
     last: Known
-    items: set[str] = field(default_factory=set)
 
-    def child(self, last: Known | None = None, item: str | None = None) -> _Scope:
-        return _Scope(self.input, dict(self.steps), self.last if last is None else last,
-                      self.items | ({item} if item else set()))
+    def child(self, last: Known | None = None) -> _Scope:
+        return _Scope(self.input, dict(self.steps), self.last if last is None else last)
 
 
 class _Checker:
@@ -138,7 +123,7 @@ class _Checker:
         elif step.map_reduce is not None:
             mr = step.map_reduce
             self.expression_refs(mr.over, f"{path}.mapReduce.over", scope)
-            self.step(mr.map, f"{path}.mapReduce.map", scope.child(_UNKNOWN, mr.item))
+            self.step(mr.map, f"{path}.mapReduce.map", scope.child(_UNKNOWN))
             if isinstance(mr.reduce, ReduceCall) and mr.reduce.address is None:
                 self.reducer(mr.reduce.capability, f"{path}.mapReduce.reduce.capability")
             known = _UNKNOWN

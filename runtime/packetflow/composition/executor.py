@@ -140,13 +140,14 @@ class Frame:
     remote: Remote | None
     metrics: StepMetrics | None
     random: Callable[[], float]
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     def within(self, deadline: float | None) -> Frame:
         """The same frame with a deadline no later than ``deadline`` (a branch timeout)."""
         if deadline is None or (self.deadline is not None and self.deadline <= deadline):
             return self
         return Frame(self.ctx, deadline, self.trace, self.invoke, self.remote, self.metrics,
-                     self.random)
+                     self.random, self.sleep)
 
     def child_context(self, capability: str) -> CallContext:
         """A fresh context for one child call (the engine narrows its deadline in place)."""
@@ -243,7 +244,7 @@ class Node:
                     raise
                 log.debug("step %s attempt %d failed with %s; retrying in %.3fs",
                           self.path, attempt, code_of(exc), delay)
-                await asyncio.sleep(delay)
+                await frame.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
 
@@ -288,8 +289,9 @@ async def call_capability(capability: str, address: str | None, value: Any, fram
         if address is None:
             return await frame.invoke(capability, value, ctx)
         if frame.remote is None:
-            raise HandlerFailed(f"step {step!r} calls {capability!r} at {address}, but this "
-                                "runtime has no remote caller")
+            # The step is named by _in_step below, like every error of the call.
+            raise HandlerFailed(f"calls {capability!r} at {address}, but this runtime has no "
+                                "remote caller")
         return await frame.remote(address, capability, value, ctx)
     except PacketFlowError as exc:
         raise _in_step(exc, step) from None
@@ -532,10 +534,12 @@ def composition_handler(
     metrics: StepMetrics | None = None,
     rng: Callable[[], float] = random.random,
     max_trace_steps: int = MAX_TRACE_STEPS,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Handler:
     """A handler running ``spec``; ``name`` labels its trace and metrics.
 
-    ``rng`` draws the retry jitter; ``max_trace_steps`` bounds the trace (the rest is counted
+    ``rng`` draws the retry jitter and ``sleep`` waits out a backoff (tests inject both);
+    ``max_trace_steps`` bounds the trace (the rest is counted
     as ``droppedSteps``), e.g. to fit response metadata.
 
     After each call (success or failure) the handler leaves its trace as JSON in
@@ -546,7 +550,7 @@ def composition_handler(
 
     async def run_composition(value: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         trace = ExecutionTrace(name, ctx.trace_id, max_trace_steps)
-        frame = Frame(ctx, ctx.deadline, trace, invoke, remote, metrics, rng)
+        frame = Frame(ctx, ctx.deadline, trace, invoke, remote, metrics, rng, sleep)
         scope = Scope(value, {}, value)
         outcome = Code.INTERNAL
         try:

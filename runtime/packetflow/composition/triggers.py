@@ -208,7 +208,8 @@ class TriggerRunner:
     def __init__(self, invoke: Invoke, subscriptions: Mapping[str, list[Trigger]],
                  store: IdempotencyStore | None = None, *, max_deliveries: int = 5,
                  redelivery_seconds: float = 0.5,
-                 now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.invoke = invoke
         self.store: IdempotencyStore = store or MemoryIdempotencyStore()
         self.subscriptions: list[Subscription] = []
@@ -216,6 +217,7 @@ class TriggerRunner:
         self.max_deliveries = max_deliveries
         self.redelivery_seconds = redelivery_seconds
         self.now = now
+        self.sleep = sleep  # waits out a redelivery delay (tests inject one)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.schedules: asyncio.Task[None] | None = None
         self.update(subscriptions)
@@ -250,7 +252,7 @@ class TriggerRunner:
                 await self.invoke(target, event, ctx)
             except PacketFlowError as exc:
                 if code_of(exc) in RETRYABLE and delivery < self.max_deliveries:
-                    await asyncio.sleep(self.redelivery_seconds * 2 ** (delivery - 1))
+                    await self.sleep(self.redelivery_seconds * 2 ** (delivery - 1))
                     continue
                 await self.store.release(key)
                 log.warning("event %s for %s failed: %s", key, target, exc.message)
