@@ -18,4 +18,5 @@ BENCHES: dict[str, str] = {
     "mcp": "bench.mcp",
     "cli": "bench.cli",
     "routing": "bench.routing",
+    "planner": "bench.planner",
 }
