@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import tempfile
 import time
@@ -168,10 +169,8 @@ async def cache_rounds(planner: Any, intents: list[dict[str, Any]]) -> list[floa
             request = PlanRequest(entry["intent"], entry.get("data", {}),
                                   allow_effects=bool(entry.get("allowEffects")),
                                   planner="builtin", use_cache=use_cache)
-            try:
+            with contextlib.suppress(NoPlan):
                 await planner.plan(request)
-            except NoPlan:
-                pass
         return len(intents) / (time.perf_counter() - started)
 
     ratios = []

@@ -21,9 +21,10 @@ _SENTENCE = re.compile(r"[^.!?]+[.!?]*")
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _URL = re.compile(r"https?://[^\s<>\"')]+")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-STOPWORDS = frozenset(
+_STOPWORD_TEXT = (
     "a an and are as at be by for from has have in is it its of on or that the this to was "
-    "were will with".split())
+    "were will with")
+STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 
 # A tiny offline dictionary: enough for the evaluation's sentences, unknown words are kept.
 DICTIONARY: dict[str, dict[str, str]] = {

@@ -17,10 +17,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from packetflow.actors.bm25 import tokenize
 from packetflow.composition.check import CheckError, check_compositions
 from packetflow.composition.model import COMPOSITION_PATH, CompositionSpec, iter_steps
 from packetflow.planner.search import JSON_TYPES, CandidatePlan
-from packetflow.planner.text import terms
+from packetflow.planner.text import STOPWORDS
 from packetflow.spec import API_VERSION, Capability
 from packetflow.validation import format_path, validation_errors
 
@@ -58,8 +59,9 @@ class PlanRejected(Exception):
 def plan_name(intent: str, data_fields: Sequence[str]) -> str:
     """A DNS-label name from the intent's first words and a digest of intent and fields."""
     digest = hashlib.sha256(("\n".join([intent, *sorted(data_fields)])).encode()).hexdigest()
-    words = "-".join(re.sub(r"[^a-z0-9]", "", t) for t in terms(intent)[:4])
-    words = re.sub(r"-+", "-", words).strip("-")[: MAX_NAME - len("plan--") - 8]
+    words = "-".join(re.sub(r"[^a-z0-9]", "", w) for w in tokenize(intent)
+                     if w not in STOPWORDS)
+    words = re.sub(r"-+", "-", words).strip("-")[: MAX_NAME - len("plan--") - 8].strip("-")
     return f"plan-{words + '-' if words else ''}{digest[:8]}"
 
 
@@ -101,8 +103,15 @@ def provides_of(plan: CandidatePlan) -> dict[str, Any] | None:
     """The plan's output contract: the last step's, or one object per parallel branch."""
     if plan.form == "parallel":
         return {step.label: {"type": "object"} for step in plan.steps}
-    return plan.steps[-1].capability.capability.model_dump(
-        mode="json", by_alias=True, exclude_unset=True)["spec"].get("provides")
+    return provides_data(plan.steps[-1].capability.capability)
+
+
+def provides_data(capability: Capability) -> dict[str, Any] | None:
+    """A capability's ``provides`` as manifest data (what a plan ending in it provides)."""
+    dumped: dict[str, Any] = capability.model_dump(mode="json", by_alias=True,
+                                                   exclude_unset=True)["spec"]
+    provides: dict[str, Any] | None = dumped.get("provides")
+    return provides
 
 
 def checked_plan(manifest: Mapping[str, Any], allowed: Mapping[str, Capability],

@@ -15,7 +15,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -49,6 +49,7 @@ from packetflow.planner.compose import (
     composition_of,
     effects_gate,
     manifest_for,
+    provides_data,
     provides_of,
 )
 from packetflow.planner.learning import (
@@ -135,7 +136,7 @@ class PlanResult:
 class PlannerMetrics:
     """``packetflow_planner_plans_total{planner,outcome}``, planning and execution times."""
 
-    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, PlannerMetrics] = \
+    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, PlannerMetrics]] = \
         weakref.WeakKeyDictionary()
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
@@ -314,7 +315,8 @@ class Planner:
                       term_weights(analysis, catalog), self.settings.max_steps)
         found = search(ctx, input_fields(request.data))
         plan, chosen = self._first_valid(request, found, allowed)
-        explanation = explain(chosen, found, ctx, prefs, self.ranker.name)
+        explanation = explain(chosen, found, ctx, prefs, "bm25" if isinstance(
+            self.ranker, Bm25Ranker) else "bm25+embeddings")
         if model_attempts:
             explanation["model"] = {"provider": self.model.provider if self.model else "",
                                     "attempts": [a.__dict__ for a in model_attempts],
@@ -346,8 +348,7 @@ class Planner:
                 if isinstance(last, dict) and isinstance(last.get("call"), dict) else None
             provides = None
             if target is not None and "output" not in composition:
-                provides = target.model_dump(mode="json", by_alias=True,
-                                             exclude_unset=True)["spec"].get("provides")
+                provides = provides_data(target)
             return self._checked(request, composition, provides, allowed, "model")
 
         return await plan_with_model(self.model, [c.capability for c in shown], request.intent,
@@ -533,7 +534,7 @@ def no_plan_message(intent: str, found: SearchResult, rejected: Sequence[str]) -
         best = found.plans[0]
         reasons.append(f"the closest plan ({', '.join(s.capability.name for s in best.steps)})"
                        f" covers only {best.parts['coverage']:.0%} of the intent")
-    lacking = {}
+    lacking: dict[tuple[str, str], str] = {}
     for unwired in found.unwired:
         if unwired.field != "<chain>":
             lacking.setdefault((unwired.capability, unwired.field), unwired.detail)

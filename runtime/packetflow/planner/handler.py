@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -23,11 +24,12 @@ from packetflow.feedback import FeedbackStore
 from packetflow.planner.core import Planner, PlanRequest
 from packetflow.planner.llm import ChatModel, model_from_settings
 from packetflow.planner.settings import PlannerSettings
-from packetflow.planner.store import PlannerStore
+from packetflow.planner.store import PlannerStore, open_planner_store
 from packetflow.spec import Capability
 from packetflow.validation import ImplementationError
 
 PATH = "spec.implementation.planner"
+PLANNER_NAME = "planner"  # what feedback on a Plan/PlanAndExecute trace is recorded against
 OUTPUTS = ("plan", "results", "explanation", "executed", "blocked", "traceId")
 
 
@@ -128,3 +130,25 @@ class PlannerHandler:
         """Close the model's connections."""
         if self._model is not None:
             await self._model.aclose()
+
+
+async def open_planning(state_dir: Path, feedback: FeedbackStore | None,
+                        registry: CollectorRegistry | None,
+                        settings: PlannerSettings | None = None) -> PlanningServices:
+    """The runtime's planning services: settings from ``PACKETFLOW_PLANNER_*``, the planner
+    store (PostgreSQL with ``PACKETFLOW_PLANNER_STORE_DSN``, else SQLite under the state
+    dir) and the runtime's feedback store."""
+    settings = settings or PlannerSettings()
+    store = await open_planner_store(state_dir, settings.store_dsn)
+    return PlanningServices(settings, store, feedback, registry)
+
+
+def runtime_planner(services: PlanningServices, catalog: Callable[[], Iterable[Capability]],
+                    invoke: Invoke, remote: Remote | None,
+                    step_metrics: StepMetrics | None) -> Planner:
+    """The planner behind ``Plan``/``PlanAndExecute`` and the MCP tools: every capability
+    served here, the configured model (if any)."""
+    return Planner(catalog, invoke, remote, settings=services.settings, store=services.store,
+                   feedback=services.feedback,
+                   model=model_from_settings(services.settings, services.registry),
+                   registry=services.registry, step_metrics=step_metrics)

@@ -221,7 +221,7 @@ def intent_value(target: FieldInfo, capability: CapabilityInfo, analysis: Intent
     """
     if target.enum is not None:
         words = enum_words(target)
-        for index, term in enumerate(analysis.terms):
+        for term in analysis.terms:
             if term in words:
                 return words[term], f"the intent says {term!r}"
         for word in analysis.words:

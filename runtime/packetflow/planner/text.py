@@ -13,7 +13,7 @@ from packetflow.actors.bm25 import tokenize
 
 # Function words and the filler of requests ("please give me ..."): they tell nothing about
 # which capability is meant.
-STOPWORDS = frozenset("""
+_STOPWORD_TEXT = """
 a about above after again all also am an and any are as at be because been before being
 below between both but by can could did do does doing done each few for from further get
 gets give given had has have having he her here hers him his how i if in into is it its
@@ -22,7 +22,8 @@ ours out over own please same she should so some such than that the their theirs
 then there these they this those through to too under until up very want was we were
 what when where which while who whom why will with would you your yours using use need
 tell show thing something every many much one ones make made
-""".split())
+"""
+STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 
 # Words that name the same operation (a small, generic thesaurus of tool vocabulary; each
 # group maps to its first word). Not a list of the evaluation's phrasings: these are the
