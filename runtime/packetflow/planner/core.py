@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
 from packetflow.actors.search import Bm25Ranker, rank, ranker_for
 from packetflow.composition.executor import (
@@ -62,6 +61,7 @@ from packetflow.planner.learning import (
     signature,
 )
 from packetflow.planner.llm import ChatModel, ModelAttempt, plan_with_model
+from packetflow.planner.metrics import PlannerMetrics
 from packetflow.planner.retrieval import fused_relevance, lexical_relevance, semantic_texts
 from packetflow.planner.search import (
     JSON_TYPES,
@@ -131,32 +131,6 @@ class PlanResult:
         if self.error is not None:
             out["error"] = {"code": code_of(self.error).value, "message": self.error.message}
         return out
-
-
-class PlannerMetrics:
-    """``packetflow_planner_plans_total{planner,outcome}``, planning and execution times."""
-
-    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, PlannerMetrics]] = \
-        weakref.WeakKeyDictionary()
-
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        self.plans = Counter("packetflow_planner_plans", "Plans made, by planner (builtin, "
-                             "model, cache) and outcome.", ["planner", "outcome"],
-                             registry=registry)
-        self.planning = Histogram("packetflow_planner_planning_duration_seconds",
-                                  "Time from intent to checked plan.", registry=registry)
-        self.executions = Counter("packetflow_planner_executions", "Plans executed, by "
-                                  "outcome code.", ["code"], registry=registry)
-
-    @classmethod
-    def of(cls, registry: CollectorRegistry | None) -> PlannerMetrics:
-        """One set of families per registry (several planners may share one)."""
-        if registry is None:
-            return cls(None)
-        found = cls._by_registry.get(registry)
-        if found is None:
-            found = cls._by_registry[registry] = cls(registry)
-        return found
 
 
 class Planner:

@@ -20,10 +20,11 @@ from typing import Any, Protocol
 
 import httpx
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
 from packetflow.contracts import contract_schema
 from packetflow.planner.compose import CheckedPlan, PlanRejected
+from packetflow.planner.metrics import PlannerMetrics
 from packetflow.planner.settings import PlannerSettings
 from packetflow.spec import Capability
 
@@ -74,17 +75,6 @@ class ChatModel(Protocol):
         ...
 
 
-class ModelMetrics:
-    """Model calls counted and timed per provider and outcome."""
-
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        self.calls = Counter("packetflow_planner_model_calls", "Language model calls by the "
-                             "planner.", ["provider", "outcome"], registry=registry)
-        self.duration = Histogram("packetflow_planner_model_call_duration_seconds",
-                                  "Duration of the planner's language model calls.",
-                                  ["provider"], registry=registry)
-
-
 @dataclass
 class HttpChatModel:
     """Shared by both APIs: the POST, its timing, counting and (key-free) logging."""
@@ -94,7 +84,7 @@ class HttpChatModel:
     base_url: str
     api_key: str = field(repr=False)
     timeout: float
-    metrics: ModelMetrics
+    metrics: PlannerMetrics
     client: httpx.AsyncClient = field(default_factory=httpx.AsyncClient, repr=False)
 
     async def post(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> Any:
@@ -122,8 +112,8 @@ class HttpChatModel:
             raise ModelError(outcome, f"{type(exc).__name__}: {exc}") from None
         finally:
             elapsed = time.perf_counter() - started
-            self.metrics.calls.labels(self.provider, outcome).inc()
-            self.metrics.duration.labels(self.provider).observe(elapsed)
+            self.metrics.model_calls.labels(self.provider, outcome).inc()
+            self.metrics.model_duration.labels(self.provider).observe(elapsed)
             log.info("model call", extra={"provider": self.provider, "model": self.model,
                                           "url": self.base_url + path, "outcome": outcome,
                                           "seconds": round(elapsed, 3)})
@@ -175,7 +165,7 @@ def model_from_settings(settings: PlannerSettings,
     kind = OpenAIChat if settings.provider == "openai" else AnthropicMessages
     key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
     return kind(settings.provider, settings.model, settings.endpoint(), key,
-                settings.timeout_seconds, ModelMetrics(registry))
+                settings.timeout_seconds, PlannerMetrics.of(registry))
 
 
 # ----------------------------------------------------------------------------- prompting
