@@ -18,6 +18,7 @@ learned preference scores of their capabilities (which break near-ties).
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -357,17 +358,16 @@ class Context:
 def term_weights(analysis: IntentAnalysis, catalog: Sequence[CapabilityInfo]
                  ) -> dict[str, float]:
     """Weight of each intent term: rarer among capabilities weighs more (idf); a term no
-    capability has weighs half the rarest known one (it may be what is missing, or the
-    request's subject matter); the first term of each clause weighs double."""
-    import math
-
+    capability has weighs half as much as a term only one capability has (it may be what is
+    missing, or the request's subject matter); the first term of each clause weighs
+    double."""
     count = len(catalog)
     weights: dict[str, float] = {}
     for term in set(analysis.terms):
         frequency = sum(1 for cap in catalog if term in cap.words)
         weights[term] = math.log(1 + (count - frequency + 0.5) / (frequency + 0.5)) \
             if frequency else -1.0
-    rarest = max([w for w in weights.values() if w > 0], default=1.0)
+    rarest = math.log(1 + (count - 0.5) / 1.5)  # a term exactly one capability has
     weights = {term: (UNKNOWN_WEIGHT * rarest if w < 0 else w) for term, w in weights.items()}
     heads = {term for index, term in enumerate(analysis.terms)
              if index == 0 or analysis.clauses[index] != analysis.clauses[index - 1]}
