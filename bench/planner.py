@@ -86,7 +86,7 @@ async def evaluate(intents: list[dict[str, Any]], registry: list[Path],
     from packetflow.manifests import load_paths
     from packetflow.planner.core import NoPlan, Planner, PlanRequest
     from packetflow.planner.settings import PlannerSettings
-    from packetflow.planner.store import PlannerStore, SqliteDatabase
+    from packetflow.planner.store import sqlite_store
 
     loaded = load_paths(registry)
     if loaded.errors:
@@ -95,7 +95,7 @@ async def evaluate(intents: list[dict[str, Any]], registry: list[Path],
     if engine.load_errors:
         raise SystemExit("\n".join(str(e) for e in engine.load_errors))
     with tempfile.TemporaryDirectory() as tmp:
-        store = PlannerStore(SqliteDatabase(Path(tmp) / "planner.db"))
+        store = sqlite_store(Path(tmp) / "planner.db")
         feedback = FeedbackService(SqliteFeedbackStore(Path(tmp) / "feedback.db"),
                                    engine.metrics.registry, engine.traces)
         planner = Planner(engine.capabilities, engine.invoke, settings=PlannerSettings(

@@ -152,20 +152,11 @@ class RuntimeClient:
     ) -> dict[str, Any]:
         """Invoke with progress events delivered to ``on_progress``; returns the output."""
         request = runtime_pb2.InvokeRequest(capability=name, input_json=orjson.dumps(value))
-        try:
-            async for event in self.stub.InvokeStream(request, timeout=timeout,
-                                                      wait_for_ready=wait_for_ready,
-                                                      metadata=self._metadata(None)):
-                if event.HasField("progress"):
-                    if on_progress is not None:
-                        on_progress(ProgressEvent(event.progress.message,
-                                                  event.progress.fraction))
-                else:
-                    result: dict[str, Any] = orjson.loads(event.result.output_json)
-                    return result
-        except grpc.aio.AioRpcError as exc:
-            raise CallError.from_rpc_error(exc) from None
-        raise CallError(grpc.StatusCode.INTERNAL, "stream ended without a result")
+        response = await _progress_then_result(self.stub.InvokeStream(
+            request, timeout=timeout, wait_for_ready=wait_for_ready,
+            metadata=self._metadata(None)), on_progress)
+        result: dict[str, Any] = orjson.loads(response.output_json)
+        return result
 
     async def list(self) -> list[runtime_pb2.CapabilitySummary]:
         """The capabilities the runtime serves."""
@@ -224,18 +215,8 @@ class RuntimeClient:
         """Plan and run: as :meth:`plan`, plus ``executed``, ``results``, ``trace``,
         ``traceId`` and (when the plan failed) ``error``; progress goes to ``on_progress``."""
         request = _plan_request(intent, value, allow_effects, capabilities, planner, use_cache)
-        try:
-            async for event in self.stub.PlanAndExecute(request, timeout=timeout,
-                                                        metadata=self._metadata(None)):
-                if event.HasField("progress"):
-                    if on_progress is not None:
-                        on_progress(ProgressEvent(event.progress.message,
-                                                  event.progress.fraction))
-                else:
-                    return _plan_result(event.result)
-        except grpc.aio.AioRpcError as exc:
-            raise CallError.from_rpc_error(exc) from None
-        raise CallError(grpc.StatusCode.INTERNAL, "stream ended without a result")
+        return _plan_result(await _progress_then_result(self.stub.PlanAndExecute(
+            request, timeout=timeout, metadata=self._metadata(None)), on_progress))
 
     # ------------------------------------------------------------------------ actors
 
@@ -329,6 +310,20 @@ class RuntimeClient:
         except grpc.aio.AioRpcError as exc:
             raise CallError.from_rpc_error(exc) from None
         return bool(response.deleted)
+
+
+async def _progress_then_result(events: Any,
+                                on_progress: Callable[[ProgressEvent], None] | None) -> Any:
+    """Deliver a stream's progress events; return its one result event's ``result``."""
+    try:
+        async for event in events:
+            if not event.HasField("progress"):
+                return event.result
+            if on_progress is not None:
+                on_progress(ProgressEvent(event.progress.message, event.progress.fraction))
+    except grpc.aio.AioRpcError as exc:
+        raise CallError.from_rpc_error(exc) from None
+    raise CallError(grpc.StatusCode.INTERNAL, "stream ended without a result")
 
 
 def _plan_request(intent: str, value: Any, allow_effects: bool,

@@ -18,13 +18,13 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 
+from packetflow.databases import SqliteDatabase
 from packetflow.errors import FieldViolation, InvalidInput
 
 log = logging.getLogger("packetflow.feedback")
@@ -33,6 +33,12 @@ MAX_COMMENT = 1000
 MAX_TRACE_ID = 128
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RECENT_TRACES = 10_000
+SQLITE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS feedback (trace_id TEXT NOT NULL, capability TEXT NOT NULL, "
+    "score REAL NOT NULL, comment TEXT NOT NULL, at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS feedback_capability ON feedback (capability, at)",
+    "CREATE INDEX IF NOT EXISTS feedback_trace ON feedback (trace_id)",
+)
 SCORES_BATCH = 500  # trace ids per query (SQLite's variable limit is 999 on old builds)
 
 
@@ -99,21 +105,8 @@ class SqliteFeedbackStore:
     """Feedback in SQLite (WAL), one worker thread: the embedded default."""
 
     def __init__(self, path: Path | str) -> None:
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback")
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS feedback (trace_id TEXT NOT NULL, "
-                        "capability TEXT NOT NULL, score REAL NOT NULL, comment TEXT NOT NULL, "
-                        "at REAL NOT NULL)")
-        self.db.execute("CREATE INDEX IF NOT EXISTS feedback_capability "
-                        "ON feedback (capability, at)")
-        self.db.execute("CREATE INDEX IF NOT EXISTS feedback_trace ON feedback (trace_id)")
-
-    async def _run(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        def execute() -> list[tuple[Any, ...]]:
-            return self.db.execute(sql, args).fetchall()
-
-        return await asyncio.get_running_loop().run_in_executor(self.worker, execute)
+        self.database = SqliteDatabase(path, SQLITE_SCHEMA, "feedback")
+        self._run = self.database.run
 
     async def add(self, record: FeedbackRecord) -> None:
         """Store one record (committed when this returns)."""
@@ -139,8 +132,7 @@ class SqliteFeedbackStore:
 
     async def aclose(self) -> None:
         """Finish pending statements, then close the database."""
-        await asyncio.get_running_loop().run_in_executor(self.worker, self.db.close)
-        self.worker.shutdown(wait=True)
+        await self.database.aclose()
 
 
 class PostgresFeedbackStore:

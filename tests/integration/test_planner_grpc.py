@@ -21,7 +21,7 @@ from packetflow.planner.core import Planner, PlanRequest
 from packetflow.planner.handler import open_planning, runtime_planner
 from packetflow.planner.learning import Outcome
 from packetflow.planner.settings import PlannerSettings
-from packetflow.planner.store import PlannerStore, PostgresDatabase
+from packetflow.planner.store import postgres_store
 from packetflow.server import RuntimeServer
 from tests.support.planner import registry
 
@@ -181,8 +181,8 @@ async def test_mcp_tools_plan_execute_and_feedback(served: Served) -> None:
 
 
 async def test_outcomes_and_cache_shared_in_postgresql(postgres_dsn: str) -> None:
-    first = PlannerStore(await PostgresDatabase.connect(postgres_dsn))
-    second = PlannerStore(await PostgresDatabase.connect(postgres_dsn))  # another replica
+    first = await postgres_store(postgres_dsn)
+    second = await postgres_store(postgres_dsn)  # another replica
     try:
         engine = Engine(registry())
         planner = Planner(engine.capabilities, engine.invoke, store=first,

@@ -15,7 +15,7 @@ from packetflow.manifests import load_paths
 from packetflow.planner.core import Planner
 from packetflow.planner.llm import ChatModel
 from packetflow.planner.settings import PlannerSettings
-from packetflow.planner.store import PlannerStore, SqliteDatabase
+from packetflow.planner.store import PlannerStore, sqlite_store
 from packetflow.spec import Capability
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ async def planning(state: Path, *, model: ChatModel | None = None,
     assert not engine.load_errors, engine.load_errors
     feedback = FeedbackService(SqliteFeedbackStore(state / "feedback.db"),
                                engine.metrics.registry, engine.traces)
-    store = PlannerStore(SqliteDatabase(state / "planner.db"))
+    store = sqlite_store(state / "planner.db")
     planner = Planner(engine.capabilities, engine.invoke,
                       settings=settings or PlannerSettings(embeddings=False), store=store,
                       feedback=feedback.store, model=model, registry=engine.metrics.registry,

@@ -6,7 +6,6 @@ A client command: it imports only the gRPC client (and YAML), like ``call``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from typing import Any
@@ -81,42 +80,38 @@ def explanation_lines(result: dict[str, Any]) -> list[str]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Plan (and with --execute run) an intent at a runtime; print plan, reasons, results."""
-    from packetflow.client import CallError, ProgressEvent, RuntimeClient
+    from packetflow.cli import _client_call
+    from packetflow.client import ProgressEvent, RuntimeClient
 
     try:
         value = read_data(args.data)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    outcome = {"code": 0}
 
     def progress(event: ProgressEvent) -> None:
         print(f"progress: {event.message}", file=sys.stderr)
 
-    async def ask() -> dict[str, Any]:
-        async with RuntimeClient(args.address) as client:
-            options: dict[str, Any] = {
-                "allow_effects": args.allow_effects, "capabilities": args.capability,
-                "planner": args.planner, "use_cache": not args.no_cache,
-                "timeout": args.timeout}
-            if args.execute:
-                return await client.plan_and_execute(args.intent, value, on_progress=progress,
-                                                     **options)
-            return await client.plan(args.intent, value, **options)
+    async def action(client: RuntimeClient) -> None:
+        options: dict[str, Any] = {
+            "allow_effects": args.allow_effects, "capabilities": args.capability,
+            "planner": args.planner, "use_cache": not args.no_cache, "timeout": args.timeout}
+        if args.execute:
+            result = await client.plan_and_execute(args.intent, value, on_progress=progress,
+                                                   **options)
+        else:
+            result = await client.plan(args.intent, value, **options)
+        if args.json:
+            sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        else:
+            show(result, args.explain, args.execute)
+        if result.get("error"):
+            outcome["code"] = 1
+        elif args.execute and result.get("blocked"):
+            outcome["code"] = EXIT_BLOCKED
 
-    try:
-        result = asyncio.run(ask())
-    except CallError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        for violation in exc.violations:
-            print(f"  {violation}", file=sys.stderr)
-        return 1
-    if args.json:
-        sys.stdout.write(orjson.dumps(result).decode() + "\n")
-    else:
-        show(result, args.explain, args.execute)
-    if result.get("error"):
-        return 1
-    return EXIT_BLOCKED if args.execute and result.get("blocked") else 0
+    return _client_call(args, action) or outcome["code"]
 
 
 def show(result: dict[str, Any], explain: bool, executed: bool) -> None:

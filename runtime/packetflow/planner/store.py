@@ -1,7 +1,7 @@
 """Where the planner keeps outcomes and cached plans: SQLite under the state dir, or a
 PostgreSQL every replica shares (``PACKETFLOW_PLANNER_STORE_DSN``), as the feedback store.
 
-One set of SQL serves both databases (``?`` placeholders, turned into ``%s`` for psycopg).
+One set of SQL serves both databases (:mod:`packetflow.databases`).
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
 
 import orjson
 
+from packetflow.databases import Database, PostgresDatabase, SqliteDatabase
 from packetflow.planner.learning import CacheEntry, Outcome
 
 log = logging.getLogger("packetflow.planner.store")
@@ -37,69 +36,6 @@ SCHEMA = (
     "traces TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
     "CREATE INDEX IF NOT EXISTS pf_plan_cache_signature ON pf_plan_cache (signature, at)",
 )
-
-
-class Database(Protocol):
-    """Runs one SQL statement (``?`` placeholders) and returns its rows."""
-
-    async def run(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        """Execute; committed when it returns."""
-        ...
-
-    async def aclose(self) -> None:
-        """Release the connection."""
-        ...
-
-
-class SqliteDatabase:
-    """SQLite (WAL) on one worker thread."""
-
-    def __init__(self, path: Path | str) -> None:
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner-store")
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        for statement in SCHEMA:
-            self.db.execute(statement)
-
-    async def run(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        """Execute off the event loop."""
-        def execute() -> list[tuple[Any, ...]]:
-            return self.db.execute(sql, args).fetchall()
-
-        return await asyncio.get_running_loop().run_in_executor(self.worker, execute)
-
-    async def aclose(self) -> None:
-        """Finish pending statements, then close."""
-        await asyncio.get_running_loop().run_in_executor(self.worker, self.db.close)
-        self.worker.shutdown(wait=True)
-
-
-class PostgresDatabase:
-    """A shared PostgreSQL; open with :meth:`connect`."""
-
-    def __init__(self, connection: Any) -> None:
-        self.connection = connection  # psycopg.AsyncConnection, autocommit
-        self.lock = asyncio.Lock()  # one connection: one statement at a time
-
-    @classmethod
-    async def connect(cls, dsn: str) -> PostgresDatabase:
-        """Connect and create the tables if needed."""
-        import psycopg  # loaded only by runtimes configured for a shared store
-
-        connection = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-        for statement in SCHEMA:
-            await connection.execute(statement)
-        return cls(connection)
-
-    async def run(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        """Execute with psycopg's placeholders."""
-        async with self.lock:
-            cursor = await self.connection.execute(sql.replace("?", "%s"), args)
-            return list(await cursor.fetchall()) if cursor.description else []
-
-    async def aclose(self) -> None:
-        """Close the connection."""
-        await self.connection.close()
 
 
 class PlannerStore:
@@ -159,23 +95,33 @@ class PlannerStore:
         await self.database.aclose()
 
 
+def sqlite_store(path: Path | str) -> PlannerStore:
+    """A planner store in the SQLite file ``path`` (tables made if needed)."""
+    return PlannerStore(SqliteDatabase(path, SCHEMA, "planner-store"))
+
+
+async def postgres_store(dsn: str) -> PlannerStore:
+    """A planner store in a shared PostgreSQL (tables made if needed)."""
+    return PlannerStore(await PostgresDatabase.connect(dsn, SCHEMA))
+
+
 async def open_planner_store(state_dir: Path, dsn: str | None) -> PlannerStore:
     """The shared PostgreSQL when configured, else SQLite ``planner.db`` under the state dir,
     else (not writable) SQLite in memory."""
     if dsn:
         try:
-            return PlannerStore(await PostgresDatabase.connect(dsn))
+            return await postgres_store(dsn)
         except Exception as exc:  # psycopg's errors: the DSN or the server
             raise SystemExit(f"error: planner store (PACKETFLOW_PLANNER_STORE_DSN): {exc}"
                              ) from None
 
-    def sqlite() -> SqliteDatabase:
+    def sqlite() -> PlannerStore:
         state_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteDatabase(state_dir / "planner.db")
+        return sqlite_store(state_dir / "planner.db")
 
     try:
-        return PlannerStore(await asyncio.to_thread(sqlite))
+        return await asyncio.to_thread(sqlite)
     except (OSError, sqlite3.Error) as exc:
         log.warning("state dir %s is not usable (%s): the planner learns in memory only",
                     state_dir, exc)
-        return PlannerStore(SqliteDatabase(":memory:"))
+        return sqlite_store(":memory:")
