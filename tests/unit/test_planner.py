@@ -296,3 +296,48 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     settings = PlannerSettings()
     assert settings.endpoint() == "https://api.anthropic.com"
     assert "sk-secret" not in repr(settings)
+
+
+def test_the_operator_runs_a_planner_as_a_runtime_with_its_key_from_a_secret() -> None:
+    from packetflow.operator import render
+    from packetflow.operator.settings import OperatorSettings
+
+    manifest = parse_manifest({
+        "apiVersion": "packetflow.io/v1alpha1", "kind": "Capability",
+        "metadata": {"name": "do-it"},
+        "spec": {"intent": "Execute tasks described in a sentence",
+                 "requires": {"intent": {"type": "string"}},
+                 "provides": {"plan": {"type": "object"}, "results": {"type": "object"}},
+                 "implementation": {"planner": {"model": {
+                     "provider": "openai", "model": "m",
+                     "apiKeyFrom": {"secretKeyRef": {"name": "llm", "key": "key"}}}}}}})
+    assert isinstance(manifest, Capability)
+    container = render.render_deployment(manifest, "team-a", OperatorSettings())[
+        "spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "runtime"
+    assert {"name": "PACKETFLOW_SECRET_LLM_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "llm", "key": "key"}}} in container["env"]
+
+
+def test_a_planner_whose_key_variable_is_unset_is_a_load_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from packetflow.engine import Engine
+    from packetflow.manifests import load_text
+
+    monkeypatch.delenv("LLM_KEY", raising=False)
+    loaded = load_text("""
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: do-it}
+spec:
+  intent: Execute tasks
+  requires: {intent: {type: string}}
+  provides: {plan: {type: object}, results: {type: [object, "null"]}}
+  implementation:
+    planner: {model: {provider: anthropic, model: m, apiKeyFrom: {env: LLM_KEY}}}
+""")
+    assert not loaded.errors
+    errors = Engine(loaded.capabilities).load_errors
+    assert [(e.path, e.message) for e in errors] == [
+        ("spec.implementation.planner.model.apiKeyFrom",
+         "environment variable LLM_KEY is not set")]

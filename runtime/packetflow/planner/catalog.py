@@ -59,6 +59,7 @@ class CapabilityInfo:
     effects: tuple[str, ...]
     capability: Capability
     words: frozenset[str]
+    head: frozenset[str]  # terms of the name and intent: they choose the capability
     document: str  # the text retrieval ranks (name and intent weigh double)
 
     @classmethod
@@ -74,7 +75,7 @@ class CapabilityInfo:
         head = f"{split_identifier(capability.name)} {spec.intent}"
         document = " ".join(terms(f"{head} {head} {field_text}"))
         return cls(capability.name, spec.intent, requires, provides, tuple(spec.effects),
-                   capability, frozenset(document.split()), document)
+                   capability, frozenset(document.split()), frozenset(terms(head)), document)
 
 
 def _fields(contract: Contract | None) -> tuple[FieldInfo, ...] | None:

@@ -252,9 +252,9 @@ def intent_value(target: FieldInfo, capability: CapabilityInfo, analysis: Intent
     return None
 
 
-def capability_head_words(capability: CapabilityInfo) -> set[str]:
+def capability_head_words(capability: CapabilityInfo) -> frozenset[str]:
     """Words of the capability's name and intent: they choose the capability, not a flag."""
-    return set(terms(f"{capability.name} {capability.intent}"))
+    return capability.head
 
 
 def _wants(target: FieldInfo, kind: str) -> bool:

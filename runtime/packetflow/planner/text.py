@@ -6,6 +6,7 @@ texts through :func:`terms`, so "summarise", "summary" and "summarized" meet.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -75,6 +76,7 @@ _SUFFIXES = ("izations", "ization", "ations", "ation", "izing", "ized", "izes", 
              "ings", "ing", "ied", "ies", "ed", "es", "s", "y", "e")
 
 
+@functools.lru_cache(maxsize=65536)
 def stem(word: str) -> str:
     """A crude English stem: British spelling folded, common suffixes off (3+ letters stay)."""
     word = word.lower()
