@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry
 
-from packetflow.actors.search import Bm25Ranker, rank, ranker_for
+from packetflow.actors.search import Bm25Ranker, extra_missing, rank, ranker_for
 from packetflow.composition.executor import (
     Invoke,
     Remote,
@@ -155,7 +155,10 @@ class Planner:
         self.allowed = tuple(allowed)
         self.exclude = tuple(exclude)
         self.clock = clock
-        self.ranker = ranker_for(self.settings.embeddings)
+        # Embeddings only when wanted and installed; without the extra, BM25 (no warning:
+        # the planner is good without them).
+        self.ranker = ranker_for(True) if self.settings.embeddings and not extra_missing() \
+            else Bm25Ranker()
 
     # ------------------------------------------------------------------------- planning
 
