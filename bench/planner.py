@@ -143,8 +143,9 @@ async def evaluate(intents: list[dict[str, Any]], registry: list[Path],
             await store.aclose()
             await feedback.aclose()
             await engine.aclose()
+    retrieval = "bm25" if planner.ranker.name == "bm25" else "bm25+embeddings"
     report: dict[str, Any] = {"intents": len(intents), "capabilities": len(capabilities),
-                              "retrieval": planner.ranker.name, **before,
+                              "retrieval": retrieval, **before,
                               **{f"after_learning_{k}": v for k, v in after.items()
                                  if k.endswith("rate") or k.startswith("success")},
                               **cache}

@@ -29,7 +29,8 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
     # BM25 only: loading the embedding model would cost the first plan seconds here.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PACKETFLOW_PLANNER_EMBEDDINGS", "false")
-        server = DevServer(directory, directory.parent / "dev.log")
+        # 52 capabilities to load on a busy machine: more time than the default.
+        server = DevServer(directory, directory.parent / "dev.log", start_timeout=120)
     try:
         yield server
     finally:
