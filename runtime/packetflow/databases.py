@@ -5,11 +5,15 @@ thread so the event loop never blocks) or a shared PostgreSQL, with one dialect 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+log = logging.getLogger("packetflow.databases")
+T = TypeVar("T")
 
 
 class Database(Protocol):
@@ -74,3 +78,26 @@ class PostgresDatabase:
     async def aclose(self) -> None:
         """Close the connection."""
         await self.connection.close()
+
+
+async def open_shared_or_local(what: str, variable: str, dsn: str | None,
+                               shared: Callable[[str], Awaitable[T]], state_dir: Path,
+                               local: Callable[[Path], T], memory: Callable[[], T]) -> T:
+    """A store on the shared PostgreSQL when ``dsn`` is set (a bad one ends the process,
+    naming ``variable``), else in SQLite under the state dir, else (not writable) in memory."""
+    if dsn:
+        try:
+            return await shared(dsn)
+        except Exception as exc:  # psycopg's errors: the DSN or the server
+            raise SystemExit(f"error: {what} ({variable}): {exc}") from None
+
+    def in_state_dir() -> T:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        return local(state_dir)
+
+    try:
+        return await asyncio.to_thread(in_state_dir)
+    except (OSError, sqlite3.Error) as exc:
+        log.warning("state dir %s is not usable (%s): %s kept in memory only", state_dir,
+                    exc, what)
+        return memory()

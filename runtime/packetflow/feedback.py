@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
-import sqlite3
 import sys
 import time
 from collections import OrderedDict
@@ -24,10 +22,8 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 
-from packetflow.databases import SqliteDatabase
+from packetflow.databases import SqliteDatabase, open_shared_or_local
 from packetflow.errors import FieldViolation, InvalidInput
-
-log = logging.getLogger("packetflow.feedback")
 
 MAX_COMMENT = 1000
 MAX_TRACE_ID = 128
@@ -240,22 +236,10 @@ class FeedbackService:
 
 async def open_store(state_dir: Path, dsn: str | None) -> FeedbackStore:
     """The shared PostgreSQL when configured, else SQLite under the state dir."""
-    if dsn:
-        try:
-            return await PostgresFeedbackStore.connect(dsn)
-        except Exception as exc:  # psycopg's errors: the DSN or the server
-            raise SystemExit(f"error: feedback store (PACKETFLOW_FEEDBACK_STORE_DSN): {exc}"
-                             ) from None
-    def sqlite() -> SqliteFeedbackStore:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteFeedbackStore(state_dir / "feedback.db")
-
-    try:
-        return await asyncio.to_thread(sqlite)
-    except (OSError, sqlite3.Error) as exc:
-        log.warning("state dir %s is not usable (%s): feedback kept in memory only",
-                    state_dir, exc)
-        return MemoryFeedbackStore()
+    return await open_shared_or_local(
+        "feedback store", "PACKETFLOW_FEEDBACK_STORE_DSN", dsn, PostgresFeedbackStore.connect,
+        state_dir, lambda directory: SqliteFeedbackStore(directory / "feedback.db"),
+        MemoryFeedbackStore)
 
 
 # ------------------------------------------------------------------------------- CLI

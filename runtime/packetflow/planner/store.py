@@ -6,18 +6,18 @@ One set of SQL serves both databases (:mod:`packetflow.databases`).
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
 
-from packetflow.databases import Database, PostgresDatabase, SqliteDatabase
+from packetflow.databases import (
+    Database,
+    PostgresDatabase,
+    SqliteDatabase,
+    open_shared_or_local,
+)
 from packetflow.planner.learning import CacheEntry, Outcome
-
-log = logging.getLogger("packetflow.planner.store")
 
 OUTCOMES_READ = 2000  # the most recent outcomes involving the candidates that are read
 CACHE_READ = 200
@@ -108,20 +108,7 @@ async def postgres_store(dsn: str) -> PlannerStore:
 async def open_planner_store(state_dir: Path, dsn: str | None) -> PlannerStore:
     """The shared PostgreSQL when configured, else SQLite ``planner.db`` under the state dir,
     else (not writable) SQLite in memory."""
-    if dsn:
-        try:
-            return await postgres_store(dsn)
-        except Exception as exc:  # psycopg's errors: the DSN or the server
-            raise SystemExit(f"error: planner store (PACKETFLOW_PLANNER_STORE_DSN): {exc}"
-                             ) from None
-
-    def sqlite() -> PlannerStore:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        return sqlite_store(state_dir / "planner.db")
-
-    try:
-        return await asyncio.to_thread(sqlite)
-    except (OSError, sqlite3.Error) as exc:
-        log.warning("state dir %s is not usable (%s): the planner learns in memory only",
-                    state_dir, exc)
-        return sqlite_store(":memory:")
+    return await open_shared_or_local(
+        "planner store", "PACKETFLOW_PLANNER_STORE_DSN", dsn, postgres_store, state_dir,
+        lambda directory: sqlite_store(directory / "planner.db"),
+        lambda: sqlite_store(":memory:"))
