@@ -82,7 +82,7 @@ def test_promotion_waits_for_the_soak_and_for_approval_unless_auto() -> None:
         ("canary-promotion", "risky", "pending")
     assert promotion.change == {"canary": None, "implementation": {
         "python": None, "builtin": {"name": "echo", "config": {}}, "composition": None,
-        "image": None, "mcp": None}}
+        "image": None, "mcp": None, "planner": None}}
     assert later.patch is None and later.weight is None  # nothing applied yet
     approved = decide(observe(versions, approve=promotion.id), target, later.state, 1415.0,
                       TUNING)
