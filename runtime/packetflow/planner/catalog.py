@@ -6,7 +6,7 @@ Built from the same ``Capability`` models the engine serves (or from a remote ru
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,12 +85,15 @@ def _fields(contract: Contract | None) -> tuple[FieldInfo, ...] | None:
 
 
 def catalog_of(capabilities: Iterable[Capability], allowed: Iterable[str] = (),
-               exclude: Iterable[str] = ()) -> list[CapabilityInfo]:
+               exclude: Iterable[str] = (),
+               info: Callable[[Capability], CapabilityInfo] = CapabilityInfo.of
+               ) -> list[CapabilityInfo]:
     """The capabilities a plan may use: ``allowed`` (all when empty) less ``exclude``, less
-    planners (a plan never calls a planner) and capabilities without declared contracts."""
+    planners (a plan never calls a planner) and capabilities without declared contracts;
+    ``info`` describes one (a caller may remember them)."""
     wanted = set(allowed)
     excluded = set(exclude)
-    return [CapabilityInfo.of(cap) for cap in capabilities
+    return [info(cap) for cap in capabilities
             if (not wanted or cap.name in wanted) and cap.name not in excluded
             and getattr(cap.spec.implementation, "planner", None) is None
             and cap.spec.requires is not None and cap.spec.provides is not None]

@@ -155,6 +155,7 @@ class Planner:
         self.allowed = tuple(allowed)
         self.exclude = tuple(exclude)
         self.clock = clock
+        self._infos: dict[str, tuple[Capability, CapabilityInfo]] = {}
         # Embeddings only when wanted and installed; without the extra, BM25 (no warning:
         # the planner is good without them).
         self.ranker = ranker_for(True) if self.settings.embeddings and not extra_missing() \
@@ -192,7 +193,15 @@ class Planner:
         if request.capabilities:
             allowed = set(request.capabilities) & allowed if allowed else set(
                 request.capabilities)
-        return catalog_of(everything, allowed, self.exclude)
+        return catalog_of(everything, allowed, self.exclude, self._info)
+
+    def _info(self, capability: Capability) -> CapabilityInfo:
+        """A capability's description, remembered while the engine serves the same object
+        (a reload makes new ones)."""
+        known = self._infos.get(capability.name)
+        if known is None or known[0] is not capability:
+            known = self._infos[capability.name] = (capability, CapabilityInfo.of(capability))
+        return known[1]
 
     async def plan(self, request: PlanRequest) -> PlanResult:
         """A checked plan for the request (NoPlan naming what is missing when there is none).
