@@ -11,7 +11,7 @@ import pytest
 
 from packetflow.composition.check import check_compositions
 from packetflow.context import CallContext
-from packetflow.errors import InvalidInput
+from packetflow.errors import DeadlineExceeded, InvalidInput
 from packetflow.manifests import parse_manifest
 from packetflow.planner.catalog import catalog_of
 from packetflow.planner.compose import (
@@ -341,3 +341,40 @@ spec:
     assert [(e.path, e.message) for e in errors] == [
         ("spec.implementation.planner.model.apiKeyFrom",
          "environment variable LLM_KEY is not set")]
+
+
+HOLD = """
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: hold}
+spec:
+  intent: Wait at a gate until it opens
+  requires: {gate: {type: string}}
+  provides: {gate: {type: string}}
+  implementation: {python: {module: tests.support.handlers, function: hold}}
+"""
+
+
+async def test_plans_run_within_the_deadline_and_stop_when_cancelled(tmp_path: Path) -> None:
+    import asyncio
+
+    from packetflow.manifests import load_text
+    from tests.conftest import eventually
+    from tests.support import handlers
+
+    handlers.GATES["never"] = asyncio.Event()
+    request = PlanRequest("wait at the gate", {"gate": "never"})
+    async with planning(tmp_path, capabilities=load_text(HOLD).capabilities) as p:
+        late = ctx("late")
+        late.deadline = asyncio.get_running_loop().time() + 0.2
+        result = await p.planner.plan_and_execute(request, late)
+        assert isinstance(result.error, DeadlineExceeded) and result.trace is not None
+        # As for a deployed composition: the step still running when time is up is cancelled.
+        assert result.trace["outcome"] in ("DEADLINE_EXCEEDED", "CANCELLED")
+        assert "late" in handlers.CANCELLED
+        running = asyncio.create_task(p.planner.plan_and_execute(request, ctx("gone")))
+        await eventually(lambda: "gone" in handlers.STARTED, what="the step to start")
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert "gone" in handlers.CANCELLED

@@ -414,6 +414,9 @@ class Planner:
         except PacketFlowError as exc:
             result.error = exc
             code = code_of(exc)
+        except asyncio.CancelledError:
+            code = Code.CANCELLED  # the caller went away: nothing to learn from
+            raise
         finally:
             result.executed = True
             result.trace_id = ctx.trace_id
