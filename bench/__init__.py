@@ -20,4 +20,5 @@ BENCHES: dict[str, str] = {
     "routing": "bench.routing",
     "federation": "bench.federation",
     "gateway": "bench.gateway",
+    "planner": "bench.planner",
 }

@@ -152,20 +152,11 @@ class RuntimeClient:
     ) -> dict[str, Any]:
         """Invoke with progress events delivered to ``on_progress``; returns the output."""
         request = runtime_pb2.InvokeRequest(capability=name, input_json=orjson.dumps(value))
-        try:
-            async for event in self.stub.InvokeStream(request, timeout=timeout,
-                                                      wait_for_ready=wait_for_ready,
-                                                      metadata=self._metadata(None)):
-                if event.HasField("progress"):
-                    if on_progress is not None:
-                        on_progress(ProgressEvent(event.progress.message,
-                                                  event.progress.fraction))
-                else:
-                    result: dict[str, Any] = orjson.loads(event.result.output_json)
-                    return result
-        except grpc.aio.AioRpcError as exc:
-            raise CallError.from_rpc_error(exc) from None
-        raise CallError(grpc.StatusCode.INTERNAL, "stream ended without a result")
+        response = await _progress_then_result(self.stub.InvokeStream(
+            request, timeout=timeout, wait_for_ready=wait_for_ready,
+            metadata=self._metadata(None)), on_progress)
+        result: dict[str, Any] = orjson.loads(response.output_json)
+        return result
 
     async def list(self) -> list[runtime_pb2.CapabilitySummary]:
         """The capabilities the runtime serves."""
@@ -201,6 +192,31 @@ class RuntimeClient:
         except grpc.aio.AioRpcError as exc:
             raise CallError.from_rpc_error(exc) from None
         return str(response.capability)
+
+    async def plan(self, intent: str, value: Any = None, *, allow_effects: bool = False,
+                   capabilities: builtins.list[str] | None = None, planner: str = "",
+                   use_cache: bool = True, timeout: float | None = None) -> dict[str, Any]:
+        """A checked plan for ``intent`` over ``value``'s fields (nothing runs): the plan
+        manifest, explanation, planner and, when effects hold it back, ``blocked``."""
+        try:
+            response = await self.stub.Plan(
+                _plan_request(intent, value, allow_effects, capabilities, planner, use_cache),
+                timeout=timeout, metadata=self._metadata(None))
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.from_rpc_error(exc) from None
+        return _plan_result(response)
+
+    async def plan_and_execute(
+        self, intent: str, value: Any = None, *, allow_effects: bool = False,
+        capabilities: builtins.list[str] | None = None, planner: str = "",
+        use_cache: bool = True, timeout: float | None = None,
+        on_progress: Callable[[ProgressEvent], None] | None = None,
+    ) -> dict[str, Any]:
+        """Plan and run: as :meth:`plan`, plus ``executed``, ``results``, ``trace``,
+        ``traceId`` and (when the plan failed) ``error``; progress goes to ``on_progress``."""
+        request = _plan_request(intent, value, allow_effects, capabilities, planner, use_cache)
+        return _plan_result(await _progress_then_result(self.stub.PlanAndExecute(
+            request, timeout=timeout, metadata=self._metadata(None)), on_progress))
 
     # ------------------------------------------------------------------------ actors
 
@@ -294,3 +310,44 @@ class RuntimeClient:
         except grpc.aio.AioRpcError as exc:
             raise CallError.from_rpc_error(exc) from None
         return bool(response.deleted)
+
+
+async def _progress_then_result(events: Any,
+                                on_progress: Callable[[ProgressEvent], None] | None) -> Any:
+    """Deliver a stream's progress events; return its one result event's ``result``."""
+    try:
+        async for event in events:
+            if not event.HasField("progress"):
+                return event.result
+            if on_progress is not None:
+                on_progress(ProgressEvent(event.progress.message, event.progress.fraction))
+    except grpc.aio.AioRpcError as exc:
+        raise CallError.from_rpc_error(exc) from None
+    raise CallError(grpc.StatusCode.INTERNAL, "stream ended without a result")
+
+
+def _plan_request(intent: str, value: Any, allow_effects: bool,
+                  capabilities: list[str] | None, planner: str,
+                  use_cache: bool) -> runtime_pb2.PlanRequest:
+    return runtime_pb2.PlanRequest(
+        intent=intent, input_json=orjson.dumps({} if value is None else value),
+        allow_effects=allow_effects, capabilities=capabilities or [], planner=planner,
+        no_cache=not use_cache)
+
+
+def _plan_result(response: runtime_pb2.PlanResponse) -> dict[str, Any]:
+    """A plan response as plain data (the shape the CLI and MCP tools print)."""
+    out: dict[str, Any] = {"plan": orjson.loads(response.plan_json),
+                           "planner": response.planner,
+                           "explanation": orjson.loads(response.explanation_json or b"{}"),
+                           "executed": response.executed}
+    if response.blocked:
+        out["blocked"] = response.blocked
+    if response.executed:
+        out["traceId"] = response.trace_id
+        out["results"] = orjson.loads(response.results_json) if response.results_json \
+            else None
+        out["trace"] = orjson.loads(response.trace_json) if response.trace_json else None
+    if response.error_code:
+        out["error"] = {"code": response.error_code, "message": response.error_message}
+    return out

@@ -123,14 +123,17 @@ class ServedCapability:
 
 def serve_capabilities(
     capabilities: Iterable[Capability], metrics: RuntimeMetrics, invoke: Invoke | None = None,
-    remote: Remote | None = None, step_metrics: StepMetrics | None = None,
+    remote: Remote | None = None, step_metrics: StepMetrics | None = None, *,
+    catalog: Callable[[], list[Capability]] | None = None,
+    planning: Callable[[], Any] | None = None,
 ) -> tuple[dict[str, ServedCapability], list[ManifestError]]:
     """Build the registry; capabilities whose implementation cannot load become errors."""
     served: dict[str, ServedCapability] = {}
     errors: list[ManifestError] = []
     for cap in capabilities:
         try:
-            handler = build_handler(cap, invoke, remote, step_metrics)
+            handler = build_handler(cap, invoke, remote, step_metrics, catalog=catalog,
+                                    planning=planning)
         except ImplementationError as exc:
             errors.append(ManifestError(f"capability {cap.name}", exc.path, exc.message))
             continue
@@ -167,6 +170,8 @@ class Engine:
         self.served: dict[str, ServedCapability] = {}
         # Which capability served each recent trace id: feedback names only the trace.
         self.traces = RecentTraces()
+        # The planner's shared services (store, feedback), set by whoever serves the engine.
+        self.planning: Any = None
         self._verified: set[str] = set()  # capabilities whose remote checks passed
         # Event-driven compositions; schedules fire once ``start_triggers`` is called.
         self.triggers = TriggerRunner(self.invoke, {}, idempotency)
@@ -192,7 +197,9 @@ class Engine:
         changed = [c for c in capabilities if c not in unchanged]
         self._verified &= {c.name for c in unchanged}
         served, build_errors = serve_capabilities(changed, self.metrics, self.invoke_routed,
-                                                  self.remote, self.step_metrics)
+                                                  self.remote, self.step_metrics,
+                                                  catalog=self.capabilities,
+                                                  planning=lambda: self.planning)
         errors += build_errors
         served.update({c.name: self.served[c.name] for c in unchanged})
         for name, old in self.served.items():
@@ -236,6 +243,10 @@ class Engine:
             entry.retired = True
             await entry.close()
         await self.remote.close()
+
+    def capabilities(self) -> list[Capability]:
+        """The capabilities served now (what a planner plans over)."""
+        return [entry.capability for entry in self.served.values()]
 
     def get(self, name: str) -> ServedCapability:
         """The served capability called ``name``, or CapabilityNotFound."""

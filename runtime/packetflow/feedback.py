@@ -4,35 +4,38 @@ A score (0..1) is attached to a call's trace id and, when the caller does not sa
 capability that served that trace here. Scores are stored durably (SQLite under the state
 dir, or a shared PostgreSQL with ``PACKETFLOW_FEEDBACK_STORE_DSN``) and exported as the
 histogram ``packetflow_feedback_score{capability}``: the routing controller weighs changes by
-it, and the planner can rank capabilities by it (:meth:`FeedbackStore.summary`).
+it, and the planner joins it with its plans' outcomes by trace id (:meth:`FeedbackStore.scores`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
-import sqlite3
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 
+from packetflow.databases import SqliteDatabase, open_shared_or_local
 from packetflow.errors import FieldViolation, InvalidInput
-
-log = logging.getLogger("packetflow.feedback")
 
 MAX_COMMENT = 1000
 MAX_TRACE_ID = 128
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RECENT_TRACES = 10_000
+SQLITE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS feedback (trace_id TEXT NOT NULL, capability TEXT NOT NULL, "
+    "score REAL NOT NULL, comment TEXT NOT NULL, at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS feedback_capability ON feedback (capability, at)",
+    "CREATE INDEX IF NOT EXISTS feedback_trace ON feedback (trace_id)",
+)
+SCORES_BATCH = 500  # trace ids per query (SQLite's variable limit is 999 on old builds)
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,15 @@ class FeedbackStore(Protocol):
     async def summary(self, capability: str, since: float = 0.0) -> tuple[int, float]:
         """How many scores ``capability`` got since ``since`` and their mean (0 when none)."""
 
+    async def scores(self, trace_ids: Sequence[str]) -> dict[str, float]:
+        """The mean score of each of ``trace_ids`` that has feedback (the planner's join)."""
+
     async def aclose(self) -> None:
         """Release what the store holds."""
+
+
+def _means(rows: Iterable[tuple[Any, Any]]) -> dict[str, float]:
+    return {str(trace_id): float(mean) for trace_id, mean in rows}
 
 
 class MemoryFeedbackStore:
@@ -74,6 +84,15 @@ class MemoryFeedbackStore:
         scores = [r.score for r in self.records if r.capability == capability and r.at >= since]
         return len(scores), (sum(scores) / len(scores) if scores else 0.0)
 
+    async def scores(self, trace_ids: Sequence[str]) -> dict[str, float]:
+        """Mean score per trace id that has feedback."""
+        wanted = set(trace_ids)
+        found: dict[str, list[float]] = {}
+        for record in self.records:
+            if record.trace_id in wanted:
+                found.setdefault(record.trace_id, []).append(record.score)
+        return _means((t, sum(s) / len(s)) for t, s in found.items())
+
     async def aclose(self) -> None:
         """Nothing to release."""
 
@@ -82,20 +101,8 @@ class SqliteFeedbackStore:
     """Feedback in SQLite (WAL), one worker thread: the embedded default."""
 
     def __init__(self, path: Path | str) -> None:
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback")
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS feedback (trace_id TEXT NOT NULL, "
-                        "capability TEXT NOT NULL, score REAL NOT NULL, comment TEXT NOT NULL, "
-                        "at REAL NOT NULL)")
-        self.db.execute("CREATE INDEX IF NOT EXISTS feedback_capability "
-                        "ON feedback (capability, at)")
-
-    async def _run(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        def execute() -> list[tuple[Any, ...]]:
-            return self.db.execute(sql, args).fetchall()
-
-        return await asyncio.get_running_loop().run_in_executor(self.worker, execute)
+        self.database = SqliteDatabase(path, SQLITE_SCHEMA, "feedback")
+        self._run = self.database.run
 
     async def add(self, record: FeedbackRecord) -> None:
         """Store one record (committed when this returns)."""
@@ -109,10 +116,19 @@ class SqliteFeedbackStore:
             "WHERE capability = ? AND at >= ?", capability, since)
         return int(count), float(mean)
 
+    async def scores(self, trace_ids: Sequence[str]) -> dict[str, float]:
+        """Mean score per trace id that has feedback."""
+        found: dict[str, float] = {}
+        for start in range(0, len(trace_ids), SCORES_BATCH):
+            batch = list(trace_ids[start:start + SCORES_BATCH])
+            found.update(_means(await self._run(
+                "SELECT trace_id, avg(score) FROM feedback WHERE trace_id IN "
+                f"({', '.join('?' for _ in batch)}) GROUP BY trace_id", *batch)))
+        return found
+
     async def aclose(self) -> None:
         """Finish pending statements, then close the database."""
-        await asyncio.get_running_loop().run_in_executor(self.worker, self.db.close)
-        self.worker.shutdown(wait=True)
+        await self.database.aclose()
 
 
 class PostgresFeedbackStore:
@@ -133,6 +149,8 @@ class PostgresFeedbackStore:
             "comment TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)")
         await connection.execute("CREATE INDEX IF NOT EXISTS pf_feedback_capability "
                                  "ON pf_feedback (capability, at)")
+        await connection.execute("CREATE INDEX IF NOT EXISTS pf_feedback_trace "
+                                 "ON pf_feedback (trace_id)")
         return cls(connection)
 
     async def add(self, record: FeedbackRecord) -> None:
@@ -148,6 +166,13 @@ class PostgresFeedbackStore:
             "WHERE capability = %s AND at >= %s", (capability, since))
         count, mean = await cursor.fetchone()
         return int(count), float(mean)
+
+    async def scores(self, trace_ids: Sequence[str]) -> dict[str, float]:
+        """Mean score per trace id that has feedback."""
+        cursor = await self.connection.execute(
+            "SELECT trace_id, avg(score) FROM pf_feedback WHERE trace_id = ANY(%s) "
+            "GROUP BY trace_id", (list(trace_ids),))
+        return _means(await cursor.fetchall())
 
     async def aclose(self) -> None:
         """Close the connection."""
@@ -211,22 +236,10 @@ class FeedbackService:
 
 async def open_store(state_dir: Path, dsn: str | None) -> FeedbackStore:
     """The shared PostgreSQL when configured, else SQLite under the state dir."""
-    if dsn:
-        try:
-            return await PostgresFeedbackStore.connect(dsn)
-        except Exception as exc:  # psycopg's errors: the DSN or the server
-            raise SystemExit(f"error: feedback store (PACKETFLOW_FEEDBACK_STORE_DSN): {exc}"
-                             ) from None
-    def sqlite() -> SqliteFeedbackStore:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteFeedbackStore(state_dir / "feedback.db")
-
-    try:
-        return await asyncio.to_thread(sqlite)
-    except (OSError, sqlite3.Error) as exc:
-        log.warning("state dir %s is not usable (%s): feedback kept in memory only",
-                    state_dir, exc)
-        return MemoryFeedbackStore()
+    return await open_shared_or_local(
+        "feedback store", "PACKETFLOW_FEEDBACK_STORE_DSN", dsn, PostgresFeedbackStore.connect,
+        state_dir, lambda directory: SqliteFeedbackStore(directory / "feedback.db"),
+        MemoryFeedbackStore)
 
 
 # ------------------------------------------------------------------------------- CLI

@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -21,12 +21,20 @@ from packetflow.validation import ImplementationError
 
 
 def build_handler(capability: Capability, invoke: Invoke | None = None,
-                  remote: Remote | None = None, step_metrics: StepMetrics | None = None) -> Handler:
+                  remote: Remote | None = None, step_metrics: StepMetrics | None = None, *,
+                  catalog: Callable[[], Iterable[Capability]] | None = None,
+                  planning: Callable[[], Any] | None = None) -> Handler:
     """The handler for a capability, or ImplementationError naming the field that is wrong.
 
-    Compositions call other capabilities through ``invoke`` (local) and ``remote``.
+    Compositions call other capabilities through ``invoke`` (local) and ``remote``; a planner
+    plans over ``catalog()`` and learns through ``planning()`` (the runtime's services).
     """
     impl = capability.spec.implementation
+    if impl.planner is not None and invoke is not None and catalog is not None:
+        from packetflow.planner.handler import PlannerHandler  # loads only when used
+
+        return PlannerHandler(capability, invoke, remote, step_metrics, catalog,
+                              planning or (lambda: None))
     if impl.python is not None:
         return python_handler(impl.python)
     if impl.builtin is not None:
@@ -44,7 +52,7 @@ def build_handler(capability: Capability, invoke: Invoke | None = None,
     if impl.composition is not None and invoke is not None:
         return composition_handler(impl.composition, invoke, remote, name=capability.name,
                                    metrics=step_metrics)
-    return _refuse(f"capability {capability.name!r} is a composition, which needs an engine "
+    return _refuse(f"capability {capability.name!r} is a {impl.kind}, which needs an engine "
                    "to run its steps")
 
 

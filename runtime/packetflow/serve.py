@@ -25,6 +25,8 @@ from packetflow.composition.triggers import (
 from packetflow.engine import Engine
 from packetflow.feedback import FeedbackService, open_store
 from packetflow.manifests import ManifestError, load_paths, manifest_files
+from packetflow.planner.core import Planner
+from packetflow.planner.handler import PlanningServices, open_planning, runtime_planner
 from packetflow.server import RuntimeServer
 from packetflow.settings import RuntimeSettings
 
@@ -93,6 +95,20 @@ async def load_runtime(paths: Sequence[Path], settings: RuntimeSettings, *,
     return engine, actors, errors
 
 
+async def feedback_and_planner(engine: Engine, settings: RuntimeSettings
+                               ) -> tuple[FeedbackService, PlanningServices, Planner]:
+    """The feedback service, the planning services (shared by planner capabilities, set on
+    the engine) and the planner behind ``Plan``, ``PlanAndExecute`` and the MCP tools."""
+    feedback = FeedbackService(
+        await open_store(settings.state_dir, settings.feedback_store_dsn),
+        engine.metrics.registry, engine.traces)
+    planning = await open_planning(settings.state_dir, feedback.store, engine.metrics.registry)
+    engine.planning = planning
+    planner = runtime_planner(planning, engine.capabilities, engine.invoke_routed,
+                              engine.remote, engine.step_metrics)
+    return feedback, planning, planner
+
+
 async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool,
                 strict: bool, on_ready: Callable[[RuntimeServer, int | None], None]) -> int:
     """Serve the manifests under ``paths`` until SIGINT/SIGTERM; returns an exit code.
@@ -106,14 +122,12 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
         await actors.aclose()
         await engine.aclose()
         return 1
-    feedback = FeedbackService(
-        await open_store(settings.state_dir, settings.feedback_store_dsn),
-        engine.metrics.registry, engine.traces)
-    server = await RuntimeServer.start(engine, settings.address, actors, feedback)
+    feedback, planning, planner = await feedback_and_planner(engine, settings)
+    server = await RuntimeServer.start(engine, settings.address, actors, feedback, planner)
     mcp_server = None
     if settings.mcp_address:
         from packetflow.mcp.http import start_mcp  # MCP's web stack loads only when it is on
-        mcp_server = await start_mcp(engine, settings, actors)
+        mcp_server = await start_mcp(engine, settings, actors, planner, feedback)
     metrics_server, metrics_port = (
         start_metrics_server(engine.metrics.registry, settings.metrics_address)
         if settings.metrics_address else (None, None))
@@ -135,6 +149,8 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
             await mcp_server.stop()
         await actors.aclose()
         await engine.aclose()
+        await planner.aclose()
+        await planning.aclose()
         await feedback.aclose()
     return 0
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import grpc
 import orjson
@@ -43,6 +43,9 @@ from packetflow.errors import (
 )
 from packetflow.feedback import FeedbackService
 from packetflow.graph import dependencies_of
+from packetflow.planner.core import Planner
+from packetflow.planner.handler import PLANNER_NAME
+from packetflow.planner.wire import request_from_proto, response_to_proto
 from packetflow.v1 import actors_pb2, runtime_pb2, runtime_pb2_grpc
 
 if TYPE_CHECKING:
@@ -53,6 +56,7 @@ log = logging.getLogger("packetflow.server")
 
 SERVICE_NAME = runtime_pb2.DESCRIPTOR.services_by_name["CapabilityRuntime"].full_name
 ACTOR_SERVICE_NAME = actors_pb2.DESCRIPTOR.services_by_name["ActorRuntime"].full_name
+T = TypeVar("T")
 # Room for the protobuf envelope around the JSON payload.
 ENVELOPE_BYTES = 64 * 1024
 
@@ -109,9 +113,11 @@ async def abort_for(context: grpc.aio.ServicerContext, error: PacketFlowError,
 class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
     """Translates ``packetflow.v1.CapabilityRuntime`` calls to the engine."""
 
-    def __init__(self, engine: Engine, feedback: FeedbackService | None = None) -> None:
+    def __init__(self, engine: Engine, feedback: FeedbackService | None = None,
+                 planner: Planner | None = None) -> None:
         self.engine = engine
         self.feedback = feedback
+        self.planner = planner
 
     async def Invoke(self, request: runtime_pb2.InvokeRequest,
                      context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:
@@ -129,21 +135,16 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
                            context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[runtime_pb2.InvokeEvent]:
         ctx = call_context(request.capability, context)
-        events: asyncio.Queue[runtime_pb2.Progress | None] = asyncio.Queue()
-        ctx.progress_sink = lambda message, fraction: events.put_nowait(
-            runtime_pb2.Progress(message=message, fraction=fraction))
-        call = asyncio.ensure_future(
-            self.engine.invoke_json(request.capability, request.input_json, ctx))
-        call.add_done_callback(lambda _: events.put_nowait(None))
         try:
-            while (progress := await events.get()) is not None:
-                yield runtime_pb2.InvokeEvent(progress=progress)
-            output = call.result()
+            async for event in progress_events(ctx, self.engine.invoke_json(
+                    request.capability, request.input_json, ctx)):
+                if isinstance(event, Done):
+                    output = event.value
+                else:
+                    yield runtime_pb2.InvokeEvent(progress=event)
         except PacketFlowError as exc:
             await abort_for(context, exc, ctx.trace_id)
             raise
-        finally:
-            call.cancel()  # the caller went away: stop the handler too
         yield runtime_pb2.InvokeEvent(
             result=runtime_pb2.InvokeResponse(output_json=output, trace_id=ctx.trace_id))
 
@@ -185,6 +186,62 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
             raise
         return runtime_pb2.FeedbackResponse(capability=record.capability)
 
+    def _planner(self) -> Planner:
+        if self.planner is None:
+            raise NotServable("this runtime has no planner")
+        return self.planner
+
+    async def Plan(self, request: runtime_pb2.PlanRequest,
+                   context: grpc.aio.ServicerContext) -> runtime_pb2.PlanResponse:
+        try:
+            result = await self._planner().plan(request_from_proto(request))
+        except PacketFlowError as exc:
+            await abort_for(context, exc, "")
+            raise
+        return response_to_proto(result)
+
+    async def PlanAndExecute(self, request: runtime_pb2.PlanRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[runtime_pb2.PlanEvent]:
+        ctx = call_context(PLANNER_NAME, context)
+        # Feedback naming only this trace id is recorded against the planner.
+        self.engine.traces.served(ctx.trace_id, PLANNER_NAME)
+        try:
+            async for event in progress_events(ctx, self._planner().plan_and_execute(
+                    request_from_proto(request), ctx)):
+                if isinstance(event, Done):
+                    result = event.value
+                else:
+                    yield runtime_pb2.PlanEvent(progress=event)
+        except PacketFlowError as exc:
+            await abort_for(context, exc, ctx.trace_id)
+            raise
+        yield runtime_pb2.PlanEvent(result=response_to_proto(result))
+
+
+@dataclass
+class Done(Generic[T]):
+    """The result of the work :func:`progress_events` streamed progress of."""
+
+    value: T
+
+
+async def progress_events(ctx: CallContext, work: Awaitable[T]
+                          ) -> AsyncIterator[runtime_pb2.Progress | Done[T]]:
+    """Run ``work``, yielding the progress it reports through ``ctx``, then its result;
+    if the consumer goes away, the work is cancelled."""
+    events: asyncio.Queue[runtime_pb2.Progress | None] = asyncio.Queue()
+    ctx.progress_sink = lambda message, fraction: events.put_nowait(
+        runtime_pb2.Progress(message=message, fraction=fraction))
+    call = asyncio.ensure_future(work)
+    call.add_done_callback(lambda _: events.put_nowait(None))
+    try:
+        while (progress := await events.get()) is not None:
+            yield progress
+        yield Done(call.result())
+    finally:
+        call.cancel()  # the caller went away: stop the work too
+
 
 @dataclass
 class RuntimeServer:
@@ -200,9 +257,11 @@ class RuntimeServer:
     @classmethod
     async def start(cls, engine: Engine, address: str = "127.0.0.1:0",
                     actors: ActorSystem | None = None,
-                    feedback: FeedbackService | None = None) -> RuntimeServer:
+                    feedback: FeedbackService | None = None,
+                    planner: Planner | None = None) -> RuntimeServer:
         """Bind ``address`` (port 0 picks a free one) and start serving; with ``actors``, the
-        ``ActorRuntime`` service too; with ``feedback``, the ``Feedback`` call."""
+        ``ActorRuntime`` service too; with ``feedback``, the ``Feedback`` call; with
+        ``planner``, ``Plan`` and ``PlanAndExecute``."""
         limit = engine.max_payload_bytes + ENVELOPE_BYTES
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit),
@@ -210,7 +269,7 @@ class RuntimeServer:
             ("grpc.so_reuseport", 0),
         ])
         runtime_pb2_grpc.add_CapabilityRuntimeServicer_to_server(
-            CapabilityRuntimeServicer(engine, feedback), server)
+            CapabilityRuntimeServicer(engine, feedback, planner), server)
         services = [SERVICE_NAME]
         forwarder = None
         if actors is not None:

@@ -235,12 +235,37 @@ class FederatedImplementation(SpecModel):
                     "$PACKETFLOW_FEDERATION_ADDRESS, else 127.0.0.1:8444")
 
 
-IMPLEMENTATION_KINDS = ("python", "builtin", "composition", "image", "mcp", "federated")
+
+
+class PlannerModel(SpecModel):
+    """A language model that proposes plans (they are checked like any other)."""
+
+    provider: Literal["openai", "anthropic"]
+    model: str = Field(min_length=1)
+    base_url: str | None = Field(default=None, alias="baseUrl", pattern=r"^https?://",
+                                 description="API base URL; default: the provider's own")
+    api_key_from: ValueSource | None = Field(default=None, alias="apiKeyFrom")
+
+
+class PlannerImplementation(SpecModel):
+    """Intent in, plan and results out: plans over the capabilities served beside it."""
+
+    capabilities: list[str] = Field(
+        default_factory=list, description="What plans may call; empty: every capability here")
+    allow_effects: bool = Field(default=False, alias="allowEffects",
+                                description="Run plans that call capabilities with effects")
+    execute: bool = Field(default=True, description="Run the plan; false: only plan")
+    max_steps: int | None = Field(default=None, ge=1, le=8, alias="maxSteps")
+    model: PlannerModel | None = None
+
+
+IMPLEMENTATION_KINDS = ("python", "builtin", "composition", "image", "mcp", "federated",
+                        "planner")
 
 
 class Implementation(SpecModel):
-    """How a capability runs: exactly one of python, builtin, composition, image, mcp or
-    federated."""
+    """How a capability runs: exactly one of python, builtin, composition, image, mcp,
+    federated or planner."""
 
     python: PythonImplementation | None = None
     builtin: BuiltinImplementation | None = None
@@ -248,6 +273,7 @@ class Implementation(SpecModel):
     image: ImageImplementation | None = None
     mcp: McpImplementation | None = None
     federated: FederatedImplementation | None = None
+    planner: PlannerImplementation | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Implementation:

@@ -34,7 +34,8 @@ def packetflow(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[s
 class DevServer:
     """A `packetflow dev` subprocess, the addresses it serves and its stderr (in a file)."""
 
-    def __init__(self, directory: Path, log: Path, *, as_pod: bool = False) -> None:
+    def __init__(self, directory: Path, log: Path, *, as_pod: bool = False,
+                 start_timeout: float = 30) -> None:
         self.address = f"127.0.0.1:{free_port()}"
         self.metrics = f"127.0.0.1:{free_port()}"
         self.log = log
@@ -48,7 +49,7 @@ class DevServer:
                  self.address, "--metrics-address", self.metrics,
                  "--state-dir", str(self.state_dir)],
                 cwd=ROOT, stderr=sink, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_timeout
         while "packetflow: serving" not in self.stderr():
             assert self.process.poll() is None, self.stderr()
             assert time.monotonic() < deadline, self.stderr()

@@ -1,6 +1,6 @@
 """The README's "two organizations on one machine", as a user types it: real processes
 (`packetflow federation certs`, `dev` and `federation --config` per organization), on a copy
-of examples/federation/ whose fixed ports are swapped for free ones."""
+of demos/federation/ whose fixed ports are swapped for free ones."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "federation"
+EXAMPLE = ROOT / "demos" / "federation"
 README = ROOT / "README.md"
 
 

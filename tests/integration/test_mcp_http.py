@@ -34,6 +34,9 @@ LIST_TOOLS = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
 CALL_HOLD = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
              "params": {"name": "hold", "arguments": {"gate": "never"}}}
 
+# A runtime serves the planner beside its capabilities (see the Planner section).
+PLANNER_TOOLS = ("plan", "plan_and_execute", "feedback")
+
 
 def subprocess_env() -> dict[str, str]:
     """The environment for a ``packetflow`` subprocess: the installed package, run outside
@@ -173,7 +176,7 @@ async def test_stdio_subprocess(tmp_path: Path) -> None:
         cwd=str(tmp_path), env=subprocess_env())
     async with Client(params, mode="legacy") as client:
         tools = {t.name for t in (await client.list_tools()).tools}
-        assert tools == {"add", "echo"}
+        assert tools == {"add", "echo", *PLANNER_TOOLS}
         result = await client.call_tool("echo", {"message": "over stdio"})
         assert result.structured_content == {"message": "over stdio"}
         bad = await client.call_tool("echo", {})
@@ -286,7 +289,8 @@ async def test_two_replicas_behind_one_address_without_sticky_sessions(tmp_path:
                 http, client = http_client(f"http://127.0.0.1:{port}/mcp",
                                            fresh_connections=True, mode=mode)
                 async with http, client:
-                    assert {t.name for t in (await client.list_tools()).tools} == {"add", "echo"}
+                    assert {t.name for t in (await client.list_tools()).tools} == {
+                        "add", "echo", *PLANNER_TOOLS}
                     for a in range(6):
                         result = await client.call_tool("add", {"a": a})
                         assert result.structured_content == {"sum": a}

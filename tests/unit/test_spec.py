@@ -60,10 +60,10 @@ def test_short_form_contract_is_untyped_and_required() -> None:
      "{name: echo}}\n", "spec.requires.a.type: Input should be 'string'"),
     ("spec:\n  intent: x\n  implementation: {}\n",
      "spec.implementation: exactly one of python, builtin, composition, image, mcp, "
-     "federated is required"),
+     "federated, planner is required"),
     ("spec:\n  intent: x\n  implementation: {builtin: {name: echo}, image: {image: a}}\n",
      "spec.implementation: exactly one of python, builtin, composition, image, mcp, "
-     "federated is required, got builtin, image"),
+     "federated, planner is required, got builtin, image"),
     ("spec:\n  intent: x\n  implementation: {builtin: {name: nope}}\n",
      "spec.implementation.builtin.name: Input should be 'echo'"),
     ("spec:\n  intent: x\n  implementation: {builtin: {name: echo}}\n  timeoutSeconds: 0\n",

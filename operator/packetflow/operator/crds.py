@@ -95,6 +95,7 @@ _CAPABILITY_EXTEND: Final[dict[Path, Schema]] = {
     ("implementation", "python", "function"): {"pattern": IDENTIFIER_RE.pattern},
     ("implementation", "mcp", "headersFrom"): _MAX_HEADERS,
     ("implementation", "mcp", "headersFrom", "*"): _one_of("env", "secretKeyRef"),
+    ("implementation", "planner", "model", "apiKeyFrom"): _one_of("env", "secretKeyRef"),
     ("canary", "implementation"): {"x-kubernetes-validations": [_IMPLEMENTATION_ONE_OF]},
     ("canary", "implementation", "python", "module"): {"pattern": MODULE_RE.pattern},
     ("canary", "implementation", "python", "function"): {"pattern": IDENTIFIER_RE.pattern},

@@ -51,7 +51,7 @@ MCP_PORT_NAME: Final = "mcp"
 MCP_BUNDLE_CONFIGMAP: Final = "packetflow-mcp-bundle"
 
 # Implementations the packetflow runtime serves itself; `image` brings its own server.
-_RUNTIME_SERVED: Final = ("python", "builtin", "composition", "mcp", "federated")
+_RUNTIME_SERVED: Final = ("python", "builtin", "composition", "mcp", "federated", "planner")
 # Pod components: a Capability's Deployment and an Actor's StatefulSet never select each other.
 _COMPONENTS: Final = {"Capability": "runtime", "Actor": "actor"}
 # Spec fields no runtime reads (the gateway and the routing controller do): left out of the
@@ -154,6 +154,10 @@ def secret_sources(resource: Resource) -> list[ValueSource]:
         mcp = resource.spec.implementation.mcp
         if mcp is not None:
             sources.extend(mcp.headers_from.values())
+        planner = resource.spec.implementation.planner
+        if planner is not None and planner.model is not None \
+                and planner.model.api_key_from is not None:
+            sources.append(planner.model.api_key_from)
     else:
         postgresql = resource.spec.store.postgresql
         if postgresql is not None and postgresql.dsn_from is not None:

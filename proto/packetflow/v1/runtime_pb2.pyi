@@ -302,3 +302,125 @@ class FeedbackResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FeedbackResponse: _TypeAlias = FeedbackResponse  # noqa: Y015
+
+@_typing.final
+class PlanRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTENT_FIELD_NUMBER: _builtins.int
+    INPUT_JSON_FIELD_NUMBER: _builtins.int
+    ALLOW_EFFECTS_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
+    PLANNER_FIELD_NUMBER: _builtins.int
+    NO_CACHE_FIELD_NUMBER: _builtins.int
+    intent: _builtins.str
+    """What the user wants, in a sentence (at most PACKETFLOW_PLANNER_MAX_INTENT_CHARS)."""
+    input_json: _builtins.bytes
+    """The input object (JSON): its field names and types shape the plan, its values never do."""
+    allow_effects: _builtins.bool
+    """Allow running capabilities that declare effects (otherwise such a plan is not run)."""
+    planner: _builtins.str
+    """auto (a language model when one is configured, else built in) | builtin | model"""
+    no_cache: _builtins.bool
+    """Do not reuse a cached plan."""
+    @_builtins.property
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these capabilities may be called; empty: every capability served here."""
+
+    def __init__(
+        self,
+        *,
+        intent: _builtins.str = ...,
+        input_json: _builtins.bytes = ...,
+        allow_effects: _builtins.bool = ...,
+        capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        planner: _builtins.str = ...,
+        no_cache: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_effects", b"allow_effects", "capabilities", b"capabilities", "input_json", b"input_json", "intent", b"intent", "no_cache", b"no_cache", "planner", b"planner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanRequest: _TypeAlias = PlanRequest  # noqa: Y015
+
+@_typing.final
+class PlanResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_JSON_FIELD_NUMBER: _builtins.int
+    EXPLANATION_JSON_FIELD_NUMBER: _builtins.int
+    PLANNER_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
+    EXECUTED_FIELD_NUMBER: _builtins.int
+    RESULTS_JSON_FIELD_NUMBER: _builtins.int
+    TRACE_JSON_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    plan_json: _builtins.bytes
+    """The plan: a Capability manifest (JSON) whose implementation is a composition."""
+    explanation_json: _builtins.bytes
+    """Why each capability was chosen, the scores that decided, what was not covered (JSON)."""
+    planner: _builtins.str
+    """builtin | model | cache"""
+    blocked: _builtins.str
+    """Why the plan was not run ("" when it ran or was not asked to)."""
+    executed: _builtins.bool
+    results_json: _builtins.bytes
+    """The plan's output (JSON), when it ran and succeeded."""
+    trace_json: _builtins.bytes
+    """The execution trace (JSON): steps, durations, attempts, outcomes."""
+    trace_id: _builtins.str
+    """Give feedback on the execution with this trace id."""
+    error_code: _builtins.str
+    """When the plan ran and failed: the status code name and message."""
+    error_message: _builtins.str
+    def __init__(
+        self,
+        *,
+        plan_json: _builtins.bytes = ...,
+        explanation_json: _builtins.bytes = ...,
+        planner: _builtins.str = ...,
+        blocked: _builtins.str = ...,
+        executed: _builtins.bool = ...,
+        results_json: _builtins.bytes = ...,
+        trace_json: _builtins.bytes = ...,
+        trace_id: _builtins.str = ...,
+        error_code: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked", b"blocked", "error_code", b"error_code", "error_message", b"error_message", "executed", b"executed", "explanation_json", b"explanation_json", "plan_json", b"plan_json", "planner", b"planner", "results_json", b"results_json", "trace_id", b"trace_id", "trace_json", b"trace_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanResponse: _TypeAlias = PlanResponse  # noqa: Y015
+
+@_typing.final
+class PlanEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___Progress: ...
+    @_builtins.property
+    def result(self) -> Global___PlanResponse: ...
+    def __init__(
+        self,
+        *,
+        progress: Global___Progress | None = ...,
+        result: Global___PlanResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___PlanEvent: _TypeAlias = PlanEvent  # noqa: Y015

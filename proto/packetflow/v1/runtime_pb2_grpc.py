@@ -59,6 +59,16 @@ class CapabilityRuntimeStub:
                 request_serializer=packetflow_dot_v1_dot_runtime__pb2.FeedbackRequest.SerializeToString,
                 response_deserializer=packetflow_dot_v1_dot_runtime__pb2.FeedbackResponse.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/packetflow.v1.CapabilityRuntime/Plan',
+                request_serializer=packetflow_dot_v1_dot_runtime__pb2.PlanRequest.SerializeToString,
+                response_deserializer=packetflow_dot_v1_dot_runtime__pb2.PlanResponse.FromString,
+                _registered_method=True)
+        self.PlanAndExecute = channel.unary_stream(
+                '/packetflow.v1.CapabilityRuntime/PlanAndExecute',
+                request_serializer=packetflow_dot_v1_dot_runtime__pb2.PlanRequest.SerializeToString,
+                response_deserializer=packetflow_dot_v1_dot_runtime__pb2.PlanEvent.FromString,
+                _registered_method=True)
 
 
 class CapabilityRuntimeServicer:
@@ -100,6 +110,22 @@ class CapabilityRuntimeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """Turn a sentence of intent into a checked composition over the capabilities served here
+        (a Capability manifest), with the reasons for each choice. Nothing runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanAndExecute(self, request, context):
+        """Plan, then run the plan (unless it has effects that were not allowed): progress events
+        as steps start and finish, then exactly one result event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CapabilityRuntimeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +153,16 @@ def add_CapabilityRuntimeServicer_to_server(servicer, server):
                     servicer.Feedback,
                     request_deserializer=packetflow_dot_v1_dot_runtime__pb2.FeedbackRequest.FromString,
                     response_serializer=packetflow_dot_v1_dot_runtime__pb2.FeedbackResponse.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=packetflow_dot_v1_dot_runtime__pb2.PlanRequest.FromString,
+                    response_serializer=packetflow_dot_v1_dot_runtime__pb2.PlanResponse.SerializeToString,
+            ),
+            'PlanAndExecute': grpc.unary_stream_rpc_method_handler(
+                    servicer.PlanAndExecute,
+                    request_deserializer=packetflow_dot_v1_dot_runtime__pb2.PlanRequest.FromString,
+                    response_serializer=packetflow_dot_v1_dot_runtime__pb2.PlanEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +300,60 @@ class CapabilityRuntime:
             '/packetflow.v1.CapabilityRuntime/Feedback',
             packetflow_dot_v1_dot_runtime__pb2.FeedbackRequest.SerializeToString,
             packetflow_dot_v1_dot_runtime__pb2.FeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/packetflow.v1.CapabilityRuntime/Plan',
+            packetflow_dot_v1_dot_runtime__pb2.PlanRequest.SerializeToString,
+            packetflow_dot_v1_dot_runtime__pb2.PlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanAndExecute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/packetflow.v1.CapabilityRuntime/PlanAndExecute',
+            packetflow_dot_v1_dot_runtime__pb2.PlanRequest.SerializeToString,
+            packetflow_dot_v1_dot_runtime__pb2.PlanEvent.FromString,
             options,
             channel_credentials,
             insecure,

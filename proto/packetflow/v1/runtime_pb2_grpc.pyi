@@ -50,6 +50,14 @@ class CapabilityRuntimeStub:
     """Record how satisfied a user was with a call (by its trace id): stored durably and
     exported as the metric packetflow_feedback_score{capability}.
     """
+    Plan: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.PlanRequest, _runtime_pb2.PlanResponse]
+    """Turn a sentence of intent into a checked composition over the capabilities served here
+    (a Capability manifest), with the reasons for each choice. Nothing runs.
+    """
+    PlanAndExecute: _grpc.UnaryStreamMultiCallable[_runtime_pb2.PlanRequest, _runtime_pb2.PlanEvent]
+    """Plan, then run the plan (unless it has effects that were not allowed): progress events
+    as steps start and finish, then exactly one result event.
+    """
 
 @_typing.type_check_only
 class CapabilityRuntimeAsyncStub(CapabilityRuntimeStub):
@@ -65,6 +73,14 @@ class CapabilityRuntimeAsyncStub(CapabilityRuntimeStub):
     Feedback: _aio.UnaryUnaryMultiCallable[_runtime_pb2.FeedbackRequest, _runtime_pb2.FeedbackResponse]  # type: ignore[assignment]
     """Record how satisfied a user was with a call (by its trace id): stored durably and
     exported as the metric packetflow_feedback_score{capability}.
+    """
+    Plan: _aio.UnaryUnaryMultiCallable[_runtime_pb2.PlanRequest, _runtime_pb2.PlanResponse]  # type: ignore[assignment]
+    """Turn a sentence of intent into a checked composition over the capabilities served here
+    (a Capability manifest), with the reasons for each choice. Nothing runs.
+    """
+    PlanAndExecute: _aio.UnaryStreamMultiCallable[_runtime_pb2.PlanRequest, _runtime_pb2.PlanEvent]  # type: ignore[assignment]
+    """Plan, then run the plan (unless it has effects that were not allowed): progress events
+    as steps start and finish, then exactly one result event.
     """
 
 class CapabilityRuntimeServicer(metaclass=_abc_1.ABCMeta):
@@ -108,6 +124,26 @@ class CapabilityRuntimeServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_runtime_pb2.FeedbackResponse, _abc.Awaitable[_runtime_pb2.FeedbackResponse]]:
         """Record how satisfied a user was with a call (by its trace id): stored durably and
         exported as the metric packetflow_feedback_score{capability}.
+        """
+
+    @_abc_1.abstractmethod
+    def Plan(
+        self,
+        request: _runtime_pb2.PlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_pb2.PlanResponse, _abc.Awaitable[_runtime_pb2.PlanResponse]]:
+        """Turn a sentence of intent into a checked composition over the capabilities served here
+        (a Capability manifest), with the reasons for each choice. Nothing runs.
+        """
+
+    @_abc_1.abstractmethod
+    def PlanAndExecute(
+        self,
+        request: _runtime_pb2.PlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_runtime_pb2.PlanEvent], _abc.AsyncIterator[_runtime_pb2.PlanEvent]]:
+        """Plan, then run the plan (unless it has effects that were not allowed): progress events
+        as steps start and finish, then exactly one result event.
         """
 
 def add_CapabilityRuntimeServicer_to_server(servicer: CapabilityRuntimeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -313,7 +313,10 @@ class Gateway:
         from packetflow.server import SERVICE_NAME
 
         server = grpc.aio.server(options=_server_options())
-        runtime_pb2_grpc.add_CapabilityRuntimeServicer_to_server(LocalServicer(self), server)
+        # Methods LocalServicer leaves out (Feedback, Plan...) answer UNIMPLEMENTED, as the
+        # generated base class does; its stubs only declare them abstract.
+        runtime_pb2_grpc.add_CapabilityRuntimeServicer_to_server(
+            LocalServicer(self), server)  # type: ignore[abstract]
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         port = server.add_insecure_port(address)
@@ -1136,11 +1139,4 @@ class LocalServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
                 "target": f"{imported.spec.capability} @ {imported.spec.peer}",
                 "kind": "federated", "label": link.organization or imported.spec.peer,
                 "external": True}]))
-
-    async def Feedback(self, request: runtime_pb2.FeedbackRequest,
-                       context: grpc.aio.ServicerContext) -> runtime_pb2.FeedbackResponse:
-        """Feedback is kept by the runtime that served the call, not by this gateway."""
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "feedback goes to the runtime that served the call")
-        raise AssertionError("unreachable: abort raises")
 

@@ -17,8 +17,9 @@ from mcp.server.stdio import stdio_server
 
 from packetflow.actors.service import attach
 from packetflow.logs import configure_logging
+from packetflow.mcp.planner import planner_source
 from packetflow.mcp.server import McpService
-from packetflow.serve import load_runtime, report
+from packetflow.serve import feedback_and_planner, load_runtime, report
 from packetflow.settings import RuntimeSettings
 
 
@@ -55,7 +56,10 @@ async def serve_stdio(paths: list[Path], settings: RuntimeSettings | None = None
     forwarder = attach(actors)
     report(errors)
     engine.start_triggers()
+    feedback, planning, planner = await feedback_and_planner(engine, settings)
     service = McpService.for_runtime(engine, actors)
+    for source in planner_source(planner, feedback, engine.traces):
+        service.add_source(source)
     names = ", ".join(sorted([*engine.served, *actors.types])) or "nothing"
     print(f"packetflow: MCP over stdio serving {names}", file=sys.stderr, flush=True)
     try:
@@ -66,4 +70,7 @@ async def serve_stdio(paths: list[Path], settings: RuntimeSettings | None = None
         await actors.aclose()
         await forwarder.close()
         await engine.aclose()
+        await planner.aclose()
+        await planning.aclose()
+        await feedback.aclose()
     return 0

@@ -25,7 +25,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from packetflow.actors.runtime import ActorSystem
 from packetflow.addresses import split_address
 from packetflow.engine import Engine
+from packetflow.feedback import FeedbackService
+from packetflow.mcp.planner import planner_source
 from packetflow.mcp.server import McpService
+from packetflow.planner.core import Planner
 from packetflow.settings import RuntimeSettings
 
 log = logging.getLogger("packetflow.mcp.http")
@@ -171,11 +174,15 @@ class McpHttpServer:
 
 
 async def start_mcp(engine: Engine, settings: RuntimeSettings,
-                    actors: ActorSystem | None = None) -> McpHttpServer:
-    """Serve the runtime's capabilities and actor types at ``settings.mcp_address`` and
-    announce the URL."""
+                    actors: ActorSystem | None = None, planner: Planner | None = None,
+                    feedback: FeedbackService | None = None) -> McpHttpServer:
+    """Serve the runtime's capabilities and actor types (and the planner's tools) at
+    ``settings.mcp_address`` and announce the URL."""
     assert settings.mcp_address is not None
-    server = await McpHttpServer.start(McpService.for_runtime(engine, actors),
+    service = McpService.for_runtime(engine, actors)
+    for source in planner_source(planner, feedback, engine.traces):
+        service.add_source(source)
+    server = await McpHttpServer.start(service,
                                        settings.mcp_address, token=settings.mcp_token,
                                        grace=settings.grace_seconds)
     auth = " (bearer token required)" if settings.mcp_token else ""
