@@ -23,6 +23,10 @@ FAILURE_CODES: Final = "INTERNAL|UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTE
 FEEDBACK: Final = "packetflow_feedback_score"
 GATEWAY_CALLS: Final = "packetflow_gateway_calls_total"
 GATEWAY_DURATION: Final = "packetflow_gateway_call_duration_seconds"
+# The gateway's attempts, by endpoint and version: where stable and canary are told apart
+# (it is the gateway that splits calls between them).
+GATEWAY_ATTEMPTS: Final = "packetflow_gateway_requests_total"
+GATEWAY_ATTEMPT_DURATION: Final = "packetflow_gateway_request_duration_seconds"
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,8 @@ class PrometheusReader:
 
     ``step`` is the scrape interval (one sample each), ``window`` the ``rate()`` range,
     ``history`` how far back the forecast looks. ``scope`` adds label matchers (e.g. the
-    namespace) to every selector; ``version_label`` splits stable from canary.
+    namespace) to every selector; ``version_label`` is the gateway's label that splits
+    stable from canary.
     """
 
     url: str
@@ -116,16 +121,20 @@ class PrometheusReader:
             "gateway_p99": _p99(GATEWAY_DURATION, sel, w),
         }
         v = self.version_label
+        # Gateway series name the capability (or actor type) in ``capability``.
+        route = {"capability": name, **(scope or {})}
+        versions = _selector(route)
+        failed_versions = _selector(route, code=FAILURE_CODES)
         instants = {
             "rejected": f"sum(rate({calls}{refused}[{j}])) / sum(rate({calls}{sel}[{j}]))",
             "repeats": (f"sum(rate({family.repeats}{sel}[{j}])) / sum(rate({calls}{sel}[{j}]))"
                         if family.repeats else ""),
             "satisfaction": f"sum(rate({FEEDBACK}_sum{sel}[1h])) / "
                             f"sum(rate({FEEDBACK}_count{sel}[1h]))",
-            "version_rate": f"sum by ({v}) (rate({calls}{sel}[{j}]))",
-            "version_errors": f"sum by ({v}) (rate({calls}{failed}[{j}]))",
+            "version_rate": f"sum by ({v}) (rate({GATEWAY_ATTEMPTS}{versions}[{j}]))",
+            "version_errors": f"sum by ({v}) (rate({GATEWAY_ATTEMPTS}{failed_versions}[{j}]))",
             "version_p99": f"histogram_quantile(0.99, sum by ({v}, le) "
-                           f"(rate({duration}_bucket{sel}[{j}])))",
+                           f"(rate({GATEWAY_ATTEMPT_DURATION}_bucket{versions}[{j}])))",
         }
         range_results = await asyncio.gather(*(self._range(q, start, end) if q else _none()
                                                for q in ranges.values()))
