@@ -32,6 +32,16 @@ MANAGED = BUNDLE + """  slo: {availability: 99}
 """
 
 
+def gateway_process(routes: Path, log: Path, port: int,
+                    metrics: str) -> subprocess.Popen[bytes]:
+    """``packetflow gateway --routes FILE`` with its /metrics for Prometheus."""
+    with log.open("w") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "packetflow.cli", "gateway", "--routes", str(routes),
+             "--address", f"127.0.0.1:{port}", "--metrics-address", metrics],
+            cwd=ROOT, stderr=sink, stdout=subprocess.DEVNULL)
+
+
 async def test_a_failing_canary_is_rolled_back_from_the_gateways_metrics(
         tmp_path: Path) -> None:
     (tmp_path / "bundle").mkdir()
@@ -51,11 +61,7 @@ async def test_a_failing_canary_is_rolled_back_from_the_gateways_metrics(
                       f"    canary: {{backends: ['{canary.address}'], weight: 50}}\n"
                       "    traffic: {outlierDetection: {consecutiveFailures: 1000000}}\n")
     port = free_port()
-    with (tmp_path / "gateway.log").open("w") as log:
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "packetflow.cli", "gateway", "--routes", str(routes),
-             "--address", f"127.0.0.1:{port}", "--metrics-address", scraped["gateway"]],
-            cwd=ROOT, stderr=log, stdout=subprocess.DEVNULL)
+    gateway = gateway_process(routes, tmp_path / "gateway.log", port, scraped["gateway"])
     (tmp_path / "managed").mkdir()
     (tmp_path / "managed" / "flaky.yaml").write_text(MANAGED)
     prometheus = PrometheusServer.start(list(scraped.values()))
