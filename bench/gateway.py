@@ -43,26 +43,28 @@ import grpc
 from bench.common import (
     Run,
     calls_for,
-    median,
     percentile,
+    ratio_figures,
     rounded,
     run_server,
     run_summary,
     serve_until_stdin_closes,
     server_process,
+    steady_pairs,
 )
 from bench.runtime import PAYLOAD, Target, check_echo, run_concurrent
 from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 
 CONCURRENCY = 64
 PAIRS = 15
-TAIL_PAIRS = 6
+TAIL_PAIRS = 7
+TAIL_BUDGET_SECONDS = 150.0  # runs lengthen (a pair's ratio varies > 10%) only within this
 RUN_SECONDS = 0.6
 MIN_CALLS, MAX_CALLS = 640, 20_000
 TAIL_RATE = 400.0  # calls per second
 TAIL_CALLS = 1600  # per run (4 s): the p99 is the 16th slowest
 WARMUP_ROUNDS = 10
-BUDGET_SECONDS = 60.0
+BUDGET_SECONDS = 60.0  # gateway_ratio: runs lengthen only within this
 STALL_SECONDS = 0.050
 STALL_SHARE = 0.10
 STALL_ENV = "PACKETFLOW_BENCH_STALL_SHARE"
@@ -124,7 +126,7 @@ async def _start_gateway(backends: Sequence[str], round_robin: bool) -> tuple[in
         def in_turn(pool: Pool, rng: Any, now: float, exclude: Any = ()) -> Any:
             return pool.available[next(turns) % len(pool.available)] if pool.available \
                 else None
-        Pool.pick = in_turn  # type: ignore[method-assign]
+        Pool.pick = in_turn  # type: ignore[method-assign,assignment]
     server = await GatewayServer.start("127.0.0.1:0", routes=routes)
 
     async def stop(grace: float) -> None:
@@ -189,17 +191,17 @@ async def throughput(started: float) -> dict[str, Any]:
         calls = calls_for(min(r.calls_per_s for r in warm.values()), CONCURRENCY,
                           seconds=RUN_SECONDS, least=MIN_CALLS, most=MAX_CALLS)
         runs: dict[str, list[Run]] = {"direct": [], "gateway": []}
-        ratios: list[float] = []
-        for pair in range(PAIRS):
-            if pair and time.perf_counter() - started > BUDGET_SECONDS:
-                break
+
+        async def pair(scale: float) -> tuple[float, float]:
+            count = max(CONCURRENCY, int(calls * scale) // CONCURRENCY * CONCURRENCY)
             for target in (direct, through):
-                runs[target.kind].append(await run_concurrent(target, calls))
-            ratios.append(runs["gateway"][-1].calls_per_s / runs["direct"][-1].calls_per_s)
-    return {"gateway_ratio": rounded(median(ratios)),
-            "gateway_ratio_spread": [rounded(min(ratios)), rounded(max(ratios))],
+                runs[target.kind].append(await run_concurrent(target, count))
+            return runs["direct"][-1].calls_per_s, runs["gateway"][-1].calls_per_s
+
+        found = await steady_pairs(pair, pairs=PAIRS, budget_s=BUDGET_SECONDS)
+    return {**ratio_figures("gateway_ratio", found.ratios),
             **run_summary("direct", runs["direct"]), **run_summary("gateway", runs["gateway"]),
-            "concurrency": CONCURRENCY, "calls": calls, "pairs": len(ratios)}
+            "concurrency": CONCURRENCY, "calls": int(calls * found.scale)}
 
 
 async def tail() -> dict[str, Any]:
@@ -226,25 +228,28 @@ async def tail() -> dict[str, Any]:
                         await check_echo(target)
                     await paced(targets, TAIL_CALLS // 4, TAIL_RATE)
                 runs: dict[str, list[Run]] = {mode: [] for mode in modes}
-                ratios: dict[str, list[float]] = {"round_robin": [], "client_round_robin": []}
-                for _ in range(TAIL_PAIRS):
+                vs_client: list[float] = []
+
+                async def pair(scale: float) -> tuple[float, float]:
+                    """(round-robin p99, gateway p99): the ratio is the gateway's over it."""
                     for mode, targets in modes.items():
-                        runs[mode].append(await paced(targets, TAIL_CALLS, TAIL_RATE))
-                    p99 = percentile(runs["gateway_tail"][-1].latencies_s, 0.99)
-                    for mode, series in ratios.items():
-                        series.append(p99 / percentile(runs[mode][-1].latencies_s, 0.99))
+                        runs[mode].append(await paced(targets, int(TAIL_CALLS * scale),
+                                                      TAIL_RATE))
+                    p99 = {mode: percentile(runs[mode][-1].latencies_s, 0.99)
+                           for mode in modes}
+                    vs_client.append(p99["gateway_tail"] / p99["client_round_robin"])
+                    return p99["round_robin"], p99["gateway_tail"]
+
+                found = await steady_pairs(pair, pairs=TAIL_PAIRS, budget_s=TAIL_BUDGET_SECONDS)
             finally:
                 for channel in channels:
                     await channel.close()
-    figures: dict[str, Any] = {}
-    for name, key in (("tail_ratio", "round_robin"),
-                      ("tail_ratio_vs_client", "client_round_robin")):
-        figures[name] = rounded(median(ratios[key]))
-        figures[f"{name}_spread"] = [rounded(min(ratios[key])), rounded(max(ratios[key]))]
+    figures: dict[str, Any] = {**ratio_figures("tail_ratio", found.ratios),
+                               **ratio_figures("tail_ratio_vs_client",
+                                               vs_client[-len(found.ratios):])}
     for mode in modes:
         figures.update(run_summary(mode, runs[mode]))
-    return {**figures, "tail_rate": TAIL_RATE, "tail_calls": TAIL_CALLS,
-            "tail_pairs": len(ratios["round_robin"])}
+    return {**figures, "tail_rate": TAIL_RATE, "tail_calls": int(TAIL_CALLS * found.scale)}
 
 
 async def measure() -> dict[str, Any]:
