@@ -29,6 +29,9 @@ declare -A source=(
   [render]=operator/render.py
   [status]=operator/status.py
   [drift]=operator/drift.py
+  [decide]=operator/routing/decide.py
+  [trust]=federation/trust.py
+  [search]=planner/search.py
 )
 declare -A tests=(
   [contracts]="tests/unit/test_contracts.py tests/unit/test_engine.py"
@@ -38,6 +41,9 @@ declare -A tests=(
   [render]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
   [status]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
   [drift]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
+  [decide]="tests/unit/test_routing_decide.py tests/unit/test_routing_recommend.py"
+  [trust]="tests/unit/test_federation_pure.py"
+  [search]="tests/unit/test_planner.py"
 )
 # Which tests of a module's files run (pytest -k): for compositions not those on a PostgreSQL
 # server (a fresh one per forked mutant is too slow), nor the engine-level tests that wait out
@@ -51,7 +57,7 @@ declare -A keep=(
 declare -A skip=(
   [store]='"[^"]*([?]|\b(SELECT|INSERT|UPDATE|DELETE|WHERE|VALUES|CONFLICT|RETURNING|AND)\b)'
 )
-order=(contracts check executor store render status drift)
+order=(contracts check executor store render status drift decide trust search)
 modules=("$@")
 [ ${#modules[@]} -gt 0 ] || modules=("${order[@]}")
 

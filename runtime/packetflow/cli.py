@@ -73,26 +73,26 @@ def _announce(server: RuntimeServer, metrics_port: int | None) -> None:
 def cmd_dev(args: argparse.Namespace) -> int:
     """Serve every manifest under DIR in one process, reloading on change."""
     from packetflow.logs import configure_logging
-    from packetflow.serve import serve
+    from packetflow.serve import exit_now, serve
 
     settings = _settings(args)
     configure_logging(settings.log_level, "text")
     # Python implementations are imported from the current directory and the manifest dirs.
     for path in [Path.cwd(), *args.paths]:
         sys.path.insert(0, str(path if path.is_dir() else path.parent))
-    return asyncio.run(serve(args.paths, settings, watch=not args.no_reload, strict=False,
-                             on_ready=_announce))
+    exit_now(asyncio.run(serve(args.paths, settings, watch=not args.no_reload, strict=False,
+                               on_ready=_announce)))
 
 
 def cmd_runtime(args: argparse.Namespace) -> int:
     """Serve a spec bundle as a pod does: strict, JSON logs, drain on SIGTERM."""
     from packetflow.logs import configure_logging
-    from packetflow.serve import serve
+    from packetflow.serve import exit_now, serve
 
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
-    return asyncio.run(serve([args.bundle], settings, watch=args.reload, strict=True,
-                             on_ready=_announce))
+    exit_now(asyncio.run(serve([args.bundle], settings, watch=args.reload, strict=True,
+                               on_ready=_announce)))
 
 
 def read_data(text: str, flag: str = "--data") -> Any:

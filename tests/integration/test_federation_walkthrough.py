@@ -66,6 +66,7 @@ def example(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return directory, moved
 
 
+@pytest.mark.timeout(300)  # four servers and eight CLI runs on a loaded 2-core machine
 def test_the_readme_walkthrough_works(example: tuple[Path, dict[str, str]]) -> None:
     directory, ports = example
     # The README's commands, with these ports.

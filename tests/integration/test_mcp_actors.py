@@ -38,6 +38,7 @@ from tests.conftest import eventually
 from tests.integration.test_mcp_remote import remote_server
 from tests.support import actor_handlers
 from tests.support.manifests import sample_capabilities
+from tests.support.processes import START_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[2]
 MODES = ["legacy", "auto"]
@@ -231,26 +232,34 @@ def subprocess_env() -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def dev_with_mcp(manifests: Path, state: Path) -> AsyncIterator[str]:
-    """``packetflow dev --mcp-address``; yields its MCP URL."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "packetflow.cli", "dev", str(manifests), "--no-reload",
-        "--address", "127.0.0.1:0", "--metrics-address", "", "--mcp-address", "127.0.0.1:0",
-        "--state-dir", str(state), stderr=asyncio.subprocess.PIPE, cwd=manifests,
-        env=subprocess_env())
-    assert proc.stderr is not None
+    """``packetflow dev --mcp-address``; yields its MCP URL. Its log goes to a file (a pipe
+    nobody reads could fill and stall it) and the deadlines are a loaded machine's."""
+    log = state.parent / "dev.log"
+    with log.open("wb") as sink:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "packetflow.cli", "dev", str(manifests), "--no-reload",
+            "--address", "127.0.0.1:0", "--metrics-address", "", "--mcp-address",
+            "127.0.0.1:0", "--state-dir", str(state), stderr=sink, cwd=manifests,
+            env=subprocess_env())
     try:
-        url = None
-        async with asyncio.timeout(30):
-            while url is None:
-                line = (await proc.stderr.readline()).decode()
-                assert line, "packetflow dev exited before serving MCP"
-                if found := re.search(r"MCP on (http://\S+/mcp)", line):
-                    url = found.group(1)
-        yield url
+        found = None
+        async with asyncio.timeout(START_TIMEOUT):
+            while found is None:
+                assert proc.returncode is None, log.read_text()
+                found = re.search(r"MCP on (http://\S+/mcp)", log.read_text())
+                await asyncio.sleep(0.05)  # polling another process's log, with a deadline
+        yield found.group(1)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            await proc.communicate()
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()  # never left running: it would haunt a later test
+            await proc.wait()
+            raise AssertionError(
+                f"packetflow dev did not stop on SIGTERM:\n{log.read_text()}") from None
 
 
 async def test_dev_serves_actor_tools_over_http(tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import pytest
 
 from packetflow.client import RuntimeClient
 from tests.conftest import eventually
@@ -42,6 +43,7 @@ def gateway_process(routes: Path, log: Path, port: int,
             cwd=ROOT, stderr=sink, stdout=subprocess.DEVNULL)
 
 
+@pytest.mark.timeout(300)  # five processes and Prometheus on a loaded 2-core machine
 async def test_a_failing_canary_is_rolled_back_from_the_gateways_metrics(
         tmp_path: Path) -> None:
     (tmp_path / "bundle").mkdir()
@@ -72,8 +74,7 @@ async def test_a_failing_canary_is_rolled_back_from_the_gateways_metrics(
             answered: list[str] = []
 
             async def traffic() -> None:
-                end = time.monotonic() + 60
-                while time.monotonic() < end:
+                while True:  # until the rollback is seen (cancelled)
                     # The gateway retries the canary's UNAVAILABLE on stable: callers see OK.
                     reply = await client.invoke("flaky", {"message": "x"}, timeout=10,
                                                 wait_for_ready=True)
@@ -84,7 +85,7 @@ async def test_a_failing_canary_is_rolled_back_from_the_gateways_metrics(
             try:
                 await eventually(lambda: any(line["weight"] == 0
                                              for line in controller.lines()),
-                                 timeout=60, what="the canary's rollback")
+                                 timeout=150, what="the canary's rollback")
             finally:
                 load.cancel()
         assert set(answered) == {"stable"}  # every answer came from stable
