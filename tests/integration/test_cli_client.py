@@ -182,6 +182,9 @@ def test_graph_of_manifests_as_svg_and_mermaid() -> None:
 
     mermaid = packetflow("graph", str(EXAMPLES), "--format", "mermaid")
     assert mermaid.returncode == 0 and mermaid.stdout.startswith("flowchart LR")
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("```mermaid\n", 1)[1].split("```", 1)[0]
+    assert shown == mermaid.stdout  # the README's picture is what the command draws today
     svg = packetflow("graph", str(EXAMPLES), "--format", "svg")
     if which.which("dot") is None:
         assert svg.returncode == 2 and "Graphviz" in svg.stderr
