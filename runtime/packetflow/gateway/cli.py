@@ -16,7 +16,7 @@ from packetflow.gateway.routing import Routes
 from packetflow.gateway.server import GatewayServer
 from packetflow.gateway.settings import GatewaySettings
 from packetflow.logs import configure_logging
-from packetflow.serve import drain_after, start_metrics_server, stop_on_signal
+from packetflow.serve import drain_after, exit_now, start_metrics_server, stop_on_signal
 
 log = logging.getLogger("packetflow.gateway")
 
@@ -60,7 +60,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         print("error: give --routes FILE or --kubernetes", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    return asyncio.run(serve_gateway(settings))
+    exit_now(asyncio.run(serve_gateway(settings)))
 
 
 async def serve_gateway(settings: GatewaySettings) -> int:

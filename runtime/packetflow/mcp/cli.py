@@ -19,7 +19,7 @@ from packetflow.actors.service import attach
 from packetflow.logs import configure_logging
 from packetflow.mcp.planner import planner_source
 from packetflow.mcp.server import McpService
-from packetflow.serve import feedback_and_planner, load_runtime, report
+from packetflow.serve import exit_now, feedback_and_planner, load_runtime, report
 from packetflow.settings import RuntimeSettings
 
 
@@ -44,7 +44,7 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         sys.path.insert(0, str(path if path.is_dir() else path.parent))
     # PACKETFLOW_STATE_DIR applies as for the other serving commands; the flag wins.
     settings = RuntimeSettings(**({"state_dir": args.state_dir} if args.state_dir else {}))
-    return asyncio.run(serve_stdio(args.paths, settings))
+    exit_now(asyncio.run(serve_stdio(args.paths, settings)))
 
 
 async def serve_stdio(paths: list[Path], settings: RuntimeSettings | None = None) -> int:
