@@ -204,7 +204,6 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
             if request.capability in self.engine.served:
                 # Feedback about a capability is for those who may call it.
                 self.engine.authorize(self.engine.get(request.capability), ctx)
-                raise NotServable("this runtime keeps no feedback")
             record = await self.feedback.record(request.trace_id, request.score,
                                                 request.capability, request.comment)
         except PacketFlowError as exc:
