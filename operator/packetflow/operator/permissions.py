@@ -10,7 +10,8 @@ new API call means a new line here and nowhere else. Who makes each call:
   children (configmaps, services, deployments for Capabilities, statefulsets for Actors; the
   ConfigMap ``packetflow-mcp-bundle`` when the MCP aggregate is on). A StatefulSet's
   volumeClaimTemplates make the StatefulSet controller create PVCs: the operator never
-  touches persistentvolumeclaims itself.
+  touches persistentvolumeclaims itself. With ``network_policies`` on, a NetworkPolicy
+  per Capability and Actor is a child like the others (networkpolicies, same verbs).
 
 * for a Federation (``federation_handlers``): the same verbs on federations and their status,
   the gateway's ConfigMap, Services and Deployment as above, and the audit log's
@@ -54,6 +55,7 @@ PERMISSIONS: Final[tuple[Permission, ...]] = (
     Permission(GROUP, "federations", ("get", "list", "watch", "patch")),
     Permission(GROUP, "federations/status", ("patch",)),
     Permission("", "persistentvolumeclaims", ("get", "create", "patch")),
+    Permission("networking.k8s.io", "networkpolicies", ("get", "list", "watch", "create", "patch")),
 )
 
 

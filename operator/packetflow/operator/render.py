@@ -233,6 +233,7 @@ def _container(resource: Resource, settings: OperatorSettings,
                  {"name": "PACKETFLOW_UNDECLARED_AS_SERVICES", "value": "true"},
                  {"name": "PACKETFLOW_DRAIN_SECONDS", "value": f"{settings.drain_seconds:g}"},
                  {"name": "PACKETFLOW_GRACE_SECONDS", "value": f"{settings.grace_seconds:g}"},
+                 {"name": "PACKETFLOW_DEFAULT_POLICY", "value": settings.default_policy},
                  *secret_env(resource), *_settings_secret_env(settings)])
         mounts.append({"name": STATE_VOLUME, "mountPath": settings.state_dir})
     container["ports"] = ports
@@ -475,18 +476,91 @@ def canary_status(resource: Resource | None, canary_live: Mapping[str, Any] | No
                        "weight": canary.weight}}
 
 
+# The namespace label every Kubernetes >= 1.22 sets on every namespace (its own name).
+NAMESPACE_NAME_LABEL: Final = "kubernetes.io/metadata.name"
+# Chart pods that call every runtime workload (gateway, MCP aggregate): by component.
+_CALLING_COMPONENTS: Final = ("gateway", "mcp-aggregate")
+
+
+def _namespace_peer(namespace: str, pods: Manifest | None = None) -> Manifest:
+    peer: Manifest = {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}}}
+    if pods is not None:
+        peer["podSelector"] = pods
+    return peer
+
+
+def _access_peers(resource: Resource, namespace: str) -> list[Manifest]:
+    """The pods ``spec.access.allow`` names, as far as a NetworkPolicy can tell them apart:
+    a ServiceAccount's whole namespace (pods are not selected by account; mutual TLS tells
+    accounts apart), a namespace, a Capability's or Actor's pods."""
+    access = resource.spec.access
+    peers: list[Manifest] = []
+    for rule in access.allow if access is not None else ():
+        if rule.namespace is not None:
+            peers.append(_namespace_peer(rule.namespace))
+        elif rule.service_account is not None:
+            peers.append(_namespace_peer(rule.service_account.split("/", 1)[0]))
+        elif rule.capability is not None:
+            home, _, name = rule.capability.rpartition("/")
+            for owner_label in OWNER_LABELS.values():
+                pods = {"matchLabels": {LABEL_NAME: "packetflow", owner_label: name}}
+                peers.append(_namespace_peer(home, pods) if home and home != namespace
+                             else {"podSelector": pods})
+    return peers
+
+
+def render_network_policy(resource: Resource, namespace: str,
+                          settings: OperatorSettings) -> Manifest:
+    """The NetworkPolicy of a Capability's or Actor's pods (its canary's too): ingress to
+    gRPC (and MCP) from the namespace's PacketFlow pods, the chart's gateway and MCP
+    aggregate, and the callers ``spec.access.allow`` names; to metrics from Prometheus only.
+    Everything else is dropped; ``deny`` rules and accounts are enforced by the runtime."""
+    component = {"key": LABEL_COMPONENT, "operator": "In", "values": list(_CALLING_COMPONENTS)}
+    callers: list[Manifest] = [{"podSelector": {"matchLabels": {LABEL_PART_OF: "packetflow"}}}]
+    for home in dict.fromkeys(filter(None, (settings.gateway_namespace,
+                                            settings.mcp_aggregate_namespace))):
+        if home != namespace:
+            callers.append(_namespace_peer(home, {
+                "matchLabels": {LABEL_PART_OF: "packetflow"}, "matchExpressions": [component]}))
+    callers.extend(peer for peer in _access_peers(resource, namespace) if peer not in callers)
+    served = [{"protocol": "TCP", "port": "grpc"}]
+    if _runtime_served(resource) and settings.mcp_enabled:
+        served.append({"protocol": "TCP", "port": MCP_PORT_NAME})
+    ingress: list[Manifest] = [{"from": callers, "ports": served}]
+    if _runtime_served(resource):
+        ingress.append({"from": [{"namespaceSelector": {"matchLabels": dict(
+                            settings.prometheus_namespace_labels)},
+                                  "podSelector": {"matchLabels": dict(
+                                      settings.prometheus_pod_labels)}}],
+                        "ports": [{"protocol": "TCP", "port": "metrics"}]})
+    kind = resource.kind
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _metadata(resource.name, namespace, kind),
+        "spec": {"podSelector": {"matchLabels": {
+                     LABEL_NAME: "packetflow", LABEL_COMPONENT: _COMPONENTS[kind],
+                     OWNER_LABELS[kind]: resource.name}},
+                 "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
 def desired_children(resource: Resource, namespace: str,
                      settings: OperatorSettings) -> list[Manifest]:
     """Every child object of a Capability or Actor, in the order they are applied (bundle
     first, the resource's own workload last so its pods find everything they mount)."""
+    # The NetworkPolicy first: pods never start unguarded.
+    guard = [render_network_policy(resource, namespace, settings)] \
+        if settings.network_policies else []
     if isinstance(resource, Actor):
         return [
+            *guard,
             render_configmap(resource, namespace, settings),
             render_headless_service(resource, namespace, settings),
             render_service(resource, namespace, settings),
             render_statefulset(resource, namespace, settings),
         ]
     return [
+        *guard,
         render_configmap(resource, namespace, settings),
         render_service(resource, namespace, settings),
         *render_canary(resource, namespace, settings),
