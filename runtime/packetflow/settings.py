@@ -75,12 +75,6 @@ class RuntimeSettings(BaseSettings):
     health_address: str | None = Field(
         default=None, description="Plaintext grpc.health.v1 only, beside an mTLS gRPC port "
                                   "(for the kubelet's gRPC probes); unset: none")
-    token_audience: str | None = Field(
-        default=None,
-        description="MCP also accepts Kubernetes ServiceAccount tokens for this audience "
-                    "(e.g. packetflow), checked with the TokenReview API; unset: no tokens")
-    kube_api: str | None = Field(
-        default=None, description="Kubernetes API URL for TokenReviews; unset: in-cluster")
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|text)$")
 
