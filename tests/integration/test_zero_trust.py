@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,31 @@ spec:
   access:
     allow: [{serviceAccount: team-b/reporter}, {namespace: team-c}]
     deny: [{serviceAccount: team-c/intruder}]
+---
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: relayed}
+spec:
+  intent: Report the proven caller, to the relay's pods only
+  implementation: {python: {module: tests.support.handlers, function: whoami}}
+  access:
+    allow: [{capability: relay}]
 """
+
+
+def relay_manifests(address: str) -> str:
+    """Compositions whose steps call the guarded runtime at ``address``."""
+    return "---".join(f"""
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {{name: {name}}}
+spec:
+  intent: Ask {target} who called
+  implementation:
+    composition:
+      steps: [{{name: who, call: {{capability: {target}, address: "{address}", input: {{}}}}}}]
+      output: steps.who
+""" for name, target in (("relay", "relayed"), ("relay-guarded", "guarded")))
 
 
 @dataclass
@@ -93,11 +118,13 @@ class Cluster:
         return value or 0.0
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    authority = local_authority(tmp_path, DOMAIN)
-    files = issue_files(authority, tmp_path, "server", SERVER, ip_addresses=("127.0.0.1",))
-    loaded = load_text(MANIFESTS, "test_zero_trust.py")
+@asynccontextmanager
+async def secure_runtime(directory: Path, authority: Issued, workload: Workload,
+                         manifests: str) -> AsyncIterator[tuple[RuntimeServer, IssuedFiles]]:
+    """A runtime serving ``manifests`` over mTLS only, as ``workload`` (files ``<sa>.*``)."""
+    files = issue_files(authority, directory, workload.service_account, workload,
+                        ip_addresses=("127.0.0.1",))
+    loaded = load_text(manifests, "test_zero_trust.py")
     assert not loaded.errors
     engine = Engine(loaded.capabilities)
     assert secure_engine(engine, RuntimeSettings(
@@ -107,9 +134,17 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     engine.guard.identity.watched.interval = 0.0
     server = await RuntimeServer.start(engine, "127.0.0.1:0")
     try:
-        yield Cluster(tmp_path, authority, server, files)
+        yield server, files
     finally:
         await server.stop(grace=0)
+        await engine.aclose()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    authority = local_authority(tmp_path, DOMAIN)
+    async with secure_runtime(tmp_path, authority, SERVER, MANIFESTS) as (server, files):
+        yield Cluster(tmp_path, authority, server, files)
 
 
 def caller_of(workload: Workload) -> str:
@@ -259,8 +294,8 @@ async def test_rotation_under_load_fails_no_call(cluster: Cluster) -> None:
         await eventually(lambda: done >= 50, timeout=60, what="calls under way")
         # 1. The server's certificate, same authority.
         generation = identity.generation
-        server = issue_files(cluster.authority, cluster.directory, "server", SERVER,
-                             ip_addresses=("127.0.0.1",))
+        server = issue_files(cluster.authority, cluster.directory, SERVER.service_account,
+                             SERVER, ip_addresses=("127.0.0.1",))
         await rotated("server certificate")
         assert served_certificate(cluster.address, alice) \
             == x509.load_pem_x509_certificate(server.cert.read_bytes())
@@ -272,7 +307,8 @@ async def test_rotation_under_load_fails_no_call(cluster: Cluster) -> None:
         write_atomically(cluster.files.ca, old.certificate_pem + new.certificate_pem)
         await rotated("bundle with both authorities")
         generation = identity.generation
-        issue_files(new, cluster.directory, "server", SERVER, ip_addresses=("127.0.0.1",))
+        issue_files(new, cluster.directory, SERVER.service_account, SERVER,
+                    ip_addresses=("127.0.0.1",))
         await rotated("server certificate of the new authority")
         cluster.authority = new
         bob = cluster.issue(Workload("team-a", "bob"))
@@ -334,3 +370,36 @@ def test_dev_mtls_and_call_with_certificates(
     partial = packetflow("call", "echo", "--address", address, "--cert", flags[1], timeout=60)
     assert partial.returncode == 2
     assert "mutual TLS needs --cert, --key and --ca; missing --key, --ca" in partial.stderr
+
+
+async def test_a_composition_calls_as_its_own_workload(cluster: Cluster) -> None:
+    relay = Workload("team-a", "packetflow-relay")  # what `capability: relay` names
+    async with secure_runtime(cluster.directory, cluster.authority, relay,
+                              relay_manifests(cluster.address)) as (front, _):
+        alice = cluster.issue(Workload("team-a", "alice"))
+        async with RuntimeClient(f"127.0.0.1:{front.port}", credentials=tls_credentials(
+                alice.cert, alice.key, alice.ca)) as client:
+            # The called runtime sees the relay's workload, not alice (who called the relay).
+            assert (await client.invoke("relay", {}, timeout=30))["caller"] \
+                == caller_of(relay)
+            with pytest.raises(CallError) as caught:
+                await client.invoke("relay-guarded", {}, timeout=30)
+    assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert f"{caller_of(relay)} may not call capability 'guarded'" in caught.value.message
+    assert cluster.counted("packetflow_access_denied_total", kind="capability",
+                           name="guarded", rule="allow") == 1
+
+
+async def test_a_trusted_forwarder_names_the_caller(cluster: Cluster) -> None:
+    # The runtime's own workload (actor members forwarding to each other) is trusted.
+    alice = caller_of(Workload("team-a", "alice"))
+    async with cluster.client(cluster.files, caller=alice) as client:
+        assert (await client.invoke("whoami", {}, timeout=30))["caller"] == alice
+    # The forwarded caller is authorized, not the forwarder.
+    bob = caller_of(Workload("team-b", "bob"))
+    error = await refused(cluster.client(cluster.files, caller=bob))
+    assert error.code == grpc.StatusCode.PERMISSION_DENIED and bob in error.message
+    # A forwarded caller of another trust domain is no caller.
+    error = await refused(cluster.client(cluster.files,
+                                         caller="spiffe://other.test/ns/team-a/sa/alice"))
+    assert error.code == grpc.StatusCode.UNAUTHENTICATED
