@@ -21,6 +21,7 @@ import orjson
 import pytest
 from cryptography import x509
 
+from packetflow.actors import ActorSystem
 from packetflow.client import CallError, RuntimeClient, tls_credentials
 from packetflow.engine import Engine
 from packetflow.identity.certs import Issued, issue, new_authority
@@ -65,6 +66,16 @@ spec:
   implementation: {python: {module: tests.support.handlers, function: whoami}}
   access:
     allow: [{capability: relay}]
+---
+apiVersion: packetflow.io/v1alpha1
+kind: Actor
+metadata: {name: ledger}
+spec:
+  intent: Record numbers, for team-b's reporter only
+  requires: {n: {type: integer}}
+  implementation: {python: {module: tests.support.actor_handlers, class: Ledger}}
+  access:
+    allow: [{serviceAccount: team-b/reporter}]
 """
 
 
@@ -132,11 +143,17 @@ async def secure_runtime(directory: Path, authority: Issued, workload: Workload,
     # Material re-read at once: rotation is seen at the next handshake.
     assert engine.guard is not None
     engine.guard.identity.watched.interval = 0.0
-    server = await RuntimeServer.start(engine, "127.0.0.1:0")
+    actors = None
+    if loaded.actors:
+        actors = ActorSystem(engine, state_dir=directory / f"{workload.service_account}-state")
+        assert not await actors.replace(loaded.actors)
+    server = await RuntimeServer.start(engine, "127.0.0.1:0", actors)
     try:
         yield server, files
     finally:
         await server.stop(grace=0)
+        if actors is not None:
+            await actors.aclose()
         await engine.aclose()
 
 
@@ -403,3 +420,17 @@ async def test_a_trusted_forwarder_names_the_caller(cluster: Cluster) -> None:
     error = await refused(cluster.client(cluster.files,
                                          caller="spiffe://other.test/ns/team-a/sa/alice"))
     assert error.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_an_actor_types_access_is_applied(cluster: Cluster) -> None:
+    alice = Workload("team-a", "alice")  # of the runtime's namespace, but not allowed
+    async with cluster.client(cluster.issue(alice)) as client:
+        with pytest.raises(CallError) as caught:
+            await client.send("ledger", "a", {"n": 1}, timeout=30)
+    assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert caught.value.message == (f"{caller_of(alice)} may not call actor 'ledger': "
+                                    "named by no access.allow rule")
+    assert cluster.counted("packetflow_access_denied_total", kind="actor", name="ledger",
+                           rule="allow") == 1
+    async with cluster.client(cluster.issue(Workload("team-b", "reporter"))) as client:
+        assert await client.send("ledger", "a", {"n": 1}, timeout=30) == {"n": 1, "count": 1}
