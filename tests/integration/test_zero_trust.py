@@ -20,6 +20,7 @@ import grpc
 import orjson
 import pytest
 from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from packetflow.actors import ActorSystem
 from packetflow.client import CallError, RuntimeClient, tls_credentials
@@ -29,12 +30,15 @@ from packetflow.identity.files import write_atomically
 from packetflow.identity.local import IssuedFiles, issue_files, local_authority
 from packetflow.identity.spiffe import SpiffeId, Workload
 from packetflow.identity.workload import WorkloadIdentity
-from packetflow.manifests import load_text
+from packetflow.manifests import load_text, parse_manifest
+from packetflow.operator import render
+from packetflow.operator.settings import OperatorSettings
 from packetflow.security import secure_engine
 from packetflow.server import RuntimeServer
 from packetflow.settings import RuntimeSettings
+from packetflow.spec import Capability
 from tests.conftest import eventually
-from tests.support.processes import ROOT, packetflow
+from tests.support.processes import ROOT, RuntimeProcess, free_port, packetflow
 
 DOMAIN = "cluster.test"
 SERVER = Workload("team-a", "packetflow-runtime")
@@ -434,3 +438,52 @@ async def test_an_actor_types_access_is_applied(cluster: Cluster) -> None:
                            rule="allow") == 1
     async with cluster.client(cluster.issue(Workload("team-b", "reporter"))) as client:
         assert await client.send("ledger", "a", {"n": 1}, timeout=30) == {"n": 1, "count": 1}
+
+
+async def test_a_runtime_pod_as_the_operator_renders_it_serves_mtls_and_plaintext_health(
+        tmp_path: Path, processes: list[RuntimeProcess]) -> None:
+    settings = OperatorSettings(mtls_issuer="ClusterIssuer/ca", trust_domain=DOMAIN)
+    pay = parse_manifest({"apiVersion": "packetflow.io/v1alpha1", "kind": "Capability",
+                          "metadata": {"name": "pay", "namespace": "team-a"},
+                          "spec": {"intent": "Pay", "implementation": {
+                              "builtin": {"name": "echo"}}}})
+    assert isinstance(pay, Capability)
+    (container,) = render.render_deployment(pay, "team-a", settings)[
+        "spec"]["template"]["spec"]["containers"]
+    # What cert-manager writes into the Secret, for the SPIFFE ID the Certificate names.
+    (certificate,) = render.render_certificate(pay, "team-a", settings)["spec"]["uris"]
+    authority = local_authority(tmp_path / "ca", DOMAIN)
+    leaf = issue(authority, SpiffeId.parse(certificate), ip_addresses=("127.0.0.1",))
+    identity = tmp_path / "identity"
+    identity.mkdir()
+    (identity / "tls.crt").write_bytes(leaf.certificate_pem)
+    (identity / "tls.key").write_bytes(leaf.key_pem)
+    (identity / "ca.crt").write_bytes(authority.certificate_pem)
+    health = f"127.0.0.1:{free_port()}"
+    env = {e["name"]: e["value"].replace(render.IDENTITY_DIR, str(identity))
+           for e in container["env"] if "value" in e}
+    env.update(PACKETFLOW_HEALTH_ADDRESS=health, PACKETFLOW_STATE_DIR=str(tmp_path / "state"))
+    bundle = tmp_path / "bundle.yaml"
+    bundle.write_text(render.render_bundle(pay))
+    runtime = RuntimeProcess(bundle, tmp_path / "state", tmp_path / "runtime.log", env)
+    processes.append(runtime)
+
+    async with grpc.aio.insecure_channel(health) as channel:  # the kubelet's probe
+        checked = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=30)
+    assert checked.status == health_pb2.HealthCheckResponse.SERVING
+    for workload, allowed in ((Workload("team-a", "alice"), True),
+                              (Workload("team-b", "bob"), False)):
+        files = issue_files(authority, tmp_path, workload.service_account, workload)
+        async with RuntimeClient(runtime.address, credentials=tls_credentials(
+                files.cert, files.key, identity / "ca.crt")) as client:
+            if allowed:
+                assert await client.invoke("pay", {"n": 1}, timeout=30) == {"n": 1}
+                continue
+            with pytest.raises(CallError) as caught:
+                await client.invoke("pay", {"n": 1}, timeout=30)
+        assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED  # default: namespace
+    async with RuntimeClient(runtime.address) as plain:
+        with pytest.raises(CallError) as caught:
+            await plain.invoke("pay", {}, timeout=30)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE

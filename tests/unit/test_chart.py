@@ -87,7 +87,7 @@ VALUE_SETS = {
                    "serviceMonitor.enabled=true", "slo.prometheusRule.enabled=true",
                    "slo.rulesConfigMap.enabled=true", "dashboard.enabled=true"),
     "security": ("security.defaultPolicy=cluster", "security.networkPolicies.enabled=true",
-                 "gateway.enabled=true"),
+                 "gateway.enabled=true", "security.mtls.issuer=Issuer/pf-ca"),
     "everything": ("watchNamespaces={team-a}", "serviceMonitor.enabled=true",
                    "gateway.enabled=true", "image.tag=dev", "image.pullPolicy=Always",
                    "serviceAccount.name=pf-custom", "operator.extraArgs={--verbose}",
@@ -430,7 +430,8 @@ def test_security_settings_reach_the_operator(helm: ModuleType,
     assert "PACKETFLOW_GATEWAY_NAMESPACE" not in defaults
     env = operator_env("security.defaultPolicy=deny", "security.networkPolicies.enabled=true",
                        "security.networkPolicies.prometheus.namespaceLabels.team=monitoring",
-                       "gateway.enabled=true")
+                       "gateway.enabled=true", "security.mtls.issuer=ClusterIssuer/pf-ca",
+                       "security.mtls.trustDomain=acme.internal")
     # The values the chart writes are what the operator's settings parse (from the env).
     for name, value in env.items():
         if name.startswith("PACKETFLOW_"):
@@ -440,7 +441,11 @@ def test_security_settings_reach_the_operator(helm: ModuleType,
     assert settings.gateway_namespace == NAMESPACE
     assert settings.prometheus_namespace_labels == {"team": "monitoring"}
     assert settings.prometheus_pod_labels == {"app.kubernetes.io/name": "prometheus"}
-    for bad in ("security.defaultPolicy=everyone", "security.networkPolicies.typo=1"):
+    assert settings.mtls_issuer == "ClusterIssuer/pf-ca"
+    assert (settings.trust_domain, settings.health_port) == ("acme.internal", 8086)
+    assert "PACKETFLOW_MTLS_ISSUER" not in defaults
+    for bad in ("security.defaultPolicy=everyone", "security.networkPolicies.typo=1",
+                "security.mtls.issuer=Vault/x", "security.mtls.trustDomain=Acme"):
         result = helm.run_helm("template", RELEASE, str(CHART), "--set", bad, check=False)
         assert result.returncode != 0 and "schema" in result.stderr, bad
 

@@ -32,7 +32,8 @@ ACTORS: Final = (GROUP, VERSION, "actors")
 OWNER_RESOURCES: Final = (CAPABILITIES, ACTORS)
 CHILD_RESOURCES: Final = (("", "v1", "configmaps"), ("", "v1", "services"),
                           ("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"),
-                          ("networking.k8s.io", "v1", "networkpolicies"))
+                          ("networking.k8s.io", "v1", "networkpolicies"),
+                          ("", "v1", "serviceaccounts"), ("cert-manager.io", "v1", "certificates"))
 log = logging.getLogger("packetflow.operator")
 T = TypeVar("T")
 

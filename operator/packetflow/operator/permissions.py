@@ -11,7 +11,9 @@ new API call means a new line here and nowhere else. Who makes each call:
   ConfigMap ``packetflow-mcp-bundle`` when the MCP aggregate is on). A StatefulSet's
   volumeClaimTemplates make the StatefulSet controller create PVCs: the operator never
   touches persistentvolumeclaims itself. With ``network_policies`` on, a NetworkPolicy
-  per Capability and Actor is a child like the others (networkpolicies, same verbs).
+  per Capability and Actor is a child like the others (networkpolicies, same verbs); with
+  ``mtls_issuer``, so are its ServiceAccount and cert-manager Certificate (serviceaccounts,
+  certificates.cert-manager.io). cert-manager writes the Secret; the operator never reads it.
 
 * for a Federation (``federation_handlers``): the same verbs on federations and their status,
   the gateway's ConfigMap, Services and Deployment as above, and the audit log's
@@ -56,6 +58,8 @@ PERMISSIONS: Final[tuple[Permission, ...]] = (
     Permission(GROUP, "federations/status", ("patch",)),
     Permission("", "persistentvolumeclaims", ("get", "create", "patch")),
     Permission("networking.k8s.io", "networkpolicies", ("get", "list", "watch", "create", "patch")),
+    Permission("", "serviceaccounts", ("get", "list", "watch", "create", "patch")),
+    Permission("cert-manager.io", "certificates", ("get", "list", "watch", "create", "patch")),
 )
 
 

@@ -22,6 +22,8 @@ from typing import Any, Final
 import orjson
 import yaml
 
+from packetflow.access import workload_service_account
+from packetflow.identity.spiffe import Workload
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import API_VERSION, CANARY_SUFFIX, Actor, Capability, ValueSource
 
@@ -49,6 +51,15 @@ STATE_VOLUME: Final = "state"
 MCP_PORT_NAME: Final = "mcp"
 # The namespace-wide bundle of every Capability, served as MCP tools by the chart's aggregate.
 MCP_BUNDLE_CONFIGMAP: Final = "packetflow-mcp-bundle"
+# Zero trust (``mtls_issuer``): the Secret cert-manager keeps, mounted here, and the
+# plaintext health port beside the mTLS one.
+IDENTITY_DIR: Final = "/etc/packetflow-identity"
+IDENTITY_VOLUME: Final = "identity"
+HEALTH_PORT_NAME: Final = "health"
+# Workload certificates live a day and are renewed 8 hours before they expire; runtime pods
+# re-read the files, so renewal needs no restart.
+CERTIFICATE_DURATION: Final = "24h"
+CERTIFICATE_RENEW_BEFORE: Final = "8h"
 
 # Implementations the packetflow runtime serves itself; `image` brings its own server.
 _RUNTIME_SERVED: Final = ("python", "builtin", "composition", "mcp", "federated", "planner")
@@ -147,6 +158,62 @@ def _runtime_served(resource: Resource) -> bool:
     return isinstance(resource, Actor) or resource.spec.implementation.kind in _RUNTIME_SERVED
 
 
+def _mutual_tls(resource: Resource, settings: OperatorSettings) -> bool:
+    """Whether the resource's pods serve mutual TLS (a foreign image serves what it serves)."""
+    return settings.mtls_issuer is not None and _runtime_served(resource)
+
+
+def identity_secret_name(name: str) -> str:
+    """The Secret cert-manager writes a workload's certificate, key and CA into."""
+    return f"{name}-identity"
+
+
+def render_service_account(resource: Resource, namespace: str) -> Manifest:
+    """The ServiceAccount the resource's pods run as, ``packetflow-<name>``: the identity
+    ``spec.access`` rules name (``capability: <name>``). No token is mounted from it."""
+    metadata = _metadata(resource.name, namespace, resource.kind)
+    metadata["name"] = workload_service_account(resource.name)
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata,
+            "automountServiceAccountToken": False}
+
+
+def render_certificate(resource: Resource, namespace: str,
+                       settings: OperatorSettings) -> Manifest:
+    """The cert-manager Certificate of the resource's pods: SPIFFE ID
+    ``spiffe://<trust domain>/ns/<namespace>/sa/packetflow-<name>``, DNS names of its
+    Service (and an Actor's members), server and client auth, renewed well before expiry."""
+    assert settings.mtls_issuer is not None
+    issuer_kind, _, issuer = settings.mtls_issuer.partition("/")
+    name = resource.name
+    suffix = settings.cluster_domain_suffix
+    dns = [name, f"{name}.{namespace}", f"{name}.{namespace}.{suffix}"]
+    if isinstance(resource, Actor):
+        dns.append(f"*.{headless_service_name(name)}.{namespace}.{suffix}")
+    spiffe_id = Workload(namespace, workload_service_account(name)).spiffe_id(
+        settings.trust_domain)
+    metadata = _metadata(name, namespace, resource.kind)
+    metadata["name"] = identity_secret_name(name)
+    return {
+        "apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": metadata,
+        "spec": {"secretName": identity_secret_name(name),
+                 "duration": CERTIFICATE_DURATION, "renewBefore": CERTIFICATE_RENEW_BEFORE,
+                 "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+                 "usages": ["digital signature", "key encipherment", "server auth",
+                            "client auth"],
+                 "uris": [str(spiffe_id)], "dnsNames": dns,
+                 "issuerRef": {"group": "cert-manager.io", "kind": issuer_kind,
+                               "name": issuer}},
+    }
+
+
+def _identity_env(settings: OperatorSettings) -> list[Manifest]:
+    """Where the runtime finds its certificate (cert-manager's Secret keys)."""
+    return [{"name": f"PACKETFLOW_TLS_{setting}", "value": f"{IDENTITY_DIR}/{key}"}
+            for setting, key in (("CERT", "tls.crt"), ("KEY", "tls.key"), ("CA", "ca.crt"))
+            ] + [{"name": "PACKETFLOW_HEALTH_ADDRESS",
+                  "value": f"0.0.0.0:{settings.health_port}"}]
+
+
 def secret_sources(resource: Resource) -> list[ValueSource]:
     """Every value the manifest takes from a Secret (``secretKeyRef``), in manifest order."""
     sources: list[ValueSource] = []
@@ -236,11 +303,18 @@ def _container(resource: Resource, settings: OperatorSettings,
                  {"name": "PACKETFLOW_DEFAULT_POLICY", "value": settings.default_policy},
                  *secret_env(resource), *_settings_secret_env(settings)])
         mounts.append({"name": STATE_VOLUME, "mountPath": settings.state_dir})
+    probe_port = grpc_port
+    if _mutual_tls(resource, settings):
+        container["env"] += _identity_env(settings)
+        ports.append({"name": HEALTH_PORT_NAME, "containerPort": settings.health_port,
+                      "protocol": "TCP"})
+        mounts.append({"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": True})
+        probe_port = settings.health_port  # the kubelet presents no client certificate
     container["ports"] = ports
     # The runtime serves grpc.health.v1, so the kubelet's native gRPC probe needs no exec.
-    container["readinessProbe"] = {"grpc": {"port": grpc_port}, "periodSeconds": 5,
+    container["readinessProbe"] = {"grpc": {"port": probe_port}, "periodSeconds": 5,
                                    "timeoutSeconds": 2, "failureThreshold": 3}
-    container["livenessProbe"] = {"grpc": {"port": grpc_port}, "initialDelaySeconds": 10,
+    container["livenessProbe"] = {"grpc": {"port": probe_port}, "initialDelaySeconds": 10,
                                   "periodSeconds": 10, "timeoutSeconds": 2,
                                   "failureThreshold": 3}
     resources = resource.spec.resources
@@ -275,11 +349,18 @@ def _pod_template(resource: Resource, settings: OperatorSettings,
     ]
     if state_volume is not None and _runtime_served(resource):
         volumes.append({"name": STATE_VOLUME, **state_volume})
+    identity: Manifest = {}
+    if _mutual_tls(resource, settings):
+        # Read by the runtime's group only (fsGroup); cert-manager renews it in place.
+        volumes.append({"name": IDENTITY_VOLUME, "secret": {
+            "secretName": identity_secret_name(name), "defaultMode": 0o440}})
+        identity["serviceAccountName"] = workload_service_account(name)
     return {
         "metadata": {"labels": child_labels(name, resource.kind, workload), "annotations": {}},
         "spec": {
             # Runtime pods never call the Kubernetes API: no token in them.
             "automountServiceAccountToken": False,
+            **identity,
             "enableServiceLinks": False,
             # SIGKILL must not cut the drain and the in-flight calls' grace short.
             "terminationGracePeriodSeconds": math.ceil(settings.drain_seconds
@@ -551,6 +632,9 @@ def desired_children(resource: Resource, namespace: str,
     # The NetworkPolicy first: pods never start unguarded.
     guard = [render_network_policy(resource, namespace, settings)] \
         if settings.network_policies else []
+    if _mutual_tls(resource, settings):
+        guard += [render_service_account(resource, namespace),
+                  render_certificate(resource, namespace, settings)]
     if isinstance(resource, Actor):
         return [
             *guard,

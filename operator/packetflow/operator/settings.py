@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from packetflow.access import DefaultPolicy
+from packetflow.identity.spiffe import TRUST_DOMAIN_PATTERN
 
 DEFAULT_IMAGE = "ghcr.io/packetflow/packetflow:0.1.0"
 
@@ -64,6 +65,20 @@ class OperatorSettings(BaseSettings):
         default="namespace",
         description="Runtime pods' PACKETFLOW_DEFAULT_POLICY: who may call a Capability or "
                     "Actor without spec.access (namespace, cluster, deny)")
+    mtls_issuer: str | None = Field(
+        default=None, pattern=r"^(Issuer|ClusterIssuer)/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Zero trust: the cert-manager issuer ('Issuer/name' or "
+                    "'ClusterIssuer/name') of runtime pods' certificates. Each Capability and "
+                    "Actor gets a ServiceAccount packetflow-<name> and a Certificate for "
+                    "spiffe://<trust_domain>/ns/<namespace>/sa/packetflow-<name>; its pods "
+                    "serve mutual TLS only; unset: plaintext")
+    trust_domain: str = Field(
+        default="cluster.local", pattern=TRUST_DOMAIN_PATTERN,
+        description="The cluster's SPIFFE trust domain (with mtls_issuer)")
+    health_port: int = Field(
+        default=8086, ge=1, le=65535,
+        description="With mtls_issuer: plaintext grpc.health.v1 for the kubelet's probes "
+                    "(they cannot present a certificate)")
     network_policies: bool = Field(
         default=False,
         description="Render a NetworkPolicy per Capability and Actor: gRPC and MCP ports open "
