@@ -65,7 +65,7 @@ def test_each_workload_gets_an_account_and_a_certificate_of_its_spiffe_id() -> N
         "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
         "usages": ["digital signature", "key encipherment", "server auth", "client auth"],
         "uris": ["spiffe://acme.internal/ns/team-a/sa/packetflow-pay"],
-        "dnsNames": ["pay", "pay.team-a", "pay.team-a.svc"],
+        "dnsNames": ["pay", "pay.team-a", "pay.team-a.svc", "pay.team-a.svc.cluster.local"],
         "issuerRef": {"group": "cert-manager.io", "kind": "ClusterIssuer",
                       "name": "packetflow-ca"}}
     # Owned like every child, so the operator watches and restores it.
@@ -98,7 +98,7 @@ def test_the_canary_shares_the_identity_and_actor_members_are_named() -> None:
                                        "team-a", MTLS)
     deployments = [c for c in children if c["kind"] == "Deployment"]
     assert {pod(d)["serviceAccountName"] for d in deployments} == {"packetflow-pay"}
-    (certificate,) = render.render_certificate(actor(), "team-a", MTLS)["spec"]["dnsNames"][3:]
+    (certificate,) = render.render_certificate(actor(), "team-a", MTLS)["spec"]["dnsNames"][4:]
     assert certificate == "*.cart-headless.team-a.svc"  # members forward to each other
 
 

@@ -23,6 +23,7 @@ import orjson
 import yaml
 
 from packetflow.access import workload_service_account
+from packetflow.composition.resolve import DEFAULT_CLUSTER_DOMAIN, service_fqdn
 from packetflow.identity.spiffe import Workload
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import API_VERSION, CANARY_SUFFIX, Actor, Capability, ValueSource
@@ -186,7 +187,9 @@ def render_certificate(resource: Resource, namespace: str,
     issuer_kind, _, issuer = settings.mtls_issuer.partition("/")
     name = resource.name
     suffix = settings.cluster_domain_suffix
-    dns = [name, f"{name}.{namespace}", f"{name}.{namespace}.{suffix}"]
+    # Also the name composition steps dial (a Service's SRV target, by default).
+    dns = [name, f"{name}.{namespace}", f"{name}.{namespace}.{suffix}",
+           service_fqdn(name, namespace, DEFAULT_CLUSTER_DOMAIN)]
     if isinstance(resource, Actor):
         dns.append(f"*.{headless_service_name(name)}.{namespace}.{suffix}")
     spiffe_id = Workload(namespace, workload_service_account(name)).spiffe_id(
