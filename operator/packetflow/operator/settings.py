@@ -7,6 +7,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from packetflow.access import DefaultPolicy
 from packetflow.identity.spiffe import TRUST_DOMAIN_PATTERN
+from packetflow.spec import NAME_PATTERN
 
 DEFAULT_IMAGE = "ghcr.io/packetflow/packetflow:0.1.0"
 
@@ -85,7 +86,7 @@ class OperatorSettings(BaseSettings):
                     "to the namespace's PacketFlow pods, the gateway, the MCP aggregate and "
                     "the callers spec.access allows; metrics to Prometheus only")
     gateway_namespace: str | None = Field(
-        default=None, pattern="^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        default=None, pattern=NAME_PATTERN,
         description="Namespace of the chart's gateway: its pods may call every runtime "
                     "workload's gRPC port; unset: only a gateway in the workload's namespace")
     prometheus_namespace_labels: dict[str, str] = Field(
