@@ -111,6 +111,16 @@ def test_without_access_only_packetflow_pods_of_the_namespace_may_call() -> None
         {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "packetflow"}}}]
 
 
+def test_the_cluster_default_policy_opens_grpc_to_every_namespace_without_allow_rules() -> None:
+    settings = OperatorSettings(default_policy="cluster")
+    opened = sources(render.render_network_policy(parsed(capability()), "team-a", settings),
+                     "grpc")
+    assert opened[-1] == {"namespaceSelector": {}}
+    ruled = sources(render.render_network_policy(parsed(capability(access=ACCESS)), "team-a",
+                                                 settings), "grpc")
+    assert {"namespaceSelector": {}} not in ruled  # allow rules decide, not the default
+
+
 def test_metrics_are_open_to_the_prometheus_selector_only() -> None:
     settings = OperatorSettings(prometheus_namespace_labels={"team": "monitoring"},
                                 prometheus_pod_labels={"app": "prom"})

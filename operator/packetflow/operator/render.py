@@ -597,7 +597,8 @@ def render_network_policy(resource: Resource, namespace: str,
                           settings: OperatorSettings) -> Manifest:
     """The NetworkPolicy of a Capability's or Actor's pods (its canary's too): ingress to
     gRPC (and MCP) from the namespace's PacketFlow pods, the chart's gateway and MCP
-    aggregate, and the callers ``spec.access.allow`` names; to metrics from Prometheus only.
+    aggregate, and the callers ``spec.access.allow`` names (without any, every namespace when
+    the default policy is ``cluster``); to metrics from Prometheus only.
     Everything else is dropped; ``deny`` rules and accounts are enforced by the runtime."""
     component = {"key": LABEL_COMPONENT, "operator": "In", "values": list(_CALLING_COMPONENTS)}
     callers: list[Manifest] = [{"podSelector": {"matchLabels": {LABEL_PART_OF: "packetflow"}}}]
@@ -607,6 +608,10 @@ def render_network_policy(resource: Resource, namespace: str,
             callers.append(_namespace_peer(home, {
                 "matchLabels": {LABEL_PART_OF: "packetflow"}, "matchExpressions": [component]}))
     callers.extend(peer for peer in _access_peers(resource, namespace) if peer not in callers)
+    access = resource.spec.access
+    if settings.default_policy == "cluster" and not (access is not None and access.allow):
+        # The default admits any workload of the trust domain: so does the network.
+        callers.append({"namespaceSelector": {}})
     served = [{"protocol": "TCP", "port": "grpc"}]
     if _runtime_served(resource) and settings.mcp_enabled:
         served.append({"protocol": "TCP", "port": MCP_PORT_NAME})
