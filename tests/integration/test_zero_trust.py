@@ -487,3 +487,47 @@ async def test_a_runtime_pod_as_the_operator_renders_it_serves_mtls_and_plaintex
         with pytest.raises(CallError) as caught:
             await plain.invoke("pay", {}, timeout=30)
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_workloads_own_certificate_rotates_under_load_without_failed_calls(
+        cluster: Cluster) -> None:
+    relay = Workload("team-a", "packetflow-relay")
+    async with secure_runtime(cluster.directory, cluster.authority, relay,
+                              relay_manifests(cluster.address)) as (front, _):
+        alice = cluster.issue(Workload("team-a", "alice"))
+        identity = front.engine.guard.identity  # type: ignore[union-attr]
+        seen = cluster.server.engine.guard._by_certificate  # type: ignore[union-attr]
+        failures: list[BaseException] = []
+        done = 0
+        stop = asyncio.Event()
+
+        async def caller(client: RuntimeClient) -> None:
+            nonlocal done
+            while not stop.is_set():
+                try:
+                    await client.invoke("relay", {}, timeout=30)
+                    done += 1
+                except CallError as exc:
+                    failures.append(exc)
+
+        async with RuntimeClient(f"127.0.0.1:{front.port}", credentials=tls_credentials(
+                alice.cert, alice.key, alice.ca)) as client:
+            workers = [asyncio.ensure_future(caller(client)) for _ in range(8)]
+            try:
+                await eventually(lambda: done >= 50, timeout=60, what="calls under way")
+                generation = identity.generation
+                rotated = issue_files(cluster.authority, cluster.directory,
+                                      relay.service_account, relay,
+                                      ip_addresses=("127.0.0.1",))
+                new = x509.load_pem_x509_certificate(rotated.cert.read_bytes())
+                await eventually(lambda: identity.generation > generation, timeout=30,
+                                 what="the relay to reload its certificate")
+                settled = done
+                await eventually(lambda: done >= settled + 50, timeout=60,
+                                 what="calls to go on")
+            finally:
+                stop.set()
+                await asyncio.gather(*workers, return_exceptions=True)
+    assert failures == []
+    # The relay's calls now come over new channels, with its new certificate.
+    assert any(x509.load_pem_x509_certificate(pem) == new for pem in seen)
