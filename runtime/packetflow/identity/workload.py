@@ -26,7 +26,6 @@ from packetflow.identity.tls import (
     channel_credentials,
     client_context,
     load_credentials,
-    server_context,
 )
 from packetflow.identity.x509 import AuthenticationError, BundleError, TrustBundle, authenticate
 
@@ -88,8 +87,6 @@ class WorkloadIdentity:
                                interval=interval)
         # gRPC asks for server material from its own threads, handshakes run in parallel.
         self._lock = threading.Lock()
-        self._server_context: ssl.SSLContext | None = None
-        self._server_generation = 0
 
     def current(self) -> WorkloadMaterial:
         """The material now (reloaded first when the files changed)."""
@@ -133,35 +130,11 @@ class WorkloadIdentity:
             self.current().grpc_server_configuration, fetch,
             require_client_authentication=True)
 
-    def server_ssl_context(self) -> ssl.SSLContext:
-        """A TLS 1.3 server context (Python's ssl: the gateway, MCP) asking for an optional
-        client certificate; one object, refreshed in place when the files change, so a server
-        that holds it presents the new certificate at its next handshake."""
-        material = self.current()
-        with self._lock:
-            if self._server_context is None:
-                self._server_context = server_context(material.credentials, material.bundle_pem)
-            elif self._server_generation != self.watched.generation:
-                material.credentials.load_into(self._server_context)
-                self._server_context.load_verify_locations(cadata=material.bundle_pem.decode())
-            self._server_generation = self.watched.generation
-            return self._server_context
-
     def client_ssl_context(self) -> ssl.SSLContext:
         """A TLS 1.3 client context (Python's ssl) presenting our certificate, trusting our
         trust domain's authorities only (made anew per call: cheap next to a handshake)."""
         material = self.current()
         return client_context(material.credentials, material.bundle_pem)
-
-    def authenticate(self, der: bytes | None) -> Principal:
-        """The principal a client certificate (DER, from Python's ssl) proves: chain, validity
-        and trust domain checked; :class:`AuthenticationError` says why not."""
-        if der is None:
-            raise AuthenticationError("no-client-certificate", "no client certificate")
-        material = self.current()
-        found = authenticate(der, {material.trust_domain: material.bundle},
-                             datetime.datetime.now(datetime.UTC))
-        return Principal.of(found.spiffe_id, found.not_after.timestamp(), "certificate")
 
 
 @dataclass(frozen=True)
