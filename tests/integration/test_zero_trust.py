@@ -4,7 +4,6 @@ certificates, each capability's ``access`` applied, refusals counted in the metr
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import os
 import signal
@@ -38,6 +37,7 @@ from packetflow.server import RuntimeServer
 from packetflow.settings import RuntimeSettings
 from packetflow.spec import Capability
 from tests.conftest import eventually
+from tests.support.load import Load
 from tests.support.processes import ROOT, RuntimeProcess, free_port, packetflow
 
 DOMAIN = "cluster.test"
@@ -287,37 +287,26 @@ def served_certificate(address: str, client: IssuedFiles) -> x509.Certificate:
 
 async def test_rotation_under_load_fails_no_call(cluster: Cluster) -> None:
     alice = cluster.issue(Workload("team-a", "alice"))
-    failures: list[BaseException] = []
-    done = 0
-    stop = asyncio.Event()
     identity = cluster.server.engine.guard.identity  # type: ignore[union-attr]
 
-    async def caller() -> None:
+    async def batch() -> int:
         # A new channel every few calls: handshakes go on all through the rotation.
-        nonlocal done
-        while not stop.is_set():
-            try:
-                async with cluster.client(alice) as client:
-                    for _ in range(5):
-                        await client.invoke("whoami", {}, timeout=30)
-                        done += 1
-            except CallError as exc:
-                failures.append(exc)
+        async with cluster.client(alice) as client:
+            for _ in range(5):
+                await client.invoke("whoami", {}, timeout=30)
+        return 5
 
-    async def rotated(step: str) -> None:
-        settled = done
+    async def rotated(step: str, generation: int) -> None:
         await eventually(lambda: identity.generation > generation, timeout=30,
                          what=f"the runtime to reload ({step})")
-        await eventually(lambda: done >= settled + 50, timeout=60, what="calls to go on")
+        await load.goes_on()
 
-    workers = [asyncio.ensure_future(caller()) for _ in range(8)]
-    try:
-        await eventually(lambda: done >= 50, timeout=60, what="calls under way")
+    async with Load(batch) as load:
         # 1. The server's certificate, same authority.
         generation = identity.generation
         server = issue_files(cluster.authority, cluster.directory, SERVER.service_account,
                              SERVER, ip_addresses=("127.0.0.1",))
-        await rotated("server certificate")
+        await rotated("server certificate", generation)
         assert served_certificate(cluster.address, alice) \
             == x509.load_pem_x509_certificate(server.cert.read_bytes())
         # 2. A new authority: trusted beside the old one first, then the server moves to it,
@@ -326,23 +315,18 @@ async def test_rotation_under_load_fails_no_call(cluster: Cluster) -> None:
         new = new_authority(DOMAIN, "packetflow")
         generation = identity.generation
         write_atomically(cluster.files.ca, old.certificate_pem + new.certificate_pem)
-        await rotated("bundle with both authorities")
+        await rotated("bundle with both authorities", generation)
         generation = identity.generation
         issue_files(new, cluster.directory, SERVER.service_account, SERVER,
                     ip_addresses=("127.0.0.1",))
-        await rotated("server certificate of the new authority")
+        await rotated("server certificate of the new authority", generation)
         cluster.authority = new
         bob = cluster.issue(Workload("team-a", "bob"))
         async with cluster.client(bob) as client:
             assert (await client.invoke("whoami", {}, timeout=30))["caller"] \
                 == caller_of(Workload("team-a", "bob"))
-        stop.set()
-        await asyncio.gather(*workers)
-    finally:
-        stop.set()
-        await asyncio.gather(*workers, return_exceptions=True)
-    assert failures == []
-    assert done >= 150
+    assert load.failures == []
+    assert load.done >= 200
 
 
 @pytest.fixture
@@ -497,24 +481,14 @@ async def test_a_workloads_own_certificate_rotates_under_load_without_failed_cal
         alice = cluster.issue(Workload("team-a", "alice"))
         identity = front.engine.guard.identity  # type: ignore[union-attr]
         seen = cluster.server.engine.guard._by_certificate  # type: ignore[union-attr]
-        failures: list[BaseException] = []
-        done = 0
-        stop = asyncio.Event()
-
-        async def caller(client: RuntimeClient) -> None:
-            nonlocal done
-            while not stop.is_set():
-                try:
-                    await client.invoke("relay", {}, timeout=30)
-                    done += 1
-                except CallError as exc:
-                    failures.append(exc)
-
         async with RuntimeClient(f"127.0.0.1:{front.port}", credentials=tls_credentials(
                 alice.cert, alice.key, alice.ca)) as client:
-            workers = [asyncio.ensure_future(caller(client)) for _ in range(8)]
-            try:
-                await eventually(lambda: done >= 50, timeout=60, what="calls under way")
+
+            async def batch() -> int:
+                await client.invoke("relay", {}, timeout=30)
+                return 1
+
+            async with Load(batch) as load:
                 generation = identity.generation
                 rotated = issue_files(cluster.authority, cluster.directory,
                                       relay.service_account, relay,
@@ -522,12 +496,7 @@ async def test_a_workloads_own_certificate_rotates_under_load_without_failed_cal
                 new = x509.load_pem_x509_certificate(rotated.cert.read_bytes())
                 await eventually(lambda: identity.generation > generation, timeout=30,
                                  what="the relay to reload its certificate")
-                settled = done
-                await eventually(lambda: done >= settled + 50, timeout=60,
-                                 what="calls to go on")
-            finally:
-                stop.set()
-                await asyncio.gather(*workers, return_exceptions=True)
-    assert failures == []
+                await load.goes_on()
+    assert load.failures == []
     # The relay's calls now come over new channels, with its new certificate.
     assert any(x509.load_pem_x509_certificate(pem) == new for pem in seen)
