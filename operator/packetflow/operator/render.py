@@ -635,24 +635,24 @@ def render_network_policy(resource: Resource, namespace: str,
 
 def desired_children(resource: Resource, namespace: str,
                      settings: OperatorSettings) -> list[Manifest]:
-    """Every child object of a Capability or Actor, in the order they are applied (bundle
-    first, the resource's own workload last so its pods find everything they mount)."""
-    # The NetworkPolicy first: pods never start unguarded.
-    guard = [render_network_policy(resource, namespace, settings)] \
+    """Every child object of a Capability or Actor, in the order they are applied (its
+    NetworkPolicy, ServiceAccount and Certificate, if any, and the bundle first, the
+    resource's own workload last so its pods start guarded and find all they mount)."""
+    zero_trust = [render_network_policy(resource, namespace, settings)] \
         if settings.network_policies else []
     if _mutual_tls(resource, settings):
-        guard += [render_service_account(resource, namespace),
-                  render_certificate(resource, namespace, settings)]
+        zero_trust += [render_service_account(resource, namespace),
+                       render_certificate(resource, namespace, settings)]
     if isinstance(resource, Actor):
         return [
-            *guard,
+            *zero_trust,
             render_configmap(resource, namespace, settings),
             render_headless_service(resource, namespace, settings),
             render_service(resource, namespace, settings),
             render_statefulset(resource, namespace, settings),
         ]
     return [
-        *guard,
+        *zero_trust,
         render_configmap(resource, namespace, settings),
         render_service(resource, namespace, settings),
         *render_canary(resource, namespace, settings),
