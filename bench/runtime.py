@@ -18,6 +18,12 @@ costs. Method:
 ``python -m bench.runtime --serve bare|runtime [--profile FILE]`` is the server subprocess:
 it prints its port, serves until its stdin closes and, with ``--profile``, writes cProfile
 stats of the whole serving time to FILE (how the runtime's per-call costs were found).
+
+``python -m bench runtime --mtls`` measures zero trust instead: ``mtls_ratio`` = throughput
+of the runtime with mutual TLS and authorization (gRPC's native TLS 1.3, client certificate
+of the bench's workload, an ``access`` rule admitting it) / throughput of the same runtime in
+plaintext, 64 concurrent calls on one reused channel each (no handshake per call), both in
+the same run, alternating pairs. Target >= 0.8. ``--serve mtls --tls-dir DIR`` is its server.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -72,6 +80,13 @@ spec:
     builtin: {name: echo}
   concurrency: 1024
 """
+# The zero-trust runtime's echo: the bench's client is admitted by a rule (and one deny rule
+# is checked first), so every call pays for a real authorization.
+MTLS_MANIFEST = ECHO_MANIFEST + """\
+  access:
+    allow: [{serviceAccount: bench/client}]
+    deny: [{namespace: elsewhere}]
+"""
 
 
 
@@ -115,18 +130,24 @@ async def _start_bare() -> tuple[int, Any]:
     return port, server.stop
 
 
-async def _start_runtime() -> tuple[int, Any]:
+async def _start_runtime(tls_dir: Path | None = None) -> tuple[int, Any]:
     # Imported here so the bare server's process never loads PacketFlow.
     from packetflow.engine import Engine
     from packetflow.manifests import load_text
+    from packetflow.security import secure_engine
     from packetflow.server import RuntimeServer
+    from packetflow.settings import RuntimeSettings
 
-    loaded = load_text(ECHO_MANIFEST, "bench/runtime.py")
+    loaded = load_text(MTLS_MANIFEST if tls_dir else ECHO_MANIFEST, "bench/runtime.py")
     if loaded.errors:
         raise SystemExit("; ".join(map(str, loaded.errors)))
     engine = Engine(loaded.capabilities)
     if engine.load_errors:
         raise SystemExit("; ".join(map(str, engine.load_errors)))
+    if tls_dir is not None:
+        secure_engine(engine, RuntimeSettings(
+            tls_cert=tls_dir / "server.crt", tls_key=tls_dir / "server.key",
+            tls_ca=tls_dir / "ca.crt", metrics_address=None))
     server = await RuntimeServer.start(engine, "127.0.0.1:0")
     return server.port, server.server.stop
 
@@ -134,11 +155,13 @@ async def _start_runtime() -> tuple[int, Any]:
 def serve_main(argv: Sequence[str]) -> None:
     """Entry point of the server subprocess."""
     parser = argparse.ArgumentParser(prog="python -m bench.runtime")
-    parser.add_argument("--serve", choices=("bare", "runtime"), required=True)
+    parser.add_argument("--serve", choices=("bare", "runtime", "mtls"), required=True)
+    parser.add_argument("--tls-dir", type=Path, help="with --serve mtls: the certificates")
     parser.add_argument("--profile", metavar="FILE", help="write cProfile stats to FILE")
     args = parser.parse_args(argv)
-    run_server(serve_until_stdin_closes(_start_bare() if args.serve == "bare"
-                                        else _start_runtime()), args.profile)
+    start = (_start_bare() if args.serve == "bare" else
+             _start_runtime(args.tls_dir if args.serve == "mtls" else None))
+    run_server(serve_until_stdin_closes(start), args.profile)
 
 
 # --- the client ---------------------------------------------------------------------------
@@ -246,9 +269,73 @@ async def measure() -> dict[str, Any]:
     return figures
 
 
-def run() -> dict[str, Any]:
-    """The bench's figures: ratios (runtime / bare throughput), latencies, context."""
-    return asyncio.run(measure())
+def bench_certificates(directory: Path) -> grpc.ChannelCredentials:
+    """A local authority in ``directory``, the server's certificate (``server.*``) and the
+    client's credentials, as the workload ``bench/client``."""
+    from packetflow.identity.local import issue_files, local_authority
+    from packetflow.identity.spiffe import Workload
+
+    authority = local_authority(directory, "bench.local")
+    issue_files(authority, directory, "server", Workload("bench", "runtime"),
+                ip_addresses=("127.0.0.1",))
+    client = issue_files(authority, directory, "client", Workload("bench", "client"))
+    return grpc.ssl_channel_credentials(client.ca.read_bytes(), client.key.read_bytes(),
+                                        client.cert.read_bytes())
+
+
+async def measure_mtls() -> dict[str, Any]:
+    """Plaintext runtime vs mTLS + authorization runtime, 64 concurrent, alternating pairs."""
+    bench_started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-mtls-") as directory:
+        credentials = bench_certificates(Path(directory))
+        async with (server_process("bench.runtime", "runtime") as plain_port,
+                    server_process("bench.runtime", "mtls", "--tls-dir", directory)
+                    as mtls_port,
+                    grpc.aio.insecure_channel(f"127.0.0.1:{plain_port}") as plain_channel,
+                    grpc.aio.secure_channel(f"127.0.0.1:{mtls_port}", credentials)
+                    as mtls_channel):
+            request = runtime_pb2.InvokeRequest(capability="echo", input_json=PAYLOAD)
+            targets = [
+                Target("plaintext", runtime_pb2_grpc.CapabilityRuntimeStub(plain_channel),
+                       request),
+                Target("mtls", runtime_pb2_grpc.CapabilityRuntimeStub(mtls_channel), request)]
+            warm = []
+            for target in targets:
+                await check_echo(target)
+                warm.append(await run_concurrent(target, WARMUP_CONCURRENT_ROUNDS
+                                                 * CONCURRENCY))
+            calls = _calls_for(min(run.calls_per_s for run in warm), CONCURRENCY)
+            runs: dict[str, list[Run]] = {"plaintext": [], "mtls": []}
+
+            async def pair(scale: float) -> tuple[float, float]:
+                rates = []
+                for target in targets:  # plaintext, then mTLS
+                    count = int(calls * scale) // CONCURRENCY * CONCURRENCY or CONCURRENCY
+                    run = await run_concurrent(target, count)
+                    runs[target.kind].append(run)
+                    rates.append(run.calls_per_s)
+                return rates[0], rates[1]
+
+            found = await steady_pairs(pair, pairs=PAIRS, budget_s=BUDGET_SECONDS / 2)
+    return {
+        **ratio_figures("mtls_ratio", found.ratios),
+        **run_summary("plaintext_concurrent", runs["plaintext"]),
+        **run_summary("mtls_concurrent", runs["mtls"]),
+        "payload_bytes": len(PAYLOAD),
+        "concurrency": CONCURRENCY,
+        "concurrent_calls": int(calls * found.scale),
+        "seconds": rounded(time.perf_counter() - bench_started, 1),
+    }
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The bench's figures: ratios (runtime / bare throughput), latencies, context; with
+    ``--mtls``, the zero-trust ratio (mTLS + authorization / plaintext) instead."""
+    parser = argparse.ArgumentParser(prog="python -m bench runtime")
+    parser.add_argument("--mtls", action="store_true",
+                        help="measure mutual TLS + authorization against plaintext")
+    args = parser.parse_args(argv or [])
+    return asyncio.run(measure_mtls() if args.mtls else measure())
 
 
 if __name__ == "__main__":

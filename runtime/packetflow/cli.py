@@ -40,6 +40,11 @@ def _print_json(value: Any) -> None:
 def _address_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=os.environ.get("PACKETFLOW_ADDRESS", DEFAULT_ADDRESS),
                         help="runtime gRPC address (default: $PACKETFLOW_ADDRESS or %(default)s)")
+    tls = parser.add_argument_group("mutual TLS (a runtime with zero trust on)")
+    tls.add_argument("--cert", type=Path, help="your certificate (PEM, a SPIFFE ID)")
+    tls.add_argument("--key", type=Path, help="its private key (PEM)")
+    tls.add_argument("--ca", type=Path, help="the authorities the runtime's certificate "
+                                             "chains to (PEM)")
 
 
 def _serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +67,17 @@ def _settings(args: argparse.Namespace) -> RuntimeSettings:
     return RuntimeSettings(**overrides)
 
 
+def _dev_mtls(settings: RuntimeSettings) -> RuntimeSettings:
+    """``dev --mtls``: a local authority and certificates under the state dir, served."""
+    from packetflow.identity.local import dev_identity
+
+    server, client = dev_identity(settings.state_dir / "tls")
+    print(f"packetflow: mutual TLS on; call as the developer with {client.flags()}",
+          file=sys.stderr, flush=True)
+    return settings.model_copy(update={"tls_cert": server.cert, "tls_key": server.key,
+                                       "tls_ca": server.ca})
+
+
 def _announce(server: RuntimeServer, metrics_port: int | None) -> None:
     actor_types = server.actors.types if server.actors is not None else {}
     names = ", ".join(sorted([*server.engine.served, *actor_types])) or "nothing"
@@ -76,6 +92,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from packetflow.serve import exit_now, serve
 
     settings = _settings(args)
+    if args.mtls:
+        settings = _dev_mtls(settings)
     configure_logging(settings.log_level, "text")
     # Python implementations are imported from the current directory and the manifest dirs.
     for path in [Path.cwd(), *args.paths]:
@@ -121,10 +139,16 @@ class DataError(Exception):
 
 def _client_call(args: argparse.Namespace,
                  action: Callable[[RuntimeClient], Any]) -> int:
-    from packetflow.client import CallError, RuntimeClient
+    from packetflow.client import CallError, RuntimeClient, TlsFilesError, tls_credentials
+
+    try:
+        credentials = tls_credentials(args.cert, args.key, args.ca)
+    except TlsFilesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     async def run() -> int:
-        async with RuntimeClient(args.address) as client:
+        async with RuntimeClient(args.address, credentials=credentials) as client:
             try:
                 await action(client)
             except CallError as exc:
@@ -325,14 +349,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mesh_from_runtime(address: str) -> Mesh:
+def _mesh_from_runtime(args: argparse.Namespace) -> Mesh:
     """The mesh a running runtime (or gateway) describes, dependencies included."""
-    from packetflow.client import RuntimeClient
+    from packetflow.client import RuntimeClient, tls_credentials
     from packetflow.graph import Dependency, Mesh, Node
+
+    credentials = tls_credentials(args.cert, args.key, args.ca)
 
     async def ask() -> Mesh:
         mesh = Mesh()
-        async with RuntimeClient(address) as client:
+        async with RuntimeClient(args.address, credentials=credentials) as client:
             for summary in await client.list():
                 described = await client.describe(summary.name)
                 mesh.add(Node(summary.name, summary.implementation, tuple(
@@ -382,11 +408,11 @@ def cmd_graph(args: argparse.Namespace) -> int:
         report(loaded.errors)
         mesh = mesh_of(loaded.capabilities, loaded.actors, loaded.federations)
     else:
-        from packetflow.client import CallError
+        from packetflow.client import CallError, TlsFilesError
 
         try:
-            mesh = _mesh_from_runtime(args.address)
-        except CallError as exc:
+            mesh = _mesh_from_runtime(args)
+        except (CallError, TlsFilesError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     try:
@@ -412,6 +438,9 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="serve every manifest in DIR locally")
     dev.add_argument("paths", nargs="+", type=Path, metavar="DIR")
     dev.add_argument("--no-reload", action="store_true", help="do not reload on file changes")
+    dev.add_argument("--mtls", action="store_true",
+                     help="zero trust: make a local authority and certificates under "
+                          "STATE_DIR/tls and serve mutual TLS only (clients: --cert/--key/--ca)")
     _serve_flags(dev)
     dev.set_defaults(func=cmd_dev)
 

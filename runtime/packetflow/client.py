@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,6 +18,45 @@ from packetflow.v1 import actors_pb2, actors_pb2_grpc, runtime_pb2, runtime_pb2_
 
 # Execution traces of large compositions ride in trailing metadata; gRPC's default is 8 KiB.
 MAX_METADATA_BYTES = 4 * 1024 * 1024
+# Channels being closed in the background (strong references until they finish).
+_closing: set[asyncio.Task[None]] = set()
+
+
+def close_in_background(channel: grpc.aio.Channel, grace: float | None = None) -> None:
+    """Close ``channel`` without waiting for it; calls in flight on it get ``grace`` seconds
+    (None: as long as they take) to finish."""
+    task = asyncio.get_running_loop().create_task(channel.close(grace))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+class TlsFilesError(Exception):
+    """A ``--cert``/``--key``/``--ca`` file that cannot be read."""
+
+
+def tls_credentials(cert: Path | None, key: Path | None,
+                    ca: Path | None) -> grpc.ChannelCredentials | None:
+    """Mutual TLS credentials from PEM files (``packetflow call --cert/--key/--ca``): our
+    certificate and key, and the authorities the runtime's certificate must chain to. None
+    when no file is given; :class:`TlsFilesError` names a missing one or an unreadable one.
+    Only bytes are read here: the client stays as light as the CLI needs it."""
+    given = {"--cert": cert, "--key": key, "--ca": ca}
+    if all(path is None for path in given.values()):
+        return None
+    missing = [flag for flag, path in given.items() if path is None]
+    if missing:
+        raise TlsFilesError(f"mutual TLS needs --cert, --key and --ca; missing "
+                            f"{', '.join(missing)}")
+    data: dict[str, bytes] = {}
+    for flag, path in given.items():
+        assert path is not None
+        try:
+            data[flag] = path.read_bytes()
+        except OSError as exc:
+            raise TlsFilesError(f"{flag} {path}: {exc.strerror}") from None
+    return grpc.ssl_channel_credentials(root_certificates=data["--ca"],
+                                        private_key=data["--key"],
+                                        certificate_chain=data["--cert"])
 
 
 @dataclass
@@ -77,11 +118,15 @@ class RuntimeClient:
     """One channel to one runtime address; reuse it for many calls."""
 
     def __init__(self, address: str, *, caller: str | None = None,
-                 options: list[tuple[str, Any]] | None = None) -> None:
+                 options: list[tuple[str, Any]] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
         self.caller = caller
-        self.channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.max_metadata_size", MAX_METADATA_BYTES), *(options or [])])
+        options = [("grpc.max_metadata_size", MAX_METADATA_BYTES), *(options or [])]
+        # With credentials: mutual TLS (the runtime's certificate must name the dialled host).
+        self.channel = (grpc.aio.secure_channel(address, credentials, options=options)
+                        if credentials is not None
+                        else grpc.aio.insecure_channel(address, options=options))
         self.stub = runtime_pb2_grpc.CapabilityRuntimeStub(self.channel)
         self.actors = actors_pb2_grpc.ActorRuntimeStub(self.channel)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from packetflow.identity.workload import Principal
 
 ProgressSink = Callable[[str, float], None]
 
@@ -45,6 +48,9 @@ class CallContext:
     metadata: dict[str, str] = field(default_factory=dict)
     idempotency_key: str | None = None
     progress_sink: ProgressSink = _ignore_progress
+    # The proven caller of a call that came over the wire with zero trust on; None for calls
+    # made inside the process (composition steps), which the edge already authorized.
+    principal: Principal | None = None
 
     def time_remaining(self) -> float | None:
         """Seconds left before the deadline, or ``None`` when the call has none."""

@@ -12,10 +12,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
+from packetflow.access import AccessDenied
 from packetflow.caching import RecentInputs, ResultCache
 from packetflow.composition.check import check_compositions
 from packetflow.composition.executor import Invoke, Remote
@@ -43,6 +44,9 @@ from packetflow.manifests import ManifestError
 from packetflow.metrics import RuntimeMetrics
 from packetflow.spec import Capability, duration_seconds
 from packetflow.validation import ImplementationError
+
+if TYPE_CHECKING:
+    from packetflow.security import CallGuard
 
 log = logging.getLogger("packetflow.engine")
 
@@ -172,6 +176,8 @@ class Engine:
         self.traces = RecentTraces()
         # The planner's shared services (store, feedback), set by whoever serves the engine.
         self.planning: Any = None
+        # Zero trust: who calls over the wire, and their access policies; None: off.
+        self.guard: CallGuard | None = None
         self._verified: set[str] = set()  # capabilities whose remote checks passed
         # Event-driven compositions; schedules fire once ``start_triggers`` is called.
         self.triggers = TriggerRunner(self.invoke, {}, idempotency)
@@ -299,9 +305,22 @@ class Engine:
         """Run one call: check input, run the handler within the deadline, check output."""
         return await self._run(self.get(name), value, ctx, lambda output: output)
 
+    def authorize(self, entry: ServedCapability, ctx: CallContext) -> None:
+        """Refuse (:class:`AccessDenied`) a proven caller the capability's access policy does
+        not admit; calls made inside the process (no principal) were authorized at the edge."""
+        if ctx.principal is not None and self.guard is not None:
+            self.guard.authorize("capability", entry.name, entry.capability.spec.access,
+                                 ctx.principal)
+
     async def _run(self, entry: ServedCapability, value: Any, ctx: CallContext,
                    finish: Callable[[dict[str, Any]], T]) -> T:
         """Admission, metrics and the checked call; ``finish`` shapes the output (e.g. encodes)."""
+        if ctx.principal is not None:
+            try:
+                self.authorize(entry, ctx)
+            except AccessDenied:
+                entry.count(Code.PERMISSION_DENIED)
+                raise
         spec = entry.capability.spec
         if entry.in_flight >= spec.concurrency:
             entry.count(Code.RESOURCE_EXHAUSTED)

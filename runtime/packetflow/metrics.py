@@ -42,3 +42,13 @@ class RuntimeMetrics:
             "packetflow_contract_violations",
             "Outputs that broke the capability's provides contract.",
             ["capability"], registry=self.registry)
+        self.unauthenticated = Counter(
+            "packetflow_unauthenticated_calls",
+            "Calls refused because the caller proved no identity of this cluster, by reason "
+            "(expired, wrong-trust-domain, no-client-certificate, ...).",
+            ["reason"], registry=self.registry)
+        self.access_denied = Counter(
+            "packetflow_access_denied",
+            "Calls refused by a capability's or actor type's access policy, by the deciding "
+            "rule (deny[0], allow, default:namespace, ...).",
+            ["kind", "name", "rule"], registry=self.registry)

@@ -28,6 +28,7 @@ from packetflow.feedback import FeedbackService, open_store
 from packetflow.manifests import ManifestError, load_paths, manifest_files
 from packetflow.planner.core import Planner
 from packetflow.planner.handler import PlanningServices, open_planning, runtime_planner
+from packetflow.security import SecurityConfigError, secure_engine
 from packetflow.server import RuntimeServer
 from packetflow.settings import RuntimeSettings
 
@@ -90,6 +91,11 @@ async def load_runtime(paths: Sequence[Path], settings: RuntimeSettings, *,
     engine = Engine(loaded.capabilities, max_payload_bytes=settings.max_payload_bytes,
                     idempotency=await idempotency_store(settings),
                     undeclared_as_services=settings.undeclared_as_services)
+    try:
+        secure_engine(engine, settings)
+    except SecurityConfigError as exc:
+        await engine.aclose()
+        raise SystemExit(f"error: zero trust: {exc}") from None
     actors = actor_system(engine, settings, observer)
     errors = [*loaded.errors, *engine.load_errors, *await engine.verify_remotes(),
               *await actors.replace(loaded.actors)]
@@ -124,7 +130,8 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
         await engine.aclose()
         return 1
     feedback, planning, planner = await feedback_and_planner(engine, settings)
-    server = await RuntimeServer.start(engine, settings.address, actors, feedback, planner)
+    server = await RuntimeServer.start(engine, settings.address, actors, feedback, planner,
+                                       health_address=settings.health_address)
     mcp_server = None
     if settings.mcp_address:
         from packetflow.mcp.http import start_mcp  # MCP's web stack loads only when it is on

@@ -39,6 +39,7 @@ from packetflow.errors import (
     InvalidInput,
     NotServable,
     PacketFlowError,
+    Unauthenticated,
     code_of,
 )
 from packetflow.feedback import FeedbackService
@@ -51,6 +52,7 @@ from packetflow.v1 import actors_pb2, runtime_pb2, runtime_pb2_grpc
 if TYPE_CHECKING:
     from packetflow.actors.runtime import ActorSystem
     from packetflow.actors.service import GrpcForwarder
+    from packetflow.security import CallGuard
 
 log = logging.getLogger("packetflow.server")
 
@@ -61,8 +63,10 @@ T = TypeVar("T")
 ENVELOPE_BYTES = 64 * 1024
 
 
-def call_context(capability: str, context: grpc.aio.ServicerContext) -> CallContext:
-    """Caller identity, trace id, deadline and idempotency key of an incoming call."""
+def call_context(capability: str, context: grpc.aio.ServicerContext,
+                 guard: CallGuard | None = None) -> CallContext:
+    """Caller identity, trace id, deadline and idempotency key of an incoming call; with a
+    ``guard`` (zero trust), the caller is the proven one (:class:`Unauthenticated` if none)."""
     trace_id = caller = idempotency_key = None
     wanted: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
@@ -76,11 +80,26 @@ def call_context(capability: str, context: grpc.aio.ServicerContext) -> CallCont
             trace_id = traceparent_trace_id(str(value))
         elif key == IDEMPOTENCY_KEY:
             idempotency_key = str(value)
+    principal = None
+    if guard is not None:
+        principal = guard.principal(context, caller)
+        caller = principal.caller
     remaining = context.time_remaining()
     deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
     return CallContext(capability=capability, trace_id=trace_id or os.urandom(16).hex(),
                        caller=caller, deadline=deadline, metadata=wanted,
-                       idempotency_key=idempotency_key)
+                       idempotency_key=idempotency_key, principal=principal)
+
+
+async def proven_context(name: str, context: grpc.aio.ServicerContext,
+                         guard: CallGuard | None) -> CallContext:
+    """:func:`call_context`, ending the call UNAUTHENTICATED when the caller proves no
+    identity."""
+    try:
+        return call_context(name, context, guard)
+    except Unauthenticated as exc:
+        await abort_for(context, exc, "")
+        raise
 
 
 def trace_metadata(ctx: CallContext) -> tuple[tuple[str, bytes], ...]:
@@ -121,7 +140,7 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
 
     async def Invoke(self, request: runtime_pb2.InvokeRequest,
                      context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:
-        ctx = call_context(request.capability, context)
+        ctx = await proven_context(request.capability, context, self.engine.guard)
         try:
             output = await self.engine.invoke_json(request.capability, request.input_json, ctx)
         except PacketFlowError as exc:
@@ -134,7 +153,7 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
     async def InvokeStream(self, request: runtime_pb2.InvokeRequest,
                            context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[runtime_pb2.InvokeEvent]:
-        ctx = call_context(request.capability, context)
+        ctx = await proven_context(request.capability, context, self.engine.guard)
         try:
             async for event in progress_events(ctx, self.engine.invoke_json(
                     request.capability, request.input_json, ctx)):
@@ -151,6 +170,7 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
     async def ListCapabilities(self, request: runtime_pb2.ListCapabilitiesRequest,
                                context: grpc.aio.ServicerContext
                                ) -> runtime_pb2.ListCapabilitiesResponse:
+        await proven_context("", context, self.engine.guard)
         return runtime_pb2.ListCapabilitiesResponse(capabilities=[
             runtime_pb2.CapabilitySummary(name=entry.name, intent=entry.capability.spec.intent,
                                           implementation=entry.capability.spec.implementation.kind)
@@ -160,6 +180,7 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
     async def DescribeCapability(self, request: runtime_pb2.DescribeCapabilityRequest,
                                  context: grpc.aio.ServicerContext
                                  ) -> runtime_pb2.CapabilityDescription:
+        await proven_context(request.name, context, self.engine.guard)
         try:
             entry = self.engine.get(request.name)
         except PacketFlowError as exc:
@@ -176,15 +197,26 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
 
     async def Feedback(self, request: runtime_pb2.FeedbackRequest,
                        context: grpc.aio.ServicerContext) -> runtime_pb2.FeedbackResponse:
+        ctx = await proven_context(request.capability, context, self.engine.guard)
         try:
             if self.feedback is None:
                 raise NotServable("this runtime keeps no feedback")
+            if request.capability in self.engine.served:
+                # Feedback about a capability is for those who may call it.
+                self.engine.authorize(self.engine.get(request.capability), ctx)
             record = await self.feedback.record(request.trace_id, request.score,
                                                 request.capability, request.comment)
         except PacketFlowError as exc:
             await abort_for(context, exc, request.trace_id)
             raise
         return runtime_pb2.FeedbackResponse(capability=record.capability)
+
+    def _authorize_planning(self, ctx: CallContext) -> None:
+        """Planning runs capabilities as this runtime (a deputy): with zero trust on, only
+        callers the default policy admits may ask (there is no access spec to widen it)."""
+        guard = self.engine.guard
+        if guard is not None and ctx.principal is not None:
+            guard.authorize("planner", PLANNER_NAME, None, ctx.principal)
 
     def _planner(self) -> Planner:
         if self.planner is None:
@@ -193,7 +225,9 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
 
     async def Plan(self, request: runtime_pb2.PlanRequest,
                    context: grpc.aio.ServicerContext) -> runtime_pb2.PlanResponse:
+        ctx = await proven_context(PLANNER_NAME, context, self.engine.guard)
         try:
+            self._authorize_planning(ctx)
             result = await self._planner().plan(request_from_proto(request))
         except PacketFlowError as exc:
             await abort_for(context, exc, "")
@@ -203,7 +237,11 @@ class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
     async def PlanAndExecute(self, request: runtime_pb2.PlanRequest,
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[runtime_pb2.PlanEvent]:
-        ctx = call_context(PLANNER_NAME, context)
+        ctx = await proven_context(PLANNER_NAME, context, self.engine.guard)
+        try:
+            self._authorize_planning(ctx)
+        except PacketFlowError as exc:
+            await abort_for(context, exc, ctx.trace_id)
         # Feedback naming only this trace id is recorded against the planner.
         self.engine.traces.served(ctx.trace_id, PLANNER_NAME)
         try:
@@ -253,15 +291,20 @@ class RuntimeServer:
     port: int
     actors: ActorSystem | None = None
     forwarder: GrpcForwarder | None = None  # placement's channels to the other members
+    health_server: grpc.aio.Server | None = None  # plaintext health beside an mTLS port
+    health_port: int | None = None
 
     @classmethod
     async def start(cls, engine: Engine, address: str = "127.0.0.1:0",
                     actors: ActorSystem | None = None,
                     feedback: FeedbackService | None = None,
-                    planner: Planner | None = None) -> RuntimeServer:
+                    planner: Planner | None = None,
+                    health_address: str | None = None) -> RuntimeServer:
         """Bind ``address`` (port 0 picks a free one) and start serving; with ``actors``, the
         ``ActorRuntime`` service too; with ``feedback``, the ``Feedback`` call; with
-        ``planner``, ``Plan`` and ``PlanAndExecute``."""
+        ``planner``, ``Plan`` and ``PlanAndExecute``. With ``engine.guard`` (zero trust) the
+        port speaks mutual TLS only, and ``health_address`` serves ``grpc.health.v1`` alone
+        in plaintext (the kubelet's gRPC probes cannot present a certificate)."""
         limit = engine.max_payload_bytes + ENVELOPE_BYTES
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit),
@@ -279,7 +322,7 @@ class RuntimeServer:
 
             actors_pb2_grpc.add_ActorRuntimeServicer_to_server(
                 ActorRuntimeServicer(actors, engine), server)
-            forwarder = attach(actors)
+            forwarder = attach(actors, engine.guard.identity if engine.guard else None)
             services.append(ACTOR_SERVICE_NAME)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -288,15 +331,28 @@ class RuntimeServer:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ), server)
-        port = server.add_insecure_port(address)
+        if engine.guard is not None:
+            port = server.add_secure_port(address,
+                                          engine.guard.identity.grpc_server_credentials())
+        else:
+            port = server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot listen on {address}")
+        health_server, health_port = None, None
+        if health_address is not None:
+            health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+            health_port = health_server.add_insecure_port(health_address)
+            if health_port == 0:
+                raise OSError(f"cannot listen on {health_address}")
+            await health_server.start()
         await server.start()
         for service in ("", *services):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("runtime listening", extra={"address": address, "port": port,
-                                              "capabilities": len(engine.served)})
-        return cls(engine, server, health, port, actors, forwarder)
+        log.info("runtime listening", extra={
+            "address": address, "port": port, "capabilities": len(engine.served),
+            "mtls": engine.guard is not None})
+        return cls(engine, server, health, port, actors, forwarder, health_server, health_port)
 
     async def stop(self, grace: float = 30.0, drain: float = 0.0) -> None:
         """Drain: report NOT_SERVING, keep serving ``drain`` seconds, then let calls finish."""
@@ -307,6 +363,8 @@ class RuntimeServer:
             # Load balancers need time to see NOT_SERVING before new calls are refused.
             await asyncio.sleep(drain)
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self.forwarder is not None:
             await self.forwarder.close()
 

@@ -327,6 +327,44 @@ def duration_seconds(text: str) -> float:
                for number, unit in _DURATION_PART_RE.findall(text))
 
 
+# ``namespace/name`` of a ServiceAccount; ``name`` or ``namespace/name`` of a Capability/Actor.
+SERVICE_ACCOUNT_REF_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+WORKLOAD_REF_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ACCESS_RULE_KINDS = ("serviceAccount", "namespace", "capability")
+MAX_ACCESS_RULES = 64
+
+
+class AccessRule(SpecModel):
+    """Callers one rule names: exactly one of a ServiceAccount, a namespace, or the workload
+    of a Capability or Actor (what its compositions and actors call with)."""
+
+    service_account: str | None = Field(
+        default=None, alias="serviceAccount", pattern=SERVICE_ACCOUNT_REF_PATTERN,
+        description="namespace/name of a ServiceAccount")
+    namespace: str | None = Field(default=None, pattern=NAME_PATTERN,
+                                  description="Every workload of this namespace")
+    capability: str | None = Field(
+        default=None, pattern=WORKLOAD_REF_PATTERN,
+        description="A Capability's or Actor's pods: name (this namespace) or namespace/name")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AccessRule:
+        given = [v for v in (self.service_account, self.namespace, self.capability)
+                 if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of {', '.join(ACCESS_RULE_KINDS)} is required")
+        return self
+
+
+class Access(SpecModel):
+    """Who may call: a caller a ``deny`` rule names is refused whatever ``allow`` says (deny
+    overrides); with ``allow`` rules, only callers they name are let in; without any, the
+    runtime's default policy decides."""
+
+    allow: list[AccessRule] = Field(default_factory=list, max_length=MAX_ACCESS_RULES)
+    deny: list[AccessRule] = Field(default_factory=list, max_length=MAX_ACCESS_RULES)
+
+
 class ContractedSpec(SpecModel):
     """What callers see of a capability or an actor type: its intent and its contract."""
 
@@ -335,6 +373,9 @@ class ContractedSpec(SpecModel):
         default=None, description="Input fields (an actor's message); unset: any object")
     provides: Contract | None = Field(
         default=None, description="Output fields (an actor's reply); unset: unchecked")
+    access: Access | None = Field(
+        default=None, description="Who may call it (zero trust); unset: the runtime's "
+                                  "default policy (same namespace only, unless changed)")
 
     _short_form = field_validator("requires", "provides", mode="before")(
         classmethod(lambda cls, v: _short_form_contract(v))

@@ -60,6 +60,7 @@ from kmock._internal import dicts, enums, k8s_dicts, rendering
 
 CAPABILITIES = "packetflow.io/v1alpha1/capabilities"
 ACTORS = "packetflow.io/v1alpha1/actors"
+CERTIFICATES = "cert-manager.io/v1/certificates"  # cert-manager's CRD (zero trust)
 _NAMESPACES_PATH = "/api/v1/namespaces"
 CONTROL_PATH = "/_emulator"
 HISTORY = 200_000  # watch events kept per resource (a real API server keeps ~5 minutes)
@@ -605,7 +606,7 @@ def _api_version(resource: Any) -> str:
 
 def declare_resources(emulator: ClusterEmulator) -> None:
     """Built-in resources (kmock's bundle) plus the Capability and Actor CRDs with their
-    subresources."""
+    subresources, and cert-manager's Certificate."""
     # Same as kmock's load_bundled(), which trips a DeprecationWarning (read_binary) on 3.11.
     bundle = importlib.resources.files("kmock._internal").joinpath("resources.json.gz")
     emulator.resources.load_data(gzip.decompress(bundle.read_bytes()))
@@ -619,6 +620,12 @@ def declare_resources(emulator: ClusterEmulator) -> None:
         categories={"packetflow"},
         verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
         subresources={"status", "scale"})
+    emulator.resources[CERTIFICATES] = kmock.ResourceInfo(
+        kind="Certificate", singular="certificate", namespaced=True,
+        shortnames={"cert", "certs"}, categories={"cert-manager"},
+        verbs={"create", "delete", "deletecollection", "get", "list", "patch", "update",
+               "watch"},
+        subresources={"status"})
 
 
 def write_kubeconfig(path: Path, server: str) -> Path:

@@ -86,6 +86,8 @@ VALUE_SETS = {
     "controller": ("controller.enabled=true", "prometheus.url=http://prom.monitoring:9090",
                    "serviceMonitor.enabled=true", "slo.prometheusRule.enabled=true",
                    "slo.rulesConfigMap.enabled=true", "dashboard.enabled=true"),
+    "security": ("security.defaultPolicy=cluster", "security.networkPolicies.enabled=true",
+                 "gateway.enabled=true", "security.mtls.issuer=Issuer/pf-ca"),
     "everything": ("watchNamespaces={team-a}", "serviceMonitor.enabled=true",
                    "gateway.enabled=true", "image.tag=dev", "image.pullPolicy=Always",
                    "serviceAccount.name=pf-custom", "operator.extraArgs={--verbose}",
@@ -412,6 +414,40 @@ def test_mcp_settings_reach_the_operator(helm: ModuleType) -> None:
     assert settings.mcp_aggregate_namespace == NAMESPACE
     assert settings.mcp_token_secret == "mcp-auth/token"
     assert "PACKETFLOW_MCP_TOKEN_SECRET" not in defaults
+
+
+def test_security_settings_reach_the_operator(helm: ModuleType,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def operator_env(*sets: str) -> dict[str, str]:
+        container = operator_deployment(render(helm, *sets))["spec"]["template"]["spec"][
+            "containers"][0]
+        return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    from packetflow.operator.settings import OperatorSettings
+
+    defaults = operator_env()
+    assert defaults["PACKETFLOW_DEFAULT_POLICY"] == "namespace"
+    assert defaults["PACKETFLOW_NETWORK_POLICIES"] == "false"
+    assert "PACKETFLOW_GATEWAY_NAMESPACE" not in defaults
+    env = operator_env("security.defaultPolicy=deny", "security.networkPolicies.enabled=true",
+                       "security.networkPolicies.prometheus.namespaceLabels.team=monitoring",
+                       "gateway.enabled=true", "security.mtls.issuer=ClusterIssuer/pf-ca",
+                       "security.mtls.trustDomain=acme.internal")
+    # The values the chart writes are what the operator's settings parse (from the env).
+    for name, value in env.items():
+        if name.startswith("PACKETFLOW_"):
+            monkeypatch.setenv(name, value)
+    settings = OperatorSettings()
+    assert settings.default_policy == "deny" and settings.network_policies
+    assert settings.gateway_namespace == NAMESPACE
+    assert settings.prometheus_namespace_labels == {"team": "monitoring"}
+    assert settings.prometheus_pod_labels == {"app.kubernetes.io/name": "prometheus"}
+    assert settings.mtls_issuer == "ClusterIssuer/pf-ca"
+    assert (settings.trust_domain, settings.health_port) == ("acme.internal", 8086)
+    assert "PACKETFLOW_MTLS_ISSUER" not in defaults
+    for bad in ("security.defaultPolicy=everyone", "security.networkPolicies.typo=1",
+                "security.mtls.issuer=Vault/x", "security.mtls.trustDomain=Acme"):
+        result = helm.run_helm("template", RELEASE, str(CHART), "--set", bad, check=False)
+        assert result.returncode != 0 and "schema" in result.stderr, bad
 
 
 def aggregate(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:

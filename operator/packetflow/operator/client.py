@@ -29,6 +29,9 @@ PLURALS: Final[dict[tuple[str, str], str]] = {
     (API_VERSION, "Actor"): "actors",
     (API_VERSION, "Federation"): "federations",
     ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
+    ("v1", "ServiceAccount"): "serviceaccounts",
+    ("cert-manager.io/v1", "Certificate"): "certificates",
 }
 LIST_PAGE: Final = 500  # objects per LIST page: bounded responses however many there are
 

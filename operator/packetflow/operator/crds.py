@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel
 
 from packetflow.spec import (
+    ACCESS_RULE_KINDS,
     CANARY_SUFFIX,
     GROUP,
     IDENTIFIER_RE,
@@ -84,6 +85,16 @@ def _one_of(*fields: str) -> dict[str, Any]:
         "message": f"exactly one of {first}, {second} is required"}]}
 
 
+def _access_extend() -> dict[Path, Schema]:
+    """Each access rule names exactly one kind of caller (fresh objects per path, so the YAML
+    has no anchors)."""
+    return {("access", rules, "[]"): {"x-kubernetes-validations": [{
+        "rule": "[" + ", ".join(f"has(self.{kind})" for kind in ACCESS_RULE_KINDS)
+        + "].filter(x, x).size() == 1",
+        "message": f"exactly one of {', '.join(ACCESS_RULE_KINDS)} is required"}]}
+        for rules in ("allow", "deny")}
+
+
 # Bounds the models do not have: CEL rules inside unbounded lists and maps make the API server's
 # cost estimate explode, and no real manifest comes close to these.
 _MAX_HEADERS: Final = {"maxProperties": 32}
@@ -101,6 +112,7 @@ _CAPABILITY_EXTEND: Final[dict[Path, Schema]] = {
     ("canary", "implementation", "python", "function"): {"pattern": IDENTIFIER_RE.pattern},
     ("canary", "implementation", "mcp", "headersFrom"): _MAX_HEADERS,
     ("canary", "implementation", "mcp", "headersFrom", "*"): _one_of("env", "secretKeyRef"),
+    **_access_extend(),
 }
 
 _ACTOR_REPLACE: Final[dict[Path, Schema]] = {
@@ -137,6 +149,7 @@ _ACTOR_EXTEND: Final[dict[Path, Schema]] = {
     ("mcpTools", "[]"): _one_of("capability", "url"),
     ("mcpTools", "[]", "headersFrom"): _MAX_HEADERS,
     ("mcpTools", "[]", "headersFrom", "*"): _one_of("env", "secretKeyRef"),
+    **_access_extend(),
 }
 
 

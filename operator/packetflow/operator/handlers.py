@@ -31,7 +31,9 @@ CAPABILITIES: Final = (GROUP, VERSION, "capabilities")
 ACTORS: Final = (GROUP, VERSION, "actors")
 OWNER_RESOURCES: Final = (CAPABILITIES, ACTORS)
 CHILD_RESOURCES: Final = (("", "v1", "configmaps"), ("", "v1", "services"),
-                          ("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"))
+                          ("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"),
+                          ("networking.k8s.io", "v1", "networkpolicies"),
+                          ("", "v1", "serviceaccounts"), ("cert-manager.io", "v1", "certificates"))
 log = logging.getLogger("packetflow.operator")
 T = TypeVar("T")
 

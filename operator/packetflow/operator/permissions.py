@@ -10,7 +10,10 @@ new API call means a new line here and nowhere else. Who makes each call:
   children (configmaps, services, deployments for Capabilities, statefulsets for Actors; the
   ConfigMap ``packetflow-mcp-bundle`` when the MCP aggregate is on). A StatefulSet's
   volumeClaimTemplates make the StatefulSet controller create PVCs: the operator never
-  touches persistentvolumeclaims itself.
+  touches persistentvolumeclaims itself. With ``network_policies`` on, a NetworkPolicy
+  per Capability and Actor is a child like the others (networkpolicies, same verbs); with
+  ``mtls_issuer``, so are its ServiceAccount and cert-manager Certificate (serviceaccounts,
+  certificates.cert-manager.io). cert-manager writes the Secret; the operator never reads it.
 
 * for a Federation (``federation_handlers``): the same verbs on federations and their status,
   the gateway's ConfigMap, Services and Deployment as above, and the audit log's
@@ -54,6 +57,9 @@ PERMISSIONS: Final[tuple[Permission, ...]] = (
     Permission(GROUP, "federations", ("get", "list", "watch", "patch")),
     Permission(GROUP, "federations/status", ("patch",)),
     Permission("", "persistentvolumeclaims", ("get", "create", "patch")),
+    Permission("networking.k8s.io", "networkpolicies", ("get", "list", "watch", "create", "patch")),
+    Permission("", "serviceaccounts", ("get", "list", "watch", "create", "patch")),
+    Permission("cert-manager.io", "certificates", ("get", "list", "watch", "create", "patch")),
 )
 
 

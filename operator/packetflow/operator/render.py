@@ -22,6 +22,9 @@ from typing import Any, Final
 import orjson
 import yaml
 
+from packetflow.access import workload_service_account
+from packetflow.composition.resolve import DEFAULT_CLUSTER_DOMAIN, service_fqdn
+from packetflow.identity.spiffe import Workload
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import API_VERSION, CANARY_SUFFIX, Actor, Capability, ValueSource
 
@@ -49,6 +52,15 @@ STATE_VOLUME: Final = "state"
 MCP_PORT_NAME: Final = "mcp"
 # The namespace-wide bundle of every Capability, served as MCP tools by the chart's aggregate.
 MCP_BUNDLE_CONFIGMAP: Final = "packetflow-mcp-bundle"
+# Zero trust (``mtls_issuer``): the Secret cert-manager keeps, mounted here, and the
+# plaintext health port beside the mTLS one.
+IDENTITY_DIR: Final = "/etc/packetflow-identity"
+IDENTITY_VOLUME: Final = "identity"
+HEALTH_PORT_NAME: Final = "health"
+# Workload certificates live a day and are renewed 8 hours before they expire; runtime pods
+# re-read the files, so renewal needs no restart.
+CERTIFICATE_DURATION: Final = "24h"
+CERTIFICATE_RENEW_BEFORE: Final = "8h"
 
 # Implementations the packetflow runtime serves itself; `image` brings its own server.
 _RUNTIME_SERVED: Final = ("python", "builtin", "composition", "mcp", "federated", "planner")
@@ -147,6 +159,64 @@ def _runtime_served(resource: Resource) -> bool:
     return isinstance(resource, Actor) or resource.spec.implementation.kind in _RUNTIME_SERVED
 
 
+def _mutual_tls(resource: Resource, settings: OperatorSettings) -> bool:
+    """Whether the resource's pods serve mutual TLS (a foreign image serves what it serves)."""
+    return settings.mtls_issuer is not None and _runtime_served(resource)
+
+
+def identity_secret_name(name: str) -> str:
+    """The Secret cert-manager writes a workload's certificate, key and CA into."""
+    return f"{name}-identity"
+
+
+def render_service_account(resource: Resource, namespace: str) -> Manifest:
+    """The ServiceAccount the resource's pods run as, ``packetflow-<name>``: the identity
+    ``spec.access`` rules name (``capability: <name>``). No token is mounted from it."""
+    metadata = _metadata(resource.name, namespace, resource.kind)
+    metadata["name"] = workload_service_account(resource.name)
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata,
+            "automountServiceAccountToken": False}
+
+
+def render_certificate(resource: Resource, namespace: str,
+                       settings: OperatorSettings) -> Manifest:
+    """The cert-manager Certificate of the resource's pods: SPIFFE ID
+    ``spiffe://<trust domain>/ns/<namespace>/sa/packetflow-<name>``, DNS names of its
+    Service (and an Actor's members), server and client auth, renewed well before expiry."""
+    assert settings.mtls_issuer is not None
+    issuer_kind, _, issuer = settings.mtls_issuer.partition("/")
+    name = resource.name
+    suffix = settings.cluster_domain_suffix
+    # Also the name composition steps dial (a Service's SRV target, by default).
+    dns = [name, f"{name}.{namespace}", f"{name}.{namespace}.{suffix}",
+           service_fqdn(name, namespace, DEFAULT_CLUSTER_DOMAIN)]
+    if isinstance(resource, Actor):
+        dns.append(f"*.{headless_service_name(name)}.{namespace}.{suffix}")
+    spiffe_id = Workload(namespace, workload_service_account(name)).spiffe_id(
+        settings.trust_domain)
+    metadata = _metadata(name, namespace, resource.kind)
+    metadata["name"] = identity_secret_name(name)
+    return {
+        "apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": metadata,
+        "spec": {"secretName": identity_secret_name(name),
+                 "duration": CERTIFICATE_DURATION, "renewBefore": CERTIFICATE_RENEW_BEFORE,
+                 "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+                 "usages": ["digital signature", "key encipherment", "server auth",
+                            "client auth"],
+                 "uris": [str(spiffe_id)], "dnsNames": dns,
+                 "issuerRef": {"group": "cert-manager.io", "kind": issuer_kind,
+                               "name": issuer}},
+    }
+
+
+def _identity_env(settings: OperatorSettings) -> list[Manifest]:
+    """Where the runtime finds its certificate (cert-manager's Secret keys)."""
+    return [{"name": f"PACKETFLOW_TLS_{setting}", "value": f"{IDENTITY_DIR}/{key}"}
+            for setting, key in (("CERT", "tls.crt"), ("KEY", "tls.key"), ("CA", "ca.crt"))
+            ] + [{"name": "PACKETFLOW_HEALTH_ADDRESS",
+                  "value": f"0.0.0.0:{settings.health_port}"}]
+
+
 def secret_sources(resource: Resource) -> list[ValueSource]:
     """Every value the manifest takes from a Secret (``secretKeyRef``), in manifest order."""
     sources: list[ValueSource] = []
@@ -233,13 +303,21 @@ def _container(resource: Resource, settings: OperatorSettings,
                  {"name": "PACKETFLOW_UNDECLARED_AS_SERVICES", "value": "true"},
                  {"name": "PACKETFLOW_DRAIN_SECONDS", "value": f"{settings.drain_seconds:g}"},
                  {"name": "PACKETFLOW_GRACE_SECONDS", "value": f"{settings.grace_seconds:g}"},
+                 {"name": "PACKETFLOW_DEFAULT_POLICY", "value": settings.default_policy},
                  *secret_env(resource), *_settings_secret_env(settings)])
         mounts.append({"name": STATE_VOLUME, "mountPath": settings.state_dir})
+    probe_port = grpc_port
+    if _mutual_tls(resource, settings):
+        container["env"] += _identity_env(settings)
+        ports.append({"name": HEALTH_PORT_NAME, "containerPort": settings.health_port,
+                      "protocol": "TCP"})
+        mounts.append({"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": True})
+        probe_port = settings.health_port  # the kubelet presents no client certificate
     container["ports"] = ports
     # The runtime serves grpc.health.v1, so the kubelet's native gRPC probe needs no exec.
-    container["readinessProbe"] = {"grpc": {"port": grpc_port}, "periodSeconds": 5,
+    container["readinessProbe"] = {"grpc": {"port": probe_port}, "periodSeconds": 5,
                                    "timeoutSeconds": 2, "failureThreshold": 3}
-    container["livenessProbe"] = {"grpc": {"port": grpc_port}, "initialDelaySeconds": 10,
+    container["livenessProbe"] = {"grpc": {"port": probe_port}, "initialDelaySeconds": 10,
                                   "periodSeconds": 10, "timeoutSeconds": 2,
                                   "failureThreshold": 3}
     resources = resource.spec.resources
@@ -274,11 +352,18 @@ def _pod_template(resource: Resource, settings: OperatorSettings,
     ]
     if state_volume is not None and _runtime_served(resource):
         volumes.append({"name": STATE_VOLUME, **state_volume})
+    identity: Manifest = {}
+    if _mutual_tls(resource, settings):
+        # Read by the runtime's group only (fsGroup); cert-manager renews it in place.
+        volumes.append({"name": IDENTITY_VOLUME, "secret": {
+            "secretName": identity_secret_name(name), "defaultMode": 0o440}})
+        identity["serviceAccountName"] = workload_service_account(name)
     return {
         "metadata": {"labels": child_labels(name, resource.kind, workload), "annotations": {}},
         "spec": {
             # Runtime pods never call the Kubernetes API: no token in them.
             "automountServiceAccountToken": False,
+            **identity,
             "enableServiceLinks": False,
             # SIGKILL must not cut the drain and the in-flight calls' grace short.
             "terminationGracePeriodSeconds": math.ceil(settings.drain_seconds
@@ -475,18 +560,99 @@ def canary_status(resource: Resource | None, canary_live: Mapping[str, Any] | No
                        "weight": canary.weight}}
 
 
+# The namespace label every Kubernetes >= 1.22 sets on every namespace (its own name).
+NAMESPACE_NAME_LABEL: Final = "kubernetes.io/metadata.name"
+# Chart pods that call every runtime workload (gateway, MCP aggregate): by component.
+_CALLING_COMPONENTS: Final = ("gateway", "mcp-aggregate")
+
+
+def _namespace_peer(namespace: str, pods: Manifest | None = None) -> Manifest:
+    peer: Manifest = {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}}}
+    if pods is not None:
+        peer["podSelector"] = pods
+    return peer
+
+
+def _access_peers(resource: Resource, namespace: str) -> list[Manifest]:
+    """The pods ``spec.access.allow`` names, as far as a NetworkPolicy can tell them apart:
+    a ServiceAccount's whole namespace (pods are not selected by account; mutual TLS tells
+    accounts apart), a namespace, a Capability's or Actor's pods."""
+    access = resource.spec.access
+    peers: list[Manifest] = []
+    for rule in access.allow if access is not None else ():
+        if rule.namespace is not None:
+            peers.append(_namespace_peer(rule.namespace))
+        elif rule.service_account is not None:
+            peers.append(_namespace_peer(rule.service_account.split("/", 1)[0]))
+        elif rule.capability is not None:
+            home, _, name = rule.capability.rpartition("/")
+            for owner_label in OWNER_LABELS.values():
+                pods = {"matchLabels": {LABEL_NAME: "packetflow", owner_label: name}}
+                peers.append(_namespace_peer(home, pods) if home and home != namespace
+                             else {"podSelector": pods})
+    return peers
+
+
+def render_network_policy(resource: Resource, namespace: str,
+                          settings: OperatorSettings) -> Manifest:
+    """The NetworkPolicy of a Capability's or Actor's pods (its canary's too): ingress to
+    gRPC (and MCP) from the namespace's PacketFlow pods, the chart's gateway and MCP
+    aggregate, and the callers ``spec.access.allow`` names (without any, every namespace when
+    the default policy is ``cluster``); to metrics from Prometheus only.
+    Everything else is dropped; ``deny`` rules and accounts are enforced by the runtime."""
+    component = {"key": LABEL_COMPONENT, "operator": "In", "values": list(_CALLING_COMPONENTS)}
+    callers: list[Manifest] = [{"podSelector": {"matchLabels": {LABEL_PART_OF: "packetflow"}}}]
+    for home in dict.fromkeys(filter(None, (settings.gateway_namespace,
+                                            settings.mcp_aggregate_namespace))):
+        if home != namespace:
+            callers.append(_namespace_peer(home, {
+                "matchLabels": {LABEL_PART_OF: "packetflow"}, "matchExpressions": [component]}))
+    callers.extend(peer for peer in _access_peers(resource, namespace) if peer not in callers)
+    access = resource.spec.access
+    if settings.default_policy == "cluster" and not (access is not None and access.allow):
+        # The default admits any workload of the trust domain: so does the network.
+        callers.append({"namespaceSelector": {}})
+    served = [{"protocol": "TCP", "port": "grpc"}]
+    if _runtime_served(resource) and settings.mcp_enabled:
+        served.append({"protocol": "TCP", "port": MCP_PORT_NAME})
+    ingress: list[Manifest] = [{"from": callers, "ports": served}]
+    if _runtime_served(resource):
+        ingress.append({"from": [{"namespaceSelector": {"matchLabels": dict(
+                            settings.prometheus_namespace_labels)},
+                                  "podSelector": {"matchLabels": dict(
+                                      settings.prometheus_pod_labels)}}],
+                        "ports": [{"protocol": "TCP", "port": "metrics"}]})
+    kind = resource.kind
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _metadata(resource.name, namespace, kind),
+        "spec": {"podSelector": {"matchLabels": {
+                     LABEL_NAME: "packetflow", LABEL_COMPONENT: _COMPONENTS[kind],
+                     OWNER_LABELS[kind]: resource.name}},
+                 "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
 def desired_children(resource: Resource, namespace: str,
                      settings: OperatorSettings) -> list[Manifest]:
-    """Every child object of a Capability or Actor, in the order they are applied (bundle
-    first, the resource's own workload last so its pods find everything they mount)."""
+    """Every child object of a Capability or Actor, in the order they are applied (its
+    NetworkPolicy, ServiceAccount and Certificate, if any, and the bundle first, the
+    resource's own workload last so its pods start guarded and find all they mount)."""
+    zero_trust = [render_network_policy(resource, namespace, settings)] \
+        if settings.network_policies else []
+    if _mutual_tls(resource, settings):
+        zero_trust += [render_service_account(resource, namespace),
+                       render_certificate(resource, namespace, settings)]
     if isinstance(resource, Actor):
         return [
+            *zero_trust,
             render_configmap(resource, namespace, settings),
             render_headless_service(resource, namespace, settings),
             render_service(resource, namespace, settings),
             render_statefulset(resource, namespace, settings),
         ]
     return [
+        *zero_trust,
         render_configmap(resource, namespace, settings),
         render_service(resource, namespace, settings),
         *render_canary(resource, namespace, settings),

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from packetflow.access import DefaultPolicy
+from packetflow.identity.spiffe import TRUST_DOMAIN_PATTERN
+from packetflow.spec import NAME_PATTERN
+
 DEFAULT_IMAGE = "ghcr.io/packetflow/packetflow:0.1.0"
 
 
@@ -58,6 +62,40 @@ class OperatorSettings(BaseSettings):
         description="Secret 'name/key' (in each resource's namespace) holding a PostgreSQL "
                     "DSN: runtime pods get it as PACKETFLOW_TRIGGER_STORE_DSN, so replicas "
                     "share trigger keys and a schedule fires once, not once per pod")
+    default_policy: DefaultPolicy = Field(
+        default="namespace",
+        description="Runtime pods' PACKETFLOW_DEFAULT_POLICY: who may call a Capability or "
+                    "Actor without spec.access (namespace, cluster, deny)")
+    mtls_issuer: str | None = Field(
+        default=None, pattern=r"^(Issuer|ClusterIssuer)/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Zero trust: the cert-manager issuer ('Issuer/name' or "
+                    "'ClusterIssuer/name') of runtime pods' certificates. Each Capability and "
+                    "Actor gets a ServiceAccount packetflow-<name> and a Certificate for "
+                    "spiffe://<trust_domain>/ns/<namespace>/sa/packetflow-<name>; its pods "
+                    "serve mutual TLS only; unset: plaintext")
+    trust_domain: str = Field(
+        default="cluster.local", pattern=TRUST_DOMAIN_PATTERN,
+        description="The cluster's SPIFFE trust domain (with mtls_issuer)")
+    health_port: int = Field(
+        default=8086, ge=1, le=65535,
+        description="With mtls_issuer: plaintext grpc.health.v1 for the kubelet's probes "
+                    "(they cannot present a certificate)")
+    network_policies: bool = Field(
+        default=False,
+        description="Render a NetworkPolicy per Capability and Actor: gRPC and MCP ports open "
+                    "to the namespace's PacketFlow pods, the gateway, the MCP aggregate and "
+                    "the callers spec.access allows; metrics to Prometheus only")
+    gateway_namespace: str | None = Field(
+        default=None, pattern=NAME_PATTERN,
+        description="Namespace of the chart's gateway: its pods may call every runtime "
+                    "workload's gRPC port; unset: only a gateway in the workload's namespace")
+    prometheus_namespace_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels of the namespaces Prometheus runs in (a NetworkPolicy "
+                    "namespaceSelector); empty: any namespace")
+    prometheus_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: {"app.kubernetes.io/name": "prometheus"},
+        description="Labels of the Prometheus pods that may scrape the metrics port")
     federation_status_url: str | None = Field(
         default=None,
         description="Where the operator reads a federation gateway's /status; placeholders "

@@ -135,9 +135,9 @@ class Forwarder(Protocol):
     """Reaches the member that owns an actor (gRPC, set by the server)."""
 
     def send(self, address: str, actor_type: str, actor_id: str, message: dict[str, Any],
-             message_id: str | None, trace_id: str, timeout: float | None
-             ) -> Awaitable[SendResult]:
-        """Deliver a message there (it is not forwarded again)."""
+             message_id: str | None, trace_id: str, timeout: float | None,
+             caller: str | None = None) -> Awaitable[SendResult]:
+        """Deliver a message there (it is not forwarded again), on behalf of ``caller``."""
 
     def delete(self, address: str, actor_type: str, actor_id: str) -> Awaitable[bool]:
         """Delete the actor there (it is not forwarded again)."""
@@ -276,7 +276,7 @@ class ActorType:
             if address is not None:
                 try:
                     return await self._forward(address, actor_id, checked, message_id,
-                                               trace_id, deadline)
+                                               trace_id, deadline, caller)
                 except Unavailable:
                     # The owner may have left: re-read the members once before giving up.
                     await self.placement.refresh()
@@ -286,7 +286,7 @@ class ActorType:
                         raise
                     if retry is not None:
                         return await self._forward(retry, actor_id, checked, message_id,
-                                                   trace_id, deadline)
+                                                   trace_id, deadline, caller)
         turn = Turn("message", checked, message_id or None, trace_id=trace_id, caller=caller,
                     deadline=deadline)
         try:
@@ -298,11 +298,11 @@ class ActorType:
 
     async def _forward(self, address: str, actor_id: str, message: dict[str, Any],
                        message_id: str | None, trace_id: str,
-                       deadline: float | None) -> SendResult:
+                       deadline: float | None, caller: str | None) -> SendResult:
         loop = asyncio.get_running_loop()
         timeout = None if deadline is None else max(0.0, deadline - loop.time())
         return await self.system.forward(address, self.name, actor_id, message,
-                                         message_id or None, trace_id, timeout)
+                                         message_id or None, trace_id, timeout, caller)
 
     def _entry(self, actor_id: str, touch: bool) -> ActiveActor:
         if self._stopping:
@@ -941,12 +941,12 @@ class ActorSystem:
 
     async def forward(self, address: str, actor_type: str, actor_id: str,
                       message: dict[str, Any], message_id: str | None, trace_id: str,
-                      timeout: float | None) -> SendResult:
+                      timeout: float | None, caller: str | None = None) -> SendResult:
         """Send to the owning member (through the transport's forwarder)."""
         if self.forwarder is None:
             raise PacketFlowError("forwarding is not configured in this runtime")
         return await self.forwarder.send(address, actor_type, actor_id, message, message_id,
-                                         trace_id, timeout)
+                                         trace_id, timeout, caller)
 
     def prune_channels(self) -> None:
         """Keep forwarding channels only to members some type still has (members leave)."""

@@ -14,7 +14,9 @@ import grpc
 import orjson
 
 from packetflow.actors.errors import ActorTypeNotFound
-from packetflow.actors.runtime import ActorSystem, SendResult
+from packetflow.actors.runtime import ActorSystem, ActorType, SendResult
+from packetflow.client import close_in_background
+from packetflow.context import CALLER_KEY, TRACE_ID_KEY, CallContext
 from packetflow.contracts import contract_schema
 from packetflow.engine import Engine
 from packetflow.errors import (
@@ -27,7 +29,8 @@ from packetflow.errors import (
     Unavailable,
 )
 from packetflow.graph import observed_dependencies
-from packetflow.server import abort_for, call_context
+from packetflow.identity.workload import WorkloadIdentity
+from packetflow.server import abort_for, call_context, proven_context
 from packetflow.v1 import actors_pb2, actors_pb2_grpc
 
 SERVICE_NAME = actors_pb2.DESCRIPTOR.services_by_name["ActorRuntime"].full_name
@@ -35,8 +38,8 @@ DEFAULT_LIST_LIMIT = 1000
 # Metadata marking a call one member forwarded to the owner (never forwarded again).
 FORWARDED_KEY = "packetflow-forwarded"
 FORWARD_DELETE_TIMEOUT = 10.0
-# Channel closes in flight (strong references until they finish).
-_closing: set[asyncio.Task[None]] = set()
+# Calls on channels opened before a certificate rotation get this long to finish.
+ROTATION_GRACE = 60.0
 
 log = logging.getLogger("packetflow.actors")
 
@@ -56,11 +59,19 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
     def _decode(self, payload: bytes) -> Any:
         return self.engine.decode_input(payload)  # size limit and JSON errors, as for Invoke
 
+    def _kind(self, name: str, ctx: CallContext) -> ActorType:
+        """The actor type, once its access policy admits the proven caller (if any)."""
+        kind = self.system.get(name)
+        guard = self.engine.guard
+        if guard is not None and ctx.principal is not None:
+            guard.authorize("actor", name, kind.spec.access, ctx.principal)
+        return kind
+
     async def Send(self, request: actors_pb2.SendRequest,
                    context: grpc.aio.ServicerContext) -> actors_pb2.SendResponse:
-        ctx = call_context(request.type, context)
+        ctx = await proven_context(request.type, context, self.engine.guard)
         try:
-            result = await self.system.get(request.type).send(
+            result = await self._kind(request.type, ctx).send(
                 request.id, self._decode(request.message_json), message_id=request.message_id,
                 trace_id=ctx.trace_id, caller=ctx.caller, deadline=ctx.deadline,
                 forwarded=request.forwarded)
@@ -89,7 +100,8 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
                         raise InvalidInput([FieldViolation(
                             "type" if not actor_type else "id",
                             "the first message of a conversation names the actor")])
-                    kind = self.system.get(actor_type)
+                    ctx = call_context(actor_type, context, self.engine.guard)
+                    kind = self._kind(actor_type, ctx)
                     if subscription is None:
                         followups = kind.subscribe(actor_id)
                         subscription = (kind, actor_id, followups)
@@ -99,7 +111,6 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
                             # The owner may be another member: its follow-ups come here too.
                             relay = asyncio.create_task(kind.placement.relay_followups(
                                 actor_id, followups, forwarder))
-                    ctx = call_context(actor_type, context)
                     result = await kind.send(actor_id, self._decode(request.message_json),
                                              message_id=request.message_id,
                                              trace_id=ctx.trace_id, caller=ctx.caller)
@@ -138,8 +149,9 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
 
     async def ListActors(self, request: actors_pb2.ListActorsRequest,
                          context: grpc.aio.ServicerContext) -> actors_pb2.ListActorsResponse:
+        ctx = await proven_context(request.type, context, self.engine.guard)
         try:
-            kind = self.system.get(request.type)
+            kind = self._kind(request.type, ctx)
             records = await kind.list_actors(request.limit or DEFAULT_LIST_LIMIT, request.after)
         except PacketFlowError as exc:
             await abort_for(context, exc, "")
@@ -150,8 +162,9 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
 
     async def GetActor(self, request: actors_pb2.GetActorRequest,
                        context: grpc.aio.ServicerContext) -> actors_pb2.ActorDescription:
+        ctx = await proven_context(request.type, context, self.engine.guard)
         try:
-            described = await self.system.get(request.type).describe(request.id)
+            described = await self._kind(request.type, ctx).describe(request.id)
         except PacketFlowError as exc:
             await abort_for(context, exc, "")
             raise
@@ -164,8 +177,10 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
     async def DeleteActor(self, request: actors_pb2.DeleteActorRequest,
                           context: grpc.aio.ServicerContext) -> actors_pb2.DeleteActorResponse:
         forwarded = any(key == FORWARDED_KEY for key, _ in context.invocation_metadata() or ())
+        ctx = await proven_context(request.type, context, self.engine.guard)
         try:
-            deleted = await self.system.get(request.type).delete(request.id, forwarded=forwarded)
+            deleted = await self._kind(request.type, ctx).delete(request.id,
+                                                                 forwarded=forwarded)
         except PacketFlowError as exc:
             await abort_for(context, exc, "")
             raise
@@ -174,8 +189,9 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
     async def Followups(self, request: actors_pb2.FollowupsRequest,
                         context: grpc.aio.ServicerContext
                         ) -> AsyncIterator[actors_pb2.ConverseEvent]:
+        ctx = await proven_context(request.type, context, self.engine.guard)
         try:
-            kind = self.system.get(request.type)
+            kind = self._kind(request.type, ctx)
         except PacketFlowError as exc:
             await abort_for(context, exc, "")
             raise
@@ -190,6 +206,7 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
     async def ListActorTypes(self, request: actors_pb2.ListActorTypesRequest,
                              context: grpc.aio.ServicerContext
                              ) -> actors_pb2.ListActorTypesResponse:
+        await proven_context("", context, self.engine.guard)
         return actors_pb2.ListActorTypesResponse(types=[
             actors_pb2.ActorTypeSummary(name=name, intent=kind.spec.intent)
             for name, kind in sorted(self.system.types.items())])
@@ -197,6 +214,7 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
     async def DescribeActorType(self, request: actors_pb2.DescribeActorTypeRequest,
                                 context: grpc.aio.ServicerContext
                                 ) -> actors_pb2.ActorTypeDescription:
+        await proven_context(request.name, context, self.engine.guard)
         try:
             kind = self.system.get(request.name)
         except PacketFlowError as exc:
@@ -213,28 +231,42 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
 
 
 class GrpcForwarder:
-    """Forwards a message to the member that owns the actor, one channel per member."""
+    """Forwards a message to the member that owns an actor, one channel per member; with the
+    workload's ``identity``, over mutual TLS, new channels after each certificate rotation."""
 
-    def __init__(self) -> None:
+    def __init__(self, identity: WorkloadIdentity | None = None) -> None:
+        self.identity = identity
         self.channels: dict[str, grpc.aio.Channel] = {}
+        self._generation = 0
 
     def _stub(self, address: str) -> actors_pb2_grpc.ActorRuntimeStub:
+        identity = self.identity
+        if identity is not None and identity.generation != self._generation:
+            self._generation = identity.generation
+            for channel in self.channels.values():
+                close_in_background(channel, ROTATION_GRACE)
+            self.channels.clear()
         channel = self.channels.get(address)
         if channel is None:
-            channel = self.channels[address] = grpc.aio.insecure_channel(address)
+            channel = self.channels[address] = (
+                grpc.aio.insecure_channel(address) if identity is None else
+                grpc.aio.secure_channel(address, identity.current().grpc_channel_credentials))
         return actors_pb2_grpc.ActorRuntimeStub(channel)
 
     async def send(self, address: str, actor_type: str, actor_id: str,
                    message: dict[str, Any], message_id: str | None, trace_id: str,
-                   timeout: float | None) -> SendResult:
-        """Send with ``forwarded`` set, so the owner never forwards it again."""
+                   timeout: float | None, caller: str | None = None) -> SendResult:
+        """Send with ``forwarded`` set, so the owner never forwards it again; the owner (our
+        own workload, so a trusted forwarder) sees ``caller`` as the caller."""
         stub = self._stub(address)
         request = actors_pb2.SendRequest(type=actor_type, id=actor_id,
                                          message_json=orjson.dumps(message),
                                          message_id=message_id or "", forwarded=True)
+        metadata = [(TRACE_ID_KEY, trace_id)]
+        if caller:
+            metadata.append((CALLER_KEY, caller))
         try:
-            response = await stub.Send(request, timeout=timeout,
-                                       metadata=(("packetflow-trace-id", trace_id),))
+            response = await stub.Send(request, timeout=timeout, metadata=tuple(metadata))
         except grpc.aio.AioRpcError as exc:
             raise forwarded_error(exc) from None
         return SendResult(orjson.loads(response.reply_json), response.version,
@@ -266,10 +298,7 @@ class GrpcForwarder:
     def retain(self, addresses: Collection[str]) -> None:
         """Close the channels to members that left (any address not in ``addresses``)."""
         for address in [a for a in self.channels if a not in addresses]:
-            channel = self.channels.pop(address)
-            task = asyncio.get_running_loop().create_task(channel.close())
-            _closing.add(task)
-            task.add_done_callback(_closing.discard)
+            close_in_background(self.channels.pop(address))
 
     async def close(self) -> None:
         """Close every channel."""
@@ -302,9 +331,9 @@ def forwarded_error(error: grpc.aio.AioRpcError) -> PacketFlowError:
     return kinds.get(code, Unavailable)(message)
 
 
-def attach(system: ActorSystem) -> GrpcForwarder:
+def attach(system: ActorSystem, identity: WorkloadIdentity | None = None) -> GrpcForwarder:
     """Give the system a gRPC forwarder (placement); close it on shutdown."""
-    forwarder = GrpcForwarder()
+    forwarder = GrpcForwarder(identity)
     system.forwarder = forwarder
     return forwarder
 

@@ -1,13 +1,19 @@
-"""Calls to capabilities in other runtimes: one cached channel per address."""
+"""Calls to capabilities in other runtimes: one cached channel per address.
+
+With zero trust on, calls go over mutual TLS as this workload (its own certificate), never as
+the caller it serves: the called runtime authorizes this workload. Only a process that
+forwards calls for others (the MCP aggregate, ``forward_caller``) names its caller, which
+the called runtime believes because this workload is one of its trusted forwarders.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import orjson
 
-from packetflow.client import CallError, RuntimeClient
+from packetflow.client import CallError, RuntimeClient, close_in_background
 from packetflow.composition.resolve import ServiceResolver
 from packetflow.context import CALLER_KEY, TRACE_ID_KEY, CallContext
 from packetflow.errors import (
@@ -25,6 +31,12 @@ from packetflow.errors import (
 )
 from packetflow.v1 import runtime_pb2
 
+if TYPE_CHECKING:
+    from packetflow.identity.workload import WorkloadIdentity
+
+# Calls on channels opened before a certificate rotation get this long to finish.
+ROTATION_GRACE = 60.0
+
 
 class RemoteCaller:
     """Call capabilities at ``host:port`` addresses or Kubernetes Services, reusing one
@@ -38,19 +50,39 @@ class RemoteCaller:
         self.options = options
         self.resolver = resolver or ServiceResolver()
         self.clients: dict[str, RuntimeClient] = {}
+        self.identity: WorkloadIdentity | None = None
+        self.forward_caller = False
+        self._generation = 0
+
+    def secure(self, identity: WorkloadIdentity, forward_caller: bool = False) -> None:
+        """Call over mutual TLS as ``identity`` from now on; ``forward_caller``: this process
+        forwards calls for others and names each call's caller (a trusted forwarder)."""
+        self.identity, self.forward_caller = identity, forward_caller
+        self._generation = -1  # channels made before are plaintext: replace them
 
     def client(self, address: str) -> RuntimeClient:
-        """The cached client for ``address`` (channels connect lazily)."""
+        """The cached client for ``address`` (channels connect lazily); after our certificate
+        rotated, new channels, while calls on the old ones finish."""
+        identity = self.identity
+        if identity is not None and identity.generation != self._generation:
+            self._generation = identity.generation
+            for old in self.clients.values():
+                close_in_background(old.channel, ROTATION_GRACE)
+            self.clients.clear()
         found = self.clients.get(address)
         if found is None:
-            found = self.clients[address] = RuntimeClient(address, options=self.options)
+            found = self.clients[address] = RuntimeClient(
+                address, options=self.options,
+                credentials=identity.current().grpc_channel_credentials if identity else None)
         return found
 
     async def __call__(self, address: str, name: str, value: dict[str, Any],
                        ctx: CallContext) -> dict[str, Any]:
         """Invoke ``name`` at ``address``; failures become domain errors with their code."""
         metadata = [(TRACE_ID_KEY, ctx.trace_id)]
-        if ctx.caller:
+        # Without zero trust the caller's name travels (unverified, as it came); with it, only
+        # a forwarder names the caller: everyone else calls as itself.
+        if ctx.caller and (self.identity is None or self.forward_caller):
             metadata.append((CALLER_KEY, ctx.caller))
         request = runtime_pb2.InvokeRequest(capability=name, input_json=orjson.dumps(value))
         target = await self.resolver.resolve(address)

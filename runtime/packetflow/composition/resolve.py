@@ -37,6 +37,9 @@ def current_namespace(environ: dict[str, str] | None = None) -> str:
         return "default"
 
 
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"  # unless PACKETFLOW_CLUSTER_DOMAIN says otherwise
+
+
 def service_fqdn(name: str, namespace: str, cluster_domain: str) -> str:
     """``svc`` or ``svc.ns`` -> ``svc.ns.svc.<cluster domain>``; longer names are kept."""
     parts = name.rstrip(".").split(".")
@@ -54,8 +57,8 @@ class ServiceResolver:
                  nameservers: Sequence[tuple[str, int]] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.namespace = namespace or current_namespace()
-        self.cluster_domain = (cluster_domain
-                               or os.environ.get("PACKETFLOW_CLUSTER_DOMAIN", "cluster.local"))
+        self.cluster_domain = cluster_domain or os.environ.get("PACKETFLOW_CLUSTER_DOMAIN",
+                                                               DEFAULT_CLUSTER_DOMAIN)
         self.nameservers = list(nameservers) if nameservers is not None else None
         self.clock = clock
         self.cache: dict[str, tuple[str, float]] = {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -148,18 +147,10 @@ async def run_gateway(config: Path) -> int:
 
 # ---------------------------------------------------------------------- certificates
 
-def _write(path: Path, data: bytes, private: bool = False) -> None:
-    """Write atomically (rename), so a gateway watching the file never reads half of it."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-    os.replace(temporary, path)
-
-
 def cmd_certs(args: argparse.Namespace) -> int:
     """Make (or keep) the CA, issue the gateway's leaf."""
     from packetflow.identity.certs import Issued, authority_trust_domain, issue, new_authority
+    from packetflow.identity.files import write_atomically as _write
     from packetflow.identity.spiffe import SpiffeId, SpiffeIdError
     from packetflow.identity.x509 import BundleError
 

@@ -87,3 +87,13 @@ class Watched(Generic[T]):
         log.info("material reloaded", extra={"files": [str(p) for p in self.paths],
                                              "generation": self.generation})
         return True
+
+
+def write_atomically(path: Path, data: bytes, private: bool = False) -> None:
+    """Write ``path`` through a rename, so a process watching it never reads half of it;
+    ``private``: readable by this user only (keys)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+    os.replace(temporary, path)

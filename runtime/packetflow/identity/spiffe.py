@@ -67,3 +67,40 @@ class SpiffeId:
 
     def __str__(self) -> str:
         return f"{SCHEME}{self.trust_domain}{self.path}"
+
+
+# A Kubernetes workload's SPIFFE ID, as Istio and SPIRE's Kubernetes attestor write it:
+# spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
+_WORKLOAD_RE = re.compile(r"^/ns/([a-z0-9]([-a-z0-9]*[a-z0-9])?)"
+                          r"/sa/([a-z0-9]([-a-z0-9.]*[a-z0-9])?)$")
+
+
+@dataclass(frozen=True, order=True)
+class Workload:
+    """A Kubernetes workload: the namespace and service account a SPIFFE ID names."""
+
+    namespace: str
+    service_account: str
+
+    def spiffe_id(self, trust_domain: str) -> SpiffeId:
+        """``spiffe://trust_domain/ns/<namespace>/sa/<service account>``."""
+        return SpiffeId.of(trust_domain, "ns", self.namespace, "sa", self.service_account)
+
+    @classmethod
+    def parse(cls, text: str) -> Workload:
+        """``namespace/service-account`` (how access rules name one); SpiffeIdError else."""
+        namespace, slash, account = text.partition("/")
+        found = _WORKLOAD_RE.match(f"/ns/{namespace}/sa/{account}") if slash else None
+        if found is None:
+            raise SpiffeIdError(f"{text!r} is not namespace/service-account (lower-case "
+                                "names: letters, digits, '-'; '.' in the account)")
+        return cls(namespace, account)
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.service_account}"
+
+
+def workload_of(spiffe_id: SpiffeId) -> Workload | None:
+    """The workload a ``/ns/<ns>/sa/<sa>`` SPIFFE ID names; None for any other path."""
+    found = _WORKLOAD_RE.match(spiffe_id.path)
+    return Workload(found.group(1), found.group(3)) if found is not None else None

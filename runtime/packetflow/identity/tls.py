@@ -57,6 +57,11 @@ class Credentials:
         """Our leaf certificate's fingerprint."""
         return fingerprint(self.leaf)
 
+    def load_into(self, context: ssl.SSLContext) -> None:
+        """Present these credentials from ``context`` (at its next handshakes: rotation)."""
+        with _private_files(self) as (cert, key):
+            context.load_cert_chain(cert, key)
+
 
 def load_credentials(cert_path: Path, key_path: Path) -> Credentials:
     """Read a chain (leaf first) and its key; :class:`BundleError` names the file at fault."""
@@ -95,8 +100,7 @@ def _private_files(credentials: Credentials) -> Iterator[tuple[str, str]]:
 def _context(purpose: int, credentials: Credentials, authorities_pem: bytes) -> ssl.SSLContext:
     context = ssl.SSLContext(purpose)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    with _private_files(credentials) as (cert, key):
-        context.load_cert_chain(cert, key)
+    credentials.load_into(context)
     if authorities_pem:
         context.load_verify_locations(cadata=authorities_pem.decode())
     context.set_alpn_protocols([ALPN_H2])
@@ -124,8 +128,7 @@ def client_context(credentials: Credentials | None, authorities_pem: bytes) -> s
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.check_hostname = False
     if credentials is not None:
-        with _private_files(credentials) as (cert, key):
-            context.load_cert_chain(cert, key)
+        credentials.load_into(context)
     context.load_verify_locations(cadata=authorities_pem.decode())
     context.set_alpn_protocols([ALPN_H2])
     return context

@@ -6,14 +6,13 @@ A client command: it imports only the gRPC client (and YAML), like ``call``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
 import orjson
 import yaml
 
-from packetflow.cli import DataError, read_data
+from packetflow.cli import DataError, _address_flag, read_data
 
 EXIT_BLOCKED = 3
 
@@ -41,10 +40,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: plan, explanation, results, trace")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
-    parser.add_argument("--address",
-                        default=os.environ.get("PACKETFLOW_ADDRESS", "127.0.0.1:50051"),
-                        help="runtime gRPC address (default: $PACKETFLOW_ADDRESS or "
-                             "127.0.0.1:50051)")
+    _address_flag(parser)  # --address, and --cert/--key/--ca for a zero-trust runtime
     parser.set_defaults(func=cmd_plan)
 
 
