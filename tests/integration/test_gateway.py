@@ -10,8 +10,6 @@ shares and outcomes, never about how long something took.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -32,7 +30,7 @@ from packetflow.gateway.server import GatewayServer
 from packetflow.gateway.settings import GatewaySettings
 from packetflow.v1 import runtime_pb2
 from tests.conftest import eventually
-from tests.support.processes import ROOT, RuntimeProcess, free_port
+from tests.support.processes import RuntimeProcess, free_port, gateway_process
 
 CAPABILITY = """\
 apiVersion: packetflow.io/v1alpha1
@@ -442,15 +440,6 @@ async def test_actor_types_feedback_and_followups_pass_through(serve: Serve) -> 
 
 
 # ---------------------------------------------------------------- the real process
-
-
-def gateway_process(routes: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
-    """``packetflow gateway --routes FILE`` in a subprocess."""
-    with log.open("w") as sink:
-        return subprocess.Popen(
-            [sys.executable, "-m", "packetflow.cli", "gateway", "--routes", str(routes),
-             "--address", f"127.0.0.1:{port}", "--metrics-address", ""],
-            cwd=ROOT, stderr=sink, stdout=subprocess.DEVNULL)
 
 
 async def test_the_gateway_process_reloads_routes_and_keeps_serving_past_a_bad_file(

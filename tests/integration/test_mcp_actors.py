@@ -262,6 +262,7 @@ async def dev_with_mcp(manifests: Path, state: Path) -> AsyncIterator[str]:
                 f"packetflow dev did not stop on SIGTERM:\n{log.read_text()}") from None
 
 
+@pytest.mark.timeout(300)  # starting and stopping the examples on a loaded machine
 async def test_dev_serves_actor_tools_over_http(tmp_path: Path) -> None:
     examples = copy_examples(tmp_path)
     async with dev_with_mcp(examples, tmp_path / "state") as url, \

@@ -5,8 +5,6 @@ rolls the canary back from the gateway's per-version attempt metrics."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import pytest
 from packetflow.client import RuntimeClient
 from tests.conftest import eventually
 from tests.integration.test_routing_controller import Controller
-from tests.support.processes import ROOT, RuntimeProcess, free_port
+from tests.support.processes import RuntimeProcess, free_port, gateway_process
 from tests.support.prometheus import PrometheusServer
 
 BUNDLE = """
@@ -31,16 +29,6 @@ spec:
 MANAGED = BUNDLE + """  slo: {availability: 99}
   canary: {weight: 50, promote: manual}
 """
-
-
-def gateway_process(routes: Path, log: Path, port: int,
-                    metrics: str) -> subprocess.Popen[bytes]:
-    """``packetflow gateway --routes FILE`` with its /metrics for Prometheus."""
-    with log.open("w") as sink:
-        return subprocess.Popen(
-            [sys.executable, "-m", "packetflow.cli", "gateway", "--routes", str(routes),
-             "--address", f"127.0.0.1:{port}", "--metrics-address", metrics],
-            cwd=ROOT, stderr=sink, stdout=subprocess.DEVNULL)
 
 
 @pytest.mark.timeout(300)  # five processes and Prometheus on a loaded 2-core machine
@@ -85,7 +73,7 @@ async def test_a_failing_canary_is_rolled_back_from_the_gateways_metrics(
             try:
                 await eventually(lambda: any(line["weight"] == 0
                                              for line in controller.lines()),
-                                 timeout=150, what="the canary's rollback")
+                                 timeout=150, what=f"the canary's rollback ({controller.log})")
             finally:
                 load.cancel()
         assert set(answered) == {"stable"}  # every answer came from stable

@@ -55,12 +55,13 @@ class Controller:
         self.out = out
         env = dict(os.environ, PACKETFLOW_HISTORY_SECONDS="12",
                    PACKETFLOW_POD_STARTUP_SECONDS="2")
-        with out.open("w") as sink:
+        self.log = out.with_suffix(".log")  # its reasoning, for a failure's post-mortem
+        with out.open("w") as sink, self.log.open("w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "packetflow.cli", "controller", "--target",
                  str(directory), "--prometheus-url", prometheus_url, "--interval", "1",
                  "--scrape-interval", "1", "--state-dir", str(state_dir)],
-                stdout=sink, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+                stdout=sink, stderr=log, env=env, cwd=ROOT)
 
     def lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.out.read_text().splitlines() if line]

@@ -87,6 +87,28 @@ class RuntimeProcess:
             self.process.wait(timeout=30)
 
 
+def gateway_process(routes: Path, log: Path, port: int,
+                    metrics: str = "") -> subprocess.Popen[bytes]:
+    """``packetflow gateway --routes FILE`` in a subprocess, returned once it announced its
+    port (killed if it does not within the start timeout)."""
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "packetflow.cli", "gateway", "--routes", str(routes),
+             "--address", f"127.0.0.1:{port}", "--metrics-address", metrics],
+            cwd=ROOT, stderr=sink, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        while "packetflow: gateway on port" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)  # polling another process, with a deadline
+    except BaseException:
+        process.kill()
+        process.wait(timeout=10)
+        raise
+    return process
+
+
 @pytest.fixture
 def processes() -> Iterator[list[RuntimeProcess]]:
     """Runtime processes a test started; any still running at the end are killed."""
