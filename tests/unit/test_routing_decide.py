@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 
-from packetflow.operator.routing.decide import decide, merge, split_changes
+from packetflow.operator.routing.decide import (
+    _annotation_notes,
+    decide,
+    merge,
+    metrics_condition,
+    scaling_conditions,
+    split_changes,
+)
 from packetflow.operator.routing.model import (
     NAN,
     Observation,
@@ -24,6 +31,7 @@ from packetflow.operator.routing.model import (
     Target,
     Tuning,
 )
+from packetflow.operator.status import Condition
 from packetflow.spec import CapabilitySpec
 
 RECORDED = Path(__file__).parent / "data" / "routing_step_series.json"
@@ -122,6 +130,76 @@ def test_below_min_replicas_is_lifted_even_without_metrics() -> None:
     decision = decide(Observation(None, None, 0, error="down"), TARGET, State(), 0.0, TUNING)
     assert decision.replicas == 1
     assert decision.applied[0].kind == "replicas" and decision.applied[0].risk == "safe"
+    assert decision.applied[0].expected_effect == "? -> 1 replicas"  # none written before
+    assert decision.reasons[0].startswith(f"{decision.applied[0].id}: ")
+
+
+def test_a_scaling_decision_shows_its_figures_and_from_what_it_scaled() -> None:
+    columns = recorded()
+    state, decision = State(), None
+    for upto in range(30):  # into the 40 calls/s step, from 1 replica written
+        decision = decide(Observation(prefix(columns, upto, 20), 1, 1), TARGET, state,
+                          float(upto), TUNING)
+        state = decision.state
+        if decision.replicas is not None:
+            break
+    assert decision is not None and decision.replicas is not None
+    assert decision.figures["needed"] >= 2
+    assert decision.applied[0].expected_effect == f"1 -> {decision.replicas} replicas"
+    active = {c.type: c for c in decision.conditions}["ScalingActive"]
+    assert active.status is True and active.message == decision.applied[0].reason
+
+
+def test_metrics_condition_says_whether_prometheus_answered() -> None:
+    assert metrics_condition(Observation(None, 1, 1)) == Condition(
+        "MetricsAvailable", False, "PrometheusUnavailable", "no metrics")
+    assert metrics_condition(Observation(None, 1, 1, error="timed out")).message == "timed out"
+    assert metrics_condition(Observation(prefix(recorded(), 5, 5), 1, 1)) == Condition(
+        "MetricsAvailable", True, "QueriesSucceeded", "Prometheus answered every query")
+
+
+@pytest.mark.parametrize(("needed", "limited"), [
+    (0, (True, "AtMinReplicas", "the load needs 0 replicas; minReplicas is 1")),
+    (1, (False, "WithinBounds", "1 needed, within 1..3")),
+    (3, (False, "WithinBounds", "3 needed, within 1..3")),
+    (4, (True, "AtMaxReplicas", "the load needs 4 replicas; maxReplicas is 3")),
+])
+def test_scaling_is_limited_only_outside_the_bounds(needed: int,
+                                                    limited: tuple[bool, str, str]) -> None:
+    observed = Observation(prefix(recorded(), 5, 5), 1, 1)
+    conditions = scaling_conditions(observed, 1, 3, {"needed": float(needed)}, "the reason")
+    assert conditions == [Condition("ScalingActive", True, "Scaling", "the reason"),
+                          Condition("ScalingLimited", *limited)]
+
+
+def test_without_figures_scaling_is_inactive_and_says_why() -> None:
+    for observed in (Observation(None, 1, 1), Observation(prefix(recorded(), 5, 5), 1, 1)):
+        assert scaling_conditions(observed, 1, 3, {}, "no data") == [Condition(
+            "ScalingActive", False, "NoMetrics", "replicas are left as they are: no data")]
+
+
+def recommendation(rec_id: str, phase: str) -> Recommendation:
+    return Recommendation(rec_id, "cache", {}, "why", "effect", "risky", phase,  # type: ignore[arg-type]
+                          0.0)
+
+
+def test_an_annotation_naming_no_pending_recommendation_is_said_once() -> None:
+    observed = Observation(None, 1, 1, approve="r-9", reject="r-8")
+    pending = (recommendation("r-9", "pending"), recommendation("r-7", "applied"))
+    notes, state = _annotation_notes(observed, pending, State())
+    assert notes == ["packetflow.io/approve=r-9 names no pending recommendation",
+                     "packetflow.io/reject=r-8 names no pending recommendation"]
+    assert _annotation_notes(observed, pending, state)[0] == []  # said once
+
+
+@pytest.mark.parametrize("phase", ["applied", "rejected"])
+def test_an_annotation_that_took_effect_needs_no_note(phase: str) -> None:
+    taken = (recommendation("r-1", phase), recommendation("r-2", "pending"))
+    for observed in (Observation(None, 1, 1, approve="r-1"),
+                     Observation(None, 1, 1, reject="r-1")):
+        assert _annotation_notes(observed, taken, State())[0] == []
+    assert _annotation_notes(Observation(None, 1, 1, approve="r-2"), taken, State())[0] == [
+        "packetflow.io/approve=r-2 names no pending recommendation"]
 
 
 def test_limits_are_reported() -> None:
