@@ -32,6 +32,7 @@ from packetflow.federation.sla import Sample, SlaMeter, evaluate
 from packetflow.federation.trust import (
     PERFORMANCE,
     RELIABILITY,
+    SECURITY,
     Evidence,
     TrustBook,
     TrustParams,
@@ -220,6 +221,65 @@ def test_evidence_survives_a_restart() -> None:
     evidence = observe(Evidence(), True, 10.0, PARAMS)
     assert Evidence.from_json(evidence.to_json()) == evidence
     assert Evidence.from_json(Evidence().to_json()) == Evidence()
+
+
+def test_params_come_from_the_policy() -> None:
+    expected = TrustParams(minimum=0.8, half_life_s=3600.0, initial=0.9, prior_weight=10,
+                           window_s=60.0, cap=5)
+    assert expected == PARAMS
+
+
+def test_each_observation_counts_once_on_its_side_from_its_time() -> None:
+    good = observe(Evidence(), True, 100_000.0, PARAMS)
+    assert (good.positive, good.negative, good.at) == (1.0, 0.0, 100_000.0)
+    assert (good.window, good.window_positive, good.window_negative) == (99_960.0, 1, 0)
+    bad = observe(good, False, 100_000.0, PARAMS)
+    assert (bad.positive, bad.negative, bad.window_positive, bad.window_negative) == \
+        (1.0, 1.0, 1, 1)
+    # Decay runs from the last observation, not from time zero.
+    assert score(bad, 100_000.0, PARAMS) == pytest.approx(10 / 12, rel=1e-9)
+
+
+def test_a_half_life_halves_positive_evidence_too() -> None:
+    book = TrustBook(PARAMS)
+    book.observe("globex", RELIABILITY, True, 0.0)
+    assert book.explain("globex", 3600.0)[RELIABILITY] == {
+        "score": round(9.5 / 10.5, 4), "positive": 0.5, "negative": 0.0,
+        "observations": 1, "capped": 0}
+
+
+def test_the_cap_is_per_side_and_a_new_window_resets_both() -> None:
+    evidence = Evidence()
+    for _ in range(5):
+        evidence = observe(evidence, True, 1.0, PARAMS)
+    evidence = observe(evidence, False, 1.0, PARAMS)  # positives at the cap: still counted
+    assert (evidence.window_negative, evidence.capped) == (1, 0)
+    for _ in range(4):
+        evidence = observe(evidence, False, 1.0, PARAMS)
+    evidence = observe(evidence, False, 1.0, PARAMS)  # the sixth negative is left out
+    assert (evidence.window_negative, evidence.capped) == (5, 1)
+    evidence = observe(evidence, False, 61.0, PARAMS)
+    assert (evidence.window, evidence.window_positive, evidence.window_negative) == (60.0, 0, 1)
+
+
+def test_the_weakest_dimension_is_the_lowest_score_and_the_minimum_itself_passes() -> None:
+    book = TrustBook(PARAMS)
+    book.observe("globex", SECURITY, False, 0.0)
+    book.observe("globex", SECURITY, False, 0.0)
+    book.observe("globex", RELIABILITY, False, 0.0)
+    assert book.lowest("globex", 0.0) == (SECURITY, pytest.approx(9 / 12))
+    # A new peer scores exactly the prior, 0.9: at the minimum is not below it.
+    at_minimum = TrustBook(dataclasses.replace(PARAMS, minimum=0.9))
+    assert at_minimum.refusal("globex", 0.0) is None
+
+
+def test_evidence_with_capped_observations_survives_a_restart() -> None:
+    evidence = Evidence()
+    for _ in range(7):
+        evidence = observe(evidence, True, 1.0, PARAMS)
+    assert evidence.capped == 2
+    assert Evidence.from_json(evidence.to_json()) == evidence
+    assert Evidence().to_json()["window"] is None  # JSON has no infinity
 
 
 # ---------------------------------------------------------------------- SLA
