@@ -87,7 +87,7 @@ for module in "${modules[@]}"; do
   cp -r runtime/packetflow "$stage/src/packetflow"
   cp -r operator/packetflow/operator "$stage/src/packetflow/operator"
   cp -r proto/packetflow/v1 "$stage/src/packetflow/v1"
-  cp -r tests examples crds charts "$stage/"
+  cp -r tests examples crds charts bench "$stage/"
   find "$stage" -name __pycache__ -prune -exec rm -rf {} +
   # The project's pytest settings plus mutmut's own section for this module.
   cp pyproject.toml "$stage/pyproject.toml"
@@ -98,7 +98,7 @@ source_paths = ["src/packetflow"]
 only_mutate = ["src/packetflow/${source[$module]}"]
 pytest_add_cli_args_test_selection = [${selection}]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"${keep[$module]:+, "-k", "${keep[$module]}"}]
-also_copy = ["examples", "crds", "charts"]
+also_copy = ["examples", "crds", "charts", "bench"]
 process_isolation = "forkserver"
 do_not_mutate_patterns = [${skip[$module]:+'${skip[$module]}'}]
 EOF

@@ -20,6 +20,9 @@ FEDERATIONS = "packetflow.io/v1alpha1/federations"
 FEDS_PATH = f"/apis/packetflow.io/v1alpha1/namespaces/{NS}/federations"
 DEPLOYMENTS = "apps/v1/deployments"
 DEPLOY_PATH = f"/apis/apps/v1/namespaces/{NS}/deployments"
+# Each test sets up and tears down two organizations' gateways (real mTLS) and the operator:
+# on a loaded 2-core machine that alone once took most of the default 120 s.
+pytestmark = pytest.mark.timeout(300)
 
 
 def federation(name: str = "partners", **spec: Any) -> dict[str, Any]:
