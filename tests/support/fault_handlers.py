@@ -1,0 +1,44 @@
+"""Handlers for the fault tests and the soak: each run leaves a durable trace in a file.
+
+``record`` appends one JSON line per run to the file named by ``$PF_FAULT_RECORD`` (O_APPEND,
+one write per line, fsync'd), so a test can count the runs of each event after the process
+that made them was killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import orjson
+
+from packetflow.context import CallContext
+
+
+def _append(entry: dict[str, Any]) -> None:
+    fd = os.open(os.environ["PF_FAULT_RECORD"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, orjson.dumps(entry) + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def record(event: str, ctx: CallContext, seconds: float = 0.0) -> dict[str, Any]:
+    """Record that ``event`` started, wait ``seconds``, record that it finished."""
+    pid = os.getpid()
+    await asyncio.to_thread(_append, {"event": event, "pid": pid, "phase": "start"})
+    if seconds:
+        await asyncio.sleep(seconds)
+    await asyncio.to_thread(_append, {"event": event, "pid": pid, "phase": "end"})
+    return {"event": event}
+
+
+def recorded(path: str) -> list[dict[str, Any]]:
+    """The entries ``record`` wrote to ``path`` (none if it does not exist yet)."""
+    try:
+        with open(path, "rb") as source:
+            return [orjson.loads(line) for line in source if line.strip()]
+    except FileNotFoundError:
+        return []
