@@ -131,6 +131,13 @@ class FaultProxy:
         """Connections proxied now."""
         return len(self._links)
 
+    @property
+    def sockets(self) -> int:
+        """File descriptors the proxy holds (listening and proxied sockets), so a leak check
+        in the process that runs it can leave them out."""
+        listening = len(self._server.sockets) if self._server is not None else 0
+        return listening + sum(1 + (link.upstream is not None) for link in self._links)
+
     async def start(self) -> FaultProxy:
         """Listen (on the running loop)."""
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -143,9 +150,13 @@ class FaultProxy:
             self._server.close()
         for link in list(self._links):
             link.reset()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Reset links end their pumps; a task cancelled instead would be logged as an error
+        # by asyncio's stream callback.
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=5)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -251,6 +262,15 @@ class ProxyThread:
             self.proxy.fault = fault
 
         self._call(change())
+
+    @property
+    def sockets(self) -> int:
+        """:attr:`FaultProxy.sockets`, read on the proxy's loop."""
+        async def count() -> int:
+            return self.proxy.sockets
+
+        result: int = self._call(count())
+        return result
 
     def close(self) -> None:
         """Stop the proxy and its thread."""

@@ -22,6 +22,15 @@ from packetflow.errors import PacketFlowError
 
 T = TypeVar("T")
 # Errors that mean "this data cannot be stored" (a NUL in text, a value out of range).
+def _finish(work: asyncio.Future[Any], conn: psycopg.AsyncConnection[Any] | None) -> None:
+    """After an abandoned transaction ``work`` ended: close its connection without a goodbye
+    (the network may be gone); its outcome was reported already."""
+    if not work.cancelled():
+        work.exception()  # retrieved: asyncio would log it as never retrieved
+    if conn is not None:
+        conn.pgconn.finish()
+
+
 REFUSED: tuple[type[Exception], ...] = (psycopg.DataError, psycopg.IntegrityError)
 _PLACEHOLDER = re.compile(r"\?")
 _sql_cache: dict[str, str] = {}
@@ -102,27 +111,34 @@ class PostgresActorStore(ActorStore):
         self._idle = None
 
     async def run(self, name: str, op: Op[T]) -> T:
-        """Run ``op`` in one transaction on a free connection, within ``timeout``."""
+        """Run ``op`` in one transaction on a free connection, within ``timeout``; a caller
+        that gives up (its deadline, a cancellation) is not held while psycopg cancels the
+        statement at the server (up to 10 s): that finishes in the background, on a
+        connection the slot no longer uses."""
         idle = self._idle
         if idle is None:
             raise StoreUnavailable(f"actor store of {self.actor_type} is not open")
         slot = await idle.get()
         started = time.perf_counter()
+        holder = [slot[0]]  # the connection this transaction uses (connected if None)
+        work = asyncio.ensure_future(self._transaction(holder, op))
         try:
             async with asyncio.timeout(self.timeout):
-                conn = slot[0]
-                if conn is None:
-                    conn = slot[0] = await connect_postgres(self.dsn)
-                async with conn.transaction():
-                    return await drive_async(conn, op)
+                result = await asyncio.shield(work)
+            slot[0] = holder[0]
+            return result
         except PacketFlowError:
+            slot[0] = holder[0]
             raise
         except BaseException as exc:
-            if not (isinstance(exc, REFUSED) and slot[0] is not None and not slot[0].broken):
+            conn = holder[0]
+            if isinstance(exc, REFUSED) and conn is not None and not conn.broken:
+                slot[0] = conn  # the server refused the SQL: the connection is fine
+            else:
                 # Lost, timed out or cancelled mid-transaction: never reuse that connection.
-                conn, slot[0] = slot[0], None
-                if conn is not None:
-                    conn.pgconn.finish()
+                slot[0] = None
+                work.cancel()
+                work.add_done_callback(lambda done: _finish(done, holder[0]))
             if isinstance(exc, TimeoutError):
                 raise StoreUnavailable(f"actor store of {self.actor_type}: no answer from "
                                        f"PostgreSQL within {self.timeout:g}s") from None
@@ -133,3 +149,11 @@ class PostgresActorStore(ActorStore):
             if self.observe is not None:
                 self.observe(name, time.perf_counter() - started)
             idle.put_nowait(slot)
+
+    async def _transaction(self, holder: list[psycopg.AsyncConnection[Any] | None],
+                           op: Op[T]) -> T:
+        conn = holder[0]
+        if conn is None:
+            conn = holder[0] = await connect_postgres(self.dsn)
+        async with conn.transaction():
+            return await drive_async(conn, op)

@@ -502,8 +502,19 @@ class ActorType:
             self.spec.memory.max_messages, list(effects.set_reminders.values()),
             sorted(effects.delete_reminders), turn.fired, turn.message_id, reply_json)
         write = asyncio.ensure_future(self._write(actor, commit, followup))
+        assert ctx.deadline is not None
         try:
-            version = await asyncio.shield(write)
+            async with asyncio.timeout_at(ctx.deadline):
+                version = await asyncio.shield(write)
+        except TimeoutError:
+            # A store that does not confirm must not hold the caller past its deadline. The
+            # write is cut short, which retires the actor (the next turn reads what the store
+            # holds); whether it landed is unknown, so a retry under the same message id
+            # applies it at most once.
+            write.cancel()
+            write.add_done_callback(lambda done: done.cancelled() or done.exception())
+            raise DeadlineExceeded(f"actor {self.name}/{actor.actor_id}: its store did not "
+                                   "confirm the turn before its deadline") from None
         except asyncio.CancelledError:
             # The write is already on its way: let it land so memory matches the store.
             with contextlib.suppress(Exception):
