@@ -42,3 +42,9 @@ def recorded(path: str) -> list[dict[str, Any]]:
             return [orjson.loads(line) for line in source if line.strip()]
     except FileNotFoundError:
         return []
+
+
+async def busy(seconds: float, ctx: CallContext) -> dict[str, Any]:
+    """Hold a call slot for ``seconds`` (a handler at work), then answer."""
+    await asyncio.sleep(seconds)
+    return {"slept": seconds}
