@@ -21,26 +21,10 @@ import orjson
 
 from packetflow.client import RuntimeClient
 from tests.conftest import eventually
-from tests.support.fault_handlers import recorded
+from tests.support.fault_handlers import SOURCE_AND_RECORD, recorded
 from tests.support.processes import RuntimeProcess
 
-BUNDLE = """
-apiVersion: packetflow.io/v1alpha1
-kind: Capability
-metadata: {name: source}
-spec:
-  intent: Echo a number (its completions are events)
-  requires: {n: {type: integer}}
-  implementation: {builtin: {name: echo}}
----
-apiVersion: packetflow.io/v1alpha1
-kind: Capability
-metadata: {name: record}
-spec:
-  intent: Record an event in a file, slowly
-  requires: {event: {type: string}, seconds: {type: number, default: 0}}
-  implementation: {python: {module: tests.support.fault_handlers, function: record}}
----
+BUNDLE = SOURCE_AND_RECORD + """
 apiVersion: packetflow.io/v1alpha1
 kind: Capability
 metadata: {name: on-source}

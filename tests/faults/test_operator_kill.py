@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,8 +19,6 @@ from tests.operator.conftest import wait_for
 from tests.operator.kube_emulator import (
     CAPABILITIES,
     ClusterEmulator,
-    running_emulator,
-    write_kubeconfig,
 )
 from tests.operator.test_operator_emulated import (
     CAPS_PATH,
@@ -53,22 +51,6 @@ class OperatorProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path,
-                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ClusterEmulator]:
-    """The emulator, with $KUBECONFIG (the operator processes inherit it) pointing at it."""
-    async with running_emulator() as (emulator, url):
-        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kubeconfig", url)))
-        yield emulator
-
-
-@pytest.fixture
-async def kube(cluster: ClusterEmulator) -> AsyncIterator[httpx.AsyncClient]:
-    """A plain HTTP client for the emulator, playing kubectl."""
-    async with httpx.AsyncClient(base_url=str(cluster.url), timeout=10) as client:
-        yield client
 
 
 @pytest.fixture

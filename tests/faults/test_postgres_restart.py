@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from packetflow.client import RuntimeClient
 from tests.conftest import eventually
-from tests.support.fault_handlers import recorded
+from tests.support.fault_handlers import SOURCE_AND_RECORD, recorded
 from tests.support.ledger_load import LedgerLoad
 from tests.support.processes import RuntimeProcess
 
@@ -31,23 +31,7 @@ spec:
   store: {postgresql: {dsnFrom: {env: PF_TEST_DSN}}}
 """
 
-TRIGGERED = """
-apiVersion: packetflow.io/v1alpha1
-kind: Capability
-metadata: {name: source}
-spec:
-  intent: Echo a number (its completions are events)
-  requires: {n: {type: integer}}
-  implementation: {builtin: {name: echo}}
----
-apiVersion: packetflow.io/v1alpha1
-kind: Capability
-metadata: {name: record}
-spec:
-  intent: Record an event in a file
-  requires: {event: {type: string}, seconds: {type: number, default: 0}}
-  implementation: {python: {module: tests.support.fault_handlers, function: record}}
----
+TRIGGERED = SOURCE_AND_RECORD + """
 apiVersion: packetflow.io/v1alpha1
 kind: Capability
 metadata: {name: on-source}

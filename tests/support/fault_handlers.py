@@ -15,6 +15,27 @@ import orjson
 
 from packetflow.context import CallContext
 
+# ``source`` (whose completions are events) and ``record`` (what a triggered run calls): the
+# fault tests' bundles add their triggered compositions after it.
+SOURCE_AND_RECORD = """
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: source}
+spec:
+  intent: Echo a number (its completions are events)
+  requires: {n: {type: integer}}
+  implementation: {builtin: {name: echo}}
+---
+apiVersion: packetflow.io/v1alpha1
+kind: Capability
+metadata: {name: record}
+spec:
+  intent: Record an event in a file
+  requires: {event: {type: string}, seconds: {type: number, default: 0}}
+  implementation: {python: {module: tests.support.fault_handlers, function: record}}
+---
+"""
+
 
 def _append(entry: dict[str, Any]) -> None:
     fd = os.open(os.environ["PF_FAULT_RECORD"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
