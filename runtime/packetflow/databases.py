@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -83,6 +83,39 @@ def connection_lost(exc: BaseException) -> bool:
                       | OSError)
 
 
+def _refused(exc: BaseException) -> bool:
+    """The server refused the SQL (the connection is fine), as opposed to a lost one."""
+    return isinstance(exc, Exception) and not connection_lost(exc)
+
+
+async def detached(work: Coroutine[Any, Any, T], holder: list[Any], timeout: float,
+                   keep: Callable[[BaseException], bool] = _refused) -> T:
+    """Await ``work`` (statements on the connection ``holder[0]``, which it may set) for up
+    to ``timeout``. On a failure ``keep`` does not forgive, and whenever the caller stops
+    waiting (the timeout, a cancellation), the connection is closed once ``work`` has ended,
+    and ``work`` is cancelled in the background: psycopg's cancellation of a statement waits
+    for the server (up to 10 s), which must not hold the caller."""
+    task = asyncio.ensure_future(work)
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(task)
+    except BaseException as exc:
+        if not (task.done() and keep(exc)):
+            task.cancel()
+            task.add_done_callback(lambda done: _close_after(done, holder[0]))
+        raise
+
+
+def _close_after(work: asyncio.Future[Any], connection: Any) -> None:
+    """``work`` ended: close its connection without a goodbye (the network may be gone); its
+    outcome was reported to the caller already."""
+    if not work.cancelled():
+        work.exception()  # retrieved: asyncio would log it as never retrieved
+    if connection is not None:
+        with contextlib.suppress(Exception):
+            connection.pgconn.finish()
+
+
 class PostgresDatabase:
     """A shared PostgreSQL on one connection, opened with :meth:`connect`, reopened after the
     server or the network failed; such a failure (or a statement past ``timeout``) raises
@@ -109,27 +142,29 @@ class PostgresDatabase:
         """Execute with psycopg's placeholders (reconnecting first if the connection was
         lost)."""
         async with self.lock:
+            holder = [self.connection]
+            self.connection = None  # back once the statement ended well or SQL was refused
             try:
-                async with asyncio.timeout(self.timeout):
-                    if self.connection is None:
-                        self.connection = await connect_postgres(self.dsn)
-                    cursor = await self.connection.execute(sql.replace("?", "%s"), args)
-                    return list(await cursor.fetchall()) if cursor.description else []
+                rows = await detached(self._execute(holder, sql, args), holder, self.timeout)
             except BaseException as exc:
-                if isinstance(exc, Exception) and not connection_lost(exc):
+                if _refused(exc):
+                    self.connection = holder[0]
                     raise
-                # Lost, timed out or cancelled mid-statement: its state is unknown, never reuse.
-                self._drop()
+                # Lost, timed out or cancelled mid-statement: its state is unknown, never reuse
+                # (detached closes it).
                 if isinstance(exc, Exception):
                     raise Unavailable(f"{self.what} is unreachable: "
                                       f"{str(exc).strip() or type(exc).__name__}") from None
                 raise
+            self.connection = holder[0]
+            return rows
 
-    def _drop(self) -> None:
-        connection, self.connection = self.connection, None
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                connection.pgconn.finish()  # no goodbye over a network that may be gone
+    async def _execute(self, holder: list[Any], sql: str,
+                       args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        if holder[0] is None:
+            holder[0] = await connect_postgres(self.dsn)
+        cursor = await holder[0].execute(sql.replace("?", "%s"), args)
+        return list(await cursor.fetchall()) if cursor.description else []
 
     async def aclose(self) -> None:
         """Close the connection."""

@@ -75,6 +75,12 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+def _open(writer: asyncio.StreamWriter | None) -> bool:
+    """Whether ``writer``'s socket still holds a file descriptor."""
+    sock = None if writer is None else writer.get_extra_info("socket")
+    return sock is not None and sock.fileno() != -1
+
+
 class _Link:
     """One proxied connection: the client side, the upstream side and its pumps."""
 
@@ -136,7 +142,8 @@ class FaultProxy:
         """File descriptors the proxy holds (listening and proxied sockets), so a leak check
         in the process that runs it can leave them out."""
         listening = len(self._server.sockets) if self._server is not None else 0
-        return listening + sum(1 + (link.upstream is not None) for link in self._links)
+        return listening + sum(_open(writer) for link in self._links
+                               for writer in (link.client, link.upstream))
 
     async def start(self) -> FaultProxy:
         """Listen (on the running loop)."""

@@ -17,20 +17,11 @@ import psycopg
 
 from packetflow.actors.errors import StoreUnavailable
 from packetflow.actors.store import ActorStore, Op, Result, store_error
-from packetflow.databases import STATEMENT_TIMEOUT_SECONDS, connect_postgres
+from packetflow.databases import STATEMENT_TIMEOUT_SECONDS, connect_postgres, detached
 from packetflow.errors import PacketFlowError
 
 T = TypeVar("T")
 # Errors that mean "this data cannot be stored" (a NUL in text, a value out of range).
-def _finish(work: asyncio.Future[Any], conn: psycopg.AsyncConnection[Any] | None) -> None:
-    """After an abandoned transaction ``work`` ended: close its connection without a goodbye
-    (the network may be gone); its outcome was reported already."""
-    if not work.cancelled():
-        work.exception()  # retrieved: asyncio would log it as never retrieved
-    if conn is not None:
-        conn.pgconn.finish()
-
-
 REFUSED: tuple[type[Exception], ...] = (psycopg.DataError, psycopg.IntegrityError)
 _PLACEHOLDER = re.compile(r"\?")
 _sql_cache: dict[str, str] = {}
@@ -121,24 +112,25 @@ class PostgresActorStore(ActorStore):
         slot = await idle.get()
         started = time.perf_counter()
         holder = [slot[0]]  # the connection this transaction uses (connected if None)
-        work = asyncio.ensure_future(self._transaction(holder, op))
+        slot[0] = None  # back once the transaction ended well, or the SQL was refused
+
+        def refused(exc: BaseException) -> bool:
+            conn = holder[0]
+            return isinstance(exc, PacketFlowError) or (
+                isinstance(exc, REFUSED) and conn is not None and not conn.broken)
+
         try:
-            async with asyncio.timeout(self.timeout):
-                result = await asyncio.shield(work)
+            result = await detached(self._transaction(holder, op), holder, self.timeout,
+                                    refused)
             slot[0] = holder[0]
             return result
-        except PacketFlowError:
-            slot[0] = holder[0]
-            raise
         except BaseException as exc:
-            conn = holder[0]
-            if isinstance(exc, REFUSED) and conn is not None and not conn.broken:
-                slot[0] = conn  # the server refused the SQL: the connection is fine
-            else:
-                # Lost, timed out or cancelled mid-transaction: never reuse that connection.
-                slot[0] = None
-                work.cancel()
-                work.add_done_callback(lambda done: _finish(done, holder[0]))
+            if refused(exc):
+                slot[0] = holder[0]
+            # Otherwise lost, timed out or cancelled mid-transaction: never reuse that
+            # connection (detached closes it); the slot reconnects on its next use.
+            if isinstance(exc, PacketFlowError):
+                raise
             if isinstance(exc, TimeoutError):
                 raise StoreUnavailable(f"actor store of {self.actor_type}: no answer from "
                                        f"PostgreSQL within {self.timeout:g}s") from None
