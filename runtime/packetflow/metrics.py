@@ -13,6 +13,15 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    5.0, 10.0, 30.0, 60.0)
 
 
+def _task_counter() -> Callable[[], float]:
+    """Counts the tasks of the loop running now (read from the metrics server's thread)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # made outside a loop (a unit test): nothing to count
+        return lambda: 0.0
+    return lambda: float(len(asyncio.all_tasks(loop)))
+
+
 @dataclass
 class RuntimeMetrics:
     """The runtime's metric families."""
@@ -50,11 +59,3 @@ class RuntimeMetrics:
             "Outputs that broke the capability's provides contract.",
             ["capability"], registry=self.registry)
 
-
-def _task_counter() -> Callable[[], float]:
-    """Counts the tasks of the loop running now (read from the metrics server's thread)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # made outside a loop (a unit test): nothing to count
-        return lambda: 0.0
-    return lambda: float(len(asyncio.all_tasks(loop)))
