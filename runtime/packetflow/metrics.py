@@ -58,4 +58,3 @@ class RuntimeMetrics:
             "packetflow_contract_violations",
             "Outputs that broke the capability's provides contract.",
             ["capability"], registry=self.registry)
-
