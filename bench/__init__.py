@@ -21,4 +21,5 @@ BENCHES: dict[str, str] = {
     "federation": "bench.federation",
     "gateway": "bench.gateway",
     "planner": "bench.planner",
+    "soak": "bench.soak",
 }

@@ -17,8 +17,9 @@ from packetflow.server import RuntimeServer
 from tests.support.actors import SystemFactory
 from tests.support.manifests import sample_capabilities
 
-# The `processes` fixture (real runtime processes), registered before any test imports it.
-pytest_plugins = ["tests.support.processes"]
+# The `processes` fixture (real runtime processes), and `cluster` and `kube` (the Kubernetes
+# emulator), registered before any test imports them.
+pytest_plugins = ["tests.support.processes", "tests.support.kube"]
 
 
 async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0,

@@ -7,9 +7,9 @@ import string
 from typing import Literal
 from urllib.parse import urlsplit
 
-import jmespath
-from jmespath.exceptions import JMESPathError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from packetflow.validation import checked_jmespath
 
 
 class BuiltinConfig(BaseModel):
@@ -30,11 +30,7 @@ class TransformConfig(BuiltinConfig):
     @field_validator("expression")
     @classmethod
     def _parses(cls, value: str) -> str:
-        try:
-            jmespath.compile(value)
-        except JMESPathError as exc:
-            raise ValueError(f"invalid JMESPath expression: {exc}") from None
-        return value
+        return checked_jmespath(value)
 
 
 class FieldTemplate(string.Template):

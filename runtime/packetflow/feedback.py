@@ -22,7 +22,11 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 
-from packetflow.databases import SqliteDatabase, open_shared_or_local
+from packetflow.databases import (
+    PostgresDatabase,
+    SqliteDatabase,
+    open_shared_or_local,
+)
 from packetflow.errors import FieldViolation, InvalidInput
 
 MAX_COMMENT = 1000
@@ -34,6 +38,12 @@ SQLITE_SCHEMA = (
     "score REAL NOT NULL, comment TEXT NOT NULL, at REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS feedback_capability ON feedback (capability, at)",
     "CREATE INDEX IF NOT EXISTS feedback_trace ON feedback (trace_id)",
+)
+POSTGRES_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS pf_feedback (trace_id TEXT NOT NULL, capability TEXT NOT NULL,"
+    " score DOUBLE PRECISION NOT NULL, comment TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS pf_feedback_capability ON pf_feedback (capability, at)",
+    "CREATE INDEX IF NOT EXISTS pf_feedback_trace ON pf_feedback (trace_id)",
 )
 SCORES_BATCH = 500  # trace ids per query (SQLite's variable limit is 999 on old builds)
 
@@ -134,49 +144,36 @@ class SqliteFeedbackStore:
 class PostgresFeedbackStore:
     """Feedback in a PostgreSQL database every replica shares; open with :meth:`connect`."""
 
-    def __init__(self, connection: Any) -> None:
-        self.connection = connection  # psycopg.AsyncConnection, autocommit
+    def __init__(self, database: PostgresDatabase) -> None:
+        self.database = database
+        self._run = database.run
 
     @classmethod
     async def connect(cls, dsn: str) -> PostgresFeedbackStore:
         """Connect and create the table if needed."""
-        import psycopg  # only runtimes configured for a shared store load the driver
-
-        connection = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-        await connection.execute(
-            "CREATE TABLE IF NOT EXISTS pf_feedback (trace_id TEXT NOT NULL, "
-            "capability TEXT NOT NULL, score DOUBLE PRECISION NOT NULL, "
-            "comment TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)")
-        await connection.execute("CREATE INDEX IF NOT EXISTS pf_feedback_capability "
-                                 "ON pf_feedback (capability, at)")
-        await connection.execute("CREATE INDEX IF NOT EXISTS pf_feedback_trace "
-                                 "ON pf_feedback (trace_id)")
-        return cls(connection)
+        return cls(await PostgresDatabase.connect(dsn, POSTGRES_SCHEMA, "the feedback store"))
 
     async def add(self, record: FeedbackRecord) -> None:
         """Store one record (committed when this returns)."""
-        await self.connection.execute(
-            "INSERT INTO pf_feedback VALUES (%s, %s, %s, %s, %s)",
-            (record.trace_id, record.capability, record.score, record.comment, record.at))
+        await self._run("INSERT INTO pf_feedback VALUES (?, ?, ?, ?, ?)", record.trace_id,
+                        record.capability, record.score, record.comment, record.at)
 
     async def summary(self, capability: str, since: float = 0.0) -> tuple[int, float]:
         """Count and mean score of ``capability`` since ``since``."""
-        cursor = await self.connection.execute(
+        ((count, mean),) = await self._run(
             "SELECT count(*), coalesce(avg(score), 0) FROM pf_feedback "
-            "WHERE capability = %s AND at >= %s", (capability, since))
-        count, mean = await cursor.fetchone()
+            "WHERE capability = ? AND at >= ?", capability, since)
         return int(count), float(mean)
 
     async def scores(self, trace_ids: Sequence[str]) -> dict[str, float]:
         """Mean score per trace id that has feedback."""
-        cursor = await self.connection.execute(
-            "SELECT trace_id, avg(score) FROM pf_feedback WHERE trace_id = ANY(%s) "
-            "GROUP BY trace_id", (list(trace_ids),))
-        return _means(await cursor.fetchall())
+        return _means(await self._run(
+            "SELECT trace_id, avg(score) FROM pf_feedback WHERE trace_id = ANY(?) "
+            "GROUP BY trace_id", list(trace_ids)))
 
     async def aclose(self) -> None:
         """Close the connection."""
-        await self.connection.close()
+        await self.database.aclose()
 
 
 class RecentTraces:

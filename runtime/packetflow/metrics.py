@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -9,6 +11,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Latency buckets from 0.5 ms: most capability calls are in-process and fast.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0, 60.0)
+
+
+def _task_counter() -> Callable[[], float]:
+    """Counts the tasks of the loop running now (read from the metrics server's thread)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # made outside a loop (a unit test): nothing to count
+        return lambda: 0.0
+    return lambda: float(len(asyncio.all_tasks(loop)))
 
 
 @dataclass
@@ -26,6 +37,11 @@ class RuntimeMetrics:
             "packetflow_capability_call_duration_seconds",
             "Time from input received to reply, per capability.",
             ["capability"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tasks = Gauge(
+            "packetflow_event_loop_tasks",
+            "Asyncio tasks alive on the runtime's event loop (steady under steady load; "
+            "growth without bound is a leak).", registry=self.registry)
+        self.tasks.set_function(_task_counter())
         self.in_flight = Gauge(
             "packetflow_capability_in_flight", "Calls currently running, per capability.",
             ["capability"], registry=self.registry)

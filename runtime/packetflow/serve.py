@@ -56,13 +56,15 @@ async def idempotency_store(settings: RuntimeSettings) -> IdempotencyStore:
     restart could run again."""
     if settings.trigger_store_dsn:
         try:
-            return await PostgresIdempotencyStore.connect(settings.trigger_store_dsn)
+            return await PostgresIdempotencyStore.connect(
+                settings.trigger_store_dsn, lease_seconds=settings.trigger_lease_seconds)
         except Exception as exc:  # psycopg's errors: the DSN or the server
             raise SystemExit(
                 f"error: trigger store (PACKETFLOW_TRIGGER_STORE_DSN): {exc}") from None
     try:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteIdempotencyStore(settings.state_dir / "triggers.db")
+        return SqliteIdempotencyStore(settings.state_dir / "triggers.db",
+                                      lease_seconds=settings.trigger_lease_seconds)
     except (OSError, sqlite3.Error) as exc:
         log.warning("state dir %s is not usable (%s): trigger keys kept in memory only",
                     settings.state_dir, exc)

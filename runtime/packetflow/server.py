@@ -44,6 +44,7 @@ from packetflow.errors import (
 )
 from packetflow.feedback import FeedbackService
 from packetflow.graph import dependencies_of
+from packetflow.keepalive import SERVER_KEEPALIVE
 from packetflow.planner.core import Planner
 from packetflow.planner.handler import PLANNER_NAME
 from packetflow.planner.wire import request_from_proto, response_to_proto
@@ -310,6 +311,7 @@ class RuntimeServer:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
+            *SERVER_KEEPALIVE,
         ])
         runtime_pb2_grpc.add_CapabilityRuntimeServicer_to_server(
             CapabilityRuntimeServicer(engine, feedback, planner), server)

@@ -41,6 +41,10 @@ class RuntimeSettings(BaseSettings):
         description="PostgreSQL for trigger idempotency keys shared by every replica (a "
                     "schedule then fires once per cluster, not per pod); unset: SQLite "
                     "under state_dir")
+    trigger_lease_seconds: float = Field(
+        default=30.0, gt=0,
+        description="How long a triggered run's claim lasts unless its process renews it: a "
+                    "run cut short by a crash is taken over and run again after this")
     feedback_store_dsn: str | None = Field(
         default=None,
         description="PostgreSQL for user feedback shared by every replica; unset: SQLite "

@@ -7,9 +7,12 @@ and remote tools all name fields the same way manifests do.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import jmespath
+from jmespath.exceptions import JMESPathError
 from pydantic import ValidationError
 
 
@@ -72,3 +75,20 @@ class ImplementationError(Exception):
         super().__init__(f"{path}: {message}")
         self.path = path
         self.message = message
+
+
+def checked_jmespath(value: str) -> str:
+    """``value`` if it parses as JMESPath, else ``ValueError`` with a one-line reason; the
+    deprecated `` `text` `` literal (jmespath warns, then guesses a string) is refused too."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PendingDeprecationWarning)
+            jmespath.compile(value)
+    except PendingDeprecationWarning:
+        raise ValueError(f"invalid JMESPath expression {value!r}: a `...` literal must be "
+                         "JSON (`\"text\"`, `1`); write a string as 'text'") from None
+    except JMESPathError as exc:
+        # jmespath's messages span lines (with a caret); one line reads better in a condition.
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"invalid JMESPath expression {value!r}: {detail}") from None
+    return value

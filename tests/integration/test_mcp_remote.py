@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
-import sys
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,32 +20,7 @@ from packetflow.mcp.server import McpService
 from packetflow.mcp.toolbox import McpToolbox, ToolNotDeclared
 from packetflow.spec import McpToolRef, ValueSource
 from tests.conftest import eventually
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@contextlib.asynccontextmanager
-async def remote_server(token: str | None = None) -> AsyncIterator[tuple[str, Any]]:
-    """``tests.support.mcp_remote_server`` in a subprocess; yields (url, process)."""
-    extra = ["--token", token] if token else []
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.support.mcp_remote_server", *extra,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL, cwd=ROOT)
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        async with asyncio.timeout(30):
-            port = int(await proc.stdout.readline())
-        yield f"http://127.0.0.1:{port}/mcp", proc
-    finally:
-        if proc.returncode is None:
-            proc.stdin.close()
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+from tests.support.mcp_remote_server import remote_server
 
 
 def remote_engine(url: str, tools: dict[str, str], extra: str = "") -> Engine:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
 from packetflow.operator.handlers import OperatorContext, OperatorThread
 from packetflow.operator.metrics import OperatorMetrics
 from packetflow.operator.settings import OperatorSettings
-from tests.operator.kube_emulator import ClusterEmulator, running_emulator, write_kubeconfig
+from tests.operator.kube_emulator import ClusterEmulator
 
 
 async def wait_for(check: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0,
@@ -61,22 +59,6 @@ class OperatorRunner:
         if self.thread is not None:
             await asyncio.to_thread(self.thread.stop)
             self.thread = None
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path,
-                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ClusterEmulator]:
-    """The emulator, with $KUBECONFIG pointing at it (kopf's login reads it)."""
-    async with running_emulator() as (emulator, url):
-        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kubeconfig", url)))
-        yield emulator
-
-
-@pytest.fixture
-async def kube(cluster: ClusterEmulator) -> AsyncIterator[httpx.AsyncClient]:
-    """A plain HTTP client for the emulator, playing kubectl and the kubelet."""
-    async with httpx.AsyncClient(base_url=str(cluster.url), timeout=10) as client:
-        yield client
 
 
 @pytest.fixture

@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import socket
 import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Echoed(BaseModel):
@@ -102,6 +108,30 @@ async def serve(port: int, token: str | None) -> None:
     await asyncio.to_thread(sys.stdin.read)
     server.should_exit = True
     await task
+
+
+@contextlib.asynccontextmanager
+async def remote_server(token: str | None = None) -> AsyncIterator[tuple[str, Any]]:
+    """This server in a subprocess; yields (url, process)."""
+    extra = ["--token", token] if token else []
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.support.mcp_remote_server", *extra,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, cwd=ROOT)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            port = int(await proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}/mcp", proc
+    finally:
+        if proc.returncode is None:
+            proc.stdin.close()
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 Use with ``pytest_plugins = ["tests.support.postgres"]``: the ``postgres`` fixture (session)
 starts one server, ``postgres_dsn`` gives each test a database of its own. Tests skip only
 when no PostgreSQL server binaries exist (scripts/test.sh installs the Debian package).
+A server of a test's own can be crashed (:meth:`PostgresServer.crash`: immediate shutdown,
+data kept) and started again on the same port (:meth:`PostgresServer.restart`).
 """
 
 from __future__ import annotations
@@ -76,20 +78,30 @@ class PostgresServer:
             shutil.chown(directory, "postgres", "postgres")
             prefix = ["runuser", "-u", "postgres", "--"]
         server = cls(bindir, directory, _free_port(), prefix)
-        data = directory / "data"
-        server._run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                    "-E", "UTF8", "--no-sync")
-        # fsync off: a test server's durability is not under test, its speed matters.
-        server._run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(directory / "log"),
-                    "-w", "-o", f"-p {server.port} -k {directory} -c listen_addresses=127.0.0.1"
-                                " -F -c max_connections=300", "start")
+        server._run(str(bindir / "initdb"), "-D", str(directory / "data"), "-U", "postgres",
+                    "--auth=trust", "-E", "UTF8", "--no-sync")
+        server.restart()
         return server
+
+    def restart(self) -> None:
+        """Start the server (again) on its port, with the data it had."""
+        # fsync off: a test server's durability is not under test, its speed matters (a crash
+        # of the server process alone loses nothing: the operating system keeps its writes).
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.directory / "data"), "-l",
+                  str(self.directory / "log"), "-w", "-o",
+                  f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1"
+                  " -F -c max_connections=300", "start")
+
+    def crash(self) -> None:
+        """Immediate shutdown (every backend killed, no checkpoint: recovery on restart),
+        keeping the data."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.directory / "data"), "-m",
+                  "immediate", "-w", "stop")
 
     def stop(self) -> None:
         """Stop at once and remove the data directory."""
         try:
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.directory / "data"), "-m",
-                      "immediate", "-w", "stop")
+            self.crash()
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -108,3 +120,13 @@ def postgres() -> Iterator[PostgresServer]:
 def postgres_dsn(postgres: PostgresServer) -> str:
     """A fresh database for one test."""
     return postgres.create_database()
+
+
+@pytest.fixture
+def crashable_postgres() -> Iterator[PostgresServer]:
+    """A server only this test uses, so it may crash and restart it."""
+    server = PostgresServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -17,6 +17,7 @@ import psycopg
 
 from packetflow.actors.errors import StoreUnavailable
 from packetflow.actors.store import ActorStore, Op, Result, store_error
+from packetflow.databases import STATEMENT_TIMEOUT_SECONDS, connect_postgres, detached
 from packetflow.errors import PacketFlowError
 
 T = TypeVar("T")
@@ -49,14 +50,20 @@ async def drive_async(conn: psycopg.AsyncConnection[Any], op: Op[T]) -> T:
 
 @dataclass
 class PostgresActorStore(ActorStore):
-    """An actor type's store in a PostgreSQL database (shared by every replica)."""
+    """An actor type's store in a PostgreSQL database (shared by every replica).
+
+    Each operation is bounded by ``timeout`` seconds (connecting included); a connection that
+    failed, timed out or was cancelled mid-operation is never reused: its slot reconnects on
+    its next use, so the store recovers by itself once the server is back.
+    """
 
     dsn: str = ""
     connections: int = 4
-    _idle: asyncio.Queue[psycopg.AsyncConnection[Any]] | None = field(
+    timeout: float = STATEMENT_TIMEOUT_SECONDS
+    _idle: asyncio.Queue[list[psycopg.AsyncConnection[Any] | None]] | None = field(
         default=None, init=False, repr=False)
-    _all: list[psycopg.AsyncConnection[Any]] = field(default_factory=list, init=False,
-                                                     repr=False)
+    _slots: list[list[psycopg.AsyncConnection[Any] | None]] = field(
+        default_factory=list, init=False, repr=False)
 
     @property
     def shared(self) -> bool:
@@ -68,10 +75,12 @@ class PostgresActorStore(ActorStore):
         try:
             self._idle = asyncio.Queue()
             for _ in range(self.connections):
-                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-                self._all.append(conn)
-                self._idle.put_nowait(conn)
-            conn = self._all[0]
+                slot: list[psycopg.AsyncConnection[Any] | None] = [
+                    await connect_postgres(self.dsn)]
+                self._slots.append(slot)
+                self._idle.put_nowait(slot)
+            conn = self._slots[0][0]
+            assert conn is not None
             async with conn.transaction():
                 # Two runtimes starting together must not race on CREATE TABLE IF NOT EXISTS.
                 await conn.execute("SELECT pg_advisory_xact_lock(7410501)")
@@ -84,40 +93,59 @@ class PostgresActorStore(ActorStore):
 
     async def close(self) -> None:
         """Close every connection."""
-        for conn in self._all:
-            with contextlib.suppress(Exception):
-                await conn.close()
-        self._all.clear()
+        for slot in self._slots:
+            if slot[0] is not None:
+                with contextlib.suppress(Exception):
+                    await slot[0].close()
+                slot[0] = None
+        self._slots.clear()
         self._idle = None
 
     async def run(self, name: str, op: Op[T]) -> T:
-        """Run ``op`` in one transaction on a free connection."""
+        """Run ``op`` in one transaction on a free connection, within ``timeout``; a caller
+        that gives up (its deadline, a cancellation) is not held while psycopg cancels the
+        statement at the server (up to 10 s): that finishes in the background, on a
+        connection the slot no longer uses."""
         idle = self._idle
         if idle is None:
             raise StoreUnavailable(f"actor store of {self.actor_type} is not open")
-        conn = await idle.get()
+        slot = await idle.get()
         started = time.perf_counter()
+        holder = [slot[0]]  # the connection this transaction uses (connected if None)
+        slot[0] = None  # back once the transaction ended well, or the SQL was refused
+
+        def refused(exc: BaseException) -> bool:
+            conn = holder[0]
+            return isinstance(exc, PacketFlowError) or (
+                isinstance(exc, REFUSED) and conn is not None and not conn.broken)
+
         try:
-            async with conn.transaction():
-                return await drive_async(conn, op)
-        except PacketFlowError:
+            result = await detached(self._transaction(holder, op), holder, self.timeout,
+                                    refused)
+            slot[0] = holder[0]
+            return result
+        except BaseException as exc:
+            if refused(exc):
+                slot[0] = holder[0]
+            # Otherwise lost, timed out or cancelled mid-transaction: never reuse that
+            # connection (detached closes it); the slot reconnects on its next use.
+            if isinstance(exc, PacketFlowError):
+                raise
+            if isinstance(exc, TimeoutError):
+                raise StoreUnavailable(f"actor store of {self.actor_type}: no answer from "
+                                       f"PostgreSQL within {self.timeout:g}s") from None
+            if isinstance(exc, Exception):
+                raise store_error(self.actor_type, exc, REFUSED) from exc
             raise
-        except Exception as exc:
-            conn = await self._replace_if_broken(conn)
-            raise store_error(self.actor_type, exc, REFUSED) from exc
         finally:
             if self.observe is not None:
                 self.observe(name, time.perf_counter() - started)
-            idle.put_nowait(conn)
+            idle.put_nowait(slot)
 
-    async def _replace_if_broken(self, conn: psycopg.AsyncConnection[Any]
-                                 ) -> psycopg.AsyncConnection[Any]:
-        """A connection the server dropped is replaced (when it can be) for the next caller."""
-        if not conn.broken:
-            return conn
-        try:
-            fresh = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-        except psycopg.Error:
-            return conn
-        self._all[self._all.index(conn)] = fresh
-        return fresh
+    async def _transaction(self, holder: list[psycopg.AsyncConnection[Any] | None],
+                           op: Op[T]) -> T:
+        conn = holder[0]
+        if conn is None:
+            conn = holder[0] = await connect_postgres(self.dsn)
+        async with conn.transaction():
+            return await drive_async(conn, op)

@@ -401,12 +401,19 @@ class ActorType:
         limit = loop.time() + self.spec.timeout_seconds
         deadline = limit if turn.deadline is None else min(turn.deadline, limit)
         trace_id = turn.trace_id or os.urandom(8).hex()
-        if not actor.activated:
-            await self._activate(actor, trace_id, deadline)
-        if turn.message_id is not None:
-            stored = await self.store.processed_reply(actor.actor_id, turn.message_id)
-            if stored is not None:
-                return SendResult(orjson.loads(stored), actor.version, duplicate=True)
+        try:
+            # Store reads before the handler count against the turn's deadline too: a store
+            # that does not answer must not hold the caller (or the actor) past it.
+            async with asyncio.timeout_at(deadline):
+                if not actor.activated:
+                    await self._activate(actor, trace_id, deadline)
+                stored = (None if turn.message_id is None else
+                          await self.store.processed_reply(actor.actor_id, turn.message_id))
+        except TimeoutError:
+            raise DeadlineExceeded(f"actor {self.name}/{actor.actor_id}: its store did not "
+                                   "answer before the turn's deadline") from None
+        if stored is not None:
+            return SendResult(orjson.loads(stored), actor.version, duplicate=True)
         # A copy: on_start's effects commit with the first turn that succeeds, and a turn that
         # fails must not leave its own changes behind for the next one.
         effects = None if actor.start_effects is None else actor.start_effects.copy()
@@ -495,8 +502,19 @@ class ActorType:
             self.spec.memory.max_messages, list(effects.set_reminders.values()),
             sorted(effects.delete_reminders), turn.fired, turn.message_id, reply_json)
         write = asyncio.ensure_future(self._write(actor, commit, followup))
+        assert ctx.deadline is not None
         try:
-            version = await asyncio.shield(write)
+            async with asyncio.timeout_at(ctx.deadline):
+                version = await asyncio.shield(write)
+        except TimeoutError:
+            # A store that does not confirm must not hold the caller past its deadline. The
+            # write is cut short, which retires the actor (the next turn reads what the store
+            # holds); whether it landed is unknown, so a retry under the same message id
+            # applies it at most once.
+            write.cancel()
+            write.add_done_callback(lambda done: done.cancelled() or done.exception())
+            raise DeadlineExceeded(f"actor {self.name}/{actor.actor_id}: its store did not "
+                                   "confirm the turn before its deadline") from None
         except asyncio.CancelledError:
             # The write is already on its way: let it land so memory matches the store.
             with contextlib.suppress(Exception):
@@ -511,6 +529,12 @@ class ActorType:
         except FencedOut:
             log.warning("actor %s/%s fenced out (epoch %d): deactivated here", self.name,
                         actor.actor_id, actor.epoch)
+            self._retire(actor)
+            raise
+        except BaseException:
+            # The store may have applied the commit before the failure reached us (a lost
+            # connection, a timeout): what is in memory may be stale, so the next turn
+            # activates afresh from the store instead of overwriting it.
             self._retire(actor)
             raise
         actor.state_json = commit.state

@@ -66,6 +66,24 @@ class Cron:
                 return t
         raise ValueError("cron schedule never fires")  # e.g. February 30th
 
+    def latest_between(self, after: datetime, moment: datetime) -> datetime | None:
+        """The last fire time in (``after``, ``moment``], or None (what a process that was
+        down from ``after`` to ``moment`` missed most recently)."""
+        for span in _LOOKBACK:
+            start = max(after, moment - span)
+            found, t = None, self.next_after(start)
+            while t <= moment:
+                found, t = t, self.next_after(t)
+            if found is not None or start == after:
+                return found
+        return None
+
+
+# Windows searched back for a missed fire time: short first, so a frequent schedule after a
+# long downtime does not step through every missed second.
+_LOOKBACK = (timedelta(minutes=1), timedelta(hours=1), timedelta(days=1), timedelta(days=32),
+             timedelta(days=366), timedelta(days=4 * 366 + 1))
+
 
 def _next_month(t: datetime) -> datetime:
     year, month = (t.year + 1, 1) if t.month == 12 else (t.year, t.month + 1)

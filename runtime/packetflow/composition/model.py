@@ -43,8 +43,6 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-import jmespath
-from jmespath.exceptions import JMESPathError
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -58,7 +56,7 @@ from pydantic import (
 )
 
 from packetflow.composition.cron import Cron
-from packetflow.validation import format_path, validation_errors
+from packetflow.validation import checked_jmespath, format_path, validation_errors
 
 COMPOSITION_PATH = "spec.implementation.composition"
 
@@ -69,17 +67,7 @@ _IDENTIFIER_RE = re.compile(_IDENTIFIER)
 RESERVED_SCOPE_NAMES = frozenset({"input", "steps", "last", "result"})
 
 
-def _parses(value: str) -> str:
-    try:
-        jmespath.compile(value)
-    except JMESPathError as exc:
-        # jmespath's messages span lines (with a caret); one line reads better in a condition.
-        detail = " ".join(str(exc).split())
-        raise ValueError(f"invalid JMESPath expression {value!r}: {detail}") from None
-    return value
-
-
-Expression = Annotated[str, Field(min_length=1), AfterValidator(_parses)]
+Expression = Annotated[str, Field(min_length=1), AfterValidator(checked_jmespath)]
 """A JMESPath expression, checked to parse when the manifest loads."""
 
 StepName = Annotated[str, Field(pattern=_IDENTIFIER)]

@@ -29,6 +29,7 @@ from packetflow.errors import (
     Unauthenticated,
     Unavailable,
 )
+from packetflow.keepalive import CHANNEL_KEEPALIVE
 from packetflow.v1 import runtime_pb2
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class RemoteCaller:
 
     def __init__(self, options: list[tuple[str, Any]] | None = None,
                  resolver: ServiceResolver | None = None) -> None:
-        self.options = options
+        self.options = [*CHANNEL_KEEPALIVE, *(options or [])]
         self.resolver = resolver or ServiceResolver()
         self.clients: dict[str, RuntimeClient] = {}
         self.identity: WorkloadIdentity | None = None

@@ -66,6 +66,7 @@ from packetflow.federation.trust import Evidence, TrustBook
 from packetflow.identity.terminator import MtlsTerminator, Refusal
 from packetflow.identity.tls import channel_credentials, client_context
 from packetflow.identity.x509 import AuthenticationError, PeerCertificate, authenticate
+from packetflow.keepalive import SERVER_KEEPALIVE
 from packetflow.spec import FederationImport, duration_seconds
 from packetflow.v1 import federation_pb2, federation_pb2_grpc, runtime_pb2, runtime_pb2_grpc
 
@@ -1041,7 +1042,8 @@ class _Refused(Exception):
 
 def _server_options() -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0),
+            *SERVER_KEEPALIVE]
 
 
 class PeerServicer(federation_pb2_grpc.FederationServicer):
