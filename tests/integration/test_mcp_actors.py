@@ -265,6 +265,11 @@ async def dev_with_mcp(manifests: Path, state: Path) -> AsyncIterator[str]:
 @pytest.mark.timeout(300)  # starting and stopping the examples on a loaded machine
 async def test_dev_serves_actor_tools_over_http(tmp_path: Path) -> None:
     examples = copy_examples(tmp_path)
+    # This test is about MCP over HTTP, not embeddings: BM25 memory, so no turn waits for
+    # torch to load on a busy machine.
+    support = examples / "actors" / "customer-support.yaml"
+    support.write_text(support.read_text().replace("semanticSearch: true",
+                                                   "semanticSearch: false"))
     async with dev_with_mcp(examples, tmp_path / "state") as url, \
             httpx2.AsyncClient(timeout=120) as http, \
             Client(streamable_http_client(url, http_client=http)) as client:

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import (
@@ -368,9 +369,10 @@ class ActorType:
         if warm is not None and not self._warming:
             # The embedding model takes seconds to load: start as the first actor activates
             # (not at type start: a process may never search), off the loop, so its search
-            # does not spend the turn's deadline on importing torch.
+            # does not spend the turn's deadline on importing torch. A daemon thread, not the
+            # loop's executor: a shutdown must not wait for a load nobody needs any more.
             self._warming = True
-            self._spawn(asyncio.to_thread(warm))
+            threading.Thread(target=warm, name="embeddings-warm", daemon=True).start()
         try:
             activation = await self.store.activate(actor.actor_id, self.system.member_id,
                                                    self.clock(), self.schedules)
