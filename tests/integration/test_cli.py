@@ -16,6 +16,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.support.processes import START_TIMEOUT
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
@@ -35,7 +37,7 @@ class DevServer:
     """A `packetflow dev` subprocess, the addresses it serves and its stderr (in a file)."""
 
     def __init__(self, directory: Path, log: Path, *, as_pod: bool = False,
-                 start_timeout: float = 30) -> None:
+                 start_timeout: float = START_TIMEOUT) -> None:
         self.address = f"127.0.0.1:{free_port()}"
         self.metrics = f"127.0.0.1:{free_port()}"
         self.log = log
@@ -50,17 +52,22 @@ class DevServer:
                  "--state-dir", str(self.state_dir)],
                 cwd=ROOT, stderr=sink, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + start_timeout
-        while "packetflow: serving" not in self.stderr():
-            assert self.process.poll() is None, self.stderr()
-            assert time.monotonic() < deadline, self.stderr()
-            time.sleep(0.05)  # polling another process's output, with a deadline
+        try:
+            while "packetflow: serving" not in self.stderr():
+                assert self.process.poll() is None, self.stderr()
+                assert time.monotonic() < deadline, self.stderr()
+                time.sleep(0.05)  # polling another process's output, with a deadline
+        except BaseException:
+            self.process.kill()  # never left running to haunt a later test
+            self.process.wait(timeout=10)
+            raise
 
     def stderr(self) -> str:
         return self.log.read_text()
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=30)
+        return self.process.wait(timeout=START_TIMEOUT)
 
 
 @pytest.fixture
@@ -138,7 +145,7 @@ def test_dev_reloads_changed_manifests(dev: DevServer, tmp_path: Path) -> None:
         "apiVersion: packetflow.io/v1alpha1\nkind: Capability\nmetadata: {name: shout}\n"
         "spec:\n  intent: Shout\n  requires: {word: {type: string}}\n"
         "  implementation: {builtin: {name: transform, config: {expression: '{loud: word}'}}}\n")
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + START_TIMEOUT
     result = packetflow("call", "shout", "--data", '{"word": "hey"}', "--address", dev.address)
     while result.returncode != 0 and time.monotonic() < deadline:
         time.sleep(0.2)  # polling a separate process with a deadline
@@ -154,7 +161,7 @@ def test_runtime_with_reload_starts_empty_and_serves_what_arrives(tmp_path: Path
     try:
         assert "serving nothing" in server.stderr()
         shutil.copy(EXAMPLES / "echo.yaml", bundle / "echo.yaml")
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + START_TIMEOUT
         while "echo" not in packetflow("list", "--address", server.address).stdout:
             assert time.monotonic() < deadline, server.stderr()
             time.sleep(0.1)  # polling another process, with a deadline
