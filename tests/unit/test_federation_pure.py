@@ -224,9 +224,12 @@ def test_evidence_survives_a_restart() -> None:
 
 
 def test_params_come_from_the_policy() -> None:
-    expected = TrustParams(minimum=0.8, half_life_s=3600.0, initial=0.9, prior_weight=10,
-                           window_s=60.0, cap=5)
-    assert expected == PARAMS
+    # Built here, not at import: mutation testing swaps the code in after imports.
+    params = TrustParams.of(TrustPolicy(minimumScore=0.7, halfLife="2h", initialScore=0.85,
+                                        priorWeight=12, evidenceWindow="90s",
+                                        maxEvidencePerWindow=6))
+    assert params == TrustParams(minimum=0.7, half_life_s=7200.0, initial=0.85,
+                                 prior_weight=12, window_s=90.0, cap=6)
 
 
 def test_each_observation_counts_once_on_its_side_from_its_time() -> None:
