@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -1023,12 +1023,8 @@ class Gateway:
 
     async def list_capabilities(self) -> bytes:
         """ListCapabilities for every routed capability (asking backends what is unknown)."""
-        unknown = [r.name for r in self.table.capabilities.values() if not r.intent]
-        if unknown:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(DESCRIBE_TIMEOUT):
-                    await asyncio.gather(*(self.describe(name) for name in unknown),
-                                         return_exceptions=True)
+        await describe_all([r.name for r in self.table.capabilities.values() if not r.intent],
+                           self.describe)
         routes: list[CapabilityRoute] = sorted(self.table.capabilities.values(),
                                                key=lambda r: r.name)
         return runtime_pb2.ListCapabilitiesResponse(capabilities=[
@@ -1051,12 +1047,8 @@ class Gateway:
 
     async def list_actor_types(self) -> bytes:
         """ListActorTypes for every routed actor type (asking members what is unknown)."""
-        unknown = [r.name for r in self.table.actors.values() if not r.intent]
-        if unknown:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(DESCRIBE_TIMEOUT):
-                    await asyncio.gather(*(self.describe_actor_type(name) for name in unknown),
-                                         return_exceptions=True)
+        await describe_all([r.name for r in self.table.actors.values() if not r.intent],
+                           self.describe_actor_type)
         return actors_pb2.ListActorTypesResponse(types=[
             actors_pb2.ActorTypeSummary(name=r.name, intent=r.intent)
             for r in sorted(self.table.actors.values(), key=lambda r: r.name)
@@ -1111,3 +1103,13 @@ async def fetch(table: RoutingTable, route_name: str, endpoint: Endpoint, path: 
         return OK, single_message(done.body, None)
     except WireError as exc:
         return exc.code, b""
+
+
+async def describe_all(names: list[str], describe: Callable[[str], Awaitable[None]]) -> None:
+    """Ask backends about ``names`` at once; what does not answer within the describe
+    timeout stays unknown (a listing never waits longer)."""
+    if names:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DESCRIBE_TIMEOUT):
+                await asyncio.gather(*(describe(name) for name in names),
+                                     return_exceptions=True)
