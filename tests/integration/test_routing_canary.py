@@ -46,10 +46,13 @@ async def test_a_failing_canary_is_rolled_back_from_the_gateways_metrics(
                             args=["--metrics-address", scraped["canary"]])
     routes = tmp_path / "routes.yaml"
     # No outlier ejection: the canary keeps getting its share, so the judgement has data
-    # (ejection would protect callers too, but only the rollback lasts).
+    # (ejection would protect callers too, but only the rollback lasts). Half the calls fail
+    # once, so the retry budget allows every call one retry (the default 20% would run out
+    # and the caller would see the canary's errors).
     routes.write_text(f"capabilities:\n  flaky:\n    backends: ['{stable.address}']\n"
                       f"    canary: {{backends: ['{canary.address}'], weight: 50}}\n"
-                      "    traffic: {outlierDetection: {consecutiveFailures: 1000000}}\n")
+                      "    traffic: {outlierDetection: {consecutiveFailures: 1000000},\n"
+                      "              retries: {budgetPercent: 100}}\n")
     port = free_port()
     gateway = gateway_process(routes, tmp_path / "gateway.log", port, scraped["gateway"])
     (tmp_path / "managed").mkdir()
@@ -71,9 +74,13 @@ async def test_a_failing_canary_is_rolled_back_from_the_gateways_metrics(
 
             load = asyncio.ensure_future(traffic())
             try:
-                await eventually(lambda: any(line["weight"] == 0
-                                             for line in controller.lines()),
-                                 timeout=150, what=f"the canary's rollback ({controller.log})")
+                def rolled_back() -> bool:
+                    if load.done():  # a caller saw an error: surface it, do not wait it out
+                        load.result()
+                    return any(line["weight"] == 0 for line in controller.lines())
+
+                await eventually(rolled_back, timeout=150,
+                                 what=f"the canary's rollback ({controller.log})")
             finally:
                 load.cancel()
         assert set(answered) == {"stable"}  # every answer came from stable
