@@ -1,46 +1,30 @@
 """The gRPC face of the runtime: servicers translate protobuf to and from the engine.
 
-Domain errors become gRPC statuses in ``abort_for`` and nowhere else.
+Domain errors become gRPC statuses in :func:`packetflow.rpc.abort_for` and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import grpc
 import orjson
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from grpc_status import rpc_status
 
-from packetflow.composition.executor import TRACE_METADATA_KEY
 from packetflow.context import (
-    CALLER_KEY,
-    EXECUTION_TRACE_KEY,
-    IDEMPOTENCY_KEY,
-    TRACE_ID_KEY,
-    TRACEPARENT_KEY,
-    WANT_TRACE_KEY,
     CallContext,
-    traceparent_trace_id,
 )
 from packetflow.contracts import contract_schema
 from packetflow.engine import Engine
 from packetflow.errors import (
-    ContractViolation,
-    InvalidInput,
     NotServable,
     PacketFlowError,
-    Unauthenticated,
-    code_of,
 )
 from packetflow.feedback import FeedbackService
 from packetflow.graph import dependencies_of
@@ -48,86 +32,23 @@ from packetflow.keepalive import SERVER_KEEPALIVE
 from packetflow.planner.core import Planner
 from packetflow.planner.handler import PLANNER_NAME
 from packetflow.planner.wire import request_from_proto, response_to_proto
-from packetflow.v1 import actors_pb2, runtime_pb2, runtime_pb2_grpc
+from packetflow.rpc import (
+    ACTOR_SERVICE_NAME,
+    ENVELOPE_BYTES,
+    SERVICE_NAME,
+    abort_for,
+    proven_context,
+    trace_metadata,
+)
+from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 
 if TYPE_CHECKING:
     from packetflow.actors.runtime import ActorSystem
     from packetflow.actors.service import GrpcForwarder
-    from packetflow.security import CallGuard
 
 log = logging.getLogger("packetflow.server")
 
-SERVICE_NAME = runtime_pb2.DESCRIPTOR.services_by_name["CapabilityRuntime"].full_name
-ACTOR_SERVICE_NAME = actors_pb2.DESCRIPTOR.services_by_name["ActorRuntime"].full_name
 T = TypeVar("T")
-# Room for the protobuf envelope around the JSON payload.
-ENVELOPE_BYTES = 64 * 1024
-
-
-def call_context(capability: str, context: grpc.aio.ServicerContext,
-                 guard: CallGuard | None = None) -> CallContext:
-    """Caller identity, trace id, deadline and idempotency key of an incoming call; with a
-    ``guard`` (zero trust), the caller is the proven one (:class:`Unauthenticated` if none)."""
-    trace_id = caller = idempotency_key = None
-    wanted: dict[str, str] = {}
-    for key, value in context.invocation_metadata() or ():
-        if key == WANT_TRACE_KEY:
-            wanted[WANT_TRACE_KEY] = str(value)
-        elif key == TRACE_ID_KEY:
-            trace_id = str(value)
-        elif key == CALLER_KEY:
-            caller = str(value)
-        elif key == TRACEPARENT_KEY and trace_id is None:
-            trace_id = traceparent_trace_id(str(value))
-        elif key == IDEMPOTENCY_KEY:
-            idempotency_key = str(value)
-    principal = None
-    if guard is not None:
-        principal = guard.principal(context, caller)
-        caller = principal.caller
-    remaining = context.time_remaining()
-    deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-    return CallContext(capability=capability, trace_id=trace_id or os.urandom(16).hex(),
-                       caller=caller, deadline=deadline, metadata=wanted,
-                       idempotency_key=idempotency_key, principal=principal)
-
-
-async def proven_context(name: str, context: grpc.aio.ServicerContext,
-                         guard: CallGuard | None) -> CallContext:
-    """:func:`call_context`, ending the call UNAUTHENTICATED when the caller proves no
-    identity."""
-    try:
-        return call_context(name, context, guard)
-    except Unauthenticated as exc:
-        await abort_for(context, exc, "")
-        raise
-
-
-def trace_metadata(ctx: CallContext) -> tuple[tuple[str, bytes], ...]:
-    """The execution trace as trailing metadata, when the caller asked and there is one."""
-    trace = ctx.metadata.get(TRACE_METADATA_KEY)
-    if ctx.metadata.get(WANT_TRACE_KEY) != "1" or trace is None:
-        return ()
-    return ((EXECUTION_TRACE_KEY, trace.encode()),)
-
-
-async def abort_for(context: grpc.aio.ServicerContext, error: PacketFlowError,
-                    trace_id: str, extra: tuple[tuple[str, bytes], ...] = ()) -> None:
-    """End the call with the status for ``error``; field violations go in BadRequest details."""
-    code = code_of(error)
-    status = status_pb2.Status(code=getattr(code_pb2, code.value), message=error.message)
-    if isinstance(error, InvalidInput | ContractViolation):
-        details = error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in error.violations
-        ])
-        packed = any_pb2.Any()
-        packed.Pack(details)
-        status.details.append(packed)
-    rich = rpc_status.to_status(status)
-    await context.abort(rich.code, rich.details,
-                        trailing_metadata=(*rich.trailing_metadata, (TRACE_ID_KEY, trace_id),
-                                           *extra))
 
 
 class CapabilityRuntimeServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):

@@ -43,13 +43,13 @@ async def test_reminders_past_the_first_page_fire_while_the_first_page_is_busy(
     system = systems(clock=clock, reminder_poll=0.02)
     assert not await system.replace([handler_actor("fragile", "Fragile")])
     kind = system.get("fragile")
-    kind.due_page = 3  # a small page, so the backlog needs several
+    kind.reminders.due_page = 3  # a small page, so the backlog needs several
     gates["slow_tick"] = asyncio.Event()
     slow = [f"slow-{i}" for i in range(4)]  # more stuck reminders than one page holds
     for actor_id in slow:
         await kind.send(actor_id, {"remind": "slow_tick"})
     clock.now += 2
-    await eventually(lambda: len(kind._firing) == len(slow),
+    await eventually(lambda: len(kind.reminders.firing) == len(slow),
                      what="every slow reminder to be firing")
     await kind.send("quick", {"remind": "tick"})
     clock.now += 2
@@ -59,7 +59,7 @@ async def test_reminders_past_the_first_page_fire_while_the_first_page_is_busy(
 
     # Without keyset paging the loop only ever reads the first (busy) page: starved.
     await eventually(quick_ticked, timeout=20, what="the reminder past the busy pages")
-    assert all(key[0] in slow for key in kind._firing)  # the slow ones are still running
+    assert all(key[0] in slow for key in kind.reminders.firing)  # the slow ones are still running
     gates["slow_tick"].set()
 
 

@@ -16,7 +16,8 @@ from packetflow.actors import ActorSystem
 from packetflow.client import CallError, RuntimeClient
 from packetflow.engine import Engine
 from packetflow.manifests import load_text
-from packetflow.server import ACTOR_SERVICE_NAME, RuntimeServer
+from packetflow.rpc import ACTOR_SERVICE_NAME
+from packetflow.server import RuntimeServer
 from tests.conftest import eventually
 from tests.support.manifests import sample_capabilities
 

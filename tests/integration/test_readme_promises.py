@@ -22,7 +22,8 @@ from packetflow.client import CallError, RuntimeClient
 from packetflow.manifests import parse_manifest
 from packetflow.operator import render
 from packetflow.operator.settings import OperatorSettings
-from packetflow.server import SERVICE_NAME, RuntimeServer
+from packetflow.rpc import SERVICE_NAME
+from packetflow.server import RuntimeServer
 from packetflow.spec import Capability
 from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 from tests.conftest import eventually

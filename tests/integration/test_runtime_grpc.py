@@ -12,7 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from packetflow.client import CallError, ProgressEvent, RuntimeClient
-from packetflow.server import SERVICE_NAME, RuntimeServer
+from packetflow.rpc import SERVICE_NAME
+from packetflow.server import RuntimeServer
 from packetflow.v1 import runtime_pb2
 from tests.conftest import eventually
 from tests.support import handlers

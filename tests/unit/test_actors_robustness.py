@@ -14,8 +14,8 @@ import pytest
 
 from packetflow import serve
 from packetflow.actors import ActorSystem
+from packetflow.actors.active import Turn
 from packetflow.actors.errors import StoreRefused
-from packetflow.actors.runtime import Turn
 from packetflow.actors.store import Commit, MemoryEntry
 from packetflow.engine import Engine
 from packetflow.errors import ContractViolation, DeadlineExceeded, HandlerFailed
@@ -74,8 +74,8 @@ async def test_one_reminder_slot_is_applied_once_across_members(
     due_b = await b.get("fragile").store.due(clock.now)
     assert len(due_a) == len(due_b) == 1
     # ...and both fire it: the second turn is refused as a whole.
-    assert await a.get("fragile")._fire("x", due_a[0].reminder, clock.now) == 1
-    assert await b.get("fragile")._fire("x", due_b[0].reminder, clock.now) == 0
+    assert await a.get("fragile").reminders.fire("x", due_a[0].reminder, clock.now) == 1
+    assert await b.get("fragile").reminders.fire("x", due_b[0].reminder, clock.now) == 0
     assert (await state_of(b, "x"))["ticks"] == 1
     assert (await b.get("fragile").describe("x"))["reminders"] == []
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from packetflow.actors import ActorSystem
+from packetflow.actors.active import ActiveActor
 from packetflow.actors.errors import ActorNotFound, ActorTypeNotFound, FencedOut
-from packetflow.actors.runtime import ActiveActor
 from packetflow.actors.store import Commit
 from packetflow.engine import Engine
 from packetflow.errors import DeadlineExceeded, InvalidInput
@@ -143,7 +143,7 @@ async def test_reminder_fires_once_for_the_missed_period_after_restart(
             return 0
 
     await eventually(lambda: _at_least(ticks(), 1), what="the missed reminder")
-    assert await kind.fire_due_reminders() == 0  # not a backlog: the next slot is in the future
+    assert await kind.reminders.fire_due() == 0  # not a backlog: the next slot is in the future
     assert await ticks() == 1
     reminder = (await kind.describe("a"))["reminders"][0]
     assert reminder["name"] == "tick" and clock.now < reminder["dueAt"] <= clock.now + 60
@@ -324,7 +324,7 @@ async def test_metrics_count_activations_turns_and_reminders(systems: SystemFact
     kind = (await started(systems(engine=engine, clock=clock), ledger())).get("ledger")
     await kind.send("a", {"n": 1, "remind_every": "1s"})
     clock.now += 2
-    await eventually(lambda: _at_least(kind.fire_due_reminders(), 0), what="a poll")
+    await eventually(lambda: _at_least(kind.reminders.fire_due(), 0), what="a poll")
     registry = engine.metrics.registry
 
     def sample(name: str, **labels: str) -> float:

@@ -6,27 +6,44 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
+from packetflow.actors.active import ActiveActor, TurnEffects
+from packetflow.actors.search import Ranker
 from packetflow.actors.search import rank as search_rank
-from packetflow.actors.store import MemoryEntry, Reminder
+from packetflow.actors.store import ActorStore, MemoryEntry, Reminder
+from packetflow.actors.timers import ActorTimers
 from packetflow.context import CallContext
 from packetflow.errors import ContractViolation, FieldViolation
-from packetflow.mcp.toolbox import ToolNotDeclared
-from packetflow.spec import DURATION_PATTERN, duration_seconds
-
-if TYPE_CHECKING:
-    from packetflow.actors.runtime import ActiveActor, ActorType
+from packetflow.mcp.toolbox import McpToolbox, ToolNotDeclared
+from packetflow.spec import DURATION_PATTERN, ActorSpec, duration_seconds
 
 T = TypeVar("T")
 _DURATION = re.compile(DURATION_PATTERN)
 
 # How many of the newest entries a search ranks: bounds a turn's cost on a long log.
 SEARCH_WINDOW = 2000
+
+
+class ActorTypeView(Protocol):
+    """What a turn's context uses of its actor type (the runtime's ``ActorTypeView``)."""
+
+    name: str
+    spec: ActorSpec
+    store: ActorStore
+    ranker: Ranker
+    timers: ActorTimers
+    toolbox: McpToolbox | None
+
+    def clock(self) -> float:
+        """The runtime's wall clock."""
+
+    async def call_capability(self, name: str, value: dict[str, Any],
+                              ctx: ActorContext) -> dict[str, Any]:
+        """``ctx.call``: a capability through the engine, within the turn's deadline."""
 
 
 def seconds_of(value: float | str, what: str) -> float:
@@ -40,20 +57,6 @@ def seconds_of(value: float | str, what: str) -> float:
     if seconds <= 0:
         raise ValueError(f"{what} must be positive, got {value!r}")
     return seconds
-
-
-@dataclass
-class TurnEffects:
-    """What a turn will commit besides the state: memory appends and reminder changes."""
-
-    appends: list[MemoryEntry] = field(default_factory=list)
-    set_reminders: dict[str, Reminder] = field(default_factory=dict)
-    delete_reminders: set[str] = field(default_factory=set)
-
-    def copy(self) -> TurnEffects:
-        """An independent copy: a turn that fails must not leave its changes in the original."""
-        return TurnEffects(list(self.appends), dict(self.set_reminders),
-                           set(self.delete_reminders))
 
 
 def stored_data(actor_type: str, value: Any, where: str) -> Any:
@@ -79,7 +82,7 @@ def _stored_text(value: Any, where: str) -> str:
 class Memory:
     """``ctx.memory``: the actor's append-only log. Appends commit with the turn's state."""
 
-    def __init__(self, actor_type: ActorType, actor: ActiveActor, effects: TurnEffects) -> None:
+    def __init__(self, actor_type: ActorTypeView, actor: ActiveActor, effects: TurnEffects) -> None:
         self._type = actor_type
         self._actor = actor
         self._effects = effects
@@ -112,7 +115,7 @@ class Memory:
 class Reminders:
     """``ctx.reminders``: durable; they survive restarts and reactivate the actor."""
 
-    def __init__(self, actor_type: ActorType, actor: ActiveActor, effects: TurnEffects) -> None:
+    def __init__(self, actor_type: ActorTypeView, actor: ActiveActor, effects: TurnEffects) -> None:
         self._type = actor_type
         self._actor = actor
         self._effects = effects
@@ -142,23 +145,23 @@ class Reminders:
 class Timers:
     """``ctx.timers``: in memory only; they stop when the actor deactivates."""
 
-    def __init__(self, actor_type: ActorType, actor: ActiveActor) -> None:
+    def __init__(self, actor_type: ActorTypeView, actor: ActiveActor) -> None:
         self._type = actor_type
         self._actor = actor
 
     def after(self, name: str, delay: float | str, data: Any = None) -> None:
         """Run handler ``name`` (or ``on_timer``) once after ``delay``."""
-        self._type.start_timer(self._actor, name, seconds_of(delay, "timers.after: delay"),
-                               None, data)
+        self._type.timers.start(self._actor, name, seconds_of(delay, "timers.after: delay"),
+                                None, data)
 
     def every(self, name: str, period: float | str, data: Any = None) -> None:
         """Run handler ``name`` (or ``on_timer``) every ``period`` while the actor is active."""
         seconds = seconds_of(period, "timers.every: period")
-        self._type.start_timer(self._actor, name, seconds, seconds, data)
+        self._type.timers.start(self._actor, name, seconds, seconds, data)
 
     def cancel(self, name: str) -> None:
         """Stop timer ``name``."""
-        self._type.cancel_timer(self._actor, name)
+        self._type.timers.cancel(self._actor, name)
 
     @property
     def names(self) -> list[str]:
@@ -170,7 +173,7 @@ class Tools:
     """``ctx.tools``: the tools the actor type declares in ``mcpTools`` (local capabilities or
     remote MCP tools), called with the turn's trace, caller and deadline."""
 
-    def __init__(self, actor_type: ActorType, ctx: ActorContext) -> None:
+    def __init__(self, actor_type: ActorTypeView, ctx: ActorContext) -> None:
         self._type = actor_type
         self._ctx = ctx
 
@@ -197,7 +200,7 @@ class Tools:
 class ActorContext:
     """A turn's context: who the actor is, what woke it, and what it may use."""
 
-    def __init__(self, actor_type: ActorType, actor: ActiveActor, *, trace_id: str,
+    def __init__(self, actor_type: ActorTypeView, actor: ActiveActor, *, trace_id: str,
                  caller: str | None, deadline: float | None,
                  trigger: dict[str, Any] | None = None,
                  effects: TurnEffects | None = None) -> None:
@@ -233,5 +236,3 @@ class ActorContext:
                                                                                self._loop)
         return future.result()
 
-
-TimerCallback = Callable[[], None]

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -31,23 +29,30 @@ from collections.abc import (
     Iterable,
     Mapping,
 )
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 from prometheus_client import CollectorRegistry
 
-from packetflow.actors.context import ActorContext, TurnEffects
-from packetflow.actors.errors import ActorNotFound, ActorTypeNotFound, FencedOut, ReminderMoved
+from packetflow.actors.active import (
+    ACTOR_ID_RE,
+    ActiveActor,
+    SendResult,
+    Turn,
+    check_actor_id,
+)
+from packetflow.actors.context import ActorContext
+from packetflow.actors.errors import ActorNotFound, ActorTypeNotFound, FencedOut
 from packetflow.actors.handlers import HandlerLoadError, HandlerSource, call_handler, load_handlers
 from packetflow.actors.metrics import ActorMetrics
 from packetflow.actors.placement import Placement
 from packetflow.actors.postgres_store import PostgresActorStore
+from packetflow.actors.reminders import ReminderFiring
 from packetflow.actors.search import Ranker, ranker_for
 from packetflow.actors.sqlite_store import SqliteActorStore
 from packetflow.actors.store import ActorRecord, ActorStore, Commit
-from packetflow.actors.timing import next_due
+from packetflow.actors.timers import ActorTimers
 from packetflow.context import CallContext
 from packetflow.contracts import CompiledContract
 from packetflow.errors import (
@@ -70,66 +75,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("packetflow.actors")
 
-DUE_PAGE = 256
-MAX_FIRING = 1024
-ACTOR_ID_RE = re.compile(r"^[^\x00-\x1f]{1,256}$")
 # Applied message ids are kept this long, so a client retrying an unacknowledged message
 # gets the first reply instead of a second application.
 PROCESSED_TTL_SECONDS = 24 * 3600.0
 Clock = Callable[[], float]
 T = TypeVar("T")
-
-
-def check_actor_id(actor_id: str) -> str:
-    """Actor ids are 1-256 printable characters."""
-    if not isinstance(actor_id, str) or not ACTOR_ID_RE.match(actor_id):
-        raise InvalidInput([FieldViolation("id", "must be 1-256 printable characters")])
-    return actor_id
-
-
-@dataclass(frozen=True)
-class SendResult:
-    """A committed turn's reply and the state version it produced."""
-
-    reply: dict[str, Any]
-    version: int
-    duplicate: bool = False
-
-
-@dataclass(frozen=True)
-class Turn:
-    """What a turn handles: a message, a timer/reminder/schedule by name, or going idle."""
-
-    kind: str  # message | trigger | idle
-    message: dict[str, Any] | None = None
-    message_id: str | None = None
-    name: str = ""
-    data: Any = None
-    trigger: str = ""  # timer | reminder | schedule
-    fired: tuple[str, float, float | None] | None = None
-    trace_id: str = ""
-    caller: str | None = None
-    deadline: float | None = None  # event-loop time
-
-
-@dataclass(eq=False)
-class ActiveActor:
-    """An actor in memory: its lease epoch, committed state and lock."""
-
-    actor_id: str
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    activated: bool = False
-    retired: bool = False
-    epoch: int = 0
-    state_json: bytes = b"{}"
-    version: int = 0
-    memory_seq: int = 0
-    handler: Any = None
-    start_effects: TurnEffects | None = None
-    last_used: float = field(default_factory=time.monotonic)
-    pending: int = 0
-    idle_notified: bool = False
-    timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
 
 
 class Forwarder(Protocol):
@@ -177,8 +127,6 @@ class ActorType:
         self.retention_seconds = duration_seconds(self.spec.memory.retention)
         self.schedules = [(s.name, duration_seconds(s.every)) for s in self.spec.schedules]
         self.ranker: Ranker = ranker_for(self.spec.memory.semantic_search)
-        self.due_page = DUE_PAGE  # due reminders read at a time
-        self.max_firing = MAX_FIRING  # reminders firing at once
         self.called: set[str] = set()  # capabilities ctx.call reached (undeclared, so observed)
         self.toolbox = build_toolbox(actor, system)
         self.active: OrderedDict[str, ActiveActor] = OrderedDict()
@@ -189,9 +137,10 @@ class ActorType:
         self._warming = False  # the ranker's model load has been started
         self._turn_metrics: dict[Code, Any] = {}
         self._stopping = False
-        self._firing: dict[tuple[str, str], asyncio.Task[int]] = {}  # reminders being fired
-        self._wake = asyncio.Event()  # a reminder finished firing: look for more at once
-        self.loop: asyncio.AbstractEventLoop | None = None  # where timers run (set at start)
+        self.timers = ActorTimers(self._timer_fired)
+        self.reminders = ReminderFiring(
+            self.name, store, self.clock, self._turn, self._owns,
+            lambda: self.metrics.reminders_fired.labels(self.name).inc(), system.reminder_poll)
         store.observe = self._observe_store
 
     def _observe_store(self, operation: str, seconds: float) -> None:
@@ -202,7 +151,7 @@ class ActorType:
     async def start(self) -> None:
         """Open the store and start reminders, the idle reaper, the sweep and placement; on
         failure nothing stays open."""
-        self.loop = asyncio.get_running_loop()
+        self.timers.loop = asyncio.get_running_loop()
         await self.store.open()
         try:
             self.metrics.active.labels(self.name).set_function(lambda: len(self.active))
@@ -220,13 +169,13 @@ class ActorType:
             await self.store.close()
             raise
         self._tasks = [asyncio.create_task(loop()) for loop in (
-            self._reminder_loop, self._idle_loop, self._sweep_loop)]
+            self.reminders.run, self._idle_loop, self._sweep_loop)]
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop the loops and background turns, let running turns finish (``grace`` seconds
         for all of them together), deactivate all, close."""
-        self._stopping = True  # new turns are refused; queued ones find the type stopped
-        background = [*self._tasks, *self._background]
+        self._stopping = self.reminders.stopping = True  # new turns and firings are refused
+        background = [*self._tasks, *self._background, *self.reminders.firing.values()]
         for task in background:
             task.cancel()
         # A loop that died of an error must not stop the shutdown: its error was logged.
@@ -555,9 +504,7 @@ class ActorType:
         actor.retired = True
         if self.active.get(actor.actor_id) is actor:
             del self.active[actor.actor_id]
-        for handle in actor.timers.values():
-            handle.cancel()
-        actor.timers.clear()
+        self.timers.stop_all(actor)
 
     def _passivatable(self, actor: ActiveActor) -> bool:
         return not (actor.pending or actor.lock.locked() or self.streams.get(actor.actor_id))
@@ -621,139 +568,12 @@ class ActorType:
             except Exception:
                 log.exception("actor type %s: idle reaper", self.name)
 
-    # ------------------------------------------------------------------ timers
-
-    def start_timer(self, actor: ActiveActor, name: str, delay: float, period: float | None,
-                    data: Any) -> None:
-        """Arm an in-memory timer of an active actor (from the loop or a sync handler)."""
-        self._on_loop(lambda: self._arm_timer(actor, name, delay, period, data))
-
-    def cancel_timer(self, actor: ActiveActor, name: str) -> None:
-        """Disarm a timer (from the loop or a sync handler)."""
-        self._on_loop(lambda: self._disarm_timer(actor, name))
-
-    def _on_loop(self, function: Callable[[], None]) -> None:
-        """Run ``function`` on the type's event loop: at once when called on it, else (a sync
-        handler on a worker thread) through the loop's queue, waiting until it ran."""
-        loop = self.loop
-        assert loop is not None, "the actor type is not started"
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            function()
-            return
-
-        async def run() -> None:
-            function()
-
-        asyncio.run_coroutine_threadsafe(run(), loop).result()
-
-    def _arm_timer(self, actor: ActiveActor, name: str, delay: float, period: float | None,
-                   data: Any) -> None:
-        self._disarm_timer(actor, name)
-        if actor.retired:
-            return  # deactivated while its handler still ran: timers stop with the actor
-        assert self.loop is not None
-        actor.timers[name] = self.loop.call_later(delay, self._timer_fired, actor, name, period,
-                                                  data)
-
-    def _disarm_timer(self, actor: ActiveActor, name: str) -> None:
-        handle = actor.timers.pop(name, None)
-        if handle is not None:
-            handle.cancel()
-
-    def _timer_fired(self, actor: ActiveActor, name: str, period: float | None,
-                     data: Any) -> None:
-        actor.timers.pop(name, None)
-        if actor.retired:
-            return
-        if period is not None:
-            self._arm_timer(actor, name, period, period, data)
+    def _timer_fired(self, actor: ActiveActor, name: str, data: Any) -> None:
         self._spawn(self._background_turn(actor, Turn(
             "trigger", name=name, data=data, trigger="timer", trace_id=os.urandom(8).hex())))
 
-    # --------------------------------------------------------------- reminders
-
-    async def fire_due_reminders(self, wait: bool = True) -> int:
-        """Fire the reminders due now that this member owns, each in its own task (a slow one
-        holds up no other); returns how many fired, or with ``wait=False`` how many started."""
-        now = self.clock()
-        started: list[asyncio.Task[int]] = []
-        cursor = None
-        # Page through the backlog (keyset), so reminders still firing or owned by other
-        # members cannot hide later ones; at most ``max_firing`` run at once.
-        while not self._stopping and len(self._firing) < self.max_firing:
-            page = await self.store.due(now, self.due_page, cursor)
-            for due in page:
-                key = (due.actor_id, due.reminder.name)
-                if key in self._firing or (self.placement is not None
-                                           and not self.placement.owns(due.actor_id)):
-                    continue  # still firing; or another member's to fire
-                if self._stopping or len(self._firing) >= self.max_firing:
-                    break
-                task = asyncio.create_task(self._fire(due.actor_id, due.reminder, now))
-                self._firing[key] = task
-                self._background.add(task)  # stop() cancels and awaits it
-                task.add_done_callback(functools.partial(self._fired, key))
-                started.append(task)
-            if len(page) < self.due_page:
-                break
-            cursor = page[-1].cursor
-        if not wait:
-            return len(started)
-        return sum(await asyncio.gather(*started))
-
-    def _fired(self, key: tuple[str, str], task: asyncio.Task[int]) -> None:
-        self._firing.pop(key, None)
-        self._background.discard(task)
-        self._wake.set()
-
-    async def _fire(self, actor_id: str, reminder: Any, now: float) -> int:
-        following = (None if reminder.period is None
-                     else next_due(reminder.due_at, reminder.period, now))
-        fired = (reminder.name, reminder.due_at, following)
-        turn = Turn("trigger", name=reminder.name, data=reminder.data, trigger=reminder.kind,
-                    fired=fired, trace_id=os.urandom(8).hex())
-        try:
-            await self._turn(actor_id, turn)
-        except (FencedOut, ReminderMoved):
-            return 0  # another member owns the actor now, or already handled this slot
-        except Exception as exc:
-            log.warning("actor %s/%s reminder %r failed: %s; moving it on", self.name,
-                        actor_id, reminder.name, exc,
-                        exc_info=not isinstance(exc, PacketFlowError))
-            try:
-                # Straight in the store: no activation, and conditional on the slot.
-                if not await self.store.advance(actor_id, fired):
-                    return 0
-            except PacketFlowError:
-                return 0
-        self.metrics.reminders_fired.labels(self.name).inc()
-        return 1
-
-    async def _reminder_loop(self) -> None:
-        poll = self.system.reminder_poll
-        while True:
-            self._wake.clear()
-            started = 0
-            try:
-                started = await self.fire_due_reminders(wait=False)
-                upcoming = await self.store.next_due()
-            except Exception as exc:  # the loop must outlive any error: log and go on
-                log.warning("actor type %s: reminders: %s", self.name, exc)
-                upcoming = None
-            now = self.clock()
-            if upcoming is None or (upcoming <= now and not started):
-                # Nothing due, or only reminders being fired or other members' to fire: wait
-                # a poll (or until one of ours finishes) instead of spinning on them.
-                wait = poll
-            else:
-                wait = min(poll, max(upcoming - now, 0.01))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._wake.wait()
+    def _owns(self, actor_id: str) -> bool:
+        return self.placement is None or self.placement.owns(actor_id)
 
     # ----------------------------------------------------------------- memory sweep
 

@@ -13,8 +13,9 @@ from typing import Any
 import grpc
 import orjson
 
+from packetflow.actors.active import SendResult
 from packetflow.actors.errors import ActorTypeNotFound
-from packetflow.actors.runtime import ActorSystem, ActorType, SendResult
+from packetflow.actors.runtime import ActorSystem, ActorType
 from packetflow.client import close_in_background
 from packetflow.context import CALLER_KEY, TRACE_ID_KEY, CallContext
 from packetflow.contracts import contract_schema
@@ -30,7 +31,7 @@ from packetflow.errors import (
 )
 from packetflow.graph import observed_dependencies
 from packetflow.identity.workload import WorkloadIdentity
-from packetflow.server import abort_for, call_context, proven_context
+from packetflow.rpc import abort_for, call_context, proven_context
 from packetflow.v1 import actors_pb2, actors_pb2_grpc
 
 SERVICE_NAME = actors_pb2.DESCRIPTOR.services_by_name["ActorRuntime"].full_name

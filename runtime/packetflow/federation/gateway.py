@@ -311,7 +311,7 @@ class Gateway:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         from grpc_health.v1._async import HealthServicer
 
-        from packetflow.server import SERVICE_NAME
+        from packetflow.rpc import SERVICE_NAME
 
         server = grpc.aio.server(options=_server_options())
         # Methods LocalServicer leaves out (Feedback, Plan...) answer UNIMPLEMENTED, as the
@@ -1054,7 +1054,7 @@ class PeerServicer(federation_pb2_grpc.FederationServicer):
 
     async def GetCatalog(self, request: federation_pb2.CatalogRequest,
                          context: grpc.aio.ServicerContext) -> federation_pb2.Catalog:
-        from packetflow.server import abort_for
+        from packetflow.rpc import abort_for
 
         try:
             return await self.gateway.serve_catalog(context.peer(), request.known_version)
@@ -1064,7 +1064,7 @@ class PeerServicer(federation_pb2_grpc.FederationServicer):
 
     async def Invoke(self, request: runtime_pb2.InvokeRequest,
                      context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:
-        from packetflow.server import abort_for
+        from packetflow.rpc import abort_for
 
         metadata = tuple(context.invocation_metadata() or ())
         trace_id = trace_of(metadata)
@@ -1093,7 +1093,7 @@ class LocalServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
 
     async def Invoke(self, request: runtime_pb2.InvokeRequest,
                      context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:
-        from packetflow.server import abort_for
+        from packetflow.rpc import abort_for
 
         metadata = tuple(context.invocation_metadata() or ())
         trace_id = trace_of(metadata)
@@ -1123,7 +1123,7 @@ class LocalServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
                                  context: grpc.aio.ServicerContext
                                  ) -> runtime_pb2.CapabilityDescription:
         from packetflow.contracts import contract_schema
-        from packetflow.server import abort_for
+        from packetflow.rpc import abort_for
 
         try:
             imported, link = self.gateway.resolve_import(request.name)

@@ -28,7 +28,7 @@ from packetflow.gateway.metrics import GatewayMetrics
 from packetflow.gateway.proxy import Gateway
 from packetflow.gateway.routing import Routes, RoutingTable
 from packetflow.gateway.upstream import Upstream
-from packetflow.server import ACTOR_SERVICE_NAME, ENVELOPE_BYTES, SERVICE_NAME
+from packetflow.rpc import ACTOR_SERVICE_NAME, ENVELOPE_BYTES, SERVICE_NAME
 
 log = logging.getLogger("packetflow.gateway")
 

@@ -16,7 +16,8 @@ from urllib.parse import quote, unquote
 
 import orjson
 
-from packetflow.actors.runtime import ACTOR_ID_RE, ActorSystem, ActorType
+from packetflow.actors.active import ACTOR_ID_RE
+from packetflow.actors.runtime import ActorSystem, ActorType
 from packetflow.context import CallContext
 from packetflow.contracts import contract_schema
 from packetflow.errors import CapabilityNotFound, FieldViolation, InvalidInput
