@@ -8,13 +8,22 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import orjson
+
+from packetflow.actors.active import ActiveActor, Turn
+from packetflow.actors.context import ActorContext
+from packetflow.contracts import CompiledContract
+from packetflow.errors import ContractViolation, FieldViolation
 from packetflow.manifests import ManifestError
 from packetflow.spec import Actor, ActorSpec
+
+log = logging.getLogger("packetflow.actors")
 
 HANDLER_NAMES = ("on_start", "on_message", "on_idle")
 
@@ -83,3 +92,44 @@ async def call_handler(function: Callable[..., Any], *args: Any) -> Any:
     if inspect.isawaitable(result):
         return await result
     return result
+
+
+async def handle_turn(type_name: str, provides: CompiledContract, actor: ActiveActor,
+                      turn: Turn, ctx: ActorContext, state: dict[str, Any]
+                      ) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
+    """Run the handler a turn calls for; returns (reply, new state, follow-up message).
+    A message's reply is checked against ``provides``; what a handler returns in the wrong
+    shape is a ContractViolation naming the handler."""
+    handler = actor.handler
+    if turn.kind == "message":
+        outcome = await call_handler(handler.on_message, turn.message, state, ctx)
+        if not (isinstance(outcome, tuple) and len(outcome) == 2):
+            raise ContractViolation(type_name, [FieldViolation(
+                "on_message", "must return (reply, new_state)")])
+        reply, new_state = outcome
+        reply, violations = provides.check(reply, "reply")
+        if violations:
+            raise ContractViolation(type_name, violations)
+        return reply, new_state, None
+    if turn.kind == "idle":
+        followup = await call_handler(handler.on_idle, state, ctx)
+        if isinstance(followup, str):
+            followup = {"text": followup}
+        if followup is not None and not isinstance(followup, dict):
+            raise ContractViolation(type_name, [FieldViolation(
+                "on_idle", "must return a message object, a string or None")])
+        if followup is not None:
+            text = followup.get("text")
+            ctx.memory.append(text if isinstance(text, str) else orjson.dumps(
+                followup).decode(), role="assistant", data=followup)
+        return {}, state, followup
+    fallback = "on_timer" if turn.trigger == "timer" else "on_reminder"
+    function = getattr(handler, turn.name, None)
+    if not callable(function):
+        function = getattr(handler, fallback, None)
+    if not callable(function):
+        log.warning("actor %s/%s: no handler for %s %r", type_name, actor.actor_id,
+                    turn.trigger, turn.name)
+        return {}, state, None
+    new_state = await call_handler(function, state, ctx)
+    return {}, state if new_state is None else new_state, None

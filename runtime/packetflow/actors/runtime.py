@@ -44,7 +44,13 @@ from packetflow.actors.active import (
 )
 from packetflow.actors.context import ActorContext
 from packetflow.actors.errors import ActorNotFound, ActorTypeNotFound, FencedOut
-from packetflow.actors.handlers import HandlerLoadError, HandlerSource, call_handler, load_handlers
+from packetflow.actors.handlers import (
+    HandlerLoadError,
+    HandlerSource,
+    call_handler,
+    handle_turn,
+    load_handlers,
+)
 from packetflow.actors.metrics import ActorMetrics
 from packetflow.actors.placement import Placement
 from packetflow.actors.postgres_store import PostgresActorStore
@@ -375,7 +381,7 @@ class ActorType:
                                "data": turn.data})
         state = orjson.loads(actor.state_json)
         reply, new_state, followup = await self._guarded(
-            actor, ctx, lambda: self._dispatch(actor, turn, ctx, state))
+            actor, ctx, lambda: handle_turn(self.name, self.provides, actor, turn, ctx, state))
         return await self._commit(actor, turn, ctx, reply, new_state, followup)
 
     async def _guarded(self, actor: ActiveActor, ctx: ActorContext,
@@ -396,43 +402,6 @@ class ActorType:
             raise _handler_failed(self.name, actor.actor_id, ctx.trace_id) from None
         except Exception:
             raise _handler_failed(self.name, actor.actor_id, ctx.trace_id) from None
-
-    async def _dispatch(self, actor: ActiveActor, turn: Turn, ctx: ActorContext,
-                        state: dict[str, Any]
-                        ) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
-        handler = actor.handler
-        if turn.kind == "message":
-            outcome = await call_handler(handler.on_message, turn.message, state, ctx)
-            if not (isinstance(outcome, tuple) and len(outcome) == 2):
-                raise ContractViolation(self.name, [FieldViolation(
-                    "on_message", "must return (reply, new_state)")])
-            reply, new_state = outcome
-            reply, violations = self.provides.check(reply, "reply")
-            if violations:
-                raise ContractViolation(self.name, violations)
-            return reply, new_state, None
-        if turn.kind == "idle":
-            followup = await call_handler(handler.on_idle, state, ctx)
-            if isinstance(followup, str):
-                followup = {"text": followup}
-            if followup is not None and not isinstance(followup, dict):
-                raise ContractViolation(self.name, [FieldViolation(
-                    "on_idle", "must return a message object, a string or None")])
-            if followup is not None:
-                text = followup.get("text")
-                ctx.memory.append(text if isinstance(text, str) else orjson.dumps(
-                    followup).decode(), role="assistant", data=followup)
-            return {}, state, followup
-        fallback = "on_timer" if turn.trigger == "timer" else "on_reminder"
-        function = getattr(handler, turn.name, None)
-        if not callable(function):
-            function = getattr(handler, fallback, None)
-        if not callable(function):
-            log.warning("actor %s/%s: no handler for %s %r", self.name, actor.actor_id,
-                        turn.trigger, turn.name)
-            return {}, state, None
-        new_state = await call_handler(function, state, ctx)
-        return {}, state if new_state is None else new_state, None
 
     async def _commit(self, actor: ActiveActor, turn: Turn, ctx: ActorContext,
                       reply: dict[str, Any], new_state: Any,
