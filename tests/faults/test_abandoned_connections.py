@@ -1,0 +1,74 @@
+"""A PostgreSQL connect given up half way (its caller's deadline, a cancellation, the connect
+timeout) closes its socket at once, even while the exception that ended it is kept, as a log
+record, a task or an error chained to it keeps it. psycopg raises it from a frame that still
+holds the half-made connection; the network fault test counted these sockets as leaked file
+descriptors (issue 15)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+
+from packetflow.databases import connect_postgres
+from tests.conftest import eventually
+from tests.support.faultproxy import Fault, FaultProxy
+
+pytest_plugins = ["tests.support.postgres"]
+
+
+def sockets() -> int:
+    """Sockets this process holds."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def through(proxy: FaultProxy, dsn: str) -> str:
+    """``dsn`` with its host and port replaced by the proxy's."""
+    return re.sub(r"port=\d+", f"port={proxy.port}",
+                  re.sub(r"host=\S+", "host=127.0.0.1", dsn))
+
+
+async def test_a_cancelled_connect_closes_its_socket_while_its_error_is_kept(
+        postgres_dsn: str) -> None:
+    host = re.search(r"host=(\S+)", postgres_dsn)
+    port = re.search(r"port=(\d+)", postgres_dsn)
+    assert host and port
+    async with FaultProxy(f"{host[1]}:{port[1]}") as proxy:
+        proxy.fault = Fault.stall()  # the server's greeting never arrives
+        before = sockets() - proxy.sockets
+        connecting = asyncio.create_task(connect_postgres(through(proxy, postgres_dsn)))
+        await eventually(lambda: proxy.connections == 1, timeout=30, what="the connect")
+        await eventually(lambda: sockets() - proxy.sockets > before, timeout=30,
+                         what="the client's socket")
+        connecting.cancel()
+        kept: list[BaseException] = []
+        try:
+            await connecting
+        except asyncio.CancelledError as exc:
+            kept.append(exc)  # as a log record or a failed call's error would
+        assert kept
+        await eventually(lambda: sockets() - proxy.sockets == before, timeout=30,
+                         what="the abandoned connect's socket closed")
+
+
+async def test_a_timed_out_connect_closes_its_socket_while_its_error_is_kept(
+        postgres_dsn: str) -> None:
+    host = re.search(r"host=(\S+)", postgres_dsn)
+    port = re.search(r"port=(\d+)", postgres_dsn)
+    assert host and port
+    async with FaultProxy(f"{host[1]}:{port[1]}") as proxy:
+        proxy.fault = Fault.stall()
+        before = sockets() - proxy.sockets
+        kept: list[BaseException] = []
+        try:
+            await connect_postgres(through(proxy, postgres_dsn) + " connect_timeout=2")
+        except Exception as exc:  # psycopg.errors.ConnectionTimeout
+            kept.append(exc)
+        assert kept and "timeout" in str(kept[0]), kept
+        await eventually(lambda: sockets() - proxy.sockets == before, timeout=30,
+                         what="the timed-out connect's socket closed")
