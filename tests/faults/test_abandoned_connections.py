@@ -7,24 +7,13 @@ descriptors (issue 15)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import re
 
 from packetflow.databases import connect_postgres
-from tests.conftest import eventually
+from tests.conftest import eventually, open_sockets
 from tests.support.faultproxy import Fault, FaultProxy
 
 pytest_plugins = ["tests.support.postgres"]
-
-
-def sockets() -> int:
-    """Sockets this process holds."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-    return count
 
 
 def through(proxy: FaultProxy, dsn: str) -> str:
@@ -40,10 +29,10 @@ async def test_a_cancelled_connect_closes_its_socket_while_its_error_is_kept(
     assert host and port
     async with FaultProxy(f"{host[1]}:{port[1]}") as proxy:
         proxy.fault = Fault.stall()  # the server's greeting never arrives
-        before = sockets() - proxy.sockets
+        before = open_sockets() - proxy.sockets
         connecting = asyncio.create_task(connect_postgres(through(proxy, postgres_dsn)))
         await eventually(lambda: proxy.connections == 1, timeout=30, what="the connect")
-        await eventually(lambda: sockets() - proxy.sockets > before, timeout=30,
+        await eventually(lambda: open_sockets() - proxy.sockets > before, timeout=30,
                          what="the client's socket")
         connecting.cancel()
         kept: list[BaseException] = []
@@ -52,7 +41,7 @@ async def test_a_cancelled_connect_closes_its_socket_while_its_error_is_kept(
         except asyncio.CancelledError as exc:
             kept.append(exc)  # as a log record or a failed call's error would
         assert kept
-        await eventually(lambda: sockets() - proxy.sockets == before, timeout=30,
+        await eventually(lambda: open_sockets() - proxy.sockets == before, timeout=30,
                          what="the abandoned connect's socket closed")
 
 
@@ -63,12 +52,12 @@ async def test_a_timed_out_connect_closes_its_socket_while_its_error_is_kept(
     assert host and port
     async with FaultProxy(f"{host[1]}:{port[1]}") as proxy:
         proxy.fault = Fault.stall()
-        before = sockets() - proxy.sockets
+        before = open_sockets() - proxy.sockets
         kept: list[BaseException] = []
         try:
             await connect_postgres(through(proxy, postgres_dsn) + " connect_timeout=2")
         except Exception as exc:  # psycopg.errors.ConnectionTimeout
             kept.append(exc)
         assert kept and "timeout" in str(kept[0]), kept
-        await eventually(lambda: sockets() - proxy.sockets == before, timeout=30,
+        await eventually(lambda: open_sockets() - proxy.sockets == before, timeout=30,
                          what="the timed-out connect's socket closed")
