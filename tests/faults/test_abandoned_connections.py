@@ -7,7 +7,9 @@ descriptors (issue 15)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
 
 from packetflow.databases import connect_postgres
 from tests.conftest import eventually, open_sockets
@@ -16,21 +18,22 @@ from tests.support.faultproxy import Fault, FaultProxy
 pytest_plugins = ["tests.support.postgres"]
 
 
-def through(proxy: FaultProxy, dsn: str) -> str:
-    """``dsn`` with its host and port replaced by the proxy's."""
-    return re.sub(r"port=\d+", f"port={proxy.port}",
-                  re.sub(r"host=\S+", "host=127.0.0.1", dsn))
+@contextlib.asynccontextmanager
+async def stalled(dsn: str) -> AsyncIterator[tuple[FaultProxy, str]]:
+    """A proxy to the server of ``dsn`` that forwards nothing, and the DSN through it."""
+    host, port = re.search(r"host=(\S+)", dsn), re.search(r"port=(\d+)", dsn)
+    assert host and port, dsn
+    async with FaultProxy(f"{host[1]}:{port[1]}") as proxy:
+        proxy.fault = Fault.stall()  # the server's greeting never arrives
+        yield proxy, re.sub(r"port=\d+", f"port={proxy.port}",
+                            re.sub(r"host=\S+", "host=127.0.0.1", dsn))
 
 
 async def test_a_cancelled_connect_closes_its_socket_while_its_error_is_kept(
         postgres_dsn: str) -> None:
-    host = re.search(r"host=(\S+)", postgres_dsn)
-    port = re.search(r"port=(\d+)", postgres_dsn)
-    assert host and port
-    async with FaultProxy(f"{host[1]}:{port[1]}") as proxy:
-        proxy.fault = Fault.stall()  # the server's greeting never arrives
+    async with stalled(postgres_dsn) as (proxy, dsn):
         before = open_sockets() - proxy.sockets
-        connecting = asyncio.create_task(connect_postgres(through(proxy, postgres_dsn)))
+        connecting = asyncio.create_task(connect_postgres(dsn))
         await eventually(lambda: proxy.connections == 1, timeout=30, what="the connect")
         await eventually(lambda: open_sockets() - proxy.sockets > before, timeout=30,
                          what="the client's socket")
@@ -47,15 +50,11 @@ async def test_a_cancelled_connect_closes_its_socket_while_its_error_is_kept(
 
 async def test_a_timed_out_connect_closes_its_socket_while_its_error_is_kept(
         postgres_dsn: str) -> None:
-    host = re.search(r"host=(\S+)", postgres_dsn)
-    port = re.search(r"port=(\d+)", postgres_dsn)
-    assert host and port
-    async with FaultProxy(f"{host[1]}:{port[1]}") as proxy:
-        proxy.fault = Fault.stall()
+    async with stalled(postgres_dsn) as (proxy, dsn):
         before = open_sockets() - proxy.sockets
         kept: list[BaseException] = []
         try:
-            await connect_postgres(through(proxy, postgres_dsn) + " connect_timeout=2")
+            await connect_postgres(dsn + " connect_timeout=2")
         except Exception as exc:  # psycopg.errors.ConnectionTimeout
             kept.append(exc)
         assert kept and "timeout" in str(kept[0]), kept
