@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,7 +73,14 @@ async def connect_postgres(dsn: str) -> Any:
 
     given = conninfo_to_dict(dsn)
     extra = {k: v for k, v in POSTGRES_CONNECT_DEFAULTS.items() if k not in given}
-    return await psycopg.AsyncConnection.connect(dsn, autocommit=True, **extra)
+    try:
+        return await psycopg.AsyncConnection.connect(dsn, autocommit=True, **extra)
+    except BaseException as exc:
+        # psycopg raises a timed-out or cancelled connect from a frame that still holds the
+        # half-made connection, its socket open: whoever keeps the exception (a log record,
+        # a task, an error chained to it) would keep the socket. Release it now.
+        traceback.clear_frames(exc.__traceback__)
+        raise
 
 
 def connection_lost(exc: BaseException) -> bool:

@@ -3,6 +3,10 @@ catalogs, deadlines and traces, contracts on both sides, metering, SLA, probes, 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +20,7 @@ from packetflow.context import TRACE_ID_KEY, CallContext
 from packetflow.engine import Engine
 from packetflow.errors import NotServable, Unavailable
 from packetflow.federation.audit import INBOUND, OUTBOUND, verify
+from packetflow.federation.gateway import Gateway
 from packetflow.manifests import load_text
 from packetflow.v1 import federation_pb2, runtime_pb2
 from tests.conftest import eventually
@@ -25,6 +30,8 @@ from tests.support.federation import (
     EXPORTER_MANIFESTS,
     Federation,
     audit_of,
+    config_text,
+    make_org,
     running_federation,
 )
 
@@ -284,3 +291,34 @@ async def test_federated_capability_loads_before_its_gateway_and_checks_at_first
             await engine.invoke("french", {"text": "x"}, CallContext("french", "t2"))
     finally:
         await engine.aclose()
+
+
+
+async def test_a_gateway_whose_start_failed_half_way_stops(tmp_path: Path) -> None:
+    """Its inner server listens when its peer port turns out to be taken: stop ends it (a
+    grpc.aio server left running holds the event loop at exit)."""
+    org, peer = make_org(tmp_path, "acme"), make_org(tmp_path, "globex")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        config = tmp_path / "federation.yaml"
+        config.write_text(config_text(org, [(peer, "127.0.0.1:1")],
+                                      listen=f"127.0.0.1:{taken.getsockname()[1]}"))
+        gateway = Gateway(config)
+        with pytest.raises(OSError):
+            await gateway.start()
+        assert inner_servers() == 1
+        await asyncio.wait_for(gateway.stop(grace=0), 60)
+        await eventually(lambda: inner_servers() == 0, timeout=30,
+                         what="the inner server's socket closed")
+
+
+def inner_servers() -> int:
+    """Unix sockets this process holds in a federation gateway's private directory."""
+    with open("/proc/net/unix") as table:
+        paths = {fields[6]: fields[7] for line in table.read().splitlines()[1:]
+                 if len(fields := line.split()) > 7}
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed since listed
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            count += "/packetflow-federation-" in paths.get(target[len("socket:["):-1], "")
+    return count

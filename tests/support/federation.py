@@ -268,34 +268,40 @@ async def running_federation(base: Path, *, exports: str = DEFAULT_EXPORTS,
     acme, globex, initech = (make_org(base, name) for name in ("acme", "globex", "initech"))
     loaded = load_text(EXPORTER_MANIFESTS, "tests/support/federation.py")
     assert not loaded.errors, loaded.errors
-    runtime = await RuntimeServer.start(Engine(loaded.capabilities), "127.0.0.1:0")
-    configs = {"globex": globex.directory / "federation.yaml",
-               "acme": acme.directory / "federation.yaml"}
-    # globex starts first (acme's endpoint is unknown until acme listens; globex reloads).
-    write_atomically(configs["globex"], config_text(
-        globex, [(acme, "127.0.0.1:1"), (initech, "127.0.0.1:1")], exports=exports,
-        trust=trust, runtime=f"127.0.0.1:{runtime.port}",
-        http="127.0.0.1:0" if http else "").encode())
-    exporter = Gateway(configs["globex"])
-    await exporter.start()
-    write_atomically(configs["acme"], config_text(
-        acme, [(globex, f"127.0.0.1:{exporter.peer_port}")], trust=importer_trust,
-        imports="\n    - {peer: globex, capability: translate, as: globex-translate}\n"
-                "    - {peer: globex, capability: slow, as: globex-slow}\n"
-                "    - {peer: globex, capability: sale, as: globex-sale}\n").encode())
-    importer = Gateway(configs["acme"])
-    await importer.start()
-    federation = Federation(acme, globex, initech, runtime, exporter, importer, configs)
-    try:
+    # Each part is stopped (last started, first stopped) whatever fails after it started,
+    # setup included: a grpc.aio server left running holds the test's event loop at exit.
+    async with contextlib.AsyncExitStack() as stack:
+        runtime = await RuntimeServer.start(Engine(loaded.capabilities), "127.0.0.1:0")
+        stack.push_async_callback(runtime.stop, 0)
+        configs = {"globex": globex.directory / "federation.yaml",
+                   "acme": acme.directory / "federation.yaml"}
+        # globex starts first (acme's endpoint is unknown until acme listens; globex reloads).
+        write_atomically(configs["globex"], config_text(
+            globex, [(acme, "127.0.0.1:1"), (initech, "127.0.0.1:1")], exports=exports,
+            trust=trust, runtime=f"127.0.0.1:{runtime.port}",
+            http="127.0.0.1:0" if http else "").encode())
+        exporter = Gateway(configs["globex"])
+        stack.push_async_callback(exporter.stop, 0)  # before start: it may fail half way
+        await exporter.start()
+        write_atomically(configs["acme"], config_text(
+            acme, [(globex, f"127.0.0.1:{exporter.peer_port}")], trust=importer_trust,
+            imports="\n    - {peer: globex, capability: translate, as: globex-translate}\n"
+                    "    - {peer: globex, capability: slow, as: globex-slow}\n"
+                    "    - {peer: globex, capability: sale, as: globex-sale}\n").encode())
+        importer = Gateway(configs["acme"])
+        stack.push_async_callback(importer.stop, 0)
+        await importer.start()
+        federation = Federation(acme, globex, initech, runtime, exporter, importer, configs)
+        stack.push_async_callback(close_channels, federation)
         federation.write_exporter_config(exports=exports, trust=trust)
         await wait_ready(importer, "globex-translate")
         yield federation
-    finally:
-        for channel in federation.channels:
-            await channel.close()
-        await importer.stop(grace=0)
-        await exporter.stop(grace=0)
-        await runtime.stop(grace=0)
+
+
+async def close_channels(federation: Federation) -> None:
+    """Close the channels the test opened to the gateways."""
+    for channel in federation.channels:
+        await channel.close()
 
 
 def expired(org: Org) -> Issued:

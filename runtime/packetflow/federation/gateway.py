@@ -84,6 +84,7 @@ CHANNEL_GRACE = 30.0  # a replaced channel's calls in flight may finish within t
 STATUS_SECONDS = 1.0
 TRUST_SAVE_SECONDS = 10.0
 PRUNE_SECONDS = 3600.0
+STOP_SECONDS = 10.0  # what one step of stopping may take before it is given up
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
 
 
@@ -285,8 +286,8 @@ class Gateway:
         inner = grpc.aio.server(options=_server_options())
         federation_pb2_grpc.add_FederationServicer_to_server(PeerServicer(self), inner)
         inner.add_insecure_port(f"unix:{inner_path}")
-        await inner.start()
         self._servers.append(inner)
+        await inner.start()
         host, _, port = settings.listen.rpartition(":")
         self.peer_port = await self.terminator.start(host.strip("[]"), int(port), inner_path)
         self.local_port = await self._start_local(settings.local)
@@ -323,26 +324,30 @@ class Gateway:
         port = server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot listen on {address}")
+        self._servers.append(server)  # stopped by stop() even if what follows fails
         await server.start()
         for service in ("", SERVICE_NAME):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self._servers.append(server)
         return int(port)
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop listening, let calls finish, save trust, close the log."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.terminator.stop()
-        for server in self._servers:
-            await server.stop(grace)
+        """Stop listening, let calls finish, save trust, close the log. Also after a start
+        that failed half way; every server started is stopped even if a step before fails,
+        and no task that ignores its cancellation holds the stop."""
+        try:
+            await _cancelled(self._tasks)
+            try:
+                await asyncio.wait_for(self.terminator.stop(), STOP_SECONDS)
+            except TimeoutError:
+                log.warning("the federation gateway's TLS listener did not stop in %gs",
+                            STOP_SECONDS)
+        finally:
+            for server in self._servers:
+                await server.stop(grace)
         for link in self.links.values():
             if link.channel is not None:
                 await link.channel.close()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await _cancelled(self._background)
         await self.remote.close()
         if self._http is not None:
             self._http.shutdown()
@@ -985,6 +990,22 @@ class Gateway:
             pruned = await self.store.prune(time.time() - retention)
             if pruned:
                 log.info("audit retention pruned %d records", pruned)
+
+
+async def _cancelled(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait for them to end, for at most ``STOP_SECONDS``: one that
+    ignores its cancellation is left behind (and logged), not waited for forever."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=STOP_SECONDS)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: it ended on its own while being stopped
+    for task in pending:
+        log.warning("a federation gateway task did not end when stopped: %s", task.get_name())
 
 
 # ---------------------------------------------------------------------- gRPC faces
