@@ -43,14 +43,17 @@ declare -A tests=(
   [drift]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
   [decide]="tests/unit/test_routing_decide.py tests/unit/test_routing_recommend.py"
   [trust]="tests/unit/test_federation_pure.py"
-  [search]="tests/unit/test_planner.py"
+  [search]="tests/unit/test_planner_search.py tests/unit/test_planner.py"
 )
 # Which tests of a module's files run (pytest -k): for compositions not those on a PostgreSQL
 # server (a fresh one per forked mutant is too slow), nor the engine-level tests that wait out
-# real timeouts or reach check.py only through loading (seconds per mutant).
+# real timeouts or reach check.py only through loading (seconds per mutant); for the planner's
+# search its own unit tests and the planner test that calls it directly, not the planners over
+# an engine (seconds per mutant).
 declare -A keep=(
   [check]="(check or bad_composition or parses or shadow or cycle or trigger_is_rejected) and not postgres"
   [executor]="not (branch_timeout or scheduled or callers_deadline or trigger or sqlite_keys or postgres)"
+  [search]="search"
 )
 # Lines not mutated: SQL text (keywords and unquoted names are case-insensitive in SQLite and
 # PostgreSQL, so its case mutants are equivalent; what each statement does is tested).
