@@ -70,12 +70,16 @@ for module in "${modules[@]}"; do
   selection=""
   for t in ${tests[$module]}; do [ -e "$t" ] && selection+="\"$t\", "; done
   file=${source[$module]}
+  # The -k selection as TOML list items (built here: quotes inside ${x:+...} in a heredoc
+  # come out bare, which is not TOML).
+  select_k=""
+  [ -z "${keep[$module]:-}" ] || select_k=", \"-k\", \"${keep[$module]}\""
   case $file in operator/*) original=operator/packetflow/$file ;; *) original=runtime/packetflow/$file ;; esac
   if [ -n "${MUTANTS_RERUN:-}" ] && [ -f "$stage/results.txt" ] && cmp -s "$original" "$stage/src/packetflow/$file"; then
     # Only the mutants the last run left alive, against the current tests (same source).
     for dir in "$stage" "$stage/mutants"; do rm -rf "$dir/tests"; cp -r tests "$dir/"; done
     sed -i -e "s|^pytest_add_cli_args_test_selection = .*|pytest_add_cli_args_test_selection = [${selection}]|" \
-      -e "s|^pytest_add_cli_args = .*|pytest_add_cli_args = [\"-p\", \"no:cacheprovider\", \"-q\"${keep[$module]:+, \"-k\", \"${keep[$module]}\"}]|" \
+      -e "s|^pytest_add_cli_args = .*|pytest_add_cli_args = [\"-p\", \"no:cacheprovider\", \"-q\"${select_k}]|" \
       "$stage/pyproject.toml"
     cp "$stage/results.txt" "$stage/previous.txt"
     alive=$(grep -v ": killed\|: timeout" "$stage/results.txt" | sed 's/: .*//' | tr -d ' ')
@@ -100,7 +104,7 @@ for module in "${modules[@]}"; do
 source_paths = ["src/packetflow"]
 only_mutate = ["src/packetflow/${source[$module]}"]
 pytest_add_cli_args_test_selection = [${selection}]
-pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"${keep[$module]:+, "-k", "${keep[$module]}"}]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"${select_k}]
 also_copy = ["examples", "crds", "charts", "bench"]
 process_isolation = "forkserver"
 do_not_mutate_patterns = [${skip[$module]:+'${skip[$module]}'}]

@@ -646,3 +646,81 @@ def test_parallel_branches_follow_the_intent_and_a_branch_without_input_fails_it
     lack = Unwired("translate-text", "target_language",
                    "one of fr, de: neither the input nor the intent gives it")
     assert found.unwired == [lack] * 4
+
+
+def test_an_irrelevant_capability_is_no_candidate() -> None:
+    assert search(context("summarise the text", [summarizer()], {"summarize-text": 0.0}),
+                  input_fields({"text": "x"})).plans == []
+
+
+def test_what_the_intent_says_beats_an_input_field_of_the_same_type_only() -> None:
+    taker = cap("take-first", "Take the first items",
+                {"items": {"type": "array"}, "count": {"type": "integer"},
+                 "limit": {"type": "integer"}}, {})
+    wiring = wire(taker, input_fields({"items": [1], "n": 5, "limit": 9}),
+                  analyse("take the first 3 items, count 4 limit"), None, None)
+    assert [(b.field, b.source.expression, b.quality) for b in wiring.bindings] == [
+        ("items", "input.items", 1.0), ("count", "`3`", 0.9), ("limit", "input.limit", 1.0)]
+
+
+def test_a_plan_without_bindings_has_full_quality_and_half_coverage_is_enough() -> None:
+    clock = cap("read-clock", "Read the clock", {}, {"now": {"type": "string"}})
+    found = search(context("read the clock", [clock]), [])
+    assert [(names(p), p.parts["quality"], p.score) for p in found.plans] == [
+        (["read-clock"], 1.0, round(1 + 0.3 - 0.12 + 0.1, 6))]
+    plan = found.plans[0]
+    assert acceptable(replace(plan, parts={**plan.parts, "coverage": 0.5}))
+    assert not acceptable(replace(plan, parts={**plan.parts, "coverage": 0.4999}))
+
+
+def test_sources_are_described_by_label_or_expression() -> None:
+    assert Source('input."my-field"', info("my-field"), "input",
+                  label="input.my-field").describe == "input.my-field"
+    assert Source("`3`", info("n"), "intent").describe == "`3`"
+
+
+def test_a_bridge_between_goals_reads_the_step_before_it() -> None:
+    catalog = [summarizer(),
+               cap("publish-page", "Publish a page",
+                   {"text": {"type": "string"}, "document": {"type": "object"}}, {}),
+               cap("render-markdown", "Render markdown",
+                   {"markdown": {"type": "string", "description": "the text to render"}},
+                   {"rendered": {"type": "object", "description": "the document"}})]
+    found = search(context("summarise the text, publish the page", catalog,
+                           {"summarize-text": 1.0, "publish-page": 1.0}),
+                   input_fields({"text": "x"}))
+    chained = [p for p in found.plans if len(p.steps) == 3]
+    assert [(names(p), [s.role for s in p.steps]) for p in chained] == [
+        (["summarize-text", "render-markdown", "publish-page"], ["goal", "bridge", "goal"])]
+    assert wiring_of(chained[0]) == [
+        [("text", "input.text", 1.0, "same name")],
+        [("markdown", "steps.summarize_text.summary", 0.3, "same type")],
+        [("text", "input.text", 1.0, "same name"),
+         ("document", "steps.render_markdown.rendered", 0.8, "matching words")]]
+
+
+def test_a_bridge_cannot_stand_in_for_reading_the_previous_step() -> None:
+    catalog = [cap("count-words", "Count the words", {"text": {"type": "string"}},
+                   {"count": {"type": "integer"}}),
+               cap("sort-items", "Sort items", {"text": {"type": "string"},
+                                                "items": {"type": "array"}}, {}),
+               cap("number-list", "Number list", {"count": {"type": "integer"}},
+                   {"items": {"type": "array"}})]
+    found = search(context("count the words, sort the items", catalog,
+                           {"count-words": 1.0, "sort-items": 1.0}),
+                   input_fields({"text": "x"}))
+    assert [(p.form, names(p)) for p in found.plans] == [("pipeline", ["count-words"])]
+    assert Unwired("sort-items", "<chain>",
+                   "reads nothing the previous step provides") in found.unwired
+
+
+def test_a_bridge_must_provide_what_the_goal_lacks() -> None:
+    goal = cap("extract-links", "Extract the links of a page",
+               {"html": {"type": "string"}, "title": {"type": "string"}}, {})
+    titler = cap("make-title", "Make a title", {"url": {"type": "string"}},
+                 {"title": {"type": "string"}})
+    found = search(context("extract the links", [goal, titler], {"extract-links": 1.0}),
+                   input_fields({"url": "https://x.example", "title": "t"}))
+    assert [wiring_of(p) for p in found.plans] == [[[("html", "input.url", 0.3, "same type"),
+                                                     ("title", "input.title", 1.0,
+                                                      "same name")]]]
