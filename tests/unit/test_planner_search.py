@@ -604,6 +604,12 @@ def test_at_most_eight_candidates_the_most_relevant_first() -> None:
         f"{n}-tool" for n in sorted(letters) if n != "alpha"]
     # Of the equally covering rest, the most relevant ranks first.
     assert names(found.plans[1]) == ["zeta-tool"]
+    # A capability that has none of the intent's terms takes no candidate's place.
+    unrelated = cap("zip-file", "Compress a file", {"text": {"type": "string"}}, {})
+    relevance = {f"{n}-tool": 0.5 for n in letters} | {"zip-file": 1.0}
+    found = search(context(intent, [unrelated, *greek(letters)], relevance, max_steps=1), data)
+    assert sorted(p.steps[0].capability.name for p in found.plans) == [
+        f"{n}-tool" for n in sorted(letters) if n != "zeta"]
 
 
 def test_at_most_three_goals_and_never_more_steps_than_allowed() -> None:
@@ -724,3 +730,51 @@ def test_a_bridge_must_provide_what_the_goal_lacks() -> None:
     assert [wiring_of(p) for p in found.plans] == [[[("html", "input.url", 0.3, "same type"),
                                                      ("title", "input.title", 1.0,
                                                       "same name")]]]
+
+
+def test_a_later_goal_reads_a_bridges_output_by_its_step_index() -> None:
+    catalog = [*web_toolbox(),
+               cap("annotate-links", "Annotate links",
+                   {"links": {"type": "array", "items": {"type": "string"}},
+                    "html": {"type": "string"}}, {})]
+    found = search(context("extract the links on this web page, annotate them", catalog,
+                           {"extract-links": 1.0, "annotate-links": 0.9}),
+                   input_fields({"url": "https://x.example"}))
+    best = found.plans[0]
+    assert names(best) == ["fetch-page", "extract-links", "annotate-links"]
+    assert [[(b.source.expression, b.source.step) for b in s.bindings] for s in best.steps] == [
+        [("input.url", None)], [("steps.fetch_page.html", 0)],
+        [("steps.extract_links.links", 1), ("steps.fetch_page.html", 0)]]
+
+
+def test_a_link_of_half_is_not_weak_and_a_shared_start_is_no_inversion() -> None:
+    first = cap("alpha-tool", "Alpha", {"text": {"type": "string"}},
+                {"zeta": {"type": "string"}})
+    second = cap("beta-tool", "Beta", {"text": {"type": "string",
+                                                "description": "zeta eta theta iota"}}, {})
+    found = search(context("alpha the text, beta it", [first, second]),
+                   input_fields({"text": "x"}))
+    chained = [p for p in found.plans if names(p) == ["alpha-tool", "beta-tool"]
+               and p.form == "pipeline"]
+    assert [(wiring_of(p)[1], p.parts["weakLinks"]) for p in chained] == [
+        ([("text", "steps.alpha_tool.zeta", 0.5, "matching words")], 0.0)]
+    found = search(context("text: summarise, translate to french", [summarizer(), translator()]),
+                   input_fields({"text": "x"}))
+    assert [(names(p), p.parts["inversions"]) for p in found.plans if len(p.steps) == 2] == [
+        (["translate-text", "summarize-text"], 0.0), (["summarize-text", "translate-text"], 0.0),
+        (["summarize-text", "translate-text"], 0.0)]
+
+
+def test_a_goal_chosen_by_its_field_words_alone_has_no_clause_start() -> None:
+    publisher = cap("publish-page", "Publish",
+                    {"text": {"type": "string", "description": "the markdown"}}, {})
+    found = search(context("markdown please", [publisher]), input_fields({"text": "x"}))
+    assert [(names(p), p.score) for p in found.plans] == [
+        (["publish-page"], round(1 + 0.3 - 0.12 + 0.1, 6))]
+
+
+def test_terms_without_a_weight_count_nothing() -> None:
+    ctx = replace(context("summarise the text", [summarizer()]),
+                  weights={"summar": 1.0, "other": 3.0})
+    found = search(ctx, input_fields({"text": "x"}))
+    assert [p.parts["coverage"] for p in found.plans] == [0.25]
