@@ -83,7 +83,7 @@ def test_input_fields_are_typed_by_their_json_values_and_quoted_when_needed() ->
     found = input_fields({"text": "x", "count": 2, "ratio": 0.5, "flag": True, "none": None,
                           "mixed": [1, "a"], "empty": [], "doc": {"a": 1},
                           "odd": (1,), "odd_items": [(1,)], "my-field": "y", "_ok9": "z",
-                          "9lives": 1})
+                          "9lives": 1, "Upper": "u"})
     assert [(s.expression, s.label, s.origin, s.step) for s in found] == [
         ("input.text", "input.text", "input", None),
         ("input.count", "input.count", "input", None),
@@ -97,7 +97,8 @@ def test_input_fields_are_typed_by_their_json_values_and_quoted_when_needed() ->
         ("input.odd_items", "input.odd_items", "input", None),
         ('input."my-field"', "input.my-field", "input", None),
         ("input._ok9", "input._ok9", "input", None),
-        ('input."9lives"', "input.9lives", "input", None)]
+        ('input."9lives"', "input.9lives", "input", None),
+        ("input.Upper", "input.Upper", "input", None)]
     fields = {s.field.name: s.field for s in found}
     assert {n: (set(f.types or ()), f.item_types) for n, f in fields.items()} == {
         "text": ({"string"}, None), "count": ({"integer"}, None), "ratio": ({"number"}, None),
@@ -105,7 +106,8 @@ def test_input_fields_are_typed_by_their_json_values_and_quoted_when_needed() ->
         "mixed": ({"array"}, frozenset({"integer", "string"})), "empty": ({"array"}, None),
         "doc": ({"object"}, None), "odd": ({"object"}, None),
         "odd_items": ({"array"}, frozenset({"object"})), "my-field": ({"string"}, None),
-        "_ok9": ({"string"}, None), "9lives": ({"integer"}, None)}
+        "_ok9": ({"string"}, None), "9lives": ({"integer"}, None),
+        "Upper": ({"string"}, None)}
     assert fields["my-field"] == FieldInfo("my-field", frozenset({"string"}), None, "", None,
                                            None, True, frozenset({"field"}))
     assert [s.describe for s in found[:2]] == ["input.text", "input.count"]
@@ -558,11 +560,15 @@ def test_a_bridge_that_is_also_a_goal_makes_one_plan_not_two() -> None:
 def test_a_missing_field_gets_a_bridge_or_is_reported() -> None:
     splitter = cap("split-lines", "Split a text into lines", {"text": {"type": "string"}},
                    {"items": {"type": "array", "items": {"type": "string"}}})
+    wrong = cap("split-words", "Split a text into words", {"text": {"type": "string"}},
+                {"items": {"type": "integer"}})
     counter = cap("count-items", "Count the items of a list",
                   {"items": {"type": "array", "items": {"type": "string"}}},
                   {"count": {"type": "integer"}})
     data = input_fields({"text": "a\nb"})
-    found = search(context("count the items", [counter, splitter], {"count-items": 1.0}), data)
+    # A would-be bridge whose output does not fit is passed over for the next.
+    found = search(context("count the items", [counter, wrong, splitter],
+                           {"count-items": 1.0}), data)
     assert [wiring_of(p) for p in found.plans] == [[
         [("text", "input.text", 1.0, "same name")],
         [("items", "steps.split_lines.items", 1.0, "same name")]]]
@@ -778,3 +784,33 @@ def test_terms_without_a_weight_count_nothing() -> None:
                   weights={"summar": 1.0, "other": 3.0})
     found = search(ctx, input_fields({"text": "x"}))
     assert [p.parts["coverage"] for p in found.plans] == [0.25]
+
+
+def test_an_input_field_of_the_same_name_leaves_the_intents_values_to_others() -> None:
+    box = cap("draw-box", "Draw a box", {"width": {"type": "integer"},
+                                         "height": {"type": "integer"}}, {})
+    wiring = wire(box, input_fields({"width": 3}), analyse("draw a width and height 7 box"),
+                  None, None)
+    assert [(b.field, b.source.expression) for b in wiring.bindings] == [
+        ("width", "input.width"), ("height", "`7`")]
+    assert wiring.missing == []
+
+
+def test_a_bridge_needs_a_link_of_at_least_seven_tenths_and_preference_only_breaks_ties() -> None:
+    goal = cap("extract-links", "Extract the links",
+               {"html": {"type": "string", "description": "alpha beta gamma delta"}}, {})
+    marker = cap("mark-up", "Mark up", {"url": {"type": "string"}},
+                 {"markup": {"type": "string", "description": "html alpha"}})
+    data = input_fields({"url": "https://x.example"})
+    found = search(context("extract the links", [goal, marker], {"extract-links": 1.0}), data)
+    assert [wiring_of(p) for p in found.plans] == [[
+        [("url", "input.url", 1.0, "same name")],
+        [("html", "steps.mark_up.markup", 0.7, "matching words")]]]
+    goal = cap("extract-links", "Extract the links", {"html": {"type": "string"}}, {})
+    fetcher = cap("fetch-page", "Fetch", {"url": {"type": "string"}},
+                  {"html": {"type": "string"}})
+    renderer = cap("render-page", "Render", {"url": {"type": "string"}},
+                   {"markup": {"type": "string", "description": "html"}})
+    found = search(context("extract the links", [goal, renderer, fetcher], {"extract-links": 1.0},
+                           {"fetch-page": 0.0, "render-page": 1.0}), data)
+    assert [names(p) for p in found.plans] == [["fetch-page", "extract-links"]]
