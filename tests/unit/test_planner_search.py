@@ -814,3 +814,18 @@ def test_a_bridge_needs_a_link_of_at_least_seven_tenths_and_preference_only_brea
     found = search(context("extract the links", [goal, renderer, fetcher], {"extract-links": 1.0},
                            {"fetch-page": 0.0, "render-page": 1.0}), data)
     assert [names(p) for p in found.plans] == [["fetch-page", "extract-links"]]
+
+
+def test_a_step_already_in_the_plan_is_never_its_bridge() -> None:
+    measure = cap("measure-page", "Measure a page", {"n": {"type": "integer"}},
+                  {"html_size": {"type": "integer", "description": "html size"}})
+    extract = cap("extract-links", "Extract the links",
+                  {"html": {"type": "string"}, "size": {"type": "integer"}}, {})
+    found = search(context("measure the page, extract the links", [measure, extract]),
+                   input_fields({"n": 1, "url": "https://x.example"}))
+    assert [(p.form, names(p)) for p in found.plans] == [
+        ("pipeline", ["measure-page", "extract-links"]), ("pipeline", ["measure-page"]),
+        ("parallel", ["measure-page", "extract-links"])]
+    assert wiring_of(found.plans[0])[1] == [
+        ("html", "input.url", 0.3, "same type"),
+        ("size", "steps.measure_page.html_size", 0.8, "matching words")]
