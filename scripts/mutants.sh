@@ -43,14 +43,17 @@ declare -A tests=(
   [drift]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
   [decide]="tests/unit/test_routing_decide.py tests/unit/test_routing_recommend.py"
   [trust]="tests/unit/test_federation_pure.py"
-  [search]="tests/unit/test_planner.py"
+  [search]="tests/unit/test_planner_search.py tests/unit/test_planner.py"
 )
 # Which tests of a module's files run (pytest -k): for compositions not those on a PostgreSQL
 # server (a fresh one per forked mutant is too slow), nor the engine-level tests that wait out
-# real timeouts or reach check.py only through loading (seconds per mutant).
+# real timeouts or reach check.py only through loading (seconds per mutant); for the planner's
+# search its own unit tests and the planner test that calls it directly, not the planners over
+# an engine (seconds per mutant).
 declare -A keep=(
   [check]="(check or bad_composition or parses or shadow or cycle or trigger_is_rejected) and not postgres"
   [executor]="not (branch_timeout or scheduled or callers_deadline or trigger or sqlite_keys or postgres)"
+  [search]="search"
 )
 # Lines not mutated: SQL text (keywords and unquoted names are case-insensitive in SQLite and
 # PostgreSQL, so its case mutants are equivalent; what each statement does is tested).
@@ -67,12 +70,16 @@ for module in "${modules[@]}"; do
   selection=""
   for t in ${tests[$module]}; do [ -e "$t" ] && selection+="\"$t\", "; done
   file=${source[$module]}
+  # The -k selection as TOML list items (built here: quotes inside ${x:+...} in a heredoc
+  # come out bare, which is not TOML).
+  select_k=""
+  [ -z "${keep[$module]:-}" ] || select_k=", \"-k\", \"${keep[$module]}\""
   case $file in operator/*) original=operator/packetflow/$file ;; *) original=runtime/packetflow/$file ;; esac
   if [ -n "${MUTANTS_RERUN:-}" ] && [ -f "$stage/results.txt" ] && cmp -s "$original" "$stage/src/packetflow/$file"; then
     # Only the mutants the last run left alive, against the current tests (same source).
     for dir in "$stage" "$stage/mutants"; do rm -rf "$dir/tests"; cp -r tests "$dir/"; done
     sed -i -e "s|^pytest_add_cli_args_test_selection = .*|pytest_add_cli_args_test_selection = [${selection}]|" \
-      -e "s|^pytest_add_cli_args = .*|pytest_add_cli_args = [\"-p\", \"no:cacheprovider\", \"-q\"${keep[$module]:+, \"-k\", \"${keep[$module]}\"}]|" \
+      -e "s|^pytest_add_cli_args = .*|pytest_add_cli_args = [\"-p\", \"no:cacheprovider\", \"-q\"${select_k}]|" \
       "$stage/pyproject.toml"
     cp "$stage/results.txt" "$stage/previous.txt"
     alive=$(grep -v ": killed\|: timeout" "$stage/results.txt" | sed 's/: .*//' | tr -d ' ')
@@ -97,7 +104,7 @@ for module in "${modules[@]}"; do
 source_paths = ["src/packetflow"]
 only_mutate = ["src/packetflow/${source[$module]}"]
 pytest_add_cli_args_test_selection = [${selection}]
-pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"${keep[$module]:+, "-k", "${keep[$module]}"}]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"${select_k}]
 also_copy = ["examples", "crds", "charts", "bench"]
 process_isolation = "forkserver"
 do_not_mutate_patterns = [${skip[$module]:+'${skip[$module]}'}]

@@ -251,6 +251,19 @@ def test_a_half_life_halves_positive_evidence_too() -> None:
         "observations": 1, "capped": 0}
 
 
+def test_explain_rounds_decayed_evidence_to_three_places_and_lists_it() -> None:
+    book = TrustBook(PARAMS)
+    book.observe("globex", RELIABILITY, True, 0.0)
+    book.observe("globex", RELIABILITY, False, 0.0)
+    half = 0.5 ** 0.5  # half a half-life later
+    assert book.explain("globex", 1800.0)[RELIABILITY] == {
+        "score": round((9 + half) / (10 + 2 * half), 4), "positive": 0.707,
+        "negative": 0.707, "observations": 2, "capped": 0}
+    book.observe("initech", PERFORMANCE, False, 5.0)
+    assert {key: evidence.observations for key, evidence in book.items()} == {
+        ("globex", RELIABILITY): 2, ("initech", PERFORMANCE): 1}
+
+
 def test_the_cap_is_per_side_and_a_new_window_resets_both() -> None:
     evidence = Evidence()
     for _ in range(5):
