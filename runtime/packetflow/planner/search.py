@@ -238,7 +238,7 @@ def intent_value(target: FieldInfo, capability: CapabilityInfo, analysis: Intent
             return constant.value, f"the intent names {constant.value}"
         if constant.kind == "number" and kinds & {"integer", "number"} and (
                 "integer" not in kinds or isinstance(constant.value, int) or "number" in kinds
-        ) and _near(constant, target, capability, analysis):
+        ) and _near(constant, target, analysis):
             used.add(id(constant))
             return constant.value, f"the intent says {constant.value} next to " \
                                    f"{', '.join(sorted(target.words))}"
@@ -263,9 +263,8 @@ def _wants(target: FieldInfo, kind: str) -> bool:
     return target.format in ("uri", "url") or "url" in target.words
 
 
-def _near(constant: Constant, target: FieldInfo, capability: CapabilityInfo,
-          analysis: IntentAnalysis) -> bool:
-    """Whether words of the field (or, failing that, of its capability) sit close to it."""
+def _near(constant: Constant, target: FieldInfo, analysis: IntentAnalysis) -> bool:
+    """Whether words of the field sit within a few words of the constant in the intent."""
     window = analysis.words[max(0, constant.position - NUMBER_WINDOW):
                             constant.position + NUMBER_WINDOW + 1]
     near = set(terms(" ".join(window)))
