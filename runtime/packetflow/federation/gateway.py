@@ -18,7 +18,6 @@ import datetime
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -56,6 +55,7 @@ from packetflow.federation.catalog import (
     check_compatible,
     contract_from_schema,
 )
+from packetflow.federation.datapath import PeerCalls
 from packetflow.federation.observe import FederationMetrics, start_http
 from packetflow.federation.pricing import call_price
 from packetflow.federation.ratelimit import TokenBucket
@@ -203,9 +203,11 @@ class Gateway:
         self.meters: dict[tuple[str, str, str], SlaMeter] = {}
         self.export_stats: dict[str, ExportStats] = {}
         self.store: FederationStore | None = None
+        self.peer_calls = PeerCalls(self)
         self.terminator: MtlsTerminator[Inbound] = MtlsTerminator(
             context=lambda: self.current().server_context, authenticate=self._authenticate,
-            on_refused=self._refused_connection, on_accepted=self._accepted)
+            on_refused=self._refused_connection, serve=self.peer_calls.serve,
+            on_accepted=self._accepted)
         self.refused_connections = 0
         self.status_json = b"{}"
         self.peer_port = 0
@@ -215,7 +217,6 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._http: Any = None
-        self._socket_dir: tempfile.TemporaryDirectory[str] | None = None
         self._generation = self.watch.generation
         self._apply(state)
         self.metrics.gauges(self._gauges)
@@ -279,16 +280,8 @@ class Gateway:
         for key, evidence in (saved or {}).items():
             peer, _, dimension = key.partition("|")
             self.trust.evidence[(peer, dimension)] = Evidence.from_json(evidence)
-        # The inner server listens on a Unix socket only our user can reach (see terminator).
-        self._socket_dir = tempfile.TemporaryDirectory(prefix="packetflow-federation-")
-        inner_path = os.path.join(self._socket_dir.name, "inner.sock")
-        inner = grpc.aio.server(options=_server_options())
-        federation_pb2_grpc.add_FederationServicer_to_server(PeerServicer(self), inner)
-        inner.add_insecure_port(f"unix:{inner_path}")
-        await inner.start()
-        self._servers.append(inner)
         host, _, port = settings.listen.rpartition(":")
-        self.peer_port = await self.terminator.start(host.strip("[]"), int(port), inner_path)
+        self.peer_port = await self.terminator.start(host.strip("[]"), int(port))
         self.local_port = await self._start_local(settings.local)
         if settings.metrics_address:
             self._http, self.http_port = start_http(settings.metrics_address,
@@ -335,6 +328,7 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.terminator.stop()
+        await self.peer_calls.aclose()
         for server in self._servers:
             await server.stop(grace)
         for link in self.links.values():
@@ -350,8 +344,6 @@ class Gateway:
         if self.store is not None:
             await self._save_trust()
             await self.store.aclose()
-        if self._socket_dir is not None:
-            self._socket_dir.cleanup()
 
     async def _every(self, work: Any, seconds: float) -> None:
         while True:
@@ -432,25 +424,21 @@ class Gateway:
 
     # ------------------------------------------------------------------ inbound: calls
 
-    def _connection(self, key: str, state: GatewayState) -> Inbound:
-        """The identity of a call's connection, still trusted now, or Unauthenticated."""
-        identity = self.terminator.identity(key)
-        if identity is None:
-            raise _Refused(Unauthenticated("no authenticated identity on this connection"),
-                           "unauthenticated")
+    def _connection(self, identity: Inbound, state: GatewayState) -> None:
+        """A call's connection is still trusted now, or Unauthenticated."""
         certificate = identity.certificate
         try:
             check_identity(state, identity.peer, certificate.authority,
                            certificate.not_after, datetime.datetime.now(datetime.UTC))
         except AuthenticationError as exc:
             raise _Refused(Unauthenticated(exc.message), exc.reason) from None
-        return identity
 
-    async def serve_catalog(self, key: str, known_version: str) -> federation_pb2.Catalog:
+    async def serve_catalog(self, identity: Inbound,
+                            known_version: str) -> federation_pb2.Catalog:
         """A peer reads the catalog of what is exported to it."""
         state = self.current()
         try:
-            identity = self._connection(key, state)
+            self._connection(identity, state)
         except _Refused as refused:
             await self._refuse_inbound(refused, _Call(time.perf_counter(), AuditRecord(
                 at=time.time(), direction=INBOUND, peer="", fingerprint="", capability="",
@@ -469,11 +457,11 @@ class Gateway:
             version=version, organization=state.spec.organization,
             entries_json=orjson.dumps([entry.to_json() for entry in entries]))
 
-    async def serve_invoke(self, key: str, capability: str, payload: bytes,
-                           metadata: Sequence[tuple[str, Any]],
-                           remaining: float | None) -> bytes:
+    async def admit_inbound(self, identity: Inbound, capability: str, payload: bytes,
+                            metadata: Sequence[tuple[str, str]], trace_id: str) -> InboundCall:
         """A peer calls one of our exports; the checks run in the module docstring's order
-        and nothing reaches the capability before all of them pass."""
+        and nothing may reach the capability before all of them pass (a refusal is audited
+        and raised)."""
         started = time.perf_counter()
         now = time.time()
         state = self.current()
@@ -481,11 +469,11 @@ class Gateway:
         call = _Call(started, AuditRecord(
             at=now, direction=INBOUND, peer="", fingerprint="", capability=capability,
             decision=DENY, reason="", code="", bytes_in=len(payload),
-            trace_id=trace_of(metadata), input_sha256=_sha256(payload),
+            trace_id=trace_id, input_sha256=_sha256(payload),
             notes="ignored identity metadata: " + ", ".join(f"{k}={v}" for k, v in claims)
             if claims else ""))
         try:
-            identity = self._connection(key, state)
+            self._connection(identity, state)
         except _Refused as refused:
             await self._refuse_inbound(refused, call)
         peer = identity.peer
@@ -536,41 +524,41 @@ class Gateway:
                                        call)
         self.trust.observe(peer, dims.SECURITY, True, now)
         self.trust.observe(peer, dims.RELIABILITY, True, now)
-        output_bytes = b""
+        return InboundCall(call, now, export, probe, provides,
+                           await self.remote.resolver.resolve(
+                               state.settings.runtime or capability))
+
+    async def settle_inbound(self, inbound: InboundCall, output_bytes: bytes,
+                             error: PacketFlowError | None) -> None:
+        """An admitted call's answer from the runtime: its output checked, counted, metered
+        and audited; raises the error the peer gets, if any."""
+        record = inbound.call.record
+        peer, capability, export = record.peer, record.capability, inbound.export
         output: Any = None
-        error: PacketFlowError | None = None
-        try:
-            target = await self.remote.resolver.resolve(state.settings.runtime or capability)
-            response = await self.remote.client(target).stub.Invoke(
-                runtime_pb2.InvokeRequest(capability=capability, input_json=payload),
-                timeout=remaining, metadata=((TRACE_ID_KEY, call.record.trace_id),
-                                             (CALLER_KEY, f"federation:{peer}")))
-            output_bytes = response.output_json
+        if error is None:
             output = _json(output_bytes)
-            violations = _check(provides, output_bytes, "output", output)
+            violations = _check(inbound.provides, output_bytes, "output", output)
             if violations:
                 error = ContractViolation(capability, violations)
-        except grpc.aio.AioRpcError as exc:
-            error = domain_error(CallError.from_rpc_error(exc), capability, "the runtime")
         code = Code.OK if error is None else code_of(error)
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - inbound.call.started
         self.export_stats.setdefault(capability, ExportStats()).count(peer, error is None)
+        sla = export.sla
         if sla is not None:
             self._meter("exporter", peer, capability, sla).observe(
-                Sample(now, elapsed, not counts_as_failure(code.value)))
+                Sample(inbound.at, elapsed, not counts_as_failure(code.value)))
         self.metrics.calls.labels(INBOUND, peer, capability, code.value).inc()
         self.metrics.duration.labels(INBOUND, peer).observe(elapsed)
         await self.audit(replace(
-            call.record, decision=ALLOW, code=code.value,
-            reason="sla probe" if probe else
+            record, decision=ALLOW, code=code.value,
+            reason="sla probe" if inbound.probe else
             (error.message[:500] if error is not None else "exported"),
             duration_ms=round(elapsed * 1000, 3), bytes_out=len(output_bytes),
             output_sha256=_sha256(output_bytes) if output_bytes else "",
-            price=0.0 if probe else call_price(export.pricing, error is None, output),
+            price=0.0 if inbound.probe else call_price(export.pricing, error is None, output),
             currency=export.pricing.currency if export.pricing else ""))
         if error is not None:
             raise error
-        return output_bytes
 
     async def _refuse_inbound(self, refused: _Refused, call: _Call) -> NoReturn:
         """Audit, count and raise a refused inbound call."""
@@ -1031,6 +1019,18 @@ class _Call:
     decision: str = DENY
 
 
+@dataclass
+class InboundCall:
+    """An admitted inbound call: where its runtime is, what its answer is checked against."""
+
+    call: _Call
+    at: float
+    export: Any
+    probe: bool
+    provides: CompiledContract
+    runtime: str  # host:port
+
+
 class _Refused(Exception):
     """A refusal on its way to the audit log: the error the caller gets and a reason code."""
 
@@ -1044,39 +1044,6 @@ def _server_options() -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0),
             *SERVER_KEEPALIVE]
-
-
-class PeerServicer(federation_pb2_grpc.FederationServicer):
-    """``packetflow.v1.Federation`` for peers (behind the terminator)."""
-
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-
-    async def GetCatalog(self, request: federation_pb2.CatalogRequest,
-                         context: grpc.aio.ServicerContext) -> federation_pb2.Catalog:
-        from packetflow.server import abort_for
-
-        try:
-            return await self.gateway.serve_catalog(context.peer(), request.known_version)
-        except PacketFlowError as exc:
-            await abort_for(context, exc, "")
-            raise
-
-    async def Invoke(self, request: runtime_pb2.InvokeRequest,
-                     context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:
-        from packetflow.server import abort_for
-
-        metadata = tuple(context.invocation_metadata() or ())
-        trace_id = trace_of(metadata)
-        try:
-            output = await self.gateway.serve_invoke(
-                context.peer(), request.capability, request.input_json,
-                [(key, value) for key, value in metadata if key != TRACE_ID_KEY]
-                + [(TRACE_ID_KEY, trace_id)], context.time_remaining())
-        except PacketFlowError as exc:
-            await abort_for(context, exc, trace_id)
-            raise
-        return runtime_pb2.InvokeResponse(output_json=output, trace_id=trace_id)
 
 
 class LocalServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):

@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -598,18 +599,37 @@ class UnaryCall(AttemptOwner):
 # ------------------------------------------------------------------ front streams
 
 
+class Answering(Protocol):
+    """A unary call under way, as its request stream sees it."""
+
+    def cancelled(self) -> None:
+        """The caller went away."""
+
+
+class UnaryFront(Protocol):
+    """What takes complete unary requests: this gateway, or the federation's data path."""
+
+    max_message: int
+
+    def refuse(self, stream: Stream, headers: CallHeaders, code: int, message: str) -> None:
+        """Answer a call with a status of one's own."""
+
+    def unary(self, stream: Stream, headers: CallHeaders, body: bytes) -> Answering | None:
+        """Start a complete request's call."""
+
+
 class Buffered:
     """Collects a unary request's body, then hands it to the gateway."""
 
     __slots__ = ("call", "chunks", "gateway", "headers", "size", "stream")
 
-    def __init__(self, gateway: Gateway, stream: Stream, headers: CallHeaders) -> None:
+    def __init__(self, gateway: UnaryFront, stream: Stream, headers: CallHeaders) -> None:
         self.gateway = gateway
         self.stream = stream
         self.headers = headers
         self.chunks: list[bytes] = []
         self.size = 0
-        self.call: UnaryCall | None = None
+        self.call: Answering | None = None
 
     def on_headers(self, headers: Headers, end_stream: bool) -> None:
         """Request trailers carry nothing the gateway needs."""
