@@ -16,7 +16,7 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -30,6 +30,7 @@ from packetflow.gateway.grpcwire import (
     CONTENT_TYPE,
     RESPONSE_HEADERS,
     WireError,
+    format_timeout,
     frame_message,
     single_message,
     status_of,
@@ -46,7 +47,7 @@ from packetflow.gateway.h2 import (
     StreamRefused,
 )
 from packetflow.gateway.policy import CANCELLED, DEADLINE_EXCEEDED, INTERNAL, OK, UNAVAILABLE
-from packetflow.gateway.proxy import Buffered, CallHeaders, read_headers
+from packetflow.gateway.proxy import Buffered, CallHeaders, Relay, read_headers
 from packetflow.gateway.upstream import ConnectFailed, Upstream
 from packetflow.identity import terminator
 from packetflow.v1 import federation_pb2, runtime_pb2
@@ -139,6 +140,27 @@ async def unary(upstream: Upstream, headers: Headers, body: bytes,
             stream.reset(CANCEL)
 
 
+async def invoke(upstream: Upstream, path: bytes, body: bytes, metadata: Headers,
+                 deadline: float | None) -> tuple[bytes, CallError | None]:
+    """One Invoke (``body``: a framed InvokeRequest) with ``metadata`` and the remaining
+    deadline (event-loop time); its output JSON, or the error it ended with."""
+    headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path),
+               (b":authority", upstream.authority), (b"content-type", CONTENT_TYPE),
+               (b"te", b"trailers"), *metadata]
+    remaining = None
+    if deadline is not None:
+        remaining = deadline - asyncio.get_running_loop().time()
+        headers.append((b"grpc-timeout", format_timeout(remaining)))
+    reply = await unary(upstream, headers, body, remaining)
+    if reply.code == OK:
+        try:
+            return runtime_pb2.InvokeResponse.FromString(
+                single_message(reply.body, None)).output_json, None
+        except (WireError, DecodeError) as exc:
+            reply = Reply(INTERNAL, f"the answer is unreadable: {exc}")
+    return b"", call_error(reply)
+
+
 def call_error(reply: Reply) -> CallError:
     """A failed reply as the client library reports it (BadRequest details included)."""
     from google.rpc import error_details_pb2, status_pb2
@@ -187,6 +209,30 @@ class _Running:
         self.task.cancel()
 
 
+def answer(stream: Stream, output: bytes, trace_id: str,
+           extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """A successful Invoke's whole answer."""
+    stream.send_headers(RESPONSE_HEADERS)
+    stream.send_data(frame_message(runtime_pb2.InvokeResponse(
+        output_json=output, trace_id=trace_id).SerializeToString()))
+    stream.send_headers(status_trailers(OK, "", [(_TRACE, trace_id.encode()), *extra]),
+                        end_stream=True)
+
+
+def refuse(stream: Stream, headers: CallHeaders, code: int, message: str) -> None:
+    """Answer a call with a status of the gateway's own."""
+    stream.send_headers(trailers_only(code, message, [(_TRACE, headers.trace_id.encode())]),
+                        end_stream=True)
+
+
+def read_invoke(body: bytes, headers: CallHeaders) -> runtime_pb2.InvokeRequest:
+    """A unary Invoke's request (InvalidInput when it is not one)."""
+    try:
+        return runtime_pb2.InvokeRequest.FromString(single_message(body, headers.encoding))
+    except (WireError, DecodeError) as exc:
+        raise InvalidInput([FieldViolation("request", str(exc) or "not protobuf")]) from None
+
+
 class PeerConnection:
     """The calls of one authenticated peer connection (a :class:`Buffered` front)."""
 
@@ -199,7 +245,7 @@ class PeerConnection:
         """Buffer a Federation call; anything else is UNIMPLEMENTED."""
         call = read_headers(headers, asyncio.get_running_loop().time())
         if call.path not in (PEER_INVOKE, PEER_CATALOG):
-            self.refuse(stream, call, 12, f"method {call.path.decode(errors='replace')} "
+            refuse(stream, call, 12, f"method {call.path.decode(errors='replace')} "
                                           "is not served to peers")
             return _Ignored()
         handler = Buffered(self, stream, call)
@@ -209,8 +255,7 @@ class PeerConnection:
 
     def refuse(self, stream: Stream, headers: CallHeaders, code: int, message: str) -> None:
         """Answer a call with a status of the gateway's own."""
-        stream.send_headers(trailers_only(code, message, [(_TRACE, headers.trace_id.encode())]),
-                            end_stream=True)
+        refuse(stream, headers, code, message)
 
     def unary(self, stream: Stream, headers: CallHeaders, body: bytes) -> _Running | None:
         """Run a complete request's call in a task of its own."""
@@ -273,44 +318,23 @@ class PeerCalls:
         gateway = self.gateway
         trace_id = headers.trace_id
         try:
-            try:
-                request = runtime_pb2.InvokeRequest.FromString(
-                    single_message(body, headers.encoding))
-            except (WireError, DecodeError) as exc:
-                raise InvalidInput([FieldViolation("request", str(exc) or "not protobuf")]
-                                   ) from None
+            request = read_invoke(body, headers)
             metadata = [(name.decode(errors="replace"), value.decode(errors="replace"))
                         for name, value in headers.forward]
             inbound = await gateway.admit_inbound(identity, request.capability,
                                                   request.input_json, metadata, trace_id)
-            now = asyncio.get_running_loop().time()
-            upstream = self.upstream(inbound.runtime)
-            forward = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", RUNTIME_INVOKE),
-                       (b":authority", upstream.authority), (b"content-type", CONTENT_TYPE),
-                       (b"te", b"trailers"), (_TRACE, trace_id.encode()),
-                       (_CALLER, f"federation:{identity.peer}".encode())]
-            remaining = None if headers.deadline is None else headers.deadline - now
-            if remaining is not None:
-                forward.append((b"grpc-timeout", b"%du" % max(1, int(remaining * 1e6))))
-            reply = await unary(upstream, forward, body, remaining)
-            output = b""
-            error: PacketFlowError | None = None
-            if reply.code == OK:
-                try:
-                    output = runtime_pb2.InvokeResponse.FromString(
-                        single_message(reply.body, None)).output_json
-                except (WireError, DecodeError) as exc:
-                    reply = Reply(INTERNAL, f"the runtime's answer is unreadable: {exc}")
-            if reply.code != OK:
-                error = domain_error(call_error(reply), request.capability, "the runtime")
-            await gateway.settle_inbound(inbound, output, error)
+            # Only our own metadata goes on: the caller is the peer its certificate names.
+            output, failed = await invoke(
+                self.upstream(inbound.runtime), RUNTIME_INVOKE, body,
+                [(_TRACE, trace_id.encode()), (_CALLER, f"federation:{identity.peer}".encode())],
+                headers.deadline)
+            await gateway.settle_inbound(inbound, output, None if failed is None else
+                                         domain_error(failed, request.capability,
+                                                      "the runtime"))
         except PacketFlowError as exc:
             stream.send_headers(error_trailers(exc, trace_id), end_stream=True)
             return
-        stream.send_headers(RESPONSE_HEADERS)
-        stream.send_data(reply.body)  # the runtime's answer carries our trace id already
-        stream.send_headers(status_trailers(OK, "", [(_TRACE, trace_id.encode())]),
-                            end_stream=True)
+        answer(stream, output, trace_id)
 
     async def catalog(self, identity: Inbound, stream: Stream, headers: CallHeaders,
                       body: bytes) -> None:
@@ -337,3 +361,78 @@ class PeerCalls:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for upstream in self.upstreams.values():
             await upstream.aclose()
+
+
+class LocalCalls:
+    """Outbound: local callers' Invoke of an import, read off the local port by the HTTP/2
+    machinery and sent to the peer on one reused mTLS connection; every other method
+    (describe, list, streaming, health) is relayed to the gateway's own gRPC server."""
+
+    def __init__(self, gateway: Gateway, internal: Upstream,
+                 max_message: int = 4 * 1024 * 1024 + 64 * 1024) -> None:
+        self.gateway = gateway
+        self.internal = internal
+        self.max_message = max_message
+        self.connections: set[Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def serve(self) -> Connection:
+        """The HTTP/2 endpoint of one local connection."""
+        conn = Connection(server=True, on_request=self.on_request)
+        self.connections.add(conn)
+        conn.closed.add_done_callback(lambda _: self.connections.discard(conn))
+        return conn
+
+    def on_request(self, stream: Stream, headers: Headers, end_stream: bool) -> Any:
+        """Buffer an Invoke; relay anything else inward."""
+        call = read_headers(headers, asyncio.get_running_loop().time())
+        if call.path != RUNTIME_INVOKE:
+            relay = Relay(self, stream, call, None)
+            relay.begin(self.internal)
+            return relay
+        handler = Buffered(self, stream, call)
+        if end_stream:
+            handler.on_data(b"", True)
+        return handler
+
+    def refuse(self, stream: Stream, headers: CallHeaders, code: int, message: str) -> None:
+        """Answer a call with a status of the gateway's own."""
+        refuse(stream, headers, code, message)
+
+    def unary(self, stream: Stream, headers: CallHeaders, body: bytes) -> _Running | None:
+        """Run a complete Invoke in a task of its own."""
+        task = asyncio.get_running_loop().create_task(self.invoke(stream, headers, body))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return _Running(task)
+
+    def relayed(self, route_name: str, endpoint: Any, code: int, gateway_failure: bool,
+                latency: float) -> None:
+        """Relays here go to the gateway's own server only: nothing to count."""
+
+    async def invoke(self, stream: Stream, headers: CallHeaders, body: bytes) -> None:
+        """One local Invoke of an import."""
+        gateway = self.gateway
+        trace_id = headers.trace_id
+        try:
+            request = read_invoke(body, headers)
+            remaining = None if headers.deadline is None \
+                else headers.deadline - asyncio.get_running_loop().time()
+            output = await gateway.invoke_import(request.capability, request.input_json,
+                                                 trace_id, remaining)
+        except PacketFlowError as exc:
+            stream.send_headers(error_trailers(exc, trace_id), end_stream=True)
+            return
+        answer(stream, output, trace_id, [
+            (name.encode(), value.encode())
+            for name, value in gateway.catalog_metadata(request.capability)])
+
+    async def aclose(self) -> None:
+        """Cancel calls in flight; close local connections and the inward one."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        await self.internal.aclose()

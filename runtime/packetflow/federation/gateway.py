@@ -18,6 +18,7 @@ import datetime
 import hashlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from typing import Any, NoReturn
 import grpc
 import orjson
 
+from packetflow.addresses import split_address
 from packetflow.client import CallError
 from packetflow.composition.remote import RemoteCaller, domain_error
 from packetflow.context import CALLER_KEY, TRACE_ID_KEY
@@ -55,7 +57,7 @@ from packetflow.federation.catalog import (
     check_compatible,
     contract_from_schema,
 )
-from packetflow.federation.datapath import PeerCalls
+from packetflow.federation.datapath import PEER_INVOKE, LocalCalls, PeerCalls, invoke
 from packetflow.federation.observe import FederationMetrics, start_http
 from packetflow.federation.pricing import call_price
 from packetflow.federation.ratelimit import TokenBucket
@@ -63,6 +65,8 @@ from packetflow.federation.sla import Sample, SlaMeter, SlaReport, counts_as_fai
 from packetflow.federation.state import GatewayState, check_identity, watch_state
 from packetflow.federation.store import AuditUnavailable, FederationStore
 from packetflow.federation.trust import Evidence, TrustBook
+from packetflow.gateway.grpcwire import frame_message
+from packetflow.gateway.upstream import ConnectFailed, Upstream
 from packetflow.identity.terminator import MtlsTerminator, Refusal
 from packetflow.identity.tls import channel_credentials, client_context
 from packetflow.identity.x509 import AuthenticationError, PeerCertificate, authenticate
@@ -77,6 +81,8 @@ IDENTITY_METADATA = frozenset({CALLER_KEY, "packetflow-organization", "packetflo
                                "packetflow-spiffe-id", "x-forwarded-client-cert",
                                "x-spiffe-id"})
 PROBE_KEY = "packetflow-federation-probe"
+PROBE = PROBE_KEY.encode()
+TRACE_KEY = TRACE_ID_KEY.encode()
 NOT_READ = "the peer's catalog has not been read yet"  # transient: UNAVAILABLE, not a verdict
 CATALOG_VERSION_KEY = "packetflow-catalog-version"
 CATALOG_TIMEOUT = 5.0
@@ -132,6 +138,8 @@ class PeerLink:
     channel: grpc.aio.Channel | None = None
     stub: federation_pb2_grpc.FederationStub | None = None
     key: tuple[Any, ...] | None = None  # the material the channel was built with
+    upstream: Upstream | None = None  # the data path's connection (Invoke)
+    upstream_key: tuple[Any, ...] | None = None
     checked_key: tuple[Any, ...] | None = None  # the material the server's ID was checked for
     catalog: dict[str, CatalogEntry] = field(default_factory=dict)
     version: str = ""
@@ -217,6 +225,9 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._http: Any = None
+        self._socket_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._local_server: asyncio.Server | None = None
+        self.local_calls: LocalCalls | None = None
         self._generation = self.watch.generation
         self._apply(state)
         self.metrics.gauges(self._gauges)
@@ -236,7 +247,10 @@ class Gateway:
         self.trust.params = state.trust
         for name in list(self.links):
             if name not in state.peers:
-                self._retire(self.links.pop(name).channel)
+                link = self.links.pop(name)
+                self._retire(link.channel)
+                if link.upstream is not None:
+                    link.upstream.retire()
         for name in state.peers:
             self.links.setdefault(name, PeerLink(name))
         kept = {}
@@ -313,14 +327,21 @@ class Gateway:
             LocalServicer(self), server)  # type: ignore[abstract]
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"cannot listen on {address}")
+        # The gRPC server sits behind the data path (Invoke is served there) on a Unix
+        # socket in a directory only our user can enter.
+        self._socket_dir = tempfile.TemporaryDirectory(prefix="packetflow-federation-")
+        inner = os.path.join(self._socket_dir.name, "local.sock")
+        server.add_insecure_port(f"unix:{inner}")
         await server.start()
         for service in ("", SERVICE_NAME):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._servers.append(server)
-        return int(port)
+        self.local_calls = LocalCalls(self, Upstream(f"unix:{inner}"))
+        host, port = split_address(address)
+        self._local_server = await asyncio.get_running_loop().create_server(
+            self.local_calls.serve, host, port, reuse_address=True)
+        sockets = self._local_server.sockets
+        return int(sockets[0].getsockname()[1]) if sockets else port
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop listening, let calls finish, save trust, close the log."""
@@ -329,11 +350,17 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.terminator.stop()
         await self.peer_calls.aclose()
+        if self._local_server is not None:
+            self._local_server.close()
+        if self.local_calls is not None:
+            await self.local_calls.aclose()
         for server in self._servers:
             await server.stop(grace)
         for link in self.links.values():
             if link.channel is not None:
                 await link.channel.close()
+            if link.upstream is not None:
+                await link.upstream.aclose()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -344,6 +371,8 @@ class Gateway:
         if self.store is not None:
             await self._save_trust()
             await self.store.aclose()
+        if self._socket_dir is not None:
+            self._socket_dir.cleanup()
 
     async def _every(self, work: Any, seconds: float) -> None:
         while True:
@@ -621,6 +650,20 @@ class Gateway:
             link.key = key
         return link.stub
 
+    def peer_upstream(self, link: PeerLink, state: GatewayState) -> Upstream:
+        """The data path's reused mTLS connection to the peer; a new one (new handshakes,
+        the old one drains) when our certificate, the peer's bundle or its endpoint
+        changed."""
+        key = self._link_key(state, link.name)
+        if link.upstream is None or link.upstream_key != key:
+            if link.upstream is not None:
+                link.upstream.retire()
+            peer = state.peers[link.name]
+            link.upstream = Upstream(peer.endpoint, client_context(
+                state.credentials, state.bundles[peer.trust_domain].pem()))
+            link.upstream_key = key
+        return link.upstream
+
     async def check_server(self, link: PeerLink, state: GatewayState) -> None:
         """Handshake with the peer once per channel material and check its server's SPIFFE
         ID against its bundle (gRPC's client checks the chain and the host name only)."""
@@ -676,6 +719,9 @@ class Gateway:
             link.error = f"{exc.code().name}: {exc.details()}"
             return
         link.connected, link.last_catalog, link.error = True, time.time(), None
+        upstream = self.peer_upstream(link, state)
+        if upstream.conn is None:
+            self._spawn(_warm(upstream))  # the first call need not wait for a handshake
         if reply.unchanged:
             return
         try:
@@ -726,6 +772,13 @@ class Gateway:
                     imported.entry.capability, entry.intent, imported.entry.requires,
                     imported.entry.provides, entry.timeout_seconds, entry.sla, entry.pricing,
                     entry.rate_limit)
+
+    def catalog_metadata(self, name: str) -> tuple[tuple[str, str], ...]:
+        """The catalog version an import's answer was checked against, as metadata."""
+        with contextlib.suppress(PacketFlowError):
+            _, link = self.resolve_import(name)
+            return ((CATALOG_VERSION_KEY, link.version),)
+        return ()
 
     def resolve_import(self, name: str) -> tuple[ImportState, PeerLink]:
         """An import by its local name, or ``peer/capability`` (a hand-written federated
@@ -784,21 +837,23 @@ class Gateway:
         error: PacketFlowError | None = None
         output_bytes = b""
         output: Any = None
-        metadata = [(TRACE_ID_KEY, trace_id)]
+        metadata = [(TRACE_KEY, trace_id.encode())]
         if probe:
-            metadata.append((PROBE_KEY, "1"))
-        try:
-            response = await self.stub(link, state).Invoke(
-                runtime_pb2.InvokeRequest(capability=capability, input_json=payload),
-                timeout=remaining, metadata=tuple(metadata))
-            output_bytes = response.output_json
+            metadata.append((PROBE, b"1"))
+        output_bytes, call_error = await invoke(
+            self.peer_upstream(link, state), PEER_INVOKE, frame_message(
+                runtime_pb2.InvokeRequest(capability=capability,
+                                          input_json=payload).SerializeToString()),
+            metadata, None if remaining is None
+            else asyncio.get_running_loop().time() + remaining)
+        if call_error is not None:
+            error = domain_error(call_error, capability, peer)
+        else:
             output = _json(output_bytes)
             _, violations = imported.provides.check(output, "output") \
                 if output is not _INVALID else ({}, [FieldViolation("output", "not JSON")])
             if violations:
                 error = ContractViolation(name, violations)
-        except grpc.aio.AioRpcError as exc:
-            error = domain_error(CallError.from_rpc_error(exc), capability, peer)
         elapsed = time.perf_counter() - started
         code = Code.OK if error is None else code_of(error)
         failed = counts_as_failure(code.value) or isinstance(error, ContractViolation)
@@ -987,6 +1042,11 @@ def _json(data: bytes) -> Any:
         return _INVALID
 
 
+async def _warm(upstream: Upstream) -> None:
+    with contextlib.suppress(ConnectFailed):
+        await upstream.connect()
+
+
 def not_servable(name: str, imported: ImportState) -> CatalogEntry:
     """The import's pinned entry, or a refusal: Unavailable while its peer's catalog is
     still to be read (try again), NotServable when the catalog says no (a verdict)."""
@@ -1052,12 +1112,6 @@ class LocalServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    def _catalog_metadata(self, name: str) -> tuple[tuple[str, str], ...]:
-        with contextlib.suppress(PacketFlowError):
-            _, link = self.gateway.resolve_import(name)
-            return ((CATALOG_VERSION_KEY, link.version),)
-        return ()
-
     async def Invoke(self, request: runtime_pb2.InvokeRequest,
                      context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:
         from packetflow.server import abort_for
@@ -1070,7 +1124,7 @@ class LocalServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
         except PacketFlowError as exc:
             await abort_for(context, exc, trace_id)
             raise
-        context.set_trailing_metadata(self._catalog_metadata(request.capability))
+        context.set_trailing_metadata(self.gateway.catalog_metadata(request.capability))
         return runtime_pb2.InvokeResponse(output_json=output, trace_id=trace_id)
 
     async def InvokeStream(self, request: runtime_pb2.InvokeRequest,
