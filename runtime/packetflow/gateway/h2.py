@@ -147,8 +147,8 @@ class HeaderDecoder:
             if indexed and len(self._cache) < self.CACHE_LIMIT:
                 self._cache[block] = headers
             return headers
-        headers: Headers = [(bytes(name), bytes(value))
-                            for name, value in self._decoder.decode(block, raw=True)]
+        headers = [(bytes(name), bytes(value))
+                   for name, value in self._decoder.decode(block, raw=True)]
         if not _only_indexed(block):
             self._cache.clear()  # the block may have changed the dynamic table
         elif len(self._cache) < self.CACHE_LIMIT:
