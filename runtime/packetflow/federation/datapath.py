@@ -113,6 +113,10 @@ class Exchange:
         self._end(Reply(UNAVAILABLE if lost else CANCELLED if code == CANCEL else INTERNAL,
                         "the runtime is unreachable" if lost else "the runtime reset the call"))
 
+    def expire(self) -> None:
+        """The caller's deadline passed."""
+        self._end(Reply(DEADLINE_EXCEEDED, "deadline exceeded (at the federation gateway)"))
+
     def _end(self, reply: Reply) -> None:
         if not self.future.done():
             self.future.set_result(reply)
@@ -130,13 +134,15 @@ async def unary(upstream: Upstream, headers: Headers, body: bytes,
     exchange.stream = stream
     stream.send_headers(headers)
     stream.send_data(body, end_stream=True)
+    # A timer, not asyncio.timeout: no cancellation scope per call.
+    timer = None if timeout is None else asyncio.get_running_loop().call_later(
+        timeout, exchange.expire)
     try:
-        async with asyncio.timeout(timeout):
-            return await asyncio.shield(exchange.future)
-    except TimeoutError:
-        return Reply(DEADLINE_EXCEEDED, "deadline exceeded (at the federation gateway)")
+        return await exchange.future
     finally:
-        if not exchange.future.done():
+        if timer is not None:
+            timer.cancel()
+        if stream.open:  # expired or cancelled: the runtime may stop working on it
             stream.reset(CANCEL)
 
 
