@@ -218,6 +218,9 @@ async def test_status_explains_peers_exports_and_the_audit_head(
 
 async def test_channels_are_reused(federation: Federation) -> None:
     async with RuntimeClient(f"127.0.0.1:{federation.importer.local_port}") as client:
+        # The data path's connection opens after the first catalog read, maybe still under
+        # way: once one call has passed, no further call may cost a handshake.
+        await client.invoke("globex-translate", {"text": "first"})
         before = federation.exporter.terminator.handshakes
         for index in range(20):
             await client.invoke("globex-translate", {"text": str(index)})

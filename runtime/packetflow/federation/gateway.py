@@ -576,8 +576,7 @@ class Gateway:
         if sla is not None:
             self._meter("exporter", peer, capability, sla).observe(
                 Sample(inbound.at, elapsed, not counts_as_failure(code.value)))
-        self.metrics.calls.labels(INBOUND, peer, capability, code.value).inc()
-        self.metrics.duration.labels(INBOUND, peer).observe(elapsed)
+        self.metrics.answered(INBOUND, peer, capability, code.value, elapsed)
         await self.audit(replace(
             record, decision=ALLOW, code=code.value,
             reason="sla probe" if inbound.probe else
@@ -867,8 +866,7 @@ class Gateway:
             self._meter("importer", peer, capability, sla).observe(Sample(now, elapsed,
                                                                           not failed))
         price = 0.0 if probe else call_price(entry.pricing, error is None, output)
-        self.metrics.calls.labels(OUTBOUND, peer, capability, code.value).inc()
-        self.metrics.duration.labels(OUTBOUND, peer).observe(elapsed)
+        self.metrics.answered(OUTBOUND, peer, capability, code.value, elapsed)
         await self.audit(_with(
             record, code=code.value, reason=record.reason if error is None
             else f"{record.reason}: {error.message}"[:500],
