@@ -47,7 +47,7 @@ from packetflow.gateway.h2 import (
     StreamRefused,
 )
 from packetflow.gateway.policy import CANCELLED, DEADLINE_EXCEEDED, INTERNAL, OK, UNAVAILABLE
-from packetflow.gateway.proxy import Buffered, CallHeaders, Relay, read_headers
+from packetflow.gateway.proxy import Buffered, CallHeaders, Relay, UnaryFront, read_headers
 from packetflow.gateway.upstream import ConnectFailed, Upstream
 from packetflow.identity import terminator
 from packetflow.v1 import federation_pb2, runtime_pb2
@@ -65,6 +65,7 @@ STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _TRACE = TRACE_ID_KEY.encode()
 _CALLER = CALLER_KEY.encode()
 _DETAILS = b"grpc-status-details-bin"
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024  # a 4 MiB payload and its envelope
 
 
 class Reply:
@@ -225,12 +226,6 @@ def answer(stream: Stream, output: bytes, trace_id: str,
                         end_stream=True)
 
 
-def refuse(stream: Stream, headers: CallHeaders, code: int, message: str) -> None:
-    """Answer a call with a status of the gateway's own."""
-    stream.send_headers(trailers_only(code, message, [(_TRACE, headers.trace_id.encode())]),
-                        end_stream=True)
-
-
 def read_invoke(body: bytes, headers: CallHeaders) -> runtime_pb2.InvokeRequest:
     """A unary Invoke's request (InvalidInput when it is not one)."""
     try:
@@ -239,37 +234,66 @@ def read_invoke(body: bytes, headers: CallHeaders) -> runtime_pb2.InvokeRequest:
         raise InvalidInput([FieldViolation("request", str(exc) or "not protobuf")]) from None
 
 
-class PeerConnection:
-    """The calls of one authenticated peer connection (a :class:`Buffered` front)."""
+class Front:
+    """What both data paths share: unary requests buffered whole (:class:`Buffered`), each
+    call a task of its own, the gateway's own refusals, and a clean stop."""
 
-    def __init__(self, calls: PeerCalls, identity: Inbound) -> None:
-        self.calls = calls
-        self.identity = identity
-        self.max_message = calls.max_message
+    def __init__(self, gateway: Gateway, max_message: int = MAX_MESSAGE_BYTES) -> None:
+        self.gateway = gateway
+        self.max_message = max_message
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    def on_request(self, stream: Stream, headers: Headers, end_stream: bool) -> Any:
-        """Buffer a Federation call; anything else is UNIMPLEMENTED."""
-        call = read_headers(headers, asyncio.get_running_loop().time())
-        if call.path not in (PEER_INVOKE, PEER_CATALOG):
-            refuse(stream, call, 12, f"method {call.path.decode(errors='replace')} "
-                                          "is not served to peers")
-            return _Ignored()
-        handler = Buffered(self, stream, call)
+    def buffer(self, front: UnaryFront, stream: Stream, call: CallHeaders,
+               end_stream: bool) -> Buffered:
+        """Collect a unary request for ``front``."""
+        handler = Buffered(front, stream, call)
         if end_stream:
             handler.on_data(b"", True)
         return handler
 
     def refuse(self, stream: Stream, headers: CallHeaders, code: int, message: str) -> None:
         """Answer a call with a status of the gateway's own."""
-        refuse(stream, headers, code, message)
+        stream.send_headers(trailers_only(code, message, [(_TRACE, headers.trace_id.encode())]),
+                            end_stream=True)
 
-    def unary(self, stream: Stream, headers: CallHeaders, body: bytes) -> _Running | None:
+    def spawn(self, work: Coroutine[Any, Any, None]) -> _Running:
+        """Run a call's ``work`` (cancelled if its caller goes away)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return _Running(task)
+
+    async def cancel_calls(self) -> None:
+        """Cancel the calls in flight (shutdown)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class PeerConnection:
+    """The calls of one authenticated peer connection."""
+
+    def __init__(self, calls: PeerCalls, identity: Inbound) -> None:
+        self.calls = calls
+        self.identity = identity
+        self.max_message = calls.max_message
+        self.refuse = calls.refuse
+
+    def on_request(self, stream: Stream, headers: Headers, end_stream: bool) -> Any:
+        """Buffer a Federation call; anything else is UNIMPLEMENTED."""
+        call = read_headers(headers, asyncio.get_running_loop().time())
+        if call.path not in (PEER_INVOKE, PEER_CATALOG):
+            self.refuse(stream, call, 12, f"method {call.path.decode(errors='replace')} "
+                                          "is not served to peers")
+            return _Ignored()
+        return self.calls.buffer(self, stream, call, end_stream)
+
+    def unary(self, stream: Stream, headers: CallHeaders, body: bytes) -> _Running:
         """Run a complete request's call in a task of its own."""
-        work: Coroutine[Any, Any, None] = (
+        return self.calls.spawn(
             self.calls.invoke(self.identity, stream, headers, body)
             if headers.path == PEER_INVOKE
             else self.calls.catalog(self.identity, stream, headers, body))
-        return _Running(self.calls.spawn(work))
 
 
 class _Ignored:
@@ -285,16 +309,13 @@ class _Ignored:
         """Nothing to do."""
 
 
-class PeerCalls:
+class PeerCalls(Front):
     """Inbound: peers' calls on their connections, admitted by the gateway, passed to the
     runtime on one shared HTTP/2 connection per runtime address."""
 
-    def __init__(self, gateway: Gateway, max_message: int = 4 * 1024 * 1024 + 64 * 1024
-                 ) -> None:
-        self.gateway = gateway
-        self.max_message = max_message
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__(gateway)
         self.upstreams: dict[str, Upstream] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def serve(self, accepted: terminator.Connection[Inbound]) -> Connection:
         """The HTTP/2 endpoint of one accepted connection."""
@@ -303,13 +324,6 @@ class PeerCalls:
         conn.closed.add_done_callback(
             lambda _: self.gateway.terminator.forget(accepted.key))
         return conn
-
-    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run ``work``, kept until it ends."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     def upstream(self, address: str) -> Upstream:
         """The shared connection to a runtime address."""
@@ -362,25 +376,20 @@ class PeerCalls:
 
     async def aclose(self) -> None:
         """Cancel calls in flight, close the runtime connections."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.cancel_calls()
         for upstream in self.upstreams.values():
             await upstream.aclose()
 
 
-class LocalCalls:
+class LocalCalls(Front):
     """Outbound: local callers' Invoke of an import, read off the local port by the HTTP/2
     machinery and sent to the peer on one reused mTLS connection; every other method
     (describe, list, streaming, health) is relayed to the gateway's own gRPC server."""
 
-    def __init__(self, gateway: Gateway, internal: Upstream,
-                 max_message: int = 4 * 1024 * 1024 + 64 * 1024) -> None:
-        self.gateway = gateway
+    def __init__(self, gateway: Gateway, internal: Upstream) -> None:
+        super().__init__(gateway)
         self.internal = internal
-        self.max_message = max_message
         self.connections: set[Connection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def serve(self) -> Connection:
         """The HTTP/2 endpoint of one local connection."""
@@ -396,21 +405,11 @@ class LocalCalls:
             relay = Relay(self, stream, call, None)
             relay.begin(self.internal)
             return relay
-        handler = Buffered(self, stream, call)
-        if end_stream:
-            handler.on_data(b"", True)
-        return handler
+        return self.buffer(self, stream, call, end_stream)
 
-    def refuse(self, stream: Stream, headers: CallHeaders, code: int, message: str) -> None:
-        """Answer a call with a status of the gateway's own."""
-        refuse(stream, headers, code, message)
-
-    def unary(self, stream: Stream, headers: CallHeaders, body: bytes) -> _Running | None:
+    def unary(self, stream: Stream, headers: CallHeaders, body: bytes) -> _Running:
         """Run a complete Invoke in a task of its own."""
-        task = asyncio.get_running_loop().create_task(self.invoke(stream, headers, body))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return _Running(task)
+        return self.spawn(self.invoke(stream, headers, body))
 
     def relayed(self, route_name: str, endpoint: Any, code: int, gateway_failure: bool,
                 latency: float) -> None:
@@ -435,9 +434,7 @@ class LocalCalls:
 
     async def aclose(self) -> None:
         """Cancel calls in flight; close local connections and the inward one."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.cancel_calls()
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()

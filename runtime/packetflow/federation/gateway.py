@@ -57,7 +57,13 @@ from packetflow.federation.catalog import (
     check_compatible,
     contract_from_schema,
 )
-from packetflow.federation.datapath import PEER_INVOKE, LocalCalls, PeerCalls, invoke
+from packetflow.federation.datapath import (
+    MAX_MESSAGE_BYTES,
+    PEER_INVOKE,
+    LocalCalls,
+    PeerCalls,
+    invoke,
+)
 from packetflow.federation.observe import FederationMetrics, start_http
 from packetflow.federation.pricing import call_price
 from packetflow.federation.ratelimit import TokenBucket
@@ -90,7 +96,6 @@ CHANNEL_GRACE = 30.0  # a replaced channel's calls in flight may finish within t
 STATUS_SECONDS = 1.0
 TRUST_SAVE_SECONDS = 10.0
 PRUNE_SECONDS = 3600.0
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
 
 
 def _utc(timestamp: float | None) -> str | None:
