@@ -22,7 +22,8 @@ from packetflow.cli import main
 from packetflow.client import CallError, RuntimeClient
 from packetflow.federation import trust
 from packetflow.federation.audit import AuditRecord
-from packetflow.federation.gateway import PROBE_KEY, Gateway
+from packetflow.federation.datapath import PROBE_KEY
+from packetflow.federation.gateway import Gateway
 from packetflow.identity.certs import Issued, new_authority
 from packetflow.identity.spiffe import SpiffeId
 from packetflow.v1 import runtime_pb2, runtime_pb2_grpc

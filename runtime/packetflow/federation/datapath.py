@@ -1,13 +1,20 @@
-"""The federation gateway's data path: peers' calls read straight off their mTLS connections
-by the gateway's HTTP/2 machinery (:mod:`packetflow.gateway.h2`), and each admitted
-``Invoke`` passed to the local runtime with its request message untouched.
+"""The federation gateway's data path: every federated ``Invoke``, in both directions,
+read off its connection by the gateway's HTTP/2 machinery (:mod:`packetflow.gateway.h2`),
+checked, forwarded, metered and audited.
 
-Why not a ``grpc.aio`` server behind the TLS terminator: every call was decoded and
-re-encoded twice (server, then client) and every byte relayed once more in Python between
-the terminator and the server; here a call costs one HTTP/2 parse per hop. The gateway reads
-only the request's capability and JSON input (for the checks, the audit's size and hash, the
-probe), and the runtime's answer (its output contract, price, hash); nothing reaches the
-runtime before :meth:`Gateway.admit_inbound` let it through.
+Inbound, a peer's call on its authenticated mTLS connection is checked in order (connection
+still trusted, capability exported to that peer, peer above the trust threshold, rate limit,
+input contract) before anything reaches the local runtime, which gets the request message
+as the peer sent it; the answer's output is checked before it leaves. Outbound, a local
+caller's ``Invoke`` of an import is checked (the peer's trust, our pinned copy of its
+contract) and sent on one reused mTLS connection per peer; the local port's other methods
+are relayed to the gateway's own gRPC server.
+
+Why not ``grpc.aio``: every call was decoded and re-encoded twice per gateway (server, then
+client), and the exporter relayed every byte once more in Python between its TLS terminator
+and its server. Here a call costs one HTTP/2 parse per hop; the gateway reads only the
+request's capability and JSON input (checks, the audit's size and hash, the probe) and the
+answer's output (its contract, price and hash).
 """
 
 from __future__ import annotations
@@ -15,17 +22,40 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
-from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+import os
+import time
+from collections.abc import Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
+import orjson
 from google.protobuf.message import DecodeError
 
 from packetflow.client import CallError
 from packetflow.composition.remote import domain_error
 from packetflow.context import CALLER_KEY, TRACE_ID_KEY
-from packetflow.errors import FieldViolation, InvalidInput, PacketFlowError
+from packetflow.contracts import CompiledContract
+from packetflow.errors import (
+    Code,
+    ContractViolation,
+    FieldViolation,
+    InvalidInput,
+    NotServable,
+    Overloaded,
+    PacketFlowError,
+    PermissionDenied,
+    Unavailable,
+    code_of,
+)
+from packetflow.federation import trust as dims
+from packetflow.federation.audit import ALLOW, DENY, INBOUND, OUTBOUND, AuditRecord
+from packetflow.federation.pricing import call_price
+from packetflow.federation.ratelimit import TokenBucket
+from packetflow.federation.sla import Sample, counts_as_failure
+from packetflow.federation.store import AuditUnavailable
 from packetflow.gateway.grpcwire import (
     CONTENT_TYPE,
     RESPONSE_HEADERS,
@@ -53,7 +83,8 @@ from packetflow.identity import terminator
 from packetflow.v1 import federation_pb2, runtime_pb2
 
 if TYPE_CHECKING:
-    from packetflow.federation.gateway import Gateway, Inbound
+    from packetflow.federation.catalog import CatalogEntry
+    from packetflow.federation.gateway import Gateway, ImportState, Inbound
 
 log = logging.getLogger("packetflow.federation")
 
@@ -66,6 +97,118 @@ _TRACE = TRACE_ID_KEY.encode()
 _CALLER = CALLER_KEY.encode()
 _DETAILS = b"grpc-status-details-bin"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024  # a 4 MiB payload and its envelope
+
+
+# Metadata a client might send to claim an identity: never believed, always audited.
+IDENTITY_METADATA = frozenset({CALLER_KEY, "packetflow-organization", "packetflow-peer",
+                               "packetflow-spiffe-id", "x-forwarded-client-cert",
+                               "x-spiffe-id"})
+PROBE_KEY = "packetflow-federation-probe"
+PROBE = PROBE_KEY.encode()
+TRACE_KEY = TRACE_ID_KEY.encode()
+NOT_READ = "the peer's catalog has not been read yet"  # transient: UNAVAILABLE, not a verdict
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def trace_of(metadata: Iterable[tuple[str, Any]]) -> str:
+    """The caller's trace id (ours or W3C traceparent), or a new one."""
+    found = None
+    for key, value in metadata:
+        if key == TRACE_ID_KEY:
+            return str(value)
+        if key == "traceparent" and found is None:
+            parts = str(value).split("-")
+            found = parts[1] if len(parts) == 4 else None
+    return found or os.urandom(16).hex()
+
+
+def identity_claims(metadata: Iterable[tuple[str, Any]]) -> list[tuple[str, str]]:
+    """Identity metadata a client sent (ignored: identity is the certificate)."""
+    return [(key, str(value)[:200]) for key, value in metadata if key in IDENTITY_METADATA]
+
+
+_INVALID = object()
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return orjson.loads(data) if data else {}
+    except orjson.JSONDecodeError:
+        return _INVALID
+
+
+def not_servable(name: str, imported: ImportState) -> CatalogEntry:
+    """The import's pinned entry, or a refusal: Unavailable while its peer's catalog is
+    still to be read (try again), NotServable when the catalog says no (a verdict)."""
+    if imported.problem == NOT_READ:
+        raise Unavailable(f"import {name}: {imported.problem}")
+    if imported.problem is not None or imported.entry is None:
+        raise NotServable(f"import {name}: {imported.problem}")
+    return imported.entry
+
+
+def _with(record: AuditRecord, **changes: Any) -> AuditRecord:
+    return replace(record, **changes)
+
+
+def _check(contract: CompiledContract, raw: bytes, root: str,
+           value: Any = _INVALID) -> list[FieldViolation]:
+    """The contract's violations by a JSON payload (parsed here unless ``value`` is given)."""
+    value = _json(raw) if value is _INVALID else value
+    if value is _INVALID:
+        return [FieldViolation(root, "not valid JSON")]
+    return contract.check(value, root)[1]
+
+
+@dataclass
+class CallRecord:
+    """An inbound call on its way: when it started, its audit record so far."""
+
+    started: float
+    record: AuditRecord
+    decision: str = DENY
+
+
+@dataclass
+class InboundCall:
+    """An admitted inbound call: where its runtime is, what its answer is checked against."""
+
+    call: CallRecord
+    at: float
+    export: Any
+    probe: bool
+    provides: CompiledContract
+    runtime: str  # host:port
+
+
+class Refused(Exception):
+    """A refusal on its way to the audit log: the error the caller gets and a reason code."""
+
+    def __init__(self, error: PacketFlowError, reason: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.reason = reason
+
+
+@dataclass
+class ExportStats:
+    """Counters of one export, for status."""
+
+    calls: int = 0
+    errors: int = 0
+    sla_breaches: int = 0
+    by_peer: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count(self, peer: str, ok: bool) -> None:
+        """Count one allowed call."""
+        self.calls += 1
+        self.errors += not ok
+        mine = self.by_peer.setdefault(peer, {"calls": 0, "errors": 0, "slaBreaches": 0})
+        mine["calls"] += 1
+        mine["errors"] += not ok
+
 
 
 class Reply:
@@ -335,26 +478,141 @@ class PeerCalls(Front):
     async def invoke(self, identity: Inbound, stream: Stream, headers: CallHeaders,
                      body: bytes) -> None:
         """Admit, forward, settle and answer one Invoke."""
-        gateway = self.gateway
         trace_id = headers.trace_id
         try:
             request = read_invoke(body, headers)
             metadata = [(name.decode(errors="replace"), value.decode(errors="replace"))
                         for name, value in headers.forward]
-            inbound = await gateway.admit_inbound(identity, request.capability,
+            inbound = await self.admit(identity, request.capability,
                                                   request.input_json, metadata, trace_id)
             # Only our own metadata goes on: the caller is the peer its certificate names.
             output, failed = await invoke(
                 self.upstream(inbound.runtime), RUNTIME_INVOKE, body,
                 [(_TRACE, trace_id.encode()), (_CALLER, f"federation:{identity.peer}".encode())],
                 headers.deadline)
-            await gateway.settle_inbound(inbound, output, None if failed is None else
+            await self.settle(inbound, output, None if failed is None else
                                          domain_error(failed, request.capability,
                                                       "the runtime"))
         except PacketFlowError as exc:
             stream.send_headers(error_trailers(exc, trace_id), end_stream=True)
             return
         answer(stream, output, trace_id)
+
+    async def admit(self, identity: Inbound, capability: str, payload: bytes,
+                            metadata: Sequence[tuple[str, str]], trace_id: str) -> InboundCall:
+        """A peer calls one of our exports; the checks run in the module docstring's order
+        and nothing may reach the capability before all of them pass (a refusal is audited
+        and raised)."""
+        gateway = self.gateway
+        started = time.perf_counter()
+        now = time.time()
+        state = gateway.current()
+        claims = identity_claims(metadata)
+        call = CallRecord(started, AuditRecord(
+            at=now, direction=INBOUND, peer="", fingerprint="", capability=capability,
+            decision=DENY, reason="", code="", bytes_in=len(payload),
+            trace_id=trace_id, input_sha256=_sha256(payload),
+            notes="ignored identity metadata: " + ", ".join(f"{k}={v}" for k, v in claims)
+            if claims else ""))
+        try:
+            gateway.check_connection(identity, state)
+        except Refused as refused:
+            await self.refuse_call(refused, call)
+        peer = identity.peer
+        call.record = replace(call.record, peer=peer,
+                              fingerprint=identity.certificate.fingerprint,
+                              address=identity.address)
+        peer_org = state.peers[peer].organization
+        if any(name != CALLER_KEY and value not in (peer, peer_org) for name, value in claims):
+            # Claiming to be someone else: a policy failure of this peer.
+            gateway.trust.observe(peer, dims.SECURITY, False, now)
+        export = state.exports.get(capability)
+        if export is None or peer not in export.to:
+            gateway.trust.observe(peer, dims.SECURITY, False, now)
+            # The same answer whether the capability exists or not: nothing leaks.
+            await self.refuse_call(Refused(PermissionDenied(
+                f"capability {capability!r} is not exported to {peer}"), "not-exported"), call)
+        sla = export.sla
+        probe = (sla is not None and sla.probe is not None
+                 and any(name == PROBE_KEY for name, _ in metadata)
+                 and _json(payload) == sla.probe.input)
+        refusal = gateway.trust.refusal(peer, now)
+        if refusal is not None and not probe:
+            await self.refuse_call(Refused(PermissionDenied(refusal), "trust"), call)
+        if export.rate_limit is not None:
+            bucket = gateway.buckets.get((peer, capability))
+            if bucket is None:
+                bucket = gateway.buckets[(peer, capability)] = TokenBucket.of(
+                    export.rate_limit, time.monotonic())
+            if not bucket.take(time.monotonic()):
+                await self.refuse_call(Refused(Overloaded(
+                    f"rate limit of {export.rate_limit.per_minute:g}/minute for {peer} on "
+                    f"{capability!r}; retry in {bucket.retry_after():.1f}s"), "rate-limit"),
+                    call)
+        try:
+            gateway.audit_writable()
+        except AuditUnavailable as exc:
+            await self.refuse_call(Refused(exc, "audit-unavailable"), call)
+        call.decision = ALLOW
+        local = gateway.local.get(capability) or await gateway.refresh_local(capability)
+        if local is None:
+            await self.refuse_call(Refused(Unavailable(
+                f"capability {capability!r} is not reachable here now"), "unavailable"), call)
+        requires, provides = local.checks
+        violations = _check(requires, payload, "input")
+        if violations:
+            gateway.trust.observe(peer, dims.RELIABILITY, False, now)
+            await self.refuse_call(Refused(InvalidInput(violations), "invalid-input"),
+                                       call)
+        gateway.trust.observe(peer, dims.SECURITY, True, now)
+        gateway.trust.observe(peer, dims.RELIABILITY, True, now)
+        return InboundCall(call, now, export, probe, provides,
+                           await gateway.remote.resolver.resolve(
+                               state.settings.runtime or capability))
+
+    async def settle(self, inbound: InboundCall, output_bytes: bytes,
+                             error: PacketFlowError | None) -> None:
+        """An admitted call's answer from the runtime: its output checked, counted, metered
+        and audited; raises the error the peer gets, if any."""
+        gateway = self.gateway
+        record = inbound.call.record
+        peer, capability, export = record.peer, record.capability, inbound.export
+        output: Any = None
+        if error is None:
+            output = _json(output_bytes)
+            violations = _check(inbound.provides, output_bytes, "output", output)
+            if violations:
+                error = ContractViolation(capability, violations)
+        code = Code.OK if error is None else code_of(error)
+        elapsed = time.perf_counter() - inbound.call.started
+        gateway.export_stats.setdefault(capability, ExportStats()).count(peer, error is None)
+        sla = export.sla
+        if sla is not None:
+            gateway.meter("exporter", peer, capability, sla).observe(
+                Sample(inbound.at, elapsed, not counts_as_failure(code.value)))
+        gateway.metrics.answered(INBOUND, peer, capability, code.value, elapsed)
+        await gateway.audit(replace(
+            record, decision=ALLOW, code=code.value,
+            reason="sla probe" if inbound.probe else
+            (error.message[:500] if error is not None else "exported"),
+            duration_ms=round(elapsed * 1000, 3), bytes_out=len(output_bytes),
+            output_sha256=_sha256(output_bytes) if output_bytes else "",
+            price=0.0 if inbound.probe else call_price(export.pricing, error is None, output),
+            currency=export.pricing.currency if export.pricing else ""))
+        if error is not None:
+            raise error
+
+    async def refuse_call(self, refused: Refused, call: CallRecord) -> NoReturn:
+        """Audit, count and raise a refused inbound call."""
+        gateway = self.gateway
+        error, record = refused.error, call.record
+        code = code_of(error).value
+        gateway.metrics.refusals.labels(INBOUND, record.peer, refused.reason).inc()
+        gateway.metrics.calls.labels(INBOUND, record.peer, record.capability, code).inc()
+        await gateway.audit(replace(
+            record, decision=call.decision, reason=f"{refused.reason}: {error.message}"[:500],
+            code=code, duration_ms=round((time.perf_counter() - call.started) * 1000, 3)))
+        raise error
 
     async def catalog(self, identity: Inbound, stream: Stream, headers: CallHeaders,
                       body: bytes) -> None:
@@ -423,7 +681,7 @@ class LocalCalls(Front):
             request = read_invoke(body, headers)
             remaining = None if headers.deadline is None \
                 else headers.deadline - asyncio.get_running_loop().time()
-            output = await gateway.invoke_import(request.capability, request.input_json,
+            output = await self.invoke_import(request.capability, request.input_json,
                                                  trace_id, remaining)
         except PacketFlowError as exc:
             stream.send_headers(error_trailers(exc, trace_id), end_stream=True)
@@ -431,6 +689,92 @@ class LocalCalls(Front):
         answer(stream, output, trace_id, [
             (name.encode(), value.encode())
             for name, value in gateway.catalog_metadata(request.capability)])
+
+    async def invoke_import(self, name: str, payload: bytes, trace_id: str,
+                            remaining: float | None, *, probe: bool = False) -> bytes:
+        """A local caller uses an import: trust, contract, then the peer over mTLS."""
+        gateway = self.gateway
+        imported, link = gateway.resolve_import(name)
+        started = time.perf_counter()
+        now = time.time()
+        state = gateway.current()
+        peer, capability = imported.spec.peer, imported.spec.capability
+        entry = not_servable(name, imported)
+        record = AuditRecord(
+            at=now, direction=OUTBOUND, peer=peer, fingerprint=link.fingerprint,
+            capability=capability,
+            decision=ALLOW, reason="sla probe" if probe else f"import {name}", code="",
+            bytes_in=len(payload), trace_id=trace_id, input_sha256=_sha256(payload),
+            address=state.peers[peer].endpoint)
+        if link.identity_error is not None:
+            await self._refuse(Unavailable(link.identity_error), "identity", record,
+                                        started)
+        refusal = gateway.trust.refusal(peer, now)
+        if refusal is not None and not probe:
+            await self._refuse(PermissionDenied(refusal), "trust", record, started)
+        try:
+            gateway.audit_writable()
+        except AuditUnavailable as exc:
+            await self._refuse(exc, "audit-unavailable", record, started)
+        value = _json(payload)
+        _, violations = imported.requires.check(value, "input") if value is not _INVALID \
+            else ({}, [FieldViolation("input", "not valid JSON")])
+        if violations:
+            raise InvalidInput(violations)  # the local caller's mistake: nothing was sent
+        error: PacketFlowError | None = None
+        output_bytes = b""
+        output: Any = None
+        metadata = [(TRACE_KEY, trace_id.encode())]
+        if probe:
+            metadata.append((PROBE, b"1"))
+        output_bytes, call_error = await invoke(
+            gateway.peer_upstream(link, state), PEER_INVOKE, frame_message(
+                runtime_pb2.InvokeRequest(capability=capability,
+                                          input_json=payload).SerializeToString()),
+            metadata, None if remaining is None
+            else asyncio.get_running_loop().time() + remaining)
+        if call_error is not None:
+            error = domain_error(call_error, capability, peer)
+        else:
+            output = _json(output_bytes)
+            _, violations = imported.provides.check(output, "output") \
+                if output is not _INVALID else ({}, [FieldViolation("output", "not JSON")])
+            if violations:
+                error = ContractViolation(name, violations)
+        elapsed = time.perf_counter() - started
+        code = Code.OK if error is None else code_of(error)
+        failed = counts_as_failure(code.value) or isinstance(error, ContractViolation)
+        if code == Code.OK or failed:
+            gateway.trust.observe(peer, dims.RELIABILITY, not failed, now)
+        sla = entry.sla
+        if sla is not None and sla.latency_p99_ms is not None and not failed:
+            gateway.trust.observe(peer, dims.PERFORMANCE, elapsed * 1000 <= sla.latency_p99_ms,
+                               now)
+        if sla is not None:
+            gateway.meter("importer", peer, capability, sla).observe(Sample(now, elapsed,
+                                                                          not failed))
+        price = 0.0 if probe else call_price(entry.pricing, error is None, output)
+        gateway.metrics.answered(OUTBOUND, peer, capability, code.value, elapsed)
+        await gateway.audit(_with(
+            record, code=code.value, reason=record.reason if error is None
+            else f"{record.reason}: {error.message}"[:500],
+            duration_ms=round(elapsed * 1000, 3), bytes_out=len(output_bytes),
+            output_sha256=_sha256(output_bytes) if output_bytes else "", price=price,
+            currency=entry.pricing.currency if entry.pricing else ""))
+        if error is not None:
+            raise error
+        return output_bytes
+
+    async def _refuse(self, error: PacketFlowError, reason: str,
+                      record: AuditRecord, started: float) -> NoReturn:
+        gateway = self.gateway
+        gateway.metrics.refusals.labels(OUTBOUND, record.peer, reason).inc()
+        gateway.metrics.calls.labels(OUTBOUND, record.peer, record.capability,
+                                  code_of(error).value).inc()
+        await gateway.audit(_with(record, decision=DENY, code=code_of(error).value,
+                               reason=f"{reason}: {error.message}"[:500],
+                               duration_ms=round((time.perf_counter() - started) * 1000, 3)))
+        raise error
 
     async def aclose(self) -> None:
         """Cancel calls in flight; close local connections and the inward one."""
