@@ -149,10 +149,6 @@ def not_servable(name: str, imported: ImportState) -> CatalogEntry:
     return imported.entry
 
 
-def _with(record: AuditRecord, **changes: Any) -> AuditRecord:
-    return replace(record, **changes)
-
-
 def _check(contract: CompiledContract, raw: bytes, root: str,
            value: Any = _INVALID) -> list[FieldViolation]:
     """The contract's violations by a JSON payload (parsed here unless ``value`` is given)."""
@@ -499,7 +495,7 @@ class PeerCalls(Front):
         answer(stream, output, trace_id)
 
     async def admit(self, identity: Inbound, capability: str, payload: bytes,
-                            metadata: Sequence[tuple[str, str]], trace_id: str) -> InboundCall:
+                    metadata: Sequence[tuple[str, str]], trace_id: str) -> InboundCall:
         """A peer calls one of our exports; the checks run in the module docstring's order
         and nothing may reach the capability before all of them pass (a refusal is audited
         and raised)."""
@@ -562,8 +558,7 @@ class PeerCalls(Front):
         violations = _check(requires, payload, "input")
         if violations:
             gateway.trust.observe(peer, dims.RELIABILITY, False, now)
-            await self.refuse_call(Refused(InvalidInput(violations), "invalid-input"),
-                                       call)
+            await self.refuse_call(Refused(InvalidInput(violations), "invalid-input"), call)
         gateway.trust.observe(peer, dims.SECURITY, True, now)
         gateway.trust.observe(peer, dims.RELIABILITY, True, now)
         return InboundCall(call, now, export, probe, provides,
@@ -571,7 +566,7 @@ class PeerCalls(Front):
                                state.settings.runtime or capability))
 
     async def settle(self, inbound: InboundCall, output_bytes: bytes,
-                             error: PacketFlowError | None) -> None:
+                     error: PacketFlowError | None) -> None:
         """An admitted call's answer from the runtime: its output checked, counted, metered
         and audited; raises the error the peer gets, if any."""
         gateway = self.gateway
@@ -707,8 +702,7 @@ class LocalCalls(Front):
             bytes_in=len(payload), trace_id=trace_id, input_sha256=_sha256(payload),
             address=state.peers[peer].endpoint)
         if link.identity_error is not None:
-            await self._refuse(Unavailable(link.identity_error), "identity", record,
-                                        started)
+            await self._refuse(Unavailable(link.identity_error), "identity", record, started)
         refusal = gateway.trust.refusal(peer, now)
         if refusal is not None and not probe:
             await self._refuse(PermissionDenied(refusal), "trust", record, started)
@@ -755,7 +749,7 @@ class LocalCalls(Front):
                                                                           not failed))
         price = 0.0 if probe else call_price(entry.pricing, error is None, output)
         gateway.metrics.answered(OUTBOUND, peer, capability, code.value, elapsed)
-        await gateway.audit(_with(
+        await gateway.audit(replace(
             record, code=code.value, reason=record.reason if error is None
             else f"{record.reason}: {error.message}"[:500],
             duration_ms=round(elapsed * 1000, 3), bytes_out=len(output_bytes),
@@ -767,13 +761,14 @@ class LocalCalls(Front):
 
     async def _refuse(self, error: PacketFlowError, reason: str,
                       record: AuditRecord, started: float) -> NoReturn:
+        """Audit, count and raise a refused outbound call."""
         gateway = self.gateway
+        code = code_of(error).value
         gateway.metrics.refusals.labels(OUTBOUND, record.peer, reason).inc()
-        gateway.metrics.calls.labels(OUTBOUND, record.peer, record.capability,
-                                  code_of(error).value).inc()
-        await gateway.audit(_with(record, decision=DENY, code=code_of(error).value,
-                               reason=f"{reason}: {error.message}"[:500],
-                               duration_ms=round((time.perf_counter() - started) * 1000, 3)))
+        gateway.metrics.calls.labels(OUTBOUND, record.peer, record.capability, code).inc()
+        await gateway.audit(replace(
+            record, decision=DENY, code=code, reason=f"{reason}: {error.message}"[:500],
+            duration_ms=round((time.perf_counter() - started) * 1000, 3)))
         raise error
 
     async def aclose(self) -> None:
