@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -90,9 +90,9 @@ def trace_metadata(ctx: CallContext) -> tuple[tuple[str, bytes], ...]:
     return ((EXECUTION_TRACE_KEY, trace.encode()),)
 
 
-async def abort_for(context: grpc.aio.ServicerContext, error: PacketFlowError,
-                    trace_id: str, extra: tuple[tuple[str, bytes], ...] = ()) -> None:
-    """End the call with the status for ``error``; field violations go in BadRequest details."""
+def rich_status(error: PacketFlowError) -> Any:
+    """The ``grpc_status`` status for ``error``: code, message and the
+    ``grpc-status-details-bin`` trailer (field violations as BadRequest details)."""
     code = code_of(error)
     status = status_pb2.Status(code=getattr(code_pb2, code.value), message=error.message)
     if isinstance(error, InvalidInput | ContractViolation):
@@ -103,7 +103,13 @@ async def abort_for(context: grpc.aio.ServicerContext, error: PacketFlowError,
         packed = any_pb2.Any()
         packed.Pack(details)
         status.details.append(packed)
-    rich = rpc_status.to_status(status)
+    return rpc_status.to_status(status)
+
+
+async def abort_for(context: grpc.aio.ServicerContext, error: PacketFlowError,
+                    trace_id: str, extra: tuple[tuple[str, bytes], ...] = ()) -> None:
+    """End the call with the status for ``error``; field violations go in BadRequest details."""
+    rich = rich_status(error)
     await context.abort(rich.code, rich.details,
                         trailing_metadata=(*rich.trailing_metadata, (TRACE_ID_KEY, trace_id),
                                            *extra))

@@ -225,10 +225,28 @@ async def test_status_explains_peers_exports_and_the_audit_head(
 
 async def test_channels_are_reused(federation: Federation) -> None:
     async with RuntimeClient(f"127.0.0.1:{federation.importer.local_port}") as client:
+        # The data path's connection opens after the first catalog read, maybe still under
+        # way: once one call has passed, no further call may cost a handshake.
+        await client.invoke("globex-translate", {"text": "first"})
         before = federation.exporter.terminator.handshakes
         for index in range(20):
             await client.invoke("globex-translate", {"text": str(index)})
     assert federation.exporter.terminator.handshakes == before
+
+
+async def test_local_port_serves_every_runtime_method_not_only_invoke(
+        federation: Federation) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = federation.local_stub()
+    listed = await stub.ListCapabilities(runtime_pb2.ListCapabilitiesRequest(), timeout=10)
+    assert "globex-translate" in [c.name for c in listed.capabilities]
+    events = [event async for event in stub.InvokeStream(runtime_pb2.InvokeRequest(
+        capability="globex-translate", input_json=b'{"text": "s"}'), timeout=10)]
+    assert orjson.loads(events[-1].result.output_json) == {"text": "[fr] s"}
+    health = health_pb2_grpc.HealthStub(federation.channels[-1])
+    answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_trace_id_comes_back_to_the_caller(federation: Federation) -> None:

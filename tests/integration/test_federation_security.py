@@ -22,10 +22,11 @@ from packetflow.cli import main
 from packetflow.client import CallError, RuntimeClient
 from packetflow.federation import trust
 from packetflow.federation.audit import AuditRecord
-from packetflow.federation.gateway import PROBE_KEY, Gateway
+from packetflow.federation.datapath import PROBE_KEY
+from packetflow.federation.gateway import Gateway
 from packetflow.identity.certs import Issued, new_authority
 from packetflow.identity.spiffe import SpiffeId
-from packetflow.v1 import runtime_pb2
+from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 from tests.conftest import eventually
 from tests.support.federation import (
     CALLS,
@@ -233,6 +234,22 @@ async def test_export_not_granted_is_refused(federation: Federation) -> None:
     assert {r.capability for r in records} == {"payroll", "no-such-capability"}
     assert all(r.peer == "acme" for r in records)
     assert not [c for c in CALLS if c["capability"] == "payroll"]
+
+
+async def test_peer_port_serves_the_federation_service_only(federation: Federation) -> None:
+    federation.acme_stub()  # an authenticated peer connection
+    runtime = runtime_pb2_grpc.CapabilityRuntimeStub(federation.channels[-1])
+    before = translations()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await runtime.Invoke(TRANSLATE, timeout=10)  # the runtime's own method, not ours
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "not served to peers" in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as listed:
+        await runtime.ListCapabilities(runtime_pb2.ListCapabilitiesRequest(), timeout=10)
+    assert listed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert translations() == before
+    await federation.acme_stub().Invoke(TRANSLATE, timeout=10)  # the connection still serves
+    assert translations() == before + 1
 
 
 async def test_spoofed_caller_and_organization_metadata_are_ignored(

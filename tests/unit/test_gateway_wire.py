@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from hpack import Decoder, Encoder
+from hpack.exceptions import HPACKError
 
 from packetflow.gateway.grpcwire import (
     WireError,
@@ -58,6 +59,29 @@ def test_the_decoder_reuses_only_blocks_that_cannot_have_changed() -> None:
     assert decoder.decode(indexed) == [(b":status", b"200"), (b"grpc-status", b"5")]
     assert _only_indexed(bytes([0xFF, 0x80, 0x01]))  # an index past 127: several bytes
     assert not _only_indexed(bytes([0x20]))  # a table size update
+
+
+def test_blocks_that_cannot_change_the_table_are_read_in_one_pass() -> None:
+    peer = Encoder()
+    decoder = HeaderDecoder()
+    fields = [(b":status", b"200"), (b"grpc-status", b"0")]
+    assert decoder.decode(peer.encode(fields)) == fields  # grpc-status: 0 enters the tables
+    ours = HeaderEncoder()
+    ours.encode([])  # past the table size announcement
+    per_call = [(b":path", b"/packetflow.v1.Federation/Invoke"),
+                (b"packetflow-trace-id", b"t" * 200), (b"x-new-name", b"v" * 130)]
+    block = ours.encode(per_call)
+    assert block[0] & 0xF0 == 0x00  # literals without indexing: nothing to learn
+    assert decoder.decode(block) == per_call
+    # The table is as the peer's encoder knows it: its indexed block still reads right.
+    assert decoder.decode(peer.encode(fields)) == fields
+    mixed = peer.encode(fields) + block
+    assert decoder.decode(mixed) == fields + per_call
+    # Huffman-coded strings are hpack's to read, and read the same.
+    huffman = Encoder().encode([(b"x-new-name", b"some value")], huffman=True)
+    assert HeaderDecoder().decode(huffman) == [(b"x-new-name", b"some value")]
+    with pytest.raises(HPACKError):  # a truncated block is still refused
+        HeaderDecoder().decode(block[:-10])
 
 
 # ---------------------------------------------------------------------------- gRPC framing

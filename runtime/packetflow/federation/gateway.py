@@ -2,12 +2,14 @@
 peers' gateways.
 
 Inbound (a peer calls us): :class:`packetflow.identity.terminator.MtlsTerminator`
-authenticates each TLS 1.3 connection by its certificate; every call is then checked in
-order (connection still trusted, capability exported to that peer, peer above the trust
-threshold, rate limit, input contract) before anything reaches the local capability, and its
-output is checked before it leaves. Outbound (a local caller uses an import): the peer's
-trust, our pinned copy of its contract, one reused mTLS channel per peer. Every call and
-every refusal in both directions is appended to the audit log before the caller hears back.
+authenticates each TLS 1.3 connection by its certificate and hands it to the data path
+(:mod:`packetflow.federation.datapath`), which checks every call before anything reaches the
+local capability. Outbound (a local caller uses an import): the data path again, on one
+reused mTLS connection per peer. This module holds what the calls are checked against: the
+configuration (reloaded live), peer links and their catalogs, imports and their pinned
+contracts, trust, SLA meters, the audit log, status; catalogs travel over ``grpc.aio``.
+Every call and every refusal in both directions is appended to the audit log before the
+caller hears back.
 """
 
 from __future__ import annotations
@@ -15,36 +17,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import hashlib
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 import orjson
 
+from packetflow.addresses import split_address
 from packetflow.client import CallError
-from packetflow.composition.remote import RemoteCaller, domain_error
-from packetflow.context import CALLER_KEY, TRACE_ID_KEY
+from packetflow.composition.remote import RemoteCaller
 from packetflow.contracts import CompiledContract
 from packetflow.errors import (
     CapabilityNotFound,
     Code,
-    ContractViolation,
-    FieldViolation,
-    InvalidInput,
-    NotServable,
-    Overloaded,
     PacketFlowError,
-    PermissionDenied,
     Unauthenticated,
-    Unavailable,
-    code_of,
 )
 from packetflow.federation import trust as dims
 from packetflow.federation.audit import ALLOW, DENY, INBOUND, OUTBOUND, AuditRecord
@@ -56,13 +49,24 @@ from packetflow.federation.catalog import (
     check_compatible,
     contract_from_schema,
 )
+from packetflow.federation.datapath import (
+    MAX_MESSAGE_BYTES,
+    NOT_READ,
+    CallRecord,
+    ExportStats,
+    LocalCalls,
+    PeerCalls,
+    Refused,
+    not_servable,
+    trace_of,
+)
 from packetflow.federation.observe import FederationMetrics, start_http
-from packetflow.federation.pricing import call_price
 from packetflow.federation.ratelimit import TokenBucket
-from packetflow.federation.sla import Sample, SlaMeter, SlaReport, counts_as_failure
+from packetflow.federation.sla import SlaMeter, SlaReport
 from packetflow.federation.state import GatewayState, check_identity, watch_state
 from packetflow.federation.store import AuditUnavailable, FederationStore
 from packetflow.federation.trust import Evidence, TrustBook
+from packetflow.gateway.upstream import ConnectFailed, Upstream
 from packetflow.identity.terminator import MtlsTerminator, Refusal
 from packetflow.identity.tls import channel_credentials, client_context
 from packetflow.identity.x509 import AuthenticationError, PeerCertificate, authenticate
@@ -72,12 +76,6 @@ from packetflow.v1 import federation_pb2, federation_pb2_grpc, runtime_pb2, runt
 
 log = logging.getLogger("packetflow.federation")
 
-# Metadata a client might send to claim an identity: never believed, always audited.
-IDENTITY_METADATA = frozenset({CALLER_KEY, "packetflow-organization", "packetflow-peer",
-                               "packetflow-spiffe-id", "x-forwarded-client-cert",
-                               "x-spiffe-id"})
-PROBE_KEY = "packetflow-federation-probe"
-NOT_READ = "the peer's catalog has not been read yet"  # transient: UNAVAILABLE, not a verdict
 CATALOG_VERSION_KEY = "packetflow-catalog-version"
 CATALOG_TIMEOUT = 5.0
 CHANNEL_GRACE = 30.0  # a replaced channel's calls in flight may finish within this
@@ -85,7 +83,6 @@ STATUS_SECONDS = 1.0
 TRUST_SAVE_SECONDS = 10.0
 PRUNE_SECONDS = 3600.0
 STOP_SECONDS = 10.0  # what one step of stopping may take before it is given up
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
 
 
 def _utc(timestamp: float | None) -> str | None:
@@ -93,27 +90,6 @@ def _utc(timestamp: float | None) -> str | None:
         return None
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime(
         "%Y-%m-%dT%H:%M:%SZ")
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def trace_of(metadata: Iterable[tuple[str, Any]]) -> str:
-    """The caller's trace id (ours or W3C traceparent), or a new one."""
-    found = None
-    for key, value in metadata:
-        if key == TRACE_ID_KEY:
-            return str(value)
-        if key == "traceparent" and found is None:
-            parts = str(value).split("-")
-            found = parts[1] if len(parts) == 4 else None
-    return found or os.urandom(16).hex()
-
-
-def identity_claims(metadata: Iterable[tuple[str, Any]]) -> list[tuple[str, str]]:
-    """Identity metadata a client sent (ignored: identity is the certificate)."""
-    return [(key, str(value)[:200]) for key, value in metadata if key in IDENTITY_METADATA]
 
 
 @dataclass(frozen=True)
@@ -133,6 +109,8 @@ class PeerLink:
     channel: grpc.aio.Channel | None = None
     stub: federation_pb2_grpc.FederationStub | None = None
     key: tuple[Any, ...] | None = None  # the material the channel was built with
+    upstream: Upstream | None = None  # the data path's connection (Invoke)
+    upstream_key: tuple[Any, ...] | None = None
     checked_key: tuple[Any, ...] | None = None  # the material the server's ID was checked for
     catalog: dict[str, CatalogEntry] = field(default_factory=dict)
     version: str = ""
@@ -166,24 +144,6 @@ class ImportState:
         self.problem = None
 
 
-@dataclass
-class ExportStats:
-    """Counters of one export, for status."""
-
-    calls: int = 0
-    errors: int = 0
-    sla_breaches: int = 0
-    by_peer: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def count(self, peer: str, ok: bool) -> None:
-        """Count one allowed call."""
-        self.calls += 1
-        self.errors += not ok
-        mine = self.by_peer.setdefault(peer, {"calls": 0, "errors": 0, "slaBreaches": 0})
-        mine["calls"] += 1
-        mine["errors"] += not ok
-
-
 class Gateway:
     """A running federation gateway (see the module docstring)."""
 
@@ -204,9 +164,11 @@ class Gateway:
         self.meters: dict[tuple[str, str, str], SlaMeter] = {}
         self.export_stats: dict[str, ExportStats] = {}
         self.store: FederationStore | None = None
+        self.peer_calls = PeerCalls(self)
         self.terminator: MtlsTerminator[Inbound] = MtlsTerminator(
             context=lambda: self.current().server_context, authenticate=self._authenticate,
-            on_refused=self._refused_connection, on_accepted=self._accepted)
+            on_refused=self._refused_connection, serve=self.peer_calls.serve,
+            on_accepted=self._accepted)
         self.refused_connections = 0
         self.status_json = b"{}"
         self.peer_port = 0
@@ -217,6 +179,8 @@ class Gateway:
         self._background: set[asyncio.Task[Any]] = set()
         self._http: Any = None
         self._socket_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._local_server: asyncio.Server | None = None
+        self.local_calls: LocalCalls | None = None
         self._generation = self.watch.generation
         self._apply(state)
         self.metrics.gauges(self._gauges)
@@ -236,7 +200,10 @@ class Gateway:
         self.trust.params = state.trust
         for name in list(self.links):
             if name not in state.peers:
-                self._retire(self.links.pop(name).channel)
+                link = self.links.pop(name)
+                self._retire(link.channel)
+                if link.upstream is not None:
+                    link.upstream.retire()
         for name in state.peers:
             self.links.setdefault(name, PeerLink(name))
         kept = {}
@@ -280,16 +247,8 @@ class Gateway:
         for key, evidence in (saved or {}).items():
             peer, _, dimension = key.partition("|")
             self.trust.evidence[(peer, dimension)] = Evidence.from_json(evidence)
-        # The inner server listens on a Unix socket only our user can reach (see terminator).
-        self._socket_dir = tempfile.TemporaryDirectory(prefix="packetflow-federation-")
-        inner_path = os.path.join(self._socket_dir.name, "inner.sock")
-        inner = grpc.aio.server(options=_server_options())
-        federation_pb2_grpc.add_FederationServicer_to_server(PeerServicer(self), inner)
-        inner.add_insecure_port(f"unix:{inner_path}")
-        self._servers.append(inner)
-        await inner.start()
         host, _, port = settings.listen.rpartition(":")
-        self.peer_port = await self.terminator.start(host.strip("[]"), int(port), inner_path)
+        self.peer_port = await self.terminator.start(host.strip("[]"), int(port))
         self.local_port = await self._start_local(settings.local)
         if settings.metrics_address:
             self._http, self.http_port = start_http(settings.metrics_address,
@@ -321,14 +280,21 @@ class Gateway:
             LocalServicer(self), server)  # type: ignore[abstract]
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"cannot listen on {address}")
+        # The gRPC server sits behind the data path (Invoke is served there) on a Unix
+        # socket in a directory only our user can enter.
+        self._socket_dir = tempfile.TemporaryDirectory(prefix="packetflow-federation-")
+        inner = os.path.join(self._socket_dir.name, "local.sock")
+        server.add_insecure_port(f"unix:{inner}")
         self._servers.append(server)  # stopped by stop() even if what follows fails
         await server.start()
         for service in ("", SERVICE_NAME):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        return int(port)
+        self.local_calls = LocalCalls(self, Upstream(f"unix:{inner}"))
+        host, port = split_address(address)
+        self._local_server = await asyncio.get_running_loop().create_server(
+            self.local_calls.serve, host, port, reuse_address=True)
+        sockets = self._local_server.sockets
+        return int(sockets[0].getsockname()[1]) if sockets else port
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop listening, let calls finish, save trust, close the log. Also after a start
@@ -341,12 +307,19 @@ class Gateway:
             except TimeoutError:
                 log.warning("the federation gateway's TLS listener did not stop in %gs",
                             STOP_SECONDS)
+            await self.peer_calls.aclose()
+            if self._local_server is not None:
+                self._local_server.close()
+            if self.local_calls is not None:
+                await self.local_calls.aclose()
         finally:
             for server in self._servers:
                 await server.stop(grace)
         for link in self.links.values():
             if link.channel is not None:
                 await link.channel.close()
+            if link.upstream is not None:
+                await link.upstream.aclose()
         await _cancelled(self._background)
         await self.remote.close()
         if self._http is not None:
@@ -437,27 +410,23 @@ class Gateway:
 
     # ------------------------------------------------------------------ inbound: calls
 
-    def _connection(self, key: str, state: GatewayState) -> Inbound:
-        """The identity of a call's connection, still trusted now, or Unauthenticated."""
-        identity = self.terminator.identity(key)
-        if identity is None:
-            raise _Refused(Unauthenticated("no authenticated identity on this connection"),
-                           "unauthenticated")
+    def check_connection(self, identity: Inbound, state: GatewayState) -> None:
+        """A call's connection is still trusted now, or Unauthenticated."""
         certificate = identity.certificate
         try:
             check_identity(state, identity.peer, certificate.authority,
                            certificate.not_after, datetime.datetime.now(datetime.UTC))
         except AuthenticationError as exc:
-            raise _Refused(Unauthenticated(exc.message), exc.reason) from None
-        return identity
+            raise Refused(Unauthenticated(exc.message), exc.reason) from None
 
-    async def serve_catalog(self, key: str, known_version: str) -> federation_pb2.Catalog:
+    async def serve_catalog(self, identity: Inbound,
+                            known_version: str) -> federation_pb2.Catalog:
         """A peer reads the catalog of what is exported to it."""
         state = self.current()
         try:
-            identity = self._connection(key, state)
-        except _Refused as refused:
-            await self._refuse_inbound(refused, _Call(time.perf_counter(), AuditRecord(
+            self.check_connection(identity, state)
+        except Refused as refused:
+            await self.peer_calls.refuse_call(refused, CallRecord(time.perf_counter(), AuditRecord(
                 at=time.time(), direction=INBOUND, peer="", fingerprint="", capability="",
                 decision=DENY, reason="", code="")))
         entries = catalog_for(state.spec, identity.peer, self.local)
@@ -473,120 +442,6 @@ class Gateway:
         return federation_pb2.Catalog(
             version=version, organization=state.spec.organization,
             entries_json=orjson.dumps([entry.to_json() for entry in entries]))
-
-    async def serve_invoke(self, key: str, capability: str, payload: bytes,
-                           metadata: Sequence[tuple[str, Any]],
-                           remaining: float | None) -> bytes:
-        """A peer calls one of our exports; the checks run in the module docstring's order
-        and nothing reaches the capability before all of them pass."""
-        started = time.perf_counter()
-        now = time.time()
-        state = self.current()
-        claims = identity_claims(metadata)
-        call = _Call(started, AuditRecord(
-            at=now, direction=INBOUND, peer="", fingerprint="", capability=capability,
-            decision=DENY, reason="", code="", bytes_in=len(payload),
-            trace_id=trace_of(metadata), input_sha256=_sha256(payload),
-            notes="ignored identity metadata: " + ", ".join(f"{k}={v}" for k, v in claims)
-            if claims else ""))
-        try:
-            identity = self._connection(key, state)
-        except _Refused as refused:
-            await self._refuse_inbound(refused, call)
-        peer = identity.peer
-        call.record = replace(call.record, peer=peer,
-                              fingerprint=identity.certificate.fingerprint,
-                              address=identity.address)
-        peer_org = state.peers[peer].organization
-        if any(name != CALLER_KEY and value not in (peer, peer_org) for name, value in claims):
-            # Claiming to be someone else: a policy failure of this peer.
-            self.trust.observe(peer, dims.SECURITY, False, now)
-        export = state.exports.get(capability)
-        if export is None or peer not in export.to:
-            self.trust.observe(peer, dims.SECURITY, False, now)
-            # The same answer whether the capability exists or not: nothing leaks.
-            await self._refuse_inbound(_Refused(PermissionDenied(
-                f"capability {capability!r} is not exported to {peer}"), "not-exported"), call)
-        sla = export.sla
-        probe = (sla is not None and sla.probe is not None
-                 and any(name == PROBE_KEY for name, _ in metadata)
-                 and _json(payload) == sla.probe.input)
-        refusal = self.trust.refusal(peer, now)
-        if refusal is not None and not probe:
-            await self._refuse_inbound(_Refused(PermissionDenied(refusal), "trust"), call)
-        if export.rate_limit is not None:
-            bucket = self.buckets.get((peer, capability))
-            if bucket is None:
-                bucket = self.buckets[(peer, capability)] = TokenBucket.of(
-                    export.rate_limit, time.monotonic())
-            if not bucket.take(time.monotonic()):
-                await self._refuse_inbound(_Refused(Overloaded(
-                    f"rate limit of {export.rate_limit.per_minute:g}/minute for {peer} on "
-                    f"{capability!r}; retry in {bucket.retry_after():.1f}s"), "rate-limit"),
-                    call)
-        try:
-            self.audit_writable()
-        except AuditUnavailable as exc:
-            await self._refuse_inbound(_Refused(exc, "audit-unavailable"), call)
-        call.decision = ALLOW
-        local = self.local.get(capability) or await self.refresh_local(capability)
-        if local is None:
-            await self._refuse_inbound(_Refused(Unavailable(
-                f"capability {capability!r} is not reachable here now"), "unavailable"), call)
-        requires, provides = local.checks
-        violations = _check(requires, payload, "input")
-        if violations:
-            self.trust.observe(peer, dims.RELIABILITY, False, now)
-            await self._refuse_inbound(_Refused(InvalidInput(violations), "invalid-input"),
-                                       call)
-        self.trust.observe(peer, dims.SECURITY, True, now)
-        self.trust.observe(peer, dims.RELIABILITY, True, now)
-        output_bytes = b""
-        output: Any = None
-        error: PacketFlowError | None = None
-        try:
-            target = await self.remote.resolver.resolve(state.settings.runtime or capability)
-            response = await self.remote.client(target).stub.Invoke(
-                runtime_pb2.InvokeRequest(capability=capability, input_json=payload),
-                timeout=remaining, metadata=((TRACE_ID_KEY, call.record.trace_id),
-                                             (CALLER_KEY, f"federation:{peer}")))
-            output_bytes = response.output_json
-            output = _json(output_bytes)
-            violations = _check(provides, output_bytes, "output", output)
-            if violations:
-                error = ContractViolation(capability, violations)
-        except grpc.aio.AioRpcError as exc:
-            error = domain_error(CallError.from_rpc_error(exc), capability, "the runtime")
-        code = Code.OK if error is None else code_of(error)
-        elapsed = time.perf_counter() - started
-        self.export_stats.setdefault(capability, ExportStats()).count(peer, error is None)
-        if sla is not None:
-            self._meter("exporter", peer, capability, sla).observe(
-                Sample(now, elapsed, not counts_as_failure(code.value)))
-        self.metrics.calls.labels(INBOUND, peer, capability, code.value).inc()
-        self.metrics.duration.labels(INBOUND, peer).observe(elapsed)
-        await self.audit(replace(
-            call.record, decision=ALLOW, code=code.value,
-            reason="sla probe" if probe else
-            (error.message[:500] if error is not None else "exported"),
-            duration_ms=round(elapsed * 1000, 3), bytes_out=len(output_bytes),
-            output_sha256=_sha256(output_bytes) if output_bytes else "",
-            price=0.0 if probe else call_price(export.pricing, error is None, output),
-            currency=export.pricing.currency if export.pricing else ""))
-        if error is not None:
-            raise error
-        return output_bytes
-
-    async def _refuse_inbound(self, refused: _Refused, call: _Call) -> NoReturn:
-        """Audit, count and raise a refused inbound call."""
-        error, record = refused.error, call.record
-        code = code_of(error).value
-        self.metrics.refusals.labels(INBOUND, record.peer, refused.reason).inc()
-        self.metrics.calls.labels(INBOUND, record.peer, record.capability, code).inc()
-        await self.audit(replace(
-            record, decision=call.decision, reason=f"{refused.reason}: {error.message}"[:500],
-            code=code, duration_ms=round((time.perf_counter() - call.started) * 1000, 3)))
-        raise error
 
     # ------------------------------------------------------------------ local capabilities
 
@@ -637,6 +492,20 @@ class Gateway:
             link.stub = federation_pb2_grpc.FederationStub(link.channel)
             link.key = key
         return link.stub
+
+    def peer_upstream(self, link: PeerLink, state: GatewayState) -> Upstream:
+        """The data path's reused mTLS connection to the peer; a new one (new handshakes,
+        the old one drains) when our certificate, the peer's bundle or its endpoint
+        changed."""
+        key = self._link_key(state, link.name)
+        if link.upstream is None or link.upstream_key != key:
+            if link.upstream is not None:
+                link.upstream.retire()
+            peer = state.peers[link.name]
+            link.upstream = Upstream(peer.endpoint, client_context(
+                state.credentials, state.bundles[peer.trust_domain].pem()))
+            link.upstream_key = key
+        return link.upstream
 
     async def check_server(self, link: PeerLink, state: GatewayState) -> None:
         """Handshake with the peer once per channel material and check its server's SPIFFE
@@ -693,6 +562,9 @@ class Gateway:
             link.error = f"{exc.code().name}: {exc.details()}"
             return
         link.connected, link.last_catalog, link.error = True, time.time(), None
+        upstream = self.peer_upstream(link, state)
+        if upstream.conn is None:
+            self._spawn(_warm(upstream))  # the first call need not wait for a handshake
         if reply.unchanged:
             return
         try:
@@ -744,6 +616,13 @@ class Gateway:
                     imported.entry.provides, entry.timeout_seconds, entry.sla, entry.pricing,
                     entry.rate_limit)
 
+    def catalog_metadata(self, name: str) -> tuple[tuple[str, str], ...]:
+        """The catalog version an import's answer was checked against, as metadata."""
+        with contextlib.suppress(PacketFlowError):
+            _, link = self.resolve_import(name)
+            return ((CATALOG_VERSION_KEY, link.version),)
+        return ()
+
     def resolve_import(self, name: str) -> tuple[ImportState, PeerLink]:
         """An import by its local name, or ``peer/capability`` (a hand-written federated
         capability): the latter checked against the peer's current catalog each time."""
@@ -768,89 +647,6 @@ class Gateway:
             raise CapabilityNotFound(name)
         return found, self.links[found.spec.peer]
 
-    async def invoke_import(self, name: str, payload: bytes, trace_id: str,
-                            remaining: float | None, *, probe: bool = False) -> bytes:
-        """A local caller uses an import: trust, contract, then the peer over mTLS."""
-        imported, link = self.resolve_import(name)
-        started = time.perf_counter()
-        now = time.time()
-        state = self.current()
-        peer, capability = imported.spec.peer, imported.spec.capability
-        entry = not_servable(name, imported)
-        record = AuditRecord(
-            at=now, direction=OUTBOUND, peer=peer, fingerprint=link.fingerprint,
-            capability=capability,
-            decision=ALLOW, reason="sla probe" if probe else f"import {name}", code="",
-            bytes_in=len(payload), trace_id=trace_id, input_sha256=_sha256(payload),
-            address=state.peers[peer].endpoint)
-        if link.identity_error is not None:
-            await self._refuse_outbound(Unavailable(link.identity_error), "identity", record,
-                                        started)
-        refusal = self.trust.refusal(peer, now)
-        if refusal is not None and not probe:
-            await self._refuse_outbound(PermissionDenied(refusal), "trust", record, started)
-        try:
-            self.audit_writable()
-        except AuditUnavailable as exc:
-            await self._refuse_outbound(exc, "audit-unavailable", record, started)
-        value = _json(payload)
-        _, violations = imported.requires.check(value, "input") if value is not _INVALID \
-            else ({}, [FieldViolation("input", "not valid JSON")])
-        if violations:
-            raise InvalidInput(violations)  # the local caller's mistake: nothing was sent
-        error: PacketFlowError | None = None
-        output_bytes = b""
-        output: Any = None
-        metadata = [(TRACE_ID_KEY, trace_id)]
-        if probe:
-            metadata.append((PROBE_KEY, "1"))
-        try:
-            response = await self.stub(link, state).Invoke(
-                runtime_pb2.InvokeRequest(capability=capability, input_json=payload),
-                timeout=remaining, metadata=tuple(metadata))
-            output_bytes = response.output_json
-            output = _json(output_bytes)
-            _, violations = imported.provides.check(output, "output") \
-                if output is not _INVALID else ({}, [FieldViolation("output", "not JSON")])
-            if violations:
-                error = ContractViolation(name, violations)
-        except grpc.aio.AioRpcError as exc:
-            error = domain_error(CallError.from_rpc_error(exc), capability, peer)
-        elapsed = time.perf_counter() - started
-        code = Code.OK if error is None else code_of(error)
-        failed = counts_as_failure(code.value) or isinstance(error, ContractViolation)
-        if code == Code.OK or failed:
-            self.trust.observe(peer, dims.RELIABILITY, not failed, now)
-        sla = entry.sla
-        if sla is not None and sla.latency_p99_ms is not None and not failed:
-            self.trust.observe(peer, dims.PERFORMANCE, elapsed * 1000 <= sla.latency_p99_ms,
-                               now)
-        if sla is not None:
-            self._meter("importer", peer, capability, sla).observe(Sample(now, elapsed,
-                                                                          not failed))
-        price = 0.0 if probe else call_price(entry.pricing, error is None, output)
-        self.metrics.calls.labels(OUTBOUND, peer, capability, code.value).inc()
-        self.metrics.duration.labels(OUTBOUND, peer).observe(elapsed)
-        await self.audit(_with(
-            record, code=code.value, reason=record.reason if error is None
-            else f"{record.reason}: {error.message}"[:500],
-            duration_ms=round(elapsed * 1000, 3), bytes_out=len(output_bytes),
-            output_sha256=_sha256(output_bytes) if output_bytes else "", price=price,
-            currency=entry.pricing.currency if entry.pricing else ""))
-        if error is not None:
-            raise error
-        return output_bytes
-
-    async def _refuse_outbound(self, error: PacketFlowError, reason: str,
-                               record: AuditRecord, started: float) -> NoReturn:
-        self.metrics.refusals.labels(OUTBOUND, record.peer, reason).inc()
-        self.metrics.calls.labels(OUTBOUND, record.peer, record.capability,
-                                  code_of(error).value).inc()
-        await self.audit(_with(record, decision=DENY, code=code_of(error).value,
-                               reason=f"{reason}: {error.message}"[:500],
-                               duration_ms=round((time.perf_counter() - started) * 1000, 3)))
-        raise error
-
     async def _probe_loop(self) -> None:
         """Call each import's SLA probe on its period, whatever the real traffic."""
         due: dict[str, float] = {}
@@ -869,12 +665,14 @@ class Gateway:
 
     async def _probe(self, name: str, payload: bytes) -> None:
         with contextlib.suppress(PacketFlowError):
-            await self.invoke_import(name, payload, os.urandom(16).hex(), CATALOG_TIMEOUT,
+            assert self.local_calls is not None
+            await self.local_calls.invoke_import(name, payload, os.urandom(16).hex(),
+                                                 CATALOG_TIMEOUT,
                                      probe=True)
 
     # ------------------------------------------------------------------ SLA, status, upkeep
 
-    def _meter(self, side: str, peer: str, capability: str, sla: Any) -> SlaMeter:
+    def meter(self, side: str, peer: str, capability: str, sla: Any) -> SlaMeter:
         key = (side, peer, capability)
         meter = self.meters.get(key)
         if meter is None or meter.sla != sla:
@@ -1010,55 +808,9 @@ async def _cancelled(tasks: Iterable[asyncio.Task[Any]]) -> None:
 
 # ---------------------------------------------------------------------- gRPC faces
 
-_INVALID = object()
-
-
-def _json(data: bytes) -> Any:
-    try:
-        return orjson.loads(data) if data else {}
-    except orjson.JSONDecodeError:
-        return _INVALID
-
-
-def not_servable(name: str, imported: ImportState) -> CatalogEntry:
-    """The import's pinned entry, or a refusal: Unavailable while its peer's catalog is
-    still to be read (try again), NotServable when the catalog says no (a verdict)."""
-    if imported.problem == NOT_READ:
-        raise Unavailable(f"import {name}: {imported.problem}")
-    if imported.problem is not None or imported.entry is None:
-        raise NotServable(f"import {name}: {imported.problem}")
-    return imported.entry
-
-
-def _with(record: AuditRecord, **changes: Any) -> AuditRecord:
-    return replace(record, **changes)
-
-
-def _check(contract: CompiledContract, raw: bytes, root: str,
-           value: Any = _INVALID) -> list[FieldViolation]:
-    """The contract's violations by a JSON payload (parsed here unless ``value`` is given)."""
-    value = _json(raw) if value is _INVALID else value
-    if value is _INVALID:
-        return [FieldViolation(root, "not valid JSON")]
-    return contract.check(value, root)[1]
-
-
-@dataclass
-class _Call:
-    """An inbound call on its way: when it started, its audit record so far."""
-
-    started: float
-    record: AuditRecord
-    decision: str = DENY
-
-
-class _Refused(Exception):
-    """A refusal on its way to the audit log: the error the caller gets and a reason code."""
-
-    def __init__(self, error: PacketFlowError, reason: str) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.reason = reason
+async def _warm(upstream: Upstream) -> None:
+    with contextlib.suppress(ConnectFailed):
+        await upstream.connect()
 
 
 def _server_options() -> list[tuple[str, Any]]:
@@ -1067,51 +819,12 @@ def _server_options() -> list[tuple[str, Any]]:
             *SERVER_KEEPALIVE]
 
 
-class PeerServicer(federation_pb2_grpc.FederationServicer):
-    """``packetflow.v1.Federation`` for peers (behind the terminator)."""
-
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-
-    async def GetCatalog(self, request: federation_pb2.CatalogRequest,
-                         context: grpc.aio.ServicerContext) -> federation_pb2.Catalog:
-        from packetflow.rpc import abort_for
-
-        try:
-            return await self.gateway.serve_catalog(context.peer(), request.known_version)
-        except PacketFlowError as exc:
-            await abort_for(context, exc, "")
-            raise
-
-    async def Invoke(self, request: runtime_pb2.InvokeRequest,
-                     context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:
-        from packetflow.rpc import abort_for
-
-        metadata = tuple(context.invocation_metadata() or ())
-        trace_id = trace_of(metadata)
-        try:
-            output = await self.gateway.serve_invoke(
-                context.peer(), request.capability, request.input_json,
-                [(key, value) for key, value in metadata if key != TRACE_ID_KEY]
-                + [(TRACE_ID_KEY, trace_id)], context.time_remaining())
-        except PacketFlowError as exc:
-            await abort_for(context, exc, trace_id)
-            raise
-        return runtime_pb2.InvokeResponse(output_json=output, trace_id=trace_id)
-
-
 class LocalServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
     """``packetflow.v1.CapabilityRuntime`` for local callers: the imports as capabilities."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    def _catalog_metadata(self, name: str) -> tuple[tuple[str, str], ...]:
-        with contextlib.suppress(PacketFlowError):
-            _, link = self.gateway.resolve_import(name)
-            return ((CATALOG_VERSION_KEY, link.version),)
-        return ()
-
     async def Invoke(self, request: runtime_pb2.InvokeRequest,
                      context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:
         from packetflow.rpc import abort_for
@@ -1119,12 +832,13 @@ class LocalServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
         metadata = tuple(context.invocation_metadata() or ())
         trace_id = trace_of(metadata)
         try:
-            output = await self.gateway.invoke_import(
+            assert self.gateway.local_calls is not None
+            output = await self.gateway.local_calls.invoke_import(
                 request.capability, request.input_json, trace_id, context.time_remaining())
         except PacketFlowError as exc:
             await abort_for(context, exc, trace_id)
             raise
-        context.set_trailing_metadata(self._catalog_metadata(request.capability))
+        context.set_trailing_metadata(self.gateway.catalog_metadata(request.capability))
         return runtime_pb2.InvokeResponse(output_json=output, trace_id=trace_id)
 
     async def InvokeStream(self, request: runtime_pb2.InvokeRequest,

@@ -53,6 +53,7 @@ class FederationMetrics:
             "packetflow_federation_call_duration_seconds",
             "Duration of allowed federated calls, gateway to gateway.",
             ["direction", "peer"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._answered: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self.refusals = Counter(
             "packetflow_federation_refusals", "Refused connections and calls, by reason.",
             ["direction", "peer", "reason"], registry=self.registry)
@@ -60,6 +61,17 @@ class FederationMetrics:
             "packetflow_federation_sla_breaches",
             "SLA windows that broke an objective (side: exporter or importer).",
             ["side", "peer", "capability"], registry=self.registry)
+
+    def answered(self, direction: str, peer: str, capability: str, code: str,
+                 seconds: float) -> None:
+        """Count one allowed call and its duration (label children kept: per-call path)."""
+        key = (direction, peer, capability, code)
+        children = self._answered.get(key)
+        if children is None:
+            children = self._answered[key] = (self.calls.labels(*key),
+                                              self.duration.labels(direction, peer))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def gauges(self, read: Callable[[], Iterable[tuple[str, str, dict[str, str], float]]]
                ) -> None:

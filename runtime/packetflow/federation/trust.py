@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from packetflow.spec import TrustPolicy, duration_seconds
@@ -82,17 +82,18 @@ def decayed(evidence: Evidence, now: float, params: TrustParams) -> tuple[float,
 def observe(evidence: Evidence, good: bool, now: float, params: TrustParams) -> Evidence:
     """``evidence`` after one observation at ``now`` (left out beyond the window's cap)."""
     window = math.floor(now / params.window_s) * params.window_s
-    if window != evidence.window:
-        evidence = replace(evidence, window=window, window_positive=0, window_negative=0)
-    counted = evidence.window_positive if good else evidence.window_negative
-    if counted >= params.cap:
-        return replace(evidence, observations=evidence.observations + 1,
-                       capped=evidence.capped + 1)
+    same = window == evidence.window
+    window_positive = evidence.window_positive if same else 0
+    window_negative = evidence.window_negative if same else 0
+    # Built whole, not with dataclasses.replace: this runs several times per federated call.
+    if (window_positive if good else window_negative) >= params.cap:
+        return Evidence(evidence.positive, evidence.negative, evidence.at, window,
+                        window_positive, window_negative, evidence.observations + 1,
+                        evidence.capped + 1)
     positive, negative = decayed(evidence, now, params)
-    return replace(evidence, positive=positive + good, negative=negative + (not good),
-                   at=now, observations=evidence.observations + 1,
-                   window_positive=evidence.window_positive + good,
-                   window_negative=evidence.window_negative + (not good))
+    return Evidence(positive + good, negative + (not good), now, window,
+                    window_positive + good, window_negative + (not good),
+                    evidence.observations + 1, evidence.capped)
 
 
 def score(evidence: Evidence, now: float, params: TrustParams) -> float:

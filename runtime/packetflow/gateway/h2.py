@@ -126,7 +126,9 @@ def _prefixed(value: int, prefix_bits: int, pattern: int) -> bytes:
 class HeaderDecoder:
     """``hpack``'s decoder, skipped for a block that holds only indexed fields and was seen
     since the dynamic table last changed: such a block decodes the same way again (a
-    backend's answers are like that once its table is warm)."""
+    backend's answers are like that once its table is warm); and skipped for a block that
+    cannot change the table and has no Huffman string (what :class:`HeaderEncoder` writes,
+    with per-call values such as trace ids): such a block is read here in one pass."""
 
     CACHE_LIMIT = 256
 
@@ -139,13 +141,75 @@ class HeaderDecoder:
         cached = self._cache.get(block)
         if cached is not None:
             return cached
-        headers: Headers = [(bytes(name), bytes(value))
-                            for name, value in self._decoder.decode(block, raw=True)]
+        plain = _plain_block(block, self._decoder.header_table)
+        if plain is not None:
+            headers, indexed = plain
+            if indexed and len(self._cache) < self.CACHE_LIMIT:
+                self._cache[block] = headers
+            return headers
+        headers = [(bytes(name), bytes(value))
+                   for name, value in self._decoder.decode(block, raw=True)]
         if not _only_indexed(block):
             self._cache.clear()  # the block may have changed the dynamic table
         elif len(self._cache) < self.CACHE_LIMIT:
             self._cache[block] = headers
         return headers
+
+
+def _integer(block: bytes, position: int, mask: int) -> tuple[int, int]:
+    """An HPACK integer whose prefix is ``block[position] & mask``; (value, next position)."""
+    value = block[position] & mask
+    position += 1
+    if value == mask:
+        shift = 0
+        while True:
+            byte = block[position]
+            position += 1
+            value += (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+    return value, position
+
+
+def _plain_block(block: bytes, table: HeaderTable) -> tuple[Headers, bool] | None:
+    """The header list of a block made only of indexed fields and literals not indexed
+    (RFC 7541 6.1, 6.2.2, 6.2.3) without Huffman coding, and whether it held indexed fields
+    only; None for any other block (left to ``hpack``, with nothing consumed: these fields
+    never change the dynamic table)."""
+    headers: Headers = []
+    indexed = True
+    position, size = 0, len(block)
+    try:
+        while position < size:
+            first = block[position]
+            if first & 0x80:
+                index, position = _integer(block, position, 0x7F)
+                headers.append(table.get_by_index(index))
+                continue
+            if first & 0xE0:  # incremental indexing or a table size update
+                return None
+            indexed = False
+            index, position = _integer(block, position, 0x0F)
+            if index:
+                name = table.get_by_index(index)[0]
+            else:
+                if block[position] & 0x80:
+                    return None
+                length, position = _integer(block, position, 0x7F)
+                name = block[position:position + length]
+                position += length
+            if block[position] & 0x80:
+                return None
+            length, position = _integer(block, position, 0x7F)
+            value = block[position:position + length]
+            position += length
+            if position > size:
+                return None
+            headers.append((name, value))
+    except (IndexError, HPACKError):
+        return None  # malformed: hpack says how
+    return headers, indexed
 
 
 def _only_indexed(block: bytes) -> bool:

@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -598,18 +599,48 @@ class UnaryCall(AttemptOwner):
 # ------------------------------------------------------------------ front streams
 
 
+class Answering(Protocol):
+    """A unary call under way, as its request stream sees it."""
+
+    def cancelled(self) -> None:
+        """The caller went away."""
+
+
+class UnaryFront(Protocol):
+    """What takes complete unary requests: this gateway, or the federation's data path."""
+
+    max_message: int
+
+    def refuse(self, stream: Stream, headers: CallHeaders, code: int, message: str) -> None:
+        """Answer a call with a status of one's own."""
+
+    def unary(self, stream: Stream, headers: CallHeaders, body: bytes) -> Answering | None:
+        """Start a complete request's call."""
+
+
+class RelayFront(Protocol):
+    """What a :class:`Relay` reports to: this gateway, or the federation's data path (whose
+    relays go to its own gRPC server only, never to an endpoint)."""
+
+    max_message: int
+
+    def relayed(self, route_name: str, endpoint: Endpoint, code: int, gateway_failure: bool,
+                latency: float) -> None:
+        """A relayed stream to ``endpoint`` ended with ``code``."""
+
+
 class Buffered:
     """Collects a unary request's body, then hands it to the gateway."""
 
     __slots__ = ("call", "chunks", "gateway", "headers", "size", "stream")
 
-    def __init__(self, gateway: Gateway, stream: Stream, headers: CallHeaders) -> None:
+    def __init__(self, gateway: UnaryFront, stream: Stream, headers: CallHeaders) -> None:
         self.gateway = gateway
         self.stream = stream
         self.headers = headers
         self.chunks: list[bytes] = []
         self.size = 0
-        self.call: UnaryCall | None = None
+        self.call: Answering | None = None
 
     def on_headers(self, headers: Headers, end_stream: bool) -> None:
         """Request trailers carry nothing the gateway needs."""
@@ -645,7 +676,7 @@ class Relay:
     opened once the first request message says where it goes (at once for ``route=None``).
     """
 
-    def __init__(self, gateway: Gateway, down: Stream, headers: CallHeaders,
+    def __init__(self, gateway: RelayFront, down: Stream, headers: CallHeaders,
                  route: Callable[[bytes], tuple[str, Endpoint]] | None) -> None:
         self.gateway = gateway
         self.down = down
@@ -785,16 +816,9 @@ class Relay:
         self.finished = True
         if self.up is not None and self.up.open:
             self.up.reset(CANCEL)  # the answer ended while the caller was still sending
-        endpoint = self.endpoint
-        if endpoint is None:
-            return
-        latency = asyncio.get_running_loop().time() - self.started
-        endpoint.load.finished(0.0, self.gateway.table.clock(), abandoned=True)  # no rtt:
-        # a stream's length says how long the conversation was, not how fast the endpoint
-        endpoint.count(CODE_NAMES.get(code, str(code)), latency)
-        if code != CANCELLED:  # the caller's going says nothing about the endpoint
-            self.gateway.table.record(self.route_name, endpoint, code, gateway_failure)
-        self.gateway.count_call(self.route_name, code, latency)
+        if self.endpoint is not None:
+            self.gateway.relayed(self.route_name, self.endpoint, code, gateway_failure,
+                                 asyncio.get_running_loop().time() - self.started)
 
 
 class _RelayUp:
@@ -1053,6 +1077,16 @@ class Gateway:
             actors_pb2.ActorTypeSummary(name=r.name, intent=r.intent)
             for r in sorted(self.table.actors.values(), key=lambda r: r.name)
         ]).SerializeToString()
+
+    def relayed(self, route_name: str, endpoint: Endpoint, code: int, gateway_failure: bool,
+                latency: float) -> None:
+        """Count a relayed stream against its endpoint and route."""
+        endpoint.load.finished(0.0, self.table.clock(), abandoned=True)  # no rtt: a
+        # stream's length says how long the conversation was, not how fast the endpoint
+        endpoint.count(CODE_NAMES.get(code, str(code)), latency)
+        if code != CANCELLED:  # the caller's going says nothing about the endpoint
+            self.table.record(route_name, endpoint, code, gateway_failure)
+        self.count_call(route_name, code, latency)
 
     def exhausted(self, route_name: str, kind: str) -> None:
         """A retry or hedge the budget refused."""

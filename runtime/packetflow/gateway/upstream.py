@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 
 from packetflow.addresses import split_address
@@ -24,10 +25,12 @@ class ConnectFailed(Exception):
 
 
 class Upstream:
-    """A backend address (``host:port`` or ``unix:PATH``) and the connection to it."""
+    """A backend address (``host:port`` or ``unix:PATH``) and the connection to it (over TLS
+    with ``tls``: the federation gateway's connection to a peer)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: ssl.SSLContext | None = None) -> None:
         self.address = address
+        self.tls = tls
         self.authority = address.encode()
         self.conn: Connection | None = None
         self._connecting: asyncio.Future[Connection] | None = None
@@ -75,7 +78,8 @@ class Upstream:
                 else:
                     host, port = split_address(self.address)
                     _, conn = await loop.create_connection(
-                        lambda: Connection(server=False), host, port)
+                        lambda: Connection(server=False), host, port, ssl=self.tls,
+                        server_hostname=host if self.tls is not None else None)
         except (OSError, TimeoutError, ValueError) as exc:
             self._retry_at = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, CONNECT_BACKOFF_MAX)

@@ -1,15 +1,13 @@
-"""Terminate mutual TLS in front of a plaintext gRPC server, one authenticated identity per
-connection.
+"""Terminate mutual TLS, one authenticated identity per connection.
 
 gRPC's own TLS (``ssl_server_credentials``) cannot insist on TLS 1.3, and a handshake it
 refuses never reaches application code, so nobody could audit it. Here every connection is
 accepted as TCP, upgraded with :mod:`ssl` (TLS 1.3 only), and its client certificate
 authenticated by a caller-supplied function; every refusal (plaintext, an old TLS version, a
 missing, unknown, expired or foreign certificate) is reported with the remote address and
-whatever the certificate told. An accepted connection is relayed byte for byte to the inner
-gRPC server over a Unix socket in a directory only this process's user can enter, from a
-client socket bound to a unique abstract name: the inner server sees that name as the call's
-``context.peer()``, and :meth:`MtlsTerminator.identity` maps it back to the identity.
+whatever the certificate told. An accepted connection's decrypted stream is handed to a
+protocol the caller makes for that connection (it knows the connection's identity), in the
+same process: no byte is relayed anywhere before it is understood.
 """
 
 from __future__ import annotations
@@ -17,9 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
-import secrets
-import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -32,9 +27,6 @@ T = TypeVar("T")
 log = logging.getLogger("packetflow.identity.tls")
 
 HANDSHAKE_TIMEOUT = 10.0
-# The read buffer of one direction that pauses the other side: a slow reader must slow the
-# writer instead of growing memory.
-HIGH_WATER = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -49,20 +41,18 @@ class Refusal:
 
 @dataclass
 class Connection(Generic[T]):
-    """An accepted connection: who it is, since when, and both sides of the relay."""
+    """An accepted connection: who it is, since when, and its decrypted transport."""
 
-    key: str  # the inner server's context.peer() for this connection
+    key: str  # unique among this terminator's connections
     address: str
     identity: T
     established: float = field(default_factory=time.time)
-    downstream: asyncio.Transport | None = None
-    upstream: asyncio.Transport | None = None
+    transport: asyncio.Transport | None = None
 
     def close(self, abort: bool = False) -> None:
-        """Close both sides (calls in flight on it fail); ``abort`` drops buffered data."""
-        for transport in (self.downstream, self.upstream):
-            if transport is not None:
-                transport.abort() if abort else transport.close()
+        """Close the connection (calls in flight on it fail); ``abort`` drops buffered data."""
+        if self.transport is not None:
+            self.transport.abort() if abort else self.transport.close()
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:
@@ -82,53 +72,20 @@ def _classify(exc: BaseException) -> tuple[str, str]:
     return "connection-error", f"connection failed during the handshake: {exc!r}"
 
 
-class _Pipe(asyncio.Protocol):
-    """One direction's receiving end: writes what it reads to ``target``, with backpressure."""
+class _Held(asyncio.Protocol):
+    """A connection during its handshake and authentication: what arrives is kept for the
+    protocol that will serve it."""
 
     def __init__(self, on_lost: Callable[[], None]) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.target: asyncio.Transport | None = None
         self.pending: list[bytes] = []
+        self.lost = False
         self.on_lost = on_lost
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=HIGH_WATER)
-
-    def connect(self, target: asyncio.Transport) -> None:
-        """Start relaying to ``target`` (data that came first is sent first)."""
-        self.target = target
-        for chunk in self.pending:
-            target.write(chunk)
-        self.pending = []
-
     def data_received(self, data: bytes) -> None:
-        if self.target is None:
-            self.pending.append(data)
-        else:
-            self.target.write(data)
-
-    def pause_writing(self) -> None:
-        # Our transport's write buffer is full: stop reading from the side that fills it.
-        if self.target is not None:
-            self.target.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.target is not None:
-            self.target.resume_reading()
-
-    def eof_received(self) -> bool | None:
-        # Half-close passes through where both sides can (TLS has no half-close: closing).
-        tls = self.transport is not None and self.transport.get_extra_info("ssl_object")
-        if not tls and self.target is not None and self.target.can_write_eof():
-            self.target.write_eof()
-            return True
-        return None
+        self.pending.append(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.target is not None:
-            self.target.close()
+        self.lost = True
         self.on_lost()
 
 
@@ -137,43 +94,36 @@ class MtlsTerminator(Generic[T]):
 
     ``context()`` gives the SSL context for the next handshake (rotation: return a new one);
     ``authenticate(der)`` maps the client's leaf certificate (``None`` when it sent none) to
-    an identity or raises :class:`AuthenticationError`; ``on_refused`` hears every refusal.
+    an identity or raises :class:`AuthenticationError`; ``on_refused`` hears every refusal;
+    ``serve(connection)`` makes the protocol that reads an accepted connection (it must call
+    :meth:`forget` when its connection is lost).
     """
 
     def __init__(self, *, context: Callable[[], ssl.SSLContext],
                  authenticate: Callable[[bytes | None], T],
                  on_refused: Callable[[Refusal], None],
+                 serve: Callable[[Connection[T]], asyncio.Protocol],
                  on_accepted: Callable[[Connection[T]], None] | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self.context = context
         self.authenticate = authenticate
         self.on_refused = on_refused
+        self.serve = serve
         self.on_accepted = on_accepted
         self.handshake_timeout = handshake_timeout
         self.connections: dict[str, Connection[T]] = {}
         self.handshakes = 0  # accepted handshakes, for metrics
         self._names = itertools.count(1)
-        # Abstract socket names are host-wide: pid and a random token keep ours apart.
-        self._prefix = f"packetflow-{os.getpid()}-{secrets.token_hex(4)}"
-        self._inner_path = ""
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str, port: int, inner_path: str) -> int:
-        """Listen on ``host:port`` (0: any free port), relaying to the Unix socket
-        ``inner_path``; returns the port."""
-        self._inner_path = inner_path
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0: any free port); returns the port."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Accepting(self), host, port,
                                                 reuse_address=True)
         sockets = self._server.sockets
         return int(sockets[0].getsockname()[1]) if sockets else port
-
-    def identity(self, peer: str) -> T | None:
-        """The identity of the connection the inner server calls ``peer`` (its
-        ``context.peer()``); ``None`` for a connection that did not come through here."""
-        found = self.connections.get(peer)
-        return None if found is None else found.identity
 
     def close_where(self, refuse: Callable[[T], bool]) -> int:
         """Close every connection whose identity ``refuse`` says no to; how many closed."""
@@ -202,11 +152,11 @@ class MtlsTerminator(Generic[T]):
     async def _handshake(self, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        key = ""
-        downstream = _Pipe(lambda: self._forget(key))
+        key = f"{next(self._names)}"
+        held = _Held(lambda: self.forget(key))
         try:
             tls = await asyncio.get_running_loop().start_tls(
-                transport, downstream, self.context(), server_side=True,
+                transport, held, self.context(), server_side=True,
                 ssl_handshake_timeout=self.handshake_timeout)
         except asyncio.CancelledError:
             transport.abort()
@@ -217,9 +167,7 @@ class MtlsTerminator(Generic[T]):
             self.on_refused(Refusal(address, reason, message))
             return
         assert tls is not None
-        # start_tls does not call connection_made (the transport is its return value).
-        downstream.connection_made(tls)
-        tls.pause_reading()  # nothing is read, let alone relayed, before authentication
+        tls.pause_reading()  # nothing is read, let alone served, before authentication
         ssl_object = tls.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if ssl_object is not None and ssl_object.version() != "TLSv1.3":  # pragma: no cover
@@ -232,44 +180,23 @@ class MtlsTerminator(Generic[T]):
             tls.abort()
             self.on_refused(Refusal(address, exc.reason, exc.message, der))
             return
-        key = f"{self._prefix}-{next(self._names)}"
-        connection = Connection(f"unix-abstract:{key}", address, identity, downstream=tls)
-        try:
-            upstream = await self._connect_inner(key, downstream)
-        except asyncio.CancelledError:
-            tls.abort()
-            raise
-        except OSError as exc:
-            tls.abort()
-            log.error("cannot reach the inner server at %s: %s", self._inner_path, exc)
+        if held.lost:
             return
-        connection.upstream = upstream
-        self.connections[connection.key] = connection
+        connection = Connection(key, address, identity, transport=tls)
+        self.connections[key] = connection
         self.handshakes += 1
         if self.on_accepted is not None:
             self.on_accepted(connection)
+        protocol = self.serve(connection)
+        tls.set_protocol(protocol)
+        protocol.connection_made(tls)
+        for data in held.pending:  # what came with the handshake's last flight
+            protocol.data_received(data)
         tls.resume_reading()
 
-    async def _connect_inner(self, key: str, downstream: _Pipe) -> asyncio.Transport:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(f"\0{key}")
-            sock.setblocking(False)
-            await loop.sock_connect(sock, self._inner_path)
-        except OSError:
-            sock.close()
-            raise
-        upstream_pipe = _Pipe(lambda: downstream.transport.close()
-                              if downstream.transport is not None else None)
-        transport, _ = await loop.create_unix_connection(lambda: upstream_pipe, sock=sock)
-        assert downstream.transport is not None
-        upstream_pipe.connect(downstream.transport)
-        downstream.connect(transport)
-        return transport
-
-    def _forget(self, key: str) -> None:
-        self.connections.pop(f"unix-abstract:{key}", None)
+    def forget(self, key: str) -> None:
+        """A connection ended: it leaves :attr:`connections`."""
+        self.connections.pop(key, None)
 
 
 class _Accepting(asyncio.Protocol):
