@@ -313,13 +313,13 @@ async def test_federated_capability_loads_before_its_gateway_and_checks_at_first
 
 
 async def test_a_gateway_whose_start_failed_half_way_stops(tmp_path: Path) -> None:
-    """Its inner server listens when its peer port turns out to be taken: stop ends it (a
+    """Its inner server listens when its local port turns out to be taken: stop ends it (a
     grpc.aio server left running holds the event loop at exit)."""
     org, peer = make_org(tmp_path, "acme"), make_org(tmp_path, "globex")
     with socket.create_server(("127.0.0.1", 0)) as taken:
         config = tmp_path / "federation.yaml"
         config.write_text(config_text(org, [(peer, "127.0.0.1:1")],
-                                      listen=f"127.0.0.1:{taken.getsockname()[1]}"))
+                                      local=f"127.0.0.1:{taken.getsockname()[1]}"))
         gateway = Gateway(config)
         with pytest.raises(OSError):
             await gateway.start()

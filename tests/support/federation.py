@@ -168,7 +168,8 @@ def make_org(base: Path, name: str) -> Org:
 
 def config_text(org: Org, peers: list[tuple[Org, str]], *, exports: str = "",
                 imports: str = "", trust: str = DEFAULT_TRUST, runtime: str | None = None,
-                listen: str = "127.0.0.1:0", http: str = "", extra: str = "") -> str:
+                listen: str = "127.0.0.1:0", local: str = "127.0.0.1:0", http: str = "",
+                extra: str = "") -> str:
     """A gateway config (a Federation manifest with a gateway section)."""
     peer_lines = "".join(
         f"    - {{name: {peer.name}, organization: {peer.name}, trustDomain: {peer.domain}, "
@@ -182,7 +183,7 @@ def config_text(org: Org, peers: list[tuple[Org, str]], *, exports: str = "",
         + (f"  exports:{exports}" if exports else "")
         + (f"  imports:{imports}" if imports else "")
         + f"  trust: {trust}\n"
-        f"gateway:\n  listen: '{listen}'\n  local: '127.0.0.1:0'\n  metrics_address: '{http}'\n"
+        f"gateway:\n  listen: '{listen}'\n  local: '{local}'\n  metrics_address: '{http}'\n"
         f"  state_dir: {org.directory / 'state'}\n  catalog_refresh_seconds: 0.2\n"
         f"  reload_seconds: 0.1\n"
         + (f"  runtime: '{runtime}'\n" if runtime else "") + extra)
