@@ -135,15 +135,18 @@ class Cluster:
 
 @asynccontextmanager
 async def secure_runtime(directory: Path, authority: Issued, workload: Workload,
-                         manifests: str) -> AsyncIterator[tuple[RuntimeServer, IssuedFiles]]:
-    """A runtime serving ``manifests`` over mTLS only, as ``workload`` (files ``<sa>.*``)."""
+                         manifests: str, trusted_forwarders: tuple[str, ...] = ()
+                         ) -> AsyncIterator[tuple[RuntimeServer, IssuedFiles]]:
+    """A runtime serving ``manifests`` over mTLS only, as ``workload`` (files ``<sa>.*``),
+    believing ``packetflow-caller`` from ``trusted_forwarders``."""
     files = issue_files(authority, directory, workload.service_account, workload,
                         ip_addresses=("127.0.0.1",))
     loaded = load_text(manifests, "test_zero_trust.py")
     assert not loaded.errors
     engine = Engine(loaded.capabilities)
     assert secure_engine(engine, RuntimeSettings(
-        tls_cert=files.cert, tls_key=files.key, tls_ca=files.ca, metrics_address=None))
+        tls_cert=files.cert, tls_key=files.key, tls_ca=files.ca, metrics_address=None,
+        trusted_forwarders=list(trusted_forwarders)))
     # Material re-read at once: rotation is seen at the next handshake.
     assert engine.guard is not None
     engine.guard.identity.watched.interval = 0.0

@@ -21,6 +21,7 @@ from packetflow.actors.timing import rendezvous_owner
 from packetflow.gateway.balancer import PeakEwma, pick_two
 from packetflow.gateway.budget import ShareBudget
 from packetflow.gateway.hedging import LatencyWindow
+from packetflow.gateway.identity import GatewayIdentity
 from packetflow.gateway.metrics import GatewayMetrics
 from packetflow.gateway.outlier import (
     OutlierPolicy,
@@ -233,8 +234,10 @@ class RoutingTable:
     """The live routes, rebuilt from each discovery snapshot without losing state."""
 
     def __init__(self, metrics: GatewayMetrics, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 identity: GatewayIdentity | None = None) -> None:
         self.metrics = metrics
+        self.identity = identity  # mutual TLS to backends, as the gateway's workload
         self.clock = clock
         self.rng = rng or random.Random()
         self.capabilities: dict[str, CapabilityRoute] = {}
@@ -272,7 +275,7 @@ class RoutingTable:
     def _upstream(self, address: str) -> Upstream:
         upstream = self.upstreams.get(address)
         if upstream is None:
-            upstream = self.upstreams[address] = Upstream(address)
+            upstream = self.upstreams[address] = Upstream(address, self.identity)
         return upstream
 
     def _endpoints(self, name: str, version: str, previous: Pool | None,

@@ -9,6 +9,7 @@ import time
 
 from packetflow.addresses import split_address
 from packetflow.gateway.h2 import Connection, Stream, StreamHandler, StreamRefused
+from packetflow.gateway.identity import GatewayIdentity, negotiated_h2
 
 log = logging.getLogger("packetflow.gateway")
 
@@ -24,10 +25,13 @@ class ConnectFailed(Exception):
 
 
 class Upstream:
-    """A backend address (``host:port`` or ``unix:PATH``) and the connection to it."""
+    """A backend address (``host:port`` or ``unix:PATH``) and the connection to it; with
+    ``identity``, TCP connections speak mutual TLS as the gateway's workload."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, identity: GatewayIdentity | None = None) -> None:
         self.address = address
+        self.identity = identity if not address.startswith("unix:") else None
+        self._generation = 0  # of the identity the connection presented
         self.authority = address.encode()
         self.conn: Connection | None = None
         self._connecting: asyncio.Future[Connection] | None = None
@@ -43,12 +47,17 @@ class Upstream:
         conn = self.conn
         if conn is None or conn.going_away:
             return None
+        if self.identity is not None and self.identity.generation != self._generation:
+            # Our certificate rotated: calls in flight finish on the old connection.
+            conn.goaway()
+            return None
         return conn.open_stream(handler)
 
     async def connect(self) -> Connection:
         """The live connection, dialled if needed (one dial shared by all waiting calls)."""
         conn = self.conn
-        if conn is not None and not conn.going_away:
+        if conn is not None and not conn.going_away and (
+                self.identity is None or self.identity.generation == self._generation):
             return conn
         if self.retired:
             raise ConnectFailed(f"{self.address} left the routes")
@@ -74,8 +83,19 @@ class Upstream:
                         lambda: Connection(server=False), self.address.removeprefix("unix:"))
                 else:
                     host, port = split_address(self.address)
-                    _, conn = await loop.create_connection(
-                        lambda: Connection(server=False), host, port)
+                    identity = self.identity
+                    if identity is None:
+                        _, conn = await loop.create_connection(
+                            lambda: Connection(server=False), host, port)
+                    else:
+                        generation = identity.generation
+                        transport, conn = await loop.create_connection(
+                            lambda: Connection(server=False), host, port,
+                            ssl=identity.client_context(), server_hostname=host)
+                        if not negotiated_h2(transport):
+                            transport.close()
+                            raise ValueError("the backend did not negotiate HTTP/2 (ALPN h2)")
+                        self._generation = generation
         except (OSError, TimeoutError, ValueError) as exc:
             self._retry_at = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, CONNECT_BACKOFF_MAX)
@@ -86,6 +106,8 @@ class Upstream:
         if self.retired:  # left the routes while dialling
             conn.goaway()
             raise ConnectFailed(f"{self.address} left the routes")
+        if self.conn is not None:
+            self.conn.goaway()  # made with a rotated certificate: it drains
         self.conn = conn
         return conn
 
@@ -104,7 +126,8 @@ class Upstream:
                 await self._connecting
         conn = self.conn
         if conn is not None and conn.transport is not None:
-            conn.transport.close()
+            # Abort: a TLS close would wait for the peer's close_notify (up to 30 s).
+            conn.transport.abort()
             with contextlib.suppress(asyncio.CancelledError):
                 await conn.closed
 
