@@ -17,7 +17,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from packetflow.cli import build_parser
 from packetflow.client import CallError, RuntimeClient, tls_credentials
-from packetflow.gateway.identity import GatewayIdentity
 from packetflow.gateway.routes import parse_routes
 from packetflow.gateway.server import GatewayServer
 from packetflow.identity.certs import issue, new_authority
@@ -84,7 +83,7 @@ async def fronted(directory: Path, *, trusted: bool = True,
                               trusted_forwarders=forwarders) as (server, files):
         cluster = Cluster(directory, authority, server, files)
         own = gateway_files(directory, cluster)
-        identity = GatewayIdentity(WorkloadIdentity(own.cert, own.key, own.ca, interval=0.0)) \
+        identity = WorkloadIdentity(own.cert, own.key, own.ca, interval=0.0) \
             if secure_gateway else None
         gateway = await GatewayServer.start(
             "127.0.0.1:0", routes=parse_routes(routes_to(cluster.address), "test"),
@@ -214,7 +213,7 @@ async def test_the_gateway_refuses_a_plaintext_caller(front: Front) -> None:
 async def test_the_gateways_certificate_rotates_under_load_without_failed_calls(
         front: Front) -> None:
     alice = front.cluster.issue(ALICE)
-    identity = front.gateway.identity.identity  # type: ignore[union-attr]
+    identity = front.gateway.identity  # type: ignore[union-attr]
     seen = front.cluster.server.engine.guard._by_certificate  # type: ignore[union-attr]
     async with front.client(alice) as client:
 

@@ -12,7 +12,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from packetflow.gateway.identity import GatewayIdentity
 from packetflow.gateway.metrics import GatewayMetrics
 from packetflow.gateway.routes import RoutesError, load_routes
 from packetflow.gateway.routing import Routes
@@ -123,7 +122,7 @@ async def serve_gateway(settings: GatewaySettings) -> int:
     stop = stop_on_signal()
     extra = f", metrics on :{metrics_port}/metrics" if metrics_port else ""
     if identity is not None:
-        extra += f", mutual TLS as {identity.identity.spiffe_id}"
+        extra += f", mutual TLS as {identity.spiffe_id}"
     print(f"packetflow: gateway on port {server.port}, {where}{extra}", file=sys.stderr,
           flush=True)
     discovering = asyncio.create_task(discover(server))
@@ -137,13 +136,12 @@ async def serve_gateway(settings: GatewaySettings) -> int:
     return 0
 
 
-def gateway_identity(settings: GatewaySettings) -> GatewayIdentity | None:
+def gateway_identity(settings: GatewaySettings) -> WorkloadIdentity | None:
     """The gateway's identity when the settings name its files; :class:`BundleError` names
     the file at fault."""
     if settings.tls_cert is None or settings.tls_key is None or settings.tls_ca is None:
         return None
-    return GatewayIdentity(WorkloadIdentity(settings.tls_cert, settings.tls_key,
-                                            settings.tls_ca))
+    return WorkloadIdentity(settings.tls_cert, settings.tls_key, settings.tls_ca)
 
 
 async def watch_routes_file(path: Path, apply: Callable[[Routes], None]) -> None:

@@ -21,7 +21,6 @@ from packetflow.actors.timing import rendezvous_owner
 from packetflow.gateway.balancer import PeakEwma, pick_two
 from packetflow.gateway.budget import ShareBudget
 from packetflow.gateway.hedging import LatencyWindow
-from packetflow.gateway.identity import GatewayIdentity
 from packetflow.gateway.metrics import GatewayMetrics
 from packetflow.gateway.outlier import (
     OutlierPolicy,
@@ -33,6 +32,7 @@ from packetflow.gateway.outlier import (
 )
 from packetflow.gateway.policy import SERVER_ERRORS
 from packetflow.gateway.upstream import Upstream
+from packetflow.identity.workload import WorkloadIdentity
 from packetflow.spec import Traffic, duration_seconds
 
 log = logging.getLogger("packetflow.gateway")
@@ -235,7 +235,7 @@ class RoutingTable:
 
     def __init__(self, metrics: GatewayMetrics, clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
-                 identity: GatewayIdentity | None = None) -> None:
+                 identity: WorkloadIdentity | None = None) -> None:
         self.metrics = metrics
         self.identity = identity  # mutual TLS to backends, as the gateway's workload
         self.clock = clock

@@ -27,12 +27,12 @@ from grpc_reflection.v1alpha import reflection
 from packetflow.addresses import split_address
 from packetflow.engine import DEFAULT_MAX_PAYLOAD_BYTES
 from packetflow.gateway.h2 import Connection
-from packetflow.gateway.identity import GatewayIdentity
 from packetflow.gateway.metrics import GatewayMetrics
 from packetflow.gateway.proxy import Gateway
 from packetflow.gateway.routing import Routes, RoutingTable
 from packetflow.gateway.upstream import Upstream
 from packetflow.identity.terminator import HANDSHAKE_TIMEOUT, classify_handshake_failure
+from packetflow.identity.workload import WorkloadIdentity
 from packetflow.identity.x509 import AuthenticationError
 from packetflow.server import ACTOR_SERVICE_NAME, ENVELOPE_BYTES, SERVICE_NAME
 
@@ -55,7 +55,7 @@ class GatewayServer:
     health: HealthServicer
     port: int
     socket_dir: Path
-    identity: GatewayIdentity | None = None
+    identity: WorkloadIdentity | None = None
     health_server: grpc.aio.Server | None = None
     connections: set[Connection] = field(default_factory=set)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -66,7 +66,7 @@ class GatewayServer:
     async def start(cls, address: str = "127.0.0.1:0", *, routes: Routes | None = None,
                     metrics: GatewayMetrics | None = None,
                     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-                    identity: GatewayIdentity | None = None,
+                    identity: WorkloadIdentity | None = None,
                     health_address: str | None = None) -> GatewayServer:
         """Listen on ``address`` (port 0 picks one) and serve ``routes``; with ``identity``,
         mutual TLS on both sides; ``health_address``: plaintext gRPC health only."""
@@ -127,7 +127,7 @@ class GatewayServer:
         held = _Held()
         try:
             tls = await asyncio.get_running_loop().start_tls(
-                transport, held, self.identity.server_context(), server_side=True,
+                transport, held, self.identity.server_ssl_context(), server_side=True,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
         except asyncio.CancelledError:
             transport.abort()

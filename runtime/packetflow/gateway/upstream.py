@@ -9,7 +9,8 @@ import time
 
 from packetflow.addresses import split_address
 from packetflow.gateway.h2 import Connection, Stream, StreamHandler, StreamRefused
-from packetflow.gateway.identity import GatewayIdentity, negotiated_h2
+from packetflow.identity.tls import ALPN_H2
+from packetflow.identity.workload import WorkloadIdentity
 
 log = logging.getLogger("packetflow.gateway")
 
@@ -20,6 +21,12 @@ CONNECT_BACKOFF_MAX = 5.0
 CONNECT_TIMEOUT = 5.0
 
 
+def negotiated_h2(transport: asyncio.BaseTransport) -> bool:
+    """Whether a TLS connection negotiated HTTP/2 (gRPC insists on ALPN ``h2``)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object is not None and ssl_object.selected_alpn_protocol() == ALPN_H2
+
+
 class ConnectFailed(Exception):
     """The backend could not be reached: nothing was sent, a retry elsewhere is safe."""
 
@@ -28,7 +35,7 @@ class Upstream:
     """A backend address (``host:port`` or ``unix:PATH``) and the connection to it; with
     ``identity``, TCP connections speak mutual TLS as the gateway's workload."""
 
-    def __init__(self, address: str, identity: GatewayIdentity | None = None) -> None:
+    def __init__(self, address: str, identity: WorkloadIdentity | None = None) -> None:
         self.address = address
         self.identity = identity if not address.startswith("unix:") else None
         self._generation = 0  # of the identity the connection presented
@@ -91,7 +98,7 @@ class Upstream:
                         generation = identity.generation
                         transport, conn = await loop.create_connection(
                             lambda: Connection(server=False), host, port,
-                            ssl=identity.client_context(), server_hostname=host)
+                            ssl=identity.client_ssl_context(), server_hostname=host)
                         if not negotiated_h2(transport):
                             transport.close()
                             raise ValueError("the backend did not negotiate HTTP/2 (ALPN h2)")

@@ -26,6 +26,7 @@ from packetflow.identity.tls import (
     channel_credentials,
     client_context,
     load_credentials,
+    server_context,
 )
 from packetflow.identity.x509 import AuthenticationError, BundleError, TrustBundle, authenticate
 
@@ -87,6 +88,7 @@ class WorkloadIdentity:
                                interval=interval)
         # gRPC asks for server material from its own threads, handshakes run in parallel.
         self._lock = threading.Lock()
+        self._server_context: tuple[int, ssl.SSLContext] | None = None
 
     def current(self) -> WorkloadMaterial:
         """The material now (reloaded first when the files changed)."""
@@ -129,6 +131,42 @@ class WorkloadIdentity:
         return grpc.dynamic_ssl_server_credentials(
             self.current().grpc_server_configuration, fetch,
             require_client_authentication=True)
+
+    def server_ssl_context(self) -> ssl.SSLContext:
+        """A TLS 1.3 server context (Python's ssl) presenting our certificate and asking for
+        the client's (checked after the handshake by :meth:`authenticate`); one per
+        generation of the files."""
+        material = self.current()
+        generation = self.watched.generation
+        cached = self._server_context
+        if cached is None or cached[0] != generation:
+            cached = self._server_context = (
+                generation, server_context(material.credentials, material.bundle_pem))
+        return cached[1]
+
+    def rotating_server_context(self) -> ssl.SSLContext:
+        """A server context for a listener that takes one context for good (uvicorn): each
+        handshake switches to the current generation's (:meth:`server_ssl_context`)."""
+        listener = server_context(self.current().credentials, self.current().bundle_pem)
+
+        def switch(connection: ssl.SSLObject | ssl.SSLSocket, name: str | None,
+                   context: ssl.SSLContext) -> None:
+            connection.context = self.server_ssl_context()
+
+        listener.sni_callback = switch
+        return listener
+
+    def authenticate(self, der: bytes | None) -> Principal:
+        """The caller a connection's client certificate (DER; ``None``: it sent none) proves:
+        of our trust domain, vouched for by our bundle, valid now; else
+        :class:`AuthenticationError` saying why not."""
+        if der is None:
+            raise AuthenticationError("no-client-certificate",
+                                      "the connection carries no client certificate")
+        material = self.current()
+        peer = authenticate(der, {material.trust_domain: material.bundle},
+                            datetime.datetime.now(datetime.UTC))
+        return Principal.of(peer.spiffe_id, peer.not_after.timestamp(), "certificate")
 
     def client_ssl_context(self) -> ssl.SSLContext:
         """A TLS 1.3 client context (Python's ssl) presenting our certificate, trusting our
