@@ -78,7 +78,7 @@ async def fronted(directory: Path, *, trusted: bool = True,
     """A runtime (believing the gateway's ``packetflow-caller`` when ``trusted``) and a
     gateway presenting its certificate to callers and the runtime (``secure_gateway``)."""
     authority = local_authority(directory, DOMAIN)
-    forwarders = (caller_of(GATEWAY),) if trusted else ()
+    forwarders = [caller_of(GATEWAY)] if trusted else []
     async with secure_runtime(directory, authority, SERVER, MANIFESTS,
                               trusted_forwarders=forwarders) as (server, files):
         cluster = Cluster(directory, authority, server, files)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import orjson
@@ -135,10 +136,10 @@ class Cluster:
 
 @asynccontextmanager
 async def secure_runtime(directory: Path, authority: Issued, workload: Workload,
-                         manifests: str, trusted_forwarders: tuple[str, ...] = ()
+                         manifests: str, **settings: Any
                          ) -> AsyncIterator[tuple[RuntimeServer, IssuedFiles]]:
-    """A runtime serving ``manifests`` over mTLS only, as ``workload`` (files ``<sa>.*``),
-    believing ``packetflow-caller`` from ``trusted_forwarders``."""
+    """A runtime serving ``manifests`` over mTLS only, as ``workload`` (files ``<sa>.*``);
+    ``settings``: more RuntimeSettings (trusted forwarders...)."""
     files = issue_files(authority, directory, workload.service_account, workload,
                         ip_addresses=("127.0.0.1",))
     loaded = load_text(manifests, "test_zero_trust.py")
@@ -146,7 +147,7 @@ async def secure_runtime(directory: Path, authority: Issued, workload: Workload,
     engine = Engine(loaded.capabilities)
     assert secure_engine(engine, RuntimeSettings(
         tls_cert=files.cert, tls_key=files.key, tls_ca=files.ca, metrics_address=None,
-        trusted_forwarders=list(trusted_forwarders)))
+        **settings))
     # Material re-read at once: rotation is seen at the next handshake.
     assert engine.guard is not None
     engine.guard.identity.watched.interval = 0.0

@@ -22,6 +22,7 @@ import grpc
 from packetflow.identity.files import Watched
 from packetflow.identity.spiffe import SpiffeId, Workload, workload_of
 from packetflow.identity.tls import (
+    ALPN_H2,
     Credentials,
     channel_credentials,
     client_context,
@@ -88,7 +89,7 @@ class WorkloadIdentity:
                                interval=interval)
         # gRPC asks for server material from its own threads, handshakes run in parallel.
         self._lock = threading.Lock()
-        self._server_context: tuple[int, ssl.SSLContext] | None = None
+        self._server_contexts: dict[str, tuple[int, ssl.SSLContext]] = {}
 
     def current(self) -> WorkloadMaterial:
         """The material now (reloaded first when the files changed)."""
@@ -132,26 +133,26 @@ class WorkloadIdentity:
             self.current().grpc_server_configuration, fetch,
             require_client_authentication=True)
 
-    def server_ssl_context(self) -> ssl.SSLContext:
+    def server_ssl_context(self, alpn: str = ALPN_H2) -> ssl.SSLContext:
         """A TLS 1.3 server context (Python's ssl) presenting our certificate and asking for
-        the client's (checked after the handshake by :meth:`authenticate`); one per
-        generation of the files."""
+        the client's (checked after the handshake by :meth:`authenticate`), serving ``alpn``;
+        one per generation of the files."""
         material = self.current()
         generation = self.watched.generation
-        cached = self._server_context
+        cached = self._server_contexts.get(alpn)
         if cached is None or cached[0] != generation:
-            cached = self._server_context = (
-                generation, server_context(material.credentials, material.bundle_pem))
+            cached = self._server_contexts[alpn] = (generation, server_context(
+                material.credentials, material.bundle_pem, alpn))
         return cached[1]
 
-    def rotating_server_context(self) -> ssl.SSLContext:
+    def rotating_server_context(self, alpn: str) -> ssl.SSLContext:
         """A server context for a listener that takes one context for good (uvicorn): each
         handshake switches to the current generation's (:meth:`server_ssl_context`)."""
-        listener = server_context(self.current().credentials, self.current().bundle_pem)
+        listener = server_context(self.current().credentials, self.current().bundle_pem, alpn)
 
         def switch(connection: ssl.SSLObject | ssl.SSLSocket, name: str | None,
                    context: ssl.SSLContext) -> None:
-            connection.context = self.server_ssl_context()
+            connection.context = self.server_ssl_context(alpn)
 
         listener.sni_callback = switch
         return listener
