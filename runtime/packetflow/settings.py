@@ -94,5 +94,14 @@ class RuntimeSettings(WorkloadTlsSettings):
     forward_caller: bool = Field(
         default=False, description="This process forwards calls for others (the MCP "
                                    "aggregate): its remote calls name their caller")
+    token_address: str | None = Field(
+        default=None, description="With the TLS files: a second gRPC port (TLS, no client "
+                                  "certificate) where callers prove themselves with a "
+                                  "projected ServiceAccount token (audience packetflow), "
+                                  "checked by TokenReview; unset: none")
+    token_review_api: str | None = Field(
+        default=None, description="The Kubernetes API that reviews tokens; unset: in-cluster "
+                                  "(the pod's own ServiceAccount must be "
+                                  "allowed to create tokenreviews)")
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|text)$")

@@ -155,7 +155,8 @@ async def secure_runtime(directory: Path, authority: Issued, workload: Workload,
     if loaded.actors:
         actors = ActorSystem(engine, state_dir=directory / f"{workload.service_account}-state")
         assert not await actors.replace(loaded.actors)
-    server = await RuntimeServer.start(engine, "127.0.0.1:0", actors)
+    server = await RuntimeServer.start(engine, "127.0.0.1:0", actors,
+                                       token_address=settings.get("token_address"))
     try:
         yield server, files
     finally:

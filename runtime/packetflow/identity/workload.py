@@ -117,9 +117,11 @@ class WorkloadIdentity:
         """Our trust domain."""
         return self.current().trust_domain
 
-    def grpc_server_credentials(self) -> grpc.ServerCredentials:
-        """gRPC server credentials requiring a client certificate of our trust domain; each
-        new handshake uses the material current then (rotation without a restart)."""
+    def grpc_server_credentials(self, client_certificate: bool = True
+                                ) -> grpc.ServerCredentials:
+        """gRPC server credentials requiring a client certificate of our trust domain (or,
+        ``client_certificate=False``, none: the token port); each new handshake uses the
+        material current then (rotation without a restart)."""
         served = [self.watched.generation]
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:
@@ -131,7 +133,7 @@ class WorkloadIdentity:
 
         return grpc.dynamic_ssl_server_credentials(
             self.current().grpc_server_configuration, fetch,
-            require_client_authentication=True)
+            require_client_authentication=client_certificate)
 
     def server_ssl_context(self, alpn: str = ALPN_H2) -> ssl.SSLContext:
         """A TLS 1.3 server context (Python's ssl) presenting our certificate and asking for
