@@ -188,6 +188,30 @@ async def paced(targets: Sequence[Target], calls: int, rate: float) -> Run:
     return Run(calls / (time.perf_counter() - started), list(latencies))
 
 
+async def compare(name: str, baseline: Target, subject: Target) -> dict[str, Any]:
+    """``name`` = subject throughput / baseline throughput, 64 concurrent, after a warm-up,
+    in alternating pairs."""
+    warm = {}
+    for target in (baseline, subject):
+        await check_echo(target)
+        warm[target.kind] = await run_concurrent(target, WARMUP_ROUNDS * CONCURRENCY)
+    calls = calls_for(min(r.calls_per_s for r in warm.values()), CONCURRENCY,
+                      seconds=RUN_SECONDS, least=MIN_CALLS, most=MAX_CALLS)
+    runs: dict[str, list[Run]] = {baseline.kind: [], subject.kind: []}
+
+    async def pair(scale: float) -> tuple[float, float]:
+        count = max(CONCURRENCY, int(calls * scale) // CONCURRENCY * CONCURRENCY)
+        for target in (baseline, subject):
+            runs[target.kind].append(await run_concurrent(target, count))
+        return runs[baseline.kind][-1].calls_per_s, runs[subject.kind][-1].calls_per_s
+
+    found = await steady_pairs(pair, pairs=PAIRS, budget_s=BUDGET_SECONDS)
+    return {**ratio_figures(name, found.ratios),
+            **run_summary(baseline.kind, runs[baseline.kind]),
+            **run_summary(subject.kind, runs[subject.kind]),
+            "concurrency": CONCURRENCY, "calls": int(calls * found.scale)}
+
+
 async def throughput(started: float) -> dict[str, Any]:
     """gateway_ratio: gateway to two runtimes vs one runtime directly, 64 concurrent."""
     async with (server_process("bench.runtime", "runtime") as first,
@@ -196,26 +220,8 @@ async def throughput(started: float) -> dict[str, Any]:
                                "--backend", f"127.0.0.1:{second}") as gateway,
                 grpc.aio.insecure_channel(f"127.0.0.1:{first}") as direct_channel,
                 grpc.aio.insecure_channel(f"127.0.0.1:{gateway}") as gateway_channel):
-        direct = _target("direct", direct_channel)
-        through = _target("gateway", gateway_channel)
-        warm = {}
-        for target in (direct, through):
-            await check_echo(target)
-            warm[target.kind] = await run_concurrent(target, WARMUP_ROUNDS * CONCURRENCY)
-        calls = calls_for(min(r.calls_per_s for r in warm.values()), CONCURRENCY,
-                          seconds=RUN_SECONDS, least=MIN_CALLS, most=MAX_CALLS)
-        runs: dict[str, list[Run]] = {"direct": [], "gateway": []}
-
-        async def pair(scale: float) -> tuple[float, float]:
-            count = max(CONCURRENCY, int(calls * scale) // CONCURRENCY * CONCURRENCY)
-            for target in (direct, through):
-                runs[target.kind].append(await run_concurrent(target, count))
-            return runs["direct"][-1].calls_per_s, runs["gateway"][-1].calls_per_s
-
-        found = await steady_pairs(pair, pairs=PAIRS, budget_s=BUDGET_SECONDS)
-    return {**ratio_figures("gateway_ratio", found.ratios),
-            **run_summary("direct", runs["direct"]), **run_summary("gateway", runs["gateway"]),
-            "concurrency": CONCURRENCY, "calls": int(calls * found.scale)}
+        return await compare("gateway_ratio", _target("direct", direct_channel),
+                             _target("gateway", gateway_channel))
 
 
 GATEWAY_WORKLOAD = ("bench", "gateway")
@@ -248,26 +254,9 @@ async def mtls_throughput() -> dict[str, Any]:
                     grpc.aio.insecure_channel(f"127.0.0.1:{plain_gateway}") as plain_channel,
                     grpc.aio.secure_channel(f"127.0.0.1:{mtls_gateway}", credentials)
                     as mtls_channel):
-            plain, secured = _target("plaintext", plain_channel), _target("mtls", mtls_channel)
-            warm = {}
-            for target in (plain, secured):
-                await check_echo(target)
-                warm[target.kind] = await run_concurrent(target, WARMUP_ROUNDS * CONCURRENCY)
-            calls = calls_for(min(r.calls_per_s for r in warm.values()), CONCURRENCY,
-                              seconds=RUN_SECONDS, least=MIN_CALLS, most=MAX_CALLS)
-            runs: dict[str, list[Run]] = {"plaintext": [], "mtls": []}
-
-            async def pair(scale: float) -> tuple[float, float]:
-                count = max(CONCURRENCY, int(calls * scale) // CONCURRENCY * CONCURRENCY)
-                for target in (plain, secured):
-                    runs[target.kind].append(await run_concurrent(target, count))
-                return runs["plaintext"][-1].calls_per_s, runs["mtls"][-1].calls_per_s
-
-            found = await steady_pairs(pair, pairs=PAIRS, budget_s=BUDGET_SECONDS)
-    return {**ratio_figures("gateway_mtls_ratio", found.ratios),
-            **run_summary("plaintext", runs["plaintext"]), **run_summary("mtls", runs["mtls"]),
-            "concurrency": CONCURRENCY, "calls": int(calls * found.scale),
-            "seconds": rounded(time.perf_counter() - started, 1)}
+            figures = await compare("gateway_mtls_ratio", _target("plaintext", plain_channel),
+                                    _target("mtls", mtls_channel))
+    return {**figures, "seconds": rounded(time.perf_counter() - started, 1)}
 
 
 async def tail() -> dict[str, Any]:

@@ -31,6 +31,7 @@ from tests.integration.test_zero_trust import (
     SERVER,
     Cluster,
     caller_of,
+    refused,
     secure_runtime,
 )
 from tests.support.load import Load
@@ -98,13 +99,6 @@ async def fronted(directory: Path, *, trusted: bool = True,
 async def front(tmp_path: Path) -> AsyncIterator[Front]:
     async with fronted(tmp_path) as started:
         yield started
-
-
-async def refused(client: RuntimeClient, capability: str = "whoami") -> CallError:
-    async with client:
-        with pytest.raises(CallError) as caught:
-            await client.invoke(capability, {}, timeout=30)
-    return caught.value
 
 
 async def test_a_caller_through_the_gateway_is_authorized_by_its_own_identity(
@@ -213,7 +207,7 @@ async def test_the_gateway_refuses_a_plaintext_caller(front: Front) -> None:
 async def test_the_gateways_certificate_rotates_under_load_without_failed_calls(
         front: Front) -> None:
     alice = front.cluster.issue(ALICE)
-    identity = front.gateway.identity  # type: ignore[union-attr]
+    identity = front.gateway.acceptor.identity  # type: ignore[union-attr]
     seen = front.cluster.server.engine.guard._by_certificate  # type: ignore[union-attr]
     async with front.client(alice) as client:
 

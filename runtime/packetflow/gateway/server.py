@@ -55,11 +55,10 @@ class GatewayServer:
     health: HealthServicer
     port: int
     socket_dir: Path
-    identity: WorkloadIdentity | None = None
+    acceptor: TlsAcceptor | None = None
     health_server: grpc.aio.Server | None = None
     connections: set[Connection] = field(default_factory=set)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    handshakes: set[asyncio.Task[None]] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -77,11 +76,12 @@ class GatewayServer:
         gateway = Gateway(table, Upstream(f"unix:{socket_dir / 'grpc.sock'}"),
                           max_payload_bytes + ENVELOPE_BYTES)
         connections: set[Connection] = set()
-        holder: list[GatewayServer] = []
+        acceptor = TlsAcceptor(identity, gateway, connections, metrics) \
+            if identity is not None else None
 
         def accept() -> asyncio.Protocol:
-            if identity is not None:
-                return _Handshake(lambda transport: holder[0]._secure(transport))
+            if acceptor is not None:
+                return _Handshake(acceptor.accept)
             conn = Connection(server=True, on_request=gateway.on_request)
             connections.add(conn)
             conn.closed.add_done_callback(lambda _: connections.discard(conn))
@@ -101,9 +101,8 @@ class GatewayServer:
             shutil.rmtree(socket_dir, ignore_errors=True)
             raise
         bound = listener.sockets[0].getsockname()[1]
-        server = cls(table, gateway, listener, internal, health, bound, socket_dir, identity,
+        server = cls(table, gateway, listener, internal, health, bound, socket_dir, acceptor,
                      health_server, connections)
-        holder.append(server)
         if routes is not None:
             server.apply(routes)
         server.tasks = [asyncio.create_task(server._sweep()),
@@ -111,58 +110,6 @@ class GatewayServer:
         log.info("gateway listening", extra={"address": address, "port": bound,
                                              "mtls": identity is not None})
         return server
-
-    # -------------------------------------------------------------- mutual TLS
-
-    def _secure(self, transport: asyncio.Transport) -> None:
-        task = asyncio.create_task(self._handshake(transport))
-        self.handshakes.add(task)
-        task.add_done_callback(self.handshakes.discard)
-
-    async def _handshake(self, transport: asyncio.Transport) -> None:
-        """TLS, then the client certificate, then HTTP/2: a connection whose certificate
-        proves nobody answers each call UNAUTHENTICATED saying why (never forwarded)."""
-        assert self.identity is not None
-        peer = transport.get_extra_info("peername")
-        held = _Held()
-        try:
-            tls = await asyncio.get_running_loop().start_tls(
-                transport, held, self.identity.server_ssl_context(), server_side=True,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-        except asyncio.CancelledError:
-            transport.abort()
-            raise
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            transport.abort()
-            self._refused(*classify_handshake_failure(exc), peer)
-            return
-        assert tls is not None
-        tls.pause_reading()
-        conn = Connection(server=True, on_request=self.gateway.on_request)
-        ssl_object = tls.get_extra_info("ssl_object")
-        try:
-            principal = self.identity.authenticate(ssl_object.getpeercert(binary_form=True))
-        except AuthenticationError as exc:
-            conn.refusal = exc.message
-            self._refused(exc.reason, exc.message, peer)
-        else:
-            conn.caller = principal.caller.encode()
-            conn.caller_until = principal.not_after or conn.caller_until
-        self.connections.add(conn)
-        conn.closed.add_done_callback(lambda _: self.connections.discard(conn))
-        conn.connection_made(tls)
-        tls.set_protocol(conn)
-        for chunk in held.received:
-            conn.data_received(chunk)
-        if held.lost:
-            conn.connection_lost(None)
-        else:
-            tls.resume_reading()
-
-    def _refused(self, reason: str, message: str, peer: object) -> None:
-        self.table.metrics.unauthenticated.labels(reason).inc()
-        log.info("caller refused", extra={"reason": reason, "detail": message,
-                                          "peer": str(peer)})
 
     def apply(self, routes: Routes) -> None:
         """Serve a new discovery snapshot (calls in flight finish where they are)."""
@@ -210,8 +157,8 @@ class GatewayServer:
         if drain:
             await asyncio.sleep(drain)  # load balancers need time to see NOT_SERVING
         self.listener.close()
-        for handshake in list(self.handshakes):
-            handshake.cancel()
+        if self.acceptor is not None:
+            self.acceptor.cancel()
         for conn in list(self.connections):
             conn.goaway()
         with contextlib.suppress(TimeoutError):
@@ -232,6 +179,74 @@ class GatewayServer:
         await self.gateway.internal.aclose()
         await self.table.aclose()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+class TlsAcceptor:
+    """Mutual TLS in front of the HTTP/2 listener: each connection's handshake, then its
+    client certificate, then HTTP/2. A connection whose certificate proves nobody answers
+    each call UNAUTHENTICATED saying why (nothing is forwarded); a proven one forwards its
+    caller with every call."""
+
+    def __init__(self, identity: WorkloadIdentity, gateway: Gateway,
+                 connections: set[Connection], metrics: GatewayMetrics) -> None:
+        self.identity = identity
+        self.gateway = gateway
+        self.connections = connections
+        self.metrics = metrics
+        self.handshakes: set[asyncio.Task[None]] = set()
+
+    def accept(self, transport: asyncio.Transport) -> None:
+        """Upgrade a new TCP connection (in a task of its own)."""
+        task = asyncio.create_task(self._handshake(transport))
+        self.handshakes.add(task)
+        task.add_done_callback(self.handshakes.discard)
+
+    def cancel(self) -> None:
+        """Abandon the handshakes under way (shutdown)."""
+        for task in list(self.handshakes):
+            task.cancel()
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        peer = transport.get_extra_info("peername")
+        held = _Held()
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport, held, self.identity.server_ssl_context(), server_side=True,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            transport.abort()
+            self._refused(*classify_handshake_failure(exc), peer)
+            return
+        assert tls is not None
+        tls.pause_reading()
+        conn = Connection(server=True, on_request=self.gateway.on_request)
+        ssl_object = tls.get_extra_info("ssl_object")
+        try:
+            principal = self.identity.authenticate(ssl_object.getpeercert(binary_form=True))
+        except AuthenticationError as exc:
+            conn.refusal = exc.message
+            self._refused(exc.reason, exc.message, peer)
+        else:
+            conn.caller = principal.caller.encode()
+            conn.caller_until = principal.not_after or conn.caller_until
+        self.connections.add(conn)
+        conn.closed.add_done_callback(lambda _: self.connections.discard(conn))
+        conn.connection_made(tls)
+        tls.set_protocol(conn)
+        for chunk in held.received:
+            conn.data_received(chunk)
+        if held.lost:
+            conn.connection_lost(None)
+        else:
+            tls.resume_reading()
+
+    def _refused(self, reason: str, message: str, peer: object) -> None:
+        self.metrics.unauthenticated.labels(reason).inc()
+        log.info("caller refused", extra={"reason": reason, "detail": message,
+                                          "peer": str(peer)})
 
 
 class _Handshake(asyncio.Protocol):
