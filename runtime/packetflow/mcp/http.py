@@ -21,6 +21,7 @@ import logging
 import math
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,9 +125,14 @@ class CertificateGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             proof = scope.get(PROOF_SCOPE_KEY)
-            if not isinstance(proof, Principal):
-                reason = proof.message if isinstance(proof, AuthenticationError) \
-                    else "the connection carries no client certificate"
+            reason = None
+            if isinstance(proof, AuthenticationError):
+                reason = proof.message
+            elif not isinstance(proof, Principal):
+                reason = "the connection carries no client certificate"
+            elif proof.not_after is not None and time.time() > proof.not_after:
+                reason = f"the client certificate of {proof.caller} expired"  # kept-alive
+            if reason is not None:
                 await unauthorized(send, reason, b'Mutual realm="packetflow"')
                 return
         await self.app(scope, receive, send)
