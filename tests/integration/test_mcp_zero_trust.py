@@ -5,6 +5,7 @@ authorizes that caller (the official MCP client over real connections)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,16 +16,18 @@ from typing import Any
 import httpx2
 import orjson
 import pytest
+from cryptography import x509
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from packetflow.identity.certs import issue, new_authority
-from packetflow.identity.local import IssuedFiles, local_authority
+from packetflow.identity.local import IssuedFiles, issue_files, local_authority
 from packetflow.identity.spiffe import SpiffeId, Workload
 from packetflow.identity.tls import client_context, load_credentials
 from packetflow.mcp.http import ALPN_HTTP1, McpHttpServer
 from packetflow.mcp.server import McpService
 from packetflow.server import RuntimeServer
+from tests.conftest import eventually
 from tests.integration.test_zero_trust import (
     DOMAIN,
     MANIFESTS,
@@ -189,3 +192,26 @@ async def test_the_mcp_endpoint_refuses_a_certificate_of_an_unknown_authority(
         # TLS 1.3: the server refuses the certificate after the client finished its part.
         with pytest.raises(httpx2.TransportError):
             await http.post(aggregate.mcp.url, json={})
+
+
+async def test_the_mcp_endpoint_presents_its_rotated_certificate(
+        aggregate: Aggregate) -> None:
+    cluster = aggregate.cluster
+    identity = aggregate.runtime.engine.guard.identity  # type: ignore[union-attr]
+    generation = identity.generation
+    rotated = issue_files(cluster.authority, cluster.directory, AGGREGATE.service_account,
+                          AGGREGATE, ip_addresses=("127.0.0.1",))
+    await eventually(lambda: identity.generation > generation, timeout=30,
+                     what="the aggregate to reload its certificate")
+    alice = cluster.issue(ALICE)
+    # A new handshake (in this event loop: the endpoint runs in it) sees the new certificate.
+    context = client_context(load_credentials(alice.cert, alice.key), alice.ca.read_bytes())
+    _, writer = await asyncio.open_connection("127.0.0.1", aggregate.mcp.port, ssl=context)
+    served = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    await writer.wait_closed()
+    assert x509.load_der_x509_certificate(served) \
+        == x509.load_pem_x509_certificate(rotated.cert.read_bytes())
+    http, client = aggregate.client(alice)
+    async with http, client:  # and calls go on over it
+        assert output(await client.call_tool("whoami", {}))["caller"] == caller_of(ALICE)
