@@ -16,6 +16,11 @@
   queueing, the same for any routing, and a closed loop would hide stalls (a stalled worker
   stops sending).
 
+``python -m bench gateway --mtls`` measures zero trust instead: ``gateway_mtls_ratio`` =
+throughput of the same calls (1 KiB echo, 64 concurrent, a gateway in front of 2 runtimes)
+with mutual TLS on both sides of the gateway (the caller's certificate, the gateway's towards
+runtimes that authorize the forwarded caller) / the same setup in plaintext.
+
 Method, as every bench here: each server runs in its own subprocess; the client (this
 process) warms up, then runs alternate (baseline, gateway, baseline, ...); each ratio is the
 median of adjacent pairs' ratios and the spread (min, max) is printed; p50/p99 are the
@@ -34,8 +39,10 @@ import itertools
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -52,7 +59,7 @@ from bench.common import (
     server_process,
     steady_pairs,
 )
-from bench.runtime import PAYLOAD, Target, check_echo, run_concurrent
+from bench.runtime import PAYLOAD, Target, bench_certificates, check_echo, run_concurrent
 from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 
 CONCURRENCY = 64
@@ -112,10 +119,12 @@ async def _start_stalling_runtime(share: float) -> tuple[int, Any]:
 PLAIN_TRAFFIC = "{hedging: {enabled: false}, outlierDetection: {consecutiveFailures: 1000000}}"
 
 
-async def _start_gateway(backends: Sequence[str], round_robin: bool) -> tuple[int, Any]:
+async def _start_gateway(backends: Sequence[str], round_robin: bool,
+                         tls_dir: Path | None = None) -> tuple[int, Any]:
     from packetflow.gateway.routes import parse_routes
     from packetflow.gateway.routing import Pool
     from packetflow.gateway.server import GatewayServer
+    from packetflow.identity.workload import WorkloadIdentity
 
     traffic = f", traffic: {PLAIN_TRAFFIC}" if round_robin else ""
     routes = parse_routes(f"capabilities: {{echo: {{backends: [{', '.join(backends)}]"
@@ -127,7 +136,9 @@ async def _start_gateway(backends: Sequence[str], round_robin: bool) -> tuple[in
             return pool.available[next(turns) % len(pool.available)] if pool.available \
                 else None
         Pool.pick = in_turn  # type: ignore[method-assign,assignment]
-    server = await GatewayServer.start("127.0.0.1:0", routes=routes)
+    identity = WorkloadIdentity(tls_dir / "gateway.crt", tls_dir / "gateway.key",
+                                tls_dir / "ca.crt") if tls_dir is not None else None
+    server = await GatewayServer.start("127.0.0.1:0", routes=routes, identity=identity)
 
     async def stop(grace: float) -> None:
         await server.stop(grace)
@@ -143,9 +154,12 @@ def serve_main(argv: Sequence[str]) -> None:
     parser.add_argument("--stall-share", type=float, default=0.0,
                         help="runtime: share of calls made 50 ms late")
     parser.add_argument("--profile", metavar="FILE", help="write cProfile stats to FILE")
+    parser.add_argument("--tls-dir", type=Path,
+                        help="gateway: mutual TLS with gateway.crt/.key and ca.crt here")
     args = parser.parse_args(argv)
     start = (_start_stalling_runtime(args.stall_share) if args.serve == "runtime"
-             else _start_gateway(args.backend, args.serve == "round-robin-gateway"))
+             else _start_gateway(args.backend, args.serve == "round-robin-gateway",
+                                 args.tls_dir))
     run_server(serve_until_stdin_closes(start), args.profile)
 
 
@@ -174,6 +188,30 @@ async def paced(targets: Sequence[Target], calls: int, rate: float) -> Run:
     return Run(calls / (time.perf_counter() - started), list(latencies))
 
 
+async def compare(name: str, baseline: Target, subject: Target) -> dict[str, Any]:
+    """``name`` = subject throughput / baseline throughput, 64 concurrent, after a warm-up,
+    in alternating pairs."""
+    warm = {}
+    for target in (baseline, subject):
+        await check_echo(target)
+        warm[target.kind] = await run_concurrent(target, WARMUP_ROUNDS * CONCURRENCY)
+    calls = calls_for(min(r.calls_per_s for r in warm.values()), CONCURRENCY,
+                      seconds=RUN_SECONDS, least=MIN_CALLS, most=MAX_CALLS)
+    runs: dict[str, list[Run]] = {baseline.kind: [], subject.kind: []}
+
+    async def pair(scale: float) -> tuple[float, float]:
+        count = max(CONCURRENCY, int(calls * scale) // CONCURRENCY * CONCURRENCY)
+        for target in (baseline, subject):
+            runs[target.kind].append(await run_concurrent(target, count))
+        return runs[baseline.kind][-1].calls_per_s, runs[subject.kind][-1].calls_per_s
+
+    found = await steady_pairs(pair, pairs=PAIRS, budget_s=BUDGET_SECONDS)
+    return {**ratio_figures(name, found.ratios),
+            **run_summary(baseline.kind, runs[baseline.kind]),
+            **run_summary(subject.kind, runs[subject.kind]),
+            "concurrency": CONCURRENCY, "calls": int(calls * found.scale)}
+
+
 async def throughput(started: float) -> dict[str, Any]:
     """gateway_ratio: gateway to two runtimes vs one runtime directly, 64 concurrent."""
     async with (server_process("bench.runtime", "runtime") as first,
@@ -182,26 +220,43 @@ async def throughput(started: float) -> dict[str, Any]:
                                "--backend", f"127.0.0.1:{second}") as gateway,
                 grpc.aio.insecure_channel(f"127.0.0.1:{first}") as direct_channel,
                 grpc.aio.insecure_channel(f"127.0.0.1:{gateway}") as gateway_channel):
-        direct = _target("direct", direct_channel)
-        through = _target("gateway", gateway_channel)
-        warm = {}
-        for target in (direct, through):
-            await check_echo(target)
-            warm[target.kind] = await run_concurrent(target, WARMUP_ROUNDS * CONCURRENCY)
-        calls = calls_for(min(r.calls_per_s for r in warm.values()), CONCURRENCY,
-                          seconds=RUN_SECONDS, least=MIN_CALLS, most=MAX_CALLS)
-        runs: dict[str, list[Run]] = {"direct": [], "gateway": []}
+        return await compare("gateway_ratio", _target("direct", direct_channel),
+                             _target("gateway", gateway_channel))
 
-        async def pair(scale: float) -> tuple[float, float]:
-            count = max(CONCURRENCY, int(calls * scale) // CONCURRENCY * CONCURRENCY)
-            for target in (direct, through):
-                runs[target.kind].append(await run_concurrent(target, count))
-            return runs["direct"][-1].calls_per_s, runs["gateway"][-1].calls_per_s
 
-        found = await steady_pairs(pair, pairs=PAIRS, budget_s=BUDGET_SECONDS)
-    return {**ratio_figures("gateway_ratio", found.ratios),
-            **run_summary("direct", runs["direct"]), **run_summary("gateway", runs["gateway"]),
-            "concurrency": CONCURRENCY, "calls": int(calls * found.scale)}
+GATEWAY_WORKLOAD = ("bench", "gateway")
+
+
+async def mtls_throughput() -> dict[str, Any]:
+    """gateway_mtls_ratio: through the gateway with mutual TLS on both sides vs plaintext,
+    each a gateway in front of two runtimes, 64 concurrent, alternating pairs."""
+    from packetflow.identity.local import issue_files, local_authority
+    from packetflow.identity.spiffe import Workload
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-mtls-") as directory:
+        credentials = bench_certificates(Path(directory))
+        gateway_id = Workload(*GATEWAY_WORKLOAD)
+        issue_files(local_authority(Path(directory), "bench.local"), Path(directory),
+                    "gateway", gateway_id, ip_addresses=("127.0.0.1",))
+        secure = ["--tls-dir", directory, "--trusted-forwarder",
+                  str(gateway_id.spiffe_id("bench.local"))]
+        async with (server_process("bench.runtime", "runtime") as plain_a,
+                    server_process("bench.runtime", "runtime") as plain_b,
+                    server_process("bench.runtime", "mtls", *secure) as mtls_a,
+                    server_process("bench.runtime", "mtls", *secure) as mtls_b,
+                    server_process("bench.gateway", "gateway", "--backend",
+                                   f"127.0.0.1:{plain_a}", "--backend",
+                                   f"127.0.0.1:{plain_b}") as plain_gateway,
+                    server_process("bench.gateway", "gateway", "--backend",
+                                   f"127.0.0.1:{mtls_a}", "--backend", f"127.0.0.1:{mtls_b}",
+                                   "--tls-dir", directory) as mtls_gateway,
+                    grpc.aio.insecure_channel(f"127.0.0.1:{plain_gateway}") as plain_channel,
+                    grpc.aio.secure_channel(f"127.0.0.1:{mtls_gateway}", credentials)
+                    as mtls_channel):
+            figures = await compare("gateway_mtls_ratio", _target("plaintext", plain_channel),
+                                    _target("mtls", mtls_channel))
+    return {**figures, "seconds": rounded(time.perf_counter() - started, 1)}
 
 
 async def tail() -> dict[str, Any]:
@@ -261,9 +316,13 @@ async def measure() -> dict[str, Any]:
     return figures
 
 
-def run() -> dict[str, Any]:
-    """The bench's figures."""
-    return asyncio.run(measure())
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The bench's figures; with ``--mtls``, the zero-trust ratio instead."""
+    parser = argparse.ArgumentParser(prog="python -m bench gateway")
+    parser.add_argument("--mtls", action="store_true",
+                        help="measure mutual TLS on both sides of the gateway against plaintext")
+    args = parser.parse_args(argv or [])
+    return asyncio.run(mtls_throughput() if args.mtls else measure())
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ async def _start_bare() -> tuple[int, Any]:
     return port, server.stop
 
 
-async def _start_runtime(tls_dir: Path | None = None) -> tuple[int, Any]:
+async def _start_runtime(tls_dir: Path | None = None,
+                         trusted_forwarders: Sequence[str] = ()) -> tuple[int, Any]:
     # Imported here so the bare server's process never loads PacketFlow.
     from packetflow.engine import Engine
     from packetflow.manifests import load_text
@@ -147,7 +148,8 @@ async def _start_runtime(tls_dir: Path | None = None) -> tuple[int, Any]:
     if tls_dir is not None:
         secure_engine(engine, RuntimeSettings(
             tls_cert=tls_dir / "server.crt", tls_key=tls_dir / "server.key",
-            tls_ca=tls_dir / "ca.crt", metrics_address=None))
+            tls_ca=tls_dir / "ca.crt", metrics_address=None,
+            trusted_forwarders=list(trusted_forwarders)))
     server = await RuntimeServer.start(engine, "127.0.0.1:0")
     return server.port, server.server.stop
 
@@ -157,10 +159,13 @@ def serve_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.runtime")
     parser.add_argument("--serve", choices=("bare", "runtime", "mtls"), required=True)
     parser.add_argument("--tls-dir", type=Path, help="with --serve mtls: the certificates")
+    parser.add_argument("--trusted-forwarder", action="append", default=[],
+                        help="with --serve mtls: a SPIFFE ID whose packetflow-caller counts")
     parser.add_argument("--profile", metavar="FILE", help="write cProfile stats to FILE")
     args = parser.parse_args(argv)
     start = (_start_bare() if args.serve == "bare" else
-             _start_runtime(args.tls_dir if args.serve == "mtls" else None))
+             _start_runtime(args.tls_dir if args.serve == "mtls" else None,
+                            args.trusted_forwarder))
     run_server(serve_until_stdin_closes(start), args.profile)
 
 

@@ -71,12 +71,24 @@ def call_context(capability: str, context: grpc.aio.ServicerContext,
                        idempotency_key=idempotency_key, principal=principal)
 
 
+async def prove_context(name: str, context: grpc.aio.ServicerContext,
+                        guard: CallGuard | None) -> CallContext:
+    """:func:`call_context`, the caller proven by a certificate or (on the token port) a
+    reviewed bearer token; :class:`Unauthenticated` when neither proves one."""
+    if guard is None or guard.tokens is None:
+        return call_context(name, context, guard)
+    ctx = call_context(name, context)
+    principal = await guard.prove(context, ctx.caller)
+    ctx.caller, ctx.principal = principal.caller, principal
+    return ctx
+
+
 async def proven_context(name: str, context: grpc.aio.ServicerContext,
                          guard: CallGuard | None) -> CallContext:
-    """:func:`call_context`, ending the call UNAUTHENTICATED when the caller proves no
+    """:func:`prove_context`, ending the call UNAUTHENTICATED when the caller proves no
     identity."""
     try:
-        return call_context(name, context, guard)
+        return await prove_context(name, context, guard)
     except Unauthenticated as exc:
         await abort_for(context, exc, "")
         raise

@@ -6,7 +6,9 @@ reads its connection's client certificate from ``context.auth_context()`` and ma
 :class:`Principal` through a cache keyed by the certificate itself, so parsing happens once per
 certificate, not per call. The ``packetflow-caller`` metadata names the caller only when the
 connection belongs to a trusted forwarder (the gateway, the MCP aggregate, another member of
-this very workload); from anyone else it is ignored and logged at debug.
+this very workload); from anyone else it is ignored and logged at debug. A call on the token
+port (no certificate) proves its caller with a projected ServiceAccount token instead
+(:mod:`packetflow.identity.tokens`), reviewed before the call's context is made.
 
 Authorization is a :class:`packetflow.access.Policy` per capability or actor type, compiled
 on first use and again only when its ``spec.access`` changes.
@@ -25,6 +27,7 @@ from packetflow.access import AccessDenied, DefaultPolicy, Policy
 from packetflow.composition.resolve import current_namespace
 from packetflow.errors import Unauthenticated
 from packetflow.identity.spiffe import SpiffeId, SpiffeIdError
+from packetflow.identity.tokens import TokenReviewer
 from packetflow.identity.workload import Principal, WorkloadIdentity
 from packetflow.identity.x509 import AuthenticationError, BundleError, spiffe_id_of
 from packetflow.metrics import RuntimeMetrics
@@ -58,6 +61,23 @@ class CallGuard:
         self._claimed: dict[str, Principal | AuthenticationError] = {}
         self._policies: dict[tuple[str, str], tuple[Access | None, Policy]] = {}
         self._refusals: dict[str, Any] = {}
+        self.tokens: TokenReviewer | None = None  # with a token port: reviews bearer tokens
+
+    async def prove(self, context: Any, claimed: str | None = None) -> Principal:
+        """:meth:`principal`; on a connection without a client certificate (the token port),
+        the caller its bearer token proves (a ``packetflow-caller`` claim is ignored)."""
+        if self.tokens is None or context.auth_context().get("x509_pem_cert"):
+            return self.principal(context, claimed)
+        token = next((str(value).removeprefix("Bearer ")
+                      for key, value in context.invocation_metadata() or ()
+                      if key == "authorization" and str(value).startswith("Bearer ")), None)
+        if token is None:
+            raise self._refuse("no-credentials", "the call carries neither a client "
+                               "certificate nor a bearer token")
+        try:
+            return await self.tokens.review(token)  # a SPIFFE ID of our trust domain
+        except AuthenticationError as exc:
+            raise self._refuse(exc.reason, exc.message) from None
 
     # --- authentication ------------------------------------------------------------------
 
@@ -178,6 +198,8 @@ def secure_engine(engine: Engine, settings: RuntimeSettings) -> CallGuard | None
                       home_namespace=workload.namespace if workload else current_namespace(),
                       default_policy=settings.default_policy,
                       trusted_forwarders=settings.trusted_forwarders)
+    if settings.token_address is not None:
+        guard.tokens = TokenReviewer.in_cluster(identity.trust_domain, settings.token_review_api)
     engine.guard = guard
     engine.remote.secure(identity, forward_caller=settings.forward_caller)
     return guard

@@ -133,7 +133,8 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
         return 1
     feedback, planning, planner = await feedback_and_planner(engine, settings)
     server = await RuntimeServer.start(engine, settings.address, actors, feedback, planner,
-                                       health_address=settings.health_address)
+                                       health_address=settings.health_address,
+                                       token_address=settings.token_address)
     mcp_server = None
     if settings.mcp_address:
         from packetflow.mcp.http import start_mcp  # MCP's web stack loads only when it is on

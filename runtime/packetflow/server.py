@@ -215,18 +215,22 @@ class RuntimeServer:
     forwarder: GrpcForwarder | None = None  # placement's channels to the other members
     health_server: grpc.aio.Server | None = None  # plaintext health beside an mTLS port
     health_port: int | None = None
+    token_port: int | None = None
 
     @classmethod
     async def start(cls, engine: Engine, address: str = "127.0.0.1:0",
                     actors: ActorSystem | None = None,
                     feedback: FeedbackService | None = None,
                     planner: Planner | None = None,
-                    health_address: str | None = None) -> RuntimeServer:
+                    health_address: str | None = None,
+                    token_address: str | None = None) -> RuntimeServer:
         """Bind ``address`` (port 0 picks a free one) and start serving; with ``actors``, the
         ``ActorRuntime`` service too; with ``feedback``, the ``Feedback`` call; with
         ``planner``, ``Plan`` and ``PlanAndExecute``. With ``engine.guard`` (zero trust) the
         port speaks mutual TLS only, and ``health_address`` serves ``grpc.health.v1`` alone
-        in plaintext (the kubelet's gRPC probes cannot present a certificate)."""
+        in plaintext (the kubelet's gRPC probes cannot present a certificate), and
+        ``token_address`` the same services over TLS without a client certificate, to callers
+        proving themselves with ServiceAccount tokens (``engine.guard.tokens``)."""
         limit = engine.max_payload_bytes + ENVELOPE_BYTES
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit),
@@ -261,6 +265,14 @@ class RuntimeServer:
             port = server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot listen on {address}")
+        token_port = None
+        if token_address is not None:
+            if engine.guard is None or engine.guard.tokens is None:
+                raise ValueError("a token port needs zero trust with a token reviewer")
+            token_port = server.add_secure_port(token_address, engine.guard.identity.
+                                                grpc_server_credentials(client_certificate=False))
+            if token_port == 0:
+                raise OSError(f"cannot listen on {token_address}")
         health_server, health_port = None, None
         if health_address is not None:
             health_server = grpc.aio.server()
@@ -275,7 +287,8 @@ class RuntimeServer:
         log.info("runtime listening", extra={
             "address": address, "port": port, "capabilities": len(engine.served),
             "mtls": engine.guard is not None})
-        return cls(engine, server, health, port, actors, forwarder, health_server, health_port)
+        return cls(engine, server, health, port, actors, forwarder, health_server, health_port,
+                   token_port)
 
     async def stop(self, grace: float = 30.0, drain: float = 0.0) -> None:
         """Drain: report NOT_SERVING, keep serving ``drain`` seconds, then let calls finish."""

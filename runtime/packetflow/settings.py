@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -11,7 +11,32 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from packetflow.engine import DEFAULT_MAX_PAYLOAD_BYTES
 
 
-class RuntimeSettings(BaseSettings):
+class WorkloadTlsSettings(BaseSettings):
+    """A workload's identity files (``PACKETFLOW_TLS_*``): all three or none."""
+
+    model_config = SettingsConfigDict(env_prefix="PACKETFLOW_", frozen=True)
+
+    tls_cert: Path | None = Field(
+        default=None, description="Zero trust: this workload's certificate chain (PEM, its "
+                                  "SPIFFE ID in the URI SAN); with tls_key and tls_ca, gRPC "
+                                  "speaks mutual TLS only and every call is authorized")
+    tls_key: Path | None = Field(default=None, description="The certificate's private key")
+    tls_ca: Path | None = Field(
+        default=None, description="The cluster trust domain's authorities (PEM bundle)")
+    health_address: str | None = Field(
+        default=None, description="Plaintext grpc.health.v1 only, beside an mTLS gRPC port "
+                                  "(for the kubelet's gRPC probes); unset: none")
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> Self:
+        given = [self.tls_cert is not None, self.tls_key is not None, self.tls_ca is not None]
+        if any(given) and not all(given):
+            raise ValueError("tls_cert, tls_key and tls_ca go together (PACKETFLOW_TLS_CERT, "
+                             "PACKETFLOW_TLS_KEY, PACKETFLOW_TLS_CA)")
+        return self
+
+
+class RuntimeSettings(WorkloadTlsSettings):
     """How a runtime process listens, limits and shuts down."""
 
     model_config = SettingsConfigDict(env_prefix="PACKETFLOW_", frozen=True)
@@ -58,13 +83,6 @@ class RuntimeSettings(BaseSettings):
     advertise_address: str | None = Field(
         default=None, description="gRPC address other members reach this runtime at, for "
                                   "forwarding actor messages; unset: the listen address")
-    tls_cert: Path | None = Field(
-        default=None, description="Zero trust: this workload's certificate chain (PEM, its "
-                                  "SPIFFE ID in the URI SAN); with tls_key and tls_ca, gRPC "
-                                  "speaks mutual TLS only and every call is authorized")
-    tls_key: Path | None = Field(default=None, description="The certificate's private key")
-    tls_ca: Path | None = Field(
-        default=None, description="The cluster trust domain's authorities (PEM bundle)")
     default_policy: Literal["namespace", "cluster", "deny"] = Field(
         default="namespace",
         description="Who may call a capability or actor type without spec.access: namespace "
@@ -76,16 +94,14 @@ class RuntimeSettings(BaseSettings):
     forward_caller: bool = Field(
         default=False, description="This process forwards calls for others (the MCP "
                                    "aggregate): its remote calls name their caller")
-    health_address: str | None = Field(
-        default=None, description="Plaintext grpc.health.v1 only, beside an mTLS gRPC port "
-                                  "(for the kubelet's gRPC probes); unset: none")
+    token_address: str | None = Field(
+        default=None, description="With the TLS files: a second gRPC port (TLS, no client "
+                                  "certificate) where callers prove themselves with a "
+                                  "projected ServiceAccount token (audience packetflow), "
+                                  "checked by TokenReview; unset: none")
+    token_review_api: str | None = Field(
+        default=None, description="The Kubernetes API that reviews tokens; unset: in-cluster "
+                                  "(the pod's own ServiceAccount must be "
+                                  "allowed to create tokenreviews)")
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|text)$")
-
-    @model_validator(mode="after")
-    def _tls_files_together(self) -> RuntimeSettings:
-        given = [self.tls_cert is not None, self.tls_key is not None, self.tls_ca is not None]
-        if any(given) and not all(given):
-            raise ValueError("tls_cert, tls_key and tls_ca go together (PACKETFLOW_TLS_CERT, "
-                             "PACKETFLOW_TLS_KEY, PACKETFLOW_TLS_CA)")
-        return self

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import orjson
@@ -135,15 +136,18 @@ class Cluster:
 
 @asynccontextmanager
 async def secure_runtime(directory: Path, authority: Issued, workload: Workload,
-                         manifests: str) -> AsyncIterator[tuple[RuntimeServer, IssuedFiles]]:
-    """A runtime serving ``manifests`` over mTLS only, as ``workload`` (files ``<sa>.*``)."""
+                         manifests: str, **settings: Any
+                         ) -> AsyncIterator[tuple[RuntimeServer, IssuedFiles]]:
+    """A runtime serving ``manifests`` over mTLS only, as ``workload`` (files ``<sa>.*``);
+    ``settings``: more RuntimeSettings (trusted forwarders...)."""
     files = issue_files(authority, directory, workload.service_account, workload,
                         ip_addresses=("127.0.0.1",))
     loaded = load_text(manifests, "test_zero_trust.py")
     assert not loaded.errors
     engine = Engine(loaded.capabilities)
     assert secure_engine(engine, RuntimeSettings(
-        tls_cert=files.cert, tls_key=files.key, tls_ca=files.ca, metrics_address=None))
+        tls_cert=files.cert, tls_key=files.key, tls_ca=files.ca, metrics_address=None,
+        **settings))
     # Material re-read at once: rotation is seen at the next handshake.
     assert engine.guard is not None
     engine.guard.identity.watched.interval = 0.0
@@ -151,7 +155,8 @@ async def secure_runtime(directory: Path, authority: Issued, workload: Workload,
     if loaded.actors:
         actors = ActorSystem(engine, state_dir=directory / f"{workload.service_account}-state")
         assert not await actors.replace(loaded.actors)
-    server = await RuntimeServer.start(engine, "127.0.0.1:0", actors)
+    server = await RuntimeServer.start(engine, "127.0.0.1:0", actors,
+                                       token_address=settings.get("token_address"))
     try:
         yield server, files
     finally:

@@ -37,6 +37,7 @@ It still ignores PUT and server-side apply: the operator does not use them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import copy
 import datetime
@@ -62,6 +63,7 @@ CAPABILITIES = "packetflow.io/v1alpha1/capabilities"
 ACTORS = "packetflow.io/v1alpha1/actors"
 CERTIFICATES = "cert-manager.io/v1/certificates"  # cert-manager's CRD (zero trust)
 _NAMESPACES_PATH = "/api/v1/namespaces"
+TOKEN_REVIEWS_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 CONTROL_PATH = "/_emulator"
 HISTORY = 200_000  # watch events kept per resource (a real API server keeps ~5 minutes)
 # Client prefixes (User-Agent) of the operator's own requests: kopf's and the children's client.
@@ -190,6 +192,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self.bookmark_seconds = 5.0  # a real API server sends one about every minute
         # kmock publishes every change with `await self._buses[resource].put(event)`.
         self._buses = collections.defaultdict(lambda: EventLog(self))
+        # Projected ServiceAccount tokens issued here: token -> (namespace, account,
+        # audiences, expiry in epoch seconds).
+        self.tokens: dict[str, tuple[str, str, tuple[str, ...], float]] = {}
+        self.token_reviews = 0
 
     def next_version(self) -> int:
         """The next cluster-wide resourceVersion."""
@@ -209,6 +215,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         path = raw_request.path.rstrip("/")
         if path.startswith(CONTROL_PATH):
             return await self._serve_control(raw_request, path)
+        if raw_request.method == "POST" and path == TOKEN_REVIEWS_PATH:
+            return await self._review_token(raw_request)
         if raw_request.method == "GET" and (path == _NAMESPACES_PATH or (
                 path.startswith(_NAMESPACES_PATH + "/") and path.count("/") == 4)):
             return await self._serve_namespaces(raw_request, path)
@@ -234,6 +242,51 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         timeout = float(raw_request.query.get("timeoutSeconds", "3600"))
         await asyncio.sleep(timeout)
         return response
+
+    # --- TokenReview: projected ServiceAccount tokens, as the API server checks them --------
+
+    def issue_token(self, namespace: str, account: str, audiences: Iterable[str],
+                    expires_in: float = 3600.0) -> str:
+        """A JWT-shaped token for ``namespace/account`` (as a projected volume holds one),
+        valid for ``audiences`` until ``expires_in`` seconds from now (negative: expired)."""
+        expiry = time.time() + expires_in
+        claims = {"aud": list(audiences), "exp": int(expiry), "iat": int(time.time()),
+                  "iss": "https://kubernetes.default.svc",
+                  "sub": f"system:serviceaccount:{namespace}:{account}"}
+        parts = [{"alg": "RS256", "typ": "JWT"}, claims, {"sig": uuid.uuid4().hex}]
+        token = ".".join(base64.urlsafe_b64encode(orjson.dumps(part)).rstrip(b"=").decode()
+                         for part in parts)
+        self.tokens[token] = (namespace, account, tuple(audiences), expiry)
+        return token
+
+    async def _review_token(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.Response:
+        """authentication.k8s.io/v1 TokenReview: authenticated only for a token issued here,
+        not expired, whose audiences meet the requested ones (the API server's rules)."""
+        self.token_reviews += 1
+        review = await raw_request.json()
+        spec = review.get("spec") or {}
+        wanted = list(spec.get("audiences") or [])
+        found = self.tokens.get(spec.get("token", ""))
+        status: dict[str, Any]
+        if found is None:
+            status = {"authenticated": False, "error": "invalid bearer token"}
+        elif time.time() > found[3]:
+            status = {"authenticated": False,
+                      "error": "invalid bearer token, Token has expired."}
+        elif wanted and not set(wanted) & set(found[2]):
+            status = {"authenticated": False, "error": "invalid bearer token, token "
+                      f"audiences {list(found[2])} is invalid for the target audiences "
+                      f"{wanted}"}
+        else:
+            namespace, account = found[0], found[1]
+            status = {"authenticated": True,
+                      "audiences": [a for a in found[2] if not wanted or a in wanted],
+                      "user": {"username": f"system:serviceaccount:{namespace}:{account}",
+                               "groups": ["system:serviceaccounts",
+                                          f"system:serviceaccounts:{namespace}"]}}
+        return _json({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                      "metadata": {"creationTimestamp": None}, "spec": spec,
+                      "status": status}, 201)
 
     # --- control: what a test in another process asks (the benchmark) ----------------------
 

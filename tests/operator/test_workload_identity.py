@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import kubernetes_validate
 import pytest
+from pydantic import ValidationError
 
 from packetflow.manifests import parse_manifest
 from packetflow.operator import render
@@ -91,6 +92,20 @@ def test_pods_run_as_the_account_with_the_certificate_and_plaintext_health() -> 
         == {"port": 8100}
     assert {"name": "identity", "mountPath": "/etc/packetflow-identity", "readOnly": True} \
         in container["volumeMounts"]
+
+
+def test_pods_believe_the_caller_named_by_the_trusted_forwarders_only() -> None:
+    gateway = "spiffe://acme.internal/ns/pf-system/sa/pf-packetflow-gateway"
+    settings = OperatorSettings(mtls_issuer="Issuer/ca", trust_domain="acme.internal",
+                                trusted_forwarders=[gateway])
+    (container,) = pod(render.render_deployment(capability(), "team-a", settings))[
+        "containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PACKETFLOW_TRUSTED_FORWARDERS"] == f'["{gateway}"]'
+    (container,) = pod(render.render_deployment(capability(), "team-a", MTLS))["containers"]
+    assert "PACKETFLOW_TRUSTED_FORWARDERS" not in {e["name"] for e in container["env"]}
+    with pytest.raises(ValidationError, match="does not start with spiffe://"):
+        OperatorSettings(trusted_forwarders=["pf-system/gateway"])
 
 
 def test_the_canary_shares_the_identity_and_actor_members_are_named() -> None:

@@ -87,14 +87,14 @@ class RuntimeProcess:
             self.process.wait(timeout=30)
 
 
-def gateway_process(routes: Path, log: Path, port: int,
-                    metrics: str = "") -> subprocess.Popen[bytes]:
-    """``packetflow gateway --routes FILE`` in a subprocess, returned once it announced its
-    port (killed if it does not within the start timeout)."""
+def gateway_process(routes: Path, log: Path, port: int, metrics: str = "",
+                    args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """``packetflow gateway --routes FILE [args]`` in a subprocess, returned once it announced
+    its port (killed if it does not within the start timeout)."""
     with log.open("w") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "packetflow.cli", "gateway", "--routes", str(routes),
-             "--address", f"127.0.0.1:{port}", "--metrics-address", metrics],
+             "--address", f"127.0.0.1:{port}", "--metrics-address", metrics, *args],
             cwd=ROOT, stderr=sink, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT
     try:

@@ -32,7 +32,8 @@ NAMESPACE = "pf-system"
 RELEASE = "pf"
 # Kinds kubernetes-validate has no schema for; checked by hand below.
 CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"),
-                ("monitoring.coreos.com/v1", "PrometheusRule")}
+                ("monitoring.coreos.com/v1", "PrometheusRule"),
+                ("cert-manager.io/v1", "Certificate")}
 # Resources without a namespace: their rules need a ClusterRole even when namespaces are listed.
 CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces", "clusterkopfpeerings", "nodes",
                   "clusterroles", "clusterrolebindings"}
@@ -87,7 +88,8 @@ VALUE_SETS = {
                    "serviceMonitor.enabled=true", "slo.prometheusRule.enabled=true",
                    "slo.rulesConfigMap.enabled=true", "dashboard.enabled=true"),
     "security": ("security.defaultPolicy=cluster", "security.networkPolicies.enabled=true",
-                 "gateway.enabled=true", "security.mtls.issuer=Issuer/pf-ca"),
+                 "gateway.enabled=true", "security.mtls.issuer=Issuer/pf-ca",
+                 "mcp.aggregate.enabled=true"),
     "everything": ("watchNamespaces={team-a}", "serviceMonitor.enabled=true",
                    "gateway.enabled=true", "image.tag=dev", "image.pullPolicy=Always",
                    "serviceAccount.name=pf-custom", "operator.extraArgs={--verbose}",
@@ -110,7 +112,7 @@ def test_every_rendered_object_is_valid(helm: ModuleType, sets: tuple[str, ...])
     for obj in objects:
         where = f"{obj['kind']}/{obj['metadata']['name']}"
         if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
-            continue  # checked in test_service_monitor
+            continue  # checked in their own tests (ServiceMonitor, Certificate...)
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/instance"] == RELEASE, where
@@ -448,6 +450,53 @@ def test_security_settings_reach_the_operator(helm: ModuleType,
                 "security.mtls.issuer=Vault/x", "security.mtls.trustDomain=Acme"):
         result = helm.run_helm("template", RELEASE, str(CHART), "--set", bad, check=False)
         assert result.returncode != 0 and "schema" in result.stderr, bad
+
+
+def test_with_an_issuer_the_gateway_and_aggregate_carry_workload_identities(
+        helm: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = render(helm, "gateway.enabled=true", "mcp.aggregate.enabled=true",
+                     "security.mtls.issuer=ClusterIssuer/pf-ca",
+                     "security.mtls.trustDomain=acme.internal")
+    gateway_id = f"spiffe://acme.internal/ns/{NAMESPACE}/sa/pf-packetflow-gateway"
+    aggregate_id = f"spiffe://acme.internal/ns/{NAMESPACE}/sa/pf-packetflow-mcp"
+    certificates = {c["metadata"]["name"]: c["spec"] for c in by_kind(objects, "Certificate")}
+    assert {name: spec["uris"] for name, spec in certificates.items()} == {
+        "pf-packetflow-gateway-identity": [gateway_id],
+        "pf-packetflow-mcp-identity": [aggregate_id]}
+    assert certificates["pf-packetflow-gateway-identity"]["issuerRef"] == {
+        "group": "cert-manager.io", "kind": "ClusterIssuer", "name": "pf-ca"}
+    assert f"pf-packetflow-gateway.{NAMESPACE}.svc" in \
+        certificates["pf-packetflow-gateway-identity"]["dnsNames"]
+    (gateway,) = gateway_part(objects, "Deployment")
+    for deployment, secret in ((gateway, "pf-packetflow-gateway-identity"),
+                               (aggregate(objects, "Deployment"), "pf-packetflow-mcp-identity")):
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert (env["PACKETFLOW_TLS_CERT"], env["PACKETFLOW_TLS_KEY"],
+                env["PACKETFLOW_TLS_CA"], env["PACKETFLOW_HEALTH_ADDRESS"]) == (
+            "/etc/packetflow-identity/tls.crt", "/etc/packetflow-identity/tls.key",
+            "/etc/packetflow-identity/ca.crt", "0.0.0.0:8086")
+        assert {"name": "identity", "secret": {"secretName": secret, "defaultMode": 0o440}} \
+            in pod["volumes"]
+        assert {"name": "identity", "mountPath": "/etc/packetflow-identity",
+                "readOnly": True} in container["volumeMounts"]
+        # The kubelet probes the plaintext health port (it has no certificate).
+        assert container["readinessProbe"]["grpc"] == container["livenessProbe"]["grpc"] \
+            == {"port": 8086}
+        assert pod["serviceAccountName"] == secret.removesuffix("-identity")
+    env = {e["name"]: e.get("value") for e in
+           aggregate(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env["PACKETFLOW_FORWARD_CALLER"], env["PACKETFLOW_DEFAULT_POLICY"]) == \
+        ("true", "cluster")
+    assert aggregate(objects, "ServiceAccount")["automountServiceAccountToken"] is False
+    # Runtime pods believe the caller these two name (the operator passes it on).
+    container = operator_deployment(objects)["spec"]["template"]["spec"]["containers"][0]
+    for item in container["env"]:
+        if "value" in item and item["name"].startswith("PACKETFLOW_"):
+            monkeypatch.setenv(item["name"], item["value"])
+    from packetflow.operator.settings import OperatorSettings
+    assert OperatorSettings().trusted_forwarders == [gateway_id, aggregate_id]
 
 
 def aggregate(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:

@@ -149,3 +149,74 @@ runtime/packetflow/gateway/kube.py); tests/unit/test_chart.py fails when the two
   resources: ["endpointslices"]
   verbs: ["list", "watch"]
 {{- end -}}
+
+{{- /*
+Zero trust for the chart's own workloads (gateway, MCP aggregate): their SPIFFE ID, the
+cert-manager Certificate of it (as the operator renders for runtime pods), and where the Secret
+is mounted and named. Arguments: dict root, name (also the ServiceAccount), namespace,
+component.
+*/}}
+{{- define "packetflow.spiffeId" -}}
+{{- printf "spiffe://%s/ns/%s/sa/%s" .root.Values.security.mtls.trustDomain .namespace .name -}}
+{{- end -}}
+
+{{- define "packetflow.identityCertificate" -}}
+{{- $issuer := splitList "/" .root.Values.security.mtls.issuer }}
+apiVersion: cert-manager.io/v1
+kind: Certificate
+metadata:
+  name: {{ .name }}-identity
+  namespace: {{ .namespace }}
+  labels:
+    {{- include "packetflow.labels" .root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+spec:
+  secretName: {{ .name }}-identity
+  duration: 24h
+  renewBefore: 8h
+  privateKey:
+    algorithm: ECDSA
+    size: 256
+    rotationPolicy: Always
+  usages: [digital signature, key encipherment, server auth, client auth]
+  uris:
+    - {{ include "packetflow.spiffeId" . | quote }}
+  dnsNames:
+    - {{ .name }}
+    - {{ .name }}.{{ .namespace }}
+    - {{ .name }}.{{ .namespace }}.svc
+    - {{ .name }}.{{ .namespace }}.svc.cluster.local
+  issuerRef:
+    group: cert-manager.io
+    kind: {{ first $issuer }}
+    name: {{ last $issuer }}
+{{- end -}}
+
+{{- define "packetflow.identityEnv" -}}
+- name: PACKETFLOW_TLS_CERT
+  value: /etc/packetflow-identity/tls.crt
+- name: PACKETFLOW_TLS_KEY
+  value: /etc/packetflow-identity/tls.key
+- name: PACKETFLOW_TLS_CA
+  value: /etc/packetflow-identity/ca.crt
+- name: PACKETFLOW_HEALTH_ADDRESS
+  value: "0.0.0.0:{{ .Values.security.mtls.healthPort }}"
+{{- end -}}
+
+{{- define "packetflow.identityVolume" -}}
+- name: identity
+  secret:
+    secretName: {{ .name }}-identity
+    defaultMode: 0440
+{{- end -}}
+
+{{- define "packetflow.trustedForwarders" -}}
+{{- $ids := list }}
+{{- if .Values.gateway.enabled }}
+{{- $ids = append $ids (include "packetflow.spiffeId" (dict "root" . "name" (include "packetflow.gatewayName" .) "namespace" .Release.Namespace)) }}
+{{- end }}
+{{- if .Values.mcp.aggregate.enabled }}
+{{- $ids = append $ids (include "packetflow.spiffeId" (dict "root" . "name" (include "packetflow.mcpAggregateName" .) "namespace" (include "packetflow.mcpAggregateNamespace" .))) }}
+{{- end }}
+{{- toJson $ids -}}
+{{- end -}}

@@ -210,11 +210,15 @@ def render_certificate(resource: Resource, namespace: str,
 
 
 def _identity_env(settings: OperatorSettings) -> list[Manifest]:
-    """Where the runtime finds its certificate (cert-manager's Secret keys)."""
+    """Where the runtime finds its certificate (cert-manager's Secret keys), and whose
+    ``packetflow-caller`` it believes (the gateway's, the MCP aggregate's)."""
+    forwarders = [{"name": "PACKETFLOW_TRUSTED_FORWARDERS",
+                   "value": orjson.dumps(settings.trusted_forwarders).decode()}
+                  ] if settings.trusted_forwarders else []
     return [{"name": f"PACKETFLOW_TLS_{setting}", "value": f"{IDENTITY_DIR}/{key}"}
             for setting, key in (("CERT", "tls.crt"), ("KEY", "tls.key"), ("CA", "ca.crt"))
             ] + [{"name": "PACKETFLOW_HEALTH_ADDRESS",
-                  "value": f"0.0.0.0:{settings.health_port}"}]
+                  "value": f"0.0.0.0:{settings.health_port}"}] + forwarders
 
 
 def secret_sources(resource: Resource) -> list[ValueSource]:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from packetflow.access import DefaultPolicy
-from packetflow.identity.spiffe import TRUST_DOMAIN_PATTERN
+from packetflow.identity.spiffe import TRUST_DOMAIN_PATTERN, SpiffeId
 from packetflow.spec import NAME_PATTERN
 
 DEFAULT_IMAGE = "ghcr.io/packetflow/packetflow:0.1.0"
 
+
+def _spiffe_id(text: str) -> str:
+    """``text`` if it is a SpiffeId."""
+    SpiffeId.parse(text)  # a SpiffeIdError (a ValueError) names the rule it breaks
+    return text
 
 class OperatorSettings(BaseSettings):
     """What the operator renders (image, ports, pod security) and how it runs."""
@@ -76,6 +83,11 @@ class OperatorSettings(BaseSettings):
     trust_domain: str = Field(
         default="cluster.local", pattern=TRUST_DOMAIN_PATTERN,
         description="The cluster's SPIFFE trust domain (with mtls_issuer)")
+    trusted_forwarders: list[Annotated[str, AfterValidator(_spiffe_id)]] = Field(
+        default_factory=list,
+        description="With mtls_issuer: SPIFFE IDs runtime pods believe packetflow-caller "
+                    "from (PACKETFLOW_TRUSTED_FORWARDERS: the chart's gateway and MCP "
+                    "aggregate)")
     health_port: int = Field(
         default=8086, ge=1, le=65535,
         description="With mtls_issuer: plaintext grpc.health.v1 for the kubelet's probes "

@@ -31,7 +31,7 @@ from packetflow.errors import (
 )
 from packetflow.graph import observed_dependencies
 from packetflow.identity.workload import WorkloadIdentity
-from packetflow.rpc import abort_for, call_context, proven_context
+from packetflow.rpc import abort_for, prove_context, proven_context
 from packetflow.v1 import actors_pb2, actors_pb2_grpc
 
 SERVICE_NAME = actors_pb2.DESCRIPTOR.services_by_name["ActorRuntime"].full_name
@@ -101,7 +101,7 @@ class ActorRuntimeServicer(actors_pb2_grpc.ActorRuntimeServicer):
                         raise InvalidInput([FieldViolation(
                             "type" if not actor_type else "id",
                             "the first message of a conversation names the actor")])
-                    ctx = call_context(actor_type, context, self.engine.guard)
+                    ctx = await prove_context(actor_type, context, self.engine.guard)
                     kind = self._kind(actor_type, ctx)
                     if subscription is None:
                         followups = kind.subscribe(actor_id)

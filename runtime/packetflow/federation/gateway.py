@@ -66,7 +66,7 @@ from packetflow.federation.sla import SlaMeter, SlaReport
 from packetflow.federation.state import GatewayState, check_identity, watch_state
 from packetflow.federation.store import AuditUnavailable, FederationStore
 from packetflow.federation.trust import Evidence, TrustBook
-from packetflow.gateway.upstream import ConnectFailed, Upstream
+from packetflow.gateway.upstream import ConnectFailed, FixedTls, Upstream
 from packetflow.identity.terminator import MtlsTerminator, Refusal
 from packetflow.identity.tls import channel_credentials, client_context
 from packetflow.identity.x509 import AuthenticationError, PeerCertificate, authenticate
@@ -502,8 +502,8 @@ class Gateway:
             if link.upstream is not None:
                 link.upstream.retire()
             peer = state.peers[link.name]
-            link.upstream = Upstream(peer.endpoint, client_context(
-                state.credentials, state.bundles[peer.trust_domain].pem()))
+            link.upstream = Upstream(peer.endpoint, FixedTls(client_context(
+                state.credentials, state.bundles[peer.trust_domain].pem())))
             link.upstream_key = key
         return link.upstream
 

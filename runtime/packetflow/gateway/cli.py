@@ -10,11 +10,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from packetflow.gateway.metrics import GatewayMetrics
 from packetflow.gateway.routes import RoutesError, load_routes
 from packetflow.gateway.routing import Routes
 from packetflow.gateway.server import GatewayServer
 from packetflow.gateway.settings import GatewaySettings
+from packetflow.identity.workload import WorkloadIdentity
+from packetflow.identity.x509 import BundleError
 from packetflow.logs import configure_logging
 from packetflow.serve import drain_after, exit_now, start_metrics_server, stop_on_signal
 
@@ -42,6 +46,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument("--namespace", action="append", metavar="NS",
                         help="with --kubernetes: serve this namespace (repeatable; "
                              "default all)")
+    tls = parser.add_argument_group(
+        "mutual TLS (zero trust: callers and backends alike; all three or none)")
+    tls.add_argument("--cert", type=Path, help="the gateway's certificate (PEM, a SPIFFE ID)")
+    tls.add_argument("--key", type=Path, help="its private key (PEM)")
+    tls.add_argument("--ca", type=Path, help="the trust domain's authorities (PEM)")
+    tls.add_argument("--health-address",
+                     help="plaintext gRPC health only, beside the mTLS port (kubelet probes)")
     parser.set_defaults(func=cmd_gateway)
 
 
@@ -49,13 +60,19 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
     """Settings from the environment, flags on top."""
     flags = {"address": args.address, "metrics_address": args.metrics_address,
              "gateway_routes": args.routes, "gateway_kubernetes": args.kubernetes,
-             "gateway_namespaces": args.namespace}
+             "gateway_namespaces": args.namespace, "tls_cert": args.cert,
+             "tls_key": args.key, "tls_ca": args.ca, "health_address": args.health_address}
     return GatewaySettings(**{k: v for k, v in flags.items() if v is not None})
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     """Run the gateway until SIGINT/SIGTERM."""
-    settings = settings_from(args)
+    try:
+        settings = settings_from(args)
+    except ValidationError as exc:
+        for error in exc.errors():
+            print(f"error: {error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
     if settings.gateway_routes is None and not settings.gateway_kubernetes:
         print("error: give --routes FILE or --kubernetes", file=sys.stderr)
         return 2
@@ -90,13 +107,22 @@ async def serve_gateway(settings: GatewaySettings) -> int:
             await discovery.run(server.apply)
         namespaces = ", ".join(settings.gateway_namespaces) or "all namespaces"
         where = f"Kubernetes ({namespaces})"
+    try:
+        identity = gateway_identity(settings)
+    except BundleError as exc:
+        print(f"error: PACKETFLOW_TLS_* (--cert/--key/--ca): {exc}", file=sys.stderr)
+        return 1
     server = await GatewayServer.start(settings.address, routes=routes, metrics=metrics,
-                                       max_payload_bytes=settings.max_payload_bytes)
+                                       max_payload_bytes=settings.max_payload_bytes,
+                                       identity=identity,
+                                       health_address=settings.health_address)
     metrics_server, metrics_port = (
         start_metrics_server(metrics.registry, settings.metrics_address)
         if settings.metrics_address else (None, None))
     stop = stop_on_signal()
     extra = f", metrics on :{metrics_port}/metrics" if metrics_port else ""
+    if identity is not None:
+        extra += f", mutual TLS as {identity.spiffe_id}"
     print(f"packetflow: gateway on port {server.port}, {where}{extra}", file=sys.stderr,
           flush=True)
     discovering = asyncio.create_task(discover(server))
@@ -108,6 +134,14 @@ async def serve_gateway(settings: GatewaySettings) -> int:
         if metrics_server is not None:
             metrics_server.shutdown()
     return 0
+
+
+def gateway_identity(settings: GatewaySettings) -> WorkloadIdentity | None:
+    """The gateway's identity when the settings name its files; :class:`BundleError` names
+    the file at fault."""
+    if settings.tls_cert is None or settings.tls_key is None or settings.tls_ca is None:
+        return None
+    return WorkloadIdentity(settings.tls_cert, settings.tls_key, settings.tls_ca)
 
 
 async def watch_routes_file(path: Path, apply: Callable[[Routes], None]) -> None:

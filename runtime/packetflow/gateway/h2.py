@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import struct
 from collections.abc import Callable
 from typing import Protocol
@@ -389,6 +390,11 @@ class Connection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._header_block: list[object] | None = None  # [stream id, flags, bytearray]
+        # Mutual TLS: the caller the connection's certificate proved (forwarded with every
+        # call) and until when (epoch seconds), or why the connection proved nobody.
+        self.caller: bytes | None = None
+        self.caller_until = math.inf
+        self.refusal: str | None = None
 
     # ------------------------------------------------------------------ asyncio protocol
 

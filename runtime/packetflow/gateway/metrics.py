@@ -57,3 +57,8 @@ class GatewayMetrics:
         self.canary_weight = Gauge(
             "packetflow_gateway_canary_weight", "Percent of calls sent to the canary.",
             ["capability"], registry=self.registry)
+        self.unauthenticated = Counter(
+            "packetflow_gateway_unauthenticated_connections",
+            "Connections refused under mutual TLS, by reason (plaintext, "
+            "untrusted-certificate, no-client-certificate, expired, unknown-trust-domain...).",
+            ["reason"], registry=self.registry)

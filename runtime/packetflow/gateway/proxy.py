@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,7 +22,13 @@ from typing import Protocol
 import grpc
 from google.protobuf.message import DecodeError
 
-from packetflow.context import IDEMPOTENCY_KEY, TRACE_ID_KEY, TRACEPARENT_KEY, traceparent_trace_id
+from packetflow.context import (
+    CALLER_KEY,
+    IDEMPOTENCY_KEY,
+    TRACE_ID_KEY,
+    TRACEPARENT_KEY,
+    traceparent_trace_id,
+)
 from packetflow.gateway.budget import ShareBudget
 from packetflow.gateway.grpcwire import (
     RESPONSE_HEADERS,
@@ -89,6 +96,8 @@ UNARY_METHODS = frozenset({INVOKE, DESCRIBE, SEND, LIST_ACTORS, GET_ACTOR, DELET
 
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _TRACE = TRACE_ID_KEY.encode()
+_CALLER = CALLER_KEY.encode()
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED.value[0]
 _TRACEPARENT = TRACEPARENT_KEY.encode()
 _SESSION = SESSION_KEY.encode()
 _IDEMPOTENCY = IDEMPOTENCY_KEY.encode()
@@ -123,8 +132,9 @@ class CallHeaders:
         return headers
 
 
-def read_headers(headers: Headers, now: float) -> CallHeaders:
-    """Parse a request's header block (one pass)."""
+def read_headers(headers: Headers, now: float, caller: bytes | None = None) -> CallHeaders:
+    """Parse a request's header block (one pass); ``caller``: the caller a client certificate
+    proved, forwarded in place of any ``packetflow-caller`` the request claims."""
     path = b""
     forward: Headers = []
     deadline = trace = traceparent = session = encoding = None
@@ -148,7 +158,11 @@ def read_headers(headers: Headers, now: float) -> CallHeaders:
             idempotent = True
         elif name == b"grpc-encoding":
             encoding = value
+        elif name == _CALLER and caller is not None:
+            continue  # a claim: the proven caller is forwarded instead
         forward.append((name, value))
+    if caller is not None:
+        forward.append((_CALLER, caller))
     if trace is not None:
         trace_id = trace.decode(errors="replace")
     else:
@@ -868,7 +882,12 @@ class Gateway:
     def on_request(self, stream: Stream, headers: Headers, end_stream: bool) -> StreamHandler:
         """A new call: buffer it (unary), relay it (streaming), or pass it to the gateway's
         own gRPC server (health, reflection, anything else)."""
-        call = read_headers(headers, asyncio.get_running_loop().time())
+        conn = stream.conn
+        call = read_headers(headers, asyncio.get_running_loop().time(), conn.caller)
+        if conn.refusal is not None or time.time() > conn.caller_until:
+            self.refuse(stream, call, UNAUTHENTICATED, conn.refusal or
+                        f"the client certificate of {(conn.caller or b'').decode()} expired")
+            return _Ignore()
         if call.path in UNARY_METHODS:
             handler = Buffered(self, stream, call)
             if end_stream:

@@ -32,6 +32,7 @@ from packetflow.gateway.outlier import (
 )
 from packetflow.gateway.policy import SERVER_ERRORS
 from packetflow.gateway.upstream import Upstream
+from packetflow.identity.workload import WorkloadIdentity
 from packetflow.spec import Traffic, duration_seconds
 
 log = logging.getLogger("packetflow.gateway")
@@ -233,8 +234,10 @@ class RoutingTable:
     """The live routes, rebuilt from each discovery snapshot without losing state."""
 
     def __init__(self, metrics: GatewayMetrics, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 identity: WorkloadIdentity | None = None) -> None:
         self.metrics = metrics
+        self.identity = identity  # mutual TLS to backends, as the gateway's workload
         self.clock = clock
         self.rng = rng or random.Random()
         self.capabilities: dict[str, CapabilityRoute] = {}
@@ -272,7 +275,7 @@ class RoutingTable:
     def _upstream(self, address: str) -> Upstream:
         upstream = self.upstreams.get(address)
         if upstream is None:
-            upstream = self.upstreams[address] = Upstream(address)
+            upstream = self.upstreams[address] = Upstream(address, self.identity)
         return upstream
 
     def _endpoints(self, name: str, version: str, previous: Pool | None,

@@ -3,7 +3,8 @@
 The listener (:mod:`packetflow.gateway.h2`) answers every call; the gateway's own
 ``grpc.aio`` server, on a Unix socket only the gateway reaches, serves health and reflection
 (the listener relays those calls to it), so ``grpcurl`` and gRPC health probes work as on a
-runtime.
+runtime. With an identity the listener speaks mutual TLS only: each connection's handshake
+and client certificate are checked before its first frame is read.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import ssl
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,9 @@ from packetflow.gateway.metrics import GatewayMetrics
 from packetflow.gateway.proxy import Gateway
 from packetflow.gateway.routing import Routes, RoutingTable
 from packetflow.gateway.upstream import Upstream
+from packetflow.identity.terminator import HANDSHAKE_TIMEOUT, classify_handshake_failure
+from packetflow.identity.workload import WorkloadIdentity
+from packetflow.identity.x509 import AuthenticationError
 from packetflow.rpc import ACTOR_SERVICE_NAME, ENVELOPE_BYTES, SERVICE_NAME
 
 log = logging.getLogger("packetflow.gateway")
@@ -49,6 +55,8 @@ class GatewayServer:
     health: HealthServicer
     port: int
     socket_dir: Path
+    acceptor: TlsAcceptor | None = None
+    health_server: grpc.aio.Server | None = None
     connections: set[Connection] = field(default_factory=set)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -56,16 +64,24 @@ class GatewayServer:
     @classmethod
     async def start(cls, address: str = "127.0.0.1:0", *, routes: Routes | None = None,
                     metrics: GatewayMetrics | None = None,
-                    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> GatewayServer:
-        """Listen on ``address`` (port 0 picks one) and serve ``routes``."""
+                    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+                    identity: WorkloadIdentity | None = None,
+                    health_address: str | None = None) -> GatewayServer:
+        """Listen on ``address`` (port 0 picks one) and serve ``routes``; with ``identity``,
+        mutual TLS on both sides; ``health_address``: plaintext gRPC health only."""
         socket_dir = Path(tempfile.mkdtemp(prefix="packetflow-gateway-"))
         internal, health = await _internal_server(socket_dir / "grpc.sock")
-        table = RoutingTable(metrics or GatewayMetrics())
+        metrics = metrics or GatewayMetrics()
+        table = RoutingTable(metrics, identity=identity)
         gateway = Gateway(table, Upstream(f"unix:{socket_dir / 'grpc.sock'}"),
                           max_payload_bytes + ENVELOPE_BYTES)
         connections: set[Connection] = set()
+        acceptor = TlsAcceptor(identity, gateway, connections, metrics) \
+            if identity is not None else None
 
-        def accept() -> Connection:
+        def accept() -> asyncio.Protocol:
+            if acceptor is not None:
+                return _Handshake(acceptor.accept)
             conn = Connection(server=True, on_request=gateway.on_request)
             connections.add(conn)
             conn.closed.add_done_callback(lambda _: connections.discard(conn))
@@ -73,19 +89,26 @@ class GatewayServer:
 
         host, port = split_address(address)
         loop = asyncio.get_running_loop()
+        health_server = None
         try:
+            if health_address is not None:
+                health_server = await _health_server(health, health_address)
             listener = await loop.create_server(accept, host, port, reuse_address=True)
         except OSError:
             await internal.stop(0)
+            if health_server is not None:
+                await health_server.stop(0)
             shutil.rmtree(socket_dir, ignore_errors=True)
             raise
         bound = listener.sockets[0].getsockname()[1]
-        server = cls(table, gateway, listener, internal, health, bound, socket_dir, connections)
+        server = cls(table, gateway, listener, internal, health, bound, socket_dir, acceptor,
+                     health_server, connections)
         if routes is not None:
             server.apply(routes)
         server.tasks = [asyncio.create_task(server._sweep()),
                         asyncio.create_task(server._learn())]
-        log.info("gateway listening", extra={"address": address, "port": bound})
+        log.info("gateway listening", extra={"address": address, "port": bound,
+                                             "mtls": identity is not None})
         return server
 
     def apply(self, routes: Routes) -> None:
@@ -134,6 +157,8 @@ class GatewayServer:
         if drain:
             await asyncio.sleep(drain)  # load balancers need time to see NOT_SERVING
         self.listener.close()
+        if self.acceptor is not None:
+            self.acceptor.cancel()
         for conn in list(self.connections):
             conn.goaway()
         with contextlib.suppress(TimeoutError):
@@ -143,14 +168,125 @@ class GatewayServer:
                                         for c in self.connections])
         for conn in list(self.connections):
             if conn.transport is not None:
-                conn.transport.close()
+                # Abort: a TLS close would wait for the caller's close_notify (up to 30 s).
+                conn.transport.abort()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.internal.stop(0)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.gateway.internal.aclose()
         await self.table.aclose()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+class TlsAcceptor:
+    """Mutual TLS in front of the HTTP/2 listener: each connection's handshake, then its
+    client certificate, then HTTP/2. A connection whose certificate proves nobody answers
+    each call UNAUTHENTICATED saying why (nothing is forwarded); a proven one forwards its
+    caller with every call."""
+
+    def __init__(self, identity: WorkloadIdentity, gateway: Gateway,
+                 connections: set[Connection], metrics: GatewayMetrics) -> None:
+        self.identity = identity
+        self.gateway = gateway
+        self.connections = connections
+        self.metrics = metrics
+        self.handshakes: set[asyncio.Task[None]] = set()
+
+    def accept(self, transport: asyncio.Transport) -> None:
+        """Upgrade a new TCP connection (in a task of its own)."""
+        task = asyncio.create_task(self._handshake(transport))
+        self.handshakes.add(task)
+        task.add_done_callback(self.handshakes.discard)
+
+    def cancel(self) -> None:
+        """Abandon the handshakes under way (shutdown)."""
+        for task in list(self.handshakes):
+            task.cancel()
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        peer = transport.get_extra_info("peername")
+        held = _Held()
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport, held, self.identity.server_ssl_context(), server_side=True,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            transport.abort()
+            self._refused(*classify_handshake_failure(exc), peer)
+            return
+        assert tls is not None
+        tls.pause_reading()
+        conn = Connection(server=True, on_request=self.gateway.on_request)
+        ssl_object = tls.get_extra_info("ssl_object")
+        try:
+            principal = self.identity.authenticate(ssl_object.getpeercert(binary_form=True))
+        except AuthenticationError as exc:
+            conn.refusal = exc.message
+            self._refused(exc.reason, exc.message, peer)
+        else:
+            conn.caller = principal.caller.encode()
+            conn.caller_until = principal.not_after or conn.caller_until
+        self.connections.add(conn)
+        conn.closed.add_done_callback(lambda _: self.connections.discard(conn))
+        conn.connection_made(tls)
+        tls.set_protocol(conn)
+        for chunk in held.received:
+            conn.data_received(chunk)
+        if held.lost:
+            conn.connection_lost(None)
+        else:
+            tls.resume_reading()
+
+    def _refused(self, reason: str, message: str, peer: object) -> None:
+        self.metrics.unauthenticated.labels(reason).inc()
+        log.info("caller refused", extra={"reason": reason, "detail": message,
+                                          "peer": str(peer)})
+
+
+class _Handshake(asyncio.Protocol):
+    """A new TCP connection, held still until the TLS upgrade takes it over."""
+
+    def __init__(self, upgrade: Callable[[asyncio.Transport], None]) -> None:
+        self.upgrade = upgrade
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Pause: the client hello is for the TLS layer, not this protocol."""
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self.upgrade(transport)
+
+
+class _Held(asyncio.Protocol):
+    """What arrives between the end of a handshake and the authentication."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        """Kept for the HTTP/2 connection."""
+        self.received.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Told to the HTTP/2 connection once it exists."""
+        self.lost = True
+
+
+async def _health_server(health: HealthServicer, address: str) -> grpc.aio.Server:
+    """Plaintext ``grpc.health.v1`` only (the kubelet's probes cannot present a
+    certificate), answering what the gateway's own health servicer says."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address} (health)")
+    await server.start()
+    return server
 
 
 async def _internal_server(path: Path) -> tuple[grpc.aio.Server, HealthServicer]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from packetflow.engine import DEFAULT_MAX_PAYLOAD_BYTES
+from packetflow.settings import WorkloadTlsSettings
 
 
-class GatewaySettings(BaseSettings):
-    """Where the gateway listens, where it finds backends, how it shuts down."""
+class GatewaySettings(WorkloadTlsSettings):
+    """Where the gateway listens, where it finds backends, how it shuts down; with
+    ``PACKETFLOW_TLS_*``, mutual TLS towards callers and backends alike."""
 
     model_config = SettingsConfigDict(env_prefix="PACKETFLOW_", frozen=True)
 

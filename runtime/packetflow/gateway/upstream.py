@@ -7,9 +7,11 @@ import contextlib
 import logging
 import ssl
 import time
+from typing import Protocol
 
 from packetflow.addresses import split_address
 from packetflow.gateway.h2 import Connection, Stream, StreamHandler, StreamRefused
+from packetflow.identity.tls import ALPN_H2
 
 log = logging.getLogger("packetflow.gateway")
 
@@ -20,17 +22,51 @@ CONNECT_BACKOFF_MAX = 5.0
 CONNECT_TIMEOUT = 5.0
 
 
+def negotiated_h2(transport: asyncio.BaseTransport) -> bool:
+    """Whether a TLS connection negotiated HTTP/2 (gRPC insists on ALPN ``h2``)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object is not None and ssl_object.selected_alpn_protocol() == ALPN_H2
+
+
+class ClientTls(Protocol):
+    """What a connection presents over TLS, and its generation: when that changes (a rotated
+    certificate), new calls go on a new connection and the old one drains. A
+    :class:`~packetflow.identity.workload.WorkloadIdentity` is one."""
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever the context would."""
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """The TLS context of a new connection."""
+
+
+class FixedTls:
+    """One TLS context that never changes (whoever holds it replaces the upstream instead)."""
+
+    generation = 0
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """The context."""
+        return self._context
+
+
 class ConnectFailed(Exception):
     """The backend could not be reached: nothing was sent, a retry elsewhere is safe."""
 
 
 class Upstream:
-    """A backend address (``host:port`` or ``unix:PATH``) and the connection to it (over TLS
-    with ``tls``: the federation gateway's connection to a peer)."""
+    """A backend address (``host:port`` or ``unix:PATH``) and the connection to it; with
+    ``tls``, TCP connections speak (mutual) TLS: the gateway's workload to its backends, a
+    federation gateway to its peer."""
 
-    def __init__(self, address: str, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, address: str, tls: ClientTls | None = None) -> None:
         self.address = address
-        self.tls = tls
+        self.tls = tls if not address.startswith("unix:") else None
+        self._generation = 0  # of the TLS material the connection presented
         self.authority = address.encode()
         self.conn: Connection | None = None
         self._connecting: asyncio.Future[Connection] | None = None
@@ -46,12 +82,17 @@ class Upstream:
         conn = self.conn
         if conn is None or conn.going_away:
             return None
+        if self.tls is not None and self.tls.generation != self._generation:
+            # Our certificate rotated: calls in flight finish on the old connection.
+            conn.goaway()
+            return None
         return conn.open_stream(handler)
 
     async def connect(self) -> Connection:
         """The live connection, dialled if needed (one dial shared by all waiting calls)."""
         conn = self.conn
-        if conn is not None and not conn.going_away:
+        if conn is not None and not conn.going_away and (
+                self.tls is None or self.tls.generation == self._generation):
             return conn
         if self.retired:
             raise ConnectFailed(f"{self.address} left the routes")
@@ -77,9 +118,19 @@ class Upstream:
                         lambda: Connection(server=False), self.address.removeprefix("unix:"))
                 else:
                     host, port = split_address(self.address)
-                    _, conn = await loop.create_connection(
-                        lambda: Connection(server=False), host, port, ssl=self.tls,
-                        server_hostname=host if self.tls is not None else None)
+                    tls = self.tls
+                    if tls is None:
+                        _, conn = await loop.create_connection(
+                            lambda: Connection(server=False), host, port)
+                    else:
+                        generation = tls.generation
+                        transport, conn = await loop.create_connection(
+                            lambda: Connection(server=False), host, port,
+                            ssl=tls.client_ssl_context(), server_hostname=host)
+                        if not negotiated_h2(transport):
+                            transport.close()
+                            raise ValueError("the backend did not negotiate HTTP/2 (ALPN h2)")
+                        self._generation = generation
         except (OSError, TimeoutError, ValueError) as exc:
             self._retry_at = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, CONNECT_BACKOFF_MAX)
@@ -90,6 +141,8 @@ class Upstream:
         if self.retired:  # left the routes while dialling
             conn.goaway()
             raise ConnectFailed(f"{self.address} left the routes")
+        if self.conn is not None:
+            self.conn.goaway()  # made with a rotated certificate: it drains
         self.conn = conn
         return conn
 
@@ -108,7 +161,8 @@ class Upstream:
                 await self._connecting
         conn = self.conn
         if conn is not None and conn.transport is not None:
-            conn.transport.close()
+            # Abort: a TLS close would wait for the peer's close_notify (up to 30 s).
+            conn.transport.abort()
             with contextlib.suppress(asyncio.CancelledError):
                 await conn.closed
 

@@ -55,7 +55,7 @@ class Connection(Generic[T]):
             self.transport.abort() if abort else self.transport.close()
 
 
-def _classify(exc: BaseException) -> tuple[str, str]:
+def classify_handshake_failure(exc: BaseException) -> tuple[str, str]:
     """A failed handshake -> (reason code, message)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return "untrusted-certificate", f"certificate verify failed: {exc.verify_message}"
@@ -163,7 +163,7 @@ class MtlsTerminator(Generic[T]):
             raise
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             transport.abort()
-            reason, message = _classify(exc)
+            reason, message = classify_handshake_failure(exc)
             self.on_refused(Refusal(address, reason, message))
             return
         assert tls is not None

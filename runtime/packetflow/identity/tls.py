@@ -97,21 +97,24 @@ def _private_files(credentials: Credentials) -> Iterator[tuple[str, str]]:
         yield cert, key
 
 
-def _context(purpose: int, credentials: Credentials, authorities_pem: bytes) -> ssl.SSLContext:
+def _context(purpose: int, credentials: Credentials, authorities_pem: bytes,
+             alpn: str = ALPN_H2) -> ssl.SSLContext:
     context = ssl.SSLContext(purpose)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     credentials.load_into(context)
     if authorities_pem:
         context.load_verify_locations(cadata=authorities_pem.decode())
-    context.set_alpn_protocols([ALPN_H2])
+    context.set_alpn_protocols([alpn])
     return context
 
 
-def server_context(credentials: Credentials, authorities_pem: bytes) -> ssl.SSLContext:
+def server_context(credentials: Credentials, authorities_pem: bytes,
+                   alpn: str = ALPN_H2) -> ssl.SSLContext:
     """A TLS 1.3-only server context asking every client for a certificate chaining to one of
     ``authorities_pem``; validity periods and a missing certificate are left to the caller's
-    second step (see the module docstring), which refuses them where they can be audited."""
-    context = _context(ssl.PROTOCOL_TLS_SERVER, credentials, authorities_pem)
+    second step (see the module docstring), which refuses them where they can be audited.
+    ``alpn``: the protocol served (``http/1.1`` for an HTTP/1.1 server)."""
+    context = _context(ssl.PROTOCOL_TLS_SERVER, credentials, authorities_pem, alpn)
     context.verify_mode = ssl.CERT_OPTIONAL
     context.verify_flags |= _NO_CHECK_TIME
     # No session tickets: every connection is a full handshake with a certificate checked

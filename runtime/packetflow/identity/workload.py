@@ -22,10 +22,12 @@ import grpc
 from packetflow.identity.files import Watched
 from packetflow.identity.spiffe import SpiffeId, Workload, workload_of
 from packetflow.identity.tls import (
+    ALPN_H2,
     Credentials,
     channel_credentials,
     client_context,
     load_credentials,
+    server_context,
 )
 from packetflow.identity.x509 import AuthenticationError, BundleError, TrustBundle, authenticate
 
@@ -87,6 +89,7 @@ class WorkloadIdentity:
                                interval=interval)
         # gRPC asks for server material from its own threads, handshakes run in parallel.
         self._lock = threading.Lock()
+        self._server_contexts: dict[str, tuple[int, ssl.SSLContext]] = {}
 
     def current(self) -> WorkloadMaterial:
         """The material now (reloaded first when the files changed)."""
@@ -114,9 +117,11 @@ class WorkloadIdentity:
         """Our trust domain."""
         return self.current().trust_domain
 
-    def grpc_server_credentials(self) -> grpc.ServerCredentials:
-        """gRPC server credentials requiring a client certificate of our trust domain; each
-        new handshake uses the material current then (rotation without a restart)."""
+    def grpc_server_credentials(self, client_certificate: bool = True
+                                ) -> grpc.ServerCredentials:
+        """gRPC server credentials requiring a client certificate of our trust domain (or,
+        ``client_certificate=False``, none: the token port); each new handshake uses the
+        material current then (rotation without a restart)."""
         served = [self.watched.generation]
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:
@@ -128,7 +133,43 @@ class WorkloadIdentity:
 
         return grpc.dynamic_ssl_server_credentials(
             self.current().grpc_server_configuration, fetch,
-            require_client_authentication=True)
+            require_client_authentication=client_certificate)
+
+    def server_ssl_context(self, alpn: str = ALPN_H2) -> ssl.SSLContext:
+        """A TLS 1.3 server context (Python's ssl) presenting our certificate and asking for
+        the client's (checked after the handshake by :meth:`authenticate`), serving ``alpn``;
+        one per generation of the files."""
+        material = self.current()
+        generation = self.watched.generation
+        cached = self._server_contexts.get(alpn)
+        if cached is None or cached[0] != generation:
+            cached = self._server_contexts[alpn] = (generation, server_context(
+                material.credentials, material.bundle_pem, alpn))
+        return cached[1]
+
+    def rotating_server_context(self, alpn: str) -> ssl.SSLContext:
+        """A server context for a listener that takes one context for good (uvicorn): each
+        handshake switches to the current generation's (:meth:`server_ssl_context`)."""
+        listener = server_context(self.current().credentials, self.current().bundle_pem, alpn)
+
+        def switch(connection: ssl.SSLObject | ssl.SSLSocket, name: str | None,
+                   context: ssl.SSLContext) -> None:
+            connection.context = self.server_ssl_context(alpn)
+
+        listener.sni_callback = switch
+        return listener
+
+    def authenticate(self, der: bytes | None) -> Principal:
+        """The caller a connection's client certificate (DER; ``None``: it sent none) proves:
+        of our trust domain, vouched for by our bundle, valid now; else
+        :class:`AuthenticationError` saying why not."""
+        if der is None:
+            raise AuthenticationError("no-client-certificate",
+                                      "the connection carries no client certificate")
+        material = self.current()
+        peer = authenticate(der, {material.trust_domain: material.bundle},
+                            datetime.datetime.now(datetime.UTC))
+        return Principal.of(peer.spiffe_id, peer.not_after.timestamp(), "certificate")
 
     def client_ssl_context(self) -> ssl.SSLContext:
         """A TLS 1.3 client context (Python's ssl) presenting our certificate, trusting our

@@ -1,9 +1,15 @@
-"""MCP over streamable HTTP at ``/mcp``: stateless, Host/Origin checks on loopback, bearer token.
+"""MCP over streamable HTTP at ``/mcp``: stateless, Host/Origin checks on loopback, bearer token,
+and under zero trust HTTPS with client certificates.
 
 Stateless mode gives every POST a fresh transport and keeps no session, so any replica behind
 a Kubernetes Service can answer any request: no sticky sessions needed. uvicorn runs inside the
 caller's event loop (the runtime's), driven through its public ``startup``/``main_loop``/
 ``shutdown`` rather than ``serve``, which would take over SIGTERM from the runtime.
+
+Under zero trust (the runtime's workload identity) the endpoint speaks TLS 1.3 and each
+connection's client certificate is authenticated once, as it opens; every request on it
+carries the outcome in its ASGI scope (:data:`PROOF_SCOPE_KEY`), requests of a connection that
+proved nobody get 401 saying why, and tool calls run as the proven caller.
 """
 
 from __future__ import annotations
@@ -15,25 +21,31 @@ import logging
 import math
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import uvicorn
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from packetflow.actors.runtime import ActorSystem
 from packetflow.addresses import split_address
 from packetflow.engine import Engine
 from packetflow.feedback import FeedbackService
+from packetflow.identity.workload import Principal, WorkloadIdentity
+from packetflow.identity.x509 import AuthenticationError
 from packetflow.mcp.planner import planner_source
-from packetflow.mcp.server import McpService
+from packetflow.mcp.server import PROOF_SCOPE_KEY, McpService
 from packetflow.planner.core import Planner
 from packetflow.settings import RuntimeSettings
 
 log = logging.getLogger("packetflow.mcp.http")
 
 MCP_PATH = "/mcp"
+ALPN_HTTP1 = "http/1.1"  # uvicorn's h11 protocol
 LOOPBACK_NAMES = ("localhost",)
 
 
@@ -89,20 +101,86 @@ class BearerTokenGate:
 
     @staticmethod
     async def _refuse(send: Send) -> None:
-        body = b'{"error":"unauthorized","error_description":"a valid bearer token is required"}'
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="packetflow", error="invalid_token"')]})
-        await send({"type": "http.response.body", "body": body})
+        await unauthorized(send, "a valid bearer token is required",
+                           b'Bearer realm="packetflow", error="invalid_token"')
 
 
-def build_app(service: McpService, host: str, token: str | None) -> ASGIApp:
-    """The ASGI app: the SDK's streamable HTTP endpoint, behind the token gate if any."""
+async def unauthorized(send: Send, description: str, challenge: bytes) -> None:
+    """Answer 401 with a JSON body saying why."""
+    body = orjson.dumps({"error": "unauthorized", "error_description": description})
+    await send({"type": "http.response.start", "status": 401, "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"www-authenticate", challenge)]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class CertificateGate:
+    """ASGI middleware under mutual TLS: a request on a connection whose client certificate
+    proved nobody gets 401 naming the reason, and reaches no MCP code."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            proof = scope.get(PROOF_SCOPE_KEY)
+            reason = None
+            if isinstance(proof, AuthenticationError):
+                reason = proof.message
+            elif not isinstance(proof, Principal):
+                reason = "the connection carries no client certificate"
+            elif proof.not_after is not None and time.time() > proof.not_after:
+                reason = f"the client certificate of {proof.caller} expired"  # kept-alive
+            if reason is not None:
+                await unauthorized(send, reason, b'Mutual realm="packetflow"')
+                return
+        await self.app(scope, receive, send)
+
+
+class _WithProof:
+    """The app of one connection: every request's scope carries the connection's proof."""
+
+    def __init__(self, app: ASGIApp, proof: Principal | AuthenticationError) -> None:
+        self.app = app
+        self.proof = proof
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[PROOF_SCOPE_KEY] = self.proof
+        await self.app(scope, receive, send)
+
+
+def proving_protocol(identity: WorkloadIdentity) -> type[H11Protocol]:
+    """uvicorn's HTTP/1.1 protocol, authenticating each TLS connection's client certificate
+    as it opens (the handshake is done by then)."""
+
+    class Proving(H11Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)  # type: ignore[arg-type]
+            ssl_object = transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            proof: Principal | AuthenticationError
+            try:
+                proof = identity.authenticate(der)
+            except AuthenticationError as exc:
+                log.info("MCP caller refused", extra={"reason": exc.reason,
+                                                      "detail": exc.message})
+                proof = exc
+            self.app = _WithProof(self.app, proof)
+
+    return Proving
+
+
+def build_app(service: McpService, host: str, token: str | None,
+              mutual_tls: bool = False) -> ASGIApp:
+    """The ASGI app: the SDK's streamable HTTP endpoint, behind the token gate if any (and the
+    certificate gate under mutual TLS)."""
     app: ASGIApp = service.server.streamable_http_app(
         streamable_http_path=MCP_PATH, stateless_http=True, host=host,
         transport_security=transport_security(host))
-    return BearerTokenGate(app, token) if token else app
+    if token:
+        app = BearerTokenGate(app, token)
+    return CertificateGate(app) if mutual_tls else app
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -133,21 +211,28 @@ class McpHttpServer:
     loop_task: asyncio.Task[Any]
     host: str
     port: int
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
         """Where clients connect."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}{MCP_PATH}"
+        return f"{self.scheme}://{host}:{self.port}{MCP_PATH}"
 
     @classmethod
     async def start(cls, service: McpService, address: str = "127.0.0.1:0",
-                    token: str | None = None, grace: float = 5.0) -> McpHttpServer:
-        """Listen on ``address`` (port 0 picks a free one) and serve until ``stop``."""
+                    token: str | None = None, grace: float = 5.0,
+                    identity: WorkloadIdentity | None = None) -> McpHttpServer:
+        """Listen on ``address`` (port 0 picks a free one) and serve until ``stop``; with
+        ``identity``, HTTPS as that workload, callers proven by their certificates."""
         host, port = split_address(address)
-        config = uvicorn.Config(build_app(service, host, token), lifespan="on", ws="none",
-                                log_config=None, access_log=False,
-                                timeout_graceful_shutdown=max(math.ceil(grace), 1))
+        tls: dict[str, Any] = {} if identity is None else {
+            "http": proving_protocol(identity),
+            "ssl_context_factory":
+                lambda config, default: identity.rotating_server_context(ALPN_HTTP1)}
+        config = uvicorn.Config(build_app(service, host, token, identity is not None),
+                                lifespan="on", ws="none", log_config=None, access_log=False,
+                                timeout_graceful_shutdown=max(math.ceil(grace), 1), **tls)
         config.load()
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)
@@ -164,7 +249,7 @@ class McpHttpServer:
         log.info("mcp listening", extra={"address": address, "port": actual,
                                           "auth": token is not None})
         task = asyncio.get_running_loop().create_task(server.main_loop())
-        return cls(server, sock, task, host, actual)
+        return cls(server, sock, task, host, actual, "http" if identity is None else "https")
 
     async def stop(self) -> None:
         """Stop accepting, let calls in flight finish (up to the grace period), close."""
@@ -182,10 +267,13 @@ async def start_mcp(engine: Engine, settings: RuntimeSettings,
     service = McpService.for_runtime(engine, actors)
     for source in planner_source(planner, feedback, engine.traces):
         service.add_source(source)
+    identity = engine.guard.identity if engine.guard is not None else None
     server = await McpHttpServer.start(service,
                                        settings.mcp_address, token=settings.mcp_token,
-                                       grace=settings.grace_seconds)
+                                       grace=settings.grace_seconds, identity=identity)
     auth = " (bearer token required)" if settings.mcp_token else ""
+    if identity is not None:
+        auth += " (client certificate required)"
     print(f"packetflow: MCP on {server.url} port {server.port}{auth}", file=sys.stderr,
           flush=True)
     return server

@@ -29,6 +29,7 @@ from packetflow.actors.runtime import ActorSystem
 from packetflow.context import CallContext
 from packetflow.engine import Engine
 from packetflow.errors import ContractViolation, InvalidInput, PacketFlowError, code_of
+from packetflow.identity.workload import Principal
 from packetflow.mcp.actors import ActorSource
 from packetflow.mcp.tools import (
     MESSAGE_ID_META,
@@ -44,6 +45,8 @@ log = logging.getLogger("packetflow.mcp")
 RESOURCE_NOT_FOUND = -32002
 ERROR_META_KEY = "io.packetflow/error"
 CLIENT_INFO_META_KEY = "io.modelcontextprotocol/clientInfo"
+# The ASGI scope key holding an HTTPS connection's proof: a Principal or an AuthenticationError.
+PROOF_SCOPE_KEY = "packetflow.proof"
 
 Context = ServerRequestContext[Any, Any]
 
@@ -108,6 +111,14 @@ def error_result(error: PacketFlowError, trace_id: str) -> types.CallToolResult:
                                 for v in error.violations]
     return types.CallToolResult(content=[types.TextContent(text=f"{code.value}: {error.message}")],
                                 is_error=True, _meta={ERROR_META_KEY: detail})
+
+
+def proven_caller(ctx: Context) -> Principal | None:
+    """The caller the request's connection proved with its client certificate (HTTPS under
+    zero trust; see :mod:`packetflow.mcp.http`), if any."""
+    scope = getattr(ctx.request, "scope", None)
+    proof = scope.get(PROOF_SCOPE_KEY) if isinstance(scope, dict) else None
+    return proof if isinstance(proof, Principal) else None
 
 
 def _caller(ctx: Context) -> str | None:
@@ -192,8 +203,10 @@ class McpService:
         tool = self.catalog().get(params.name)
         if tool is None:
             raise MCPError(INVALID_PARAMS, f"Unknown tool: {params.name}")
+        principal = proven_caller(ctx)
         call = CallContext(capability=tool.target, trace_id=os.urandom(16).hex(),
-                           caller=_caller(ctx))
+                           caller=principal.caller if principal else _caller(ctx),
+                           principal=principal)
         message_id = (params.meta or {}).get(MESSAGE_ID_META)
         if isinstance(message_id, str) and message_id:
             call.metadata[MESSAGE_ID_META] = message_id
