@@ -208,14 +208,14 @@ async def _operator_run(count: int) -> OperatorRun:
             await _until(lambda: _total(metrics, "packetflow_operator_reconciles_total",
                                         trigger="create") >= count, "every status")
             await _until(lambda: _total(metrics, "packetflow_operator_child_events_total")
-                         >= sum(expected.values()) and reconciler.pending == 0,
+                         >= sum(expected.values()) and thread.ctx.pending == 0,
                          "every child event handled")
             cpu = await asyncio.to_thread(thread.call, _thread_cpu()) - cpu
             calls, mark = await _calls(control, mark)
             reconciles = _total(metrics, "packetflow_operator_reconciles_total")
             state_bytes = _deep_size(reconciler.states)
             await asyncio.to_thread(thread.call, reconciler.resync())
-            await _until(lambda: reconciler.pending == 0, "the resync's reconciles")
+            await _until(lambda: thread.ctx.pending == 0, "the resync's reconciles")
             resync, _ = await _calls(control, mark)
         finally:
             await asyncio.to_thread(thread.stop)

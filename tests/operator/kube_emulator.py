@@ -27,8 +27,8 @@ see a plausible API server:
   and :meth:`api_calls` counts them by verb and client (User-Agent).
 
 For tests and the bench: :meth:`miss_events` (changes no watch sees), :meth:`compact` (410
-for older watches), :meth:`fail_next` (injected errors), and ``/_emulator/calls`` and
-``/_emulator/wait`` for a process that talks to the emulator over HTTP only
+for older watches), :meth:`fail_next` and :meth:`clear_faults` (injected errors), and
+``/_emulator/calls`` and ``/_emulator/wait`` for a process that talks to the emulator over HTTP only
 (``python -m tests.operator.kube_emulator --serve emulator`` prints its port).
 
 It still ignores PUT and server-side apply: the operator does not use them.
@@ -530,6 +530,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                   times: int = 1) -> None:
         """Answer the next ``times`` requests of ``method`` on ``path`` with ``status``."""
         self._faults.append([method, path, status, times])
+
+    def clear_faults(self) -> None:
+        """Answer every request normally again."""
+        self._faults.clear()
 
     def miss_events(self, resource: str, count: int = 1) -> None:
         """Leave the next ``count`` changes of ``resource`` out of every watch (they happen,

@@ -107,6 +107,9 @@ class ResourceState:
     live_status: dict[str, Any] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queued: str | None = None  # trigger of the pending reconcile, when one is queued
+    # Children are being applied: the status written right after will include whatever
+    # readiness their events bring meanwhile, so those events need no reconcile of their own.
+    applying: bool = False
 
     @property
     def key(self) -> Key:
@@ -291,6 +294,7 @@ class Reconciler:
         """Bring every desired child not known to be in sync up to date; the writes made.
         A failure that needs a person (a conflict, a refusal) is also written to status."""
         writes = 0
+        state.applying = True
         try:
             for key, want in state.desired.items():
                 record = state.children.get(key)
@@ -307,6 +311,8 @@ class Reconciler:
                     reason, str(exc), previous=self._previous(state),
                     generation=state.generation, now=status.now_rfc3339()))
             raise
+        finally:
+            state.applying = False
         return writes
 
     async def _retire_canary(self, state: ResourceState) -> int:
@@ -421,7 +427,8 @@ class Reconciler:
         if not in_sync:
             self.enqueue(state, "child-changed")
             return "queued"
-        if key[0] in _WORKLOAD_KINDS and self._status_stale(state):
+        if key[0] in _WORKLOAD_KINDS and not state.applying \
+                and self._status_stale(state, state.status):
             # The workload's (or its canary's) readiness moved: status has news.
             self.enqueue(state, "child-changed")
             return "queued"
@@ -512,10 +519,13 @@ class Reconciler:
             previous=self._previous(state), generation=state.generation,
             now=status.now_rfc3339(), members=members), **canary}
 
-    def _status_stale(self, state: ResourceState) -> bool:
-        """Whether the status the workload now implies differs from the live one."""
+    def _status_stale(self, state: ResourceState,
+                      than: Mapping[str, Any] | None = None) -> bool:
+        """Whether the status the workload now implies differs from ``than``: the live one
+        by default; a child event compares with the one the operator last decided (a write
+        of it may be on its way)."""
         return status.status_changed({**state.status, **self._workload_status(state)},
-                                     state.live_status)
+                                     state.live_status if than is None else than)
 
     async def _write_status(self, state: ResourceState, new: dict[str, Any], *,
                             handled: bool = False) -> bool:
@@ -532,6 +542,14 @@ class Reconciler:
                                                 subresource="status")
         state.live_status = dict(patched.get("status") or state.status)
         return True
+
+    async def warn(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
+        """Post a Warning Event about a Capability or Actor (best effort: logged if refused)."""
+        try:
+            await self.client.create(status.warning_event(obj, reason, message,
+                                                          status.now_rfc3339()))
+        except ApiError as exc:
+            logger.warning("could not post a %s Event: %s", reason, exc)
 
     # --- the periodic resync -----------------------------------------------------------------
 
