@@ -150,6 +150,15 @@ def validate_resource(body: Mapping[str, Any], source: str) -> Resource | list[M
     return parsed
 
 
+def apply_phases(desired: Mapping[ChildKey, Any]) -> list[list[ChildKey]]:
+    """The children in the order they are applied: first everything a workload's pods
+    need (ConfigMap, Service, ServiceAccount, Certificate, NetworkPolicy) at once, then the
+    workloads (Deployments, canary included, and StatefulSets) at once."""
+    first = [key for key in desired if key[0] not in _WORKLOAD_KINDS]
+    return [phase for phase in (first, [key for key in desired if key[0] in _WORKLOAD_KINDS])
+            if phase]
+
+
 def controller_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The ownerReference marked ``controller: true``, if any."""
     for ref in obj.get("metadata", {}).get("ownerReferences", []) or []:
@@ -296,13 +305,8 @@ class Reconciler:
         writes = 0
         state.applying = True
         try:
-            for key, want in state.desired.items():
-                record = state.children.get(key)
-                if record is not None and not record.deleted and record.version is not None \
-                        and record.digest == want.digest:
-                    continue  # verified at a version no event has moved past
-                create_first = record.deleted if record is not None else created
-                writes += await self._apply_child(state, key, want, create_first=create_first)
+            for phase in apply_phases(state.desired):
+                writes += await self._apply_phase(state, phase, created=created)
             writes += await self._retire_canary(state)
         except (ChildConflictError, ApiError) as exc:
             if isinstance(exc, ChildConflictError) or not exc.retriable:
@@ -314,6 +318,24 @@ class Reconciler:
         finally:
             state.applying = False
         return writes
+
+    async def _apply_phase(self, state: ResourceState, phase: list[ChildKey], *,
+                           created: bool) -> int:
+        """Apply a phase's children not known to be in sync, concurrently; the writes made.
+        Every child is tried; then the first failure is raised."""
+        work = []
+        for key in phase:
+            want, record = state.desired[key], state.children.get(key)
+            if record is not None and not record.deleted and record.version is not None \
+                    and record.digest == want.digest:
+                continue  # verified at a version no event has moved past
+            create_first = record.deleted if record is not None else created
+            work.append(self._apply_child(state, key, want, create_first=create_first))
+        results = await asyncio.gather(*work, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return sum(result for result in results if isinstance(result, int))
 
     async def _retire_canary(self, state: ResourceState) -> int:
         """Scale a canary whose ``spec.canary`` is gone (promoted or dropped) to 0, once:
