@@ -135,6 +135,7 @@ class EventLog:
         self.compacted_to = 0  # events up to this version are gone: older watches get 410
         self.live: collections.Counter[str] = collections.Counter()  # namespace -> objects
         self.dropping = 0  # changes to leave out of the log: watches miss them
+        self.compactions = 0  # open watches end with 410 when this moves (see compact)
         self._wakeup = asyncio.Event()
 
     async def put(self, *items: dict[str, Any]) -> None:
@@ -170,6 +171,13 @@ class EventLog:
             newer.append(entry)
         newer.reverse()
         return newer
+
+    def compact(self, version: int) -> None:
+        """Forget the history up to ``version``; end every open watch with 410."""
+        self.compacted_to = version
+        self.compactions += 1
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        wakeup.set()
 
     async def wait(self, timeout: float) -> None:
         """Until the next change, or ``timeout`` seconds."""
@@ -437,6 +445,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             await response.write(orjson.dumps(event) + b"\n")
 
         since = params.get("resourceVersion")
+        gone = {"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
+            "reason": "Expired", "message": f"too old resource version: {since}"}}
+        compactions = log.compactions
         if since in (None, "", "0"):
             # "Any version": the current objects first (taken atomically with the version).
             position = self._version
@@ -445,12 +457,13 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         else:
             position = int(since)
             if position < log.compacted_to:
-                await send({"type": "ERROR", "object": {
-                    "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
-                    "reason": "Expired", "message": f"too old resource version: {since}"}})
+                await send(gone)
                 return response
         info = self._info(request.resource)
         while (left := deadline - loop.time()) > 0:
+            if log.compactions != compactions:
+                await send(gone)  # as an API server ends watches its window moved past
+                return response
             events = log.after(position)
             for version, event in events:
                 position = version
@@ -543,11 +556,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         log.dropping += count
 
     def compact(self, resource: str) -> None:
-        """Forget the change history of ``resource`` so far (as etcd compaction does): a
-        watch from an older version gets ``410 Expired``."""
+        """Forget the change history of ``resource`` so far (as etcd compaction does): open
+        watches end with ``410 Expired``, and so does a watch from an older version."""
         log = self._buses[kmock.resource(resource)]
         assert isinstance(log, EventLog)
-        log.compacted_to = self._version
+        log.compact(self._version)
 
     def live(self, resource: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The current object, or None when absent or deleted."""
