@@ -1,5 +1,9 @@
 """kopf handlers: thin adapters from kopf's events to the :class:`Reconciler`.
 
+kopf runs login, Actors, Federations, Events' delivery and probes; Capabilities and the
+children are watched by the operator's own loops (:mod:`packetflow.operator.watching`),
+started from kopf's startup handler and stopped by its cleanup handler.
+
 Handlers are registered on a registry built per operator (:func:`build_registry`), so tests
 and the benchmark can run several operators, one after another, in one process.
 """
@@ -276,7 +280,7 @@ async def actor_event(event: kopf.RawEvent, namespace: str | None, name: str | N
 
 
 def build_registry() -> kopf.OperatorRegistry:
-    """A registry with every PacketFlow handler (login, Capability, Actor, children)."""
+    """A registry with every kopf handler (login, start and stop, Actors, Federations)."""
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login)
     kopf.on.startup(registry=registry)(startup)
