@@ -189,7 +189,7 @@ async def test_a_deleted_child_is_created_again_with_one_write(
     assert reconciles(operator_runner, trigger="child-deleted") == 1
 
 
-async def test_a_failed_creation_is_retried_by_kopf(
+async def test_a_failed_creation_is_retried(
         cluster: ClusterEmulator, kube: httpx.AsyncClient,
         operator_runner: OperatorRunner) -> None:
     cluster.fail_next(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS])
@@ -198,12 +198,10 @@ async def test_a_failed_creation_is_retried_by_kopf(
 
     def handled() -> dict[str, Any] | None:
         status = (cluster.live(CAPABILITIES, NS, "retried") or {}).get("status", {})
-        # kopf kept its retry's progress under status.kopf meanwhile, and purges it (its own
-        # patch, after the handler's status write) when done.
-        done = status.get("observedGeneration") == 1 and not status.get("kopf", {}).get(
-            "progress")
+        # The retry (the operator's queue, not kopf) leaves nothing of kopf's in status.
+        done = status.get("observedGeneration") == 1 and "kopf" not in status
         return status if done else None
-    await wait_for(handled, what="the retry to finish and kopf to purge its progress")
+    await wait_for(handled, what="the retry to finish")
     assert reconciles(operator_runner, trigger="create", result="api-error") == 1
     assert reconciles(operator_runner, trigger="create", result="ok") == 1
 
