@@ -3,11 +3,11 @@
 The emulator (kmock over HTTP, with the test fixture's API-server behaviour: resourceVersions,
 watch replay and bookmarks, label selectors, 409s, no-op patches) runs in a subprocess, as an
 API server runs apart from its clients; a fresh one for every run. The real kopf operator runs
-in this process, in its own thread and event loop (as in the tests), and this process's loop
-plays kubectl and creates N Capabilities, CONCURRENCY at a time. The baseline is a bare client
-(the operator's own HTTP client) creating the same children, rendered beforehand, with the same
-concurrency. Runs alternate in pairs (baseline first, then operator first); for each N in SIZES
-the figures are:
+in this process, in its own thread and event loop (as in the tests), and a kubectl process
+(started beforehand; timed from its first POST) creates N Capabilities, CONCURRENCY at a time.
+The baseline is a bare client (the operator's own HTTP client) creating the same children,
+rendered beforehand, with the same concurrency. Runs alternate in pairs (baseline first, then
+operator first); for each N in SIZES the figures are:
 
 - ``operator_ratio_n{N}`` (and ``_min``, ``_max``, ``_variation``, ``_pairs``): seconds from the
   first Capability POST until every child exists, over the bare client's seconds for the same
@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,14 @@ import aiohttp
 import kopf
 from prometheus_client import CollectorRegistry
 
-from bench.common import median, ratio_figures, rounded, server_process
+from bench.common import (
+    ROOT,
+    START_TIMEOUT,
+    median,
+    ratio_figures,
+    rounded,
+    server_process,
+)
 from packetflow.operator import render
 from packetflow.operator.client import PLURALS, KubeClient
 from packetflow.operator.handlers import OperatorContext, OperatorThread
@@ -172,6 +179,42 @@ def _deep_size(root: Any) -> int:
     return size
 
 
+@contextlib.asynccontextmanager
+async def _kubectl(url: str, count: int) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """kubectl in a process of its own, as it runs apart from the operator (in this process
+    it would take the GIL from the operator's thread): started and ready, it creates the
+    Capabilities when the function yielded is awaited; the block waits for it to finish."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.operator", "--kubectl", url, str(count),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=ROOT)
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin = proc.stdin
+
+    async def go() -> None:
+        stdin.write(b"go\n")
+        await stdin.drain()
+    try:
+        if (await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)).strip() != b"ready":
+            raise RuntimeError(f"kubectl did not start (exit code {await proc.wait()})")
+        yield go
+        if await asyncio.wait_for(proc.wait(), TIMEOUT) != 0:
+            raise RuntimeError(f"kubectl failed (exit code {proc.returncode})")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _kubectl_main(url: str, count: int) -> None:
+    """The kubectl process: ready, then on ``go`` create ``count`` Capabilities."""
+    manifests = [_manifest(index) for index in range(count)]
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    await _create_all(url, manifests, "bench-kubectl/1")
+
+
 @dataclasses.dataclass
 class OperatorRun:
     """One operator run's figures."""
@@ -185,7 +228,6 @@ class OperatorRun:
 
 
 async def _operator_run(count: int) -> OperatorRun:
-    manifests = [_manifest(index) for index in range(count)]
     expected = collections.Counter(_resource(child) for child in _children(count))
     want = ",".join(f"{resource}:{number}" for resource, number in expected.items())
     async with _emulator() as (url, control):
@@ -198,24 +240,24 @@ async def _operator_run(count: int) -> OperatorRun:
         reconciler = thread.ctx.reconciler
         try:
             _, mark = await _calls(control, 0)
-            cpu = await asyncio.to_thread(thread.call, _thread_cpu())
-            start = time.perf_counter()
-            kubectl = asyncio.create_task(_create_all(url, manifests, "bench-kubectl/1"))
-            await _control(control, "wait", want=want, namespace=NAMESPACE,
-                           timeout=str(TIMEOUT))
-            seconds = time.perf_counter() - start
-            await kubectl
+            async with _kubectl(url, count) as go:
+                cpu = await asyncio.to_thread(thread.call, _thread_cpu())
+                start = time.perf_counter()
+                await go()
+                await _control(control, "wait", want=want, namespace=NAMESPACE,
+                               timeout=str(TIMEOUT))
+                seconds = time.perf_counter() - start
             await _until(lambda: _total(metrics, "packetflow_operator_reconciles_total",
                                         trigger="create") >= count, "every status")
             await _until(lambda: _total(metrics, "packetflow_operator_child_events_total")
-                         >= sum(expected.values()) and reconciler.pending == 0,
+                         >= sum(expected.values()) and thread.ctx.pending == 0,
                          "every child event handled")
             cpu = await asyncio.to_thread(thread.call, _thread_cpu()) - cpu
             calls, mark = await _calls(control, mark)
             reconciles = _total(metrics, "packetflow_operator_reconciles_total")
             state_bytes = _deep_size(reconciler.states)
             await asyncio.to_thread(thread.call, reconciler.resync())
-            await _until(lambda: reconciler.pending == 0, "the resync's reconciles")
+            await _until(lambda: thread.ctx.pending == 0, "the resync's reconciles")
             resync, _ = await _calls(control, mark)
         finally:
             await asyncio.to_thread(thread.stop)
@@ -276,4 +318,7 @@ def run() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(run())
+    if sys.argv[1:2] == ["--kubectl"]:
+        asyncio.run(_kubectl_main(sys.argv[2], int(sys.argv[3])))
+    else:
+        print(run())

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import kmock
 import pytest
 
 from tests.operator.api import NS, condition, creations, patch, post
@@ -94,12 +95,15 @@ async def test_operator_killed_mid_reconcile_converges_without_duplicates(
         operators: list[OperatorProcess]) -> None:
     for name in NAMES:
         await post(kube, CAPS_PATH, capability(name, replicas=1))
+    # Every Service POST fails while the first operator runs, so however fast it is, it is
+    # killed mid-reconcile: ConfigMaps made, Services refused, Deployments not tried yet.
+    cluster.fail_next(kmock.method.POST, CHILD_PATHS[SERVICES], status=503, times=1_000_000)
     first = OperatorProcess(tmp_path / "operator.log")
     operators.append(first)
-    # Killed as soon as it made a child: the rest of its work is not done.
     await wait_for(lambda: children_made(cluster) > 0 or first.process.poll() is not None,
                    timeout=CONVERGE_SECONDS, what="a first child")
     first.kill()
+    cluster.clear_faults()
     before = child_uids(cluster)
     assert 0 < len(before) < 3 * len(NAMES), (before, first.log.read_text())
     # While no operator runs, one Capability is edited.

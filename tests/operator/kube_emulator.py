@@ -27,8 +27,8 @@ see a plausible API server:
   and :meth:`api_calls` counts them by verb and client (User-Agent).
 
 For tests and the bench: :meth:`miss_events` (changes no watch sees), :meth:`compact` (410
-for older watches), :meth:`fail_next` (injected errors), and ``/_emulator/calls`` and
-``/_emulator/wait`` for a process that talks to the emulator over HTTP only
+for older watches), :meth:`fail_next` and :meth:`clear_faults` (injected errors), and
+``/_emulator/calls`` and ``/_emulator/wait`` for a process that talks to the emulator over HTTP only
 (``python -m tests.operator.kube_emulator --serve emulator`` prints its port).
 
 It still ignores PUT and server-side apply: the operator does not use them.
@@ -137,6 +137,7 @@ class EventLog:
         self.compacted_to = 0  # events up to this version are gone: older watches get 410
         self.live: collections.Counter[str] = collections.Counter()  # namespace -> objects
         self.dropping = 0  # changes to leave out of the log: watches miss them
+        self.compactions = 0  # open watches end with 410 when this moves (see compact)
         self._wakeup = asyncio.Event()
 
     async def put(self, *items: dict[str, Any]) -> None:
@@ -172,6 +173,13 @@ class EventLog:
             newer.append(entry)
         newer.reverse()
         return newer
+
+    def compact(self, version: int) -> None:
+        """Forget the history up to ``version``; end every open watch with 410."""
+        self.compacted_to = version
+        self.compactions += 1
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        wakeup.set()
 
     async def wait(self, timeout: float) -> None:
         """Until the next change, or ``timeout`` seconds."""
@@ -306,11 +314,16 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             wanted = [item.rsplit(":", 1) for item in query.get("want", "").split(",") if item]
             namespace = query.get("namespace", "default")
             deadline = asyncio.get_running_loop().time() + float(query.get("timeout", "600"))
-            while not all(self.count(resource, namespace) >= int(number)
-                          for resource, number in wanted):
-                if asyncio.get_running_loop().time() > deadline:
+            # Woken by each change of a resource waited for (not polling: the bench measures
+            # the clients, and a poll would take the emulator's CPU from them).
+            while missing := [(resource, number) for resource, number in wanted
+                              if self.count(resource, namespace) < int(number)]:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
                     return _status_error(408, "Timeout", f"not reached: {query.get('want')}")
-                await asyncio.sleep(0.002)
+                log = self._buses[kmock.resource(missing[0][0])]
+                assert isinstance(log, EventLog)
+                await log.wait(min(left, 1.0))
             return _json({"ok": True})
         return _status_error(404, "NotFound", path)
 
@@ -490,6 +503,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             await response.write(orjson.dumps(event) + b"\n")
 
         since = params.get("resourceVersion")
+        gone = {"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
+            "reason": "Expired", "message": f"too old resource version: {since}"}}
+        compactions = log.compactions
         if since in (None, "", "0"):
             # "Any version": the current objects first (taken atomically with the version).
             position = self._version
@@ -498,12 +515,13 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         else:
             position = int(since)
             if position < log.compacted_to:
-                await send({"type": "ERROR", "object": {
-                    "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
-                    "reason": "Expired", "message": f"too old resource version: {since}"}})
+                await send(gone)
                 return response
         info = self._info(request.resource)
         while (left := deadline - loop.time()) > 0:
+            if log.compactions != compactions:
+                await send(gone)  # as an API server ends watches its window moved past
+                return response
             events = log.after(position)
             for version, event in events:
                 position = version
@@ -584,6 +602,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         """Answer the next ``times`` requests of ``method`` on ``path`` with ``status``."""
         self._faults.append([method, path, status, times])
 
+    def clear_faults(self) -> None:
+        """Answer every request normally again."""
+        self._faults.clear()
+
     def miss_events(self, resource: str, count: int = 1) -> None:
         """Leave the next ``count`` changes of ``resource`` out of every watch (they happen,
         but no watch sees them), as a watch that broke and resumed too late would."""
@@ -592,11 +614,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         log.dropping += count
 
     def compact(self, resource: str) -> None:
-        """Forget the change history of ``resource`` so far (as etcd compaction does): a
-        watch from an older version gets ``410 Expired``."""
+        """Forget the change history of ``resource`` so far (as etcd compaction does): open
+        watches end with ``410 Expired``, and so does a watch from an older version."""
         log = self._buses[kmock.resource(resource)]
         assert isinstance(log, EventLog)
-        log.compacted_to = self._version
+        log.compact(self._version)
 
     def live(self, resource: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The current object, or None when absent or deleted."""

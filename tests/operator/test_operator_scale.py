@@ -55,7 +55,7 @@ async def created(cluster: ClusterEmulator, runner: OperatorRunner, count: int) 
                    .get("observedGeneration") == 1 for i in range(count))
     await wait_for(statuses, timeout=30, what="every status")
     await wait_for(lambda: total(runner.ctx.metrics, "packetflow_operator_child_events_total")
-                   >= 3 * count and runner.ctx.reconciler.pending == 0, timeout=30,
+                   >= 3 * count and runner.ctx.pending == 0, timeout=30,
                    what="every child event taken in")
 
 
@@ -101,7 +101,7 @@ async def test_unchanged_resync_and_restart_write_nothing(
         mark = len(cluster.log)
         assert first.thread is not None
         await asyncio.to_thread(first.thread.call, first.ctx.reconciler.resync())
-        await wait_for(lambda: first.ctx.reconciler.pending == 0, what="the resync's work")
+        await wait_for(lambda: first.ctx.pending == 0, what="the resync's work")
         calls = cluster.api_calls(since=mark)
         assert writes(calls) == 0, calls
         # A few LISTs for the namespace, not a call per resource.
@@ -115,7 +115,7 @@ async def test_unchanged_resync_and_restart_write_nothing(
     try:
         await wait_for(lambda: reconciles(second, trigger="resume") == COUNT,
                        what="every Capability resumed")
-        await wait_for(lambda: second.ctx.reconciler.pending == 0, what="queued work")
+        await wait_for(lambda: second.ctx.pending == 0, what="queued work")
         assert writes(cluster.api_calls(since=mark)) == 0
     finally:
         await second.stop()
@@ -126,7 +126,7 @@ async def test_a_burst_of_child_events_makes_one_reconcile(
         operator_runner: OperatorRunner) -> None:
     await post(kube, CAPS_PATH, capability("busy", replicas=1))
     objs = await children(cluster, "busy")
-    await wait_for(lambda: operator_runner.ctx.reconciler.pending == 0
+    await wait_for(lambda: operator_runner.ctx.pending == 0
                    and reconciles(operator_runner) == 1, what="the creation to settle")
     state = operator_runner.ctx.reconciler.states[("Capability", NS, "busy")]
     thread = operator_runner.thread
@@ -167,7 +167,7 @@ async def test_a_burst_of_child_events_makes_one_reconcile(
                 and deployment["spec"]["template"]["spec"]["containers"][0]["image"]
                 != "evil:2")
     await wait_for(restored, what="every edit undone")
-    await wait_for(lambda: operator_runner.ctx.reconciler.pending == 0, what="queued work")
+    await wait_for(lambda: operator_runner.ctx.pending == 0, what="queued work")
     assert reconciles(operator_runner, trigger="child-changed") == 1
 
 
@@ -176,12 +176,12 @@ async def test_a_deleted_child_is_created_again_with_one_write(
         operator_runner: OperatorRunner) -> None:
     await post(kube, CAPS_PATH, capability("again", replicas=1))
     await children(cluster, "again")
-    await wait_for(lambda: operator_runner.ctx.reconciler.pending == 0
+    await wait_for(lambda: operator_runner.ctx.pending == 0
                    and reconciles(operator_runner) == 1, what="the creation to settle")
     mark = len(cluster.log)
     assert (await kube.delete(f"{CHILD_PATHS[DEPLOYMENTS]}/again")).status_code < 300
     await wait_for(lambda: cluster.live(DEPLOYMENTS, NS, "again"), what="the Deployment back")
-    await wait_for(lambda: operator_runner.ctx.reconciler.pending == 0, what="queued work")
+    await wait_for(lambda: operator_runner.ctx.pending == 0, what="queued work")
     calls = cluster.api_calls(since=mark)
     # The owner is read once (is it being deleted?), the Deployment created, nothing else.
     assert calls["create deployments"] == writes(calls) == 1, calls
@@ -189,7 +189,7 @@ async def test_a_deleted_child_is_created_again_with_one_write(
     assert reconciles(operator_runner, trigger="child-deleted") == 1
 
 
-async def test_a_failed_creation_is_retried_by_kopf(
+async def test_a_failed_creation_is_retried(
         cluster: ClusterEmulator, kube: httpx.AsyncClient,
         operator_runner: OperatorRunner) -> None:
     cluster.fail_next(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS])
@@ -198,12 +198,10 @@ async def test_a_failed_creation_is_retried_by_kopf(
 
     def handled() -> dict[str, Any] | None:
         status = (cluster.live(CAPABILITIES, NS, "retried") or {}).get("status", {})
-        # kopf kept its retry's progress under status.kopf meanwhile, and purges it (its own
-        # patch, after the handler's status write) when done.
-        done = status.get("observedGeneration") == 1 and not status.get("kopf", {}).get(
-            "progress")
+        # The retry (the operator's queue, not kopf) leaves nothing of kopf's in status.
+        done = status.get("observedGeneration") == 1 and "kopf" not in status
         return status if done else None
-    await wait_for(handled, what="the retry to finish and kopf to purge its progress")
+    await wait_for(handled, what="the retry to finish")
     assert reconciles(operator_runner, trigger="create", result="api-error") == 1
     assert reconciles(operator_runner, trigger="create", result="ok") == 1
 

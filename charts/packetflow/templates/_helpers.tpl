@@ -77,7 +77,7 @@ Namespaced rules go into the ClusterRole (all namespaces) or a Role per watched 
 {{- define "packetflow.namespacedRules" -}}
 - apiGroups: ["packetflow.io"]
   resources: ["capabilities"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["packetflow.io"]
   resources: ["capabilities/status"]
   verbs: ["patch"]

@@ -9,7 +9,8 @@ queued, where that bookkeeping was most of the operator's CPU on httpx.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import AsyncIterator, Mapping
 from importlib import metadata
 from typing import Any, Final
 
@@ -32,6 +33,7 @@ PLURALS: Final[dict[tuple[str, str], str]] = {
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("v1", "ServiceAccount"): "serviceaccounts",
     ("cert-manager.io/v1", "Certificate"): "certificates",
+    ("v1", "Event"): "events",
 }
 LIST_PAGE: Final = 500  # objects per LIST page: bounded responses however many there are
 
@@ -70,12 +72,26 @@ class ConflictError(ApiError):
     """HTTP 409: the object already exists (``AlreadyExists``), or a precondition failed."""
 
 
-def object_path(api_version: str, kind: str, namespace: str, name: str | None = None,
+class GoneError(ApiError):
+    """HTTP 410 (or a watch's ERROR event with code 410): the resourceVersion a watch asked
+    for is older than the API server keeps; list again."""
+
+
+def _error(status: int, decoded: Mapping[str, Any], reason: str, message: str) -> ApiError:
+    """The error for a failed call from its ``Status`` body, else the fallbacks given."""
+    cls = {404: NotFoundError, 409: ConflictError, 410: GoneError}.get(status, ApiError)
+    return cls(status, str(decoded.get("reason") or reason),
+               str(decoded.get("message") or message))
+
+
+def object_path(api_version: str, kind: str, namespace: str | None, name: str | None = None,
                 subresource: str | None = None) -> str:
-    """The REST path of a namespaced object, or of its collection when ``name`` is None."""
+    """The REST path of a namespaced object, or of its collection when ``name`` is None
+    (in every namespace when ``namespace`` is None too)."""
     plural = PLURALS[(api_version, kind)]
     root = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    path = f"{root}/namespaces/{namespace}/{plural}"
+    path = f"{root}/{plural}" if namespace is None else \
+        f"{root}/namespaces/{namespace}/{plural}"
     if name is not None:
         path += f"/{name}"
         if subresource:
@@ -103,10 +119,16 @@ class KubeClient:
         self._session_info: kopf.ConnectionInfo | None = None
         # Sessions replaced by a re-login; closed with this client (requests may still use them).
         self._retired: list[aiohttp.ClientSession] = []
+        self._configured = asyncio.Event()
 
     def configure(self, info: kopf.ConnectionInfo) -> None:
         """Use these credentials from now on (kopf calls login again when they expire)."""
         self._info = info
+        self._configured.set()
+
+    async def wait_configured(self) -> None:
+        """Until the first credentials are there (kopf's login may finish after startup)."""
+        await self._configured.wait()
 
     def _current_session(self) -> tuple[aiohttp.ClientSession, str]:
         info = self._info
@@ -149,9 +171,7 @@ class KubeClient:
             decoded = {}
         decoded = decoded if isinstance(decoded, dict) else {}
         if status >= 400:
-            cls = {404: NotFoundError, 409: ConflictError}.get(status, ApiError)
-            raise cls(status, str(decoded.get("reason") or phrase),
-                      str(decoded.get("message") or payload[:200].decode(errors="replace")))
+            raise _error(status, decoded, phrase, payload[:200].decode(errors="replace"))
         return decoded
 
     async def get(self, api_version: str, kind: str, namespace: str,
@@ -160,20 +180,77 @@ class KubeClient:
         return await self._request("GET", object_path(api_version, kind, namespace, name))
 
     async def list_objects(self, api_version: str, kind: str, namespace: str, *,
-                   label_selector: str | None = None) -> list[dict[str, Any]]:
+                           label_selector: str | None = None) -> list[dict[str, Any]]:
         """Every object of a kind in a namespace (page by page), optionally label-selected."""
+        items, _ = await self.list_versioned(api_version, kind, namespace,
+                                             label_selector=label_selector)
+        return items
+
+    async def list_versioned(self, api_version: str, kind: str, namespace: str | None, *,
+                             label_selector: str | None = None
+                             ) -> tuple[list[dict[str, Any]], str]:
+        """Every object of a kind in a namespace (all when None), page by page, and the
+        resourceVersion the list was taken at (a watch from it misses nothing)."""
         params: dict[str, str] = {"limit": str(LIST_PAGE)}
         if label_selector:
             params["labelSelector"] = label_selector
         items: list[dict[str, Any]] = []
+        version = ""
         while True:
             page = await self._request("GET", object_path(api_version, kind, namespace),
                                        params=params)
-            items.extend(item for item in page.get("items") or [] if isinstance(item, dict))
-            token = (page.get("metadata") or {}).get("continue")
+            for item in page.get("items") or []:
+                if isinstance(item, dict):
+                    # A real API server's list items carry neither kind nor apiVersion.
+                    item.setdefault("apiVersion", api_version)
+                    item.setdefault("kind", kind)
+                    items.append(item)
+            meta = page.get("metadata") or {}
+            # Every page of one list is read at the first page's version.
+            version = version or str(meta.get("resourceVersion") or "")
+            token = meta.get("continue")
             if not token:
-                return items
+                return items, version
             params["continue"] = str(token)
+
+    async def watch(self, api_version: str, kind: str, namespace: str | None, *,
+                    resource_version: str, label_selector: str | None = None,
+                    timeout_seconds: int = 300) -> AsyncIterator[list[dict[str, Any]]]:
+        """Watch a kind from ``resource_version`` with bookmarks until the server ends the
+        watch; yields the events (``{"type", "object"}``) that arrived together, in order.
+        Raises :class:`GoneError` when the version is too old (also as an ERROR event)."""
+        session, server = self._current_session()
+        params = {"watch": "true", "resourceVersion": resource_version,
+                  "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds)}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout.sock_connect,
+                                        sock_read=timeout_seconds + 30)
+        try:
+            async with session.get(server + object_path(api_version, kind, namespace),
+                                   params=params, timeout=timeout) as response:
+                if response.status >= 400:
+                    payload = await response.read()
+                    try:
+                        decoded = orjson.loads(payload) if payload else {}
+                    except orjson.JSONDecodeError:
+                        decoded = {}
+                    raise _error(response.status, decoded if isinstance(decoded, dict) else {},
+                                 response.reason or "", "watch refused")
+                pending = b""
+                async for chunk in response.content.iter_any():
+                    lines = (pending + chunk).split(b"\n")
+                    pending = lines.pop()
+                    events = [orjson.loads(line) for line in lines if line.strip()]
+                    for event in events:
+                        if event.get("type") == "ERROR":
+                            status = event.get("object") or {}
+                            raise _error(int(status.get("code") or 500), status,
+                                         "WatchError", "the watch ended with an error")
+                    if events:
+                        yield events
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiError(0, type(exc).__name__, str(exc) or "watch failed") from exc
 
     async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Create an object in its ``metadata.namespace``."""

@@ -1,5 +1,9 @@
 """kopf handlers: thin adapters from kopf's events to the :class:`Reconciler`.
 
+kopf runs login, Actors, Federations, Events' delivery and probes; Capabilities and the
+children are watched by the operator's own loops (:mod:`packetflow.operator.watching`),
+started from kopf's startup handler and stopped by its cleanup handler.
+
 Handlers are registered on a registry built per operator (:func:`build_registry`), so tests
 and the benchmark can run several operators, one after another, in one process.
 """
@@ -9,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Collection, Coroutine, Iterable
-from dataclasses import dataclass
+from collections.abc import Collection, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
 
 import kopf
 
-from packetflow.operator import federation_handlers, render
+from packetflow.operator import federation_handlers
 from packetflow.operator.client import ApiError, KubeClient
+from packetflow.operator.federation import LABEL_FEDERATION
 from packetflow.operator.metrics import OperatorMetrics
 from packetflow.operator.reconcile import (
     MANAGED_SELECTOR,
@@ -25,15 +30,26 @@ from packetflow.operator.reconcile import (
     describe_errors,
 )
 from packetflow.operator.settings import OperatorSettings
+from packetflow.operator.watching import (
+    CapabilityEvents,
+    ChildEvents,
+    OwnerQueue,
+    WatchTarget,
+    capability_targets,
+    watch_forever,
+)
 from packetflow.spec import GROUP, VERSION
 
-CAPABILITIES: Final = (GROUP, VERSION, "capabilities")
 ACTORS: Final = (GROUP, VERSION, "actors")
-OWNER_RESOURCES: Final = (CAPABILITIES, ACTORS)
-CHILD_RESOURCES: Final = (("", "v1", "configmaps"), ("", "v1", "services"),
-                          ("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"),
-                          ("networking.k8s.io", "v1", "networkpolicies"),
-                          ("", "v1", "serviceaccounts"), ("cert-manager.io", "v1", "certificates"))
+# The children's kinds the operator's own watches follow (by label): every kind a Capability
+# or an Actor can have, the opt-in ones only when their setting is on.
+CHILD_KINDS: Final = (("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"),
+                      ("apps/v1", "StatefulSet"))
+POLICY_KINDS: Final = (("networking.k8s.io/v1", "NetworkPolicy"),)
+IDENTITY_KINDS: Final = (("v1", "ServiceAccount"), ("cert-manager.io/v1", "Certificate"))
+# What kopf still watches of the children: only the Federations' (federation_handlers).
+FEDERATION_CHILD_RESOURCES: Final = (("", "v1", "configmaps"), ("", "v1", "services"),
+                                     ("apps", "v1", "deployments"))
 log = logging.getLogger("packetflow.operator")
 T = TypeVar("T")
 
@@ -47,6 +63,17 @@ class OperatorContext:
     client: KubeClient
     reconciler: Reconciler
     resync_task: asyncio.Task[None] | None = None
+    # Where the operator's own watches look: namespaces, or [None] for every namespace.
+    namespaces: list[str | None] = field(default_factory=list)
+    watch_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    capability_queue: OwnerQueue | None = None
+    _side_tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def pending(self) -> int:
+        """Reconciles queued or running (Capability events, child events, retries)."""
+        queued = self.capability_queue.pending if self.capability_queue is not None else 0
+        return queued + self.reconciler.pending
 
     @classmethod
     def create(cls, settings: OperatorSettings,
@@ -63,8 +90,9 @@ def _ctx(memo: Any) -> OperatorContext:
     return ctx
 
 
-def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo:
-    """In-cluster service account first, else the kubeconfig; the children's client shares it."""
+async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo:
+    """In-cluster service account first, else the kubeconfig; the operator's own client
+    shares it. On the loop (reading two small files), so the client's waiters wake there."""
     info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
     if info is None:
         raise kopf.LoginError("no in-cluster service account and no kubeconfig ($KUBECONFIG)")
@@ -116,10 +144,10 @@ def kopf_settings(ours: OperatorSettings) -> kopf.OperatorSettings:
     settings.scanning.disabled = True
     # One Event per successful handler would be noise (and API load); warnings still post.
     settings.posting.level = logging.WARNING
-    # The API server filters the children's watches: only the operator's own objects reach
-    # it (and its memory), not every ConfigMap and Deployment of the namespace.
-    for resource in CHILD_RESOURCES:
-        settings.watching.label_selectors[resource] = MANAGED_SELECTOR
+    # kopf watches only the Federations' children (the operator's own watches follow the
+    # rest), and the API server selects them: not every ConfigMap of the namespace.
+    for resource in FEDERATION_CHILD_RESOURCES:
+        settings.watching.label_selectors[resource] = LABEL_FEDERATION
     # Watches end after this long and resume from their last resourceVersion (bookmarks keep
     # it fresh); what a watch cannot bring, the operator's resync finds.
     settings.watching.server_timeout = 300
@@ -128,26 +156,35 @@ def kopf_settings(ours: OperatorSettings) -> kopf.OperatorSettings:
 
 
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    """Stop the resync, close the children's HTTP client."""
+    """Stop the watches and the resync, close the children's HTTP client."""
     ctx = _ctx(memo)
-    if ctx.resync_task is not None:
-        ctx.resync_task.cancel()
-        await asyncio.gather(ctx.resync_task, return_exceptions=True)
+    tasks = [*ctx.watch_tasks, *ctx._side_tasks,
+             *([ctx.resync_task] if ctx.resync_task is not None else [])]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if ctx.capability_queue is not None:
+        await ctx.capability_queue.aclose()
     await ctx.reconciler.aclose()
     await ctx.client.aclose()
 
 
 async def reconcile_resource(body: kopf.Body, reason: str, memo: kopf.Memo,
-                             logger: kopf.Logger, **_: Any) -> None:
+                             **_: Any) -> None:
+    """kopf's handler for an Actor created, updated or seen at start."""
+    await reconcile_owner(_ctx(memo), body, str(reason))
+
+
+async def reconcile_owner(ctx: OperatorContext, body: Mapping[str, Any], reason: str) -> None:
     """Create, update or resume a Capability or Actor: render the children, apply what is
-    not known to be in sync, write status when it changed."""
-    ctx = _ctx(memo)
-    with ctx.metrics.timed(str(reason)) as outcome:
+    not known to be in sync, write status when it changed. Failures raise
+    :class:`kopf.TemporaryError` with the delay before the next try."""
+    with ctx.metrics.timed(reason) as outcome:
         try:
             report = await ctx.reconciler.reconcile(body, created=reason == kopf.Reason.CREATE)
         except ChildConflictError as exc:
             outcome.result = "conflict"
-            kopf.warn(body, reason=exc.reason, message=str(exc))
+            await ctx.reconciler.warn(body, exc.reason, str(exc))
             raise kopf.TemporaryError(str(exc), delay=ctx.settings.retry_delay_seconds * 6) \
                 from exc
         except ApiError as exc:
@@ -159,13 +196,29 @@ async def reconcile_resource(body: kopf.Body, reason: str, memo: kopf.Memo,
             outcome.result = "invalid"
             if report.status_written:  # news: one Event with it, not one per restart
                 message = describe_errors(report.errors)
-                kopf.warn(body, reason="InvalidSpec", message=message)
-                logger.warning("invalid spec, children left as they are: %s", message)
+                await ctx.reconciler.warn(body, "InvalidSpec", message)
+                log.warning("%s %s/%s: invalid spec, children left as they are: %s",
+                            body.get("kind"), body["metadata"].get("namespace"),
+                            body["metadata"].get("name"), message)
 
 
 async def startup(memo: kopf.Memo, **_: Any) -> None:
-    """Start the periodic resync (when enabled)."""
+    """Start the operator's own watches (Capabilities, children) and the periodic resync.
+
+    Started from kopf's startup handler, so their tasks post Events through kopf's queue."""
     ctx = _ctx(memo)
+    loop = asyncio.get_running_loop()
+    ctx.capability_queue = OwnerQueue(lambda body, reason: reconcile_owner(ctx, body, reason))
+    children = ChildEvents(ctx.reconciler, ctx.metrics.count_child_event)
+    for target in capability_targets(ctx.namespaces):
+        events = CapabilityEvents(ctx.reconciler, ctx.capability_queue, target.namespace,
+                                  lambda namespace: _refresh_mcp_bundle(ctx, namespace))
+        ctx.watch_tasks.append(loop.create_task(watch_forever(ctx.client, target, events)))
+    for namespace in ctx.namespaces:
+        for api_version, kind in child_kinds(ctx.settings):
+            target = WatchTarget(api_version, kind, namespace, MANAGED_SELECTOR)
+            ctx.watch_tasks.append(loop.create_task(watch_forever(ctx.client, target,
+                                                                  children)))
     if ctx.settings.resync_seconds > 0:
         ctx.resync_task = asyncio.get_running_loop().create_task(resync_forever(ctx))
 
@@ -196,45 +249,46 @@ async def resync_forever(ctx: OperatorContext) -> None:
                             namespace, name, exc)
 
 
-async def resource_event(event: kopf.RawEvent, body: kopf.Body, namespace: str | None,
-                         name: str | None, uid: str | None, memo: kopf.Memo,
-                         logger: kopf.Logger, **_: Any) -> None:
-    """Forget a deleted Capability or Actor (its children go with it: ownerReferences)."""
-    if event["type"] != "DELETED" or not namespace or not name:
+def child_kinds(settings: OperatorSettings) -> list[tuple[str, str]]:
+    """(apiVersion, kind) of every child the settings can render."""
+    return [*CHILD_KINDS, *(POLICY_KINDS if settings.network_policies else ()),
+            *(IDENTITY_KINDS if settings.mtls_issuer else ())]
+
+
+def _refresh_mcp_bundle(ctx: OperatorContext, namespace: str) -> None:
+    """Rewrite the namespace's MCP aggregate bundle soon (a Capability left it)."""
+    if namespace != ctx.settings.mcp_aggregate_namespace:
         return
-    ctx = _ctx(memo)
-    kind = str(body.get("kind") or "Capability")
-    ctx.reconciler.forget(namespace, name, uid, kind)
-    if kind == "Capability":
-        try:
-            await ctx.reconciler.refresh_mcp_bundle(namespace)
-        except ApiError as exc:
-            # Not retried here: the next Capability event in the namespace rewrites it.
-            logger.warning("could not update the MCP aggregate bundle: %s", exc)
+    task = asyncio.get_running_loop().create_task(_refresh_mcp_bundle_now(ctx, namespace))
+    ctx._side_tasks.add(task)
+    task.add_done_callback(ctx._side_tasks.discard)
 
 
-async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    """A child changed: when it is not the operator's own write coming back, compare it with
-    what was rendered and queue its owner (deleted, edited, readiness moved). No I/O here."""
-    ctx = _ctx(memo)
-    outcome = ctx.reconciler.child_changed(event["type"], event["object"])
-    ctx.metrics.child_events.labels(outcome).inc()
+async def _refresh_mcp_bundle_now(ctx: OperatorContext, namespace: str) -> None:
+    try:
+        await ctx.reconciler.refresh_mcp_bundle(namespace)
+    except ApiError as exc:
+        # Not retried here: the next Capability event in the namespace rewrites it.
+        log.warning("could not update the MCP aggregate bundle: %s", exc)
+
+
+async def actor_event(event: kopf.RawEvent, namespace: str | None, name: str | None,
+                      uid: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Forget a deleted Actor (its children go with it: ownerReferences)."""
+    if event["type"] == "DELETED" and namespace and name:
+        _ctx(memo).reconciler.forget(namespace, name, uid, "Actor")
 
 
 def build_registry() -> kopf.OperatorRegistry:
-    """A registry with every PacketFlow handler (login, Capability, Actor, children)."""
+    """A registry with every kopf handler (login, start and stop, Actors, Federations)."""
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login)
     kopf.on.startup(registry=registry)(startup)
     kopf.on.cleanup(registry=registry)(cleanup)
-    for resource in OWNER_RESOURCES:
-        for register in (kopf.on.create, kopf.on.update, kopf.on.resume):
-            register(*resource, registry=registry, id="reconcile")(reconcile_resource)
-        kopf.on.event(*resource, registry=registry, id="forget")(resource_event)
-    # The API server selects the children by label (kopf_settings); kopf checks again.
-    for group, version, plural in CHILD_RESOURCES:
-        kopf.on.event(group, version, plural, registry=registry, id=f"child-{plural}",
-                      labels={render.LABEL_MANAGED_BY: render.MANAGED_BY})(child_event)
+    # Capabilities and the children have the operator's own watches (startup, watching.py).
+    for register in (kopf.on.create, kopf.on.update, kopf.on.resume):
+        register(*ACTORS, registry=registry, id="reconcile")(reconcile_resource)
+    kopf.on.event(*ACTORS, registry=registry, id="forget")(actor_event)
     federation_handlers.register(registry)
     return registry
 
@@ -249,6 +303,7 @@ async def run_operator(
     ready_flag: asyncio.Event | threading.Event | None = None,
 ) -> None:
     """Run the kopf operator with PacketFlow's handlers until ``stop_flag`` is set."""
+    ctx.namespaces = [None] if clusterwide else list(namespaces)
     await kopf.operator(
         registry=build_registry(),
         settings=kopf_settings(ctx.settings),

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
@@ -50,6 +51,14 @@ class OperatorMetrics:
             "packetflow_operator_child_events", "Child watch events by what they amounted to",
             ["outcome"], registry=self.registry)
         self.durations: dict[str, list[float]] = {}
+        self._child_event_counters: dict[str, Any] = {}
+
+    def count_child_event(self, outcome: str) -> None:
+        """Count one child event by its outcome (the labelled counter looked up once)."""
+        counter = self._child_event_counters.get(outcome)
+        if counter is None:
+            counter = self._child_event_counters[outcome] = self.child_events.labels(outcome)
+        counter.inc()
 
     @contextmanager
     def timed(self, trigger: str) -> Iterator[Outcome]:

@@ -3,8 +3,9 @@
 The Helm chart's test asserts its (Cluster)Role rules equal :data:`PERMISSIONS` exactly, so a
 new API call means a new line here and nowhere else. Who makes each call:
 
-* kopf watches Capabilities and Actors (list, watch), stores its progress in their
-  annotations (patch) and posts Kubernetes Events for warnings (create events).
+* the operator's own watch lists and watches Capabilities (watching.py); kopf watches Actors
+  (list, watch) and stores a retried handler's progress in their status (patch); Warning
+  Events are posted for both (create events).
 * the operator writes their status through the status subresource, re-reads the owner
   before recreating a deleted child (get), and creates, patches, reads and watches the
   children (configmaps, services, deployments for Capabilities, statefulsets for Actors; the
@@ -45,7 +46,7 @@ class Permission:
 
 
 PERMISSIONS: Final[tuple[Permission, ...]] = (
-    Permission(GROUP, "capabilities", ("get", "list", "watch", "patch")),
+    Permission(GROUP, "capabilities", ("get", "list", "watch")),
     Permission(GROUP, "capabilities/status", ("patch",)),
     Permission(GROUP, "actors", ("get", "list", "watch", "patch")),
     Permission(GROUP, "actors/status", ("patch",)),

@@ -107,6 +107,9 @@ class ResourceState:
     live_status: dict[str, Any] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queued: str | None = None  # trigger of the pending reconcile, when one is queued
+    # Children are being applied: the status written right after will include whatever
+    # readiness their events bring meanwhile, so those events need no reconcile of their own.
+    applying: bool = False
 
     @property
     def key(self) -> Key:
@@ -145,6 +148,15 @@ def validate_resource(body: Mapping[str, Any], source: str) -> Resource | list[M
         return [ManifestError(source, "metadata.name", f"at most {ACTOR_NAME_MAX_LENGTH} "
                               "characters for an Actor (its pods and Services add suffixes)")]
     return parsed
+
+
+def apply_phases(desired: Mapping[ChildKey, Any]) -> list[list[ChildKey]]:
+    """The children in the order they are applied: first everything a workload's pods
+    need (ConfigMap, Service, ServiceAccount, Certificate, NetworkPolicy) at once, then the
+    workloads (Deployments, canary included, and StatefulSets) at once."""
+    first = [key for key in desired if key[0] not in _WORKLOAD_KINDS]
+    return [phase for phase in (first, [key for key in desired if key[0] in _WORKLOAD_KINDS])
+            if phase]
 
 
 def controller_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -291,14 +303,10 @@ class Reconciler:
         """Bring every desired child not known to be in sync up to date; the writes made.
         A failure that needs a person (a conflict, a refusal) is also written to status."""
         writes = 0
+        state.applying = True
         try:
-            for key, want in state.desired.items():
-                record = state.children.get(key)
-                if record is not None and not record.deleted and record.version is not None \
-                        and record.digest == want.digest:
-                    continue  # verified at a version no event has moved past
-                create_first = record.deleted if record is not None else created
-                writes += await self._apply_child(state, key, want, create_first=create_first)
+            for phase in apply_phases(state.desired):
+                writes += await self._apply_phase(state, phase, created=created)
             writes += await self._retire_canary(state)
         except (ChildConflictError, ApiError) as exc:
             if isinstance(exc, ChildConflictError) or not exc.retriable:
@@ -307,7 +315,27 @@ class Reconciler:
                     reason, str(exc), previous=self._previous(state),
                     generation=state.generation, now=status.now_rfc3339()))
             raise
+        finally:
+            state.applying = False
         return writes
+
+    async def _apply_phase(self, state: ResourceState, phase: list[ChildKey], *,
+                           created: bool) -> int:
+        """Apply a phase's children not known to be in sync, concurrently; the writes made.
+        Every child is tried; then the first failure is raised."""
+        work = []
+        for key in phase:
+            want, record = state.desired[key], state.children.get(key)
+            if record is not None and not record.deleted and record.version is not None \
+                    and record.digest == want.digest:
+                continue  # verified at a version no event has moved past
+            create_first = record.deleted if record is not None else created
+            work.append(self._apply_child(state, key, want, create_first=create_first))
+        results = await asyncio.gather(*work, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return sum(result for result in results if isinstance(result, int))
 
     async def _retire_canary(self, state: ResourceState) -> int:
         """Scale a canary whose ``spec.canary`` is gone (promoted or dropped) to 0, once:
@@ -421,7 +449,8 @@ class Reconciler:
         if not in_sync:
             self.enqueue(state, "child-changed")
             return "queued"
-        if key[0] in _WORKLOAD_KINDS and self._status_stale(state):
+        if key[0] in _WORKLOAD_KINDS and not state.applying \
+                and self._status_stale(state, state.status):
             # The workload's (or its canary's) readiness moved: status has news.
             self.enqueue(state, "child-changed")
             return "queued"
@@ -512,10 +541,13 @@ class Reconciler:
             previous=self._previous(state), generation=state.generation,
             now=status.now_rfc3339(), members=members), **canary}
 
-    def _status_stale(self, state: ResourceState) -> bool:
-        """Whether the status the workload now implies differs from the live one."""
+    def _status_stale(self, state: ResourceState,
+                      than: Mapping[str, Any] | None = None) -> bool:
+        """Whether the status the workload now implies differs from ``than``: the live one
+        by default; a child event compares with the one the operator last decided (a write
+        of it may be on its way)."""
         return status.status_changed({**state.status, **self._workload_status(state)},
-                                     state.live_status)
+                                     state.live_status if than is None else than)
 
     async def _write_status(self, state: ResourceState, new: dict[str, Any], *,
                             handled: bool = False) -> bool:
@@ -532,6 +564,14 @@ class Reconciler:
                                                 subresource="status")
         state.live_status = dict(patched.get("status") or state.status)
         return True
+
+    async def warn(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
+        """Post a Warning Event about a Capability or Actor (best effort: logged if refused)."""
+        try:
+            await self.client.create(status.warning_event(obj, reason, message,
+                                                          status.now_rfc3339()))
+        except ApiError as exc:
+            logger.warning("could not post a %s Event: %s", reason, exc)
 
     # --- the periodic resync -----------------------------------------------------------------
 

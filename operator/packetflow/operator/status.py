@@ -48,6 +48,23 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def warning_event(obj: Mapping[str, Any], reason: str, message: str,
+                  now: str) -> dict[str, Any]:
+    """A core/v1 ``Warning`` Event about ``obj`` (a Capability or Actor), as kubectl
+    describe shows it; the API server names it (generateName)."""
+    meta = obj.get("metadata") or {}
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+        "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
+                           "name": meta.get("name"), "namespace": meta.get("namespace"),
+                           "uid": meta.get("uid")},
+        "type": "Warning", "reason": reason, "message": message[:1024],
+        "source": {"component": "packetflow-operator"}, "reportingComponent": "packetflow-operator",
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    }
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) else 0
 
