@@ -135,7 +135,7 @@ async def _start_runtime(tls_dir: Path | None = None,
     # Imported here so the bare server's process never loads PacketFlow.
     from packetflow.engine import Engine
     from packetflow.manifests import load_text
-    from packetflow.security import secure_engine
+    from packetflow.serve import secure_engine
     from packetflow.server import RuntimeServer
     from packetflow.settings import RuntimeSettings
 

@@ -19,23 +19,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 
 from packetflow.access import AccessDenied, DefaultPolicy, Policy
-from packetflow.composition.resolve import current_namespace
 from packetflow.errors import Unauthenticated
 from packetflow.identity.spiffe import SpiffeId, SpiffeIdError
 from packetflow.identity.tokens import TokenReviewer
 from packetflow.identity.workload import Principal, WorkloadIdentity
-from packetflow.identity.x509 import AuthenticationError, BundleError, spiffe_id_of
+from packetflow.identity.x509 import AuthenticationError, spiffe_id_of
 from packetflow.metrics import RuntimeMetrics
 from packetflow.spec import Access
-
-if TYPE_CHECKING:
-    from packetflow.engine import Engine
-    from packetflow.settings import RuntimeSettings
 
 log = logging.getLogger("packetflow.security")
 
@@ -176,33 +171,6 @@ class CallGuard:
                                              "caller": principal.caller, "rule": exc.rule})
             raise
 
-
-
-def secure_engine(engine: Engine, settings: RuntimeSettings) -> CallGuard | None:
-    """Turn zero trust on for ``engine`` when the settings give TLS files: a guard for its
-    calls, mutual TLS as this workload for its remote calls. :class:`SecurityConfigError`
-    names the setting or file at fault."""
-    if settings.tls_cert is None or settings.tls_key is None or settings.tls_ca is None:
-        return None
-    try:
-        identity = WorkloadIdentity(settings.tls_cert, settings.tls_key, settings.tls_ca)
-    except BundleError as exc:
-        raise SecurityConfigError(f"PACKETFLOW_TLS_*: {exc}") from None
-    for index, text in enumerate(settings.trusted_forwarders):
-        try:
-            SpiffeId.parse(text)
-        except SpiffeIdError as exc:
-            raise SecurityConfigError(f"trusted_forwarders[{index}]: {exc}") from None
-    workload = identity.workload
-    guard = CallGuard(identity, engine.metrics,
-                      home_namespace=workload.namespace if workload else current_namespace(),
-                      default_policy=settings.default_policy,
-                      trusted_forwarders=settings.trusted_forwarders)
-    if settings.token_address is not None:
-        guard.tokens = TokenReviewer.in_cluster(identity.trust_domain, settings.token_review_api)
-    engine.guard = guard
-    engine.remote.secure(identity, forward_caller=settings.forward_caller)
-    return guard
 
 
 class SecurityConfigError(Exception):

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from packetflow.actors.runtime import ActorSystem
 from packetflow.addresses import split_address
+from packetflow.composition.resolve import current_namespace
 from packetflow.composition.triggers import (
     IdempotencyStore,
     MemoryIdempotencyStore,
@@ -25,16 +26,47 @@ from packetflow.composition.triggers import (
 )
 from packetflow.engine import Engine
 from packetflow.feedback import FeedbackService, open_store
+from packetflow.identity.spiffe import SpiffeId, SpiffeIdError
+from packetflow.identity.tokens import TokenReviewer
+from packetflow.identity.workload import WorkloadIdentity
+from packetflow.identity.x509 import BundleError
 from packetflow.manifests import ManifestError, load_paths, manifest_files
 from packetflow.planner.core import Planner
 from packetflow.planner.handler import PlanningServices, open_planning, runtime_planner
-from packetflow.security import SecurityConfigError, secure_engine
+from packetflow.security import CallGuard, SecurityConfigError
 from packetflow.server import RuntimeServer
 from packetflow.settings import RuntimeSettings
 
 log = logging.getLogger("packetflow.serve")
 
 RELOAD_POLL_SECONDS = 1.0
+
+
+def secure_engine(engine: Engine, settings: RuntimeSettings) -> CallGuard | None:
+    """Turn zero trust on for ``engine`` when the settings give TLS files: a guard for its
+    calls, mutual TLS as this workload for its remote calls. :class:`SecurityConfigError`
+    names the setting or file at fault."""
+    if settings.tls_cert is None or settings.tls_key is None or settings.tls_ca is None:
+        return None
+    try:
+        identity = WorkloadIdentity(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    except BundleError as exc:
+        raise SecurityConfigError(f"PACKETFLOW_TLS_*: {exc}") from None
+    for index, text in enumerate(settings.trusted_forwarders):
+        try:
+            SpiffeId.parse(text)
+        except SpiffeIdError as exc:
+            raise SecurityConfigError(f"trusted_forwarders[{index}]: {exc}") from None
+    workload = identity.workload
+    guard = CallGuard(identity, engine.metrics,
+                      home_namespace=workload.namespace if workload else current_namespace(),
+                      default_policy=settings.default_policy,
+                      trusted_forwarders=settings.trusted_forwarders)
+    if settings.token_address is not None:
+        guard.tokens = TokenReviewer.in_cluster(identity.trust_domain, settings.token_review_api)
+    engine.guard = guard
+    engine.remote.secure(identity, forward_caller=settings.forward_caller)
+    return guard
 
 
 def start_metrics_server(registry: CollectorRegistry, address: str) -> tuple[WSGIServer, int]:

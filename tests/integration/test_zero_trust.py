@@ -33,7 +33,7 @@ from packetflow.identity.workload import WorkloadIdentity
 from packetflow.manifests import load_text, parse_manifest
 from packetflow.operator import render
 from packetflow.operator.settings import OperatorSettings
-from packetflow.security import secure_engine
+from packetflow.serve import secure_engine
 from packetflow.server import RuntimeServer
 from packetflow.settings import RuntimeSettings
 from packetflow.spec import Capability
