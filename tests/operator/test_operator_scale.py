@@ -104,8 +104,10 @@ async def test_unchanged_resync_and_restart_write_nothing(
         await wait_for(lambda: first.ctx.pending == 0, what="the resync's work")
         calls = cluster.api_calls(since=mark)
         assert writes(calls) == 0, calls
-        # A few LISTs for the namespace, not a call per resource.
-        assert verbs(calls)["list"] == sum(calls.values()) <= 6, calls
+        # A few LISTs for the namespace, not a call per resource. A watch the server ended
+        # meanwhile resumes from its last version (seen on a loaded machine): not the resync's.
+        resync = {call: n for call, n in calls.items() if not call.startswith("watch ")}
+        assert verbs(resync)["list"] == sum(resync.values()) <= 6, calls
     finally:
         await first.stop()
 
