@@ -1,6 +1,6 @@
 """The gRPC face of actors: ``packetflow.v1.ActorRuntime`` translated to the ``ActorSystem``.
 
-Domain errors become statuses through ``server.abort_for`` (one error -> code map).
+Domain errors become statuses through ``rpc.abort_for`` (one error -> code map).
 """
 
 from __future__ import annotations
