@@ -80,6 +80,7 @@ from packetflow.gateway.policy import CANCELLED, DEADLINE_EXCEEDED, INTERNAL, OK
 from packetflow.gateway.proxy import Buffered, CallHeaders, Relay, UnaryFront, read_headers
 from packetflow.gateway.upstream import ConnectFailed, Upstream
 from packetflow.identity import terminator
+from packetflow.rpc import rich_status
 from packetflow.v1 import federation_pb2, runtime_pb2
 
 if TYPE_CHECKING:
@@ -332,8 +333,6 @@ def call_error(reply: Reply) -> CallError:
 
 def error_trailers(error: PacketFlowError, trace_id: str) -> Headers:
     """A whole error answer for ``error``, as :func:`packetflow.rpc.abort_for` gives it."""
-    from packetflow.rpc import rich_status
-
     rich = rich_status(error)
     extra = [(name.encode(), value if isinstance(value, bytes) else value.encode())
              for name, value in rich.trailing_metadata]

@@ -71,6 +71,7 @@ from packetflow.identity.terminator import MtlsTerminator, Refusal
 from packetflow.identity.tls import channel_credentials, client_context
 from packetflow.identity.x509 import AuthenticationError, PeerCertificate, authenticate
 from packetflow.keepalive import SERVER_KEEPALIVE
+from packetflow.rpc import SERVICE_NAME, abort_for
 from packetflow.spec import FederationImport, duration_seconds
 from packetflow.v1 import federation_pb2, federation_pb2_grpc, runtime_pb2, runtime_pb2_grpc
 
@@ -267,11 +268,10 @@ class Gateway:
         self._update_status()
 
     async def _start_local(self, address: str) -> int:
-        # Imported here: the runtime's server module brings health and reflection.
+        # Imported here: health is needed only once the local side starts.
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         from grpc_health.v1._async import HealthServicer
 
-        from packetflow.rpc import SERVICE_NAME
 
         server = grpc.aio.server(options=_server_options())
         # Methods LocalServicer leaves out (Feedback, Plan...) answer UNIMPLEMENTED, as the
@@ -827,8 +827,6 @@ class LocalServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
 
     async def Invoke(self, request: runtime_pb2.InvokeRequest,
                      context: grpc.aio.ServicerContext) -> runtime_pb2.InvokeResponse:
-        from packetflow.rpc import abort_for
-
         metadata = tuple(context.invocation_metadata() or ())
         trace_id = trace_of(metadata)
         try:
@@ -858,8 +856,6 @@ class LocalServicer(runtime_pb2_grpc.CapabilityRuntimeServicer):
                                  context: grpc.aio.ServicerContext
                                  ) -> runtime_pb2.CapabilityDescription:
         from packetflow.contracts import contract_schema
-        from packetflow.rpc import abort_for
-
         try:
             imported, link = self.gateway.resolve_import(request.name)
             entry = not_servable(request.name, imported)
