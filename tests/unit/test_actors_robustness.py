@@ -198,7 +198,7 @@ async def test_an_idle_turn_does_not_reactivate_an_evicted_actor(
     await kind.send("a", {"n": 1})
     actor = kind.active["a"]
     kind.reap_idle(now=actor.last_used + 7200)  # spawns the idle turn (on_idle)...
-    kind._retire(actor)  # ...and the actor is evicted before it runs
+    kind.residency.retire(actor)  # ...and the actor is evicted before it runs
     await asyncio.gather(*kind._background)
     assert "a" not in kind.active
     assert (await kind.describe("a"))["memory"]["count"] == 0  # no follow-up was written

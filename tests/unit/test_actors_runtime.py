@@ -253,7 +253,7 @@ async def test_timers_fire_in_memory_and_stop_on_deactivation(
     await eventually(lambda: _at_least(beats(), 2), what="two timer beats")
     actor = kind.active["a"]
     async with actor.lock:
-        kind._retire(actor)
+        kind.residency.retire(actor)
     assert not actor.timers
 
 

@@ -19,7 +19,6 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -55,6 +54,7 @@ from packetflow.actors.metrics import ActorMetrics
 from packetflow.actors.placement import Placement
 from packetflow.actors.postgres_store import PostgresActorStore
 from packetflow.actors.reminders import ReminderFiring
+from packetflow.actors.residency import Residency
 from packetflow.actors.search import Ranker, ranker_for
 from packetflow.actors.sqlite_store import SqliteActorStore
 from packetflow.actors.store import ActorRecord, ActorStore, Commit
@@ -135,8 +135,6 @@ class ActorType:
         self.ranker: Ranker = ranker_for(self.spec.memory.semantic_search)
         self.called: set[str] = set()  # capabilities ctx.call reached (undeclared, so observed)
         self.toolbox = build_toolbox(actor, system)
-        self.active: OrderedDict[str, ActiveActor] = OrderedDict()
-        self.streams: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
         self.placement: Placement | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -144,6 +142,9 @@ class ActorType:
         self._turn_metrics: dict[Code, Any] = {}
         self._stopping = False
         self.timers = ActorTimers(self._timer_fired)
+        self.residency = Residency(self.spec.max_active, self.idle_seconds, self.timers,
+                                   self._notify_idle)
+        self.active = self.residency.active  # the same mapping: read by the servicer and MCP
         self.reminders = ReminderFiring(
             self.name, store, self.clock, self._turn, self._owns,
             lambda: self.metrics.reminders_fired.labels(self.name).inc(), system.reminder_poll)
@@ -190,13 +191,13 @@ class ActorType:
         async def drain() -> None:
             for actor in list(self.active.values()):
                 async with actor.lock:
-                    self._retire(actor)
+                    self.residency.retire(actor)
 
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await drain()
         for actor in list(self.active.values()):
-            self._retire(actor)
+            self.residency.retire(actor)
         if self.placement is not None:
             await self.placement.stop()
         with contextlib.suppress(KeyError):
@@ -263,13 +264,7 @@ class ActorType:
     def _entry(self, actor_id: str, touch: bool) -> ActiveActor:
         if self._stopping:
             raise Unavailable(f"actor type {self.name} is stopping")
-        actor = self.active.get(actor_id)
-        if actor is None:
-            actor = self.active[actor_id] = ActiveActor(actor_id)
-            self._enforce_bound()
-        elif touch:
-            self.active.move_to_end(actor_id)
-        return actor
+        return self.residency.entry(actor_id, touch)
 
     async def _turn(self, actor_id: str, turn: Turn, touch: bool = False) -> SendResult:
         while True:
@@ -294,7 +289,7 @@ class ActorType:
                 actor.last_used = time.monotonic()
                 actor.idle_notified = False
             if len(self.active) > self.spec.max_active:
-                self._enforce_bound()  # entries created while all were busy
+                self.residency.enforce_bound()  # entries created while all were busy
 
     async def _measured(self, actor: ActiveActor, turn: Turn) -> SendResult:
         started = time.perf_counter()
@@ -346,7 +341,7 @@ class ActorType:
                     actor.state_json = orjson.dumps(started)
                 actor.start_effects = ctx.effects
         except BaseException as exc:
-            self._retire(actor)
+            self.residency.retire(actor)
             if isinstance(exc, Exception) and not isinstance(exc, PacketFlowError):
                 raise _handler_failed(self.name, actor.actor_id, trace_id) from None
             raise
@@ -449,72 +444,34 @@ class ActorType:
         except FencedOut:
             log.warning("actor %s/%s fenced out (epoch %d): deactivated here", self.name,
                         actor.actor_id, actor.epoch)
-            self._retire(actor)
+            self.residency.retire(actor)
             raise
         except BaseException:
             # The store may have applied the commit before the failure reached us (a lost
             # connection, a timeout): what is in memory may be stale, so the next turn
             # activates afresh from the store instead of overwriting it.
-            self._retire(actor)
+            self.residency.retire(actor)
             raise
         actor.state_json = commit.state
         actor.version = version
         actor.memory_seq = commit.memory_seq
         actor.start_effects = None
         if followup is not None:
-            for queue in self.streams.get(actor.actor_id, ()):
-                queue.put_nowait(followup)
+            self.residency.publish(actor.actor_id, followup)
         return version
 
     # ----------------------------------------------------------------- passivation
 
-    def _retire(self, actor: ActiveActor) -> None:
-        """Deactivate: drop from memory and stop timers (state stays in the store)."""
-        actor.retired = True
-        if self.active.get(actor.actor_id) is actor:
-            del self.active[actor.actor_id]
-        self.timers.stop_all(actor)
-
-    def _passivatable(self, actor: ActiveActor) -> bool:
-        return not (actor.pending or actor.lock.locked() or self.streams.get(actor.actor_id))
-
-    def _enforce_bound(self) -> None:
-        """Passivate least recently used actors beyond ``maxActive`` (busy ones are kept)."""
-        excess = len(self.active) - self.spec.max_active
-        if excess <= 0:
-            return
-        victims: list[ActiveActor] = []
-        for actor in self.active.values():
-            if len(victims) >= excess:
-                break
-            if self._passivatable(actor) and actor.activated:
-                victims.append(actor)
-        for actor in victims:
-            self._retire(actor)
-
     def reap_idle(self, now: float | None = None) -> int:
         """Run ``on_idle`` for, or deactivate, actors idle past ``idleTimeout``; returns how
         many were deactivated."""
-        now = time.monotonic() if now is None else now
-        expired = []
-        for actor in self.active.values():
-            if actor.last_used + self.idle_seconds > now:
-                break
-            expired.append(actor)
-        retired = 0
-        for actor in expired:
-            if not self._passivatable(actor) and not self.streams.get(actor.actor_id):
-                continue
-            if (actor.activated and not actor.idle_notified
-                    and callable(getattr(actor.handler, "on_idle", None))):
-                actor.idle_notified = True
-                self._spawn(self._background_turn(actor, Turn(
-                    "idle", trace_id=os.urandom(8).hex())))
-                continue
-            if self._passivatable(actor):
-                self._retire(actor)
-                retired += 1
-        return retired
+        return self.residency.reap_idle(now)
+
+    def _notify_idle(self, actor: ActiveActor) -> bool:
+        if not callable(getattr(actor.handler, "on_idle", None)):
+            return False
+        self._spawn(self._background_turn(actor, Turn("idle", trace_id=os.urandom(8).hex())))
+        return True
 
     async def _background_turn(self, actor: ActiveActor, turn: Turn) -> None:
         """A turn of an active actor nobody waits for (timer, idle): on this entry only, so an
@@ -603,24 +560,18 @@ class ActorType:
         actor = self.active.get(actor_id)
         if actor is not None:
             async with actor.lock:
-                self._retire(actor)
+                self.residency.retire(actor)
         return await self.store.delete(actor_id)
 
     # ------------------------------------------------------------ conversations
 
     def subscribe(self, actor_id: str) -> asyncio.Queue[dict[str, Any]]:
         """A queue of follow-up messages (from ``on_idle``) for an open conversation."""
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.streams.setdefault(actor_id, set()).add(queue)
-        return queue
+        return self.residency.subscribe(actor_id)
 
     def unsubscribe(self, actor_id: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
         """Close a conversation's follow-up queue."""
-        queues = self.streams.get(actor_id)
-        if queues is not None:
-            queues.discard(queue)
-            if not queues:
-                del self.streams[actor_id]
+        self.residency.unsubscribe(actor_id, queue)
 
     # ---------------------------------------------------------------- placement
 
@@ -628,11 +579,7 @@ class ActorType:
         """Deactivate idle actors this member no longer owns (membership changed)."""
         if self.placement is None:
             return 0
-        moved = [a for a in self.active.values()
-                 if not self.placement.owns(a.actor_id) and self._passivatable(a)]
-        for actor in moved:
-            self._retire(actor)
-        return len(moved)
+        return self.residency.rebalance(self.placement.owns)
 
     async def call_capability(self, name: str, value: dict[str, Any],
                               ctx: ActorContext) -> dict[str, Any]:
