@@ -68,6 +68,12 @@ class RuntimeSettings(WorkloadTlsSettings):
     mcp_token: str | None = Field(
         default=None, repr=False,
         description="Bearer token MCP clients must send (from a Secret); unset: no auth")
+    mcp_token_review: bool = Field(
+        default=False,
+        description="With the TLS files: an MCP client without a client certificate may "
+                    "prove itself with a projected ServiceAccount token (Authorization: "
+                    "Bearer, audience packetflow) checked by TokenReview at "
+                    "token_review_api; not with mcp_token (both are bearer tokens)")
     undeclared_as_services: bool = Field(
         default=False,
         description="A composition step naming a capability this runtime does not serve "
@@ -108,3 +114,14 @@ class RuntimeSettings(WorkloadTlsSettings):
                                    "aggregate): its remote calls name their caller")
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|text)$")
+
+    @model_validator(mode="after")
+    def _one_kind_of_mcp_token(self) -> Self:
+        if self.mcp_token_review and self.tls_cert is None:
+            raise ValueError("mcp_token_review (PACKETFLOW_MCP_TOKEN_REVIEW) needs the TLS "
+                             "files: ServiceAccount tokens travel over HTTPS only")
+        if self.mcp_token_review and self.mcp_token:
+            raise ValueError("mcp_token (PACKETFLOW_MCP_TOKEN, a shared secret) and "
+                             "mcp_token_review (PACKETFLOW_MCP_TOKEN_REVIEW, ServiceAccount "
+                             "tokens) both use Authorization: Bearer: set one")
+        return self
