@@ -20,6 +20,7 @@ from packetflow.identity.local import IssuedFiles, issue_files, local_authority
 from packetflow.identity.spiffe import Workload
 from packetflow.identity.tokens import AUDIENCE, TokenReviewer
 from packetflow.identity.workload import WorkloadIdentity
+from packetflow.server import RuntimeServer
 from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 from tests.integration.test_gateway_zero_trust import GATEWAY, routes_to
 from tests.integration.test_zero_trust import (
@@ -71,10 +72,15 @@ class TokenFront:
 
     def served(self) -> float:
         """Calls the runtime behind the gateway ran (any outcome)."""
-        registry = self.cluster.server.engine.metrics.registry
-        return sum(sample.value for metric in registry.collect()
-                   if metric.name == "packetflow_capability_calls"
-                   for sample in metric.samples if sample.name.endswith("_total"))
+        return calls_served(self.cluster.server)
+
+
+def calls_served(server: RuntimeServer) -> float:
+    """Capability calls a runtime ran (any outcome)."""
+    registry = server.engine.metrics.registry
+    return sum(sample.value for metric in registry.collect()
+               if metric.name == "packetflow_capability_calls"
+               for sample in metric.samples if sample.name.endswith("_total"))
 
 
 async def invoke(address: str, ca: bytes, token: str | None, capability: str = "whoami",
