@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import orjson
 import pytest
 
+from packetflow.cli import build_parser
 from packetflow.gateway.routes import parse_routes
 from packetflow.gateway.server import GatewayServer
 from packetflow.identity.local import IssuedFiles, issue_files, local_authority
@@ -21,8 +21,9 @@ from packetflow.identity.spiffe import Workload
 from packetflow.identity.tokens import AUDIENCE, TokenReviewer
 from packetflow.identity.workload import WorkloadIdentity
 from packetflow.server import RuntimeServer
-from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
+from packetflow.v1 import runtime_pb2
 from tests.integration.test_gateway_zero_trust import GATEWAY, routes_to
+from tests.integration.test_token_review import invoke
 from tests.integration.test_zero_trust import (
     DOMAIN,
     MANIFESTS,
@@ -81,22 +82,6 @@ def calls_served(server: RuntimeServer) -> float:
     return sum(sample.value for metric in registry.collect()
                if metric.name == "packetflow_capability_calls"
                for sample in metric.samples if sample.name.endswith("_total"))
-
-
-async def invoke(address: str, ca: bytes, token: str | None, capability: str = "whoami",
-                 claimed: str | None = None) -> dict[str, Any]:
-    """Invoke over TLS without a client certificate (trusting ``ca``), ``token`` as the
-    bearer token."""
-    metadata = [("authorization", f"Bearer {token}")] if token else []
-    if claimed:
-        metadata.append(("packetflow-caller", claimed))
-    credentials = grpc.ssl_channel_credentials(root_certificates=ca)
-    async with grpc.aio.secure_channel(address, credentials) as channel:
-        answer = await runtime_pb2_grpc.CapabilityRuntimeStub(channel).Invoke(
-            runtime_pb2.InvokeRequest(capability=capability, input_json=b"{}"),
-            timeout=30, metadata=metadata)
-    found: dict[str, Any] = orjson.loads(answer.output_json)
-    return found
 
 
 @pytest.fixture
@@ -236,3 +221,14 @@ async def test_the_gateway_process_serves_tokens_on_its_token_address(
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_the_gateway_names_a_token_address_without_tls_files(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("capabilities: {}")
+    args = build_parser().parse_args(["gateway", "--routes", str(routes), "--token-address",
+                                      "127.0.0.1:0"])
+    assert args.func(args) == 2
+    assert "error: token_address (PACKETFLOW_TOKEN_ADDRESS) needs the TLS files" \
+        in capsys.readouterr().err

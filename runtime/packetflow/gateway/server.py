@@ -116,6 +116,8 @@ class GatewayServer:
                 await health_server.stop(0)
             if token_listener is not None:
                 await token_listener.stop()
+            elif tokens is not None:
+                await tokens.aclose()
             shutil.rmtree(socket_dir, ignore_errors=True)
             raise
         bound = listener.sockets[0].getsockname()[1]
