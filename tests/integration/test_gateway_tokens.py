@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import orjson
 import pytest
 
 from packetflow.cli import build_parser
@@ -21,7 +22,7 @@ from packetflow.identity.spiffe import Workload
 from packetflow.identity.tokens import AUDIENCE, TokenReviewer
 from packetflow.identity.workload import WorkloadIdentity
 from packetflow.server import RuntimeServer
-from packetflow.v1 import runtime_pb2
+from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 from tests.integration.test_gateway_zero_trust import GATEWAY, routes_to
 from tests.integration.test_token_review import invoke
 from tests.integration.test_zero_trust import (
@@ -118,6 +119,19 @@ async def test_a_token_for_packetflow_proves_its_caller_through_the_gateway(
     for _ in range(3):
         assert (await front.call(token))["caller"] == caller_of(ALICE)
     assert front.emulator.token_reviews == before + 1
+
+
+async def test_a_streaming_call_waits_for_its_tokens_review(front: TokenFront) -> None:
+    # A token not reviewed yet: the stream's frames are held, then relayed as its caller.
+    credentials = grpc.ssl_channel_credentials(root_certificates=front.files.ca.read_bytes())
+    async with grpc.aio.secure_channel(front.token_address, credentials) as channel:
+        events = [event async for event in runtime_pb2_grpc.CapabilityRuntimeStub(
+            channel).InvokeStream(runtime_pb2.InvokeRequest(capability="whoami",
+                                                            input_json=b"{}"),
+                                  timeout=30,
+                                  metadata=[("authorization", f"Bearer {front.token()}")])]
+    assert orjson.loads(events[-1].result.output_json)["caller"] == caller_of(ALICE)
+    assert front.emulator.token_reviews == 1
 
 
 async def test_the_gateway_refuses_a_token_for_another_audience(front: TokenFront) -> None:
