@@ -26,6 +26,15 @@ class WorkloadTlsSettings(BaseSettings):
     health_address: str | None = Field(
         default=None, description="Plaintext grpc.health.v1 only, beside an mTLS gRPC port "
                                   "(for the kubelet's gRPC probes); unset: none")
+    token_address: str | None = Field(
+        default=None, description="With the TLS files: a second gRPC port (TLS, no client "
+                                  "certificate) where callers prove themselves with a "
+                                  "projected ServiceAccount token (audience packetflow), "
+                                  "checked by TokenReview; unset: none")
+    token_review_api: str | None = Field(
+        default=None, description="The Kubernetes API that reviews tokens; unset: in-cluster "
+                                  "(the pod's own ServiceAccount must be "
+                                  "allowed to create tokenreviews)")
 
     @model_validator(mode="after")
     def _tls_files_together(self) -> Self:
@@ -33,6 +42,9 @@ class WorkloadTlsSettings(BaseSettings):
         if any(given) and not all(given):
             raise ValueError("tls_cert, tls_key and tls_ca go together (PACKETFLOW_TLS_CERT, "
                              "PACKETFLOW_TLS_KEY, PACKETFLOW_TLS_CA)")
+        if self.token_address is not None and not all(given):
+            raise ValueError("token_address (PACKETFLOW_TOKEN_ADDRESS) needs the TLS files: "
+                             "tokens travel over TLS with this workload's certificate")
         return self
 
 
@@ -56,6 +68,12 @@ class RuntimeSettings(WorkloadTlsSettings):
     mcp_token: str | None = Field(
         default=None, repr=False,
         description="Bearer token MCP clients must send (from a Secret); unset: no auth")
+    mcp_token_review: bool = Field(
+        default=False,
+        description="With the TLS files: an MCP client without a client certificate may "
+                    "prove itself with a projected ServiceAccount token (Authorization: "
+                    "Bearer, audience packetflow) checked by TokenReview at "
+                    "token_review_api; not with mcp_token (both are bearer tokens)")
     undeclared_as_services: bool = Field(
         default=False,
         description="A composition step naming a capability this runtime does not serve "
@@ -94,14 +112,16 @@ class RuntimeSettings(WorkloadTlsSettings):
     forward_caller: bool = Field(
         default=False, description="This process forwards calls for others (the MCP "
                                    "aggregate): its remote calls name their caller")
-    token_address: str | None = Field(
-        default=None, description="With the TLS files: a second gRPC port (TLS, no client "
-                                  "certificate) where callers prove themselves with a "
-                                  "projected ServiceAccount token (audience packetflow), "
-                                  "checked by TokenReview; unset: none")
-    token_review_api: str | None = Field(
-        default=None, description="The Kubernetes API that reviews tokens; unset: in-cluster "
-                                  "(the pod's own ServiceAccount must be "
-                                  "allowed to create tokenreviews)")
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|text)$")
+
+    @model_validator(mode="after")
+    def _one_kind_of_mcp_token(self) -> Self:
+        if self.mcp_token_review and self.tls_cert is None:
+            raise ValueError("mcp_token_review (PACKETFLOW_MCP_TOKEN_REVIEW) needs the TLS "
+                             "files: ServiceAccount tokens travel over HTTPS only")
+        if self.mcp_token_review and self.mcp_token:
+            raise ValueError("mcp_token (PACKETFLOW_MCP_TOKEN, a shared secret) and "
+                             "mcp_token_review (PACKETFLOW_MCP_TOKEN_REVIEW, ServiceAccount "
+                             "tokens) both use Authorization: Bearer: set one")
+        return self

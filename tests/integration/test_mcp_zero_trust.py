@@ -24,6 +24,7 @@ from packetflow.identity.certs import issue, new_authority
 from packetflow.identity.local import IssuedFiles, issue_files, local_authority
 from packetflow.identity.spiffe import SpiffeId, Workload
 from packetflow.identity.tls import client_context, load_credentials
+from packetflow.identity.tokens import TokenReviewer
 from packetflow.mcp.http import ALPN_HTTP1, McpHttpServer
 from packetflow.mcp.server import McpService
 from packetflow.server import RuntimeServer
@@ -61,20 +62,25 @@ class Aggregate:
     runtime: RuntimeServer  # the aggregate's own runtime
     mcp: McpHttpServer
 
-    def client(self, files: IssuedFiles | None) -> tuple[httpx2.AsyncClient, Client]:
-        """The official MCP client presenting ``files`` (None: no certificate)."""
+    def client(self, files: IssuedFiles | None,
+               token: str | None = None) -> tuple[httpx2.AsyncClient, Client]:
+        """The official MCP client presenting ``files`` (None: no certificate) and ``token``
+        as its bearer token."""
         credentials = load_credentials(files.cert, files.key) if files is not None else None
         # The endpoint is identified by its SPIFFE ID (no host name is checked).
         context = client_context(credentials, self.cluster.files.ca.read_bytes())
         context.set_alpn_protocols([ALPN_HTTP1])
-        http = httpx2.AsyncClient(verify=context)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        http = httpx2.AsyncClient(verify=context, headers=headers)
         return http, Client(streamable_http_client(self.mcp.url, http_client=http))
 
 
 @asynccontextmanager
-async def aggregated(directory: Path) -> AsyncIterator[Aggregate]:
+async def aggregated(directory: Path,
+                     tokens: TokenReviewer | None = None) -> AsyncIterator[Aggregate]:
     """A runtime trusting the aggregate as a forwarder, and the aggregate (a runtime as the
-    chart runs it: forwarding callers, admitting the cluster) serving MCP over HTTPS."""
+    chart runs it: forwarding callers, admitting the cluster) serving MCP over HTTPS
+    (``tokens``: accepting ServiceAccount tokens too)."""
     authority = local_authority(directory, DOMAIN)
     async with secure_runtime(directory, authority, SERVER, MANIFESTS,
                               trusted_forwarders=[caller_of(AGGREGATE)]) as (server, files):
@@ -84,7 +90,8 @@ async def aggregated(directory: Path) -> AsyncIterator[Aggregate]:
                                   default_policy="cluster") as (front, _):
             assert front.engine.guard is not None
             mcp = await McpHttpServer.start(McpService.for_engine(front.engine),
-                                            identity=front.engine.guard.identity)
+                                            identity=front.engine.guard.identity,
+                                            tokens=tokens)
             try:
                 yield Aggregate(cluster, front, mcp)
             finally:
@@ -125,9 +132,10 @@ async def test_a_tool_call_is_refused_by_the_runtime_as_the_proven_caller(
                                      name="guarded", rule="allow") == 1
 
 
-async def refusal(aggregate: Aggregate, files: IssuedFiles | None) -> str:
-    """The 401 body's reason for an MCP request presenting ``files``."""
-    http, _ = aggregate.client(files)
+async def refusal(aggregate: Aggregate, files: IssuedFiles | None,
+                  token: str | None = None) -> str:
+    """The 401 body's reason for an MCP request presenting ``files`` (and ``token``)."""
+    http, _ = aggregate.client(files, token)
     async with http:
         answer = await http.post(aggregate.mcp.url, json={
             "jsonrpc": "2.0", "id": 1, "method": "tools/list"},

@@ -33,17 +33,8 @@ class TokenPort:
     async def call(self, token: str | None, capability: str = "whoami",
                    claimed: str | None = None) -> dict[str, Any]:
         """Invoke over TLS without a client certificate, the token as a bearer token."""
-        metadata = [("authorization", f"Bearer {token}")] if token else []
-        if claimed:
-            metadata.append(("packetflow-caller", claimed))
-        credentials = grpc.ssl_channel_credentials(root_certificates=self.ca.read_bytes())
-        async with grpc.aio.secure_channel(f"127.0.0.1:{self.server.token_port}",
-                                           credentials) as channel:
-            answer = await runtime_pb2_grpc.CapabilityRuntimeStub(channel).Invoke(
-                runtime_pb2.InvokeRequest(capability=capability, input_json=b"{}"),
-                timeout=30, metadata=metadata)
-        found: dict[str, Any] = orjson.loads(answer.output_json)
-        return found
+        return await invoke(f"127.0.0.1:{self.server.token_port}", self.ca.read_bytes(), token,
+                            capability, claimed)
 
     async def refused(self, token: str | None) -> grpc.aio.AioRpcError:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -53,6 +44,22 @@ class TokenPort:
     def counted(self, reason: str) -> float:
         return self.server.engine.metrics.registry.get_sample_value(
             "packetflow_unauthenticated_calls_total", {"reason": reason}) or 0.0
+
+
+async def invoke(address: str, ca: bytes, token: str | None, capability: str = "whoami",
+                 claimed: str | None = None) -> dict[str, Any]:
+    """Invoke over TLS without a client certificate (trusting ``ca``), ``token`` as the
+    bearer token."""
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    if claimed:
+        metadata.append(("packetflow-caller", claimed))
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+    async with grpc.aio.secure_channel(address, credentials) as channel:
+        answer = await runtime_pb2_grpc.CapabilityRuntimeStub(channel).Invoke(
+            runtime_pb2.InvokeRequest(capability=capability, input_json=b"{}"),
+            timeout=30, metadata=metadata)
+    found: dict[str, Any] = orjson.loads(answer.output_json)
+    return found
 
 
 @pytest.fixture

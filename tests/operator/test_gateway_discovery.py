@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,13 +18,19 @@ import httpx
 import kmock
 import pytest
 
-from packetflow.client import CallError, RuntimeClient
+from packetflow.client import CallError, RuntimeClient, tls_credentials
 from packetflow.engine import Engine
 from packetflow.gateway.kube import KubeApi, KubeDiscovery
 from packetflow.gateway.server import GatewayServer
+from packetflow.identity.local import issue_files, local_authority
+from packetflow.identity.spiffe import Workload
+from packetflow.identity.workload import WorkloadIdentity
 from packetflow.manifests import load_text
 from packetflow.server import RuntimeServer
 from tests.conftest import eventually
+from tests.integration.test_gateway_tokens import calls_served
+from tests.integration.test_gateway_zero_trust import GATEWAY
+from tests.integration.test_zero_trust import DOMAIN, MANIFESTS, caller_of, secure_runtime
 from tests.operator.api import patch, post
 from tests.operator.kube_emulator import ClusterEmulator
 
@@ -176,3 +183,48 @@ async def test_a_resource_it_may_not_read_does_not_hold_back_the_others(
         watching.cancel()
         await asyncio.gather(watching, return_exceptions=True)
         await gateway.stop(grace=0)
+
+
+async def test_under_mutual_tls_a_backend_must_be_the_capabilitys_workload(
+        cluster: ClusterEmulator, kube: httpx.AsyncClient, tmp_path: Path) -> None:
+    # The operator runs a Capability's pods as <namespace>/packetflow-<name>; a pod of another
+    # workload (same cluster authority) behind its Service gets no call.
+    cluster.namespace_names.append("team-a")
+    authority = local_authority(tmp_path, DOMAIN)
+    forwarders = [caller_of(GATEWAY)]
+    async with secure_runtime(tmp_path, authority, Workload("team-a", "packetflow-whoami"),
+                              MANIFESTS, trusted_forwarders=forwarders) as (right, _), \
+            secure_runtime(tmp_path, authority, Workload("team-a", "packetflow-guarded"),
+                           MANIFESTS, trusted_forwarders=forwarders) as (impostor, _):
+        await post(kube, CAPS.format(ns="team-a"), capability("whoami", implementation={
+            "python": {"module": "tests.support.handlers", "function": "whoami"}}))
+        for name, server in (("whoami-a", right), ("whoami-b", impostor)):
+            await post(kube, SLICES.format(ns="team-a"),
+                       endpoint_slice(name, "whoami", server.port))
+        own = issue_files(authority, tmp_path, GATEWAY.service_account, GATEWAY,
+                          ip_addresses=("127.0.0.1",))
+        gateway = await GatewayServer.start(
+            "127.0.0.1:0", identity=WorkloadIdentity(own.cert, own.key, own.ca))
+        discovery = KubeDiscovery(KubeApi(str(cluster.url)), ["team-a"])
+        watching = asyncio.create_task(discovery.run(gateway.apply))
+        alice = issue_files(authority, tmp_path, "alice", Workload("team-a", "alice"))
+        try:
+            await eventually(lambda: "whoami" in gateway.table.capabilities and len(
+                gateway.table.capabilities["whoami"].stable.endpoints) == 2, timeout=20)
+            ejections = gateway.table.metrics.ejections
+
+            async def impostor_ejected() -> bool:
+                answer = await client.invoke("whoami", {}, timeout=30)
+                assert answer["caller"] == caller_of(Workload("team-a", "alice"))
+                return any(sample.labels["endpoint"] == f"127.0.0.1:{impostor.port}"
+                           for metric in ejections.collect() for sample in metric.samples)
+
+            async with RuntimeClient(f"127.0.0.1:{gateway.port}", credentials=tls_credentials(
+                    alice.cert, alice.key, alice.ca)) as client:
+                await eventually(impostor_ejected, timeout=60, what="the impostor's ejection")
+            assert calls_served(impostor) == 0
+            assert calls_served(right) >= 1
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            await gateway.stop(grace=0)

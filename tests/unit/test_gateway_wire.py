@@ -151,8 +151,9 @@ capabilities:
     backends: [h:3]
     canary: {backends: [h:4], weight: 25}
     traffic: {hedging: {enabled: false}, retries: {maxAttempts: 2}}
+    identity: team-a/packetflow-greet
 actors:
-  ledger: {members: {m1: h:5, m2: h:6}}
+  ledger: {members: {m1: h:5, m2: h:6}, identity: "spiffe://c.test/ns/a/sa/packetflow-l"}
   solo: {members: [h:7]}
 """, "routes.yaml")
     assert routes.capabilities["echo"].stable == ("127.0.0.1:1", "[::1]:2", "unix:/tmp/x.sock")
@@ -161,6 +162,9 @@ actors:
     assert not greet.traffic.hedging.enabled and greet.traffic.retries.max_attempts == 2
     assert routes.actors["ledger"].members == (("m1", "h:5"), ("m2", "h:6"))
     assert routes.actors["solo"].members == (("h:7", "h:7"),)
+    assert (greet.identity, routes.capabilities["echo"].identity) == \
+        ("team-a/packetflow-greet", None)
+    assert routes.actors["ledger"].identity == "spiffe://c.test/ns/a/sa/packetflow-l"
     assert parse_routes("", "empty.yaml").capabilities == {}
 
 
@@ -172,6 +176,11 @@ def test_routes_file_errors_name_file_line_and_field(tmp_path: Path) -> None:
     assert "r.yaml:2: capabilities.echo[0]: 'nowhere' is not host:port, [v6]:port " \
            "or unix:PATH" in messages  # the short form's own path
     assert any(m.startswith("r.yaml:4: capabilities.greet.canary.weight:") for m in messages)
+    with pytest.raises(RoutesError) as bad:
+        parse_routes("capabilities:\n  echo:\n    backends: [h:1]\n    identity: alice\n",
+                     "r.yaml")
+    assert str(bad.value.errors[0]).startswith(
+        "r.yaml:4: capabilities.echo.identity: 'alice' is not namespace/service-account")
     with pytest.raises(RoutesError, match="a name is a capability or an actor type"):
         parse_routes("capabilities: {echo: [h:1]}\nactors: {echo: {members: [h:2]}}", "r.yaml")
     with pytest.raises(RoutesError, match=r"r.yaml:1: invalid YAML"):
@@ -227,6 +236,8 @@ def test_routes_from_cluster_objects() -> None:
     assert (echo.stable, echo.canary, echo.weight) == (("10.0.0.1:50051",),
                                                         ("10.0.0.2:50051",), 30)
     assert echo.effects == ("network",) and echo.implementation == "builtin"
+    # Under mutual TLS its backends must be the workload the operator runs it as.
+    assert echo.identity == "ns/packetflow-echo"
     # A leftover canary workload without spec.canary gets no calls; a broken spec no route.
     assert routes.capabilities["plain"].canary == ()
     assert "broken" not in routes.capabilities

@@ -17,6 +17,7 @@ from packetflow.gateway.routes import RoutesError, load_routes
 from packetflow.gateway.routing import Routes
 from packetflow.gateway.server import GatewayServer
 from packetflow.gateway.settings import GatewaySettings
+from packetflow.identity.tokens import TokenReviewer
 from packetflow.identity.workload import WorkloadIdentity
 from packetflow.identity.x509 import BundleError
 from packetflow.logs import configure_logging
@@ -53,6 +54,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     tls.add_argument("--ca", type=Path, help="the trust domain's authorities (PEM)")
     tls.add_argument("--health-address",
                      help="plaintext gRPC health only, beside the mTLS port (kubelet probes)")
+    tls.add_argument("--token-address",
+                     help="a second listener (TLS, no client certificate) where each call "
+                          "proves its caller with a projected ServiceAccount token "
+                          "(authorization: Bearer, audience packetflow; TokenReview)")
+    tls.add_argument("--token-review-api", metavar="URL",
+                     help="the Kubernetes API that reviews tokens (default: in-cluster)")
     parser.set_defaults(func=cmd_gateway)
 
 
@@ -61,7 +68,8 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
     flags = {"address": args.address, "metrics_address": args.metrics_address,
              "gateway_routes": args.routes, "gateway_kubernetes": args.kubernetes,
              "gateway_namespaces": args.namespace, "tls_cert": args.cert,
-             "tls_key": args.key, "tls_ca": args.ca, "health_address": args.health_address}
+             "tls_key": args.key, "tls_ca": args.ca, "health_address": args.health_address,
+             "token_address": args.token_address, "token_review_api": args.token_review_api}
     return GatewaySettings(**{k: v for k, v in flags.items() if v is not None})
 
 
@@ -112,10 +120,13 @@ async def serve_gateway(settings: GatewaySettings) -> int:
     except BundleError as exc:
         print(f"error: PACKETFLOW_TLS_* (--cert/--key/--ca): {exc}", file=sys.stderr)
         return 1
+    tokens = TokenReviewer.in_cluster(identity.trust_domain, settings.token_review_api) \
+        if identity is not None and settings.token_address is not None else None
     server = await GatewayServer.start(settings.address, routes=routes, metrics=metrics,
                                        max_payload_bytes=settings.max_payload_bytes,
                                        identity=identity,
-                                       health_address=settings.health_address)
+                                       health_address=settings.health_address,
+                                       token_address=settings.token_address, tokens=tokens)
     metrics_server, metrics_port = (
         start_metrics_server(metrics.registry, settings.metrics_address)
         if settings.metrics_address else (None, None))
@@ -123,6 +134,8 @@ async def serve_gateway(settings: GatewaySettings) -> int:
     extra = f", metrics on :{metrics_port}/metrics" if metrics_port else ""
     if identity is not None:
         extra += f", mutual TLS as {identity.spiffe_id}"
+    if server.token_listener is not None:
+        extra += f", ServiceAccount tokens on port {server.token_listener.port}"
     print(f"packetflow: gateway on port {server.port}, {where}{extra}", file=sys.stderr,
           flush=True)
     discovering = asyncio.create_task(discover(server))

@@ -12,7 +12,9 @@ ready endpoints of its Service's EndpointSlices (``kubernetes.io/service-name: N
 calls; effects, intent and ``spec.traffic`` come from the Capability itself. An Actor's
 members are the ready pods behind its Service ``NAME``, named by pod (the member ids
 placement uses). Changing ``spec.canary.weight`` (``kubectl patch``, or the routing
-controller) changes the split within a watch event.
+controller) changes the split within a watch event. Under mutual TLS every backend must be
+the workload the operator runs it as, ``<namespace>/packetflow-<name>`` (its ServiceAccount,
+canary included): another workload's certificate is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import httpx
 import orjson
 from pydantic import ValidationError
 
+from packetflow.access import workload_service_account
 from packetflow.gateway.routing import ActorBackends, CapabilityBackends, Routes
 from packetflow.gateway.settings import GatewaySettings
 from packetflow.spec import CANARY_SUFFIX, GROUP, VERSION, Actor, Capability
@@ -112,7 +115,8 @@ def routes_from(capabilities: Objects, actors: Objects, slices: Objects) -> Rout
             # Without spec.canary a leftover canary workload gets no calls.
             addresses(namespace, name + CANARY_SUFFIX) if canary is not None else (),
             canary.weight if canary is not None else 0, spec.traffic,
-            tuple(spec.effects), spec.intent, spec.implementation.kind)
+            tuple(spec.effects), spec.intent, spec.implementation.kind,
+            f"{namespace}/{workload_service_account(name)}")
     for (namespace, name), item in sorted(actors.items()):
         try:
             Actor.model_validate(item)
@@ -120,7 +124,8 @@ def routes_from(capabilities: Objects, actors: Objects, slices: Objects) -> Rout
             continue
         homes.setdefault(name, []).append(namespace)
         actor_routes[name] = ActorBackends(
-            name, tuple(slice_addresses(by_service.get((namespace, name), []))))
+            name, tuple(slice_addresses(by_service.get((namespace, name), []))),
+            f"{namespace}/{workload_service_account(name)}")
     problems = {name: f"the name is used in namespaces {', '.join(sorted(spaces))} (or by a "
                       "Capability and an Actor); a gateway serves each name once"
                 for name, spaces in homes.items() if len(spaces) > 1}

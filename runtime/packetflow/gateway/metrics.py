@@ -62,3 +62,8 @@ class GatewayMetrics:
             "Connections refused under mutual TLS, by reason (plaintext, "
             "untrusted-certificate, no-client-certificate, expired, unknown-trust-domain...).",
             ["reason"], registry=self.registry)
+        self.unauthenticated_calls = Counter(
+            "packetflow_gateway_unauthenticated_calls",
+            "Calls refused on the token listener, by reason (no-credentials, token-refused, "
+            "wrong-audience, not-a-service-account, review-failed): nothing was forwarded.",
+            ["reason"], registry=self.registry)

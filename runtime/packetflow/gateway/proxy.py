@@ -691,13 +691,16 @@ class Relay:
     """
 
     def __init__(self, gateway: RelayFront, down: Stream, headers: CallHeaders,
-                 route: Callable[[bytes], tuple[str, Endpoint]] | None) -> None:
+                 route: Callable[[bytes], tuple[str, Endpoint]] | None,
+                 ended: bool | None = None) -> None:
         self.gateway = gateway
         self.down = down
         self.headers = headers
         self.route = route
         self.pending = bytearray()
-        self.pending_end = down.remote_closed
+        # Whether the request ended with its headers (a call held for review may have
+        # received its end since: those events come later, through on_data).
+        self.pending_end = down.remote_closed if ended is None else ended
         self.up: Stream | None = None
         self.connecting: asyncio.Future[None] | None = None
         self.route_name = ""
@@ -888,19 +891,24 @@ class Gateway:
             self.refuse(stream, call, UNAUTHENTICATED, conn.refusal or
                         f"the client certificate of {(conn.caller or b'').decode()} expired")
             return _Ignore()
+        return self.serve(stream, call, end_stream)
+
+    def serve(self, stream: Stream, call: CallHeaders, end_stream: bool) -> StreamHandler:
+        """Route a call whose caller is settled (``end_stream``: its header block ended
+        the request)."""
         if call.path in UNARY_METHODS:
             handler = Buffered(self, stream, call)
             if end_stream:
                 handler.on_data(b"", True)
             return handler
         if call.path == INVOKE_STREAM:
-            relay = Relay(self, stream, call, self._route_invoke_stream)
+            relay = Relay(self, stream, call, self._route_invoke_stream, end_stream)
         elif call.path == CONVERSE:
-            relay = Relay(self, stream, call, self._route_converse)
+            relay = Relay(self, stream, call, self._route_converse, end_stream)
         elif call.path == FOLLOWUPS:
-            relay = Relay(self, stream, call, self._route_followups)
+            relay = Relay(self, stream, call, self._route_followups, end_stream)
         else:
-            relay = Relay(self, stream, call, None)
+            relay = Relay(self, stream, call, None, end_stream)
             relay.begin(self.internal)
             return relay
         relay.begin()

@@ -7,10 +7,17 @@ capabilities:
     backends: [127.0.0.1:50061, 127.0.0.1:50062]
     canary: {backends: [127.0.0.1:50071], weight: 10}
     traffic: {hedging: {enabled: false}}          # a Capability's spec.traffic
+    identity: team-a/packetflow-greet             # under mutual TLS: who the backends are
 actors:
   research-assistant:
     members: {node-a: 127.0.0.1:50061}            # PACKETFLOW_MEMBER_ID -> address
+    identity: spiffe://cluster.local/ns/team-a/sa/packetflow-research-assistant
 ```
+
+``identity`` (optional; stable and canary backends alike): with the gateway's TLS files, a
+backend whose certificate names another workload is refused before any call reaches it. A
+``namespace/service-account`` is of the gateway's own trust domain. Without it, any workload
+of that trust domain is accepted.
 
 A capability's effects (which decide retries and hedging) come from its backends
 (DescribeCapability). Errors name the file, line and field.
@@ -25,7 +32,12 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
-from packetflow.gateway.routing import ActorBackends, CapabilityBackends, Routes
+from packetflow.gateway.routing import (
+    ActorBackends,
+    CapabilityBackends,
+    Routes,
+    expected_identity,
+)
 from packetflow.manifests import ManifestError, node_line
 from packetflow.spec import NAME_PATTERN, SpecModel, Traffic
 from packetflow.validation import format_path, validation_errors
@@ -40,7 +52,13 @@ def _address(value: str) -> str:
     return value
 
 
+def _identity(value: str) -> str:
+    expected_identity(value, "trust-domain.check")  # SpiffeIdError (a ValueError) says why
+    return value
+
+
 Address = Annotated[str, AfterValidator(_address)]
+Identity = Annotated[str, AfterValidator(_identity)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
@@ -57,6 +75,9 @@ class CapabilityRoutes(SpecModel):
     backends: list[Address] = Field(default_factory=list)
     canary: CanaryRoutes | None = None
     traffic: Traffic = Field(default_factory=Traffic)
+    identity: Identity | None = Field(
+        default=None, description="Who the backends must be: a SPIFFE ID or "
+                                  "namespace/service-account (the gateway's trust domain)")
 
     @model_validator(mode="before")
     @classmethod
@@ -68,6 +89,8 @@ class ActorRoutes(SpecModel):
     """An actor type's members: member id -> address (a bare list: ids are the addresses)."""
 
     members: dict[str, Address] | list[Address]
+    identity: Identity | None = Field(
+        default=None, description="Who the members must be (as a capability's identity)")
 
 
 class RoutesFile(SpecModel):
@@ -99,12 +122,13 @@ def routes_of(parsed: RoutesFile) -> Routes:
         name: CapabilityBackends(
             name, tuple(entry.backends),
             tuple(entry.canary.backends) if entry.canary else (),
-            entry.canary.weight if entry.canary else 0, entry.traffic)
+            entry.canary.weight if entry.canary else 0, entry.traffic,
+            identity=entry.identity)
         for name, entry in parsed.capabilities.items()}
     actors = {
         name: ActorBackends(name, tuple(sorted(
             entry.members.items() if isinstance(entry.members, dict)
-            else ((address, address) for address in entry.members))))
+            else ((address, address) for address in entry.members))), entry.identity)
         for name, entry in parsed.actors.items()}
     return Routes(capabilities, actors)
 

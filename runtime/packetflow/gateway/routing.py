@@ -5,10 +5,16 @@ Discovery (a routes file, or Kubernetes) produces :class:`Routes`, plain and com
 endpoint's statistics, budgets and connections across snapshots, so a reload or a weight
 change neither forgets what was learned nor drops a call in flight: calls hold the objects
 they started with, and an address that leaves is drained, not cut.
+
+Under zero trust a route may name the workload its backends must be (``identity``: what
+Kubernetes discovery derives from the Capability, what a routes file says): a backend whose
+certificate names another is refused as its connection opens, before any call is sent on it,
+and fails like an unreachable endpoint (retried elsewhere, ejected in a row).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -16,6 +22,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from cryptography import x509
 
 from packetflow.actors.timing import rendezvous_owner
 from packetflow.gateway.balancer import PeakEwma, pick_two
@@ -31,8 +39,10 @@ from packetflow.gateway.outlier import (
     sweep,
 )
 from packetflow.gateway.policy import SERVER_ERRORS
-from packetflow.gateway.upstream import Upstream
+from packetflow.gateway.upstream import PeerCheck, Upstream
+from packetflow.identity.spiffe import SCHEME, SpiffeId, Workload
 from packetflow.identity.workload import WorkloadIdentity
+from packetflow.identity.x509 import AuthenticationError, spiffe_id_of
 from packetflow.spec import Traffic, duration_seconds
 
 log = logging.getLogger("packetflow.gateway")
@@ -58,6 +68,7 @@ class CapabilityBackends:
     effects: tuple[str, ...] | None = None
     intent: str = ""
     implementation: str = ""
+    identity: str | None = None  # who every backend must be (see expected_identity)
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,44 @@ class ActorBackends:
 
     name: str
     members: tuple[tuple[str, str], ...] = ()
+    identity: str | None = None  # who every member must be (see expected_identity)
+
+
+def expected_identity(text: str, trust_domain: str) -> SpiffeId:
+    """The SPIFFE ID a route's ``identity`` names: written out, or ``namespace/service-account``
+    of ``trust_domain`` (the gateway's own); :class:`SpiffeIdError` when it is neither."""
+    if text.startswith(SCHEME):
+        return SpiffeId.parse(text)
+    return Workload.parse(text).spiffe_id(trust_domain)
+
+
+def presented_identity(transport: asyncio.BaseTransport) -> str:
+    """Who a TLS connection's peer certificate says the peer is (for a refusal's message)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if der is None:
+        return "no certificate"
+    try:
+        return str(spiffe_id_of(x509.load_der_x509_certificate(der)))
+    except AuthenticationError as exc:
+        return f"unnamed ({exc.message})"
+
+
+def identity_check(expected: SpiffeId) -> PeerCheck:
+    """A backend connection's check: its certificate (already chained to our trust domain's
+    authorities by the handshake) must name ``expected``; ValueError names both."""
+    wanted = str(expected)
+
+    def check(transport: asyncio.BaseTransport) -> None:
+        presented = presented_identity(transport)
+        if presented != wanted:
+            peer = transport.get_extra_info("peername")
+            log.warning("backend %s refused: it presented %s, expected %s", peer, presented,
+                        wanted, extra={"endpoint": str(peer), "expected": wanted,
+                                       "presented": presented})
+            raise ValueError(f"the backend presented {presented}, expected {wanted}")
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -256,10 +305,10 @@ class RoutingTable:
                         for name, backends in routes.capabilities.items()}
         actors = {name: self._actor_route(backends, now)
                   for name, backends in routes.actors.items()}
-        used = {e.address for route in _both(capabilities, actors)
+        used = {id(e.upstream) for route in _both(capabilities, actors)
                 for pool in route.pools() for e in pool.endpoints}
-        for address in [a for a in self.upstreams if a not in used]:
-            self.upstreams.pop(address).retire()
+        for key in [k for k, u in self.upstreams.items() if id(u) not in used]:
+            self.upstreams.pop(key).retire()
         self._forget_metrics(capabilities, actors)
         self.capabilities, self.actors = capabilities, actors
         self.problems = routes.problems
@@ -272,19 +321,30 @@ class RoutingTable:
             self.metrics.endpoints.labels(actor_route.name, MEMBERS).set(
                 len(actor_route.members.endpoints))
 
-    def _upstream(self, address: str) -> Upstream:
-        upstream = self.upstreams.get(address)
+    def _upstream(self, address: str, identity: str | None) -> Upstream:
+        """The connection to ``address``, shared by every route expecting the same workload
+        there (one expecting another gets a connection of its own, checked against it)."""
+        expected = expected_identity(identity, self.identity.trust_domain) \
+            if identity is not None and self.identity is not None else None
+        key = address if expected is None else f"{address} as {expected}"
+        upstream = self.upstreams.get(key)
         if upstream is None:
-            upstream = self.upstreams[address] = Upstream(address, self.identity)
+            check = identity_check(expected) if expected is not None else None
+            upstream = self.upstreams[key] = Upstream(address, self.identity, check)
         return upstream
 
     def _endpoints(self, name: str, version: str, previous: Pool | None,
-                   members: Iterable[tuple[str | None, str]], now: float) -> list[Endpoint]:
+                   members: Iterable[tuple[str | None, str]], now: float,
+                   identity: str | None = None) -> list[Endpoint]:
         known = {(e.member, e.address): e for e in previous.endpoints} if previous else {}
-        return [known.get((member, address))
-                or Endpoint(name, version, address, self._upstream(address), member,
-                            self.metrics, now)
-                for member, address in members]
+        endpoints = []
+        for member, address in members:
+            upstream = self._upstream(address, identity)
+            endpoint = known.get((member, address))
+            if endpoint is None or endpoint.upstream is not upstream:
+                endpoint = Endpoint(name, version, address, upstream, member, self.metrics, now)
+            endpoints.append(endpoint)
+        return endpoints
 
     def _capability_route(self, backends: CapabilityBackends, now: float) -> CapabilityRoute:
         old = self.capabilities.get(backends.name)
@@ -295,7 +355,8 @@ class RoutingTable:
             previous = None if old is None else (old.stable if version == STABLE
                                                  else old.canary)
             endpoints = self._endpoints(backends.name, version, previous,
-                                        ((None, a) for a in dict.fromkeys(addresses)), now)
+                                        ((None, a) for a in dict.fromkeys(addresses)), now,
+                                        backends.identity)
             pools.append(Pool(backends.name, version, endpoints, policy.outlier, now, previous))
         if old is not None and same_policy:
             retry_budget, hedge_budget, latency = \
@@ -322,7 +383,8 @@ class RoutingTable:
         old = self.actors.get(backends.name)
         previous = None if old is None else old.members
         policy = DEFAULT_POLICY
-        endpoints = self._endpoints(backends.name, MEMBERS, previous, backends.members, now)
+        endpoints = self._endpoints(backends.name, MEMBERS, previous, backends.members, now,
+                                    backends.identity)
         pool = Pool(backends.name, MEMBERS, endpoints, policy.outlier, now, previous)
         budget = old.retry_budget if old is not None else self._retry_budget(policy)
         route = ActorRoute(backends, pool, policy, budget)

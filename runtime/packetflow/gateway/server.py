@@ -4,7 +4,9 @@ The listener (:mod:`packetflow.gateway.h2`) answers every call; the gateway's ow
 ``grpc.aio`` server, on a Unix socket only the gateway reaches, serves health and reflection
 (the listener relays those calls to it), so ``grpcurl`` and gRPC health probes work as on a
 runtime. With an identity the listener speaks mutual TLS only: each connection's handshake
-and client certificate are checked before its first frame is read.
+and client certificate are checked before its first frame is read. A second listener, the
+token listener (``token_address``), speaks TLS without asking for a client certificate: each
+call there proves its caller with a ServiceAccount token (:mod:`packetflow.gateway.callers`).
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from grpc_reflection.v1alpha import reflection
 
 from packetflow.addresses import split_address
 from packetflow.engine import DEFAULT_MAX_PAYLOAD_BYTES
-from packetflow.gateway.h2 import Connection
+from packetflow.gateway.callers import TokenCalls
+from packetflow.gateway.h2 import Connection, Headers, Stream, StreamHandler
 from packetflow.gateway.metrics import GatewayMetrics
 from packetflow.gateway.proxy import Gateway
 from packetflow.gateway.routing import Routes, RoutingTable
 from packetflow.gateway.upstream import Upstream
 from packetflow.identity.terminator import HANDSHAKE_TIMEOUT, classify_handshake_failure
+from packetflow.identity.tokens import TokenReviewer
 from packetflow.identity.workload import WorkloadIdentity
 from packetflow.identity.x509 import AuthenticationError
 from packetflow.rpc import ACTOR_SERVICE_NAME, ENVELOPE_BYTES, SERVICE_NAME
@@ -57,6 +61,7 @@ class GatewayServer:
     socket_dir: Path
     acceptor: TlsAcceptor | None = None
     health_server: grpc.aio.Server | None = None
+    token_listener: TokenListener | None = None
     connections: set[Connection] = field(default_factory=set)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -66,9 +71,15 @@ class GatewayServer:
                     metrics: GatewayMetrics | None = None,
                     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
                     identity: WorkloadIdentity | None = None,
-                    health_address: str | None = None) -> GatewayServer:
+                    health_address: str | None = None,
+                    token_address: str | None = None,
+                    tokens: TokenReviewer | None = None) -> GatewayServer:
         """Listen on ``address`` (port 0 picks one) and serve ``routes``; with ``identity``,
-        mutual TLS on both sides; ``health_address``: plaintext gRPC health only."""
+        mutual TLS on both sides; ``health_address``: plaintext gRPC health only;
+        ``token_address`` (with ``identity`` and ``tokens``, which the server then owns):
+        TLS where each call proves its caller with a ServiceAccount token."""
+        if token_address is not None and (identity is None or tokens is None):
+            raise ValueError("a token listener needs the gateway's identity and a reviewer")
         socket_dir = Path(tempfile.mkdtemp(prefix="packetflow-gateway-"))
         internal, health = await _internal_server(socket_dir / "grpc.sock")
         metrics = metrics or GatewayMetrics()
@@ -76,7 +87,7 @@ class GatewayServer:
         gateway = Gateway(table, Upstream(f"unix:{socket_dir / 'grpc.sock'}"),
                           max_payload_bytes + ENVELOPE_BYTES)
         connections: set[Connection] = set()
-        acceptor = TlsAcceptor(identity, gateway, connections, metrics) \
+        acceptor = TlsAcceptor(identity, gateway.on_request, connections, metrics) \
             if identity is not None else None
 
         def accept() -> asyncio.Protocol:
@@ -89,26 +100,36 @@ class GatewayServer:
 
         host, port = split_address(address)
         loop = asyncio.get_running_loop()
-        health_server = None
+        health_server = token_listener = None
         try:
             if health_address is not None:
                 health_server = await _health_server(health, health_address)
+            if token_address is not None:
+                assert identity is not None and tokens is not None
+                token_listener = await TokenListener.start(
+                    token_address, identity, TokenCalls(gateway, tokens, metrics),
+                    connections)
             listener = await loop.create_server(accept, host, port, reuse_address=True)
         except OSError:
             await internal.stop(0)
             if health_server is not None:
                 await health_server.stop(0)
+            if token_listener is not None:
+                await token_listener.stop()
+            elif tokens is not None:
+                await tokens.aclose()
             shutil.rmtree(socket_dir, ignore_errors=True)
             raise
         bound = listener.sockets[0].getsockname()[1]
         server = cls(table, gateway, listener, internal, health, bound, socket_dir, acceptor,
-                     health_server, connections)
+                     health_server, token_listener, connections)
         if routes is not None:
             server.apply(routes)
         server.tasks = [asyncio.create_task(server._sweep()),
                         asyncio.create_task(server._learn())]
-        log.info("gateway listening", extra={"address": address, "port": bound,
-                                             "mtls": identity is not None})
+        log.info("gateway listening", extra={
+            "address": address, "port": bound, "mtls": identity is not None,
+            "token_port": token_listener.port if token_listener is not None else None})
         return server
 
     def apply(self, routes: Routes) -> None:
@@ -159,6 +180,8 @@ class GatewayServer:
         self.listener.close()
         if self.acceptor is not None:
             self.acceptor.cancel()
+        if self.token_listener is not None:
+            self.token_listener.close()
         for conn in list(self.connections):
             conn.goaway()
         with contextlib.suppress(TimeoutError):
@@ -173,6 +196,8 @@ class GatewayServer:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.token_listener is not None:
+            await self.token_listener.stop()
         await self.internal.stop(0)
         if self.health_server is not None:
             await self.health_server.stop(0)
@@ -185,14 +210,18 @@ class TlsAcceptor:
     """Mutual TLS in front of the HTTP/2 listener: each connection's handshake, then its
     client certificate, then HTTP/2. A connection whose certificate proves nobody answers
     each call UNAUTHENTICATED saying why (nothing is forwarded); a proven one forwards its
-    caller with every call."""
+    caller with every call. With ``client_certificate=False`` (the token listener) no
+    certificate is asked for: ``on_request`` proves each call's caller itself."""
 
-    def __init__(self, identity: WorkloadIdentity, gateway: Gateway,
-                 connections: set[Connection], metrics: GatewayMetrics) -> None:
+    def __init__(self, identity: WorkloadIdentity,
+                 on_request: Callable[[Stream, Headers, bool], StreamHandler],
+                 connections: set[Connection], metrics: GatewayMetrics, *,
+                 client_certificate: bool = True) -> None:
         self.identity = identity
-        self.gateway = gateway
+        self.on_request = on_request
         self.connections = connections
         self.metrics = metrics
+        self.client_certificate = client_certificate
         self.handshakes: set[asyncio.Task[None]] = set()
 
     def accept(self, transport: asyncio.Transport) -> None:
@@ -211,8 +240,9 @@ class TlsAcceptor:
         held = _Held()
         try:
             tls = await asyncio.get_running_loop().start_tls(
-                transport, held, self.identity.server_ssl_context(), server_side=True,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+                transport, held,
+                self.identity.server_ssl_context(client_certificate=self.client_certificate),
+                server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
         except asyncio.CancelledError:
             transport.abort()
             raise
@@ -222,16 +252,18 @@ class TlsAcceptor:
             return
         assert tls is not None
         tls.pause_reading()
-        conn = Connection(server=True, on_request=self.gateway.on_request)
-        ssl_object = tls.get_extra_info("ssl_object")
-        try:
-            principal = self.identity.authenticate(ssl_object.getpeercert(binary_form=True))
-        except AuthenticationError as exc:
-            conn.refusal = exc.message
-            self._refused(exc.reason, exc.message, peer)
-        else:
-            conn.caller = principal.caller.encode()
-            conn.caller_until = principal.not_after or conn.caller_until
+        conn = Connection(server=True, on_request=self.on_request)
+        if self.client_certificate:
+            ssl_object = tls.get_extra_info("ssl_object")
+            try:
+                principal = self.identity.authenticate(
+                    ssl_object.getpeercert(binary_form=True))
+            except AuthenticationError as exc:
+                conn.refusal = exc.message
+                self._refused(exc.reason, exc.message, peer)
+            else:
+                conn.caller = principal.caller.encode()
+                conn.caller_until = principal.not_after or conn.caller_until
         self.connections.add(conn)
         conn.closed.add_done_callback(lambda _: self.connections.discard(conn))
         conn.connection_made(tls)
@@ -247,6 +279,39 @@ class TlsAcceptor:
         self.metrics.unauthenticated.labels(reason).inc()
         log.info("caller refused", extra={"reason": reason, "detail": message,
                                           "peer": str(peer)})
+
+
+@dataclass
+class TokenListener:
+    """The token listener: TLS as the gateway's workload, no client certificate asked, each
+    call's caller proven by its bearer token."""
+
+    server: asyncio.Server
+    acceptor: TlsAcceptor
+    calls: TokenCalls
+    port: int
+
+    @classmethod
+    async def start(cls, address: str, identity: WorkloadIdentity, calls: TokenCalls,
+                    connections: set[Connection]) -> TokenListener:
+        """Listen on ``address`` (port 0 picks one); its connections join ``connections``."""
+        acceptor = TlsAcceptor(identity, calls.on_request, connections, calls.metrics,
+                               client_certificate=False)
+        host, port = split_address(address)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: _Handshake(acceptor.accept), host, port, reuse_address=True)
+        return cls(server, acceptor, calls, server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        """Stop accepting (calls on open connections go on: they drain with the others)."""
+        self.server.close()
+        self.acceptor.cancel()
+
+    async def stop(self) -> None:
+        """Stop accepting and reviewing."""
+        self.close()
+        self.calls.cancel()
+        await self.calls.reviewer.aclose()
 
 
 class _Handshake(asyncio.Protocol):

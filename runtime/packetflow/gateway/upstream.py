@@ -7,6 +7,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from packetflow.addresses import split_address
@@ -54,6 +55,11 @@ class FixedTls:
         return self._context
 
 
+# Checks a TLS backend's certificate once the handshake is done (which workload it is);
+# ValueError says why the connection may not be used.
+PeerCheck = Callable[[asyncio.BaseTransport], None]
+
+
 class ConnectFailed(Exception):
     """The backend could not be reached: nothing was sent, a retry elsewhere is safe."""
 
@@ -63,9 +69,11 @@ class Upstream:
     ``tls``, TCP connections speak (mutual) TLS: the gateway's workload to its backends, a
     federation gateway to its peer."""
 
-    def __init__(self, address: str, tls: ClientTls | None = None) -> None:
+    def __init__(self, address: str, tls: ClientTls | None = None,
+                 check_peer: PeerCheck | None = None) -> None:
         self.address = address
         self.tls = tls if not address.startswith("unix:") else None
+        self.check_peer = check_peer  # with tls: is the backend the workload expected?
         self._generation = 0  # of the TLS material the connection presented
         self.authority = address.encode()
         self.conn: Connection | None = None
@@ -130,6 +138,12 @@ class Upstream:
                         if not negotiated_h2(transport):
                             transport.close()
                             raise ValueError("the backend did not negotiate HTTP/2 (ALPN h2)")
+                        if self.check_peer is not None:
+                            try:
+                                self.check_peer(transport)
+                            except ValueError:
+                                transport.abort()  # before any stream was opened on it
+                                raise
                         self._generation = generation
         except (OSError, TimeoutError, ValueError) as exc:
             self._retry_at = time.monotonic() + self._backoff

@@ -121,15 +121,22 @@ class TokenReviewer:
         return cls(api or IN_CLUSTER_API, trust_domain, audience=audience,
                    credentials=own_token, verify=verify)
 
+    def known(self, token: str) -> Principal | None:
+        """The remembered answer about ``token``, without waiting: the caller it proves,
+        :class:`AuthenticationError` for a remembered refusal, None when it must be asked."""
+        cached = self._cache.get(hashlib.sha256(token.encode()).digest())
+        if cached is None or self.clock() >= cached[1]:
+            return None
+        if isinstance(cached[0], AuthenticationError):
+            raise cached[0]
+        return cached[0]
+
     async def review(self, token: str) -> Principal:
         """The caller ``token`` proves; :class:`AuthenticationError` says why not."""
+        known = self.known(token)
+        if known is not None:
+            return known
         key = hashlib.sha256(token.encode()).digest()
-        now = self.clock()
-        cached = self._cache.get(key)
-        if cached is not None and now < cached[1]:
-            if isinstance(cached[0], AuthenticationError):
-                raise cached[0]
-            return cached[0]
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = asyncio.ensure_future(self._review(key, token))

@@ -135,16 +135,21 @@ class WorkloadIdentity:
             self.current().grpc_server_configuration, fetch,
             require_client_authentication=client_certificate)
 
-    def server_ssl_context(self, alpn: str = ALPN_H2) -> ssl.SSLContext:
+    def server_ssl_context(self, alpn: str = ALPN_H2,
+                           client_certificate: bool = True) -> ssl.SSLContext:
         """A TLS 1.3 server context (Python's ssl) presenting our certificate and asking for
-        the client's (checked after the handshake by :meth:`authenticate`), serving ``alpn``;
+        the client's (checked after the handshake by :meth:`authenticate`; with
+        ``client_certificate=False`` asking for none: a token listener), serving ``alpn``;
         one per generation of the files."""
         material = self.current()
         generation = self.watched.generation
-        cached = self._server_contexts.get(alpn)
+        key = f"{alpn}/{'mutual' if client_certificate else 'server'}"
+        cached = self._server_contexts.get(key)
         if cached is None or cached[0] != generation:
-            cached = self._server_contexts[alpn] = (generation, server_context(
-                material.credentials, material.bundle_pem, alpn))
+            context = server_context(material.credentials, material.bundle_pem, alpn)
+            if not client_certificate:
+                context.verify_mode = ssl.CERT_NONE
+            cached = self._server_contexts[key] = (generation, context)
         return cached[1]
 
     def rotating_server_context(self, alpn: str) -> ssl.SSLContext:

@@ -9,7 +9,12 @@ caller's event loop (the runtime's), driven through its public ``startup``/``mai
 Under zero trust (the runtime's workload identity) the endpoint speaks TLS 1.3 and each
 connection's client certificate is authenticated once, as it opens; every request on it
 carries the outcome in its ASGI scope (:data:`PROOF_SCOPE_KEY`), requests of a connection that
-proved nobody get 401 saying why, and tool calls run as the proven caller.
+proved nobody get 401 saying why, and tool calls run as the proven caller. With a token
+reviewer (``PACKETFLOW_MCP_TOKEN_REVIEW``), a request on a connection without a client
+certificate may prove its caller with a projected ServiceAccount token instead
+(``Authorization: Bearer``, TokenReview, :mod:`packetflow.identity.tokens`); a certificate,
+when presented, decides alone. ``PACKETFLOW_MCP_TOKEN`` is another thing: one shared secret
+every client sends, proving no identity (the two cannot be combined: both are bearer tokens).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from packetflow.actors.runtime import ActorSystem
 from packetflow.addresses import split_address
 from packetflow.engine import Engine
 from packetflow.feedback import FeedbackService
+from packetflow.identity.tokens import TokenReviewer
 from packetflow.identity.workload import Principal, WorkloadIdentity
 from packetflow.identity.x509 import AuthenticationError
 from packetflow.mcp.planner import planner_source
@@ -117,14 +123,20 @@ async def unauthorized(send: Send, description: str, challenge: bytes) -> None:
 
 class CertificateGate:
     """ASGI middleware under mutual TLS: a request on a connection whose client certificate
-    proved nobody gets 401 naming the reason, and reaches no MCP code."""
+    proved nobody gets 401 naming the reason, and reaches no MCP code. With ``tokens``, a
+    request on a connection without a certificate proves its caller with its ServiceAccount
+    bearer token instead (reviewed; the request's proof becomes that caller)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, tokens: TokenReviewer | None = None) -> None:
         self.app = app
+        self.tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             proof = scope.get(PROOF_SCOPE_KEY)
+            if self.tokens is not None and not isinstance(proof, Principal) and (
+                    proof is None or proof.reason == "no-client-certificate"):
+                proof = scope[PROOF_SCOPE_KEY] = await self._token_proof(scope)
             reason = None
             if isinstance(proof, AuthenticationError):
                 reason = proof.message
@@ -133,9 +145,24 @@ class CertificateGate:
             elif proof.not_after is not None and time.time() > proof.not_after:
                 reason = f"the client certificate of {proof.caller} expired"  # kept-alive
             if reason is not None:
-                await unauthorized(send, reason, b'Mutual realm="packetflow"')
+                challenge = b'Bearer realm="packetflow", error="invalid_token"' \
+                    if self.tokens is not None else b'Mutual realm="packetflow"'
+                await unauthorized(send, reason, challenge)
                 return
         await self.app(scope, receive, send)
+
+    async def _token_proof(self, scope: Scope) -> Principal | AuthenticationError:
+        assert self.tokens is not None
+        for key, value in scope["headers"]:
+            if key == b"authorization" and value[:7].lower() == b"bearer ":
+                try:
+                    return await self.tokens.review(value[7:].strip().decode("latin-1"))
+                except AuthenticationError as exc:
+                    log.info("MCP caller refused", extra={"reason": exc.reason,
+                                                          "detail": exc.message})
+                    return exc
+        return AuthenticationError("no-credentials", "the request carries neither a client "
+                                   "certificate nor a bearer token")
 
 
 class _WithProof:
@@ -172,15 +199,15 @@ def proving_protocol(identity: WorkloadIdentity) -> type[H11Protocol]:
 
 
 def build_app(service: McpService, host: str, token: str | None,
-              mutual_tls: bool = False) -> ASGIApp:
+              mutual_tls: bool = False, tokens: TokenReviewer | None = None) -> ASGIApp:
     """The ASGI app: the SDK's streamable HTTP endpoint, behind the token gate if any (and the
-    certificate gate under mutual TLS)."""
+    certificate gate under mutual TLS, accepting ServiceAccount tokens with ``tokens``)."""
     app: ASGIApp = service.server.streamable_http_app(
         streamable_http_path=MCP_PATH, stateless_http=True, host=host,
         transport_security=transport_security(host))
     if token:
         app = BearerTokenGate(app, token)
-    return CertificateGate(app) if mutual_tls else app
+    return CertificateGate(app, tokens) if mutual_tls else app
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -212,6 +239,7 @@ class McpHttpServer:
     host: str
     port: int
     scheme: str = "http"
+    tokens: TokenReviewer | None = None
 
     @property
     def url(self) -> str:
@@ -222,15 +250,19 @@ class McpHttpServer:
     @classmethod
     async def start(cls, service: McpService, address: str = "127.0.0.1:0",
                     token: str | None = None, grace: float = 5.0,
-                    identity: WorkloadIdentity | None = None) -> McpHttpServer:
+                    identity: WorkloadIdentity | None = None,
+                    tokens: TokenReviewer | None = None) -> McpHttpServer:
         """Listen on ``address`` (port 0 picks a free one) and serve until ``stop``; with
-        ``identity``, HTTPS as that workload, callers proven by their certificates."""
+        ``identity``, HTTPS as that workload, callers proven by their certificates (or, with
+        ``tokens``, which the server then owns, by ServiceAccount tokens)."""
+        if token and tokens is not None:
+            raise ValueError("a static MCP token and ServiceAccount tokens exclude each other")
         host, port = split_address(address)
         tls: dict[str, Any] = {} if identity is None else {
             "http": proving_protocol(identity),
             "ssl_context_factory":
                 lambda config, default: identity.rotating_server_context(ALPN_HTTP1)}
-        config = uvicorn.Config(build_app(service, host, token, identity is not None),
+        config = uvicorn.Config(build_app(service, host, token, identity is not None, tokens),
                                 lifespan="on", ws="none", log_config=None, access_log=False,
                                 timeout_graceful_shutdown=max(math.ceil(grace), 1), **tls)
         config.load()
@@ -249,13 +281,16 @@ class McpHttpServer:
         log.info("mcp listening", extra={"address": address, "port": actual,
                                           "auth": token is not None})
         task = asyncio.get_running_loop().create_task(server.main_loop())
-        return cls(server, sock, task, host, actual, "http" if identity is None else "https")
+        return cls(server, sock, task, host, actual, "http" if identity is None else "https",
+                   tokens)
 
     async def stop(self) -> None:
         """Stop accepting, let calls in flight finish (up to the grace period), close."""
         self.server.should_exit = True
         await self.loop_task
         await self.server.shutdown(sockets=[self.sock])
+        if self.tokens is not None:
+            await self.tokens.aclose()
 
 
 async def start_mcp(engine: Engine, settings: RuntimeSettings,
@@ -268,12 +303,16 @@ async def start_mcp(engine: Engine, settings: RuntimeSettings,
     for source in planner_source(planner, feedback, engine.traces):
         service.add_source(source)
     identity = engine.guard.identity if engine.guard is not None else None
+    tokens = TokenReviewer.in_cluster(identity.trust_domain, settings.token_review_api) \
+        if identity is not None and settings.mcp_token_review else None
     server = await McpHttpServer.start(service,
                                        settings.mcp_address, token=settings.mcp_token,
-                                       grace=settings.grace_seconds, identity=identity)
+                                       grace=settings.grace_seconds, identity=identity,
+                                       tokens=tokens)
     auth = " (bearer token required)" if settings.mcp_token else ""
     if identity is not None:
-        auth += " (client certificate required)"
+        auth += " (client certificate or ServiceAccount token required)" if tokens \
+            else " (client certificate required)"
     print(f"packetflow: MCP on {server.url} port {server.port}{auth}", file=sys.stderr,
           flush=True)
     return server
