@@ -3,6 +3,11 @@
 Concurrent turns of different actors queue their operations; the writer runs everything queued
 in one transaction (each operation inside its own SAVEPOINT, so one refused write does not undo
 the others) and one fsync covers the whole batch.
+
+``inline=True`` runs each batch on the event loop's own thread instead: for a store written on
+every call of a busy process (the federation audit log), handing each batch to a thread cost
+more than the writes (the two threads pass the GIL back and forth at every system call the loop
+makes); the loop then waits out each commit, and SQLite's occasional WAL checkpoint.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class SqliteActorStore(ActorStore):
 
     path: Path = Path("actors.db")
     synchronous: str = "FULL"
+    inline: bool = False
     _conn: sqlite3.Connection | None = field(default=None, init=False, repr=False)
     _executor: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _pending: list[tuple[str, Op[Any], asyncio.Future[Any]]] = field(
@@ -117,7 +123,8 @@ class SqliteActorStore(ActorStore):
                 batch, self._pending = self._pending, []
                 started = time.perf_counter()
                 try:
-                    outcomes = await loop.run_in_executor(self._executor, self._execute, batch)
+                    outcomes = self._execute(batch) if self.inline else \
+                        await loop.run_in_executor(self._executor, self._execute, batch)
                 except Exception as exc:  # the whole transaction failed (disk full, I/O)
                     outcomes = [(False, exc)] * len(batch)
                 elapsed = time.perf_counter() - started

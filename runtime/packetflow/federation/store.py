@@ -203,7 +203,7 @@ class FederationStore:
             # NORMAL in WAL mode: a commit survives the process dying (not the machine
             # losing power) without an fsync per batch; PostgreSQL is the durable, shared log.
             backend, lock = SqliteActorStore("federation", path=path, schema=schema,
-                                             synchronous="NORMAL"), None
+                                             synchronous="NORMAL", inline=True), None
         await backend.open()
         store = cls(backend, lock)
         store.head = await backend.run("head", op_head())
@@ -216,8 +216,8 @@ class FederationStore:
         self._pending.append((record, future))
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        # Shielded: a cancelled call still leaves its record (the batch is under way).
-        return await asyncio.shield(future)
+        # A cancelled caller cancels only its wait: the record stays queued and is written.
+        return await future
 
     async def _flush(self) -> None:
         try:
