@@ -122,9 +122,10 @@ class SqliteActorStore(ActorStore):
             while self._pending:
                 batch, self._pending = self._pending, []
                 started = time.perf_counter()
+                ops = [op for _, op, _ in batch]
                 try:
-                    outcomes = self._execute(batch) if self.inline else \
-                        await loop.run_in_executor(self._executor, self._execute, batch)
+                    outcomes = self._execute(ops) if self.inline else \
+                        await loop.run_in_executor(self._executor, self._execute, ops)
                 except Exception as exc:  # the whole transaction failed (disk full, I/O)
                     outcomes = [(False, exc)] * len(batch)
                 elapsed = time.perf_counter() - started
@@ -140,14 +141,29 @@ class SqliteActorStore(ActorStore):
         finally:
             self._drainer = None
 
-    def _execute(self, batch: list[tuple[str, Op[Any], asyncio.Future[Any]]]
-                 ) -> list[tuple[bool, Any]]:
+    def run_inline(self, name: str, op: Op[T]) -> T:
+        """Run ``op`` now, in a transaction of its own on this thread (an ``inline`` store:
+        the caller batches); errors as :meth:`run` raises them."""
+        if self._conn is None or not self.inline:
+            raise StoreUnavailable(f"actor store of {self.actor_type} is not open inline")
+        try:
+            ok, value = self._execute([op])[0]
+        except Exception as exc:  # the whole transaction failed (disk full, I/O)
+            ok, value = False, exc
+        if ok:
+            result: T = value
+            return result
+        if isinstance(value, PacketFlowError):
+            raise value
+        raise store_error(self.actor_type, value, REFUSED) from value
+
+    def _execute(self, ops: list[Op[Any]]) -> list[tuple[bool, Any]]:
         conn = self._conn
         assert conn is not None
         outcomes: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for _, op, _ in batch:
+            for op in ops:
                 conn.execute("SAVEPOINT op")
                 try:
                     outcomes.append((True, drive_sync(conn, op)))
