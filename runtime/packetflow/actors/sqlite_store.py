@@ -146,16 +146,19 @@ class SqliteActorStore(ActorStore):
         the caller batches); errors as :meth:`run` raises them."""
         if self._conn is None or not self.inline:
             raise StoreUnavailable(f"actor store of {self.actor_type} is not open inline")
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            ok, value = self._execute([op])[0]
-        except Exception as exc:  # the whole transaction failed (disk full, I/O)
-            ok, value = False, exc
-        if ok:
-            result: T = value
-            return result
-        if isinstance(value, PacketFlowError):
-            raise value
-        raise store_error(self.actor_type, value, REFUSED) from value
+            # One operation, the whole transaction: no savepoint around it.
+            result = drive_sync(conn, op)
+            conn.execute("COMMIT")
+        except Exception as exc:  # refused, or the transaction failed (disk full, I/O)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, PacketFlowError):
+                raise
+            raise store_error(self.actor_type, exc, REFUSED) from exc
+        return result
 
     def _execute(self, ops: list[Op[Any]]) -> list[tuple[bool, Any]]:
         conn = self._conn

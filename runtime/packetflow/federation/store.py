@@ -227,7 +227,10 @@ class FederationStore:
         if self.write_now is not None:
             if not self._scheduled:
                 self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._write_pending)
+                # Written two loop turns on: the records of calls answered in the next turn
+                # join this batch (one commit costs about four records' worth of writing).
+                loop = asyncio.get_running_loop()
+                loop.call_soon(loop.call_soon, self._write_pending)
         elif self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
         # A cancelled caller cancels only its wait: the record stays queued and is written.
