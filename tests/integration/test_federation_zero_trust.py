@@ -5,6 +5,7 @@ runtime, both gateways, TLS 1.3 on every hop."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,13 +13,23 @@ from pathlib import Path
 import grpc
 import pytest
 
+from packetflow.federation.cli import cmd_gateway
+from packetflow.federation.settings import load_settings
 from packetflow.identity.certs import Issued
 from packetflow.identity.local import IssuedFiles, issue_files, local_authority
 from packetflow.identity.spiffe import Workload
 from packetflow.settings import RuntimeSettings
 from packetflow.v1 import runtime_pb2
 from tests.conftest import eventually
-from tests.support.federation import CALLS, Federation, audit_of, running_federation
+from tests.support.federation import (
+    CALLS,
+    Federation,
+    audit_of,
+    config_text,
+    make_org,
+    running_federation,
+    write_atomically,
+)
 
 CLUSTER = "cluster.globex"  # globex's cluster trust domain (not its federation one)
 RUNTIME = Workload("shop", "packetflow-runtime")
@@ -129,3 +140,33 @@ async def test_without_a_workload_identity_the_mtls_runtime_refuses_the_gateway(
                   if r.record.capability == "translate"][-1]
         assert (record.peer, record.code) == ("acme", "UNAVAILABLE")
         assert record.reason.startswith("unavailable: capability 'translate' is not reachable")
+
+
+def test_the_workload_files_come_from_the_environment_unless_the_file_names_them(
+        tmp_path: Path, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    globex, acme = make_org(tmp_path, "globex"), make_org(tmp_path, "acme")
+    config = globex.directory / "federation.yaml"
+    files = cluster.issue(GATEWAY)
+    monkeypatch.setenv("PACKETFLOW_TLS_CERT", str(files.cert))
+    monkeypatch.setenv("PACKETFLOW_TLS_KEY", str(files.key))
+    monkeypatch.setenv("PACKETFLOW_TLS_CA", str(files.ca))
+    write_atomically(config, config_text(globex, [(acme, "127.0.0.1:1")]).encode())
+    assert load_settings(config).workload.tls_cert == files.cert
+    write_atomically(config, config_text(globex, [(acme, "127.0.0.1:1")], extra=(
+        "  workload: {tls_cert: w.crt, tls_key: w.key, tls_ca: ca.crt}\n")).encode())
+    workload = load_settings(config).workload
+    assert (workload.tls_cert, workload.tls_key) == (Path("w.crt"), Path("w.key"))
+
+
+def test_an_unreadable_workload_certificate_stops_the_gateway_naming_the_file(
+        tmp_path: Path, cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    globex, acme = make_org(tmp_path, "globex"), make_org(tmp_path, "acme")
+    config = globex.directory / "federation.yaml"
+    files = cluster.issue(GATEWAY)
+    write_atomically(config, config_text(globex, [(acme, "127.0.0.1:1")], extra=(
+        f"  workload: {{tls_cert: missing.crt, tls_key: '{files.key}', "
+        f"tls_ca: '{files.ca}'}}\n")).encode())
+    assert cmd_gateway(argparse.Namespace(config=config, federation_command=None)) == 1
+    error = capsys.readouterr().err
+    assert "gateway.workload (PACKETFLOW_TLS_*)" in error
+    assert str(globex.directory / "missing.crt") in error
