@@ -615,10 +615,11 @@ class PeerCalls(Front):
         local = gateway.local.get(capability) or await gateway.refresh_local(capability)
         if local is None:
             # The status the runtime answered the gateway with, not its address or details.
+            why = gateway.local_errors.get(capability)
             await self.refuse_call(Refused(Unavailable(
-                f"capability {capability!r} is not reachable here now (the runtime answered "
-                f"the federation gateway "
-                f"{gateway.local_errors.get(capability, 'nothing')})"), "unavailable"), call)
+                f"capability {capability!r} is not reachable here now" + (
+                    f" (the runtime answered the federation gateway {why})" if why else "")),
+                "unavailable"), call)
         requires, provides = local.checks
         violations = _check(requires, payload, "input")
         if violations:
