@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from packetflow.engine import DEFAULT_MAX_PAYLOAD_BYTES
+from packetflow.identity.workload import WorkloadIdentity
 
 
 class WorkloadTlsSettings(BaseSettings):
@@ -35,6 +36,16 @@ class WorkloadTlsSettings(BaseSettings):
         default=None, description="The Kubernetes API that reviews tokens; unset: in-cluster "
                                   "(the pod's own ServiceAccount must be "
                                   "allowed to create tokenreviews)")
+
+    def workload_identity(self, base: Path | None = None) -> WorkloadIdentity | None:
+        """The identity the three files give (relative paths against ``base``), or None when
+        they are unset; :class:`~packetflow.identity.x509.BundleError` names the file at
+        fault."""
+        if self.tls_cert is None or self.tls_key is None or self.tls_ca is None:
+            return None
+        cert, key, ca = (base / path if base is not None else path
+                         for path in (self.tls_cert, self.tls_key, self.tls_ca))
+        return WorkloadIdentity(cert, key, ca)
 
     @model_validator(mode="after")
     def _tls_files_together(self) -> Self:

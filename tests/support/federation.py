@@ -23,7 +23,9 @@ from packetflow.identity.certs import Issued, issue, new_authority
 from packetflow.identity.spiffe import SpiffeId
 from packetflow.identity.tls import channel_credentials, load_credentials
 from packetflow.manifests import load_text, parse_document
+from packetflow.serve import secure_engine
 from packetflow.server import RuntimeServer
+from packetflow.settings import RuntimeSettings
 from packetflow.spec import Federation as FederationManifest
 from packetflow.v1 import federation_pb2_grpc, runtime_pb2_grpc
 
@@ -201,6 +203,7 @@ class Federation:
     importer: Gateway  # acme's gateway
     configs: dict[str, Path]
     channels: list[grpc.aio.Channel] = field(default_factory=list)
+    exporter_extra: str = ""  # more of globex's gateway section, kept by every rewrite
 
     def write_exporter_config(self, *, peers: list[tuple[Org, str]] | None = None,
                               exports: str = DEFAULT_EXPORTS, trust: str = DEFAULT_TRUST,
@@ -210,7 +213,7 @@ class Federation:
         write_atomically(self.configs["globex"], config_text(
             self.globex, peers if peers is not None else self.exporter_peers(),
             exports=exports, trust=trust, runtime=f"127.0.0.1:{self.runtime.port}",
-            http=http, extra=extra).encode())
+            http=http, extra=self.exporter_extra + extra).encode())
 
     def exporter_peers(self) -> list[tuple[Org, str]]:
         """globex's peers: acme (at its gateway) and initech (nowhere)."""
@@ -262,9 +265,14 @@ async def wait_ready(gateway: Gateway, name: str, timeout: float = 30.0) -> None
 @contextlib.asynccontextmanager
 async def running_federation(base: Path, *, exports: str = DEFAULT_EXPORTS,
                              trust: str = DEFAULT_TRUST, importer_trust: str = DEFAULT_TRUST,
-                             http: bool = False) -> AsyncIterator[Federation]:
+                             http: bool = False, runtime_settings: RuntimeSettings | None = None,
+                             exporter_extra: str = "", ready: bool = True
+                             ) -> AsyncIterator[Federation]:
     """globex's runtime and gateway, acme's gateway, running; stopped afterwards. With
-    ``http``, globex's gateway serves /metrics and /status (``exporter.http_port``)."""
+    ``http``, globex's gateway serves /metrics and /status (``exporter.http_port``); with
+    ``runtime_settings``, the runtime is secured by them (zero trust: its TLS files);
+    ``exporter_extra`` adds to globex's gateway section; ``ready``: wait until acme's
+    import of translate can be called."""
     CALLS.clear()
     acme, globex, initech = (make_org(base, name) for name in ("acme", "globex", "initech"))
     loaded = load_text(EXPORTER_MANIFESTS, "tests/support/federation.py")
@@ -272,7 +280,11 @@ async def running_federation(base: Path, *, exports: str = DEFAULT_EXPORTS,
     # Each part is stopped (last started, first stopped) whatever fails after it started,
     # setup included: a grpc.aio server left running holds the test's event loop at exit.
     async with contextlib.AsyncExitStack() as stack:
-        runtime = await RuntimeServer.start(Engine(loaded.capabilities), "127.0.0.1:0")
+        engine = Engine(loaded.capabilities)
+        stack.push_async_callback(engine.aclose)
+        if runtime_settings is not None:
+            assert secure_engine(engine, runtime_settings) is not None
+        runtime = await RuntimeServer.start(engine, "127.0.0.1:0")
         stack.push_async_callback(runtime.stop, 0)
         configs = {"globex": globex.directory / "federation.yaml",
                    "acme": acme.directory / "federation.yaml"}
@@ -280,7 +292,7 @@ async def running_federation(base: Path, *, exports: str = DEFAULT_EXPORTS,
         write_atomically(configs["globex"], config_text(
             globex, [(acme, "127.0.0.1:1"), (initech, "127.0.0.1:1")], exports=exports,
             trust=trust, runtime=f"127.0.0.1:{runtime.port}",
-            http="127.0.0.1:0" if http else "").encode())
+            http="127.0.0.1:0" if http else "", extra=exporter_extra).encode())
         exporter = Gateway(configs["globex"])
         stack.push_async_callback(exporter.stop, 0)  # before start: it may fail half way
         await exporter.start()
@@ -292,10 +304,12 @@ async def running_federation(base: Path, *, exports: str = DEFAULT_EXPORTS,
         importer = Gateway(configs["acme"])
         stack.push_async_callback(importer.stop, 0)
         await importer.start()
-        federation = Federation(acme, globex, initech, runtime, exporter, importer, configs)
+        federation = Federation(acme, globex, initech, runtime, exporter, importer, configs,
+                                exporter_extra=exporter_extra)
         stack.push_async_callback(close_channels, federation)
         federation.write_exporter_config(exports=exports, trust=trust)
-        await wait_ready(importer, "globex-translate")
+        if ready:
+            await wait_ready(importer, "globex-translate")
         yield federation
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import orjson
 import pytest
 
 from packetflow.contracts import contract_schema
@@ -361,6 +362,18 @@ def records(count: int) -> list[Chained]:
     return chain([AuditRecord(at=float(i), direction="inbound", peer="globex",
                               fingerprint="f", capability="c", decision="allow", reason="",
                               code="OK", price=0.5) for i in range(count)], GENESIS, 1)
+
+
+def test_a_records_hash_covers_every_field_in_sorted_order() -> None:
+    # The canonical bytes never change: logs written by earlier versions still verify.
+    record = AuditRecord(at=1.5, direction="inbound", peer="globex", fingerprint="f" * 64,
+                         capability="c", decision="allow", reason="exported \u00e9 \"x\"",
+                         code="OK", duration_ms=2.25, bytes_in=3, bytes_out=4, price=0.002,
+                         currency="USD", trace_id="t", input_sha256="i", output_sha256="o",
+                         address="127.0.0.1:1", notes="n")
+    assert record.body() == orjson.dumps(dataclasses.asdict(record),
+                                         option=orjson.OPT_SORT_KEYS)
+    assert record.to_json() == dataclasses.asdict(record)
 
 
 def test_an_intact_chain_verifies() -> None:

@@ -3,6 +3,11 @@
 Concurrent turns of different actors queue their operations; the writer runs everything queued
 in one transaction (each operation inside its own SAVEPOINT, so one refused write does not undo
 the others) and one fsync covers the whole batch.
+
+``inline=True`` runs each batch on the event loop's own thread instead: for a store written on
+every call of a busy process (the federation audit log), handing each batch to a thread cost
+more than the writes (the two threads pass the GIL back and forth at every system call the loop
+makes); the loop then waits out each commit, and SQLite's occasional WAL checkpoint.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class SqliteActorStore(ActorStore):
 
     path: Path = Path("actors.db")
     synchronous: str = "FULL"
+    inline: bool = False
     _conn: sqlite3.Connection | None = field(default=None, init=False, repr=False)
     _executor: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _pending: list[tuple[str, Op[Any], asyncio.Future[Any]]] = field(
@@ -116,8 +122,10 @@ class SqliteActorStore(ActorStore):
             while self._pending:
                 batch, self._pending = self._pending, []
                 started = time.perf_counter()
+                ops = [op for _, op, _ in batch]
                 try:
-                    outcomes = await loop.run_in_executor(self._executor, self._execute, batch)
+                    outcomes = self._execute(ops) if self.inline else \
+                        await loop.run_in_executor(self._executor, self._execute, ops)
                 except Exception as exc:  # the whole transaction failed (disk full, I/O)
                     outcomes = [(False, exc)] * len(batch)
                 elapsed = time.perf_counter() - started
@@ -133,14 +141,32 @@ class SqliteActorStore(ActorStore):
         finally:
             self._drainer = None
 
-    def _execute(self, batch: list[tuple[str, Op[Any], asyncio.Future[Any]]]
-                 ) -> list[tuple[bool, Any]]:
+    def run_inline(self, name: str, op: Op[T]) -> T:
+        """Run ``op`` now, in a transaction of its own on this thread (an ``inline`` store:
+        the caller batches); errors as :meth:`run` raises them."""
+        if self._conn is None or not self.inline:
+            raise StoreUnavailable(f"actor store of {self.actor_type} is not open inline")
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # One operation, the whole transaction: no savepoint around it.
+            result = drive_sync(conn, op)
+            conn.execute("COMMIT")
+        except Exception as exc:  # refused, or the transaction failed (disk full, I/O)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, PacketFlowError):
+                raise
+            raise store_error(self.actor_type, exc, REFUSED) from exc
+        return result
+
+    def _execute(self, ops: list[Op[Any]]) -> list[tuple[bool, Any]]:
         conn = self._conn
         assert conn is not None
         outcomes: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for _, op, _ in batch:
+            for op in ops:
                 conn.execute("SAVEPOINT op")
                 try:
                     outcomes.append((True, drive_sync(conn, op)))

@@ -110,6 +110,7 @@ def _fail(message: str, code: int = 2) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     """Run the gateway until SIGINT/SIGTERM."""
     from packetflow.federation.settings import ConfigError
+    from packetflow.identity.x509 import BundleError
 
     if args.federation_command is None and args.config is None:
         return _fail("packetflow federation needs --config FILE (or an ACTION)")
@@ -119,6 +120,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         for error in exc.errors:
             print(f"error: {error}", file=sys.stderr)
         return 1
+    except BundleError as exc:
+        return _fail(f"gateway.workload (PACKETFLOW_TLS_*): {exc}", 1)
 
 
 async def run_gateway(config: Path) -> int:

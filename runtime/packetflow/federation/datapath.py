@@ -27,8 +27,8 @@ import logging
 import os
 import time
 from collections.abc import Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, NoReturn
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import grpc
 import orjson
@@ -52,6 +52,7 @@ from packetflow.errors import (
 )
 from packetflow.federation import trust as dims
 from packetflow.federation.audit import ALLOW, DENY, INBOUND, OUTBOUND, AuditRecord
+from packetflow.federation.links import NOT_READ, ImportState, Inbound, PeerLink
 from packetflow.federation.pricing import call_price
 from packetflow.federation.ratelimit import TokenBucket
 from packetflow.federation.sla import Sample, counts_as_failure
@@ -84,8 +85,14 @@ from packetflow.rpc import rich_status
 from packetflow.v1 import federation_pb2, runtime_pb2
 
 if TYPE_CHECKING:
-    from packetflow.federation.catalog import CatalogEntry
-    from packetflow.federation.gateway import Gateway, ImportState, Inbound
+    from packetflow.composition.remote import RemoteCaller
+    from packetflow.federation.catalog import CatalogEntry, LocalCapability
+    from packetflow.federation.observe import FederationMetrics
+    from packetflow.federation.sla import SlaMeter
+    from packetflow.federation.state import GatewayState
+    from packetflow.federation.trust import TrustBook
+    from packetflow.identity.terminator import MtlsTerminator
+    from packetflow.identity.workload import WorkloadIdentity
 
 log = logging.getLogger("packetflow.federation")
 
@@ -106,8 +113,8 @@ IDENTITY_METADATA = frozenset({CALLER_KEY, "packetflow-organization", "packetflo
                                "x-spiffe-id"})
 PROBE_KEY = "packetflow-federation-probe"
 PROBE = PROBE_KEY.encode()
+_ADMISSION_METADATA = frozenset({*(key.encode() for key in IDENTITY_METADATA), PROBE})
 TRACE_KEY = TRACE_ID_KEY.encode()
-NOT_READ = "the peer's catalog has not been read yet"  # transient: UNAVAILABLE, not a verdict
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -159,13 +166,66 @@ def _check(contract: CompiledContract, raw: bytes, root: str,
     return contract.check(value, root)[1]
 
 
-@dataclass
-class CallRecord:
-    """An inbound call on its way: when it started, its audit record so far."""
+class GatewayCore(Protocol):
+    """What the data path uses of its gateway (:class:`packetflow.federation.gateway.Gateway`
+    is the one): the current state, the checks, the accounting and the connections."""
 
-    started: float
-    record: AuditRecord
-    decision: str = DENY
+    metrics: FederationMetrics
+    trust: TrustBook
+    remote: RemoteCaller
+    terminator: MtlsTerminator[Inbound]
+    workload: WorkloadIdentity | None
+    buckets: dict[tuple[str, str], TokenBucket]
+    export_stats: dict[str, ExportStats]
+    local: dict[str, LocalCapability]
+    local_errors: dict[str, str]
+
+    def current(self) -> GatewayState:
+        """The state new work uses."""
+
+    async def audit(self, record: AuditRecord) -> None:
+        """Append ``record`` before the caller hears back."""
+
+    def audit_writable(self) -> None:
+        """AuditUnavailable while the audit log cannot be written."""
+
+    def check_connection(self, identity: Inbound, state: GatewayState) -> None:
+        """Refused unless the call's connection is still trusted."""
+
+    def catalog_metadata(self, name: str) -> tuple[tuple[str, str], ...]:
+        """The catalog version an import's answer was checked against."""
+
+    def meter(self, side: str, peer: str, capability: str, sla: Any) -> SlaMeter:
+        """The SLA meter of one side, peer and capability."""
+
+    def peer_upstream(self, link: PeerLink, state: GatewayState) -> Upstream:
+        """The reused mTLS connection to a peer."""
+
+    async def refresh_local(self, only: str | None = None) -> LocalCapability | None:
+        """Describe exported capabilities at the runtime; ``only``'s description."""
+
+    def resolve_import(self, name: str) -> tuple[ImportState, PeerLink]:
+        """An import by its local name (or ``peer/capability``) and its peer's link."""
+
+    async def serve_catalog(self, identity: Inbound,
+                            known_version: str) -> federation_pb2.Catalog:
+        """The catalog of what is exported to a peer."""
+
+
+class CallRecord:
+    """A federated call on its way: when it started, its audit record's fields so far (the
+    record is made once, when the call ends: no copy per step)."""
+
+    __slots__ = ("decision", "fields", "started")
+
+    def __init__(self, started: float, **fields: Any) -> None:
+        self.started = started
+        self.fields = fields
+        self.decision = DENY
+
+    def record(self, **outcome: Any) -> AuditRecord:
+        """The audit record of the call, ended with ``outcome``."""
+        return AuditRecord(**self.fields, **outcome)
 
 
 @dataclass
@@ -376,7 +436,7 @@ class Front:
     """What both data paths share: unary requests buffered whole (:class:`Buffered`), each
     call a task of its own, the gateway's own refusals, and a clean stop."""
 
-    def __init__(self, gateway: Gateway, max_message: int = MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, gateway: GatewayCore, max_message: int = MAX_MESSAGE_BYTES) -> None:
         self.gateway = gateway
         self.max_message = max_message
         self._tasks: set[asyncio.Task[None]] = set()
@@ -451,7 +511,7 @@ class PeerCalls(Front):
     """Inbound: peers' calls on their connections, admitted by the gateway, passed to the
     runtime on one shared HTTP/2 connection per runtime address."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: GatewayCore) -> None:
         super().__init__(gateway)
         self.upstreams: dict[str, Upstream] = {}
 
@@ -464,10 +524,11 @@ class PeerCalls(Front):
         return conn
 
     def upstream(self, address: str) -> Upstream:
-        """The shared connection to a runtime address."""
+        """The shared connection to a runtime address (mutual TLS as the gateway's workload,
+        when it has one: a rotated certificate moves new calls to a new connection)."""
         found = self.upstreams.get(address)
         if found is None or found.retired:
-            found = self.upstreams[address] = Upstream(address)
+            found = self.upstreams[address] = Upstream(address, self.gateway.workload)
         return found
 
     async def invoke(self, identity: Inbound, stream: Stream, headers: CallHeaders,
@@ -476,15 +537,19 @@ class PeerCalls(Front):
         trace_id = headers.trace_id
         try:
             request = read_invoke(body, headers)
+            # Only what admission reads (identity claims, the probe mark) is decoded.
             metadata = [(name.decode(errors="replace"), value.decode(errors="replace"))
-                        for name, value in headers.forward]
+                        for name, value in headers.forward if name in _ADMISSION_METADATA]
             inbound = await self.admit(identity, request.capability,
                                                   request.input_json, metadata, trace_id)
-            # Only our own metadata goes on: the caller is the peer its certificate names.
-            output, failed = await invoke(
-                self.upstream(inbound.runtime), RUNTIME_INVOKE, body,
-                [(_TRACE, trace_id.encode()), (_CALLER, f"federation:{identity.peer}".encode())],
-                headers.deadline)
+            # Only our own metadata goes on. In plaintext the caller is the peer its
+            # certificate names; under zero trust the runtime's caller is this gateway's
+            # workload certificate (a claim would be ignored, or refused from a forwarder).
+            outgoing = [(_TRACE, trace_id.encode())]
+            if self.gateway.workload is None:
+                outgoing.append((_CALLER, f"federation:{identity.peer}".encode()))
+            output, failed = await invoke(self.upstream(inbound.runtime), RUNTIME_INVOKE,
+                                          body, outgoing, headers.deadline)
             await self.settle(inbound, output, None if failed is None else
                                          domain_error(failed, request.capability,
                                                       "the runtime"))
@@ -503,20 +568,18 @@ class PeerCalls(Front):
         now = time.time()
         state = gateway.current()
         claims = identity_claims(metadata)
-        call = CallRecord(started, AuditRecord(
-            at=now, direction=INBOUND, peer="", fingerprint="", capability=capability,
-            decision=DENY, reason="", code="", bytes_in=len(payload),
-            trace_id=trace_id, input_sha256=_sha256(payload),
+        call = CallRecord(
+            started, at=now, direction=INBOUND, peer="", fingerprint="", capability=capability,
+            bytes_in=len(payload), trace_id=trace_id, input_sha256=_sha256(payload),
             notes="ignored identity metadata: " + ", ".join(f"{k}={v}" for k, v in claims)
-            if claims else ""))
+            if claims else "")
         try:
             gateway.check_connection(identity, state)
         except Refused as refused:
             await self.refuse_call(refused, call)
         peer = identity.peer
-        call.record = replace(call.record, peer=peer,
-                              fingerprint=identity.certificate.fingerprint,
-                              address=identity.address)
+        call.fields.update(peer=peer, fingerprint=identity.certificate.fingerprint,
+                           address=identity.address)
         peer_org = state.peers[peer].organization
         if any(name != CALLER_KEY and value not in (peer, peer_org) for name, value in claims):
             # Claiming to be someone else: a policy failure of this peer.
@@ -551,8 +614,12 @@ class PeerCalls(Front):
         call.decision = ALLOW
         local = gateway.local.get(capability) or await gateway.refresh_local(capability)
         if local is None:
+            # The status the runtime answered the gateway with, not its address or details.
+            why = gateway.local_errors.get(capability)
             await self.refuse_call(Refused(Unavailable(
-                f"capability {capability!r} is not reachable here now"), "unavailable"), call)
+                f"capability {capability!r} is not reachable here now" + (
+                    f" (the runtime answered the federation gateway {why})" if why else "")),
+                "unavailable"), call)
         requires, provides = local.checks
         violations = _check(requires, payload, "input")
         if violations:
@@ -569,8 +636,9 @@ class PeerCalls(Front):
         """An admitted call's answer from the runtime: its output checked, counted, metered
         and audited; raises the error the peer gets, if any."""
         gateway = self.gateway
-        record = inbound.call.record
-        peer, capability, export = record.peer, record.capability, inbound.export
+        call = inbound.call
+        peer, capability, export = call.fields["peer"], call.fields["capability"], \
+            inbound.export
         output: Any = None
         if error is None:
             output = _json(output_bytes)
@@ -585,8 +653,8 @@ class PeerCalls(Front):
             gateway.meter("exporter", peer, capability, sla).observe(
                 Sample(inbound.at, elapsed, not counts_as_failure(code.value)))
         gateway.metrics.answered(INBOUND, peer, capability, code.value, elapsed)
-        await gateway.audit(replace(
-            record, decision=ALLOW, code=code.value,
+        await gateway.audit(call.record(
+            decision=ALLOW, code=code.value,
             reason="sla probe" if inbound.probe else
             (error.message[:500] if error is not None else "exported"),
             duration_ms=round(elapsed * 1000, 3), bytes_out=len(output_bytes),
@@ -599,12 +667,12 @@ class PeerCalls(Front):
     async def refuse_call(self, refused: Refused, call: CallRecord) -> NoReturn:
         """Audit, count and raise a refused inbound call."""
         gateway = self.gateway
-        error, record = refused.error, call.record
+        error, peer = refused.error, call.fields["peer"]
         code = code_of(error).value
-        gateway.metrics.refusals.labels(INBOUND, record.peer, refused.reason).inc()
-        gateway.metrics.calls.labels(INBOUND, record.peer, record.capability, code).inc()
-        await gateway.audit(replace(
-            record, decision=call.decision, reason=f"{refused.reason}: {error.message}"[:500],
+        gateway.metrics.refusals.labels(INBOUND, peer, refused.reason).inc()
+        gateway.metrics.calls.labels(INBOUND, peer, call.fields["capability"], code).inc()
+        await gateway.audit(call.record(
+            decision=call.decision, reason=f"{refused.reason}: {error.message}"[:500],
             code=code, duration_ms=round((time.perf_counter() - call.started) * 1000, 3)))
         raise error
 
@@ -638,7 +706,7 @@ class LocalCalls(Front):
     machinery and sent to the peer on one reused mTLS connection; every other method
     (describe, list, streaming, health) is relayed to the gateway's own gRPC server."""
 
-    def __init__(self, gateway: Gateway, internal: Upstream) -> None:
+    def __init__(self, gateway: GatewayCore, internal: Upstream) -> None:
         super().__init__(gateway)
         self.internal = internal
         self.connections: set[Connection] = set()
@@ -694,21 +762,20 @@ class LocalCalls(Front):
         state = gateway.current()
         peer, capability = imported.spec.peer, imported.spec.capability
         entry = not_servable(name, imported)
-        record = AuditRecord(
-            at=now, direction=OUTBOUND, peer=peer, fingerprint=link.fingerprint,
-            capability=capability,
-            decision=ALLOW, reason="sla probe" if probe else f"import {name}", code="",
-            bytes_in=len(payload), trace_id=trace_id, input_sha256=_sha256(payload),
-            address=state.peers[peer].endpoint)
+        call = CallRecord(
+            started, at=now, direction=OUTBOUND, peer=peer, fingerprint=link.fingerprint,
+            capability=capability, bytes_in=len(payload), trace_id=trace_id,
+            input_sha256=_sha256(payload), address=state.peers[peer].endpoint)
+        reason = "sla probe" if probe else f"import {name}"
         if link.identity_error is not None:
-            await self._refuse(Unavailable(link.identity_error), "identity", record, started)
+            await self._refuse(Unavailable(link.identity_error), "identity", call)
         refusal = gateway.trust.refusal(peer, now)
         if refusal is not None and not probe:
-            await self._refuse(PermissionDenied(refusal), "trust", record, started)
+            await self._refuse(PermissionDenied(refusal), "trust", call)
         try:
             gateway.audit_writable()
         except AuditUnavailable as exc:
-            await self._refuse(exc, "audit-unavailable", record, started)
+            await self._refuse(exc, "audit-unavailable", call)
         value = _json(payload)
         _, violations = imported.requires.check(value, "input") if value is not _INVALID \
             else ({}, [FieldViolation("input", "not valid JSON")])
@@ -748,9 +815,9 @@ class LocalCalls(Front):
                                                                           not failed))
         price = 0.0 if probe else call_price(entry.pricing, error is None, output)
         gateway.metrics.answered(OUTBOUND, peer, capability, code.value, elapsed)
-        await gateway.audit(replace(
-            record, code=code.value, reason=record.reason if error is None
-            else f"{record.reason}: {error.message}"[:500],
+        await gateway.audit(call.record(
+            decision=ALLOW, code=code.value, reason=reason if error is None
+            else f"{reason}: {error.message}"[:500],
             duration_ms=round(elapsed * 1000, 3), bytes_out=len(output_bytes),
             output_sha256=_sha256(output_bytes) if output_bytes else "", price=price,
             currency=entry.pricing.currency if entry.pricing else ""))
@@ -758,16 +825,16 @@ class LocalCalls(Front):
             raise error
         return output_bytes
 
-    async def _refuse(self, error: PacketFlowError, reason: str,
-                      record: AuditRecord, started: float) -> NoReturn:
+    async def _refuse(self, error: PacketFlowError, reason: str, call: CallRecord) -> NoReturn:
         """Audit, count and raise a refused outbound call."""
         gateway = self.gateway
         code = code_of(error).value
-        gateway.metrics.refusals.labels(OUTBOUND, record.peer, reason).inc()
-        gateway.metrics.calls.labels(OUTBOUND, record.peer, record.capability, code).inc()
-        await gateway.audit(replace(
-            record, decision=DENY, code=code, reason=f"{reason}: {error.message}"[:500],
-            duration_ms=round((time.perf_counter() - started) * 1000, 3)))
+        peer = call.fields["peer"]
+        gateway.metrics.refusals.labels(OUTBOUND, peer, reason).inc()
+        gateway.metrics.calls.labels(OUTBOUND, peer, call.fields["capability"], code).inc()
+        await gateway.audit(call.record(
+            decision=DENY, code=code, reason=f"{reason}: {error.message}"[:500],
+            duration_ms=round((time.perf_counter() - call.started) * 1000, 3)))
         raise error
 
     async def aclose(self) -> None:

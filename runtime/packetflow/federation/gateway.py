@@ -22,7 +22,6 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ import orjson
 from packetflow.addresses import split_address
 from packetflow.client import CallError
 from packetflow.composition.remote import RemoteCaller
-from packetflow.contracts import CompiledContract
 from packetflow.errors import (
     CapabilityNotFound,
     Code,
@@ -51,7 +49,6 @@ from packetflow.federation.catalog import (
 )
 from packetflow.federation.datapath import (
     MAX_MESSAGE_BYTES,
-    NOT_READ,
     CallRecord,
     ExportStats,
     LocalCalls,
@@ -60,6 +57,7 @@ from packetflow.federation.datapath import (
     not_servable,
     trace_of,
 )
+from packetflow.federation.links import ImportState, Inbound, PeerLink
 from packetflow.federation.observe import FederationMetrics, start_http
 from packetflow.federation.ratelimit import TokenBucket
 from packetflow.federation.sla import SlaMeter, SlaReport
@@ -69,7 +67,7 @@ from packetflow.federation.trust import Evidence, TrustBook
 from packetflow.gateway.upstream import ConnectFailed, FixedTls, Upstream
 from packetflow.identity.terminator import MtlsTerminator, Refusal
 from packetflow.identity.tls import channel_credentials, client_context
-from packetflow.identity.x509 import AuthenticationError, PeerCertificate, authenticate
+from packetflow.identity.x509 import AuthenticationError, authenticate
 from packetflow.keepalive import SERVER_KEEPALIVE
 from packetflow.rpc import SERVICE_NAME, abort_for
 from packetflow.spec import FederationImport, duration_seconds
@@ -93,58 +91,6 @@ def _utc(timestamp: float | None) -> str | None:
         "%Y-%m-%dT%H:%M:%SZ")
 
 
-@dataclass(frozen=True)
-class Inbound:
-    """Who an accepted inbound connection is."""
-
-    peer: str
-    certificate: PeerCertificate
-    address: str
-
-
-@dataclass
-class PeerLink:
-    """Our side of one peer: the reused channel, its catalog, what we saw of it."""
-
-    name: str
-    channel: grpc.aio.Channel | None = None
-    stub: federation_pb2_grpc.FederationStub | None = None
-    key: tuple[Any, ...] | None = None  # the material the channel was built with
-    upstream: Upstream | None = None  # the data path's connection (Invoke)
-    upstream_key: tuple[Any, ...] | None = None
-    checked_key: tuple[Any, ...] | None = None  # the material the server's ID was checked for
-    catalog: dict[str, CatalogEntry] = field(default_factory=dict)
-    version: str = ""
-    organization: str = ""
-    connected: bool = False
-    last_catalog: float | None = None
-    last_handshake: float | None = None  # our last TLS handshake with it
-    certificate_expiry: float | None = None  # its server certificate
-    inbound_handshake: float | None = None  # its last TLS handshake with us
-    inbound_expiry: float | None = None  # its client certificate
-    identity_error: str | None = None  # its server failed our identity check
-    fingerprint: str = ""  # its server certificate, as last checked
-    error: str | None = None
-
-
-@dataclass
-class ImportState:
-    """One import: the contract pinned when it was first seen, or why it cannot be called."""
-
-    spec: FederationImport
-    entry: CatalogEntry | None = None
-    requires: CompiledContract = field(default_factory=lambda: CompiledContract.compile(None))
-    provides: CompiledContract = field(default_factory=lambda: CompiledContract.compile(None))
-    problem: str | None = NOT_READ
-
-    def pin(self, entry: CatalogEntry) -> None:
-        """Take ``entry``'s contract as the one local callers are checked against."""
-        self.entry = entry
-        self.requires = CompiledContract.compile(entry.requires)
-        self.provides = CompiledContract.compile(entry.provides)
-        self.problem = None
-
-
 class Gateway:
     """A running federation gateway (see the module docstring)."""
 
@@ -156,6 +102,13 @@ class Gateway:
         self.trust = TrustBook(state.trust)
         self.remote = RemoteCaller(options=[("grpc.max_receive_message_length",
                                              MAX_MESSAGE_BYTES)])
+        # Zero trust inside the cluster: every connection to local runtimes presents this
+        # (rotating) workload certificate, as `packetflow gateway` does; never the federation
+        # identity, which is for peers only. BundleError names the file at fault.
+        self.workload = state.settings.workload.workload_identity(state.config_path.parent)
+        if self.workload is not None:
+            self.remote.secure(self.workload)
+        self.local_errors: dict[str, str] = {}  # why an export's runtime did not answer
         self.links: dict[str, PeerLink] = {}
         self.imports: dict[str, ImportState] = {}
         # peer/capability references (hand-written federated capabilities), per catalog.
@@ -426,9 +379,9 @@ class Gateway:
         try:
             self.check_connection(identity, state)
         except Refused as refused:
-            await self.peer_calls.refuse_call(refused, CallRecord(time.perf_counter(), AuditRecord(
-                at=time.time(), direction=INBOUND, peer="", fingerprint="", capability="",
-                decision=DENY, reason="", code="")))
+            await self.peer_calls.refuse_call(refused, CallRecord(
+                time.perf_counter(), at=time.time(), direction=INBOUND, peer="",
+                fingerprint="", capability=""))
         entries = catalog_for(state.spec, identity.peer, self.local)
         version = catalog_version(entries)
         if version == known_version:
@@ -460,6 +413,8 @@ class Gateway:
                     contract_from_schema(described["provides"]),
                     float(described["timeoutSeconds"]))
             except (CallError, TimeoutError, OSError, ValueError) as exc:
+                self.local_errors[name] = exc.code.name if isinstance(exc, CallError) \
+                    else type(exc).__name__
                 if self.local.pop(name, None) is not None or only is not None:
                     log.warning("exported capability %s is not reachable: %s", name, exc)
         for name in list(self.local):

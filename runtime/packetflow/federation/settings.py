@@ -11,6 +11,7 @@ to the gateway (the ``gateway:`` key is not part of the manifest)::
       listen: 127.0.0.1:8443          # peers, mutual TLS (TLS 1.3)
       local: 127.0.0.1:8444           # local callers: imports as capabilities (plaintext)
       runtime: 127.0.0.1:50051        # where exported capabilities run
+      workload: {tls_cert: ..., tls_key: ..., tls_ca: ...}   # mTLS towards runtimes
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from packetflow.manifests import ManifestError, parse_document, validate_model
+from packetflow.settings import WorkloadTlsSettings
 from packetflow.spec import HOST_PORT_PATTERN, NAME_PATTERN, Federation, FederationSpec
 
 
@@ -43,6 +45,13 @@ class FederationSettings(BaseSettings):
     runtime: str | None = Field(
         default=None, description="host:port where exported capabilities run (`packetflow "
                                   "dev`); unset: the Kubernetes Service named after each")
+    workload: WorkloadTlsSettings = Field(
+        default_factory=WorkloadTlsSettings,
+        description="Zero trust inside the cluster: the gateway's own workload identity "
+                    "(tls_cert, tls_key, tls_ca; unless the file sets them, "
+                    "PACKETFLOW_TLS_CERT, _KEY and _CA, as for `packetflow gateway`), "
+                    "presented on every connection to local runtimes, never the "
+                    "federation identity; unset: plaintext towards them")
     metrics_address: str | None = Field(
         default="127.0.0.1:9465", description="/metrics and /status (JSON); empty: off")
     state_dir: Path = Field(default=Path(".packetflow/federation"),

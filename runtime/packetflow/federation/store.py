@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,9 +173,15 @@ class AuditUnavailable(Unavailable):
 class FederationStore:
     """The audit log and state over one backend (see the module docstring)."""
 
-    def __init__(self, backend: ActorStore, lock: str | None = None) -> None:
+    def __init__(self, backend: ActorStore, lock: str | None = None,
+                 write_now: Callable[[str, Op[list[Chained]]], list[Chained]] | None = None
+                 ) -> None:
         self.backend = backend
         self.lock = lock
+        # A backend that writes on the loop's thread (SQLite inline): each batch goes down
+        # from a callback at the end of the loop turn that queued it, no task in between.
+        self.write_now = write_now
+        self._scheduled = False
         self.head: Chained | None = None
         self.appended = 0
         self.failing: str | None = None  # why the last append failed, until one succeeds
@@ -202,8 +208,12 @@ class FederationStore:
                 state_dir / "federation.db"
             # NORMAL in WAL mode: a commit survives the process dying (not the machine
             # losing power) without an fsync per batch; PostgreSQL is the durable, shared log.
-            backend, lock = SqliteActorStore("federation", path=path, schema=schema,
-                                             synchronous="NORMAL"), None
+            sqlite_backend = SqliteActorStore("federation", path=path, schema=schema,
+                                              synchronous="NORMAL", inline=True)
+            await sqlite_backend.open()
+            store = cls(sqlite_backend, None, sqlite_backend.run_inline)
+            store.head = await sqlite_backend.run("head", op_head())
+            return store
         await backend.open()
         store = cls(backend, lock)
         store.head = await backend.run("head", op_head())
@@ -214,10 +224,32 @@ class FederationStore:
         when the log cannot be written."""
         future: asyncio.Future[Chained] = asyncio.get_running_loop().create_future()
         self._pending.append((record, future))
-        if self._flusher is None:
+        if self.write_now is not None:
+            if not self._scheduled:
+                self._scheduled = True
+                # Written two loop turns on: the records of calls answered in the next turn
+                # join this batch (one commit costs about four records' worth of writing).
+                loop = asyncio.get_running_loop()
+                loop.call_soon(loop.call_soon, self._write_pending)
+        elif self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        # Shielded: a cancelled call still leaves its record (the batch is under way).
-        return await asyncio.shield(future)
+        # A cancelled caller cancels only its wait: the record stays queued and is written.
+        return await future
+
+    def _write_pending(self) -> None:
+        """Write what is queued now, on this thread (``write_now``)."""
+        assert self.write_now is not None
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            chained = self.write_now("append", op_append([record for record, _ in batch],
+                                                         self.lock))
+        except Exception as exc:  # any backend failure: nothing was written
+            self._failed(batch, exc)
+            return
+        self._written(batch, chained)
 
     async def _flush(self) -> None:
         try:
@@ -227,21 +259,28 @@ class FederationStore:
                     chained = await self.backend.run(
                         "append", op_append([record for record, _ in batch], self.lock))
                 except Exception as exc:  # any backend failure: nothing was written
-                    log.error("audit log append failed: %s", exc)
-                    self.failing = f"the audit log cannot be written: {exc}"
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(AuditUnavailable(
-                                f"the audit log cannot be written: {exc}"))
+                    self._failed(batch, exc)
                     continue
-                self.head = chained[-1]
-                self.appended += len(chained)
-                self.failing = None
-                for (_, future), item in zip(batch, chained, strict=True):
-                    if not future.done():
-                        future.set_result(item)
+                self._written(batch, chained)
         finally:
             self._flusher = None
+
+    def _failed(self, batch: list[tuple[AuditRecord, asyncio.Future[Chained]]],
+                exc: Exception) -> None:
+        log.error("audit log append failed: %s", exc)
+        self.failing = f"the audit log cannot be written: {exc}"
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(AuditUnavailable(self.failing))
+
+    def _written(self, batch: list[tuple[AuditRecord, asyncio.Future[Chained]]],
+                 chained: list[Chained]) -> None:
+        self.head = chained[-1]
+        self.appended += len(chained)
+        self.failing = None
+        for (_, future), item in zip(batch, chained, strict=True):
+            if not future.done():
+                future.set_result(item)
 
     async def read(self, **filters: Any) -> list[Chained]:
         """Stored records (see :func:`op_read` for the filters)."""
@@ -269,6 +308,8 @@ class FederationStore:
 
     async def aclose(self) -> None:
         """Write what is pending, then close."""
+        if self.write_now is not None:
+            self._write_pending()
         while self._flusher is not None:
             await self._flusher
         await self.backend.close()

@@ -73,6 +73,9 @@ class Evidence:
                    int(data["observations"]), int(data["capped"]))
 
 
+NO_EVIDENCE = Evidence()
+
+
 def decayed(evidence: Evidence, now: float, params: TrustParams) -> tuple[float, float]:
     """(positive, negative) weights decayed to ``now``."""
     factor = 0.5 ** (max(0.0, now - evidence.at) / params.half_life_s)
@@ -113,16 +116,22 @@ class TrustBook:
     def observe(self, peer: str, dimension: str, good: bool, now: float) -> None:
         """Record one observation."""
         key = (peer, dimension)
-        self.evidence[key] = observe(self.evidence.get(key, Evidence()), good, now,
+        self.evidence[key] = observe(self.evidence.get(key, NO_EVIDENCE), good, now,
                                      self.params)
 
     def score(self, peer: str, dimension: str, now: float) -> float:
         """The peer's score on one dimension."""
-        return score(self.evidence.get((peer, dimension), Evidence()), now, self.params)
+        return score(self.evidence.get((peer, dimension), NO_EVIDENCE), now, self.params)
 
     def lowest(self, peer: str, now: float) -> tuple[str, float]:
-        """The peer's weakest dimension and its score."""
-        return min(((d, self.score(peer, d, now)) for d in DIMENSIONS), key=lambda x: x[1])
+        """The peer's weakest dimension and its score (the first of equals)."""
+        # A plain loop: this runs on every federated call, in both directions.
+        found, lowest = DIMENSIONS[0], math.inf
+        for dimension in DIMENSIONS:
+            value = score(self.evidence.get((peer, dimension), NO_EVIDENCE), now, self.params)
+            if value < lowest:
+                found, lowest = dimension, value
+        return found, lowest
 
     def refusal(self, peer: str, now: float) -> str | None:
         """Why calls to and from ``peer`` are refused now, naming the dimension; ``None``

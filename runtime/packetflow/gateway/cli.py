@@ -18,7 +18,6 @@ from packetflow.gateway.routing import Routes
 from packetflow.gateway.server import GatewayServer
 from packetflow.gateway.settings import GatewaySettings
 from packetflow.identity.tokens import TokenReviewer
-from packetflow.identity.workload import WorkloadIdentity
 from packetflow.identity.x509 import BundleError
 from packetflow.logs import configure_logging
 from packetflow.serve import drain_after, exit_now, start_metrics_server, stop_on_signal
@@ -116,7 +115,7 @@ async def serve_gateway(settings: GatewaySettings) -> int:
         namespaces = ", ".join(settings.gateway_namespaces) or "all namespaces"
         where = f"Kubernetes ({namespaces})"
     try:
-        identity = gateway_identity(settings)
+        identity = settings.workload_identity()
     except BundleError as exc:
         print(f"error: PACKETFLOW_TLS_* (--cert/--key/--ca): {exc}", file=sys.stderr)
         return 1
@@ -147,14 +146,6 @@ async def serve_gateway(settings: GatewaySettings) -> int:
         if metrics_server is not None:
             metrics_server.shutdown()
     return 0
-
-
-def gateway_identity(settings: GatewaySettings) -> WorkloadIdentity | None:
-    """The gateway's identity when the settings name its files; :class:`BundleError` names
-    the file at fault."""
-    if settings.tls_cert is None or settings.tls_key is None or settings.tls_ca is None:
-        return None
-    return WorkloadIdentity(settings.tls_cert, settings.tls_key, settings.tls_ca)
 
 
 async def watch_routes_file(path: Path, apply: Callable[[Routes], None]) -> None:

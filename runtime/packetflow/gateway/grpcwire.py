@@ -123,7 +123,8 @@ def status_of(trailers: Headers) -> tuple[int, str]:
         if name == b"grpc-status":
             code = int(value) if value.isdigit() else 2
         elif name == b"grpc-message":
-            message = unquote(value.decode(errors="replace"))
+            text = value.decode(errors="replace")
+            message = unquote(text) if "%" in text else text
     if code is None:
         return 2, message or "the response carried no grpc-status"
     return code, message

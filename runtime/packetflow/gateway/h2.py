@@ -119,6 +119,8 @@ class HeaderEncoder:
 
 def _prefixed(value: int, prefix_bits: int, pattern: int) -> bytes:
     """An HPACK integer with ``pattern`` in the first byte's high bits."""
+    if value < (1 << prefix_bits) - 1:  # fits the prefix (most lengths): one byte
+        return bytes((pattern | value,))
     encoded = encode_integer(value, prefix_bits)
     encoded[0] |= pattern
     return bytes(encoded)
