@@ -6,13 +6,12 @@ resync or restart; and a child deleted while no watch saw it comes back at the r
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import httpx
 
 from tests.operator.api import NS, patch, post
 from tests.operator.conftest import OperatorRunner, wait_for
-from tests.operator.kube_emulator import ACTORS, ClusterEmulator, verbs, writes
+from tests.operator.kube_emulator import ACTORS, ClusterEmulator, writes
 from tests.operator.test_actor_emulated import (
     ACTORS_PATH,
     CONFIGMAPS,
@@ -29,7 +28,13 @@ from tests.operator.test_operator_emulated import (
     capability,
     children,
 )
-from tests.operator.test_operator_scale import reconciles, total
+from tests.operator.test_operator_scale import (
+    assert_restart_writes_nothing,
+    assert_resync_writes_nothing,
+    reconcile_held,
+    reconciles,
+    total,
+)
 from tests.operator.test_operator_watching import assert_calls_permitted
 
 COUNT = 3
@@ -81,27 +86,10 @@ async def test_unchanged_actors_cost_no_write_on_resync_or_restart(
         await asyncio.gather(*(post(kube, ACTORS_PATH, actor(name, replicas=1))
                                for name in names))
         await settled(cluster, first, names)
-        mark = len(cluster.log)
-        assert first.thread is not None
-        await asyncio.to_thread(first.thread.call, first.ctx.reconciler.resync())
-        await wait_for(lambda: first.ctx.pending == 0, what="the resync's work")
-        calls = cluster.api_calls(since=mark)
-        assert writes(calls) == 0, calls
-        resync = {call: n for call, n in calls.items() if not call.startswith("watch ")}
-        assert verbs(resync)["list"] == sum(resync.values()), calls  # lists only
+        await assert_resync_writes_nothing(cluster, first)
     finally:
         await first.stop()
-
-    mark = len(cluster.log)
-    second = OperatorRunner([NS])
-    await second.start()
-    try:
-        await wait_for(lambda: reconciles(second, trigger="resume") == COUNT,
-                       what="every Actor resumed")
-        await wait_for(lambda: second.ctx.pending == 0, what="queued work")
-        assert writes(cluster.api_calls(since=mark)) == 0
-    finally:
-        await second.stop()
+    await assert_restart_writes_nothing(cluster, COUNT)
 
 
 async def test_a_burst_of_an_actors_child_events_makes_one_reconcile(
@@ -111,27 +99,14 @@ async def test_a_burst_of_an_actors_child_events_makes_one_reconcile(
     await actor_children(cluster, "busy")
     await settled(cluster, operator_runner, ["busy"])
     state = operator_runner.ctx.reconciler.states[("Actor", NS, "busy")]
-    thread = operator_runner.thread
-    assert thread is not None and thread.loop is not None
-    release = asyncio.Event()  # waited for on the operator's loop, set through it
-    holding = threading.Event()
-
-    async def hold() -> None:
-        # A reconcile of this Actor in progress: whatever arrives meanwhile waits.
-        async with state.lock:
-            holding.set()
-            await release.wait()
-    held = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(hold(), thread.loop))
-    await wait_for(holding.is_set, what="the lock held")
-    for round_ in range(3):
-        await patch(kube, f"/api/v1/namespaces/{NS}/configmaps/busy-bundle",
-                    {"data": {"bundle.yaml": f"tampered {round_}"}})
-        await patch(kube, f"{STS_PATH}/busy", {"spec": {"replicas": 5 + round_}})
-    metrics = operator_runner.ctx.metrics
-    await wait_for(lambda: total(metrics, "packetflow_operator_child_events_total",
-                                 outcome="queued") >= 6, what="every edit's event")
-    thread.loop.call_soon_threadsafe(release.set)
-    await held
+    async with reconcile_held(operator_runner, state):
+        for round_ in range(3):
+            await patch(kube, f"/api/v1/namespaces/{NS}/configmaps/busy-bundle",
+                        {"data": {"bundle.yaml": f"tampered {round_}"}})
+            await patch(kube, f"{STS_PATH}/busy", {"spec": {"replicas": 5 + round_}})
+        metrics = operator_runner.ctx.metrics
+        await wait_for(lambda: total(metrics, "packetflow_operator_child_events_total",
+                                     outcome="queued") >= 6, what="every edit's event")
 
     def restored() -> bool:
         bundle = cluster.live(CONFIGMAPS, NS, "busy-bundle") or {}
