@@ -103,7 +103,7 @@ class ObservedGenerationDiffBase(kopf.DiffBaseStorage):
     operator writes itself, in the status write a successful reconcile makes anyway.
 
     kopf stores its "last handled configuration" with a write of its own after every handler
-    (an annotation patch, or a status patch of its own): one more write per Capability, and
+    (an annotation patch, or a status patch of its own): one more write per Federation, and
     one more watch event. Here the essence kopf compares is the spec's generation (the API
     server bumps it on every spec change, and only then), and the stored one is the generation
     the operator finished with: unseen (create), older (update) or equal (nothing to do, or
@@ -134,7 +134,7 @@ def kopf_settings(ours: OperatorSettings) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
     # A handler's progress is written (under status.kopf) only while it is being retried
     # (TemporaryError); kopf's annotation storage would also stamp a marker annotation on
-    # every object, one more write per Capability.
+    # every object, one more write per Federation.
     settings.persistence.progress_storage = kopf.StatusProgressStorage()
     settings.persistence.diffbase_storage = ObservedGenerationDiffBase()
     # Least privilege: without scanning kopf neither lists namespaces nor watches CRDs (the
