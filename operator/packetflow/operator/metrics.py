@@ -2,8 +2,8 @@
 
 A reconcile is one run for one Capability or Actor: for an event of its own (trigger
 ``create``, ``update``, ``resume``) or a queued one (``child-changed``, ``child-deleted``,
-``relist``, ``resync``, ``retry``). Child events that need no work are not reconciles; they are counted in
-``packetflow_operator_child_events`` by outcome.
+``relist``, ``resync``, ``retry``). Child events that need no work are not reconciles; they
+are counted in ``packetflow_operator_child_events`` by outcome.
 """
 
 from __future__ import annotations
