@@ -17,13 +17,19 @@ operator first); for each N in SIZES the figures are:
 - ``api_calls_per_capability_n{N}``, ``writes_per_capability_n{N}``: the operator's requests
   (kopf's and its client's, told apart by User-Agent) over the same span (target <= 4 writes);
 - ``cpu_ms_per_capability_n{N}``: CPU time of the operator's thread over that span;
+- ``emulator_cpu_ratio_n{N}``: the emulator's CPU seconds while the operator's children
+  were made (its own requests and kubectl's, the watches' events) over its CPU seconds
+  for the bare client's (the API server's share of the cost);
 - ``state_kib_per_capability_n{N}``: what the operator keeps in memory per Capability;
 - ``resync_writes_n{N}``, ``resync_calls_n{N}``: one resync of the N unchanged Capabilities
   (target: 0 writes);
 - ``operator_s_n{N}``, ``bare_s_n{N}``: the medians behind the ratio, for context.
 
-Counts are medians over the pairs (they hardly vary). ``PACKETFLOW_BENCH_OPERATOR_SIZES``
-(default ``300,1000``) and ``PACKETFLOW_BENCH_OPERATOR_PAIRS`` (default 3) size the run.
+Counts are medians over the pairs (they hardly vary); ``load_1m_start``/``load_1m_end`` are the
+machine's load average around the run. The bench process's garbage collector is set as
+``packetflow operator`` sets its own (:func:`settle_heap`), for both sides alike.
+``PACKETFLOW_BENCH_OPERATOR_SIZES`` (default ``300,1000``) and
+``PACKETFLOW_BENCH_OPERATOR_PAIRS`` (default 3) size the run.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from bench.common import (
 from packetflow.operator import render
 from packetflow.operator.client import PLURALS, KubeClient
 from packetflow.operator.handlers import OperatorContext, OperatorThread
+from packetflow.operator.heap import settle_heap
 from packetflow.operator.metrics import OperatorMetrics
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import Capability
@@ -137,6 +144,12 @@ async def _calls(control: aiohttp.ClientSession, since: int) -> tuple[Counter[st
     """The operator's requests since log position ``since``, and the position now."""
     answer = await _control(control, "calls", since=str(since))
     return collections.Counter(answer["calls"]), int(answer["log"])
+
+
+async def _emulator_cpu(control: aiohttp.ClientSession) -> float:
+    """The emulator process's CPU seconds so far (asked from past the log's end: nothing
+    to count)."""
+    return float((await _control(control, "calls", since="1000000000"))["cpu_s"])
 
 
 async def _until(check: Callable[[], bool], what: str) -> None:
@@ -225,6 +238,7 @@ class OperatorRun:
     cpu_s: float
     state_bytes: int
     resync: Counter[str]
+    emulator_cpu_s: float
 
 
 async def _operator_run(count: int) -> OperatorRun:
@@ -242,11 +256,13 @@ async def _operator_run(count: int) -> OperatorRun:
             _, mark = await _calls(control, 0)
             async with _kubectl(url, count) as go:
                 cpu = await asyncio.to_thread(thread.call, _thread_cpu())
+                emulator_cpu = await _emulator_cpu(control)
                 start = time.perf_counter()
                 await go()
                 await _control(control, "wait", want=want, namespace=NAMESPACE,
                                timeout=str(TIMEOUT))
                 seconds = time.perf_counter() - start
+                emulator_cpu = await _emulator_cpu(control) - emulator_cpu
             await _until(lambda: _total(metrics, "packetflow_operator_reconciles_total",
                                         trigger="create") >= count, "every status")
             await _until(lambda: _total(metrics, "packetflow_operator_child_events_total")
@@ -265,25 +281,31 @@ async def _operator_run(count: int) -> OperatorRun:
                 os.environ.pop("KUBECONFIG", None)
             else:
                 os.environ["KUBECONFIG"] = previous
-    return OperatorRun(seconds, reconciles, calls, cpu, state_bytes, resync)
+    return OperatorRun(seconds, reconciles, calls, cpu, state_bytes, resync, emulator_cpu)
 
 
-async def _bare_run(children: list[dict[str, Any]]) -> float:
-    async with _emulator() as (url, _):
-        return await _create_all(url, children, "bench-bare-client/1")
+async def _bare_run(children: list[dict[str, Any]]) -> tuple[float, float]:
+    """The bare client's seconds, and the emulator's CPU seconds meanwhile."""
+    async with _emulator() as (url, control):
+        emulator_cpu = await _emulator_cpu(control)
+        seconds = await _create_all(url, children, "bench-bare-client/1")
+        return seconds, await _emulator_cpu(control) - emulator_cpu
 
 
 def _size_figures(count: int) -> dict[str, Any]:
     children = _children(count)
     bare: list[float] = []
+    bare_emulator_cpu: list[float] = []
     runs: list[OperatorRun] = []
     for pair in range(PAIRS):
         if pair % 2 == 0:
-            bare.append(asyncio.run(_bare_run(children)))
+            bare_seconds, bare_cpu = asyncio.run(_bare_run(children))
             runs.append(asyncio.run(_operator_run(count)))
         else:
             runs.append(asyncio.run(_operator_run(count)))
-            bare.append(asyncio.run(_bare_run(children)))
+            bare_seconds, bare_cpu = asyncio.run(_bare_run(children))
+        bare.append(bare_seconds)
+        bare_emulator_cpu.append(bare_cpu)
     suffix = f"_n{count}"
 
     def per_capability(values: Iterable[float]) -> float:
@@ -299,6 +321,9 @@ def _size_figures(count: int) -> dict[str, Any]:
                                                                  for r in runs)),
         f"cpu_ms_per_capability{suffix}": rounded(per_capability(r.cpu_s * 1000
                                                                  for r in runs), 2),
+        f"emulator_cpu_ratio{suffix}": rounded(median(
+            [run.emulator_cpu_s / cpu for run, cpu in zip(runs, bare_emulator_cpu,
+                                                         strict=True)])),
         f"state_kib_per_capability{suffix}": rounded(per_capability(r.state_bytes / 1024
                                                                     for r in runs), 1),
         f"resync_writes{suffix}": max(writes(r.resync) for r in runs),
@@ -311,9 +336,14 @@ def _size_figures(count: int) -> dict[str, Any]:
 def run() -> dict[str, Any]:
     """Apply N Capabilities (each N in SIZES) with the operator running, in alternating pairs
     with a bare client writing the same children; return the figures."""
-    figures: dict[str, Any] = {"sizes": list(SIZES), "concurrency": CONCURRENCY}
+    figures: dict[str, Any] = {"sizes": list(SIZES), "concurrency": CONCURRENCY,
+                               "load_1m_start": rounded(os.getloadavg()[0], 1)}
+    # As `packetflow operator` starts (cli.py); the bare client shares the process, and so
+    # the collector's settings.
+    settle_heap()
     for count in SIZES:
         figures.update(_size_figures(count))
+    figures["load_1m_end"] = rounded(os.getloadavg()[0], 1)
     return figures
 
 

@@ -270,8 +270,8 @@ def test_permissions_cover_every_call_and_nothing_wild() -> None:
     granted = {(p.api_group, p.resource): set(p.verbs) for p in PERMISSIONS}
     for (api_version, _), plural in PLURALS.items():
         group = api_version.rpartition("/")[0]
-        if plural in ("events", "capabilities"):
-            continue  # Events are only posted; Capabilities only read (status: its own rule)
+        if plural in ("events", "capabilities", "actors"):
+            continue  # Events are only posted; Capabilities, Actors only read (status: own rule)
         assert {"get", "patch"} <= granted[(group, plural)]
         if plural not in ("capabilities", "actors", "federations"):
             assert "create" in granted[(group, plural)]
@@ -281,8 +281,9 @@ def test_permissions_cover_every_call_and_nothing_wild() -> None:
     assert granted[("packetflow.io", "capabilities/status")] == {"patch"}
     assert granted[("packetflow.io", "actors/status")] == {"patch"}
     assert granted[("", "events")] == {"create"}
-    # The operator's own watch reads Capabilities; it writes only their status.
+    # The operator's own watches read Capabilities and Actors; it writes only their status.
     assert granted[("packetflow.io", "capabilities")] == {"get", "list", "watch"}
+    assert granted[("packetflow.io", "actors")] == {"get", "list", "watch"}
     assert all("*" not in rule["verbs"] and "*" not in rule["resources"]
                for rule in rbac_rules())
 

@@ -9,7 +9,9 @@ burst of child events for one owner makes one reconcile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -18,6 +20,7 @@ import kopf
 
 from packetflow.operator.handlers import ObservedGenerationDiffBase
 from packetflow.operator.metrics import OperatorMetrics
+from packetflow.operator.reconcile import ResourceState
 from tests.operator.api import NS, patch, post
 from tests.operator.conftest import OperatorRunner, wait_for
 from tests.operator.kube_emulator import CAPABILITIES, ClusterEmulator, verbs, writes
@@ -65,6 +68,58 @@ async def create_capabilities(kube: httpx.AsyncClient, count: int) -> None:
                            for i in range(count)))
 
 
+async def assert_resync_writes_nothing(cluster: ClusterEmulator,
+                                      runner: OperatorRunner) -> dict[str, int]:
+    """One resync of unchanged owners: no write, only LISTs; its calls (watches aside: one
+    the server ended meanwhile resumes from its last version, seen on a loaded machine)."""
+    mark = len(cluster.log)
+    assert runner.thread is not None
+    await asyncio.to_thread(runner.thread.call, runner.ctx.reconciler.resync())
+    await wait_for(lambda: runner.ctx.pending == 0, what="the resync's work")
+    calls = cluster.api_calls(since=mark)
+    assert writes(calls) == 0, calls
+    resync = {call: n for call, n in calls.items() if not call.startswith("watch ")}
+    assert verbs(resync)["list"] == sum(resync.values()), calls
+    return resync
+
+
+async def assert_restart_writes_nothing(cluster: ClusterEmulator, count: int) -> None:
+    """A new operator resumes ``count`` unchanged owners and writes nothing."""
+    mark = len(cluster.log)
+    runner = OperatorRunner([NS])
+    await runner.start()
+    try:
+        await wait_for(lambda: reconciles(runner, trigger="resume") == count,
+                       what="every owner resumed")
+        await wait_for(lambda: runner.ctx.pending == 0, what="queued work")
+        assert writes(cluster.api_calls(since=mark)) == 0
+    finally:
+        await runner.stop()
+
+
+@contextlib.asynccontextmanager
+async def reconcile_held(runner: OperatorRunner, state: ResourceState) -> AsyncIterator[None]:
+    """Within the block, an owner's lock is held on the operator's loop, as by a reconcile in
+    progress: whatever arrives meanwhile waits."""
+    thread = runner.thread
+    assert thread is not None and thread.loop is not None
+    loop = thread.loop
+    release = asyncio.Event()  # waited for on the operator's loop, set through it
+    holding = threading.Event()
+
+    async def hold() -> None:
+        async with state.lock:
+            holding.set()
+            await release.wait()
+    held = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(hold(), loop))
+    await wait_for(holding.is_set, what="the lock held")
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(release.set)
+        await held
+
+
 def own_reads(calls: dict[str, int]) -> int:
     """GETs of single objects (not lists, watches or discovery)."""
     return verbs(calls)["get"] - calls["get discovery"]
@@ -98,29 +153,11 @@ async def test_unchanged_resync_and_restart_write_nothing(
     try:
         await create_capabilities(kube, COUNT)
         await created(cluster, first, COUNT)
-        mark = len(cluster.log)
-        assert first.thread is not None
-        await asyncio.to_thread(first.thread.call, first.ctx.reconciler.resync())
-        await wait_for(lambda: first.ctx.pending == 0, what="the resync's work")
-        calls = cluster.api_calls(since=mark)
-        assert writes(calls) == 0, calls
-        # A few LISTs for the namespace, not a call per resource. A watch the server ended
-        # meanwhile resumes from its last version (seen on a loaded machine): not the resync's.
-        resync = {call: n for call, n in calls.items() if not call.startswith("watch ")}
-        assert verbs(resync)["list"] == sum(resync.values()) <= 6, calls
+        resync = await assert_resync_writes_nothing(cluster, first)
+        assert sum(resync.values()) <= 6, resync  # a few LISTs, not a call per resource
     finally:
         await first.stop()
-
-    mark = len(cluster.log)
-    second = OperatorRunner([NS])
-    await second.start()
-    try:
-        await wait_for(lambda: reconciles(second, trigger="resume") == COUNT,
-                       what="every Capability resumed")
-        await wait_for(lambda: second.ctx.pending == 0, what="queued work")
-        assert writes(cluster.api_calls(since=mark)) == 0
-    finally:
-        await second.stop()
+    await assert_restart_writes_nothing(cluster, COUNT)
 
 
 async def test_a_burst_of_child_events_makes_one_reconcile(
@@ -131,34 +168,21 @@ async def test_a_burst_of_child_events_makes_one_reconcile(
     await wait_for(lambda: operator_runner.ctx.pending == 0
                    and reconciles(operator_runner) == 1, what="the creation to settle")
     state = operator_runner.ctx.reconciler.states[("Capability", NS, "busy")]
-    thread = operator_runner.thread
-    assert thread is not None and thread.loop is not None
-    release = asyncio.Event()  # waited for on the operator's loop, set through it
-    holding = threading.Event()
-
-    async def hold() -> None:
-        # A reconcile of this Capability in progress: whatever arrives meanwhile waits.
-        async with state.lock:
-            holding.set()
-            await release.wait()
-    held = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(hold(), thread.loop))
-    await wait_for(holding.is_set, what="the lock held")
-
-    edits = 0
-    for round_ in range(3):
-        await patch(kube, f"{CHILD_PATHS[CONFIGMAPS]}/busy-bundle",
-                    {"data": {"bundle.yaml": f"tampered {round_}"}})
-        await patch(kube, f"{CHILD_PATHS[SERVICES]}/busy",
-                    {"spec": {"ports": [{"name": "grpc", "port": 1000 + round_}]}})
-        template = objs[DEPLOYMENTS]["spec"]["template"]
-        template["spec"]["containers"][0]["image"] = f"evil:{round_}"
-        await patch(kube, f"{CHILD_PATHS[DEPLOYMENTS]}/busy", {"spec": {"template": template}})
-        edits += 3
-    metrics = operator_runner.ctx.metrics
-    await wait_for(lambda: total(metrics, "packetflow_operator_child_events_total",
-                                 outcome="queued") >= edits, what="every edit's event")
-    thread.loop.call_soon_threadsafe(release.set)
-    await held
+    async with reconcile_held(operator_runner, state):
+        edits = 0
+        for round_ in range(3):
+            await patch(kube, f"{CHILD_PATHS[CONFIGMAPS]}/busy-bundle",
+                        {"data": {"bundle.yaml": f"tampered {round_}"}})
+            await patch(kube, f"{CHILD_PATHS[SERVICES]}/busy",
+                        {"spec": {"ports": [{"name": "grpc", "port": 1000 + round_}]}})
+            template = objs[DEPLOYMENTS]["spec"]["template"]
+            template["spec"]["containers"][0]["image"] = f"evil:{round_}"
+            await patch(kube, f"{CHILD_PATHS[DEPLOYMENTS]}/busy",
+                        {"spec": {"template": template}})
+            edits += 3
+        metrics = operator_runner.ctx.metrics
+        await wait_for(lambda: total(metrics, "packetflow_operator_child_events_total",
+                                     outcome="queued") >= edits, what="every edit's event")
 
     def restored() -> bool:
         bundle = cluster.live(CONFIGMAPS, NS, "busy-bundle") or {}

@@ -19,7 +19,7 @@ from packetflow.operator.permissions import PERMISSIONS
 from packetflow.operator.reconcile import Reconciler
 from packetflow.operator.settings import OperatorSettings
 from packetflow.operator.watching import (
-    CapabilityEvents,
+    OwnerEvents,
     OwnerQueue,
     WatchTarget,
     reconcile_reason,
@@ -154,7 +154,7 @@ async def test_a_relist_forgets_capabilities_deleted_meanwhile() -> None:
     async def reconcile(body: Mapping[str, Any], reason: str) -> None:
         reconciled.append(body["metadata"]["name"])
     left: list[str] = []
-    events = CapabilityEvents(reconciler, OwnerQueue(reconcile), NS, left.append)
+    events = OwnerEvents("Capability", reconciler, OwnerQueue(reconcile), NS, left.append)
     kept = {**_body(1, observed=1), "metadata": {**_body(1)["metadata"], "name": "kept"}}
     events.listed([kept])
     assert set(reconciler.states) == {("Capability", NS, "kept")}

@@ -83,7 +83,7 @@ Namespaced rules go into the ClusterRole (all namespaces) or a Role per watched 
   verbs: ["patch"]
 - apiGroups: ["packetflow.io"]
   resources: ["actors"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["packetflow.io"]
   resources: ["actors/status"]
   verbs: ["patch"]

@@ -11,6 +11,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from packetflow.operator.handlers import OperatorContext, run_operator
+from packetflow.operator.heap import settle_heap
 from packetflow.operator.settings import OperatorSettings
 
 
@@ -36,6 +37,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         liveness = f"http://{host}:{port}/healthz"
     namespaces = list(args.namespace or [])
     ctx = OperatorContext.create(settings)
+    settle_heap()
     try:
         asyncio.run(run_operator(ctx, namespaces=namespaces, clusterwide=not namespaces,
                                  liveness_endpoint=liveness))

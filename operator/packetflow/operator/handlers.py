@@ -1,6 +1,6 @@
-"""kopf handlers: thin adapters from kopf's events to the :class:`Reconciler`.
+"""kopf handlers: login, start and stop; the Federations' handlers (federation_handlers.py).
 
-kopf runs login, Actors, Federations, Events' delivery and probes; Capabilities and the
+kopf runs login, Federations, Events' delivery and probes; Capabilities, Actors and their
 children are watched by the operator's own loops (:mod:`packetflow.operator.watching`),
 started from kopf's startup handler and stopped by its cleanup handler.
 
@@ -31,16 +31,14 @@ from packetflow.operator.reconcile import (
 )
 from packetflow.operator.settings import OperatorSettings
 from packetflow.operator.watching import (
-    CapabilityEvents,
     ChildEvents,
+    OwnerEvents,
     OwnerQueue,
     WatchTarget,
-    capability_targets,
+    owner_targets,
     watch_forever,
 )
-from packetflow.spec import GROUP, VERSION
 
-ACTORS: Final = (GROUP, VERSION, "actors")
 # The children's kinds the operator's own watches follow (by label): every kind a Capability
 # or an Actor can have, the opt-in ones only when their setting is on.
 CHILD_KINDS: Final = (("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"),
@@ -66,13 +64,13 @@ class OperatorContext:
     # Where the operator's own watches look: namespaces, or [None] for every namespace.
     namespaces: list[str | None] = field(default_factory=list)
     watch_tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    capability_queue: OwnerQueue | None = None
+    owner_queue: OwnerQueue | None = None
     _side_tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def pending(self) -> int:
-        """Reconciles queued or running (Capability events, child events, retries)."""
-        queued = self.capability_queue.pending if self.capability_queue is not None else 0
+        """Reconciles queued or running (owner events, child events, retries)."""
+        queued = self.owner_queue.pending if self.owner_queue is not None else 0
         return queued + self.reconciler.pending
 
     @classmethod
@@ -105,7 +103,7 @@ class ObservedGenerationDiffBase(kopf.DiffBaseStorage):
     operator writes itself, in the status write a successful reconcile makes anyway.
 
     kopf stores its "last handled configuration" with a write of its own after every handler
-    (an annotation patch, or a status patch of its own): one more write per Capability, and
+    (an annotation patch, or a status patch of its own): one more write per Federation, and
     one more watch event. Here the essence kopf compares is the spec's generation (the API
     server bumps it on every spec change, and only then), and the stored one is the generation
     the operator finished with: unseen (create), older (update) or equal (nothing to do, or
@@ -136,7 +134,7 @@ def kopf_settings(ours: OperatorSettings) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
     # A handler's progress is written (under status.kopf) only while it is being retried
     # (TemporaryError); kopf's annotation storage would also stamp a marker annotation on
-    # every object, one more write per Capability.
+    # every object, one more write per Federation.
     settings.persistence.progress_storage = kopf.StatusProgressStorage()
     settings.persistence.diffbase_storage = ObservedGenerationDiffBase()
     # Least privilege: without scanning kopf neither lists namespaces nor watches CRDs (the
@@ -163,16 +161,10 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    if ctx.capability_queue is not None:
-        await ctx.capability_queue.aclose()
+    if ctx.owner_queue is not None:
+        await ctx.owner_queue.aclose()
     await ctx.reconciler.aclose()
     await ctx.client.aclose()
-
-
-async def reconcile_resource(body: kopf.Body, reason: str, memo: kopf.Memo,
-                             **_: Any) -> None:
-    """kopf's handler for an Actor created, updated or seen at start."""
-    await reconcile_owner(_ctx(memo), body, str(reason))
 
 
 async def reconcile_owner(ctx: OperatorContext, body: Mapping[str, Any], reason: str) -> None:
@@ -181,7 +173,7 @@ async def reconcile_owner(ctx: OperatorContext, body: Mapping[str, Any], reason:
     :class:`kopf.TemporaryError` with the delay before the next try."""
     with ctx.metrics.timed(reason) as outcome:
         try:
-            report = await ctx.reconciler.reconcile(body, created=reason == kopf.Reason.CREATE)
+            report = await ctx.reconciler.reconcile(body, created=reason == "create")
         except ChildConflictError as exc:
             outcome.result = "conflict"
             await ctx.reconciler.warn(body, exc.reason, str(exc))
@@ -203,20 +195,23 @@ async def reconcile_owner(ctx: OperatorContext, body: Mapping[str, Any], reason:
 
 
 async def startup(memo: kopf.Memo, **_: Any) -> None:
-    """Start the operator's own watches (Capabilities, children) and the periodic resync.
-
-    Started from kopf's startup handler, so their tasks post Events through kopf's queue."""
+    """Start the operator's own watches (Capabilities, Actors, children) and the periodic
+    resync. Started from kopf's startup handler, so kopf's cleanup stops them."""
     ctx = _ctx(memo)
     loop = asyncio.get_running_loop()
-    ctx.capability_queue = OwnerQueue(lambda body, reason: reconcile_owner(ctx, body, reason))
-    children = ChildEvents(ctx.reconciler, ctx.metrics.count_child_event)
-    for target in capability_targets(ctx.namespaces):
-        events = CapabilityEvents(ctx.reconciler, ctx.capability_queue, target.namespace,
-                                  lambda namespace: _refresh_mcp_bundle(ctx, namespace))
+    ctx.owner_queue = OwnerQueue(lambda body, reason: reconcile_owner(ctx, body, reason))
+    for target in owner_targets(ctx.namespaces):
+        # A Capability leaving a namespace may change its MCP aggregate bundle.
+        on_deleted = (lambda namespace: _refresh_mcp_bundle(ctx, namespace)) \
+            if target.kind == "Capability" else None
+        events = OwnerEvents(target.kind, ctx.reconciler, ctx.owner_queue, target.namespace,
+                             on_deleted)
         ctx.watch_tasks.append(loop.create_task(watch_forever(ctx.client, target, events)))
     for namespace in ctx.namespaces:
         for api_version, kind in child_kinds(ctx.settings):
             target = WatchTarget(api_version, kind, namespace, MANAGED_SELECTOR)
+            children = ChildEvents(ctx.reconciler, ctx.metrics.count_child_event, kind,
+                                   namespace)
             ctx.watch_tasks.append(loop.create_task(watch_forever(ctx.client, target,
                                                                   children)))
     if ctx.settings.resync_seconds > 0:
@@ -272,23 +267,14 @@ async def _refresh_mcp_bundle_now(ctx: OperatorContext, namespace: str) -> None:
         log.warning("could not update the MCP aggregate bundle: %s", exc)
 
 
-async def actor_event(event: kopf.RawEvent, namespace: str | None, name: str | None,
-                      uid: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """Forget a deleted Actor (its children go with it: ownerReferences)."""
-    if event["type"] == "DELETED" and namespace and name:
-        _ctx(memo).reconciler.forget(namespace, name, uid, "Actor")
-
-
 def build_registry() -> kopf.OperatorRegistry:
-    """A registry with every kopf handler (login, start and stop, Actors, Federations)."""
+    """A registry with every kopf handler (login, start and stop, Federations)."""
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login)
     kopf.on.startup(registry=registry)(startup)
     kopf.on.cleanup(registry=registry)(cleanup)
-    # Capabilities and the children have the operator's own watches (startup, watching.py).
-    for register in (kopf.on.create, kopf.on.update, kopf.on.resume):
-        register(*ACTORS, registry=registry, id="reconcile")(reconcile_resource)
-    kopf.on.event(*ACTORS, registry=registry, id="forget")(actor_event)
+    # Capabilities, Actors and their children have the operator's own watches (startup,
+    # watching.py).
     federation_handlers.register(registry)
     return registry
 

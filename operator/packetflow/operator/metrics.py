@@ -1,9 +1,9 @@
 """Reconcile metrics (Prometheus): how often the operator reconciles, how it ends, how long.
 
-A reconcile is one run for one Capability or Actor: kopf's handler (trigger ``create``,
-``update``, ``resume``) or a queued one (``child-changed``, ``child-deleted``, ``resync``,
-``retry``). Child events that need no work are not reconciles; they are counted in
-``packetflow_operator_child_events`` by outcome.
+A reconcile is one run for one Capability or Actor: for an event of its own (trigger
+``create``, ``update``, ``resume``) or a queued one (``child-changed``, ``child-deleted``,
+``relist``, ``resync``, ``retry``). Child events that need no work are not reconciles; they
+are counted in ``packetflow_operator_child_events`` by outcome.
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@
 The Helm chart's test asserts its (Cluster)Role rules equal :data:`PERMISSIONS` exactly, so a
 new API call means a new line here and nowhere else. Who makes each call:
 
-* the operator's own watch lists and watches Capabilities (watching.py); kopf watches Actors
-  (list, watch) and stores a retried handler's progress in their status (patch); Warning
-  Events are posted for both (create events).
+* the operator's own watches list and watch Capabilities and Actors (watching.py); Warning
+  Events are posted for both (create events). Neither is ever written but its status.
 * the operator writes their status through the status subresource, re-reads the owner
   before recreating a deleted child (get), and creates, patches, reads and watches the
   children (configmaps, services, deployments for Capabilities, statefulsets for Actors; the
@@ -48,7 +47,7 @@ class Permission:
 PERMISSIONS: Final[tuple[Permission, ...]] = (
     Permission(GROUP, "capabilities", ("get", "list", "watch")),
     Permission(GROUP, "capabilities/status", ("patch",)),
-    Permission(GROUP, "actors", ("get", "list", "watch", "patch")),
+    Permission(GROUP, "actors", ("get", "list", "watch")),
     Permission(GROUP, "actors/status", ("patch",)),
     Permission("", "configmaps", ("get", "list", "watch", "create", "patch")),
     Permission("", "services", ("get", "list", "watch", "create", "patch")),

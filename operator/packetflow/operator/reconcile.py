@@ -603,23 +603,33 @@ class Reconciler:
                   if state.namespace == namespace and state.manifest is not None]
         kinds = sorted({(want.manifest["apiVersion"], key[0])
                         for state in owners for key, want in state.desired.items()})
-        listed_children: set[tuple[str, ChildKey]] = set()
         for api_version, kind in kinds:
-            for child in await self.client.list_objects(api_version, kind, namespace,
-                                                        label_selector=MANAGED_SELECTOR):
+            children = await self.client.list_objects(api_version, kind, namespace,
+                                                      label_selector=MANAGED_SELECTOR)
+            for child in children:
                 self.child_changed(None, child)
-                owner = controller_of(child)
-                if owner is not None:
-                    listed_children.add((str(owner.get("uid")),
-                                         (kind, str(child["metadata"]["name"]))))
+            self.children_listed(kind, namespace, children, "resync", owners)
         for state in owners:
-            for child_key, want in state.desired.items():
-                if (state.uid, child_key) not in listed_children:
-                    state.children[child_key] = ChildRecord(None, None, want.digest,
-                                                            deleted=True)
-                    self.enqueue(state, "resync")
             if self._status_stale(state):
                 self.enqueue(state, "resync")
+
+    def children_listed(self, kind: str, namespace: str | None,
+                        children: list[dict[str, Any]], trigger: str,
+                        owners: list[ResourceState] | None = None) -> None:
+        """Queue every owner (of ``owners``, else every known one in ``namespace``, or in
+        all when None) whose desired child of ``kind`` is missing from this full list of
+        them: deleted while no watch saw it. Its reconcile checks the owner is still there,
+        then creates the child (one POST; a child created after the list was taken answers
+        409 and is read instead)."""
+        listed = {(str(owner.get("uid")), str((child.get("metadata") or {}).get("name")))
+                  for child in children if (owner := controller_of(child)) is not None}
+        for state in self.states.values() if owners is None else owners:
+            if state.manifest is None or namespace not in (None, state.namespace):
+                continue
+            for key, want in state.desired.items():
+                if key[0] == kind and (state.uid, key[1]) not in listed:
+                    state.children[key] = ChildRecord(None, None, want.digest, deleted=True)
+                    self.enqueue(state, trigger)
 
     # --- the MCP aggregate and the Actors' active count ---------------------------------------
 

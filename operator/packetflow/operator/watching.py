@@ -1,4 +1,5 @@
-"""The operator's own watches: Capabilities and the children, without kopf's per-event machinery.
+"""The operator's own watches: Capabilities, Actors and their children, without kopf's
+per-event machinery.
 
 kopf parses every event into its body views, detects causes, builds handler kwargs and runs a
 worker task per object; at hundreds of Capabilities that was most of the operator's CPU, spent
@@ -6,15 +7,17 @@ before a single child was written. Here a watch is LIST, then WATCH from the lis
 resourceVersion with bookmarks, resumed from the last version seen when the server ends it,
 listed again on ``410 Gone``; the events go straight to the reconciler:
 
-* a Capability whose generation this process has not handled is queued
-  (:class:`OwnerQueue`: one reconcile per Capability at a time, later events coalesce into one
+* a Capability or Actor whose generation this process has not handled is queued
+  (:class:`OwnerQueue`: one reconcile per owner at a time, later events coalesce into one
   more), its first sight in this process being a create, an update or a resume exactly as
   kopf told them apart (:func:`reconcile_reason`, by ``status.observedGeneration``);
-* a deleted Capability is forgotten (its children go by ownerReferences), also when only a
+* a deleted owner is forgotten (its children go by ownerReferences), also when only a
   new list shows it is gone (deleted while the watch was down);
-* a child event goes to :meth:`Reconciler.child_changed` (no I/O).
+* a child event goes to :meth:`Reconciler.child_changed` (no I/O); a new list of children
+  (at start, after 410) is compared whole, so a child deleted while the watch was down is
+  created again at once (:meth:`Reconciler.children_listed`).
 
-kopf still runs everything else (Actors, Federations, Events, login, probes).
+kopf still runs everything else (Federations, login, probes).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, Final, Protocol
 import kopf
 
 from packetflow.operator.client import ApiError, GoneError, KubeClient
-from packetflow.operator.reconcile import Key, Reconciler, ResourceState
+from packetflow.operator.reconcile import OWNER_KINDS, Key, Reconciler, ResourceState
 from packetflow.spec import API_VERSION
 
 log = logging.getLogger("packetflow.operator.watching")
@@ -196,20 +199,21 @@ class OwnerQueue:
             await asyncio.gather(*late, return_exceptions=True)
 
 
-class CapabilityEvents:
-    """A Capability watch's sink: queue what needs a reconcile, forget what is deleted."""
+class OwnerEvents:
+    """A Capability or Actor watch's sink: queue what needs a reconcile, forget what is
+    deleted (and tell ``on_deleted`` the namespace it left)."""
 
-    kind: Final = "Capability"
-
-    def __init__(self, reconciler: Reconciler, queue: OwnerQueue, namespace: str | None,
-                 on_deleted: Callable[[str], None]) -> None:
+    def __init__(self, kind: str, reconciler: Reconciler, queue: OwnerQueue,
+                 namespace: str | None,
+                 on_deleted: Callable[[str], None] | None = None) -> None:
+        self.kind = kind
         self.reconciler = reconciler
         self.queue = queue
         self.namespace = namespace
         self.on_deleted = on_deleted  # the namespace a Capability left (the MCP bundle)
 
     def listed(self, objects: list[dict[str, Any]]) -> None:
-        """Queue every Capability needing work; forget the known ones no longer listed."""
+        """Queue every owner needing work; forget the known ones no longer listed."""
         listed: set[Key] = set()
         for body in objects:
             meta = body.get("metadata") or {}
@@ -221,7 +225,7 @@ class CapabilityEvents:
                 self._forget(state.namespace, state.name, state.uid)
 
     def changed(self, event_type: str, obj: dict[str, Any]) -> None:
-        """Queue a reconcile for a Capability that needs one; forget a deleted one."""
+        """Queue a reconcile for an owner that needs one; forget a deleted one."""
         meta = obj.get("metadata") or {}
         namespace, name = str(meta.get("namespace")), str(meta.get("name"))
         if event_type == "DELETED":
@@ -235,26 +239,39 @@ class CapabilityEvents:
     def _forget(self, namespace: str, name: str, uid: str | None) -> None:
         self.queue.drop((self.kind, namespace, name))
         self.reconciler.forget(namespace, name, uid, self.kind)
-        self.on_deleted(namespace)
+        if self.on_deleted is not None:
+            self.on_deleted(namespace)
 
 
 class ChildEvents:
-    """A children watch's sink: each event (and each listed child) to the reconciler."""
+    """A children watch's sink (one kind, one namespace or all): each event and each listed
+    child to the reconciler; a list after the first (a 410) also finds the children deleted
+    while the watch was down."""
 
-    def __init__(self, reconciler: Reconciler, count: Callable[[str], None]) -> None:
+    def __init__(self, reconciler: Reconciler, count: Callable[[str], None], kind: str,
+                 namespace: str | None) -> None:
         self.reconciler = reconciler
         self.count = count  # the outcome of each event, for the metrics
+        self.kind = kind
+        self.namespace = namespace
+        self._listed_before = False
 
     def listed(self, objects: list[dict[str, Any]]) -> None:
-        """Compare every listed child as an event would (what is missing, resync finds)."""
+        """Compare every listed child as an event would; on a relist, queue the owners whose
+        children are missing from it. (The first list, at start, comes before the owners'
+        own reconciles, which look at every child themselves.)"""
         for child in objects:
             self.reconciler.child_changed(None, child)
+        if self._listed_before:
+            self.reconciler.children_listed(self.kind, self.namespace, objects, "relist")
+        self._listed_before = True
 
     def changed(self, event_type: str, obj: dict[str, Any]) -> None:
         """One child event."""
         self.count(self.reconciler.child_changed(event_type, obj))
 
 
-def capability_targets(namespaces: Iterable[str | None]) -> list[WatchTarget]:
-    """The Capability watches: one per namespace (or one for all)."""
-    return [WatchTarget(API_VERSION, "Capability", namespace) for namespace in namespaces]
+def owner_targets(namespaces: Iterable[str | None]) -> list[WatchTarget]:
+    """The Capability and Actor watches: one of each per namespace (or for all)."""
+    return [WatchTarget(API_VERSION, kind, namespace)
+            for namespace in namespaces for kind in OWNER_KINDS]
