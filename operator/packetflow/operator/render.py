@@ -25,6 +25,7 @@ import yaml
 from packetflow.access import workload_service_account
 from packetflow.composition.resolve import DEFAULT_CLUSTER_DOMAIN, service_fqdn
 from packetflow.identity.spiffe import Workload
+from packetflow.identity.tokens import AUDIENCE
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import API_VERSION, CANARY_SUFFIX, Actor, Capability, ValueSource
 
@@ -61,6 +62,13 @@ HEALTH_PORT_NAME: Final = "health"
 # re-read the files, so renewal needs no restart.
 CERTIFICATE_DURATION: Final = "24h"
 CERTIFICATE_RENEW_BEFORE: Final = "8h"
+# ServiceAccount tokens (``tokens``): the runtime's token port, and where callers find the
+# projected token for the audience the runtime reviews them for.
+TOKEN_PORT_NAME: Final = "token"
+TOKEN_VOLUME: Final = "packetflow-token"
+TOKEN_DIR: Final = "/var/run/secrets/packetflow"
+# Implementations whose pods call other capabilities (steps, tools, actor code).
+_CALLING_KINDS: Final = ("composition", "planner")
 
 # Implementations the packetflow runtime serves itself; `image` brings its own server.
 _RUNTIME_SERVED: Final = ("python", "builtin", "composition", "mcp", "federated", "planner")
@@ -221,6 +229,45 @@ def _identity_env(settings: OperatorSettings) -> list[Manifest]:
                   "value": f"0.0.0.0:{settings.health_port}"}] + forwarders
 
 
+def _serves_tokens(resource: Resource, settings: OperatorSettings) -> bool:
+    """Whether the resource's pods serve the token port (beside mutual TLS)."""
+    return settings.tokens and _mutual_tls(resource, settings)
+
+
+def _calls_others(resource: Resource, settings: OperatorSettings) -> bool:
+    """Whether the resource's pods get a projected token to call other capabilities with."""
+    return _serves_tokens(resource, settings) and (
+        isinstance(resource, Actor) or resource.spec.implementation.kind in _CALLING_KINDS)
+
+
+def add_token_port(container: Manifest, resource: Resource,
+                   settings: OperatorSettings) -> None:
+    """With tokens: the runtime's token port (``PACKETFLOW_TOKEN_ADDRESS``, port ``token``),
+    and the projected token of callers mounted at ``TOKEN_DIR``."""
+    if not _serves_tokens(resource, settings):
+        return
+    container["env"].append({"name": "PACKETFLOW_TOKEN_ADDRESS",
+                             "value": f"0.0.0.0:{settings.token_port}"})
+    container["ports"].append({"name": TOKEN_PORT_NAME, "containerPort": settings.token_port,
+                               "protocol": "TCP"})
+    if _calls_others(resource, settings):
+        container["volumeMounts"].append({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR,
+                                          "readOnly": True})
+
+
+def add_token_volumes(pod: Manifest, resource: Resource, settings: OperatorSettings) -> None:
+    """With tokens: the pod's own API token (its TokenReviews; the chart's ClusterRole lets
+    the account create nothing else) and, for callers, the projected ``packetflow`` token."""
+    if not _serves_tokens(resource, settings):
+        return
+    pod["automountServiceAccountToken"] = True
+    if _calls_others(resource, settings):
+        pod["volumes"].append({"name": TOKEN_VOLUME, "projected": {"sources": [
+            {"serviceAccountToken": {"audience": AUDIENCE,
+                                     "expirationSeconds": settings.token_expiration_seconds,
+                                     "path": "token"}}]}})
+
+
 def secret_sources(resource: Resource) -> list[ValueSource]:
     """Every value the manifest takes from a Secret (``secretKeyRef``), in manifest order."""
     sources: list[ValueSource] = []
@@ -341,6 +388,7 @@ def _container(resource: Resource, settings: OperatorSettings,
         {"name": "tmp", "mountPath": "/tmp"},
         *mounts,
     ]
+    add_token_port(container, resource, settings)
     return container
 
 
@@ -362,7 +410,7 @@ def _pod_template(resource: Resource, settings: OperatorSettings,
         volumes.append({"name": IDENTITY_VOLUME, "secret": {
             "secretName": identity_secret_name(name), "defaultMode": 0o440}})
         identity["serviceAccountName"] = workload_service_account(name)
-    return {
+    template: Manifest = {
         "metadata": {"labels": child_labels(name, resource.kind, workload), "annotations": {}},
         "spec": {
             # Runtime pods never call the Kubernetes API: no token in them.
@@ -383,6 +431,8 @@ def _pod_template(resource: Resource, settings: OperatorSettings,
             "volumes": volumes,
         },
     }
+    add_token_volumes(template["spec"], resource, settings)
+    return template
 
 
 def spec_hash(*parts: Any) -> str:
@@ -426,6 +476,9 @@ def _service_ports(resource: Resource, settings: OperatorSettings) -> list[Manif
         if settings.mcp_enabled:
             ports.append({"name": MCP_PORT_NAME, "port": settings.mcp_port,
                           "targetPort": MCP_PORT_NAME, "protocol": "TCP"})
+    if _serves_tokens(resource, settings):
+        ports.append({"name": TOKEN_PORT_NAME, "port": settings.token_port,
+                      "targetPort": TOKEN_PORT_NAME, "protocol": "TCP"})
     return ports
 
 
@@ -619,6 +672,8 @@ def render_network_policy(resource: Resource, namespace: str,
     served = [{"protocol": "TCP", "port": "grpc"}]
     if _runtime_served(resource) and settings.mcp_enabled:
         served.append({"protocol": "TCP", "port": MCP_PORT_NAME})
+    if _serves_tokens(resource, settings):
+        served.append({"protocol": "TCP", "port": TOKEN_PORT_NAME})
     ingress: list[Manifest] = [{"from": callers, "ports": served}]
     if _runtime_served(resource):
         ingress.append({"from": [{"namespaceSelector": {"matchLabels": dict(

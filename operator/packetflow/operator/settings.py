@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from packetflow.access import DefaultPolicy
@@ -92,6 +92,19 @@ class OperatorSettings(BaseSettings):
         default=8086, ge=1, le=65535,
         description="With mtls_issuer: plaintext grpc.health.v1 for the kubelet's probes "
                     "(they cannot present a certificate)")
+    tokens: bool = Field(
+        default=False,
+        description="With mtls_issuer: runtime pods also accept callers proving themselves "
+                    "with a projected ServiceAccount token (audience packetflow) on "
+                    "token_port (PACKETFLOW_TOKEN_ADDRESS, checked by TokenReview), and pods "
+                    "that call other capabilities (compositions, planners, Actors) get such "
+                    "a token mounted")
+    token_port: int = Field(default=50052, ge=1, le=65535,
+                            description="With tokens: the runtime's token port")
+    token_expiration_seconds: int = Field(
+        default=3600, ge=600, le=86400,
+        description="With tokens: lifetime of the projected tokens callers get (the kubelet "
+                    "renews them at 80 %; the API server's minimum is 600)")
     network_policies: bool = Field(
         default=False,
         description="Render a NetworkPolicy per Capability and Actor: gRPC and MCP ports open "
@@ -130,3 +143,10 @@ class OperatorSettings(BaseSettings):
         description="host:port of the operator's Prometheus /metrics; empty: off")
     log_format: str = Field(default="json", pattern="^(json|plain|full)$")
     verbose: bool = False
+
+    @model_validator(mode="after")
+    def _tokens_need_tls(self) -> Self:
+        if self.tokens and self.mtls_issuer is None:
+            raise ValueError("tokens: the token port serves TLS with the workload's "
+                             "certificate, so it needs mtls_issuer (PACKETFLOW_MTLS_ISSUER)")
+        return self
