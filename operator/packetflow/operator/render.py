@@ -62,6 +62,8 @@ HEALTH_PORT_NAME: Final = "health"
 # re-read the files, so renewal needs no restart.
 CERTIFICATE_DURATION: Final = "24h"
 CERTIFICATE_RENEW_BEFORE: Final = "8h"
+# ``mtls_issuer`` naming the operator's own authority instead of a cert-manager issuer.
+OPERATOR_ISSUER: Final = "operator"
 # ServiceAccount tokens (``tokens``): the runtime's token port, and where callers find the
 # projected token for the audience the runtime reviews them for.
 TOKEN_PORT_NAME: Final = "token"
@@ -172,6 +174,37 @@ def _mutual_tls(resource: Resource, settings: OperatorSettings) -> bool:
     return settings.mtls_issuer is not None and _runtime_served(resource)
 
 
+def has_workload_identity(resource: Resource, settings: OperatorSettings) -> bool:
+    """Whether the resource's pods carry a workload certificate (and serve mutual TLS)."""
+    return _mutual_tls(resource, settings)
+
+
+def operator_issued(settings: OperatorSettings) -> bool:
+    """Whether the operator's own authority issues workload certificates (no cert-manager)."""
+    return settings.mtls_issuer == OPERATOR_ISSUER
+
+
+def service_dns_names(name: str, namespace: str, settings: OperatorSettings) -> list[str]:
+    """The DNS names of Service ``name``: short, with namespace, with the suffix, and the
+    fully qualified one of the cluster domain (what composition steps dial)."""
+    return [name, f"{name}.{namespace}", f"{name}.{namespace}.{settings.cluster_domain_suffix}",
+            service_fqdn(name, namespace, settings.cluster_domain)]
+
+
+def certificate_names(resource: Resource, namespace: str,
+                      settings: OperatorSettings) -> tuple[str, list[str]]:
+    """The SPIFFE ID (``spiffe://<trust domain>/ns/<namespace>/sa/packetflow-<name>``) and
+    DNS names (its Service's; an Actor's members too) of the resource's certificate."""
+    name = resource.name
+    dns = service_dns_names(name, namespace, settings)
+    if isinstance(resource, Actor):
+        dns.append(f"*.{headless_service_name(name)}.{namespace}."
+                   f"{settings.cluster_domain_suffix}")
+    spiffe_id = Workload(namespace, workload_service_account(name)).spiffe_id(
+        settings.trust_domain)
+    return str(spiffe_id), dns
+
+
 def identity_secret_name(name: str) -> str:
     """The Secret cert-manager writes a workload's certificate, key and CA into."""
     return f"{name}-identity"
@@ -194,14 +227,7 @@ def render_certificate(resource: Resource, namespace: str,
     assert settings.mtls_issuer is not None
     issuer_kind, _, issuer = settings.mtls_issuer.partition("/")
     name = resource.name
-    suffix = settings.cluster_domain_suffix
-    # Also the name composition steps dial (a Service's SRV target, by default).
-    dns = [name, f"{name}.{namespace}", f"{name}.{namespace}.{suffix}",
-           service_fqdn(name, namespace, DEFAULT_CLUSTER_DOMAIN)]
-    if isinstance(resource, Actor):
-        dns.append(f"*.{headless_service_name(name)}.{namespace}.{suffix}")
-    spiffe_id = Workload(namespace, workload_service_account(name)).spiffe_id(
-        settings.trust_domain)
+    spiffe_id, dns = certificate_names(resource, namespace, settings)
     metadata = _metadata(name, namespace, resource.kind)
     metadata["name"] = identity_secret_name(name)
     return {
@@ -211,7 +237,7 @@ def render_certificate(resource: Resource, namespace: str,
                  "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
                  "usages": ["digital signature", "key encipherment", "server auth",
                             "client auth"],
-                 "uris": [str(spiffe_id)], "dnsNames": dns,
+                 "uris": [spiffe_id], "dnsNames": dns,
                  "issuerRef": {"group": "cert-manager.io", "kind": issuer_kind,
                                "name": issuer}},
     }
@@ -313,6 +339,13 @@ def _settings_secret_env(settings: OperatorSettings) -> list[Manifest]:
     return env
 
 
+def cluster_domain_env(settings: OperatorSettings) -> list[Manifest]:
+    """``PACKETFLOW_CLUSTER_DOMAIN`` when the cluster's domain is not the default one (so
+    pods of clusters with the default one keep their template, hence their rollout)."""
+    return [] if settings.cluster_domain == DEFAULT_CLUSTER_DOMAIN else [
+        {"name": "PACKETFLOW_CLUSTER_DOMAIN", "value": settings.cluster_domain}]
+
+
 def _runtime_args(settings: OperatorSettings) -> list[str]:
     args = ["runtime", "--bundle", BUNDLE_PATH,
             "--address", f"0.0.0.0:{settings.grpc_port}",
@@ -355,7 +388,8 @@ def _container(resource: Resource, settings: OperatorSettings,
                  {"name": "PACKETFLOW_DRAIN_SECONDS", "value": f"{settings.drain_seconds:g}"},
                  {"name": "PACKETFLOW_GRACE_SECONDS", "value": f"{settings.grace_seconds:g}"},
                  {"name": "PACKETFLOW_DEFAULT_POLICY", "value": settings.default_policy},
-                 *secret_env(resource), *_settings_secret_env(settings)])
+                 *secret_env(resource), *_settings_secret_env(settings),
+                 *cluster_domain_env(settings)])
         mounts.append({"name": STATE_VOLUME, "mountPath": settings.state_dir})
     probe_port = grpc_port
     if _mutual_tls(resource, settings):
@@ -700,8 +734,10 @@ def desired_children(resource: Resource, namespace: str,
     zero_trust = [render_network_policy(resource, namespace, settings)] \
         if settings.network_policies else []
     if _mutual_tls(resource, settings):
-        zero_trust += [render_service_account(resource, namespace),
-                       render_certificate(resource, namespace, settings)]
+        # The operator's own authority writes the Secret itself (authority.py).
+        zero_trust += [render_service_account(resource, namespace)] if operator_issued(
+            settings) else [render_service_account(resource, namespace),
+                            render_certificate(resource, namespace, settings)]
     if isinstance(resource, Actor):
         return [
             *zero_trust,
