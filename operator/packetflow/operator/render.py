@@ -64,6 +64,9 @@ CERTIFICATE_DURATION: Final = "24h"
 CERTIFICATE_RENEW_BEFORE: Final = "8h"
 # ``mtls_issuer`` naming the operator's own authority instead of a cert-manager issuer.
 OPERATOR_ISSUER: Final = "operator"
+# The ServiceAccount every federation gateway of a namespace runs as (one identity, which
+# that namespace's runtime pods trust to name the remote caller).
+FEDERATION_SERVICE_ACCOUNT: Final = "packetflow-federation"
 # ServiceAccount tokens (``tokens``): the runtime's token port, and where callers find the
 # projected token for the audience the runtime reviews them for.
 TOKEN_PORT_NAME: Final = "token"
@@ -224,35 +227,51 @@ def render_certificate(resource: Resource, namespace: str,
     """The cert-manager Certificate of the resource's pods: SPIFFE ID
     ``spiffe://<trust domain>/ns/<namespace>/sa/packetflow-<name>``, DNS names of its
     Service (and an Actor's members), server and client auth, renewed well before expiry."""
-    assert settings.mtls_issuer is not None
-    issuer_kind, _, issuer = settings.mtls_issuer.partition("/")
     name = resource.name
     spiffe_id, dns = certificate_names(resource, namespace, settings)
     metadata = _metadata(name, namespace, resource.kind)
     metadata["name"] = identity_secret_name(name)
-    return {
-        "apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": metadata,
-        "spec": {"secretName": identity_secret_name(name),
-                 "duration": CERTIFICATE_DURATION, "renewBefore": CERTIFICATE_RENEW_BEFORE,
-                 "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
-                 "usages": ["digital signature", "key encipherment", "server auth",
-                            "client auth"],
-                 "uris": [spiffe_id], "dnsNames": dns,
-                 "issuerRef": {"group": "cert-manager.io", "kind": issuer_kind,
-                               "name": issuer}},
-    }
+    return {"apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": metadata,
+            "spec": certificate_spec(identity_secret_name(name), spiffe_id, dns, settings)}
 
 
-def _identity_env(settings: OperatorSettings) -> list[Manifest]:
-    """Where the runtime finds its certificate (cert-manager's Secret keys), and whose
-    ``packetflow-caller`` it believes (the gateway's, the MCP aggregate's)."""
-    forwarders = [{"name": "PACKETFLOW_TRUSTED_FORWARDERS",
-                   "value": orjson.dumps(settings.trusted_forwarders).decode()}
-                  ] if settings.trusted_forwarders else []
+def certificate_spec(secret: str, spiffe_id: str, dns_names: list[str],
+                     settings: OperatorSettings) -> Manifest:
+    """A cert-manager Certificate's spec: ECDSA P-256, server and client auth, 24 h,
+    renewed 8 h before expiry, from the ``mtls_issuer``."""
+    assert settings.mtls_issuer is not None
+    issuer_kind, _, issuer = settings.mtls_issuer.partition("/")
+    return {"secretName": secret,
+            "duration": CERTIFICATE_DURATION, "renewBefore": CERTIFICATE_RENEW_BEFORE,
+            "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+            "usages": ["digital signature", "key encipherment", "server auth", "client auth"],
+            "uris": [spiffe_id], "dnsNames": dns_names,
+            "issuerRef": {"group": "cert-manager.io", "kind": issuer_kind, "name": issuer}}
+
+
+def workload_tls_env(settings: OperatorSettings) -> list[Manifest]:
+    """Where a workload finds its certificate (``PACKETFLOW_TLS_*``: the Secret's keys under
+    ``IDENTITY_DIR``) and serves plaintext health (``PACKETFLOW_HEALTH_ADDRESS``)."""
     return [{"name": f"PACKETFLOW_TLS_{setting}", "value": f"{IDENTITY_DIR}/{key}"}
             for setting, key in (("CERT", "tls.crt"), ("KEY", "tls.key"), ("CA", "ca.crt"))
             ] + [{"name": "PACKETFLOW_HEALTH_ADDRESS",
-                  "value": f"0.0.0.0:{settings.health_port}"}] + forwarders
+                  "value": f"0.0.0.0:{settings.health_port}"}]
+
+
+def federation_forwarder(settings: OperatorSettings) -> str:
+    """The SPIFFE ID of the federation gateways of a runtime pod's own namespace (they call
+    its exports for a remote caller); the kubelet expands ``$(PACKETFLOW_NAMESPACE)``, an
+    earlier variable of the same container, so the pod template names no namespace."""
+    return f"spiffe://{settings.trust_domain}/ns/$(PACKETFLOW_NAMESPACE)/sa/" \
+        f"{FEDERATION_SERVICE_ACCOUNT}"
+
+
+def _identity_env(settings: OperatorSettings) -> list[Manifest]:
+    """Where the runtime finds its certificate, and whose ``packetflow-caller`` it believes
+    (the gateway's, the MCP aggregate's, its namespace's federation gateways')."""
+    forwarders = [*settings.trusted_forwarders, federation_forwarder(settings)]
+    return [*workload_tls_env(settings), {"name": "PACKETFLOW_TRUSTED_FORWARDERS",
+                                          "value": orjson.dumps(forwarders).decode()}]
 
 
 def _serves_tokens(resource: Resource, settings: OperatorSettings) -> bool:
