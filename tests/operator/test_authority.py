@@ -18,39 +18,20 @@ from pydantic import ValidationError
 from packetflow.identity.certs import Issued, issue, new_authority
 from packetflow.identity.spiffe import SpiffeId
 from packetflow.identity.x509 import TrustBundle, authenticate, load_certificates
-from packetflow.manifests import parse_manifest
 from packetflow.operator import authority, render
 from packetflow.operator.authority import AuthorityError, AuthorityState, Leaf, LeafSpec
 from packetflow.operator.permissions import AUTHORITY_PERMISSIONS, PERMISSIONS
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import Actor, Capability
-from tests.operator.api import NS, post
+from tests.operator.api import NS
 from tests.operator.conftest import OperatorRunner, wait_for
 from tests.operator.kube_emulator import CERTIFICATES, ClusterEmulator
+from tests.operator.test_workload_identity import actor, capability, create_pay
 
 OPERATOR_CA = OperatorSettings(mtls_issuer="operator", ca_namespace="pf-system",
                                trust_domain="acme.internal")
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 SECRETS = "v1/secrets"
-
-
-def capability() -> Capability:
-    resource = parse_manifest({
-        "apiVersion": "packetflow.io/v1alpha1", "kind": "Capability",
-        "metadata": {"name": "pay", "namespace": "team-a"},
-        "spec": {"intent": "Pay", "implementation": {"builtin": {"name": "echo"}}}})
-    assert isinstance(resource, Capability), resource
-    return resource
-
-
-def actor() -> Actor:
-    resource = parse_manifest({
-        "apiVersion": "packetflow.io/v1alpha1", "kind": "Actor",
-        "metadata": {"name": "cart", "namespace": "team-a"},
-        "spec": {"intent": "A cart", "implementation": {"python": {
-            "module": "examples.research", "class": "ResearchAssistant"}}}})
-    assert isinstance(resource, Actor), resource
-    return resource
 
 
 OWNER = {"apiVersion": "packetflow.io/v1alpha1", "kind": "Capability", "name": "pay",
@@ -228,12 +209,7 @@ async def test_the_operator_issues_reuses_renews_and_restores_identities(
     runner = OperatorRunner([NS], **settings)
     await runner.start()
     try:
-        created = await post(kube, f"/apis/packetflow.io/v1alpha1/namespaces/{NS}/"
-                             "capabilities", {"apiVersion": "packetflow.io/v1alpha1",
-                                              "kind": "Capability",
-                                              "metadata": {"name": "pay", "namespace": NS},
-                                              "spec": {"intent": "Pay", "implementation": {
-                                                  "builtin": {"name": "echo"}}}})
+        created = await create_pay(kube)
         leaf = await wait_for(lambda: cluster.live(SECRETS, NS, "pay-identity"),
                               what="the workload Secret")
         ca = cluster.live(SECRETS, NS, "packetflow-ca")

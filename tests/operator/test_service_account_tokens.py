@@ -11,7 +11,6 @@ import kubernetes_validate
 import pytest
 from pydantic import ValidationError
 
-from packetflow.manifests import parse_manifest
 from packetflow.operator import render
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import Actor, Capability
@@ -19,33 +18,15 @@ from tests.operator.api import NS, post
 from tests.operator.conftest import OperatorRunner, wait_for
 from tests.operator.kube_emulator import ClusterEmulator
 from tests.operator.test_operator_watching import assert_calls_permitted
+from tests.operator.test_workload_identity import actor, capability
 
 TOKENS = OperatorSettings(mtls_issuer="ClusterIssuer/ca", tokens=True, token_port=50060,
                           token_expiration_seconds=1800, network_policies=True)
 
 
-def capability(implementation: dict[str, Any] | None = None) -> Capability:
-    resource = parse_manifest({
-        "apiVersion": "packetflow.io/v1alpha1", "kind": "Capability",
-        "metadata": {"name": "pay", "namespace": "team-a"},
-        "spec": {"intent": "Pay", "implementation": implementation or {
-            "builtin": {"name": "echo"}}}})
-    assert isinstance(resource, Capability), resource
-    return resource
-
-
 def composition() -> Capability:
-    return capability({"composition": {"steps": [{"call": {"capability": "echo"}}]}})
-
-
-def actor() -> Actor:
-    resource = parse_manifest({
-        "apiVersion": "packetflow.io/v1alpha1", "kind": "Actor",
-        "metadata": {"name": "cart", "namespace": "team-a"},
-        "spec": {"intent": "A cart", "implementation": {"python": {
-            "module": "examples.research", "class": "ResearchAssistant"}}}})
-    assert isinstance(resource, Actor), resource
-    return resource
+    return capability(implementation={"composition": {"steps": [
+        {"call": {"capability": "echo"}}]}})
 
 
 def pod_of(children: list[dict[str, Any]]) -> dict[str, Any]:
@@ -108,7 +89,7 @@ def test_without_tokens_or_for_a_foreign_image_nothing_changes() -> None:
     pod = pod_of(render.desired_children(composition(), "team-a", mtls))
     assert pod["automountServiceAccountToken"] is False
     assert "PACKETFLOW_TOKEN_ADDRESS" not in env_of(pod["containers"][0])
-    image = capability({"image": {"image": "x:1", "port": 7000}})
+    image = capability(implementation={"image": {"image": "x:1", "port": 7000}})
     pod = pod_of(render.desired_children(image, "team-a", TOKENS))
     assert pod["automountServiceAccountToken"] is False
     assert [p["name"] for p in pod["containers"][0]["ports"]] == ["grpc"]

@@ -132,17 +132,20 @@ def test_without_an_issuer_or_for_a_foreign_image_nothing_changes() -> None:
     assert kinds == ["ConfigMap", "Service", "Deployment"]
 
 
+async def create_pay(kube: httpx.AsyncClient) -> dict[str, Any]:
+    """Capability ``pay`` (builtin echo) created in the emulator's namespace."""
+    return await post(kube, f"/apis/packetflow.io/v1alpha1/namespaces/{NS}/capabilities", {
+        "apiVersion": "packetflow.io/v1alpha1", "kind": "Capability",
+        "metadata": {"name": "pay", "namespace": NS},
+        "spec": {"intent": "Pay", "implementation": {"builtin": {"name": "echo"}}}})
+
+
 async def test_the_operator_applies_and_restores_identities(
         cluster: ClusterEmulator, kube: httpx.AsyncClient) -> None:
     runner = OperatorRunner([NS], mtls_issuer="ClusterIssuer/packetflow-ca")
     await runner.start()
     try:
-        created = await post(kube, f"/apis/packetflow.io/v1alpha1/namespaces/{NS}/"
-                             "capabilities", {"apiVersion": "packetflow.io/v1alpha1",
-                                              "kind": "Capability",
-                                              "metadata": {"name": "pay", "namespace": NS},
-                                              "spec": {"intent": "Pay", "implementation": {
-                                                  "builtin": {"name": "echo"}}}})
+        created = await create_pay(kube)
         certificate = await wait_for(lambda: cluster.live(CERTIFICATES, NS, "pay-identity"),
                                      what="the Certificate")
         account = await wait_for(lambda: cluster.live("v1/serviceaccounts", NS,

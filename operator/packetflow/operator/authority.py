@@ -427,7 +427,11 @@ class Authority:
     async def renew(self) -> int:
         """The periodic pass: advance the authority's rotation, notice workload Secrets
         deleted behind the operator's back, bring every known one up to date; writes made."""
-        state = await self.authority()
+        try:
+            state = await self.authority()
+        except AuthorityError as exc:  # a person must act; the next resync looks again
+            logger.warning("the cluster authority cannot be used: %s", exc)
+            return 0
         async with self._lock:
             now = self.clock()
             leaves = [self.leaves.get(key) for key in self.specs]

@@ -209,7 +209,8 @@ def certificate_names(resource: Resource, namespace: str,
 
 
 def identity_secret_name(name: str) -> str:
-    """The Secret cert-manager writes a workload's certificate, key and CA into."""
+    """The Secret cert-manager (or the operator's own authority) writes a workload's
+    certificate, key and CA into."""
     return f"{name}-identity"
 
 
