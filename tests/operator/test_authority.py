@@ -242,7 +242,7 @@ async def test_the_operator_issues_reuses_renews_and_restores_identities(
         assert ctx.reconciler.authority is not None
         assert ctx.reconciler.authority.leaves  # it read the Secret back
         assert secret_writes(cluster, "pay-identity") == writes
-        assert cluster.live(SECRETS, NS, "packetflow-ca") == ca | {}  # made once, reused
+        assert cluster.live(SECRETS, NS, "packetflow-ca") == ca  # made once, reused
         # 17 hours on, the resync renews the certificate (8 h before expiry).
         real_clock = ctx.reconciler.authority.clock
         ctx.reconciler.authority.clock = lambda: real_clock() + datetime.timedelta(hours=17)
@@ -254,6 +254,23 @@ async def test_the_operator_issues_reuses_renews_and_restores_identities(
                 ).status_code < 300
         await resync(runner)
         assert cluster.live(SECRETS, NS, "pay-identity") is not None
+        # The authority rotates through its Secret: introduced, promoted, the old one gone.
+        for days, minutes, trusted in ((250, 0, 2), (250, 6, 2), (250, 18, 1)):
+            ctx.reconciler.authority.clock = lambda d=days, m=minutes: real_clock() + \
+                datetime.timedelta(days=d, minutes=m)
+            await resync(runner)
+            home = cluster.live(SECRETS, NS, "packetflow-ca")
+            leaf = cluster.live(SECRETS, NS, "pay-identity")
+            assert home is not None and leaf is not None
+            assert len(load_certificates(decoded(home, "bundle.crt"), "bundle")) == trusted
+            assert decoded(leaf, "ca.crt") == decoded(home, "bundle.crt")
+            assert ("next.crt" in home["data"]) == (minutes == 0)
+            if minutes:  # promoted: the workload's certificate is the new authority's
+                signer = TrustBundle.from_pem("cluster.local", decoded(home, "ca.crt"))
+                authenticate(load_certificates(decoded(leaf, "tls.crt"), "tls.crt")[0],
+                             {"cluster.local": signer},
+                             real_clock() + datetime.timedelta(days=250, minutes=minutes))
+        assert decoded(home, "ca.crt") != decoded(ca, "ca.crt")
     finally:
         await runner.stop()
     assert_authority_calls_permitted(cluster)
