@@ -173,6 +173,9 @@ def test_the_operator_authority_needs_a_home_and_a_resync() -> None:
         OperatorSettings(mtls_issuer="operator")
     with pytest.raises(ValidationError, match="resync_seconds must be between"):
         OperatorSettings(mtls_issuer="operator", ca_namespace="pf", resync_seconds=0)
+    with pytest.raises(ValidationError, match=r"operator_identities\.0"):
+        OperatorSettings(mtls_issuer="operator", ca_namespace="pf",
+                         operator_identities=["gateway-without-namespace"])
 
 
 # ------------------------------------------------------------------ the emulator: I/O edge

@@ -92,7 +92,8 @@ class OperatorSettings(BaseSettings):
     ca_secret: str = Field(
         default="packetflow-ca", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="With mtls_issuer 'operator': the authority's Secret, made once, reused")
-    operator_identities: list[str] = Field(
+    operator_identities: list[Annotated[str, Field(
+            pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]] = Field(
         default_factory=list,
         description="With mtls_issuer 'operator': ServiceAccounts 'namespace/name' (each "
                     "also a Service of that name) the operator issues a certificate into "
