@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -429,6 +430,20 @@ async def test_an_actor_types_access_is_applied(cluster: Cluster) -> None:
         assert await client.send("ledger", "a", {"n": 1}, timeout=30) == {"n": 1, "count": 1}
 
 
+def kubelet_env(env: list[dict[str, Any]], namespace: str) -> dict[str, str]:
+    """A container's variables as the kubelet sets them: ``metadata.namespace`` field refs
+    filled in, ``$(NAME)`` replaced by an earlier variable's value (Secrets left out)."""
+    found: dict[str, str] = {}
+    for item in env:
+        if "value" in item:
+            found[item["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                                         lambda ref: found.get(ref[1], ref[0]), item["value"])
+        elif item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == \
+                "metadata.namespace":
+            found[item["name"]] = namespace
+    return found
+
+
 async def test_a_runtime_pod_as_the_operator_renders_it_serves_mtls_and_plaintext_health(
         tmp_path: Path, processes: list[RuntimeProcess]) -> None:
     settings = OperatorSettings(mtls_issuer="ClusterIssuer/ca", trust_domain=DOMAIN)
@@ -449,8 +464,8 @@ async def test_a_runtime_pod_as_the_operator_renders_it_serves_mtls_and_plaintex
     (identity / "tls.key").write_bytes(leaf.key_pem)
     (identity / "ca.crt").write_bytes(authority.certificate_pem)
     health = f"127.0.0.1:{free_port()}"
-    env = {e["name"]: e["value"].replace(render.IDENTITY_DIR, str(identity))
-           for e in container["env"] if "value" in e}
+    env = {name: value.replace(render.IDENTITY_DIR, str(identity))
+           for name, value in kubelet_env(container["env"], "team-a").items()}
     env.update(PACKETFLOW_HEALTH_ADDRESS=health, PACKETFLOW_STATE_DIR=str(tmp_path / "state"))
     bundle = tmp_path / "bundle.yaml"
     bundle.write_text(render.render_bundle(pay))

@@ -15,7 +15,7 @@ from packetflow.manifests import parse_manifest
 from packetflow.operator import render, status
 from packetflow.operator.client import PLURALS
 from packetflow.operator.drift import drift_patch, is_subset, parse_quantity
-from packetflow.operator.permissions import PERMISSIONS, rbac_rules
+from packetflow.operator.permissions import AUTHORITY_PERMISSIONS, PERMISSIONS, rbac_rules
 from packetflow.operator.reconcile import ChildConflictError, child_patch
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import Capability
@@ -267,7 +267,8 @@ def test_child_patch_owns_adopts_or_refuses() -> None:
 # --- permissions, CRD, CLI ----------------------------------------------------------------
 
 def test_permissions_cover_every_call_and_nothing_wild() -> None:
-    granted = {(p.api_group, p.resource): set(p.verbs) for p in PERMISSIONS}
+    granted = {(p.api_group, p.resource): set(p.verbs)
+               for p in (*PERMISSIONS, *AUTHORITY_PERMISSIONS)}
     for (api_version, _), plural in PLURALS.items():
         group = api_version.rpartition("/")[0]
         if plural in ("events", "capabilities", "actors"):
@@ -275,8 +276,10 @@ def test_permissions_cover_every_call_and_nothing_wild() -> None:
         assert {"get", "patch"} <= granted[(group, plural)]
         if plural not in ("capabilities", "actors", "federations"):
             assert "create" in granted[(group, plural)]
-        if plural not in ("capabilities", "actors", "federations", "persistentvolumeclaims"):
-            # (a Federation's audit claim is applied, never watched: see permissions.py)
+        if plural not in ("capabilities", "actors", "federations", "persistentvolumeclaims",
+                          "secrets"):
+            # (a Federation's audit claim is applied, never watched, and the authority's
+            # Secrets are listed on the resync, never watched: see permissions.py)
             assert {"list", "watch"} <= granted[(group, plural)]
     assert granted[("packetflow.io", "capabilities/status")] == {"patch"}
     assert granted[("packetflow.io", "actors/status")] == {"patch"}

@@ -101,9 +101,15 @@ def test_pods_believe_the_caller_named_by_the_trusted_forwarders_only() -> None:
     (container,) = pod(render.render_deployment(capability(), "team-a", settings))[
         "containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["PACKETFLOW_TRUSTED_FORWARDERS"] == f'["{gateway}"]'
+    # The federation gateways of the pod's own namespace (the kubelet expands the variable,
+    # defined earlier in the same container), whether or not a Federation exists yet.
+    federation = "spiffe://acme.internal/ns/$(PACKETFLOW_NAMESPACE)/sa/packetflow-federation"
+    assert env["PACKETFLOW_TRUSTED_FORWARDERS"] == f'["{gateway}","{federation}"]'
+    names = [e["name"] for e in container["env"]]
+    assert names.index("PACKETFLOW_NAMESPACE") < names.index("PACKETFLOW_TRUSTED_FORWARDERS")
     (container,) = pod(render.render_deployment(capability(), "team-a", MTLS))["containers"]
-    assert "PACKETFLOW_TRUSTED_FORWARDERS" not in {e["name"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PACKETFLOW_TRUSTED_FORWARDERS"] == f'["{federation}"]'
     with pytest.raises(ValidationError, match="does not start with spiffe://"):
         OperatorSettings(trusted_forwarders=["pf-system/gateway"])
 
@@ -126,17 +132,20 @@ def test_without_an_issuer_or_for_a_foreign_image_nothing_changes() -> None:
     assert kinds == ["ConfigMap", "Service", "Deployment"]
 
 
+async def create_pay(kube: httpx.AsyncClient) -> dict[str, Any]:
+    """Capability ``pay`` (builtin echo) created in the emulator's namespace."""
+    return await post(kube, f"/apis/packetflow.io/v1alpha1/namespaces/{NS}/capabilities", {
+        "apiVersion": "packetflow.io/v1alpha1", "kind": "Capability",
+        "metadata": {"name": "pay", "namespace": NS},
+        "spec": {"intent": "Pay", "implementation": {"builtin": {"name": "echo"}}}})
+
+
 async def test_the_operator_applies_and_restores_identities(
         cluster: ClusterEmulator, kube: httpx.AsyncClient) -> None:
     runner = OperatorRunner([NS], mtls_issuer="ClusterIssuer/packetflow-ca")
     await runner.start()
     try:
-        created = await post(kube, f"/apis/packetflow.io/v1alpha1/namespaces/{NS}/"
-                             "capabilities", {"apiVersion": "packetflow.io/v1alpha1",
-                                              "kind": "Capability",
-                                              "metadata": {"name": "pay", "namespace": NS},
-                                              "spec": {"intent": "Pay", "implementation": {
-                                                  "builtin": {"name": "echo"}}}})
+        created = await create_pay(kube)
         certificate = await wait_for(lambda: cluster.live(CERTIFICATES, NS, "pay-identity"),
                                      what="the Certificate")
         account = await wait_for(lambda: cluster.live("v1/serviceaccounts", NS,

@@ -161,6 +161,9 @@ component.
 {{- end -}}
 
 {{- define "packetflow.identityCertificate" -}}
+{{- if eq .root.Values.security.mtls.issuer "operator" }}
+# {{ .name }}-identity: issued by the operator's own authority (PACKETFLOW_OPERATOR_IDENTITIES)
+{{- else }}
 {{- $issuer := splitList "/" .root.Values.security.mtls.issuer }}
 apiVersion: cert-manager.io/v1
 kind: Certificate
@@ -185,11 +188,12 @@ spec:
     - {{ .name }}
     - {{ .name }}.{{ .namespace }}
     - {{ .name }}.{{ .namespace }}.svc
-    - {{ .name }}.{{ .namespace }}.svc.cluster.local
+    - {{ .name }}.{{ .namespace }}.svc.{{ .root.Values.clusterDomain }}
   issuerRef:
     group: cert-manager.io
     kind: {{ first $issuer }}
     name: {{ last $issuer }}
+{{- end }}
 {{- end -}}
 
 {{- define "packetflow.identityEnv" -}}
@@ -208,6 +212,31 @@ spec:
   secret:
     secretName: {{ .name }}-identity
     defaultMode: 0440
+{{- end -}}
+
+{{/*
+The chart's workloads the operator's own authority issues certificates for (mtls.issuer
+"operator"), as "namespace/name" (a JSON list): the gateway and the MCP aggregate.
+*/}}
+{{- define "packetflow.operatorIdentities" -}}
+{{- $ids := list }}
+{{- if .Values.gateway.enabled }}
+{{- $ids = append $ids (printf "%s/%s" .Release.Namespace (include "packetflow.gatewayName" .)) }}
+{{- end }}
+{{- if .Values.mcp.aggregate.enabled }}
+{{- $ids = append $ids (printf "%s/%s" (include "packetflow.mcpAggregateNamespace" .) (include "packetflow.mcpAggregateName" .)) }}
+{{- end }}
+{{- toJson $ids -}}
+{{- end -}}
+
+{{/*
+With mtls.issuer "operator": what the operator's authority calls (AUTHORITY_PERMISSIONS in
+operator/packetflow/operator/permissions.py), in every namespace it writes identity Secrets to.
+*/}}
+{{- define "packetflow.authorityRules" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "create", "patch"]
 {{- end -}}
 
 {{- define "packetflow.trustedForwarders" -}}

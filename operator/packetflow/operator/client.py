@@ -34,6 +34,7 @@ PLURALS: Final[dict[tuple[str, str], str]] = {
     ("v1", "ServiceAccount"): "serviceaccounts",
     ("cert-manager.io/v1", "Certificate"): "certificates",
     ("v1", "Event"): "events",
+    ("v1", "Secret"): "secrets",
 }
 LIST_PAGE: Final = 500  # objects per LIST page: bounded responses however many there are
 

@@ -24,7 +24,9 @@ from typing import Any, Final
 
 import yaml
 
+from packetflow.identity.spiffe import Workload
 from packetflow.manifests import ManifestError
+from packetflow.operator import render as runtime
 from packetflow.operator import status as workload
 from packetflow.operator.render import (
     LABEL_COMPONENT,
@@ -204,6 +206,7 @@ def render_deployment(federation: Federation, namespace: str,
             "containers": [container], "volumes": volumes,
         },
     }
+    add_workload_identity(template, federation, settings)
     template["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = spec_hash(template)
     # SQLite: one pod on one volume at a time (ReadWriteOnce), so no surge.
     strategy = {"type": "Recreate"} if spec.audit.store.sqlite is not None else {
@@ -213,6 +216,78 @@ def render_deployment(federation: Federation, namespace: str,
             "spec": {"replicas": spec.replicas, "selector": {"matchLabels":
                                                              selector_labels(name)},
                      "strategy": strategy, "revisionHistoryLimit": 3, "template": template}}
+
+
+# Zero trust inside the cluster (``mtls_issuer``): the gateway's own workload certificate,
+# beside the organization's identity it shows peers.
+WORKLOAD_IDENTITY_VOLUME: Final = "workload-identity"
+
+
+def workload_secret_name(name: str) -> str:
+    """The Secret holding the gateway's workload certificate (``<name>-federation-identity``)."""
+    return runtime.identity_secret_name(gateway_name(name))
+
+
+def workload_spiffe_id(namespace: str, settings: OperatorSettings) -> str:
+    """The gateway's SPIFFE ID: the namespace's federation ServiceAccount's, which runtime
+    pods there trust to name a remote caller (``PACKETFLOW_TRUSTED_FORWARDERS``)."""
+    return str(Workload(namespace, runtime.FEDERATION_SERVICE_ACCOUNT).spiffe_id(
+        settings.trust_domain))
+
+
+def workload_dns_names(federation: Federation, namespace: str,
+                       settings: OperatorSettings) -> list[str]:
+    """The local Service's names and each import's (callers dial imports by name)."""
+    names = runtime.service_dns_names(local_service_name(federation.name), namespace, settings)
+    for imported in federation.spec.imports:
+        names += runtime.service_dns_names(imported.local_name, namespace, settings)
+    return names
+
+
+def render_service_account(namespace: str) -> Manifest:
+    """The ServiceAccount every federation gateway of the namespace runs as; no token is
+    mounted from it. Shared, so owned by no Federation (the operator creates it if missing)."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": runtime.FEDERATION_SERVICE_ACCOUNT, "namespace": namespace,
+                         "labels": {LABEL_NAME: "packetflow", LABEL_COMPONENT: "federation",
+                                    LABEL_PART_OF: "packetflow",
+                                    LABEL_MANAGED_BY: MANAGED_BY}},
+            "automountServiceAccountToken": False}
+
+
+def render_workload_certificate(federation: Federation, namespace: str,
+                                settings: OperatorSettings) -> Manifest | None:
+    """The cert-manager Certificate of the gateway's workload identity; None without
+    ``mtls_issuer`` or with the operator's own authority (it writes the Secret itself)."""
+    if settings.mtls_issuer is None or runtime.operator_issued(settings):
+        return None
+    secret = workload_secret_name(federation.name)
+    return {"apiVersion": "cert-manager.io/v1", "kind": "Certificate",
+            "metadata": _metadata(federation.name, secret, namespace),
+            "spec": runtime.certificate_spec(
+                secret, workload_spiffe_id(namespace, settings),
+                workload_dns_names(federation, namespace, settings), settings)}
+
+
+def add_workload_identity(template: Manifest, federation: Federation,
+                          settings: OperatorSettings) -> None:
+    """With ``mtls_issuer``: the pod runs as the federation ServiceAccount, mounts its
+    workload certificate where ``PACKETFLOW_TLS_*`` say, and is probed on the plaintext
+    health port (the kubelet presents no certificate)."""
+    if settings.mtls_issuer is None:
+        return
+    pod = template["spec"]
+    pod["serviceAccountName"] = runtime.FEDERATION_SERVICE_ACCOUNT
+    pod["volumes"].append({"name": WORKLOAD_IDENTITY_VOLUME, "secret": {
+        "secretName": workload_secret_name(federation.name), "defaultMode": 0o440}})
+    (container,) = pod["containers"]
+    container["env"] += runtime.workload_tls_env(settings)
+    container["ports"].append({"name": runtime.HEALTH_PORT_NAME,
+                               "containerPort": settings.health_port, "protocol": "TCP"})
+    container["volumeMounts"].append({"name": WORKLOAD_IDENTITY_VOLUME,
+                                      "mountPath": runtime.IDENTITY_DIR, "readOnly": True})
+    for probe in ("readinessProbe", "livenessProbe"):
+        container[probe]["grpc"] = {"port": settings.health_port}
 
 
 def render_services(federation: Federation, namespace: str,
@@ -259,8 +334,11 @@ def render_audit_claim(federation: Federation, namespace: str,
 
 def desired_children(federation: Federation, namespace: str,
                      settings: OperatorSettings) -> list[Manifest]:
-    """Every owned child, in the order applied (config first, the Deployment last)."""
+    """Every owned child, in the order applied (config and certificate first, the
+    Deployment last)."""
+    certificate = render_workload_certificate(federation, namespace, settings)
     return [render_config(federation, namespace, settings),
+            *([certificate] if certificate is not None else []),
             *render_services(federation, namespace, settings),
             render_deployment(federation, namespace, settings)]
 

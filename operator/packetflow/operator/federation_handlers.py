@@ -9,6 +9,7 @@ An export or import whose SLA breaches grew since the last report becomes a Warn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 from collections.abc import Mapping
@@ -20,7 +21,9 @@ import kopf
 
 from packetflow.manifests import ManifestError, parse_document
 from packetflow.operator import federation as render
+from packetflow.operator import render as runtime
 from packetflow.operator import status as workload
+from packetflow.operator.authority import Authority, AuthorityError, leaf_spec
 from packetflow.operator.client import ApiError, ConflictError, KubeClient, NotFoundError
 from packetflow.operator.drift import drift_patch, narrow_spec_patch
 from packetflow.operator.reconcile import controller_of, describe_errors
@@ -53,9 +56,12 @@ class Known:
 class FederationReconciler:
     """Applies a Federation's children and keeps its status."""
 
-    def __init__(self, client: KubeClient, settings: OperatorSettings) -> None:
+    def __init__(self, client: KubeClient, settings: OperatorSettings,
+                 authority: Authority | None = None) -> None:
         self.client = client
         self.settings = settings
+        self.authority = authority  # the operator's own CA (mtls_issuer: operator), if any
+        self._accounts: set[str] = set()  # namespaces whose federation account exists
         self.known: dict[tuple[str, str], Known] = {}
         self.task: asyncio.Task[None] | None = None  # the report loop
         self._http: httpx.AsyncClient | None = None
@@ -96,6 +102,7 @@ class FederationReconciler:
                 if claim is not None:
                     # Not owned: deleting the Federation keeps its audit log.
                     await self.apply(claim, None)
+                await self._ensure_workload_identity(parsed, namespace, known)
                 deployment: dict[str, Any] = {}
                 for child in render.desired_children(parsed, namespace, self.settings):
                     deployment = await self.apply(child, known)
@@ -108,6 +115,29 @@ class FederationReconciler:
                 raise
             await self._report(known, namespace, name, deployment)
         return []
+
+    async def _ensure_workload_identity(self, federation: Federation, namespace: str,
+                                        known: Known) -> None:
+        """With ``mtls_issuer``: the namespace's federation ServiceAccount (created if
+        missing, shared, never patched) and, with the operator's own authority, the gateway's
+        certificate Secret (cert-manager's Certificate is an ordinary child)."""
+        if self.settings.mtls_issuer is None:
+            return
+        if namespace not in self._accounts:
+            with contextlib.suppress(ConflictError):  # another Federation's: the same one
+                await self.client.create(render.render_service_account(namespace))
+            self._accounts.add(namespace)
+        if self.authority is None:
+            return
+        spec = leaf_spec(namespace, render.workload_secret_name(federation.name),
+                         runtime.FEDERATION_SERVICE_ACCOUNT,
+                         render.workload_dns_names(federation, namespace, self.settings),
+                         self.settings, render.child_labels(federation.name),
+                         known.owner_reference)
+        try:
+            await self.authority.ensure(spec)
+        except AuthorityError as exc:
+            raise ChildConflict(str(exc)) from exc
 
     def _known(self, body: Mapping[str, Any]) -> Known:
         meta = body["metadata"]
@@ -124,6 +154,8 @@ class FederationReconciler:
         found = self.known.get((namespace, name))
         if found is not None and (uid is None or found.uid == uid):
             del self.known[(namespace, name)]
+            if self.authority is not None:
+                self.authority.forget(namespace, render.workload_secret_name(name))
 
     async def apply(self, desired: dict[str, Any], owner: Known | None) -> dict[str, Any]:
         """Create ``desired`` or merge-patch it back; never take over someone else's object."""
@@ -231,7 +263,8 @@ def _reconciler(memo: Any) -> FederationReconciler:
 
 async def startup(memo: kopf.Memo, **_: Any) -> None:
     """Make the reconciler (the operator's client and settings)."""
-    memo.federation = FederationReconciler(memo.ctx.client, memo.ctx.settings)
+    memo.federation = FederationReconciler(memo.ctx.client, memo.ctx.settings,
+                                           memo.ctx.reconciler.authority)
 
 
 async def reconcile_federation(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger,

@@ -19,7 +19,7 @@ from typing import Any, Final, TypeVar, cast
 
 import kopf
 
-from packetflow.operator import federation_handlers
+from packetflow.operator import federation_handlers, render
 from packetflow.operator.client import ApiError, KubeClient
 from packetflow.operator.federation import LABEL_FEDERATION
 from packetflow.operator.metrics import OperatorMetrics
@@ -214,6 +214,10 @@ async def startup(memo: kopf.Memo, **_: Any) -> None:
                                    namespace)
             ctx.watch_tasks.append(loop.create_task(watch_forever(ctx.client, target,
                                                                   children)))
+    if ctx.reconciler.authority is not None:  # the chart's gateway waits for its Secret
+        task = loop.create_task(ctx.reconciler.authority.issue_chart_identities())
+        ctx._side_tasks.add(task)
+        task.add_done_callback(ctx._side_tasks.discard)
     if ctx.settings.resync_seconds > 0:
         ctx.resync_task = asyncio.get_running_loop().create_task(resync_forever(ctx))
 
@@ -246,8 +250,10 @@ async def resync_forever(ctx: OperatorContext) -> None:
 
 def child_kinds(settings: OperatorSettings) -> list[tuple[str, str]]:
     """(apiVersion, kind) of every child the settings can render."""
+    # The operator's own authority writes Secrets itself: no cert-manager Certificates.
+    identity = IDENTITY_KINDS[:1] if render.operator_issued(settings) else IDENTITY_KINDS
     return [*CHILD_KINDS, *(POLICY_KINDS if settings.network_policies else ()),
-            *(IDENTITY_KINDS if settings.mtls_issuer else ())]
+            *(identity if settings.mtls_issuer else ())]
 
 
 def _refresh_mcp_bundle(ctx: OperatorContext, namespace: str) -> None:

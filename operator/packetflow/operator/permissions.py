@@ -13,13 +13,14 @@ new API call means a new line here and nowhere else. Who makes each call:
   touches persistentvolumeclaims itself. With ``network_policies`` on, a NetworkPolicy
   per Capability and Actor is a child like the others (networkpolicies, same verbs); with
   ``mtls_issuer``, so are its ServiceAccount and cert-manager Certificate (serviceaccounts,
-  certificates.cert-manager.io). cert-manager writes the Secret; the operator never reads it.
+  certificates.cert-manager.io). cert-manager writes the Secret; the operator never reads it,
+  except with its own authority (``mtls_issuer: operator``, :data:`AUTHORITY_PERMISSIONS`).
 
 * for a Federation (``federation_handlers``): the same verbs on federations and their status,
   the gateway's ConfigMap, Services and Deployment as above, and the audit log's
   PersistentVolumeClaim (get, create, patch: it is applied, never watched, and outlives the
   Federation, so never deleted either). The identity Secret and the bundle ConfigMaps are
-  only mounted into the gateway's pods: the operator never reads Secrets.
+  only mounted into the gateway's pods: the operator never reads them.
 
 Not needed, on purpose: namespaces and CRDs (kopf's scanning is disabled), kopf peering
 objects (the operator runs standalone, one replica), delete (children go by ownerReferences,
@@ -60,6 +61,15 @@ PERMISSIONS: Final[tuple[Permission, ...]] = (
     Permission("networking.k8s.io", "networkpolicies", ("get", "list", "watch", "create", "patch")),
     Permission("", "serviceaccounts", ("get", "list", "watch", "create", "patch")),
     Permission("cert-manager.io", "certificates", ("get", "list", "watch", "create", "patch")),
+)
+
+
+# Only with ``mtls_issuer: operator`` (the chart grants them then, and only then): the
+# operator's own authority reads, creates and patches its Secret (in ``ca_namespace``) and each
+# workload's identity Secret, and lists the workload Secrets it manages (by label) on the
+# resync to notice deleted ones. Never watch, never delete (owned Secrets go with their owner).
+AUTHORITY_PERMISSIONS: Final[tuple[Permission, ...]] = (
+    Permission("", "secrets", ("get", "list", "create", "patch")),
 )
 
 

@@ -35,6 +35,7 @@ import kopf
 
 from packetflow.manifests import ManifestError, parse_manifest
 from packetflow.operator import active, render, status
+from packetflow.operator.authority import Authority, AuthorityError, workload_leaf
 from packetflow.operator.client import ApiError, ConflictError, KubeClient, NotFoundError
 from packetflow.operator.crds import ACTOR_NAME_MAX_LENGTH
 from packetflow.operator.drift import drift_patch, narrow_spec_patch
@@ -220,6 +221,9 @@ class Reconciler:
         self._mcp_lock = asyncio.Lock()
         self._mcp_dirty = False
         self._mcp_written: dict[str, str] = {}  # namespace -> digest of the bundle written
+        # mtls_issuer 'operator': the cluster authority, which writes workload Secrets.
+        self.authority = Authority(client, settings, metrics) \
+            if render.operator_issued(settings) else None
 
     # --- state -------------------------------------------------------------------------------
 
@@ -247,6 +251,8 @@ class Reconciler:
             self._remember_gone(state.uid)
         if uid is not None:
             self._remember_gone(uid)
+        if self.authority is not None:
+            self.authority.forget(namespace, render.identity_secret_name(name))
 
     def _remember_gone(self, uid: str) -> None:
         self.gone[uid] = None
@@ -299,10 +305,24 @@ class Reconciler:
             await self.refresh_mcp_bundle(state.namespace)
         return report
 
+    async def _ensure_identity(self, state: ResourceState) -> int:
+        """With the operator's own authority: the workload's certificate Secret, before the
+        pods that mount it; the writes made (none while it is valid)."""
+        if self.authority is None or state.manifest is None:
+            return 0
+        spec = workload_leaf(state.manifest, state.namespace, self.settings,
+                             state.owner_reference)
+        if spec is None:
+            return 0
+        try:
+            return await self.authority.ensure(spec)
+        except AuthorityError as exc:
+            raise ChildConflictError(str(exc)) from exc
+
     async def _apply(self, state: ResourceState, *, created: bool) -> int:
         """Bring every desired child not known to be in sync up to date; the writes made.
         A failure that needs a person (a conflict, a refusal) is also written to status."""
-        writes = 0
+        writes = await self._ensure_identity(state)
         state.applying = True
         try:
             for phase in apply_phases(state.desired):
@@ -581,6 +601,8 @@ class Reconciler:
         missed watch event or a failed reconcile left. Unchanged resources cost no write."""
         for namespace in sorted({namespace for (_, namespace, _) in self.states}):
             await self._resync_namespace(namespace)
+        if self.authority is not None:
+            await self.authority.renew()
 
     async def _resync_namespace(self, namespace: str) -> None:
         owners = [state for state in self.states.values() if state.namespace == namespace]

@@ -25,6 +25,7 @@ import yaml
 from packetflow.access import workload_service_account
 from packetflow.composition.resolve import DEFAULT_CLUSTER_DOMAIN, service_fqdn
 from packetflow.identity.spiffe import Workload
+from packetflow.identity.tokens import AUDIENCE
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import API_VERSION, CANARY_SUFFIX, Actor, Capability, ValueSource
 
@@ -61,6 +62,18 @@ HEALTH_PORT_NAME: Final = "health"
 # re-read the files, so renewal needs no restart.
 CERTIFICATE_DURATION: Final = "24h"
 CERTIFICATE_RENEW_BEFORE: Final = "8h"
+# ``mtls_issuer`` naming the operator's own authority instead of a cert-manager issuer.
+OPERATOR_ISSUER: Final = "operator"
+# The ServiceAccount every federation gateway of a namespace runs as (one identity, which
+# that namespace's runtime pods trust to name the remote caller).
+FEDERATION_SERVICE_ACCOUNT: Final = "packetflow-federation"
+# ServiceAccount tokens (``tokens``): the runtime's token port, and where callers find the
+# projected token for the audience the runtime reviews them for.
+TOKEN_PORT_NAME: Final = "token"
+TOKEN_VOLUME: Final = "packetflow-token"
+TOKEN_DIR: Final = "/var/run/secrets/packetflow"
+# Implementations whose pods call other capabilities (steps, tools, actor code).
+_CALLING_KINDS: Final = ("composition", "planner")
 
 # Implementations the packetflow runtime serves itself; `image` brings its own server.
 _RUNTIME_SERVED: Final = ("python", "builtin", "composition", "mcp", "federated", "planner")
@@ -164,8 +177,40 @@ def _mutual_tls(resource: Resource, settings: OperatorSettings) -> bool:
     return settings.mtls_issuer is not None and _runtime_served(resource)
 
 
+def has_workload_identity(resource: Resource, settings: OperatorSettings) -> bool:
+    """Whether the resource's pods carry a workload certificate (and serve mutual TLS)."""
+    return _mutual_tls(resource, settings)
+
+
+def operator_issued(settings: OperatorSettings) -> bool:
+    """Whether the operator's own authority issues workload certificates (no cert-manager)."""
+    return settings.mtls_issuer == OPERATOR_ISSUER
+
+
+def service_dns_names(name: str, namespace: str, settings: OperatorSettings) -> list[str]:
+    """The DNS names of Service ``name``: short, with namespace, with the suffix, and the
+    fully qualified one of the cluster domain (what composition steps dial)."""
+    return [name, f"{name}.{namespace}", f"{name}.{namespace}.{settings.cluster_domain_suffix}",
+            service_fqdn(name, namespace, settings.cluster_domain)]
+
+
+def certificate_names(resource: Resource, namespace: str,
+                      settings: OperatorSettings) -> tuple[str, list[str]]:
+    """The SPIFFE ID (``spiffe://<trust domain>/ns/<namespace>/sa/packetflow-<name>``) and
+    DNS names (its Service's; an Actor's members too) of the resource's certificate."""
+    name = resource.name
+    dns = service_dns_names(name, namespace, settings)
+    if isinstance(resource, Actor):
+        dns.append(f"*.{headless_service_name(name)}.{namespace}."
+                   f"{settings.cluster_domain_suffix}")
+    spiffe_id = Workload(namespace, workload_service_account(name)).spiffe_id(
+        settings.trust_domain)
+    return str(spiffe_id), dns
+
+
 def identity_secret_name(name: str) -> str:
-    """The Secret cert-manager writes a workload's certificate, key and CA into."""
+    """The Secret cert-manager (or the operator's own authority) writes a workload's
+    certificate, key and CA into."""
     return f"{name}-identity"
 
 
@@ -183,42 +228,90 @@ def render_certificate(resource: Resource, namespace: str,
     """The cert-manager Certificate of the resource's pods: SPIFFE ID
     ``spiffe://<trust domain>/ns/<namespace>/sa/packetflow-<name>``, DNS names of its
     Service (and an Actor's members), server and client auth, renewed well before expiry."""
-    assert settings.mtls_issuer is not None
-    issuer_kind, _, issuer = settings.mtls_issuer.partition("/")
     name = resource.name
-    suffix = settings.cluster_domain_suffix
-    # Also the name composition steps dial (a Service's SRV target, by default).
-    dns = [name, f"{name}.{namespace}", f"{name}.{namespace}.{suffix}",
-           service_fqdn(name, namespace, DEFAULT_CLUSTER_DOMAIN)]
-    if isinstance(resource, Actor):
-        dns.append(f"*.{headless_service_name(name)}.{namespace}.{suffix}")
-    spiffe_id = Workload(namespace, workload_service_account(name)).spiffe_id(
-        settings.trust_domain)
+    spiffe_id, dns = certificate_names(resource, namespace, settings)
     metadata = _metadata(name, namespace, resource.kind)
     metadata["name"] = identity_secret_name(name)
-    return {
-        "apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": metadata,
-        "spec": {"secretName": identity_secret_name(name),
-                 "duration": CERTIFICATE_DURATION, "renewBefore": CERTIFICATE_RENEW_BEFORE,
-                 "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
-                 "usages": ["digital signature", "key encipherment", "server auth",
-                            "client auth"],
-                 "uris": [str(spiffe_id)], "dnsNames": dns,
-                 "issuerRef": {"group": "cert-manager.io", "kind": issuer_kind,
-                               "name": issuer}},
-    }
+    return {"apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": metadata,
+            "spec": certificate_spec(identity_secret_name(name), spiffe_id, dns, settings)}
 
 
-def _identity_env(settings: OperatorSettings) -> list[Manifest]:
-    """Where the runtime finds its certificate (cert-manager's Secret keys), and whose
-    ``packetflow-caller`` it believes (the gateway's, the MCP aggregate's)."""
-    forwarders = [{"name": "PACKETFLOW_TRUSTED_FORWARDERS",
-                   "value": orjson.dumps(settings.trusted_forwarders).decode()}
-                  ] if settings.trusted_forwarders else []
+def certificate_spec(secret: str, spiffe_id: str, dns_names: list[str],
+                     settings: OperatorSettings) -> Manifest:
+    """A cert-manager Certificate's spec: ECDSA P-256, server and client auth, 24 h,
+    renewed 8 h before expiry, from the ``mtls_issuer``."""
+    assert settings.mtls_issuer is not None
+    issuer_kind, _, issuer = settings.mtls_issuer.partition("/")
+    return {"secretName": secret,
+            "duration": CERTIFICATE_DURATION, "renewBefore": CERTIFICATE_RENEW_BEFORE,
+            "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+            "usages": ["digital signature", "key encipherment", "server auth", "client auth"],
+            "uris": [spiffe_id], "dnsNames": dns_names,
+            "issuerRef": {"group": "cert-manager.io", "kind": issuer_kind, "name": issuer}}
+
+
+def workload_tls_env(settings: OperatorSettings) -> list[Manifest]:
+    """Where a workload finds its certificate (``PACKETFLOW_TLS_*``: the Secret's keys under
+    ``IDENTITY_DIR``) and serves plaintext health (``PACKETFLOW_HEALTH_ADDRESS``)."""
     return [{"name": f"PACKETFLOW_TLS_{setting}", "value": f"{IDENTITY_DIR}/{key}"}
             for setting, key in (("CERT", "tls.crt"), ("KEY", "tls.key"), ("CA", "ca.crt"))
             ] + [{"name": "PACKETFLOW_HEALTH_ADDRESS",
-                  "value": f"0.0.0.0:{settings.health_port}"}] + forwarders
+                  "value": f"0.0.0.0:{settings.health_port}"}]
+
+
+def federation_forwarder(settings: OperatorSettings) -> str:
+    """The SPIFFE ID of the federation gateways of a runtime pod's own namespace (they call
+    its exports for a remote caller); the kubelet expands ``$(PACKETFLOW_NAMESPACE)``, an
+    earlier variable of the same container, so the pod template names no namespace."""
+    return f"spiffe://{settings.trust_domain}/ns/$(PACKETFLOW_NAMESPACE)/sa/" \
+        f"{FEDERATION_SERVICE_ACCOUNT}"
+
+
+def _identity_env(settings: OperatorSettings) -> list[Manifest]:
+    """Where the runtime finds its certificate, and whose ``packetflow-caller`` it believes
+    (the gateway's, the MCP aggregate's, its namespace's federation gateways')."""
+    forwarders = [*settings.trusted_forwarders, federation_forwarder(settings)]
+    return [*workload_tls_env(settings), {"name": "PACKETFLOW_TRUSTED_FORWARDERS",
+                                          "value": orjson.dumps(forwarders).decode()}]
+
+
+def _serves_tokens(resource: Resource, settings: OperatorSettings) -> bool:
+    """Whether the resource's pods serve the token port (beside mutual TLS)."""
+    return settings.tokens and _mutual_tls(resource, settings)
+
+
+def _calls_others(resource: Resource, settings: OperatorSettings) -> bool:
+    """Whether the resource's pods get a projected token to call other capabilities with."""
+    return _serves_tokens(resource, settings) and (
+        isinstance(resource, Actor) or resource.spec.implementation.kind in _CALLING_KINDS)
+
+
+def add_token_port(container: Manifest, resource: Resource,
+                   settings: OperatorSettings) -> None:
+    """With tokens: the runtime's token port (``PACKETFLOW_TOKEN_ADDRESS``, port ``token``),
+    and the projected token of callers mounted at ``TOKEN_DIR``."""
+    if not _serves_tokens(resource, settings):
+        return
+    container["env"].append({"name": "PACKETFLOW_TOKEN_ADDRESS",
+                             "value": f"0.0.0.0:{settings.token_port}"})
+    container["ports"].append({"name": TOKEN_PORT_NAME, "containerPort": settings.token_port,
+                               "protocol": "TCP"})
+    if _calls_others(resource, settings):
+        container["volumeMounts"].append({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR,
+                                          "readOnly": True})
+
+
+def add_token_volumes(pod: Manifest, resource: Resource, settings: OperatorSettings) -> None:
+    """With tokens: the pod's own API token (its TokenReviews; the chart's ClusterRole lets
+    the account create nothing else) and, for callers, the projected ``packetflow`` token."""
+    if not _serves_tokens(resource, settings):
+        return
+    pod["automountServiceAccountToken"] = True
+    if _calls_others(resource, settings):
+        pod["volumes"].append({"name": TOKEN_VOLUME, "projected": {"sources": [
+            {"serviceAccountToken": {"audience": AUDIENCE,
+                                     "expirationSeconds": settings.token_expiration_seconds,
+                                     "path": "token"}}]}})
 
 
 def secret_sources(resource: Resource) -> list[ValueSource]:
@@ -266,6 +359,13 @@ def _settings_secret_env(settings: OperatorSettings) -> list[Manifest]:
     return env
 
 
+def cluster_domain_env(settings: OperatorSettings) -> list[Manifest]:
+    """``PACKETFLOW_CLUSTER_DOMAIN`` when the cluster's domain is not the default one (so
+    pods of clusters with the default one keep their template, hence their rollout)."""
+    return [] if settings.cluster_domain == DEFAULT_CLUSTER_DOMAIN else [
+        {"name": "PACKETFLOW_CLUSTER_DOMAIN", "value": settings.cluster_domain}]
+
+
 def _runtime_args(settings: OperatorSettings) -> list[str]:
     args = ["runtime", "--bundle", BUNDLE_PATH,
             "--address", f"0.0.0.0:{settings.grpc_port}",
@@ -308,7 +408,8 @@ def _container(resource: Resource, settings: OperatorSettings,
                  {"name": "PACKETFLOW_DRAIN_SECONDS", "value": f"{settings.drain_seconds:g}"},
                  {"name": "PACKETFLOW_GRACE_SECONDS", "value": f"{settings.grace_seconds:g}"},
                  {"name": "PACKETFLOW_DEFAULT_POLICY", "value": settings.default_policy},
-                 *secret_env(resource), *_settings_secret_env(settings)])
+                 *secret_env(resource), *_settings_secret_env(settings),
+                 *cluster_domain_env(settings)])
         mounts.append({"name": STATE_VOLUME, "mountPath": settings.state_dir})
     probe_port = grpc_port
     if _mutual_tls(resource, settings):
@@ -341,6 +442,7 @@ def _container(resource: Resource, settings: OperatorSettings,
         {"name": "tmp", "mountPath": "/tmp"},
         *mounts,
     ]
+    add_token_port(container, resource, settings)
     return container
 
 
@@ -362,7 +464,7 @@ def _pod_template(resource: Resource, settings: OperatorSettings,
         volumes.append({"name": IDENTITY_VOLUME, "secret": {
             "secretName": identity_secret_name(name), "defaultMode": 0o440}})
         identity["serviceAccountName"] = workload_service_account(name)
-    return {
+    template: Manifest = {
         "metadata": {"labels": child_labels(name, resource.kind, workload), "annotations": {}},
         "spec": {
             # Runtime pods never call the Kubernetes API: no token in them.
@@ -383,6 +485,8 @@ def _pod_template(resource: Resource, settings: OperatorSettings,
             "volumes": volumes,
         },
     }
+    add_token_volumes(template["spec"], resource, settings)
+    return template
 
 
 def spec_hash(*parts: Any) -> str:
@@ -426,6 +530,9 @@ def _service_ports(resource: Resource, settings: OperatorSettings) -> list[Manif
         if settings.mcp_enabled:
             ports.append({"name": MCP_PORT_NAME, "port": settings.mcp_port,
                           "targetPort": MCP_PORT_NAME, "protocol": "TCP"})
+    if _serves_tokens(resource, settings):
+        ports.append({"name": TOKEN_PORT_NAME, "port": settings.token_port,
+                      "targetPort": TOKEN_PORT_NAME, "protocol": "TCP"})
     return ports
 
 
@@ -619,6 +726,8 @@ def render_network_policy(resource: Resource, namespace: str,
     served = [{"protocol": "TCP", "port": "grpc"}]
     if _runtime_served(resource) and settings.mcp_enabled:
         served.append({"protocol": "TCP", "port": MCP_PORT_NAME})
+    if _serves_tokens(resource, settings):
+        served.append({"protocol": "TCP", "port": TOKEN_PORT_NAME})
     ingress: list[Manifest] = [{"from": callers, "ports": served}]
     if _runtime_served(resource):
         ingress.append({"from": [{"namespaceSelector": {"matchLabels": dict(
@@ -645,8 +754,10 @@ def desired_children(resource: Resource, namespace: str,
     zero_trust = [render_network_policy(resource, namespace, settings)] \
         if settings.network_policies else []
     if _mutual_tls(resource, settings):
-        zero_trust += [render_service_account(resource, namespace),
-                       render_certificate(resource, namespace, settings)]
+        # The operator's own authority writes the Secret itself (authority.py).
+        zero_trust += [render_service_account(resource, namespace)] if operator_issued(
+            settings) else [render_service_account(resource, namespace),
+                            render_certificate(resource, namespace, settings)]
     if isinstance(resource, Actor):
         return [
             *zero_trust,

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from packetflow.access import DefaultPolicy
+from packetflow.composition.resolve import DEFAULT_CLUSTER_DOMAIN
 from packetflow.identity.spiffe import TRUST_DOMAIN_PATTERN, SpiffeId
 from packetflow.spec import NAME_PATTERN
 
 DEFAULT_IMAGE = "ghcr.io/packetflow/packetflow:0.1.0"
+# Certificates are renewed 8 hours before expiry, by the resync: it must come well before.
+MAX_RENEWAL_RESYNC_SECONDS = 3600.0
 
 
 def _spiffe_id(text: str) -> str:
@@ -74,12 +77,27 @@ class OperatorSettings(BaseSettings):
         description="Runtime pods' PACKETFLOW_DEFAULT_POLICY: who may call a Capability or "
                     "Actor without spec.access (namespace, cluster, deny)")
     mtls_issuer: str | None = Field(
-        default=None, pattern=r"^(Issuer|ClusterIssuer)/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        default=None,
+        pattern=r"^((Issuer|ClusterIssuer)/[a-z0-9]([-a-z0-9.]*[a-z0-9])?|operator)$",
         description="Zero trust: the cert-manager issuer ('Issuer/name' or "
-                    "'ClusterIssuer/name') of runtime pods' certificates. Each Capability and "
-                    "Actor gets a ServiceAccount packetflow-<name> and a Certificate for "
+                    "'ClusterIssuer/name') of runtime pods' certificates, or 'operator': the "
+                    "operator's own authority (ca_namespace/ca_secret). Each Capability and "
+                    "Actor gets a ServiceAccount packetflow-<name> and a certificate for "
                     "spiffe://<trust_domain>/ns/<namespace>/sa/packetflow-<name>; its pods "
                     "serve mutual TLS only; unset: plaintext")
+    ca_namespace: str | None = Field(
+        default=None, pattern=NAME_PATTERN,
+        description="With mtls_issuer 'operator': the namespace of the authority's Secret "
+                    "(the chart's release namespace)")
+    ca_secret: str = Field(
+        default="packetflow-ca", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="With mtls_issuer 'operator': the authority's Secret, made once, reused")
+    operator_identities: list[Annotated[str, Field(
+            pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]] = Field(
+        default_factory=list,
+        description="With mtls_issuer 'operator': ServiceAccounts 'namespace/name' (each "
+                    "also a Service of that name) the operator issues a certificate into "
+                    "Secret <name>-identity for: the chart's gateway and MCP aggregate")
     trust_domain: str = Field(
         default="cluster.local", pattern=TRUST_DOMAIN_PATTERN,
         description="The cluster's SPIFFE trust domain (with mtls_issuer)")
@@ -92,6 +110,19 @@ class OperatorSettings(BaseSettings):
         default=8086, ge=1, le=65535,
         description="With mtls_issuer: plaintext grpc.health.v1 for the kubelet's probes "
                     "(they cannot present a certificate)")
+    tokens: bool = Field(
+        default=False,
+        description="With mtls_issuer: runtime pods also accept callers proving themselves "
+                    "with a projected ServiceAccount token (audience packetflow) on "
+                    "token_port (PACKETFLOW_TOKEN_ADDRESS, checked by TokenReview), and pods "
+                    "that call other capabilities (compositions, planners, Actors) get such "
+                    "a token mounted")
+    token_port: int = Field(default=50052, ge=1, le=65535,
+                            description="With tokens: the runtime's token port")
+    token_expiration_seconds: int = Field(
+        default=3600, ge=600, le=86400,
+        description="With tokens: lifetime of the projected tokens callers get (the kubelet "
+                    "renews them at 80 %; the API server's minimum is 600)")
     network_policies: bool = Field(
         default=False,
         description="Render a NetworkPolicy per Capability and Actor: gRPC and MCP ports open "
@@ -116,6 +147,11 @@ class OperatorSettings(BaseSettings):
                     "(out of the cluster, e.g. the API server's service proxy)")
     cluster_domain_suffix: str = Field(
         default="svc", description="Suffix of in-cluster endpoints: <name>.<namespace>.<suffix>")
+    cluster_domain: str = Field(
+        default=DEFAULT_CLUSTER_DOMAIN, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="The cluster's DNS domain (the chart's clusterDomain): certificates name "
+                    "<name>.<namespace>.svc.<cluster_domain>, and runtime pods resolve "
+                    "Services under it (PACKETFLOW_CLUSTER_DOMAIN)")
     retry_delay_seconds: float = Field(
         default=5.0, gt=0, description="Delay before a failed reconcile is retried")
     resync_seconds: float = Field(
@@ -130,3 +166,18 @@ class OperatorSettings(BaseSettings):
         description="host:port of the operator's Prometheus /metrics; empty: off")
     log_format: str = Field(default="json", pattern="^(json|plain|full)$")
     verbose: bool = False
+
+    @model_validator(mode="after")
+    def _tokens_need_tls(self) -> Self:
+        if self.tokens and self.mtls_issuer is None:
+            raise ValueError("tokens: the token port serves TLS with the workload's "
+                             "certificate, so it needs mtls_issuer (PACKETFLOW_MTLS_ISSUER)")
+        if self.mtls_issuer == "operator":
+            if self.ca_namespace is None:
+                raise ValueError("mtls_issuer 'operator' needs ca_namespace "
+                                 "(PACKETFLOW_CA_NAMESPACE): where the authority's Secret is")
+            if not 0 < self.resync_seconds <= MAX_RENEWAL_RESYNC_SECONDS:
+                raise ValueError("mtls_issuer 'operator' renews certificates on the resync: "
+                                 "resync_seconds must be between 0 (excluded) and "
+                                 f"{MAX_RENEWAL_RESYNC_SECONDS:g}")
+        return self
