@@ -28,6 +28,7 @@ from packetflow.errors import (
 )
 from packetflow.feedback import FeedbackService
 from packetflow.graph import dependencies_of
+from packetflow.health import plaintext_health_server
 from packetflow.keepalive import SERVER_KEEPALIVE
 from packetflow.planner.core import Planner
 from packetflow.planner.handler import PLANNER_NAME
@@ -275,12 +276,7 @@ class RuntimeServer:
                 raise OSError(f"cannot listen on {token_address}")
         health_server, health_port = None, None
         if health_address is not None:
-            health_server = grpc.aio.server()
-            health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
-            health_port = health_server.add_insecure_port(health_address)
-            if health_port == 0:
-                raise OSError(f"cannot listen on {health_address}")
-            await health_server.start()
+            health_server, health_port = await plaintext_health_server(health, health_address)
         await server.start()
         for service in ("", *services):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)

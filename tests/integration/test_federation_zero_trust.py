@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from packetflow.federation.cli import cmd_gateway
 from packetflow.federation.settings import load_settings
@@ -19,7 +20,7 @@ from packetflow.identity.certs import Issued
 from packetflow.identity.local import IssuedFiles, issue_files, local_authority
 from packetflow.identity.spiffe import Workload
 from packetflow.settings import RuntimeSettings
-from packetflow.v1 import runtime_pb2
+from packetflow.v1 import runtime_pb2, runtime_pb2_grpc
 from tests.conftest import eventually
 from tests.support.federation import (
     CALLS,
@@ -65,9 +66,10 @@ def cluster(tmp_path: Path) -> Cluster:
     return Cluster(directory, authority, runtime)
 
 
-def workload_section(files: IssuedFiles) -> str:
+def workload_section(files: IssuedFiles, health_address: str | None = None) -> str:
+    health = f", health_address: '{health_address}'" if health_address else ""
     return (f"  workload: {{tls_cert: '{files.cert}', tls_key: '{files.key}', "
-            f"tls_ca: '{files.ca}'}}\n")
+            f"tls_ca: '{files.ca}'{health}}}\n")
 
 
 @pytest.fixture
@@ -140,6 +142,24 @@ async def test_without_a_workload_identity_the_mtls_runtime_refuses_the_gateway(
                   if r.record.capability == "translate"][-1]
         assert (record.peer, record.code) == ("acme", "UNAVAILABLE")
         assert record.reason.startswith("unavailable: capability 'translate' is not reachable")
+
+
+async def test_the_kubelet_probes_a_plaintext_health_port_that_serves_nothing_else(
+        tmp_path: Path, cluster: Cluster) -> None:
+    async with running_federation(
+            tmp_path, runtime_settings=cluster.runtime_settings(),
+            exporter_extra=workload_section(cluster.issue(GATEWAY), "127.0.0.1:0")) as running:
+        port = running.exporter.health_port
+        assert port is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=30)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await runtime_pb2_grpc.CapabilityRuntimeStub(channel).Invoke(REQUEST,
+                                                                             timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert not [c for c in CALLS if c["capability"] == "translate"]
 
 
 def test_the_workload_files_come_from_the_environment_unless_the_file_names_them(

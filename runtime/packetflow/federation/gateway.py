@@ -127,6 +127,7 @@ class Gateway:
         self.status_json = b"{}"
         self.peer_port = 0
         self.local_port = 0
+        self.health_port: int | None = None
         self.http_port: int | None = None
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -203,7 +204,7 @@ class Gateway:
             self.trust.evidence[(peer, dimension)] = Evidence.from_json(evidence)
         host, _, port = settings.listen.rpartition(":")
         self.peer_port = await self.terminator.start(host.strip("[]"), int(port))
-        self.local_port = await self._start_local(settings.local)
+        self.local_port = await self._start_local(settings.local, settings.workload.health_address)
         if settings.metrics_address:
             self._http, self.http_port = start_http(settings.metrics_address,
                                                     self.metrics.registry,
@@ -220,11 +221,12 @@ class Gateway:
         self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop()))
         self._update_status()
 
-    async def _start_local(self, address: str) -> int:
+    async def _start_local(self, address: str, health_address: str | None) -> int:
         # Imported here: health is needed only once the local side starts.
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         from grpc_health.v1._async import HealthServicer
 
+        from packetflow.health import plaintext_health_server
 
         server = grpc.aio.server(options=_server_options())
         # Methods LocalServicer leaves out (Feedback, Plan...) answer UNIMPLEMENTED, as the
@@ -242,6 +244,10 @@ class Gateway:
         await server.start()
         for service in ("", SERVICE_NAME):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if health_address is not None:  # the kubelet's probes, beside mTLS towards runtimes
+            health_server, self.health_port = await plaintext_health_server(health,
+                                                                            health_address)
+            self._servers.append(health_server)
         self.local_calls = LocalCalls(self, Upstream(f"unix:{inner}"))
         host, port = split_address(address)
         self._local_server = await asyncio.get_running_loop().create_server(

@@ -34,6 +34,7 @@ from packetflow.gateway.metrics import GatewayMetrics
 from packetflow.gateway.proxy import Gateway
 from packetflow.gateway.routing import Routes, RoutingTable
 from packetflow.gateway.upstream import Upstream
+from packetflow.health import plaintext_health_server
 from packetflow.identity.terminator import HANDSHAKE_TIMEOUT, classify_handshake_failure
 from packetflow.identity.tokens import TokenReviewer
 from packetflow.identity.workload import WorkloadIdentity
@@ -103,7 +104,7 @@ class GatewayServer:
         health_server = token_listener = None
         try:
             if health_address is not None:
-                health_server = await _health_server(health, health_address)
+                health_server, _ = await plaintext_health_server(health, health_address)
             if token_address is not None:
                 assert identity is not None and tokens is not None
                 token_listener = await TokenListener.start(
@@ -341,17 +342,6 @@ class _Held(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Told to the HTTP/2 connection once it exists."""
         self.lost = True
-
-
-async def _health_server(health: HealthServicer, address: str) -> grpc.aio.Server:
-    """Plaintext ``grpc.health.v1`` only (the kubelet's probes cannot present a
-    certificate), answering what the gateway's own health servicer says."""
-    server = grpc.aio.server()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"cannot listen on {address} (health)")
-    await server.start()
-    return server
 
 
 async def _internal_server(path: Path) -> tuple[grpc.aio.Server, HealthServicer]:
