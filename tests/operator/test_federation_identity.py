@@ -97,7 +97,9 @@ def test_without_mtls_the_gateway_is_unchanged_and_the_operator_ca_needs_no_cert
     assert pod(OPERATOR_CA) == pod(CERT_MANAGER)
 
 
-def test_runtime_pods_of_the_namespace_trust_the_gateway_to_name_the_remote_caller() -> None:
+def test_runtime_pods_do_not_take_the_federation_gateway_for_a_forwarder() -> None:
+    # It names no caller to an mTLS runtime (the runtime sees its own workload), so trusting
+    # it to name one would only widen what a stolen gateway certificate could claim.
     capability = parse_manifest({
         "apiVersion": "packetflow.io/v1alpha1", "kind": "Capability",
         "metadata": {"name": "translate"},
@@ -106,10 +108,9 @@ def test_runtime_pods_of_the_namespace_trust_the_gateway_to_name_the_remote_call
     container = render.render_deployment(capability, "partners-ns", CERT_MANAGER)["spec"][
         "template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    # What the kubelet makes of it in namespace partners-ns: the gateway's SPIFFE ID.
-    trusted = env["PACKETFLOW_TRUSTED_FORWARDERS"].replace("$(PACKETFLOW_NAMESPACE)",
-                                                          "partners-ns")
-    assert federation.workload_spiffe_id("partners-ns", CERT_MANAGER) in trusted
+    assert "PACKETFLOW_TLS_CERT" in env
+    assert federation.workload_spiffe_id("partners-ns", CERT_MANAGER) not in \
+        env.get("PACKETFLOW_TRUSTED_FORWARDERS", "")
 
 
 async def test_the_operator_issues_the_gateways_workload_identity(

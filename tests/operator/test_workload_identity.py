@@ -101,15 +101,9 @@ def test_pods_believe_the_caller_named_by_the_trusted_forwarders_only() -> None:
     (container,) = pod(render.render_deployment(capability(), "team-a", settings))[
         "containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    # The federation gateways of the pod's own namespace (the kubelet expands the variable,
-    # defined earlier in the same container), whether or not a Federation exists yet.
-    federation = "spiffe://acme.internal/ns/$(PACKETFLOW_NAMESPACE)/sa/packetflow-federation"
-    assert env["PACKETFLOW_TRUSTED_FORWARDERS"] == f'["{gateway}","{federation}"]'
-    names = [e["name"] for e in container["env"]]
-    assert names.index("PACKETFLOW_NAMESPACE") < names.index("PACKETFLOW_TRUSTED_FORWARDERS")
+    assert env["PACKETFLOW_TRUSTED_FORWARDERS"] == f'["{gateway}"]'
     (container,) = pod(render.render_deployment(capability(), "team-a", MTLS))["containers"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["PACKETFLOW_TRUSTED_FORWARDERS"] == f'["{federation}"]'
+    assert "PACKETFLOW_TRUSTED_FORWARDERS" not in {e["name"] for e in container["env"]}
     with pytest.raises(ValidationError, match="does not start with spiffe://"):
         OperatorSettings(trusted_forwarders=["pf-system/gateway"])
 

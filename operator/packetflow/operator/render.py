@@ -64,8 +64,8 @@ CERTIFICATE_DURATION: Final = "24h"
 CERTIFICATE_RENEW_BEFORE: Final = "8h"
 # ``mtls_issuer`` naming the operator's own authority instead of a cert-manager issuer.
 OPERATOR_ISSUER: Final = "operator"
-# The ServiceAccount every federation gateway of a namespace runs as (one identity, which
-# that namespace's runtime pods trust to name the remote caller).
+# The ServiceAccount every federation gateway of a namespace runs as: the workload its
+# namespace's runtime pods see calling their exports (it names no caller of its own).
 FEDERATION_SERVICE_ACCOUNT: Final = "packetflow-federation"
 # ServiceAccount tokens (``tokens``): the runtime's token port, and where callers find the
 # projected token for the audience the runtime reviews them for.
@@ -259,20 +259,13 @@ def workload_tls_env(settings: OperatorSettings) -> list[Manifest]:
                   "value": f"0.0.0.0:{settings.health_port}"}]
 
 
-def federation_forwarder(settings: OperatorSettings) -> str:
-    """The SPIFFE ID of the federation gateways of a runtime pod's own namespace (they call
-    its exports for a remote caller); the kubelet expands ``$(PACKETFLOW_NAMESPACE)``, an
-    earlier variable of the same container, so the pod template names no namespace."""
-    return f"spiffe://{settings.trust_domain}/ns/$(PACKETFLOW_NAMESPACE)/sa/" \
-        f"{FEDERATION_SERVICE_ACCOUNT}"
-
-
 def _identity_env(settings: OperatorSettings) -> list[Manifest]:
     """Where the runtime finds its certificate, and whose ``packetflow-caller`` it believes
-    (the gateway's, the MCP aggregate's, its namespace's federation gateways')."""
-    forwarders = [*settings.trusted_forwarders, federation_forwarder(settings)]
-    return [*workload_tls_env(settings), {"name": "PACKETFLOW_TRUSTED_FORWARDERS",
-                                          "value": orjson.dumps(forwarders).decode()}]
+    (the gateway's, the MCP aggregate's; federation gateways name no caller)."""
+    forwarders = [{"name": "PACKETFLOW_TRUSTED_FORWARDERS",
+                   "value": orjson.dumps(settings.trusted_forwarders).decode()}
+                  ] if settings.trusted_forwarders else []
+    return [*workload_tls_env(settings), *forwarders]
 
 
 def _serves_tokens(resource: Resource, settings: OperatorSettings) -> bool:
