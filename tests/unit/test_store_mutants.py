@@ -1,0 +1,56 @@
+"""Actor store details the broader store tests leave open, on a real SQLite file."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from packetflow.actors.sqlite_store import SqliteActorStore
+from packetflow.actors.store import Commit, MemoryEntry
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteActorStore]:
+    opened = SqliteActorStore("t", path=tmp_path / "actors.db", synchronous="NORMAL")
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def notes(first: int, last: int) -> list[MemoryEntry]:
+    return [MemoryEntry(seq, 1.0, "note", f"n{seq}", None) for seq in range(first, last + 1)]
+
+
+async def test_memory_is_compacted_only_by_a_turn_that_writes_memory(
+        store: SqliteActorStore) -> None:
+    await store.activate("a", "m1", 0.0)
+    await store.commit(Commit("a", 1, b"{}", 1.0, 4, notes(1, 4), max_messages=10))
+    # A turn that appends nothing leaves memory alone, even under a lower limit.
+    await store.commit(Commit("a", 1, b"{}", 2.0, 4, (), max_messages=2))
+    assert [e.seq for e in await store.memory_recent("a", 10)] == [1, 2, 3, 4]
+    # Exactly at the limit nothing goes; one past it, the oldest goes.
+    await store.commit(Commit("a", 1, b"{}", 3.0, 5, notes(5, 5), max_messages=5))
+    assert [e.seq for e in await store.memory_recent("a", 10)] == [1, 2, 3, 4, 5]
+    await store.commit(Commit("a", 1, b"{}", 4.0, 6, notes(6, 6), max_messages=5))
+    assert [e.seq for e in await store.memory_recent("a", 10)] == [2, 3, 4, 5, 6]
+
+
+async def test_the_lease_holder_is_recorded_and_cleared_on_delete(
+        store: SqliteActorStore) -> None:
+    await store.activate("a", "member-1", 0.0)
+    await store.commit(Commit("a", 1, b"{}", 1.0, 0))
+    await store.activate("a", "member-2", 2.0)
+
+    def owner() -> str | None:
+        with sqlite3.connect(store.path) as db:
+            (row,) = db.execute("SELECT owner FROM pf_actors WHERE actor_id = 'a'").fetchall()
+        return row[0]  # type: ignore[no-any-return]
+
+    assert owner() == "member-2"
+    assert await store.delete("a")
+    assert owner() is None
