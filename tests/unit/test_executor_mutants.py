@@ -82,7 +82,7 @@ async def test_each_retry_is_logged_with_its_step_attempt_code_and_delay(
 async def test_trace_times_are_milliseconds_of_the_clock(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Each read of the clock moves it one second on: each step lasts 1000 ms, and the second
-    starts 2000 ms after the first (the trace's own start is read before the fake clock)."""
+    starts 2000 ms after the first (the trace's own start is read from the real clock)."""
     ticks = itertools.count(int(time.perf_counter()) + 100)
     monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))
 
@@ -99,3 +99,5 @@ async def test_trace_times_are_milliseconds_of_the_clock(
     first, second = trace["steps"]
     assert (first["durationMs"], second["durationMs"]) == (1000.0, 1000.0)
     assert second["startedMs"] - first["startedMs"] == pytest.approx(2000.0, abs=0.01)
+    # The call ends at the fifth read: 4000 ms after the first step started.
+    assert trace["durationMs"] - first["startedMs"] == pytest.approx(4000.0, abs=0.01)
