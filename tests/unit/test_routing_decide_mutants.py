@@ -2,43 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from packetflow.manifests import load_text
 from packetflow.operator.routing.decide import decide
 from packetflow.operator.routing.model import Effect, Observation, Series, State, Target, Tuning
-from packetflow.spec import Capability, CapabilitySpec
+from tests.unit.test_routing_recommend import PIPELINE, loaded, spec
 
 TUNING = Tuning(interval_s=15, canary_soak_s=300, effect_window_s=300, cooloff_s=3600)
-PIPELINE = """
-apiVersion: packetflow.io/v1alpha1
-kind: Capability
-metadata: {name: lookup}
-spec:
-  intent: Look up
-  requires: {q: {type: string}}
-  provides: {answer: {type: string}}
-  implementation: {builtin: {name: transform, config: {expression: "{answer: q}"}}}
----
-apiVersion: packetflow.io/v1alpha1
-kind: Capability
-metadata: {name: report}
-spec:
-  intent: Report
-  requires: {q: {type: string}}
-  implementation:
-    composition:
-      steps:
-        - {name: a, call: {capability: lookup, input: {q: input.q}}}
-        - {name: b, call: {capability: lookup, input: {q: input.q}}}
-      output: "{a: steps.a.answer, b: steps.b.answer}"
-"""
-
-
-def spec(**fields: Any) -> CapabilitySpec:
-    return CapabilitySpec.model_validate({"intent": "x",
-                                          "implementation": {"builtin": {"name": "echo"}},
-                                          **fields})
 
 
 def steady(n: int = 100, p99: float = 0.1, in_flight: float = 1.0,
@@ -48,10 +16,10 @@ def steady(n: int = 100, p99: float = 0.1, in_flight: float = 1.0,
 
 
 def pipeline_target() -> Target:
-    result = load_text(PIPELINE, "test.yaml")
-    assert not result.errors, result.errors
-    caps = {c.name: c.spec for c in result.manifests if isinstance(c, Capability)}
-    return Target("Capability", "report", caps["report"], caps)
+    """The report composition, whose steps a and b read nothing of each other."""
+    caps = loaded(PIPELINE)
+    return Target("Capability", "report", caps["report"].spec,
+                  {name: cap.spec for name, cap in caps.items()})
 
 
 def test_without_scaling_the_figures_are_empty() -> None:

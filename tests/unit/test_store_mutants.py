@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from packetflow.actors.sqlite_store import SqliteActorStore
 from packetflow.actors.store import Commit, MemoryEntry
+from tests.unit import test_actors_store
 
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteActorStore]:
-    opened = SqliteActorStore("t", path=tmp_path / "actors.db", synchronous="NORMAL")
-    await opened.open()
-    try:
-        yield opened
-    finally:
-        await opened.close()
+store = test_actors_store.store  # the same fixture: a store of type ``t`` on a SQLite file
 
 
 def notes(first: int, last: int) -> list[MemoryEntry]:
