@@ -43,3 +43,17 @@ def test_every_field_the_operator_writes_is_its_own_and_nothing_else() -> None:
     live = {**written, "kopf": {"progress": {}}, "forecast": {"rate": 1.0}}
     assert status.own_status(live) == written
     assert status.own_status(None) == {}
+
+
+def test_a_workload_view_keeps_name_generation_replicas_and_status_only() -> None:
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment",
+                  "metadata": {"name": "greeter", "generation": 3, "uid": "u-2",
+                               "labels": {"a": "b"}},
+                  "spec": {"replicas": 2, "template": {"spec": {"containers": []}}},
+                  "status": {"replicas": 2, "readyReplicas": 1, "observedGeneration": 3}}
+    view = status.workload_view(deployment)
+    assert view == {"metadata": {"name": "greeter", "generation": 3},
+                    "spec": {"replicas": 2},
+                    "status": {"replicas": 2, "readyReplicas": 1, "observedGeneration": 3}}
+    view["status"]["replicas"] = 0  # a copy: the kept view never changes the live object
+    assert deployment["status"]["replicas"] == 2
