@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from packetflow.actors.sqlite_store import SqliteActorStore
-from packetflow.actors.store import Commit, MemoryEntry
+from packetflow.actors.store import Commit, MemoryEntry, Reminder
 from tests.unit import test_actors_store
 
 store = test_actors_store.store  # the same fixture: a store of type ``t`` on a SQLite file
@@ -43,3 +43,17 @@ async def test_the_lease_holder_is_recorded_and_cleared_on_delete(
     assert owner() == "member-2"
     assert await store.delete("a")
     assert owner() is None
+
+
+async def test_default_pages_hold_1000_actors_and_256_due_reminders(
+        store: SqliteActorStore) -> None:
+    for index in range(1001):
+        actor = f"a{index:04d}"
+        await store.activate(actor, "m1", 0.0)
+        await store.commit(Commit(actor, 1, b"{}", 1.0, 0))
+    listed = await store.list_actors()
+    assert len(listed) == 1000 and listed[-1].actor_id == "a0999"
+    await store.commit(Commit("a0000", 1, b"{}", 2.0, 0, set_reminders=[
+        Reminder(f"r{index:03d}", 5.0, None, None, "reminder") for index in range(257)]))
+    due = await store.due(10.0)
+    assert len(due) == 256 and due[-1].reminder.name == "r255"
