@@ -57,3 +57,17 @@ async def test_default_pages_hold_1000_actors_and_256_due_reminders(
         Reminder(f"r{index:03d}", 5.0, None, None, "reminder") for index in range(257)]))
     due = await store.due(10.0)
     assert len(due) == 256 and due[-1].reminder.name == "r255"
+
+
+async def test_due_reminders_are_read_page_by_page_after_a_cursor(
+        store: SqliteActorStore) -> None:
+    # Ties on due_at are ordered by actor id, then name: a cursor is an exact position.
+    for actor, names in (("b", ["x"]), ("a", ["y", "x"])):
+        await store.activate(actor, "m1", 0.0)
+        await store.commit(Commit(actor, 1, b"{}", 1.0, 0, set_reminders=[
+            Reminder(name, 5.0) for name in names]))
+    first = await store.due(10.0, limit=2)
+    assert [(d.actor_id, d.reminder.name) for d in first] == [("a", "x"), ("a", "y")]
+    rest = await store.due(10.0, limit=2, after=first[-1].cursor)
+    assert [(d.actor_id, d.reminder.name) for d in rest] == [("b", "x")]
+    assert await store.due(10.0, after=rest[-1].cursor) == []
