@@ -35,12 +35,12 @@ declare -A source=(
 )
 declare -A tests=(
   [contracts]="tests/unit/test_contracts.py tests/unit/test_engine.py tests/unit/test_contracts_mutants.py"
-  [check]="tests/unit/test_composition.py tests/unit/test_check_mutants.py"
+  [check]="tests/unit/test_composition.py"
   [executor]="tests/unit/test_composition_executor.py tests/unit/test_retry_backoff.py tests/unit/test_composition.py tests/unit/test_executor_mutants.py"
   [store]="tests/unit/test_actors_store.py tests/unit/test_store_mutants.py"
   [render]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py tests/operator/test_canary.py tests/operator/test_network_policy.py tests/operator/test_workload_identity.py tests/operator/test_federation_render.py tests/unit/test_render_mutants.py"
   [status]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py tests/unit/test_status_mutants.py"
-  [drift]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py tests/unit/test_drift_mutants.py"
+  [drift]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
   [decide]="tests/unit/test_routing_decide.py tests/unit/test_routing_recommend.py tests/unit/test_routing_decide_mutants.py"
   [trust]="tests/unit/test_federation_pure.py"
   [search]="tests/unit/test_planner_search.py tests/unit/test_planner.py"
