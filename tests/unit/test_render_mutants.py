@@ -8,7 +8,9 @@ import yaml
 
 from packetflow.manifests import load_text
 from packetflow.operator import render
+from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import Capability
+from tests.operator.test_actor_render import actor
 
 NS = "team-a"
 
@@ -29,3 +31,29 @@ def test_a_retired_canary_is_its_deployment_scaled_to_zero_in_the_namespace() ->
         "metadata": {"name": "greeter-canary", "namespace": NS,
                      "labels": render.child_labels("greeter", "Capability", "greeter-canary")},
         "spec": {"replicas": 0}}
+
+
+def test_identity_children_of_an_actor_carry_its_kind_and_namespace() -> None:
+    research = actor()
+    owned = render.child_labels("research", "Actor")
+    account = render.render_service_account(research, NS)
+    assert account["metadata"] == {"name": "packetflow-research", "namespace": NS,
+                                   "labels": owned}
+    certificate = render.render_certificate(research, NS, OperatorSettings(
+        mtls_issuer="Issuer/ca", trust_domain="acme.internal"))
+    assert certificate["metadata"] == {"name": render.identity_secret_name("research"),
+                                       "namespace": NS, "labels": owned}
+    policy = render.render_network_policy(research, NS, OperatorSettings())
+    assert policy["metadata"] == {"name": "research", "namespace": NS, "labels": owned}
+
+
+def test_access_to_a_capability_of_the_same_namespace_selects_its_pods_directly() -> None:
+    # Written with the namespace or without, a peer at home is a podSelector, no
+    # namespaceSelector (which would need the namespace's label).
+    for named in (f"{NS}/billing", "billing"):
+        policy = render.render_network_policy(
+            capability(access={"allow": [{"capability": named}]}), NS, OperatorSettings())
+        (ingress, *_) = policy["spec"]["ingress"]
+        assert {"podSelector": {"matchLabels": {render.LABEL_NAME: "packetflow",
+                                                render.OWNER_LABELS["Capability"]: "billing"}}
+                } in ingress["from"]
