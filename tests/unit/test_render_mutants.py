@@ -57,3 +57,18 @@ def test_access_to_a_capability_of_the_same_namespace_selects_its_pods_directly(
         assert {"podSelector": {"matchLabels": {render.LABEL_NAME: "packetflow",
                                                 render.OWNER_LABELS["Capability"]: "billing"}}
                 } in ingress["from"]
+
+
+def test_the_canary_serves_its_own_replicas_without_the_stables_scaling() -> None:
+    # The routing controller scales the stable version only; the canary runs spec.canary's
+    # fixed replicas, so its bundle carries no scaling (nor the canary section itself).
+    greeter = capability(scaling={"minReplicas": 1, "maxReplicas": 3},
+                         canary={"weight": 10, "replicas": 2,
+                                 "implementation": {"builtin": {"name": "transform", "config": {
+                                     "expression": "{message: 'v2'}"}}}})
+    configmap, _, deployment = render.render_canary(greeter, NS, OperatorSettings())
+    (served,) = yaml.safe_load_all(configmap["data"][render.BUNDLE_KEY])
+    assert set(served["spec"]) == {"intent", "implementation", "replicas"}
+    assert served["spec"]["implementation"] == {"builtin": {"name": "transform", "config": {
+        "expression": "{message: 'v2'}"}}}
+    assert deployment["spec"]["replicas"] == 2
