@@ -66,7 +66,11 @@ def test_the_canary_serves_its_own_replicas_without_the_stables_scaling() -> Non
                          canary={"weight": 10, "replicas": 2,
                                  "implementation": {"builtin": {"name": "transform", "config": {
                                      "expression": "{message: 'v2'}"}}}})
-    configmap, _, deployment = render.render_canary(greeter, NS, OperatorSettings())
+    children = render.render_canary(greeter, NS, OperatorSettings())
+    assert [(c["kind"], c["metadata"]["name"], c["metadata"]["namespace"]) for c in children] \
+        == [("ConfigMap", "greeter-canary-bundle", NS), ("Service", "greeter-canary", NS),
+            ("Deployment", "greeter-canary", NS)]
+    configmap, _, deployment = children
     (served,) = yaml.safe_load_all(configmap["data"][render.BUNDLE_KEY])
     assert set(served["spec"]) == {"intent", "implementation", "replicas"}
     assert served["spec"]["implementation"] == {"builtin": {"name": "transform", "config": {
