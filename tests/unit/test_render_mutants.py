@@ -76,3 +76,20 @@ def test_the_canary_serves_its_own_replicas_without_the_stables_scaling() -> Non
     assert served["spec"]["implementation"] == {"builtin": {"name": "transform", "config": {
         "expression": "{message: 'v2'}"}}}
     assert deployment["spec"]["replicas"] == 2
+
+
+def test_a_planners_model_key_is_a_secret_source() -> None:
+    key = {"secretKeyRef": {"name": "llm", "key": "key"}}
+    planner = capability(implementation={"planner": {"model": {
+        "provider": "openai", "model": "m", "apiKeyFrom": key}}})
+    assert [s.model_dump(by_alias=True, exclude_none=True)
+            for s in render.secret_sources(planner)] == [key]
+    assert render.secret_sources(capability(implementation={"planner": {"model": {
+        "provider": "openai", "model": "m"}}})) == []
+
+
+def test_a_deployment_keeps_three_old_replica_sets_in_the_namespace() -> None:
+    deployment = render.render_deployment(capability(), NS, OperatorSettings())
+    assert deployment["spec"]["revisionHistoryLimit"] == 3
+    assert (deployment["metadata"]["name"], deployment["metadata"]["namespace"]) == (
+        "greeter", NS)
