@@ -93,3 +93,39 @@ def test_a_deployment_keeps_three_old_replica_sets_in_the_namespace() -> None:
     assert deployment["spec"]["revisionHistoryLimit"] == 3
     assert (deployment["metadata"]["name"], deployment["metadata"]["namespace"]) == (
         "greeter", NS)
+
+
+def test_every_child_is_in_the_namespace_and_zero_trust_adds_policy_account_and_certificate(
+        ) -> None:
+    settings = OperatorSettings(network_policies=True, mtls_issuer="Issuer/ca")
+    canary = {"weight": 10, "replicas": 1, "implementation": {"builtin": {"name": "echo"}}}
+    for resource in (capability(canary=canary), actor()):
+        children = render.desired_children(resource, NS, settings)
+        assert {c["metadata"]["namespace"] for c in children} == {NS}
+        assert [c["kind"] for c in children[:3]] == [
+            "NetworkPolicy", "ServiceAccount", "Certificate"]
+
+
+def test_a_foreign_image_gets_the_pull_policy_the_bundle_path_and_tcp_ports() -> None:
+    settings = OperatorSettings()
+    foreign = capability(implementation={"image": {"image": "registry.example/x:1",
+                                                   "port": 9000}})
+    deployment = render.render_deployment(foreign, NS, settings)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["imagePullPolicy"] == settings.image_pull_policy
+    assert container["env"] == [{"name": "PACKETFLOW_BUNDLE", "value": render.BUNDLE_PATH}]
+    for resource in (foreign, capability()):
+        (container,) = render.render_deployment(resource, NS, settings)[
+            "spec"]["template"]["spec"]["containers"]
+        assert [port["protocol"] for port in container["ports"]] == ["TCP"] * len(
+            container["ports"])
+        service = render.render_service(resource, NS, settings)
+        assert service["spec"]["type"] == "ClusterIP"
+        assert [port["protocol"] for port in service["spec"]["ports"]] == ["TCP"] * len(
+            service["spec"]["ports"])
+
+
+def test_the_bundle_reads_like_the_manifest() -> None:
+    # Field order as written and non-ASCII text as is (kubectl describe shows it).
+    text = render.render_bundle(capability(intent="Grüße"))
+    assert text.index("intent: Grüße") < text.index("implementation:")
