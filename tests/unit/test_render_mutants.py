@@ -71,6 +71,9 @@ def test_the_canary_serves_its_own_replicas_without_the_stables_scaling() -> Non
         == [("ConfigMap", "greeter-canary-bundle", NS), ("Service", "greeter-canary", NS),
             ("Deployment", "greeter-canary", NS)]
     configmap, _, deployment = children
+    assert {c["metadata"]["name"]: c["metadata"]["labels"] for c in children} == {
+        c["metadata"]["name"]: render.child_labels("greeter", "Capability", "greeter-canary")
+        for c in children}
     (served,) = yaml.safe_load_all(configmap["data"][render.BUNDLE_KEY])
     assert set(served["spec"]) == {"intent", "implementation", "replicas"}
     assert served["spec"]["implementation"] == {"builtin": {"name": "transform", "config": {
