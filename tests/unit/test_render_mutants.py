@@ -132,3 +132,27 @@ def test_the_bundle_reads_like_the_manifest() -> None:
     # Field order as written and non-ASCII text as is (kubectl describe shows it).
     text = render.render_bundle(capability(intent="Grüße"))
     assert text.index("intent: Grüße") < text.index("implementation:")
+
+
+def test_runtime_pods_are_hardened_probed_and_mount_the_bundle_read_only() -> None:
+    settings = OperatorSettings(mtls_issuer="Issuer/ca")
+    template = render.render_deployment(capability(), NS, settings)["spec"]["template"]
+    pod = template["spec"]
+    assert pod["enableServiceLinks"] is False
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    assert container["imagePullPolicy"] == settings.image_pull_policy
+    assert container["volumeMounts"][:2] == [
+        {"name": "bundle", "mountPath": render.BUNDLE_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"}]
+    probe = container["readinessProbe"]
+    assert (probe["periodSeconds"], probe["timeoutSeconds"], probe["failureThreshold"]) == (
+        5, 2, 3)
+    probe = container["livenessProbe"]
+    assert (probe["initialDelaySeconds"], probe["periodSeconds"], probe["timeoutSeconds"],
+            probe["failureThreshold"]) == (10, 10, 2, 3)
+    env = {item["name"] for item in container["env"]}
+    # Mutual TLS adds its variables to the runtime's own, not instead of them.
+    assert {"PACKETFLOW_DEFAULT_POLICY", "PACKETFLOW_TLS_CERT"} <= env
+    default = next(e for e in container["env"] if e["name"] == "PACKETFLOW_DEFAULT_POLICY")
+    assert default["value"] == settings.default_policy
