@@ -34,14 +34,14 @@ declare -A source=(
   [search]=planner/search.py
 )
 declare -A tests=(
-  [contracts]="tests/unit/test_contracts.py tests/unit/test_engine.py"
+  [contracts]="tests/unit/test_contracts.py tests/unit/test_engine.py tests/unit/test_contracts_mutants.py"
   [check]="tests/unit/test_composition.py"
-  [executor]="tests/unit/test_composition_executor.py tests/unit/test_retry_backoff.py tests/unit/test_composition.py"
-  [store]="tests/unit/test_actors_store.py"
-  [render]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
-  [status]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
+  [executor]="tests/unit/test_composition_executor.py tests/unit/test_retry_backoff.py tests/unit/test_composition.py tests/unit/test_executor_mutants.py"
+  [store]="tests/unit/test_actors_store.py tests/unit/test_store_mutants.py"
+  [render]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py tests/operator/test_canary.py tests/operator/test_network_policy.py tests/operator/test_workload_identity.py tests/operator/test_federation_render.py tests/unit/test_render_mutants.py"
+  [status]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py tests/unit/test_status_mutants.py"
   [drift]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
-  [decide]="tests/unit/test_routing_decide.py tests/unit/test_routing_recommend.py"
+  [decide]="tests/unit/test_routing_decide.py tests/unit/test_routing_recommend.py tests/unit/test_routing_decide_mutants.py"
   [trust]="tests/unit/test_federation_pure.py"
   [search]="tests/unit/test_planner_search.py tests/unit/test_planner.py"
 )
@@ -49,11 +49,12 @@ declare -A tests=(
 # server (a fresh one per forked mutant is too slow), nor the engine-level tests that wait out
 # real timeouts or reach check.py only through loading (seconds per mutant); for the planner's
 # search its own unit tests and the planner test that calls it directly, not the planners over
-# an engine (seconds per mutant).
+# an engine (seconds per mutant); for render not the tests running the operator on the emulator.
 declare -A keep=(
   [check]="(check or bad_composition or parses or shadow or cycle or trigger_is_rejected) and not postgres"
   [executor]="not (branch_timeout or scheduled or callers_deadline or trigger or sqlite_keys or postgres)"
   [search]="search"
+  [render]="not (the_operator_runs or the_operator_applies)"
 )
 # Lines not mutated: SQL text (keywords and unquoted names are case-insensitive in SQLite and
 # PostgreSQL, so its case mutants are equivalent; what each statement does is tested).

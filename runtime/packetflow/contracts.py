@@ -117,10 +117,11 @@ class CompiledContract:
 def _violation(error: Any, root: str) -> FieldViolation:
     path = [root, *(str(p) for p in error.absolute_path)]
     if error.validator == "required":
-        # jsonschema reports a missing field on its parent; name the field itself.
-        missing = error.message.split("'")[1] if "'" in error.message else ""
-        return FieldViolation(".".join([*path, missing]) if missing else ".".join(path),
-                              "required field is missing")
+        # jsonschema reports a missing field on its parent, as "<repr(name)> is a required
+        # property"; name the field itself (matched by repr: a name may hold quotes).
+        missing = [name for name in error.validator_value
+                   if error.message == f"{name!r} is a required property"]
+        return FieldViolation(".".join([*path, *missing[:1]]), "required field is missing")
     if error.validator == "additionalProperties" and error.validator_value is False:
         known = set(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - known)

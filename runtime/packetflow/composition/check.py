@@ -98,8 +98,7 @@ class _Scope:
 
 
 class _Checker:
-    def __init__(self, capabilities: Mapping[str, Capability],
-                 undeclared_remote: bool = False) -> None:
+    def __init__(self, capabilities: Mapping[str, Capability], undeclared_remote: bool) -> None:
         self.capabilities = capabilities
         self.undeclared_remote = undeclared_remote
         self.errors: list[CheckError] = []
@@ -160,7 +159,8 @@ class _Checker:
 
     def mapping(self, step: Step, mapping: dict[str, str], requires: Contract | None,
                 path: str, scope: _Scope) -> None:
-        target = step.call.capability if step.call else "?"
+        assert step.call is not None  # only calls map an input
+        target = step.call.capability
         for name, expression in mapping.items():
             where = f"{path}.call.input.{name}"
             source = self.expression_refs(expression, where, scope)
@@ -256,8 +256,8 @@ def _compatible(source: FieldSchema, wanted: FieldSchema) -> bool:
 
 
 def _types(schema: FieldSchema) -> str:
-    types = _type_set(schema)
-    return " or ".join(sorted(types)) if types else "untyped"
+    # Asked only of typed fields: an untyped one is compatible with anything.
+    return " or ".join(sorted(_type_set(schema) or ()))
 
 
 def _cycles_from(name: str, specs: Mapping[str, CompositionSpec]) -> list[CheckError]:
