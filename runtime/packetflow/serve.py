@@ -157,6 +157,9 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
     ``strict`` refuses to start on any manifest error (pods); otherwise errors are reported and
     the valid manifests still serve (``packetflow dev``). ``watch`` reloads on file changes.
     """
+    # Taken before loading: a file written after the load (even before the reloader's first
+    # poll, right after readiness is announced) differs from it, so it is never missed.
+    seen = await asyncio.to_thread(_snapshot, paths) if watch else None
     engine, actors, errors = await load_runtime(paths, settings)
     report(errors)
     if strict and errors:
@@ -177,8 +180,8 @@ async def serve(paths: Sequence[Path], settings: RuntimeSettings, *, watch: bool
     engine.start_triggers()
     stop = stop_on_signal()
     on_ready(server, metrics_port)
-    reloader = (asyncio.create_task(_reload_on_change(paths, engine, actors)) if watch
-                else None)
+    reloader = (asyncio.create_task(_reload_on_change(paths, seen, engine, actors))
+                if seen is not None else None)
     try:
         await drain_after(stop, server, settings.drain_seconds, settings.grace_seconds)
     finally:
@@ -234,10 +237,10 @@ async def drain_after(stop: asyncio.Event, server: Drainable, drain_seconds: flo
     await server.stop(grace=grace_seconds, drain=drain_seconds)
 
 
-async def _reload_on_change(paths: Sequence[Path], engine: Engine,
+async def _reload_on_change(paths: Sequence[Path], seen: dict[Path, float], engine: Engine,
                             actors: ActorSystem | None = None) -> None:
-    """Poll manifest files' mtimes; on a change, reload and swap the registry."""
-    seen = _snapshot(paths)
+    """Poll manifest files' mtimes; on a change from ``seen`` (what was loaded), reload
+    and swap the registry."""
     while True:
         await asyncio.sleep(RELOAD_POLL_SECONDS)
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +21,14 @@ from packetflow.actors.errors import StoreRefused
 from packetflow.actors.store import Commit, MemoryEntry
 from packetflow.engine import Engine
 from packetflow.errors import ContractViolation, DeadlineExceeded, HandlerFailed
+from packetflow.server import RuntimeServer
+from packetflow.settings import RuntimeSettings
 from packetflow.spec import Actor
 from tests.conftest import eventually
 from tests.support import actor_handlers
 from tests.support.actors import FakeClock, SystemFactory, handler_actor
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 pytest_plugins = ["tests.support.postgres"]
 
@@ -280,8 +286,8 @@ async def test_the_reloader_outlives_a_failed_reload(tmp_path: Path,
     monkeypatch.setattr(serve, "RELOAD_POLL_SECONDS", 0.02)
     monkeypatch.setattr(serve, "load_paths", load)
     engine = Engine()
-    reloader = asyncio.create_task(serve._reload_on_change([tmp_path], engine))
-    await asyncio.sleep(0)  # its first step takes the snapshot the touches below change
+    reloader = asyncio.create_task(serve._reload_on_change(
+        [tmp_path], serve._snapshot([tmp_path]), engine))
     try:
         for touch in (1, 2):
             os.utime(manifest, (touch, touch))
@@ -292,3 +298,31 @@ async def test_the_reloader_outlives_a_failed_reload(tmp_path: Path,
         reloader.cancel()
         await asyncio.gather(reloader, return_exceptions=True)
         await engine.aclose()
+
+
+async def test_a_manifest_written_as_readiness_is_announced_is_served(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by CI: the reloader took its first snapshot only after readiness was announced,
+    # so a file written in between was part of it, never a change, and never served.
+    monkeypatch.setattr(serve, "RELOAD_POLL_SECONDS", 0.02)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    settings = RuntimeSettings(address="127.0.0.1:0", metrics_address=None,
+                               state_dir=tmp_path / "state", drain_seconds=0,
+                               grace_seconds=5)
+    ready: asyncio.Future[RuntimeServer] = asyncio.get_running_loop().create_future()
+
+    def on_ready(server: RuntimeServer, metrics_port: int | None) -> None:
+        # Written before the reloader's task has run at all.
+        shutil.copy(EXAMPLES / "echo.yaml", bundle / "echo.yaml")
+        ready.set_result(server)
+
+    served = asyncio.create_task(serve.serve([bundle], settings, watch=True, strict=False,
+                                             on_ready=on_ready))
+    server = await asyncio.wait_for(ready, 60)
+    try:
+        await eventually(lambda: "echo" in server.engine.served, timeout=30,
+                         what="the manifest written at readiness, served")
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)  # serve() drains on it, as a pod would
+        assert await asyncio.wait_for(served, 60) == 0
