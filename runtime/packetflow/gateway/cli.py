@@ -94,6 +94,7 @@ async def serve_gateway(settings: GatewaySettings) -> int:
     discover: Callable[[GatewayServer], Awaitable[None]]
     if settings.gateway_routes is not None:
         path = settings.gateway_routes
+        loaded = _stamp(path)  # before loading: a change made meanwhile is still a change
         try:
             routes = load_routes(path)
         except RoutesError as exc:
@@ -102,7 +103,7 @@ async def serve_gateway(settings: GatewaySettings) -> int:
             return 1
 
         async def discover(server: GatewayServer) -> None:
-            await watch_routes_file(path, server.apply)
+            await watch_routes_file(path, server.apply, loaded)
         where = f"routes from {path}"
     else:
         # Imported here: only Kubernetes mode needs the API client.
@@ -148,10 +149,10 @@ async def serve_gateway(settings: GatewaySettings) -> int:
     return 0
 
 
-async def watch_routes_file(path: Path, apply: Callable[[Routes], None]) -> None:
-    """Reload the routes file when it changes; a bad version is reported and the routes
-    before it keep serving."""
-    seen = _stamp(path)
+async def watch_routes_file(path: Path, apply: Callable[[Routes], None],
+                            seen: tuple[float, int] | None) -> None:
+    """Reload the routes file when it changes from ``seen`` (what was loaded); a bad version
+    is reported and the routes before it keep serving."""
     while True:
         await asyncio.sleep(RELOAD_POLL_SECONDS)
         stamp = _stamp(path)
