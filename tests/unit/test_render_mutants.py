@@ -192,3 +192,22 @@ def test_key_order_in_the_manifest_is_no_spec_change_for_the_pods() -> None:
     assert annotation({"words": {"type": "integer"}, "greeting": {"type": "string"}}) == first
     assert annotation({"greeting": {"type": "string"}, "words": {"type": "number"}}) != first
     assert len(first) == 16
+
+
+def test_labels_default_to_a_capabilitys() -> None:
+    assert render.child_labels("greeter") == render.child_labels("greeter", "Capability") == {
+        render.LABEL_NAME: "packetflow", render.LABEL_INSTANCE: "greeter",
+        render.LABEL_COMPONENT: "runtime", render.LABEL_PART_OF: "packetflow",
+        render.LABEL_MANAGED_BY: render.MANAGED_BY, render.LABEL_CAPABILITY: "greeter"}
+
+
+def test_runtime_pods_learn_the_cluster_domain_only_when_it_is_not_the_default() -> None:
+    def env(settings: OperatorSettings) -> list[dict[str, Any]]:
+        (container,) = render.render_deployment(capability(), NS, settings)["spec"][
+            "template"]["spec"]["containers"]
+        return [item for item in container["env"] if "CLUSTER_DOMAIN" in item["name"]]
+
+    # The default domain leaves the template (hence the pods) as they were.
+    assert env(OperatorSettings()) == []
+    assert env(OperatorSettings(cluster_domain="corp.example")) == [
+        {"name": "PACKETFLOW_CLUSTER_DOMAIN", "value": "corp.example"}]
