@@ -38,7 +38,7 @@ declare -A tests=(
   [check]="tests/unit/test_composition.py"
   [executor]="tests/unit/test_composition_executor.py tests/unit/test_retry_backoff.py tests/unit/test_composition.py tests/unit/test_executor_mutants.py"
   [store]="tests/unit/test_actors_store.py tests/unit/test_store_mutants.py"
-  [render]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py tests/operator/test_canary.py tests/operator/test_network_policy.py tests/operator/test_workload_identity.py tests/operator/test_federation_render.py tests/unit/test_render_mutants.py"
+  [render]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py tests/operator/test_canary.py tests/operator/test_network_policy.py tests/operator/test_workload_identity.py tests/operator/test_federation_render.py tests/operator/test_service_account_tokens.py tests/operator/test_authority.py tests/operator/test_federation_identity.py tests/unit/test_render_mutants.py"
   [status]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py tests/unit/test_status_mutants.py"
   [drift]="tests/operator/test_operator_pure.py tests/operator/test_operator_render.py tests/operator/test_actor_render.py"
   [decide]="tests/unit/test_routing_decide.py tests/unit/test_routing_recommend.py tests/unit/test_routing_decide_mutants.py"
@@ -54,7 +54,7 @@ declare -A keep=(
   [check]="(check or bad_composition or parses or shadow or cycle or trigger_is_rejected) and not postgres"
   [executor]="not (branch_timeout or scheduled or callers_deadline or trigger or sqlite_keys or postgres)"
   [search]="search"
-  [render]="not (the_operator_runs or the_operator_applies)"
+  [render]="not (the_operator_runs or the_operator_applies or the_operator_issues)"
 )
 # Lines not mutated: SQL text (keywords and unquoted names are case-insensitive in SQLite and
 # PostgreSQL, so its case mutants are equivalent; what each statement does is tested).

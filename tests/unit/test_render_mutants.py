@@ -156,3 +156,58 @@ def test_runtime_pods_are_hardened_probed_and_mount_the_bundle_read_only() -> No
     assert {"PACKETFLOW_DEFAULT_POLICY", "PACKETFLOW_TLS_CERT"} <= env
     default = next(e for e in container["env"] if e["name"] == "PACKETFLOW_DEFAULT_POLICY")
     assert default["value"] == settings.default_policy
+
+
+def test_the_bundle_is_the_manifests_spec_as_written_in_camel_case() -> None:
+    # Only the fields the manifest sets, under their manifest (camelCase) names: the runtime and
+    # `kubectl describe` read the same words as the author wrote.
+    spec = {"intent": "Greet", "implementation": {"builtin": {"name": "echo"}},
+            "timeoutSeconds": 5.0, "scaling": {"minReplicas": 2, "maxReplicas": 4}}
+    (served,) = yaml.safe_load_all(render.render_bundle(capability(**spec)))
+    assert served == {"apiVersion": "packetflow.io/v1alpha1", "kind": "Capability",
+                      "metadata": {"name": "greeter"}, "spec": spec}
+
+
+def test_the_spec_hash_is_sixteen_hex_digits_whatever_the_key_order() -> None:
+    assert render.spec_hash({"a": 1, "b": [1, 2]}) == render.spec_hash({"b": [1, 2], "a": 1})
+    assert render.spec_hash({"a": 1}) != render.spec_hash({"a": 2})
+    digest = render.spec_hash({"a": 1})
+    assert len(digest) == 16 and set(digest) <= set("0123456789abcdef")
+
+
+def test_key_order_in_the_manifest_is_no_spec_change_for_the_pods() -> None:
+    # The same contract written in another field order: the pods' hash stays, no rollout.
+    def annotation(provides: dict[str, Any]) -> str:
+        manifest = {"apiVersion": "packetflow.io/v1alpha1", "kind": "Capability",
+                    "metadata": {"name": "greeter"},
+                    "spec": {"intent": "Greet", "provides": provides,
+                             "implementation": {"builtin": {"name": "echo"}}}}
+        (greeter,) = load_text(yaml.safe_dump(manifest, sort_keys=False)).capabilities
+        template = render.render_deployment(greeter, NS, OperatorSettings())["spec"][
+            "template"]
+        value: str = template["metadata"]["annotations"][render.SPEC_HASH_ANNOTATION]
+        return value
+
+    first = annotation({"greeting": {"type": "string"}, "words": {"type": "integer"}})
+    assert annotation({"words": {"type": "integer"}, "greeting": {"type": "string"}}) == first
+    assert annotation({"greeting": {"type": "string"}, "words": {"type": "number"}}) != first
+    assert len(first) == 16
+
+
+def test_labels_default_to_a_capabilitys() -> None:
+    assert render.child_labels("greeter") == render.child_labels("greeter", "Capability") == {
+        render.LABEL_NAME: "packetflow", render.LABEL_INSTANCE: "greeter",
+        render.LABEL_COMPONENT: "runtime", render.LABEL_PART_OF: "packetflow",
+        render.LABEL_MANAGED_BY: render.MANAGED_BY, render.LABEL_CAPABILITY: "greeter"}
+
+
+def test_runtime_pods_learn_the_cluster_domain_only_when_it_is_not_the_default() -> None:
+    def env(settings: OperatorSettings) -> list[dict[str, Any]]:
+        (container,) = render.render_deployment(capability(), NS, settings)["spec"][
+            "template"]["spec"]["containers"]
+        return [item for item in container["env"] if "CLUSTER_DOMAIN" in item["name"]]
+
+    # The default domain leaves the template (hence the pods) as they were.
+    assert env(OperatorSettings()) == []
+    assert env(OperatorSettings(cluster_domain="corp.example")) == [
+        {"name": "PACKETFLOW_CLUSTER_DOMAIN", "value": "corp.example"}]
