@@ -4,7 +4,9 @@
 #   bash scripts/mutants.sh                   # every module below
 #   bash scripts/mutants.sh contracts drift   # only these
 #   MUTANTS_RERUN=1 bash scripts/mutants.sh render  # re-test only the last run's survivors
-#                                             # against the current tests (source unchanged)
+#                                             # against the current tests (no source changed
+#                                             # since that run, the module's or any other:
+#                                             # else mutmut cannot collect stats; run in full)
 #
 # mutmut wants one importable source tree, while this repository maps three directories into
 # the `packetflow` package. So each module is staged in build/mutants/<module>/: src/packetflow
