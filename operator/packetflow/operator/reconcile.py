@@ -16,6 +16,8 @@ The work stays proportional to what changed, not to how many events arrive:
 * Status is written only when it says something new. Its ``observedGeneration`` is the
   generation the operator finished handling, which is also kopf's record of it (handlers.py):
   handling a new Capability costs one write per child and one status write, nothing more.
+* While other owners' children are being written, a status write waits its turn (bounded:
+  ``status_wait_seconds``, pacing.py): in a burst the children come first.
 
 One lock per Capability or Actor serialises everything that writes its children or status, so
 the last status written is always computed from the freshest workload the operator has seen.
