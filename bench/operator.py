@@ -20,6 +20,11 @@ operator first); for each N in SIZES the figures are:
 - ``emulator_cpu_ratio_n{N}``: the emulator's CPU seconds while the operator's children
   were made (its own requests and kubectl's, the watches' events) over its CPU seconds
   for the bare client's (the API server's share of the cost);
+- ``floor_ratio_n{N}``: the same for the least a controller can do (:class:`FloorController`:
+  the operator's client and watches, each Capability's pre-rendered children in the
+  operator's two phases, nothing else), a third run in every pair; what the API server, the
+  kubectl process and this machine's cores cost whatever the controller does, so
+  ``operator_over_floor_n{N}`` (operator seconds over floor seconds) is the operator's own share;
 - ``state_kib_per_capability_n{N}``: what the operator keeps in memory per Capability;
 - ``resync_writes_n{N}``, ``resync_calls_n{N}``: one resync of the N unchanged Capabilities
   (target: 0 writes);
@@ -41,6 +46,7 @@ import dataclasses
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -64,8 +70,10 @@ from packetflow.operator.client import PLURALS, KubeClient
 from packetflow.operator.handlers import OperatorContext, OperatorThread
 from packetflow.operator.heap import settle_heap
 from packetflow.operator.metrics import OperatorMetrics
+from packetflow.operator.reconcile import MANAGED_SELECTOR, apply_phases
 from packetflow.operator.settings import OperatorSettings
-from packetflow.spec import Capability
+from packetflow.operator.watching import WatchTarget, watch_forever
+from packetflow.spec import API_VERSION, Capability
 
 # The emulator with kmock's gaps filled lives with the tests that need it (DESIGN.md).
 from tests.operator.kube_emulator import CONTROL_PATH, write_kubeconfig, writes
@@ -284,6 +292,99 @@ async def _operator_run(count: int) -> OperatorRun:
     return OperatorRun(seconds, reconciles, calls, cpu, state_bytes, resync, emulator_cpu)
 
 
+class FloorController:
+    """The least a controller can do for the operator's result, in a thread of this process
+    as the operator runs: its client, its watches (Capabilities; the children by the managed
+    label, events read and dropped), and for each new Capability its children, rendered
+    beforehand, created in the operator's two phases. No validation, rendering, state, status
+    or drift checks: what is left is the cost of the API calls and events themselves."""
+
+    def __init__(self, url: str, children: list[dict[str, Any]]) -> None:
+        self.url = url
+        self.children: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+        for child in children:
+            self.children[child["metadata"]["ownerReferences"][0]["name"]].append(child)
+        self._client = KubeClient(user_agent="bench-floor/1")
+        self._listed = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._main_thread, daemon=True)
+
+    def start(self) -> None:
+        """Start, and wait until the Capabilities are listed (watched from then on)."""
+        self._thread.start()
+        if not self._listed.wait(START_TIMEOUT):
+            raise TimeoutError("the floor controller did not list the Capabilities")
+
+    def stop(self) -> None:
+        """Stop the watches and the thread."""
+        if self._loop is not None and self._main is not None:
+            self._loop.call_soon_threadsafe(self._main.cancel)
+        self._thread.join(START_TIMEOUT)
+
+    def _main_thread(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # stop() cancels it
+            asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        self._loop, self._main = asyncio.get_running_loop(), asyncio.current_task()
+        self._client.configure(kopf.ConnectionInfo(server=self.url))
+        creating: set[asyncio.Task[None]] = set()
+        controller = self
+
+        class Capabilities:
+            def listed(self, objects: list[dict[str, Any]]) -> None:
+                controller._listed.set()
+
+            def changed(self, event_type: str, obj: dict[str, Any]) -> None:
+                if event_type == "ADDED":
+                    task = asyncio.create_task(controller._create(obj["metadata"]["name"]))
+                    creating.add(task)
+                    task.add_done_callback(creating.discard)
+
+        class Dropped:
+            def listed(self, objects: list[dict[str, Any]]) -> None:
+                pass
+
+            def changed(self, event_type: str, obj: dict[str, Any]) -> None:
+                pass
+        kinds = {(child["apiVersion"], child["kind"]) for child in _children(1)}
+        try:
+            await asyncio.gather(
+                watch_forever(self._client, WatchTarget(API_VERSION, "Capability",
+                                                        NAMESPACE), Capabilities()),
+                *(watch_forever(self._client, WatchTarget(api_version, kind, NAMESPACE,
+                                                          MANAGED_SELECTOR), Dropped())
+                  for api_version, kind in sorted(kinds)))
+        finally:
+            await self._client.aclose()
+
+    async def _create(self, name: str) -> None:
+        mine = {(child["kind"], child["metadata"]["name"]): child
+                for child in self.children[name]}
+        for phase in apply_phases(mine):
+            await asyncio.gather(*(self._client.create(mine[key]) for key in phase))
+
+
+async def _floor_run(count: int, children: list[dict[str, Any]]) -> float:
+    """Seconds from the first Capability POST until every child exists, with the
+    :class:`FloorController` in place of the operator."""
+    want = ",".join(f"{resource}:{number}" for resource, number in
+                    collections.Counter(_resource(child) for child in children).items())
+    async with _emulator() as (url, control):
+        floor = FloorController(url, children)
+        await asyncio.to_thread(floor.start)
+        try:
+            async with _kubectl(url, count) as go:
+                start = time.perf_counter()
+                await go()
+                await _control(control, "wait", want=want, namespace=NAMESPACE,
+                               timeout=str(TIMEOUT))
+                return time.perf_counter() - start
+        finally:
+            await asyncio.to_thread(floor.stop)
+
+
 async def _bare_run(children: list[dict[str, Any]]) -> tuple[float, float]:
     """The bare client's seconds, and the emulator's CPU seconds meanwhile."""
     async with _emulator() as (url, control):
@@ -296,16 +397,18 @@ def _size_figures(count: int) -> dict[str, Any]:
     children = _children(count)
     bare: list[float] = []
     bare_emulator_cpu: list[float] = []
+    floor: list[float] = []
     runs: list[OperatorRun] = []
+
+    def run_bare() -> None:
+        seconds, cpu = asyncio.run(_bare_run(children))
+        bare.append(seconds)
+        bare_emulator_cpu.append(cpu)
+    order = [run_bare, lambda: runs.append(asyncio.run(_operator_run(count))),
+             lambda: floor.append(asyncio.run(_floor_run(count, children)))]
     for pair in range(PAIRS):
-        if pair % 2 == 0:
-            bare_seconds, bare_cpu = asyncio.run(_bare_run(children))
-            runs.append(asyncio.run(_operator_run(count)))
-        else:
-            runs.append(asyncio.run(_operator_run(count)))
-            bare_seconds, bare_cpu = asyncio.run(_bare_run(children))
-        bare.append(bare_seconds)
-        bare_emulator_cpu.append(bare_cpu)
+        for run in order if pair % 2 == 0 else reversed(order):
+            run()
     suffix = f"_n{count}"
 
     def per_capability(values: Iterable[float]) -> float:
@@ -313,6 +416,10 @@ def _size_figures(count: int) -> dict[str, Any]:
     return {
         **ratio_figures(f"operator_ratio{suffix}",
                         [run.seconds / base for run, base in zip(runs, bare, strict=True)]),
+        **ratio_figures(f"floor_ratio{suffix}",
+                        [least / base for least, base in zip(floor, bare, strict=True)]),
+        **ratio_figures(f"operator_over_floor{suffix}",
+                        [run.seconds / least for run, least in zip(runs, floor, strict=True)]),
         f"reconciles_per_capability{suffix}": rounded(per_capability(r.reconciles
                                                                      for r in runs)),
         f"api_calls_per_capability{suffix}": rounded(per_capability(
@@ -330,6 +437,7 @@ def _size_figures(count: int) -> dict[str, Any]:
         f"resync_calls{suffix}": max(sum(r.resync.values()) for r in runs),
         f"operator_s{suffix}": rounded(median([run.seconds for run in runs])),
         f"bare_s{suffix}": rounded(median(bare)),
+        f"floor_s{suffix}": rounded(median(floor)),
     }
 
 

@@ -27,7 +27,8 @@ see a plausible API server:
   and :meth:`api_calls` counts them by verb and client (User-Agent).
 
 For tests and the bench: :meth:`miss_events` (changes no watch sees), :meth:`compact` (410
-for older watches), :meth:`fail_next` and :meth:`clear_faults` (injected errors), and
+for older watches), :meth:`fail_next` and :meth:`clear_faults` (injected errors), :meth:`hold`
+(a write kept in flight until the test lets it through), and
 ``/_emulator/calls`` and ``/_emulator/wait`` for a process that talks to the emulator over HTTP only
 (``python -m tests.operator.kube_emulator --serve emulator`` prints its port).
 
@@ -83,6 +84,12 @@ def _status_error(status: int, reason: str, message: str,
     return _json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                   "reason": reason, "message": message, "details": dict(details or {}),
                   "code": status}, status)
+
+
+def _created_name(request: rendering.Request) -> str | None:
+    """The name in a create's body (a POST's path names only the collection)."""
+    data = request.data if isinstance(request.data, dict) else {}
+    return (data.get("metadata") or {}).get("name")
 
 
 def parse_label_selector(text: str | None) -> list[tuple[str, str, str | None]]:
@@ -197,6 +204,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self._version = 0
         self._namespace_uids: dict[str, str] = {}
         self._faults: list[list[Any]] = []  # [method, path, status, times left]
+        self._holds: list[tuple[kmock.method, str, str | None, asyncio.Event]] = []
         self.bookmark_seconds = 5.0  # a real API server sends one about every minute
         # kmock publishes every change with `await self._buses[resource].put(event)`.
         self._buses = collections.defaultdict(lambda: EventLog(self))
@@ -543,6 +551,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         self.log.append(request)
         try:
+            for method, path, name, release in self._holds:
+                if request.method == method and request.url.path == path and name in (
+                        None, request.name or _created_name(request)):
+                    await release.wait()
             for fault in self._faults:
                 method, path, status, left = fault
                 if left > 0 and request.method == method and request.url.path == path:
@@ -601,6 +613,14 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                   times: int = 1) -> None:
         """Answer the next ``times`` requests of ``method`` on ``path`` with ``status``."""
         self._faults.append([method, path, status, times])
+
+    def hold(self, method: kmock.method, path: str, name: str | None = None) -> asyncio.Event:
+        """Serve the requests of ``method`` on ``path`` (of the object ``name``: a create
+        goes by the name in its body) only once the event returned is set, as an API server
+        slow to answer them; they are logged on arrival."""
+        release = asyncio.Event()
+        self._holds.append((method, path, name, release))
+        return release
 
     def clear_faults(self) -> None:
         """Answer every request normally again."""

@@ -160,6 +160,51 @@ async def test_unchanged_resync_and_restart_write_nothing(
     await assert_restart_writes_nothing(cluster, COUNT)
 
 
+async def test_statuses_wait_while_another_capabilitys_children_are_written(
+        cluster: ClusterEmulator, kube: httpx.AsyncClient) -> None:
+    held = cluster.hold(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS], name="cap-0")
+    runner = OperatorRunner([NS], status_wait_seconds=60)  # beyond this test: order only
+    await runner.start()
+    try:
+        mark = len(cluster.log)
+        await create_capabilities(kube, COUNT)
+        gate = runner.ctx.reconciler.children_first
+
+        def only_cap_0_writing() -> bool:
+            return gate.writing == 1 and all(cluster.live(DEPLOYMENTS, NS, f"cap-{i}")
+                                             for i in range(1, COUNT))
+        await wait_for(only_cap_0_writing, what="every child but cap-0's Deployment")
+        assert cluster.api_calls(since=mark)["patch capabilities/status"] == 0
+        held.set()
+        await created(cluster, runner, COUNT)
+        calls = cluster.api_calls(since=mark)
+        assert calls["patch capabilities/status"] == COUNT, calls  # still one each
+        assert writes(calls) == 4 * COUNT, calls
+    finally:
+        held.set()
+        await runner.stop()
+
+
+async def test_a_status_waits_for_other_children_no_longer_than_its_bound(
+        cluster: ClusterEmulator, kube: httpx.AsyncClient) -> None:
+    held = cluster.hold(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS], name="cap-0")
+    runner = OperatorRunner([NS], status_wait_seconds=0.2)
+    await runner.start()
+    try:
+        await create_capabilities(kube, COUNT)
+
+        def others_handled() -> bool:
+            return all((cluster.live(CAPABILITIES, NS, f"cap-{i}") or {}).get("status", {})
+                       .get("observedGeneration") == 1 for i in range(1, COUNT))
+        await wait_for(others_handled, timeout=30, what="the other statuses, cap-0 held")
+        assert runner.ctx.reconciler.children_first.writing == 1  # cap-0's still in flight
+        held.set()
+        await created(cluster, runner, COUNT)
+    finally:
+        held.set()
+        await runner.stop()
+
+
 async def test_a_burst_of_child_events_makes_one_reconcile(
         cluster: ClusterEmulator, kube: httpx.AsyncClient,
         operator_runner: OperatorRunner) -> None:

@@ -16,6 +16,8 @@ The work stays proportional to what changed, not to how many events arrive:
 * Status is written only when it says something new. Its ``observedGeneration`` is the
   generation the operator finished handling, which is also kopf's record of it (handlers.py):
   handling a new Capability costs one write per child and one status write, nothing more.
+* While other owners' children are being written, a status write waits its turn (bounded:
+  ``status_wait_seconds``, pacing.py): in a burst the children come first.
 
 One lock per Capability or Actor serialises everything that writes its children or status, so
 the last status written is always computed from the freshest workload the operator has seen.
@@ -40,6 +42,7 @@ from packetflow.operator.client import ApiError, ConflictError, KubeClient, NotF
 from packetflow.operator.crds import ACTOR_NAME_MAX_LENGTH
 from packetflow.operator.drift import drift_patch, narrow_spec_patch
 from packetflow.operator.metrics import OperatorMetrics
+from packetflow.operator.pacing import ChildrenFirst
 from packetflow.operator.settings import OperatorSettings
 from packetflow.spec import API_VERSION, Actor, Capability
 
@@ -216,6 +219,7 @@ class Reconciler:
         self.gone: OrderedDict[str, None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()  # queued reconciles, kept referenced
         self._retries: set[asyncio.TimerHandle] = set()
+        self.children_first = ChildrenFirst(settings.status_wait_seconds)
         # The MCP aggregate bundle is rewritten by one writer at a time; changes arriving
         # meanwhile mark it dirty and the writer goes round again (bursts coalesce).
         self._mcp_lock = asyncio.Lock()
@@ -298,8 +302,7 @@ class Reconciler:
                 report = ReconcileReport(errors=state.errors, status_written=wrote)
             else:
                 writes = await self._apply(state, created=created)
-                wrote = await self._write_status(state, self._workload_status(state),
-                                                 handled=True)
+                wrote = await self._report(state, handled=True)
                 report = ReconcileReport(errors=[], writes=writes, status_written=wrote)
         if new_spec and state.kind == "Capability":
             await self.refresh_mcp_bundle(state.namespace)
@@ -325,8 +328,9 @@ class Reconciler:
         writes = await self._ensure_identity(state)
         state.applying = True
         try:
-            for phase in apply_phases(state.desired):
-                writes += await self._apply_phase(state, phase, created=created)
+            with self.children_first.writing_children():
+                for phase in apply_phases(state.desired):
+                    writes += await self._apply_phase(state, phase, created=created)
             writes += await self._retire_canary(state)
         except (ChildConflictError, ApiError) as exc:
             if isinstance(exc, ChildConflictError) or not exc.retriable:
@@ -523,7 +527,7 @@ class Reconciler:
                 and not await self._owner_alive(state):
             return False
         writes = await self._apply(state, created=False)
-        return await self._write_status(state, self._workload_status(state)) or writes > 0
+        return await self._report(state) or writes > 0
 
     async def _owner_alive(self, state: ResourceState) -> bool:
         """Re-read the owner before recreating a deleted child: when the owner is being
@@ -568,6 +572,14 @@ class Reconciler:
         of it may be on its way)."""
         return status.status_changed({**state.status, **self._workload_status(state)},
                                      state.live_status if than is None else than)
+
+    async def _report(self, state: ResourceState, *, handled: bool = False) -> bool:
+        """Write the status the workload implies when it says something new (see
+        :meth:`_write_status`). While other owners' children are being written it waits its
+        turn (pacing.py), then also says what this one's child events brought meanwhile."""
+        if self.children_first.writing and self._status_stale(state):
+            await self.children_first.settled()
+        return await self._write_status(state, self._workload_status(state), handled=handled)
 
     async def _write_status(self, state: ResourceState, new: dict[str, Any], *,
                             handled: bool = False) -> bool:

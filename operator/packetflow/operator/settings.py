@@ -154,6 +154,10 @@ class OperatorSettings(BaseSettings):
                     "Services under it (PACKETFLOW_CLUSTER_DOMAIN)")
     retry_delay_seconds: float = Field(
         default=5.0, gt=0, description="Delay before a failed reconcile is retried")
+    status_wait_seconds: float = Field(
+        default=2.0, ge=0,
+        description="How long a status write may wait while other resources' children are "
+                    "being written (children first when many arrive at once); 0: never waits")
     resync_seconds: float = Field(
         default=300.0, ge=0,
         description="Reconcile every resource this often even without events, healing what "
