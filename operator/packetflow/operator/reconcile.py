@@ -460,6 +460,8 @@ class Reconciler:
                 else:
                     self.listed_children[listed] = dict(child)
             return "unknown-owner"
+        if self.listed_children:  # this event is newer than what was listed
+            self.listed_children.pop((state.uid, *key), None)
         want = state.desired.get(key)
         if want is None:
             return "not-desired"
