@@ -84,7 +84,7 @@ async def assert_resync_writes_nothing(cluster: ClusterEmulator,
 
 
 async def assert_restart_writes_nothing(cluster: ClusterEmulator, count: int) -> None:
-    """A new operator resumes ``count`` unchanged owners and writes nothing."""
+    """A new operator resumes ``count`` unchanged owners and writes (and reads) nothing."""
     mark = len(cluster.log)
     runner = OperatorRunner([NS])
     await runner.start()
@@ -92,7 +92,10 @@ async def assert_restart_writes_nothing(cluster: ClusterEmulator, count: int) ->
         await wait_for(lambda: reconciles(runner, trigger="resume") == count,
                        what="every owner resumed")
         await wait_for(lambda: runner.ctx.pending == 0, what="queued work")
-        assert writes(cluster.api_calls(since=mark)) == 0
+        calls = cluster.api_calls(since=mark)
+        assert writes(calls) == 0, calls
+        # Nor reads: the children were listed before the owners resumed, and compared there.
+        assert own_reads(calls) == 0, calls
     finally:
         await runner.stop()
 

@@ -117,6 +117,39 @@ def test_what_a_capability_event_asks_for() -> None:
     assert reconcile_reason(state, _body(1, uid="u2")) == "create"
 
 
+def _child(name: str, owner_uid: str, version: str) -> dict[str, Any]:
+    owner = {"apiVersion": API_VERSION, "kind": "Capability", "name": "c", "uid": owner_uid,
+             "controller": True}
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": NS, "uid": f"child-{name}",
+                         "resourceVersion": version, "ownerReferences": [owner]}}
+
+
+async def test_children_listed_before_their_owner_are_kept_current_for_its_resume() -> None:
+    reconciler = Reconciler(KubeClient(), SETTINGS, OperatorMetrics(registry=CollectorRegistry()))
+    kept = reconciler.listed_children
+    # Listed at start, the owner not known yet: kept, by (owner uid, kind, name).
+    assert reconciler.child_changed(None, _child("c-bundle", "u1", "5")) == "unknown-owner"
+    assert kept[("u1", "ConfigMap", "c-bundle")]["metadata"]["resourceVersion"] == "5"
+    # What happens to a kept child next is kept too; an event of one never listed is not.
+    reconciler.child_changed("MODIFIED", _child("c-bundle", "u1", "7"))
+    assert kept[("u1", "ConfigMap", "c-bundle")]["metadata"]["resourceVersion"] == "7"
+    reconciler.child_changed("ADDED", _child("other", "u1", "8"))
+    assert ("u1", "ConfigMap", "other") not in kept
+    reconciler.child_changed("DELETED", _child("c-bundle", "u1", "9"))
+    assert kept == {}
+    # Once the owner is known, an event makes the listed copy stale: dropped.
+    reconciler.child_changed(None, _child("c-bundle", "u1", "10"))
+    body = _body(1, observed=1)
+    body["spec"] = {"intent": "x", "implementation": {"builtin": {"name": "echo"}}}
+    state = reconciler._state(body)
+    reconciler._load_spec(state, body)
+    assert state.manifest is not None
+    reconciler.child_changed("MODIFIED", _child("c-bundle", "u1", "11"))
+    assert kept == {}
+    await reconciler.aclose()  # the reconcile that event queued (its bundle is not ours)
+
+
 async def test_the_queue_coalesces_events_and_retries_failures() -> None:
     calls: list[tuple[int, str]] = []
     release = asyncio.Event()

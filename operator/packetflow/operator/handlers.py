@@ -11,9 +11,11 @@ and the benchmark can run several operators, one after another, in one process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import threading
-from collections.abc import Collection, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
 
@@ -45,6 +47,7 @@ CHILD_KINDS: Final = (("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deplo
                       ("apps/v1", "StatefulSet"))
 POLICY_KINDS: Final = (("networking.k8s.io/v1", "NetworkPolicy"),)
 IDENTITY_KINDS: Final = (("v1", "ServiceAccount"), ("cert-manager.io/v1", "Certificate"))
+CHILDREN_FIRST_LIST_SECONDS: Final = 10.0  # the owners' watches wait this long at most
 # What kopf still watches of the children: only the Federations' (federation_handlers).
 FEDERATION_CHILD_RESOURCES: Final = (("", "v1", "configmaps"), ("", "v1", "services"),
                                      ("apps", "v1", "deployments"))
@@ -200,26 +203,41 @@ async def startup(memo: kopf.Memo, **_: Any) -> None:
     ctx = _ctx(memo)
     loop = asyncio.get_running_loop()
     ctx.owner_queue = OwnerQueue(lambda body, reason: reconcile_owner(ctx, body, reason))
+    first_lists: list[asyncio.Event] = []
+    for namespace in ctx.namespaces:
+        for api_version, kind in child_kinds(ctx.settings):
+            target = WatchTarget(api_version, kind, namespace, MANAGED_SELECTOR)
+            children = ChildEvents(ctx.reconciler, ctx.metrics.count_child_event, kind,
+                                   namespace)
+            first_lists.append(children.listed_once)
+            ctx.watch_tasks.append(loop.create_task(watch_forever(ctx.client, target,
+                                                                  children)))
     for target in owner_targets(ctx.namespaces):
         # A Capability leaving a namespace may change its MCP aggregate bundle.
         on_deleted = (lambda namespace: _refresh_mcp_bundle(ctx, namespace)) \
             if target.kind == "Capability" else None
         events = OwnerEvents(target.kind, ctx.reconciler, ctx.owner_queue, target.namespace,
                              on_deleted)
-        ctx.watch_tasks.append(loop.create_task(watch_forever(ctx.client, target, events)))
-    for namespace in ctx.namespaces:
-        for api_version, kind in child_kinds(ctx.settings):
-            target = WatchTarget(api_version, kind, namespace, MANAGED_SELECTOR)
-            children = ChildEvents(ctx.reconciler, ctx.metrics.count_child_event, kind,
-                                   namespace)
-            ctx.watch_tasks.append(loop.create_task(watch_forever(ctx.client, target,
-                                                                  children)))
+        ctx.watch_tasks.append(loop.create_task(_after(
+            first_lists, functools.partial(watch_forever, ctx.client, target, events))))
     if ctx.reconciler.authority is not None:  # the chart's gateway waits for its Secret
         task = loop.create_task(ctx.reconciler.authority.issue_chart_identities())
         ctx._side_tasks.add(task)
         task.add_done_callback(ctx._side_tasks.discard)
     if ctx.settings.resync_seconds > 0:
         ctx.resync_task = asyncio.get_running_loop().create_task(resync_forever(ctx))
+
+
+async def _after(first_lists: list[asyncio.Event],
+                 owners: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Watch the owners once the children are listed: a resuming owner then finds its
+    children in that list and reads none. Bounded, so a list that keeps failing (it is
+    retried meanwhile) holds no owner back for long. (Not in the startup handler: kopf logs
+    in only after it, and the lists need the login.)"""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(listed.wait() for listed in first_lists)),
+                               CHILDREN_FIRST_LIST_SECONDS)
+    await owners()
 
 
 async def resync_forever(ctx: OperatorContext) -> None:

@@ -11,8 +11,9 @@ The work stays proportional to what changed, not to how many events arrive:
 * Child events queue at most one reconcile per owner (:meth:`Reconciler.enqueue`): one pending,
   plus one more if something arrives while it runs, however many events there are.
 * Creating a child is one POST; ``409 AlreadyExists`` is read back and handled as an update.
-  A child is read (GET) only when the operator has no verified version of it: after a restart,
-  an edit by someone else, a spec change.
+  A child is read (GET) only when the operator has no verified version of it and did not list
+  it: a restart takes the children from the list made before the owners were watched
+  (:attr:`Reconciler.listed_children`).
 * Status is written only when it says something new. Its ``observedGeneration`` is the
   generation the operator finished handling, which is also kopf's record of it (handlers.py):
   handling a new Capability costs one write per child and one status write, nothing more.
@@ -219,6 +220,10 @@ class Reconciler:
         self.gone: OrderedDict[str, None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()  # queued reconciles, kept referenced
         self._retries: set[asyncio.TimerHandle] = set()
+        # Children listed before their owner was known (at start: see handlers.startup), by
+        # (owner uid, kind, name): a resume takes its children from here instead of reading
+        # them. What no owner claims is dropped at the next resync.
+        self.listed_children: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.children_first = ChildrenFirst(settings.status_wait_seconds)
         # The MCP aggregate bundle is rewritten by one writer at a time; changes arriving
         # meanwhile mark it dirty and the writer goes round again (bursts coalesce).
@@ -405,8 +410,8 @@ class Reconciler:
                 return 1
         manifest = want.manifest
         try:
-            live = await self.client.get(manifest["apiVersion"], key[0], state.namespace,
-                                         key[1])
+            live = self.listed_children.pop((state.uid, *key), None) or await self.client.get(
+                manifest["apiVersion"], key[0], state.namespace, key[1])
         except NotFoundError:
             created = await self._create_child(state, key, want)
             if created is None:  # created by someone between our GET and POST: next round
@@ -444,9 +449,19 @@ class Reconciler:
             return "unowned"
         state = self.states.get((str(owner["kind"]), meta.get("namespace", ""),
                                  owner.get("name", "")))
-        if state is None or state.uid != owner.get("uid") or state.manifest is None:
-            return "unknown-owner"  # its owner's own handler covers it once it runs
         key = (str(child.get("kind")), str(meta.get("name")))
+        if state is None or state.uid != owner.get("uid") or state.manifest is None:
+            # Its owner's own reconcile covers it once it runs; a listed child (and what
+            # happens to it next) is kept for that reconcile, which then reads nothing.
+            listed = (str(owner.get("uid")), *key)
+            if event_type is None or listed in self.listed_children:
+                if event_type == "DELETED":
+                    del self.listed_children[listed]
+                else:
+                    self.listed_children[listed] = dict(child)
+            return "unknown-owner"
+        if self.listed_children:  # this event is newer than what was listed
+            self.listed_children.pop((state.uid, *key), None)
         want = state.desired.get(key)
         if want is None:
             return "not-desired"
@@ -611,6 +626,7 @@ class Reconciler:
         """Compare every known resource and child with what the API server lists (a few
         LISTs per namespace, no per-object calls) and queue the owners that need work: what a
         missed watch event or a failed reconcile left. Unchanged resources cost no write."""
+        self.listed_children.clear()  # unclaimed since the start: orphans, or owners gone
         for namespace in sorted({namespace for (_, namespace, _) in self.states}):
             await self._resync_namespace(namespace)
         if self.authority is not None:

@@ -254,17 +254,17 @@ class ChildEvents:
         self.count = count  # the outcome of each event, for the metrics
         self.kind = kind
         self.namespace = namespace
-        self._listed_before = False
+        self.listed_once = asyncio.Event()  # the first list is in (the owners may start)
 
     def listed(self, objects: list[dict[str, Any]]) -> None:
         """Compare every listed child as an event would; on a relist, queue the owners whose
         children are missing from it. (The first list, at start, comes before the owners'
-        own reconciles, which look at every child themselves.)"""
+        reconciles, which take their children from it: Reconciler.listed_children.)"""
         for child in objects:
             self.reconciler.child_changed(None, child)
-        if self._listed_before:
+        if self.listed_once.is_set():
             self.reconciler.children_listed(self.kind, self.namespace, objects, "relist")
-        self._listed_before = True
+        self.listed_once.set()
 
     def changed(self, event_type: str, obj: dict[str, Any]) -> None:
         """One child event."""
