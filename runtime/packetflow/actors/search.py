@@ -42,6 +42,9 @@ MIN_SIMILARITY = 0.25
 CACHE_ENTRIES = 20_000
 # BM25 over this many texts or fewer is cheap enough to run on the event loop.
 INLINE_BM25_TEXTS = 200
+# Left of a turn's deadline when a search stops waiting for the model: encoding and the rest
+# of the turn.
+SEARCH_MARGIN_SECONDS = 2.0
 
 
 class Ranker(Protocol):
@@ -49,8 +52,10 @@ class Ranker(Protocol):
 
     name: str
 
-    def rank(self, query: str, texts: Sequence[str], limit: int) -> list[int]:
-        """Indices of the best ``limit`` texts, best first."""
+    def rank(self, query: str, texts: Sequence[str], limit: int,
+             wait: float | None = None) -> list[int]:
+        """Indices of the best ``limit`` texts, best first; ``wait``: at most this many
+        seconds for a model still loading (None: as long as it takes)."""
         ...
 
 
@@ -59,7 +64,8 @@ class Bm25Ranker:
 
     name = "bm25"
 
-    def rank(self, query: str, texts: Sequence[str], limit: int) -> list[int]:
+    def rank(self, query: str, texts: Sequence[str], limit: int,
+             wait: float | None = None) -> list[int]:
         """Indices of the best ``limit`` texts by BM25 (only texts sharing a term)."""
         return [index for index, _ in bm25_rank(query, texts, limit)]
 
@@ -116,6 +122,7 @@ class EmbeddingRanker:
         # between threads, and two CPU cores gain nothing from encoding twice at once.
         self._lock = threading.Lock()
         self._bm25 = Bm25Ranker()
+        self._busy_logged = False
         self.encoded = 0  # entries encoded so far (cache misses), for tests and diagnostics
 
     def warm(self) -> None:
@@ -164,17 +171,28 @@ class EmbeddingRanker:
             self._cache.popitem(last=False)
         return self._np.stack(rows)
 
-    def rank(self, query: str, texts: Sequence[str], limit: int) -> list[int]:
+    def rank(self, query: str, texts: Sequence[str], limit: int,
+             wait: float | None = None) -> list[int]:
         """Indices of the ``limit`` texts closest to the query (at least ``min_similarity``),
-        best first; ties: the later text (the more recent memory) first."""
+        best first; ties: the later text (the more recent memory) first. When the model is
+        still not free after ``wait`` seconds (loading, or encoding for another search),
+        BM25 answers this search: a turn's deadline is not spent on importing torch."""
         if not texts or limit <= 0 or not query.strip():
             return []
-        with self._lock:
+        if not self._lock.acquire(timeout=-1 if wait is None else wait):
+            if not self._busy_logged:
+                self._busy_logged = True
+                log.info("semanticSearch: a search could not wait for the embedding model "
+                         "(still loading, or busy) within its turn's deadline and used BM25")
+            return self._bm25.rank(query, texts, limit)
+        try:
             if not self._ensure_model():
                 return self._bm25.rank(query, texts, limit)
             np = self._np
             matrix = self._vectors(texts)
             scores = matrix @ self._encode([query])[0]
+        finally:
+            self._lock.release()
         order = np.lexsort((-np.arange(len(texts)), -scores))
         return [int(i) for i in order[:limit] if scores[i] >= self.min_similarity]
 
@@ -209,9 +227,14 @@ def ranker_for(semantic: bool) -> Ranker:
     return _embedding_ranker
 
 
-async def rank(ranker: Ranker, query: str, texts: Sequence[str], limit: int) -> list[int]:
+async def rank(ranker: Ranker, query: str, texts: Sequence[str], limit: int,
+               deadline: float | None = None) -> list[int]:
     """``ranker.rank`` without blocking the event loop: embeddings (loading the model, encoding)
-    always run in a worker thread, BM25 only over more than ``INLINE_BM25_TEXTS`` texts."""
+    always run in a worker thread, BM25 only over more than ``INLINE_BM25_TEXTS`` texts.
+    ``deadline`` (the loop's clock): a model still loading is waited for only until
+    ``SEARCH_MARGIN_SECONDS`` before it, then BM25 answers."""
     if isinstance(ranker, Bm25Ranker) and len(texts) <= INLINE_BM25_TEXTS:
         return ranker.rank(query, texts, limit)
-    return await asyncio.to_thread(ranker.rank, query, texts, limit)
+    wait = None if deadline is None else \
+        max(0.0, deadline - asyncio.get_running_loop().time() - SEARCH_MARGIN_SECONDS)
+    return await asyncio.to_thread(ranker.rank, query, texts, limit, wait)
