@@ -292,6 +292,32 @@ async def _operator_run(count: int) -> OperatorRun:
     return OperatorRun(seconds, reconciles, calls, cpu, state_bytes, resync, emulator_cpu)
 
 
+@dataclasses.dataclass
+class _Added:
+    """A watch sink: ``on_added`` with each new object's name; ``first_list`` set once
+    listed."""
+
+    on_added: Callable[[str], None]
+    first_list: threading.Event
+
+    def listed(self, objects: list[dict[str, Any]]) -> None:
+        self.first_list.set()
+
+    def changed(self, event_type: str, obj: dict[str, Any]) -> None:
+        if event_type == "ADDED":
+            self.on_added(obj["metadata"]["name"])
+
+
+class _Ignored:
+    """A watch sink that reads every event and keeps none (the floor's children watches)."""
+
+    def listed(self, objects: list[dict[str, Any]]) -> None:
+        pass
+
+    def changed(self, event_type: str, obj: dict[str, Any]) -> None:
+        pass
+
+
 class FloorController:
     """The least a controller can do for the operator's result, in a thread of this process
     as the operator runs: its client, its watches (Capabilities; the children by the managed
@@ -308,6 +334,7 @@ class FloorController:
         self._listed = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._main: asyncio.Task[None] | None = None
+        self._creating: set[asyncio.Task[None]] = set()
         self._thread = threading.Thread(target=self._main_thread, daemon=True)
 
     def start(self) -> None:
@@ -329,35 +356,21 @@ class FloorController:
     async def _run(self) -> None:
         self._loop, self._main = asyncio.get_running_loop(), asyncio.current_task()
         self._client.configure(kopf.ConnectionInfo(server=self.url))
-        creating: set[asyncio.Task[None]] = set()
-        controller = self
-
-        class Capabilities:
-            def listed(self, objects: list[dict[str, Any]]) -> None:
-                controller._listed.set()
-
-            def changed(self, event_type: str, obj: dict[str, Any]) -> None:
-                if event_type == "ADDED":
-                    task = asyncio.create_task(controller._create(obj["metadata"]["name"]))
-                    creating.add(task)
-                    task.add_done_callback(creating.discard)
-
-        class Dropped:
-            def listed(self, objects: list[dict[str, Any]]) -> None:
-                pass
-
-            def changed(self, event_type: str, obj: dict[str, Any]) -> None:
-                pass
         kinds = {(child["apiVersion"], child["kind"]) for child in _children(1)}
         try:
             await asyncio.gather(
-                watch_forever(self._client, WatchTarget(API_VERSION, "Capability",
-                                                        NAMESPACE), Capabilities()),
+                watch_forever(self._client, WatchTarget(API_VERSION, "Capability", NAMESPACE),
+                              _Added(self._spawn, self._listed)),
                 *(watch_forever(self._client, WatchTarget(api_version, kind, NAMESPACE,
-                                                          MANAGED_SELECTOR), Dropped())
+                                                          MANAGED_SELECTOR), _Ignored())
                   for api_version, kind in sorted(kinds)))
         finally:
             await self._client.aclose()
+
+    def _spawn(self, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._create(name))
+        self._creating.add(task)
+        task.add_done_callback(self._creating.discard)
 
     async def _create(self, name: str) -> None:
         mine = {(child["kind"], child["metadata"]["name"]): child
