@@ -188,6 +188,36 @@ async def test_statuses_wait_while_another_capabilitys_children_are_written(
         await runner.stop()
 
 
+async def test_readiness_arriving_while_a_status_waits_goes_in_that_write(
+        cluster: ClusterEmulator, kube: httpx.AsyncClient) -> None:
+    held = cluster.hold(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS], name="cap-0")
+    runner = OperatorRunner([NS], status_wait_seconds=60)
+    await runner.start()
+    try:
+        await post(kube, CAPS_PATH, capability("cap-0", replicas=1))
+        await post(kube, CAPS_PATH, capability("cap-1", replicas=1))
+        gate = runner.ctx.reconciler.children_first
+        await wait_for(lambda: gate.writing == 1 and cluster.live(DEPLOYMENTS, NS, "cap-1"),
+                       what="cap-1's status waiting behind cap-0's Deployment")
+        metrics = runner.ctx.metrics
+        events = total(metrics, "packetflow_operator_child_events_total")
+        # The deployment controller reports cap-1 ready while its status waits.
+        await patch(kube, f"{CHILD_PATHS[DEPLOYMENTS]}/cap-1/status", {"status": {
+            "observedGeneration": 1, "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}})
+        await wait_for(lambda: total(metrics, "packetflow_operator_child_events_total")
+                       > events, what="the readiness event")
+        held.set()
+        await created(cluster, runner, 2)
+        ready = [c for c in cluster.live(CAPABILITIES, NS, "cap-1")["status"]["conditions"]
+                 if c["type"] == "Ready"]
+        assert ready[0]["status"] == "True", ready  # in the one status write
+        assert reconciles(runner, trigger="child-changed") == 0
+        assert cluster.api_calls()["patch capabilities/status"] == 2
+    finally:
+        held.set()
+        await runner.stop()
+
+
 async def test_a_status_waits_for_other_children_no_longer_than_its_bound(
         cluster: ClusterEmulator, kube: httpx.AsyncClient) -> None:
     held = cluster.hold(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS], name="cap-0")

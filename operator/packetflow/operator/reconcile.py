@@ -112,8 +112,9 @@ class ResourceState:
     live_status: dict[str, Any] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queued: str | None = None  # trigger of the pending reconcile, when one is queued
-    # Children are being applied: the status written right after will include whatever
-    # readiness their events bring meanwhile, so those events need no reconcile of their own.
+    # Children are being applied, or the status write after them waits its turn: that write
+    # will include whatever readiness their events bring meanwhile, so those events need no
+    # reconcile of their own.
     applying: bool = False
 
     @property
@@ -593,7 +594,11 @@ class Reconciler:
         :meth:`_write_status`). While other owners' children are being written it waits its
         turn (pacing.py), then also says what this one's child events brought meanwhile."""
         if self.children_first.writing and self._status_stale(state):
-            await self.children_first.settled()
+            state.applying = True  # what child events bring meanwhile goes in this write
+            try:
+                await self.children_first.settled()
+            finally:
+                state.applying = False
         return await self._write_status(state, self._workload_status(state), handled=handled)
 
     async def _write_status(self, state: ResourceState, new: dict[str, Any], *,
