@@ -123,6 +123,21 @@ async def reconcile_held(runner: OperatorRunner, state: ResourceState) -> AsyncI
         await held
 
 
+@contextlib.asynccontextmanager
+async def cap_0_deployment_held(cluster: ClusterEmulator, status_wait_seconds: float
+                                ) -> AsyncIterator[tuple[OperatorRunner, asyncio.Event]]:
+    """An operator whose POST of cap-0's Deployment the emulator holds until the event
+    yielded is set (and at the end): cap-0 keeps writing children meanwhile."""
+    held = cluster.hold(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS], name="cap-0")
+    runner = OperatorRunner([NS], status_wait_seconds=status_wait_seconds)
+    await runner.start()
+    try:
+        yield runner, held
+    finally:
+        held.set()
+        await runner.stop()
+
+
 def own_reads(calls: dict[str, int]) -> int:
     """GETs of single objects (not lists, watches or discovery)."""
     return verbs(calls)["get"] - calls["get discovery"]
@@ -165,10 +180,8 @@ async def test_unchanged_resync_and_restart_write_nothing(
 
 async def test_statuses_wait_while_another_capabilitys_children_are_written(
         cluster: ClusterEmulator, kube: httpx.AsyncClient) -> None:
-    held = cluster.hold(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS], name="cap-0")
-    runner = OperatorRunner([NS], status_wait_seconds=60)  # beyond this test: order only
-    await runner.start()
-    try:
+    # The bound beyond this test: only the order is seen.
+    async with cap_0_deployment_held(cluster, status_wait_seconds=60) as (runner, held):
         mark = len(cluster.log)
         await create_capabilities(kube, COUNT)
         gate = runner.ctx.reconciler.children_first
@@ -183,17 +196,11 @@ async def test_statuses_wait_while_another_capabilitys_children_are_written(
         calls = cluster.api_calls(since=mark)
         assert calls["patch capabilities/status"] == COUNT, calls  # still one each
         assert writes(calls) == 4 * COUNT, calls
-    finally:
-        held.set()
-        await runner.stop()
 
 
 async def test_readiness_arriving_while_a_status_waits_goes_in_that_write(
         cluster: ClusterEmulator, kube: httpx.AsyncClient) -> None:
-    held = cluster.hold(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS], name="cap-0")
-    runner = OperatorRunner([NS], status_wait_seconds=60)
-    await runner.start()
-    try:
+    async with cap_0_deployment_held(cluster, status_wait_seconds=60) as (runner, held):
         await post(kube, CAPS_PATH, capability("cap-0", replicas=1))
         await post(kube, CAPS_PATH, capability("cap-1", replicas=1))
         gate = runner.ctx.reconciler.children_first
@@ -213,17 +220,11 @@ async def test_readiness_arriving_while_a_status_waits_goes_in_that_write(
         assert ready[0]["status"] == "True", ready  # in the one status write
         assert reconciles(runner, trigger="child-changed") == 0
         assert cluster.api_calls()["patch capabilities/status"] == 2
-    finally:
-        held.set()
-        await runner.stop()
 
 
 async def test_a_status_waits_for_other_children_no_longer_than_its_bound(
         cluster: ClusterEmulator, kube: httpx.AsyncClient) -> None:
-    held = cluster.hold(kmock.method.POST, CHILD_PATHS[DEPLOYMENTS], name="cap-0")
-    runner = OperatorRunner([NS], status_wait_seconds=0.2)
-    await runner.start()
-    try:
+    async with cap_0_deployment_held(cluster, status_wait_seconds=0.2) as (runner, held):
         await create_capabilities(kube, COUNT)
 
         def others_handled() -> bool:
@@ -233,9 +234,6 @@ async def test_a_status_waits_for_other_children_no_longer_than_its_bound(
         assert runner.ctx.reconciler.children_first.writing == 1  # cap-0's still in flight
         held.set()
         await created(cluster, runner, COUNT)
-    finally:
-        held.set()
-        await runner.stop()
 
 
 async def test_a_burst_of_child_events_makes_one_reconcile(
